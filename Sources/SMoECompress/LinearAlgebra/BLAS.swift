@@ -1,0 +1,78 @@
+import CLinAlg
+
+/// Matrix products through OpenBLAS `cblas_sgemm` / `cblas_dgemm`.
+public enum BLAS {
+    /// `C = alpha · op(A) · op(B) + beta · C`, row-major. `C` must already have the result shape.
+    public static func gemm(
+        _ a: Matrix, transA: Bool = false, _ b: Matrix, transB: Bool = false,
+        alpha: Float = 1, beta: Float = 0, into c: inout Matrix
+    ) {
+        let m = transA ? a.cols : a.rows
+        let k = transA ? a.rows : a.cols
+        let kb = transB ? b.cols : b.rows
+        let n = transB ? b.rows : b.cols
+        precondition(k == kb, "gemm inner dimensions \(k) != \(kb)")
+        precondition(c.rows == m && c.cols == n, "gemm output shape \(c.rows)x\(c.cols) != \(m)x\(n)")
+        if m == 0 || n == 0 { return }
+        if k == 0 {
+            if beta == 0 { for i in 0..<c.data.count { c.data[i] = 0 } } else if beta != 1 {
+                for i in 0..<c.data.count { c.data[i] *= beta }
+            }
+            return
+        }
+        a.data.withUnsafeBufferPointer { pa in
+            b.data.withUnsafeBufferPointer { pb in
+                c.data.withUnsafeMutableBufferPointer { pc in
+                    cblas_sgemm(
+                        CblasRowMajor, transA ? CblasTrans : CblasNoTrans,
+                        transB ? CblasTrans : CblasNoTrans,
+                        Int32(m), Int32(n), Int32(k), alpha,
+                        pa.baseAddress, Int32(max(a.cols, 1)),
+                        pb.baseAddress, Int32(max(b.cols, 1)),
+                        beta, pc.baseAddress, Int32(max(n, 1)))
+                }
+            }
+        }
+    }
+
+    /// `op(A) · op(B)` as a new matrix.
+    public static func matmul(_ a: Matrix, transA: Bool = false, _ b: Matrix, transB: Bool = false) -> Matrix {
+        let m = transA ? a.cols : a.rows
+        let n = transB ? b.rows : b.cols
+        var c = Matrix(rows: m, cols: n)
+        gemm(a, transA: transA, b, transB: transB, into: &c)
+        return c
+    }
+
+    /// Row-major double-precision `C += alpha · op(A) · op(B)` over raw buffers (used for
+    /// float64 accumulation of Gram matrices). `c` has shape m × n.
+    public static func dgemmAccumulate(
+        m: Int, n: Int, k: Int, alpha: Double = 1,
+        a: [Double], transA: Bool, lda: Int, b: [Double], transB: Bool, ldb: Int,
+        into c: inout [Double]
+    ) {
+        precondition(c.count == m * n)
+        if m == 0 || n == 0 || k == 0 { return }
+        a.withUnsafeBufferPointer { pa in
+            b.withUnsafeBufferPointer { pb in
+                c.withUnsafeMutableBufferPointer { pc in
+                    cblas_dgemm(
+                        CblasRowMajor, transA ? CblasTrans : CblasNoTrans,
+                        transB ? CblasTrans : CblasNoTrans,
+                        Int32(m), Int32(n), Int32(k), alpha,
+                        pa.baseAddress, Int32(lda), pb.baseAddress, Int32(ldb),
+                        1, pc.baseAddress, Int32(n))
+                }
+            }
+        }
+    }
+
+    /// Sets the number of OpenBLAS threads (1 when the caller parallelises itself).
+    public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(n)) }
+    public static var threads: Int { Int(openblas_get_num_threads()) }
+    /// The OpenBLAS kernel in use (e.g. "Haswell"), for benchmark reports.
+    public static var coreName: String { String(cString: openblas_get_corename()) }
+}
+
+/// Matrix product shorthand: `a * b` is `BLAS.matmul(a, b)`.
+public func * (a: Matrix, b: Matrix) -> Matrix { BLAS.matmul(a, b) }

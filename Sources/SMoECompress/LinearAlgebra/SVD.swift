@@ -1,0 +1,58 @@
+import CLinAlg
+
+/// A thin singular value decomposition `A = U · diag(s) · Vᵀ` with `U` [m, p], `s` [p]
+/// (descending), `Vt` [p, n], p = min(m, n).
+public struct SVDResult: Sendable {
+    public var u: Matrix
+    public var s: [Float]
+    public var vt: Matrix
+}
+
+public enum LinearAlgebraError: Error, CustomStringConvertible {
+    case lapack(routine: String, info: Int32)
+    case nonFinite(String)
+
+    public var description: String {
+        switch self {
+        case .lapack(let r, let info): return "LAPACK \(r) failed (info = \(info))"
+        case .nonFinite(let what): return "\(what) contains NaN or Inf"
+        }
+    }
+}
+
+extension Matrix {
+    /// Thin SVD through LAPACK `sgesdd` (divide and conquer, jobz = 'S').
+    /// Accuracy: reconstruction error about 1e-6 relative for well-scaled float32 inputs.
+    public func thinSVD() throws -> SVDResult {
+        let m = rows, n = cols, p = Swift.min(m, n)
+        if p == 0 {
+            return SVDResult(u: Matrix(rows: m, cols: 0), s: [], vt: Matrix(rows: 0, cols: n))
+        }
+        guard allFinite else { throw LinearAlgebraError.nonFinite("matrix given to SVD") }
+        var a = data
+        var s = [Float](repeating: 0, count: p)
+        var u = [Float](repeating: 0, count: m * p)
+        var vt = [Float](repeating: 0, count: p * n)
+        let info = LAPACKE_sgesdd(
+            LAPACK_ROW_MAJOR, CChar(UInt8(ascii: "S")), Int32(m), Int32(n), &a, Int32(n),
+            &s, &u, Int32(p), &vt, Int32(n))
+        if info != 0 { throw LinearAlgebraError.lapack(routine: "sgesdd", info: info) }
+        return SVDResult(u: Matrix(rows: m, cols: p, data: u), s: s, vt: Matrix(rows: p, cols: n, data: vt))
+    }
+
+    /// Singular values only (LAPACK `sgesdd`, jobz = 'N'), descending.
+    public func singularValues() throws -> [Float] {
+        let m = rows, n = cols, p = Swift.min(m, n)
+        if p == 0 { return [] }
+        guard allFinite else { throw LinearAlgebraError.nonFinite("matrix given to SVD") }
+        var a = data
+        var s = [Float](repeating: 0, count: p)
+        var udummy = [Float](repeating: 0, count: 1)
+        var vdummy = [Float](repeating: 0, count: 1)
+        let info = LAPACKE_sgesdd(
+            LAPACK_ROW_MAJOR, CChar(UInt8(ascii: "N")), Int32(m), Int32(n), &a, Int32(n),
+            &s, &udummy, 1, &vdummy, 1)
+        if info != 0 { throw LinearAlgebraError.lapack(routine: "sgesdd", info: info) }
+        return s
+    }
+}

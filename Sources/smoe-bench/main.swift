@@ -1,0 +1,2 @@
+import SMoECompress
+print(BLAS.coreName)

@@ -1,0 +1,154 @@
+import Foundation
+
+/// One MoE layer's capture in a calibration file.
+public struct CalibrationLayerInfo: Sendable {
+    public var name: String
+    public var index: Int
+    public var numTokens: Int
+    public var dModel: Int
+    public var hasRouterLogits: Bool
+    public var hasOutput: Bool
+}
+
+/// Reads an smoe-calibration file (FORMAT.md §2) in blocks of tokens.
+public final class CalibrationReader: @unchecked Sendable {
+    public let path: String
+    let file: H5File
+    public let source: String
+    public let layers: [CalibrationLayerInfo]
+
+    public init(_ path: String) throws {
+        self.path = path
+        file = try openSMoEFile(path, expecting: "smoe-calibration")
+        let root = file.root
+        source = (try? root.stringAttribute("source")) ?? ""
+        guard root.isGroup("moe_layers") else { throw SMoEError.dataset(path, "/moe_layers", "missing group") }
+        let g = try root.openGroup("moe_layers")
+        var infos: [CalibrationLayerInfo] = []
+        for name in try g.childNames() {
+            let lg = try g.openGroup(name)
+            let hs = try lg.openDataset("hidden_states")
+            guard hs.shape.count == 2 else {
+                throw SMoEError.dataset(path, hs.path, "shape \(hs.shape) is not [N, d_model]")
+            }
+            let n = hs.shape[0], d = hs.shape[1]
+            var hasLogits = false, hasOut = false
+            if lg.isDataset("router_logits") {
+                let rl = try lg.openDataset("router_logits")
+                guard rl.shape.count == 2, rl.shape[0] == n else {
+                    throw SMoEError.dataset(path, rl.path, "shape \(rl.shape) does not match \(n) tokens")
+                }
+                hasLogits = true
+            }
+            if lg.isDataset("output") {
+                let o = try lg.openDataset("output")
+                guard o.shape == [n, d] else { throw SMoEError.dataset(path, o.path, "shape \(o.shape) is not [\(n), \(d)]") }
+                hasOut = true
+            }
+            let index = lg.hasAttribute("index") ? try lg.intAttribute("index") : infos.count
+            infos.append(CalibrationLayerInfo(name: name, index: index, numTokens: n, dModel: d,
+                                              hasRouterLogits: hasLogits, hasOutput: hasOut))
+        }
+        infos.sort { ($0.index, $0.name) < ($1.index, $1.name) }
+        layers = infos
+    }
+
+    public func info(_ name: String) throws -> CalibrationLayerInfo {
+        guard let i = layers.first(where: { $0.name == name }) else {
+            throw SMoEError.dataset(path, "/moe_layers/\(name)", "no capture for this MoE layer")
+        }
+        return i
+    }
+
+    private func read(_ layer: String, _ dataset: String, _ rows: Range<Int>?) throws -> Matrix {
+        let d = try file.root.openDataset("moe_layers/\(layer)/\(dataset)")
+        let v = try d.readFloats(rows: rows)
+        if let i = v.firstIndex(where: { !$0.isFinite }) {
+            throw SMoEError.dataset(path, d.path, "contains NaN or Inf at flat index \(i)")
+        }
+        let n = rows?.count ?? d.shape[0]
+        return Matrix(rows: n, cols: d.shape[1], data: v)
+    }
+
+    /// Rows `rows` (all when nil) of the layer's inputs, [n, d_model].
+    public func hiddenStates(_ layer: String, rows: Range<Int>? = nil) throws -> Matrix {
+        try read(layer, "hidden_states", rows)
+    }
+
+    public func routerLogits(_ layer: String, rows: Range<Int>? = nil) throws -> Matrix {
+        try read(layer, "router_logits", rows)
+    }
+
+    public func output(_ layer: String, rows: Range<Int>? = nil) throws -> Matrix {
+        try read(layer, "output", rows)
+    }
+
+    /// Visits the layer's hidden states in blocks of at most `blockSize` tokens (memory
+    /// bounded by the block, not by N), up to `maxTokens` tokens.
+    public func forEachBlock(_ layer: String, blockSize: Int = 4096, maxTokens: Int? = nil,
+                             _ body: (_ start: Int, _ x: Matrix) throws -> Void) throws {
+        let n = min(try info(layer).numTokens, maxTokens ?? Int.max)
+        var s = 0
+        while s < n {
+            let e = min(s + blockSize, n)
+            try body(s, try hiddenStates(layer, rows: s..<e))
+            s = e
+        }
+    }
+
+    /// Checks that this capture fits `model`: every model layer has a capture with the same
+    /// d_model, and every capture belongs to a model layer. The error names the layer.
+    public func checkMatches(_ model: CheckpointReader, layers names: [String]? = nil) throws {
+        let wanted = names ?? model.layers.map(\.name)
+        for name in wanted {
+            let c = try model.config(name)
+            guard let info = layers.first(where: { $0.name == name }) else {
+                throw SMoEError.dataset(path, "/moe_layers/\(name)", "missing: the model \(model.path) has this MoE layer but the calibration file does not")
+            }
+            guard info.dModel == c.dModel else {
+                throw SMoEError.dataset(path, "/moe_layers/\(name)/hidden_states",
+                                        "d_model \(info.dModel) does not match the model's \(c.dModel)")
+            }
+            guard info.numTokens > 0 else {
+                throw SMoEError.dataset(path, "/moe_layers/\(name)/hidden_states", "holds no tokens")
+            }
+        }
+        if names == nil {
+            for info in layers where !model.layers.contains(where: { $0.name == info.name }) {
+                throw SMoEError.dataset(path, "/moe_layers/\(info.name)", "is not an MoE layer of the model \(model.path)")
+            }
+        }
+    }
+}
+
+/// Writes an smoe-calibration file (temporary file renamed on `commit()`).
+public final class CalibrationWriter: @unchecked Sendable {
+    let output: AtomicOutput
+    let file: H5File
+    let layersGroup: H5Group
+
+    public init(destination: String, source: String) throws {
+        output = try AtomicOutput(destination: destination)
+        file = try H5File.create(output.temporaryPath)
+        try file.root.setAttribute("format", "smoe-calibration")
+        try file.root.setAttribute("format_version", smoeFormatVersion)
+        try file.root.setAttribute("source", source)
+        layersGroup = try file.root.createGroup("moe_layers")
+    }
+
+    @discardableResult
+    public func write(layer name: String, index: Int, hiddenStates: Matrix, routerLogits: Matrix? = nil,
+                      output out: Matrix? = nil, dtype: StorageType = .f32) throws -> H5Group {
+        let g = try layersGroup.createGroup(name)
+        try g.setAttribute("index", index)
+        try g.write("hidden_states", floats: hiddenStates.data, shape: [hiddenStates.rows, hiddenStates.cols], as: dtype)
+        if let z = routerLogits { try g.write("router_logits", floats: z.data, shape: [z.rows, z.cols]) }
+        if let y = out { try g.write("output", floats: y.data, shape: [y.rows, y.cols]) }
+        return g
+    }
+
+    public func commit() throws {
+        file.close()
+        try output.commit()
+    }
+}

@@ -1,0 +1,454 @@
+import Foundation
+
+/// The highest `format_version` this build reads and the one it writes.
+public let smoeFormatVersion = 1
+
+/// Opens an smoe-h5 file and checks its `format` attribute (and version).
+func openSMoEFile(_ path: String, expecting format: String) throws -> H5File {
+    let f = try H5File.open(path)
+    let root = f.root
+    guard root.hasAttribute("format") else {
+        throw SMoEError.dataset(path, "/@format", "missing attribute: not an smoe-h5 file (expected format \"\(format)\")")
+    }
+    let got = try root.stringAttribute("format")
+    guard got == format else {
+        throw SMoEError.dataset(path, "/@format", "is \"\(got)\", expected \"\(format)\"")
+    }
+    if root.hasAttribute("format_version") {
+        let v = try root.intAttribute("format_version")
+        if v > smoeFormatVersion || v < 1 {
+            throw SMoEError.dataset(path, "/@format_version", "version \(v) is not readable by this tool (reads 1...\(smoeFormatVersion))")
+        }
+    } else {
+        throw SMoEError.dataset(path, "/@format_version", "missing attribute")
+    }
+    return f
+}
+
+/// Detects the kind of an smoe-h5 file from its `format` attribute.
+public func smoeFileKind(_ path: String) throws -> String {
+    let f = try H5File.open(path)
+    guard f.root.hasAttribute("format") else {
+        throw SMoEError.dataset(path, "/@format", "missing attribute: not an smoe-h5 file")
+    }
+    return try f.root.stringAttribute("format")
+}
+
+/// How one expert matrix (up, gate or down) is stored in a layer.
+public struct StoredMatrixInfo: Sendable {
+    public var name: String
+    public var out: Int
+    public var inFeatures: Int
+    /// nil when dense; per stored expert ranks when factored.
+    public var ranks: [Int]?
+    public var nnz: [Int]?
+    public var storage: StorageType
+    /// Bytes the datasets occupy in the file.
+    public var fileBytes: Int
+}
+
+/// What `inspect` and the stages need to know of a layer without reading its weights.
+public struct LayerSummary: Sendable {
+    public var config: LayerConfig
+    public var numStored: Int
+    public var hasExpertMap: Bool
+    public var hasRouterBias: Bool
+    public var hasUpBias: Bool
+    public var hasDownBias: Bool
+    public var matrices: [StoredMatrixInfo]
+    /// Numbers stored for the experts (matrices, factors, CSR values and biases).
+    public var expertParameters: Int
+    /// Bytes the experts occupy on disk (datasets' storage sizes, CSR indices included).
+    public var expertFileBytes: Int
+    public var routerParameters: Int
+
+    public var isCompressed: Bool { matrices.contains { $0.ranks != nil } }
+}
+
+/// Reads an smoe-checkpoint file (FORMAT.md §1) one MoE layer at a time.
+public final class CheckpointReader: @unchecked Sendable {
+    public let path: String
+    public let file: H5File
+    public let architecture: String
+    /// The `history` attribute, a JSON array (empty when absent).
+    public let history: [JSONValue]
+    public let sourceConfig: String?
+    /// Layers in `index` order.
+    public let layers: [LayerConfig]
+
+    public init(_ path: String) throws {
+        self.path = path
+        file = try openSMoEFile(path, expecting: "smoe-checkpoint")
+        let root = file.root
+        architecture = (try? root.stringAttribute("architecture")) ?? "unknown"
+        if root.hasAttribute("history") {
+            let text = try root.stringAttribute("history")
+            guard let h = try? JSONValue.parse(text), let arr = h.arrayValue else {
+                throw SMoEError.dataset(path, "/@history", "is not a JSON array")
+            }
+            history = arr
+        } else {
+            history = []
+        }
+        sourceConfig = root.hasAttribute("source_config") ? try root.stringAttribute("source_config") : nil
+        guard root.isGroup("moe_layers") else { throw SMoEError.dataset(path, "/moe_layers", "missing group") }
+        let g = try root.openGroup("moe_layers")
+        var configs: [LayerConfig] = []
+        for name in try g.childNames() {
+            configs.append(try Self.readConfig(try g.openGroup(name), name: name))
+        }
+        configs.sort { ($0.index, $0.name) < ($1.index, $1.name) }
+        layers = configs
+    }
+
+    static func readConfig(_ g: H5Group, name: String) throws -> LayerConfig {
+        func enumAttr<T: RawRepresentable>(_ key: String, _ type: T.Type) throws -> T where T.RawValue == String {
+            let s = try g.stringAttribute(key)
+            guard let v = T(rawValue: s) else {
+                throw SMoEError.dataset(g.file.path, "\(g.path)@\(key)", "unknown value \"\(s)\"")
+            }
+            return v
+        }
+        let c = LayerConfig(
+            name: name, index: try g.intAttribute("index"), numExperts: try g.intAttribute("num_experts"),
+            topK: try g.intAttribute("top_k"), dModel: try g.intAttribute("d_model"), dFF: try g.intAttribute("d_ff"),
+            expertType: try enumAttr("expert_type", ExpertType.self),
+            activation: try enumAttr("activation", Activation.self),
+            routerType: try enumAttr("router_type", RouterType.self))
+        let bad: String? =
+            c.numExperts < 1 ? "num_experts must be at least 1"
+            : (c.topK < 1 || c.topK > c.numExperts) ? "top_k \(c.topK) outside 1...\(c.numExperts)"
+            : (c.dModel < 1 || c.dFF < 1) ? "d_model and d_ff must be positive" : nil
+        if let b = bad { throw SMoEError.dataset(g.file.path, g.path, b) }
+        return c
+    }
+
+    public func config(_ name: String) throws -> LayerConfig {
+        guard let c = layers.first(where: { $0.name == name }) else {
+            throw SMoEError.dataset(path, "/moe_layers/\(name)", "no such MoE layer")
+        }
+        return c
+    }
+
+    func layerGroup(_ name: String) throws -> H5Group {
+        try file.root.openGroup("moe_layers/\(name)")
+    }
+
+    public var hasDense: Bool { file.root.isGroup("dense") }
+
+    /// Names and bytes of the `/dense` tensors.
+    public func denseSummary() throws -> (count: Int, parameters: Int, bytes: Int) {
+        guard hasDense else { return (0, 0, 0) }
+        var count = 0, params = 0, bytes = 0
+        func walk(_ g: H5Group) throws {
+            for n in try g.childNames() {
+                if g.isGroup(n) { try walk(try g.openGroup(n)) } else if g.isDataset(n) {
+                    let d = try g.openDataset(n)
+                    count += 1
+                    params += d.elementCount
+                    bytes += d.storageBytes
+                }
+            }
+        }
+        try walk(try file.root.openGroup("dense"))
+        return (count, params, bytes)
+    }
+
+    /// Summary of a layer from shapes and attributes only.
+    public func summary(_ name: String) throws -> LayerSummary {
+        let c = try config(name)
+        let g = try layerGroup(name)
+        let eg = try g.openGroup("experts")
+        let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
+        var mats: [StoredMatrixInfo] = []
+        var numStored = -1
+        var params = 0, bytes = 0
+        for m in names {
+            let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
+            if eg.isDataset(m) {
+                let d = try eg.openDataset(m)
+                numStored = d.shape.first ?? 0
+                params += d.elementCount
+                bytes += d.storageBytes
+                mats.append(StoredMatrixInfo(name: m, out: out, inFeatures: inn, ranks: nil, nnz: nil,
+                                             storage: d.storage ?? .f32, fileBytes: d.storageBytes))
+            } else if eg.isGroup(m) {
+                let mg = try eg.openGroup(m)
+                let count = try mg.childNames().count
+                numStored = count
+                var ranks: [Int] = [], nnzs: [Int] = [], mb = 0
+                var st = StorageType.f32
+                for e in 0..<count {
+                    let sg = try mg.openGroup(String(e))
+                    for part in ["U", "V", "S_indptr", "S_indices", "S_values"] {
+                        let d = try sg.openDataset(part)
+                        mb += d.storageBytes
+                        if part != "S_indptr" && part != "S_indices" { params += d.elementCount }
+                        if part == "U" { st = d.storage ?? .f32 }
+                    }
+                    ranks.append(try sg.intAttribute("rank"))
+                    nnzs.append(try sg.intAttribute("nnz"))
+                }
+                bytes += mb
+                mats.append(StoredMatrixInfo(name: m, out: out, inFeatures: inn, ranks: ranks, nnz: nnzs, storage: st, fileBytes: mb))
+            } else {
+                throw SMoEError.dataset(path, "\(eg.path)/\(m)", "missing dataset")
+            }
+        }
+        var hasUB = false, hasDB = false
+        for b in ["up_bias", "down_bias"] where eg.isDataset(b) {
+            let d = try eg.openDataset(b)
+            params += d.elementCount
+            bytes += d.storageBytes
+            if b == "up_bias" { hasUB = true } else { hasDB = true }
+        }
+        return LayerSummary(
+            config: c, numStored: max(numStored, 0), hasExpertMap: g.isDataset("expert_map"),
+            hasRouterBias: g.isDataset("router/bias"), hasUpBias: hasUB, hasDownBias: hasDB, matrices: mats,
+            expertParameters: params, expertFileBytes: bytes, routerParameters: c.numExperts * c.dModel)
+    }
+
+    /// Reads and validates a whole MoE layer.
+    public func readLayer(_ name: String) throws -> MoELayer {
+        let c = try config(name)
+        let g = try layerGroup(name)
+        let file = path
+        func check(_ d: H5Dataset, _ shape: [Int]) throws {
+            guard d.shape == shape else {
+                throw SMoEError.dataset(file, d.path, "shape \(d.shape) does not match the layer (expected \(shape))")
+            }
+        }
+        func finite(_ v: [Float], _ d: H5Dataset) throws {
+            if let i = v.firstIndex(where: { !$0.isFinite }) {
+                throw SMoEError.dataset(file, d.path, "contains \(v[i].isNaN ? "NaN" : "Inf") at flat index \(i)")
+            }
+        }
+        let rd = try g.openDataset("router/weight")
+        try check(rd, [c.numExperts, c.dModel])
+        let router = Matrix(rows: c.numExperts, cols: c.dModel, data: try rd.readFloats())
+        try finite(router.data, rd)
+        var routerBias: [Float]? = nil
+        if g.isDataset("router/bias") {
+            let bd = try g.openDataset("router/bias")
+            try check(bd, [c.numExperts])
+            routerBias = try bd.readFloats()
+            try finite(routerBias!, bd)
+        }
+        let eg = try g.openGroup("experts")
+        let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
+        var perMatrix: [String: [LinearOp]] = [:]
+        var numStored: Int? = nil
+        for m in names {
+            let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
+            var ops: [LinearOp] = []
+            if eg.isDataset(m) {
+                let d = try eg.openDataset(m)
+                guard d.shape.count == 3, d.shape[1] == out, d.shape[2] == inn else {
+                    throw SMoEError.dataset(file, d.path, "shape \(d.shape) does not match the layer (expected [G, \(out), \(inn)])")
+                }
+                let v = try d.readFloats()
+                try finite(v, d)
+                let per = out * inn
+                for e in 0..<d.shape[0] {
+                    ops.append(.dense(Matrix(rows: out, cols: inn, data: Array(v[(e * per)..<((e + 1) * per)]))))
+                }
+            } else if eg.isGroup(m) {
+                let mg = try eg.openGroup(m)
+                let count = try mg.childNames().count
+                for e in 0..<count {
+                    guard mg.isGroup(String(e)) else {
+                        throw SMoEError.dataset(file, "\(mg.path)/\(e)", "missing group (factored experts must be numbered 0..G-1)")
+                    }
+                    ops.append(.factored(try Self.readFactored(try mg.openGroup(String(e)), out: out, inn: inn)))
+                }
+            } else {
+                throw SMoEError.dataset(file, "\(eg.path)/\(m)", "missing dataset")
+            }
+            if let n = numStored, n != ops.count {
+                throw SMoEError.dataset(file, "\(eg.path)/\(m)", "holds \(ops.count) experts but another matrix holds \(n)")
+            }
+            numStored = ops.count
+            perMatrix[m] = ops
+        }
+        let gCount = numStored ?? 0
+        guard gCount >= 1 else { throw SMoEError.dataset(file, eg.path, "holds no experts") }
+        func bias(_ n: String, _ len: Int) throws -> [[Float]]? {
+            guard eg.isDataset(n) else { return nil }
+            let d = try eg.openDataset(n)
+            try check(d, [gCount, len])
+            let v = try d.readFloats()
+            try finite(v, d)
+            return (0..<gCount).map { Array(v[($0 * len)..<(($0 + 1) * len)]) }
+        }
+        let ub = try bias("up_bias", c.dFF)
+        let db = try bias("down_bias", c.dModel)
+        var experts: [Expert] = []
+        for e in 0..<gCount {
+            experts.append(Expert(up: perMatrix["up"]![e], gate: perMatrix["gate"]?[e], down: perMatrix["down"]![e],
+                                  upBias: ub?[e], downBias: db?[e]))
+        }
+        var expertMap: [Int]? = nil
+        if g.isDataset("expert_map") {
+            let d = try g.openDataset("expert_map")
+            try check(d, [c.numExperts])
+            let m = try d.readInts()
+            if let bad = m.firstIndex(where: { $0 < 0 || $0 >= gCount }) {
+                throw SMoEError.dataset(file, d.path, "entry \(bad) = \(m[bad]) is outside the \(gCount) stored experts")
+            }
+            expertMap = m
+        } else if gCount != c.numExperts {
+            throw SMoEError.dataset(file, g.path + "/expert_map", "missing, but the layer stores \(gCount) experts for \(c.numExperts) router slots")
+        }
+        return MoELayer(config: c, router: router, routerBias: routerBias, experts: experts, expertMap: expertMap)
+    }
+
+    static func readFactored(_ g: H5Group, out: Int, inn: Int) throws -> LowRankSparse {
+        let file = g.file.path
+        let ud = try g.openDataset("U"), vd = try g.openDataset("V")
+        guard ud.shape.count == 2, ud.shape[0] == out else {
+            throw SMoEError.dataset(file, ud.path, "shape \(ud.shape) does not match [\(out), r]")
+        }
+        let r = ud.shape[1]
+        guard vd.shape == [r, inn] else { throw SMoEError.dataset(file, vd.path, "shape \(vd.shape) does not match [\(r), \(inn)]") }
+        let u = try ud.readFloats(), v = try vd.readFloats()
+        if !u.allSatisfy({ $0.isFinite }) { throw SMoEError.dataset(file, ud.path, "contains NaN or Inf") }
+        if !v.allSatisfy({ $0.isFinite }) { throw SMoEError.dataset(file, vd.path, "contains NaN or Inf") }
+        let ip = try g.openDataset("S_indptr").readInts()
+        let ix = try g.openDataset("S_indices").readInts()
+        let sv = try g.openDataset("S_values").readFloats()
+        guard ix.allSatisfy({ $0 >= 0 && $0 < Int(Int32.max) }) else {
+            throw SMoEError.dataset(file, g.path + "/S_indices", "index out of range")
+        }
+        let s = CSRMatrix(rows: out, cols: inn, indptr: ip, indices: ix.map { Int32($0) }, values: sv)
+        if let why = s.validationError() { throw SMoEError.dataset(file, g.path + "/S_*", "invalid CSR: \(why)") }
+        return LowRankSparse(u: Matrix(rows: out, cols: r, data: u), v: Matrix(rows: r, cols: inn, data: v), s: s)
+    }
+}
+
+/// Options for writing checkpoints.
+public struct WriteOptions: Sendable {
+    /// Stored float type for weights: `.f32` (default) or `.f16`.
+    public var dtype: StorageType = .f32
+    /// gzip level with the shuffle filter for expert tensors (nil = uncompressed, faster).
+    public var gzip: Int? = nil
+    public init(dtype: StorageType = .f32, gzip: Int? = nil) {
+        self.dtype = dtype
+        self.gzip = gzip
+    }
+}
+
+/// Writes an smoe-checkpoint to a temporary file, renamed into place by `commit()`.
+public final class CheckpointWriter: @unchecked Sendable {
+    public let output: AtomicOutput
+    let file: H5File
+    let layersGroup: H5Group
+    public let options: WriteOptions
+    private var history: [JSONValue]
+
+    /// - Parameters:
+    ///   - history: the source's history; `entry` is appended to it.
+    public init(destination: String, architecture: String, history: [JSONValue], entry: JSONValue,
+                sourceConfig: String? = nil, options: WriteOptions = WriteOptions()) throws {
+        guard options.dtype == .f32 || options.dtype == .f16 else {
+            throw SMoEError.option("--dtype", "must be f32 or f16")
+        }
+        output = try AtomicOutput(destination: destination)
+        file = try H5File.create(output.temporaryPath)
+        self.options = options
+        self.history = history + [entry]
+        let root = file.root
+        try root.setAttribute("format", "smoe-checkpoint")
+        try root.setAttribute("format_version", smoeFormatVersion)
+        try root.setAttribute("architecture", architecture)
+        if let sc = sourceConfig { try root.setAttribute("source_config", sc) }
+        layersGroup = try root.createGroup("moe_layers")
+    }
+
+    /// Writer for a checkpoint derived from `source`: keeps its architecture, history and
+    /// source_config, and copies `/dense` verbatim.
+    public convenience init(destination: String, derivedFrom source: CheckpointReader, entry: JSONValue,
+                            options: WriteOptions = WriteOptions()) throws {
+        try self.init(destination: destination, architecture: source.architecture, history: source.history,
+                      entry: entry, sourceConfig: source.sourceConfig, options: options)
+        if source.hasDense { try file.copyObject(from: source.file, "/dense", to: "/dense") }
+    }
+
+    /// Replaces the history entry this command appends (e.g. once per-layer results are known).
+    public func updateEntry(_ entry: JSONValue) { history[history.count - 1] = entry }
+
+    /// The root group (to add `/dense` tensors directly).
+    public var root: H5Group { file.root }
+
+    /// Writes one MoE layer; returns its group so callers may add attributes.
+    @discardableResult
+    public func write(_ layer: MoELayer) throws -> H5Group {
+        let c = layer.config
+        let g = try layersGroup.createGroup(c.name)
+        try g.setAttribute("index", c.index)
+        try g.setAttribute("num_experts", c.numExperts)
+        try g.setAttribute("top_k", c.topK)
+        try g.setAttribute("d_model", c.dModel)
+        try g.setAttribute("d_ff", c.dFF)
+        try g.setAttribute("expert_type", c.expertType.rawValue)
+        try g.setAttribute("activation", c.activation.rawValue)
+        try g.setAttribute("router_type", c.routerType.rawValue)
+        let dt = options.dtype
+        try g.write("router/weight", floats: layer.router.data, shape: [c.numExperts, c.dModel], as: dt)
+        if let b = layer.routerBias { try g.write("router/bias", floats: b, shape: [c.numExperts], as: dt) }
+        let G = layer.experts.count
+        let eg = try g.createGroup("experts")
+        let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
+        for m in names {
+            let ops = layer.experts.map { $0[matrix: m]! }
+            let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
+            if ops.allSatisfy({ !$0.isFactored }) {
+                let d = try eg.createDataset(m, shape: [G, out, inn], type: dt, chunk: [1, out, inn], gzip: options.gzip)
+                for (e, op) in ops.enumerated() { try d.write(floats: op.dense().data, rows: e..<(e + 1)) }
+            } else {
+                let mg = try eg.createGroup(m)
+                for (e, op) in ops.enumerated() {
+                    let f: LowRankSparse
+                    switch op {
+                    case .factored(let x): f = x
+                    case .dense(let w):
+                        // Mixed layer: a matrix left dense is stored as the exact factorisation
+                        // W = I·W (or W·I), the identity on the smaller side.
+                        f = out <= inn
+                            ? LowRankSparse(u: Matrix.identity(out), v: w, s: .empty(rows: out, cols: inn))
+                            : LowRankSparse(u: w, v: Matrix.identity(inn), s: .empty(rows: out, cols: inn))
+                    }
+                    let sg = try mg.createGroup(String(e))
+                    try sg.write("U", floats: f.u.data, shape: [out, f.rank], as: dt)
+                    try sg.write("V", floats: f.v.data, shape: [f.rank, inn], as: dt)
+                    try sg.write("S_indptr", ints: f.s.indptr, shape: [out + 1], as: .i64)
+                    try sg.write("S_indices", ints: f.s.indices.map { Int($0) }, shape: [f.s.nnz], as: .i32)
+                    try sg.write("S_values", floats: f.s.values, shape: [f.s.nnz], as: dt)
+                    try sg.setAttribute("rank", f.rank)
+                    try sg.setAttribute("nnz", f.s.nnz)
+                }
+            }
+        }
+        if layer.experts.contains(where: { $0.upBias != nil }) {
+            let v = layer.experts.flatMap { $0.upBias ?? [Float](repeating: 0, count: c.dFF) }
+            try eg.write("up_bias", floats: v, shape: [G, c.dFF], as: dt, chunk: [1, c.dFF])
+        }
+        if layer.experts.contains(where: { $0.downBias != nil }) {
+            let v = layer.experts.flatMap { $0.downBias ?? [Float](repeating: 0, count: c.dModel) }
+            try eg.write("down_bias", floats: v, shape: [G, c.dModel], as: dt, chunk: [1, c.dModel])
+        }
+        if let m = layer.expertMap {
+            try g.write("expert_map", ints: m, shape: [c.numExperts], as: .i32)
+        } else if G != c.numExperts {
+            throw SMoEError.dataset(output.destination, g.path, "stores \(G) experts for \(c.numExperts) slots without an expert_map")
+        }
+        file.flush()
+        return g
+    }
+
+    /// Writes the history, closes and renames the file into place.
+    public func commit() throws {
+        try file.root.setAttribute("history", JSONValue.array(history).serialized())
+        file.close()
+        try output.commit()
+    }
+}

@@ -1,0 +1,288 @@
+import Foundation
+
+public enum ExpertType: String, Sendable, CaseIterable, Codable {
+    /// y = down · act(up · x)
+    case mlp
+    /// y = down · (act(gate · x) ⊙ (up · x))
+    case glu
+}
+
+public enum Activation: String, Sendable, CaseIterable, Codable {
+    case relu, gelu, gelu_tanh, silu
+
+    @inline(__always) public func apply(_ x: Float) -> Float {
+        switch self {
+        case .relu: return x > 0 ? x : 0
+        case .gelu: return 0.5 * x * (1 + erff(x / Float(2).squareRoot()))
+        case .gelu_tanh:
+            let c: Float = 0.797_884_560_802_865_4  // sqrt(2/pi)
+            return 0.5 * x * (1 + tanhf(c * (x + 0.044715 * x * x * x)))
+        case .silu: return x / (1 + expf(-x))
+        }
+    }
+
+    public func apply(inPlace m: inout Matrix) {
+        m.data.withUnsafeMutableBufferPointer { p in
+            for i in 0..<p.count { p[i] = apply(p[i]) }
+        }
+    }
+}
+
+public enum RouterType: String, Sendable, CaseIterable, Codable {
+    /// softmax over all slots, take the top-k, weight each by its probability (Switch).
+    case softmax_topk
+    /// same, then divide the k weights by their sum (Mixtral, Qwen with norm_topk_prob).
+    case softmax_topk_norm
+}
+
+/// One stored expert: its matrices in `nn.Linear` convention and optional biases.
+public struct Expert: Sendable, Equatable {
+    public var up: LinearOp  // [d_ff, d_model]
+    public var gate: LinearOp?  // [d_ff, d_model], glu only
+    public var down: LinearOp  // [d_model, d_ff]
+    public var upBias: [Float]?  // [d_ff]
+    public var downBias: [Float]?  // [d_model]
+
+    public init(up: LinearOp, gate: LinearOp? = nil, down: LinearOp, upBias: [Float]? = nil, downBias: [Float]? = nil) {
+        self.up = up
+        self.gate = gate
+        self.down = down
+        self.upBias = upBias
+        self.downBias = downBias
+    }
+
+    public init(up: Matrix, gate: Matrix? = nil, down: Matrix, upBias: [Float]? = nil, downBias: [Float]? = nil) {
+        self.init(up: .dense(up), gate: gate.map { .dense($0) }, down: .dense(down), upBias: upBias, downBias: downBias)
+    }
+
+    /// The named matrices in a fixed order: up, gate (when present), down.
+    public var namedMatrices: [(name: String, op: LinearOp)] {
+        var out: [(String, LinearOp)] = [("up", up)]
+        if let g = gate { out.append(("gate", g)) }
+        out.append(("down", down))
+        return out
+    }
+
+    public subscript(matrix name: String) -> LinearOp? {
+        get {
+            switch name {
+            case "up": return up
+            case "gate": return gate
+            case "down": return down
+            default: return nil
+            }
+        }
+        set {
+            guard let v = newValue else { return }
+            switch name {
+            case "up": up = v
+            case "gate": gate = v
+            case "down": down = v
+            default: break
+            }
+        }
+    }
+
+    /// The intermediate activation `h(x)` [n, d_ff] for a token block X [n, d_model].
+    public func hidden(_ x: Matrix, activation: Activation) -> Matrix {
+        var h = up.apply(x)
+        if let b = upBias { h.addRowVector(b) }
+        if let g = gate {
+            var a = g.apply(x)
+            activation.apply(inPlace: &a)
+            for i in 0..<h.data.count { h.data[i] *= a.data[i] }
+        } else {
+            activation.apply(inPlace: &h)
+        }
+        return h
+    }
+
+    /// The expert's output for a token block X [n, d_model] → [n, d_model].
+    public func forward(_ x: Matrix, activation: Activation) -> Matrix {
+        var y = down.apply(hidden(x, activation: activation))
+        if let b = downBias { y.addRowVector(b) }
+        return y
+    }
+
+    public var parameterCount: Int {
+        namedMatrices.reduce(0) { $0 + $1.op.parameterCount } + (upBias?.count ?? 0) + (downBias?.count ?? 0)
+    }
+
+    public func storedBytes(floatBytes: Int) -> Int {
+        namedMatrices.reduce(0) { $0 + $1.op.storedBytes(floatBytes: floatBytes) }
+            + ((upBias?.count ?? 0) + (downBias?.count ?? 0)) * floatBytes
+    }
+
+    public var flopsPerToken: Int {
+        namedMatrices.reduce(0) { $0 + $1.op.flopsPerToken }
+    }
+}
+
+/// The routing decision for a block of tokens.
+public struct Routing: Sendable {
+    /// Router logits [n, E].
+    public var logits: Matrix
+    /// The k chosen slots of token t: `slots[t*k ..< (t+1)*k]`, best first.
+    public var slots: [Int]
+    /// Their weights (softmax probabilities, renormalised for `softmax_topk_norm`).
+    public var weights: [Float]
+    public var k: Int
+}
+
+/// The static description of a MoE layer (everything but the weights).
+public struct LayerConfig: Sendable, Equatable {
+    public var name: String
+    public var index: Int
+    public var numExperts: Int  // E, router slots
+    public var topK: Int
+    public var dModel: Int
+    public var dFF: Int
+    public var expertType: ExpertType
+    public var activation: Activation
+    public var routerType: RouterType
+
+    public init(name: String, index: Int, numExperts: Int, topK: Int, dModel: Int, dFF: Int,
+                expertType: ExpertType, activation: Activation, routerType: RouterType) {
+        self.name = name
+        self.index = index
+        self.numExperts = numExperts
+        self.topK = topK
+        self.dModel = dModel
+        self.dFF = dFF
+        self.expertType = expertType
+        self.activation = activation
+        self.routerType = routerType
+    }
+}
+
+/// A whole MoE layer in memory: router, stored experts and the slot → expert map.
+public struct MoELayer: Sendable, Equatable {
+    public var config: LayerConfig
+    public var router: Matrix  // [E, d_model]
+    public var routerBias: [Float]?
+    public var experts: [Expert]  // G stored experts
+    /// Slot e uses stored expert `expertMap[e]`; nil means identity (G = E).
+    public var expertMap: [Int]?
+
+    public init(config: LayerConfig, router: Matrix, routerBias: [Float]? = nil, experts: [Expert], expertMap: [Int]? = nil) {
+        self.config = config
+        self.router = router
+        self.routerBias = routerBias
+        self.experts = experts
+        self.expertMap = expertMap
+    }
+
+    public var name: String { config.name }
+    public var numStored: Int { experts.count }
+
+    /// The stored expert used by slot `e`.
+    @inline(__always) public func storedIndex(slot e: Int) -> Int { expertMap?[e] ?? e }
+
+    /// Slot → stored expert for every slot.
+    public var resolvedMap: [Int] { expertMap ?? Array(0..<config.numExperts) }
+
+    /// Router logits for a token block X [n, d_model] → [n, E].
+    public func logits(_ x: Matrix) -> Matrix {
+        var z = BLAS.matmul(x, router, transB: true)
+        if let b = routerBias { z.addRowVector(b) }
+        return z
+    }
+
+    /// Top-k routing of a token block (ties broken to the lower slot index).
+    public func route(_ x: Matrix) -> Routing {
+        let z = logits(x)
+        return Self.route(logits: z, k: config.topK, type: config.routerType)
+    }
+
+    /// Top-k routing from logits [n, E].
+    public static func route(logits z: Matrix, k: Int, type: RouterType) -> Routing {
+        let n = z.rows, e = z.cols
+        var slots = [Int](repeating: 0, count: n * k)
+        var weights = [Float](repeating: 0, count: n * k)
+        var chosen = [Int](repeating: 0, count: k)
+        for t in 0..<n {
+            let base = t * e
+            // Softmax denominator in Float64 for accuracy.
+            var mx = -Float.infinity
+            for j in 0..<e { mx = max(mx, z.data[base + j]) }
+            var denom = 0.0
+            for j in 0..<e { denom += Foundation.exp(Double(z.data[base + j] - mx)) }
+            // Top-k by repeated selection: strict > keeps the lower index on ties.
+            for r in 0..<k {
+                var best = -1
+                var bestV = -Float.infinity
+                for j in 0..<e {
+                    var taken = false
+                    for q in 0..<r where chosen[q] == j { taken = true; break }
+                    if taken { continue }
+                    let v = z.data[base + j]
+                    if best < 0 || v > bestV { best = j; bestV = v }
+                }
+                chosen[r] = best
+            }
+            var sum = 0.0
+            for r in 0..<k {
+                let p = Foundation.exp(Double(z.data[base + chosen[r]] - mx)) / denom
+                slots[t * k + r] = chosen[r]
+                weights[t * k + r] = Float(p)
+                sum += p
+            }
+            if type == .softmax_topk_norm, sum > 0 {
+                for r in 0..<k { weights[t * k + r] = Float(Double(weights[t * k + r]) / sum) }
+            }
+        }
+        return Routing(logits: z, slots: slots, weights: weights, k: k)
+    }
+
+    /// For each stored expert: the tokens it runs on and the summed weight of its slots
+    /// (a stored expert chosen by several of a token's slots runs once with the summed weight).
+    public func dispatch(_ routing: Routing) -> [(tokens: [Int], weights: [Float])] {
+        var out = [(tokens: [Int], weights: [Float])](repeating: ([], []), count: numStored)
+        let n = routing.slots.count / max(routing.k, 1)
+        for t in 0..<n {
+            for r in 0..<routing.k {
+                let g = storedIndex(slot: routing.slots[t * routing.k + r])
+                let w = routing.weights[t * routing.k + r]
+                if let last = out[g].tokens.last, last == t {
+                    out[g].weights[out[g].weights.count - 1] += w
+                } else {
+                    out[g].tokens.append(t)
+                    out[g].weights.append(w)
+                }
+            }
+        }
+        return out
+    }
+
+    /// The layer's output for a token block X [n, d_model]: the weighted sum of the chosen
+    /// experts' outputs (gather each expert's tokens, run it batched, scatter-add).
+    public func forward(_ x: Matrix) -> Matrix {
+        forward(x, routing: route(x))
+    }
+
+    public func forward(_ x: Matrix, routing: Routing) -> Matrix {
+        var y = Matrix(rows: x.rows, cols: config.dModel)
+        for (g, d) in dispatch(routing).enumerated() where !d.tokens.isEmpty {
+            let xg = x.gatherRows(d.tokens)
+            let yg = experts[g].forward(xg, activation: config.activation)
+            let dm = config.dModel
+            for (r, t) in d.tokens.enumerated() {
+                let w = d.weights[r]
+                for j in 0..<dm { y.data[t * dm + j] += w * yg.data[r * dm + j] }
+            }
+        }
+        return y
+    }
+
+    // MARK: sizes
+
+    public var expertParameterCount: Int { experts.reduce(0) { $0 + $1.parameterCount } }
+    public func expertBytes(floatBytes: Int) -> Int { experts.reduce(0) { $0 + $1.storedBytes(floatBytes: floatBytes) } }
+
+    /// Expert multiply–adds per token (×2 for FLOPs): the mean over slots weighted equally,
+    /// times k, i.e. what one token costs when its k slots hit distinct experts.
+    public var expertFlopsPerToken: Double {
+        let perSlot = (0..<config.numExperts).map { Double(experts[storedIndex(slot: $0)].flopsPerToken) }
+        return perSlot.reduce(0, +) / Double(max(config.numExperts, 1)) * Double(config.topK)
+    }
+}

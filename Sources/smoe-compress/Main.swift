@@ -1,0 +1,25 @@
+import ArgumentParser
+import Foundation
+import SMoECompress
+
+@main
+struct SMoECompressCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "smoe-compress",
+        abstract: "Compress sparse Mixture-of-Experts checkpoints offline (MC-SMoE: merge, then compress).",
+        version: smoeCompressVersion,
+        subcommands: [Inspect.self, Synth.self])
+
+    /// Runs the command line; library errors become one `error:` line and exit status 1.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let e as SMoEError {
+            FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
+            Foundation.exit(1)
+        } catch {
+            exit(withError: error)
+        }
+    }
+}

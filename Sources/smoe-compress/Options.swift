@@ -1,0 +1,94 @@
+import ArgumentParser
+import Foundation
+import SMoECompress
+
+/// Options every command shares.
+struct GlobalOptions: ParsableArguments {
+    @Flag(help: "Print the result as one JSON document on stdout.")
+    var json = false
+
+    @Flag(help: "No progress display on stderr.")
+    var quiet = false
+
+    /// Progress on stderr, only when it is a terminal and not --quiet.
+    var progress: Progress { Progress(enabled: !quiet && isatty(2) != 0) }
+}
+
+/// Options of commands that write a checkpoint.
+struct OutputOptions: ParsableArguments {
+    @Option(name: [.customShort("o"), .long], help: "Output file (written to a temporary file, renamed on success).")
+    var output: String
+
+    @Option(help: "Stored float type of weights: f32 or f16.")
+    var dtype: String = "f32"
+
+    @Option(help: "gzip level (0-9, with the shuffle filter) for expert tensors; off by default.")
+    var gzip: Int?
+
+    func validate() throws {
+        guard dtype == "f32" || dtype == "f16" else { throw ValidationError("--dtype must be f32 or f16, not '\(dtype)'") }
+        if let g = gzip, !(0...9).contains(g) { throw ValidationError("--gzip must be in 0...9") }
+    }
+
+    var writeOptions: WriteOptions { WriteOptions(dtype: dtype == "f16" ? .f16 : .f32, gzip: gzip) }
+}
+
+/// A one-line progress display on stderr.
+struct Progress {
+    let enabled: Bool
+
+    func update(_ label: String, _ done: Int, _ total: Int) {
+        guard enabled else { return }
+        let width = 24
+        let filled = total > 0 ? width * done / total : width
+        let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+        FileHandle.standardError.write(Data("\r\u{1B}[K\(label) [\(bar)] \(done)/\(total)".utf8))
+    }
+
+    func finish() {
+        guard enabled else { return }
+        FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
+    }
+
+    /// The library's progress callback.
+    var callback: ProgressCallback? {
+        guard enabled else { return nil }
+        return { label, done, total in self.update(label, done, total) }
+    }
+}
+
+/// Prints a JSON report.
+func printJSON(_ v: JSONValue) { print(v.serialized(pretty: true)) }
+
+/// A plain text table with right-aligned numeric columns.
+struct Table {
+    var header: [String]
+    var rows: [[String]] = []
+
+    init(_ header: [String]) { self.header = header }
+
+    mutating func add(_ row: [String]) { rows.append(row) }
+
+    func render() -> String {
+        var widths = header.map(\.count)
+        for r in rows { for (i, c) in r.enumerated() where i < widths.count { widths[i] = max(widths[i], c.count) } }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, c in
+                let pad = String(repeating: " ", count: max(widths[i] - c.count, 0))
+                return i == 0 ? c + pad : pad + c
+            }.joined(separator: "  ")
+        }
+        return ([line(header)] + rows.map(line)).joined(separator: "\n")
+    }
+}
+
+func formatBytes(_ b: Int) -> String {
+    let d = Double(b)
+    if b >= 1 << 30 { return String(format: "%.2f GiB", d / 1_073_741_824) }
+    if b >= 1 << 20 { return String(format: "%.2f MiB", d / 1_048_576) }
+    if b >= 1 << 10 { return String(format: "%.1f KiB", d / 1024) }
+    return "\(b) B"
+}
+
+func sci(_ x: Double) -> String { String(format: "%.3e", x) }
+func fixed(_ x: Double, _ digits: Int = 3) -> String { String(format: "%.\(digits)f", x) }

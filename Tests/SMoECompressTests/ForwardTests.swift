@@ -1,0 +1,129 @@
+import XCTest
+@testable import SMoECompress
+
+/// The batched forward pass against a direct per-token loop in Float64.
+final class ForwardTests: XCTestCase {
+    /// Reference: one token at a time, every product a plain loop.
+    func referenceForward(_ layer: MoELayer, _ x: Matrix) -> Matrix {
+        let c = layer.config
+        var y = Matrix(rows: x.rows, cols: c.dModel)
+        for t in 0..<x.rows {
+            var z = [Double](repeating: 0, count: c.numExperts)
+            for e in 0..<c.numExperts {
+                var s = Double(layer.routerBias?[e] ?? 0)
+                for j in 0..<c.dModel { s += Double(layer.router[e, j]) * Double(x[t, j]) }
+                z[e] = s
+            }
+            let mx = z.max()!
+            let p = z.map { Foundation.exp($0 - mx) }
+            let den = p.reduce(0, +)
+            let order = (0..<c.numExperts).sorted { z[$0] != z[$1] ? z[$0] > z[$1] : $0 < $1 }
+            let chosen = Array(order.prefix(c.topK))
+            var w = chosen.map { p[$0] / den }
+            if c.routerType == .softmax_topk_norm { let s = w.reduce(0, +); w = w.map { $0 / s } }
+            // Sum weights per stored expert, run each once.
+            var perStored: [Int: Double] = [:]
+            for (r, e) in chosen.enumerated() { perStored[layer.storedIndex(slot: e), default: 0] += w[r] }
+            for (g, wg) in perStored {
+                let ex = layer.experts[g]
+                let up = ex.up.dense(), down = ex.down.dense(), gate = ex.gate?.dense()
+                var h = [Double](repeating: 0, count: c.dFF)
+                for i in 0..<c.dFF {
+                    var u = Double(ex.upBias?[i] ?? 0)
+                    for j in 0..<c.dModel { u += Double(up[i, j]) * Double(x[t, j]) }
+                    if let gm = gate {
+                        var a = 0.0
+                        for j in 0..<c.dModel { a += Double(gm[i, j]) * Double(x[t, j]) }
+                        h[i] = Double(c.activation.apply(Float(a))) * u
+                    } else {
+                        h[i] = Double(c.activation.apply(Float(u)))
+                    }
+                }
+                for o in 0..<c.dModel {
+                    var s = Double(ex.downBias?[o] ?? 0)
+                    for i in 0..<c.dFF { s += Double(down[o, i]) * h[i] }
+                    y[t, o] += Float(wg * s)
+                }
+            }
+        }
+        return y
+    }
+
+    func testForwardMatchesPerTokenLoop() {
+        var seed: UInt64 = 100
+        for type in ExpertType.allCases {
+            for router in RouterType.allCases {
+                for act in Activation.allCases {
+                    for (G, biases) in [(6, false), (3, true)] {
+                        seed += 1
+                        var rng = SplitMix64(seed: seed)
+                        let layer = randomLayer(&rng, type: type, router: router, activation: act, E: 6, G: G, k: 2, biases: biases)
+                        let x = randomMatrix(40, layer.config.dModel, &rng)
+                        let err = relativeError(layer.forward(x), referenceForward(layer, x))
+                        XCTAssertLessThan(err, 1e-5, "seed \(seed): \(type) \(router) \(act) G=\(G) biases=\(biases)")
+                    }
+                }
+            }
+        }
+    }
+
+    func testRoutingTiesGoToLowerIndex() {
+        let z = Matrix([[1, 3, 3, 0], [2, 2, 2, 2]])
+        let r = MoELayer.route(logits: z, k: 2, type: .softmax_topk)
+        XCTAssertEqual(r.slots, [1, 2, 0, 1])
+        XCTAssertEqual(Double(r.weights[2]), 0.25, accuracy: 1e-7)
+        let n = MoELayer.route(logits: z, k: 2, type: .softmax_topk_norm)
+        XCTAssertEqual(Double(n.weights[0] + n.weights[1]), 1, accuracy: 1e-6)
+    }
+
+    /// A stored expert chosen by two slots of one token runs once with the summed weight:
+    /// with every slot mapped to one expert, the layer equals that expert (weights sum to 1).
+    func testExpertMapSharedExpertRunsOnceWithSummedWeight() {
+        var rng = SplitMix64(seed: 7)
+        var layer = randomLayer(&rng, type: .glu, router: .softmax_topk_norm, E: 4, G: 1, k: 2)
+        layer.expertMap = [0, 0, 0, 0]
+        let x = randomMatrix(10, layer.config.dModel, &rng)
+        let direct = layer.experts[0].forward(x, activation: layer.config.activation)
+        XCTAssertLessThan(relativeError(layer.forward(x), direct), 1e-6)
+    }
+
+    /// Factored experts are applied as (X·Vᵀ)·Uᵀ + X·Sᵀ and equal the dense forward of U·V + S.
+    func testFactoredForwardEqualsDense() {
+        var rng = SplitMix64(seed: 9)
+        var layer = randomLayer(&rng, type: .mlp, router: .softmax_topk, activation: .gelu, E: 4, k: 1)
+        var dense = layer
+        for g in 0..<layer.experts.count {
+            for name in ["up", "down"] {
+                let w = layer.experts[g][matrix: name]!.dense()
+                let r = 3
+                let u = randomMatrix(w.rows, r, &rng), v = randomMatrix(r, w.cols, &rng)
+                let s = CSRMatrix.from(randomMatrix(w.rows, w.cols, &rng)) { i, j in (i * 7 + j) % 5 == 0 }
+                let f = LowRankSparse(u: u, v: v, s: s)
+                layer.experts[g][matrix: name] = .factored(f)
+                dense.experts[g][matrix: name] = .dense(f.dense())
+            }
+        }
+        let x = randomMatrix(30, layer.config.dModel, &rng)
+        XCTAssertLessThan(relativeError(layer.forward(x), dense.forward(x)), 1e-5)
+        XCTAssertLessThan(relativeError(layer.forward(x), referenceForward(layer, x)), 1e-5)
+    }
+
+    /// The trained fixtures' captured outputs are reproduced (FORMAT semantics, float32).
+    func testTrainedFixturesReproduceCapturedOutputs() throws {
+        for (model, calib) in [("trained-switch.h5", "trained-switch.calib.h5"), ("trained-mixtral.h5", "trained-mixtral.heldout.h5")] {
+            let r = try CheckpointReader(fixture(model))
+            let c = try CalibrationReader(fixture(calib))
+            try c.checkMatches(r)
+            for cfg in r.layers {
+                let layer = try r.readLayer(cfg.name)
+                let x = try c.hiddenStates(cfg.name)
+                let routing = layer.route(x)
+                let y = layer.forward(x, routing: routing)
+                let err = relativeError(y, try c.output(cfg.name))
+                XCTAssertLessThan(err, 1e-6, "\(model) \(cfg.name)")
+                let captured = MoELayer.route(logits: try c.routerLogits(cfg.name), k: cfg.topK, type: cfg.routerType)
+                XCTAssertEqual(routing.slots, captured.slots, "\(model) \(cfg.name): top-k sets differ")
+            }
+        }
+    }
+}

@@ -9,6 +9,9 @@ struct Inspect: ParsableCommand {
     @Argument(help: "The file to describe.")
     var file: String
 
+    @Flag(help: "Also read every weight and check it (shapes, expert_map range, NaN/Inf); slower.")
+    var check = false
+
     @OptionGroup var global: GlobalOptions
 
     func run() throws {
@@ -23,6 +26,13 @@ struct Inspect: ParsableCommand {
     func checkpoint() throws {
         let r = try CheckpointReader(file)
         let (json, layers, dense) = try Inspection.checkpoint(r)
+        if check {
+            for (i, l) in r.layers.enumerated() {
+                global.progress.update("checking", i, r.layers.count)
+                _ = try r.readLayer(l.name)
+            }
+            global.progress.finish()
+        }
         if global.json { return printJSON(json) }
         print("\(file): smoe-checkpoint, architecture \(r.architecture), \(layers.count) MoE layers")
         var t = Table(["layer", "E", "G", "k", "d_model", "d_ff", "experts", "act", "router", "params", "bytes", "ranks", "nnz"])
@@ -45,6 +55,13 @@ struct Inspect: ParsableCommand {
 
     func calibration() throws {
         let c = try CalibrationReader(file)
+        if check {
+            for l in c.layers {
+                try c.forEachBlock(l.name) { _, _ in }
+                if l.hasRouterLogits { _ = try c.routerLogits(l.name) }
+                if l.hasOutput { _ = try c.output(l.name) }
+            }
+        }
         if global.json { return printJSON(Inspection.calibration(c)) }
         print("\(file): smoe-calibration, \(c.layers.count) MoE layers")
         var t = Table(["layer", "index", "tokens", "d_model", "router_logits", "output"])

@@ -290,6 +290,16 @@ public final class H5Group: H5Object, @unchecked Sendable {
         return H5Group(file: file, id: g, path: childPath(name))
     }
 
+    /// Removes the link `name` (the object's space is not reclaimed until the file is rewritten).
+    public func delete(_ name: String) throws {
+        if H5Ldelete(id, name, hid_t(H5P_DEFAULT)) < 0 { throw SMoEError.dataset(file.path, childPath(name), "cannot delete") }
+    }
+
+    /// Removes attribute `name` when present.
+    public func deleteAttribute(_ name: String) {
+        if hasAttribute(name) { H5Adelete(id, name) }
+    }
+
     /// Names of the links directly below this group, in name order.
     public func childNames() throws -> [String] {
         var info = H5G_info_t()

@@ -1,0 +1,65 @@
+# smoe-compress — set-up, build, test, demo and benchmarks.
+# `make demo` and `make test` work on a fresh Debian machine (they install what is missing).
+
+SWIFT     ?= swift
+PYTHON    ?= python3
+BIN       := .build/release/smoe-compress
+DEMO_DIR  ?= out/demo
+APT_PKGS  := libhdf5-dev libopenblas-dev liblapacke-dev pkg-config
+
+.PHONY: all deps deps-python build test test-swift test-python demo bench fixtures clean
+
+all: build
+
+## Debian packages (as root, only when missing) for HDF5 and OpenBLAS/LAPACKE.
+deps:
+	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## Python packages the test suite uses when present (h5py for the interop test). Optional:
+## a machine without PyPI access still builds and tests; those tests then skip.
+deps-python:
+	@$(PYTHON) -c "import h5py" 2>/dev/null || $(PYTHON) -m pip install --quiet h5py 2>/dev/null || \
+		echo "note: h5py not installed; the h5py interop test will be skipped"
+
+build: deps
+	$(SWIFT) build -c release --product smoe-compress
+
+## The whole suite: the Python helper tests (skipped without torch), then the Swift tests (XCTest).
+test: deps deps-python test-python test-swift
+
+test-swift:
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build --disable-swift-testing
+
+test-python:
+	@if $(PYTHON) -c "import pytest" 2>/dev/null && [ -d tools ] && ls tools/test_*.py >/dev/null 2>&1; then \
+		$(PYTHON) -m pytest -q tools; \
+	else echo "python tool tests: skipped (pytest or tests not present)"; fi
+
+## Runs the whole pipeline on bundled fixtures and prints what it wrote.
+demo: build
+	@mkdir -p $(DEMO_DIR)
+	@echo "== inspect the bundled trained Switch-style model"
+	$(BIN) inspect Fixtures/trained-switch.h5
+	@echo "== write a planted model (known answers) and inspect it"
+	$(BIN) synth --preset switch -o $(DEMO_DIR)/planted-switch.h5 --calib $(DEMO_DIR)/planted-switch.calib.h5
+	$(BIN) inspect $(DEMO_DIR)/planted-switch.h5 --json > $(DEMO_DIR)/planted-switch.inspect.json
+	@echo "== wrote:"; ls -l $(DEMO_DIR)
+
+## Benchmarks (release build); compares against SciPy when it is importable.
+bench: deps
+	$(SWIFT) build -c release --product smoe-bench
+	.build/release/smoe-bench all
+
+## Regenerates the planted fixtures (the committed ones are checked by FixtureTests).
+fixtures: build
+	$(BIN) synth --preset switch -o Fixtures/planted-switch.h5 --calib Fixtures/planted-switch.calib.h5
+	$(BIN) synth --preset mixtral -o Fixtures/planted-mixtral.h5 --calib Fixtures/planted-mixtral.calib.h5
+
+clean:
+	rm -rf .build out

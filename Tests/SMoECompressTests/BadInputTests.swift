@@ -1,0 +1,135 @@
+import Foundation
+import XCTest
+@testable import SMoECompress
+
+/// Every bad input gets one `error:` line naming the file and dataset, and exit status 1.
+final class BadInputTests: XCTestCase {
+    func copyFixture(_ name: String, _ dir: String) -> String {
+        let dst = dir + "/" + name
+        try! FileManager.default.copyItem(atPath: fixture(name), toPath: dst)
+        return dst
+    }
+
+    func assertOneLineError(_ args: [String], mentions: [String], file: StaticString = #filePath, line: UInt = #line) throws {
+        let r = try runCLI(args)
+        XCTAssertEqual(r.status, 1, "\(args): status \(r.status), stderr \(r.stderr)", file: file, line: line)
+        let lines = r.stderr.split(separator: "\n")
+        XCTAssertEqual(lines.count, 1, "\(args): stderr should be one line: \(r.stderr)", file: file, line: line)
+        XCTAssertTrue(r.stderr.hasPrefix("error: "), "\(args): \(r.stderr)", file: file, line: line)
+        for m in mentions { XCTAssertTrue(r.stderr.contains(m), "\(args): '\(m)' not in: \(r.stderr)", file: file, line: line) }
+    }
+
+    func testMissingAndNonHDF5Files() throws {
+        let dir = temporaryDirectory(self)
+        try assertOneLineError(["inspect", dir + "/nope.h5"], mentions: ["nope.h5", "no such file"])
+        try "hello".write(toFile: dir + "/text.h5", atomically: true, encoding: .utf8)
+        try assertOneLineError(["inspect", dir + "/text.h5"], mentions: ["text.h5", "not an HDF5 file"])
+        try assertOneLineError(["inspect", dir], mentions: ["directory"])
+    }
+
+    func testFormatAttribute() throws {
+        let dir = temporaryDirectory(self)
+        let p = copyFixture("planted-switch.h5", dir)
+        do {
+            let f = try H5File.open(p, writable: true)
+            try f.root.setAttribute("format", "something-else")
+        }
+        try assertOneLineError(["inspect", p], mentions: ["planted-switch.h5", "/@format", "something-else"])
+        do {
+            let f = try H5File.open(p, writable: true)
+            f.root.deleteAttribute("format")
+        }
+        try assertOneLineError(["inspect", p], mentions: ["/@format", "missing"])
+        do {
+            let f = try H5File.open(p, writable: true)
+            try f.root.setAttribute("format", "smoe-checkpoint")
+            try f.root.setAttribute("format_version", 7)
+        }
+        try assertOneLineError(["inspect", p], mentions: ["/@format_version", "7"])
+    }
+
+    /// Edits one layer of a copy of the planted fixture and checks the error names the dataset.
+    func checkCorruption(_ dataset: String, mentions: [String], _ edit: (H5Group) throws -> Void) throws {
+        let dir = temporaryDirectory(self)
+        let p = copyFixture("planted-switch.h5", dir)
+        let layer = "encoder.block.3.layer.1.mlp"
+        do {
+            let f = try H5File.open(p, writable: true)
+            try edit(try f.root.openGroup("moe_layers/" + layer))
+        }
+        try assertOneLineError(["inspect", "--check", p], mentions: ["planted-switch.h5", layer + "/" + dataset] + mentions)
+    }
+
+    func testMissingDataset() throws {
+        try checkCorruption("experts/down", mentions: ["missing"]) { try $0.delete("experts/down") }
+        try checkCorruption("router/weight", mentions: ["missing"]) { try $0.delete("router/weight") }
+    }
+
+    func testInconsistentShapes() throws {
+        try checkCorruption("router/weight", mentions: ["shape"]) { g in
+            try g.delete("router/weight")
+            try g.write("router/weight", floats: [Float](repeating: 0, count: 7 * 32), shape: [7, 32])
+        }
+        try checkCorruption("experts/up", mentions: ["shape"]) { g in
+            try g.delete("experts/up")
+            try g.write("experts/up", floats: [Float](repeating: 0, count: 8 * 63 * 32), shape: [8, 63, 32])
+        }
+    }
+
+    func testExpertMapOutOfRange() throws {
+        try checkCorruption("expert_map", mentions: ["outside"]) { g in
+            try g.write("expert_map", ints: [0, 1, 2, 3, 4, 5, 6, 8], shape: [8], as: .i32)
+        }
+    }
+
+    func testNaNAndInfInWeights() throws {
+        try checkCorruption("experts/down", mentions: ["NaN"]) { g in
+            let d = try g.openDataset("experts/down")
+            var v = try d.readFloats(rows: 2..<3)
+            v[17] = .nan
+            try d.write(floats: v, rows: 2..<3)
+        }
+        try checkCorruption("router/weight", mentions: ["Inf"]) { g in
+            let d = try g.openDataset("router/weight")
+            var v = try d.readFloats()
+            v[3] = -.infinity
+            try d.write(floats: v)
+        }
+    }
+
+    func testTruncatedFileIsAnError() throws {
+        let dir = temporaryDirectory(self)
+        let data = try Data(contentsOf: URL(fileURLWithPath: fixture("planted-switch.h5")))
+        for fraction in [0.01, 0.3, 0.6, 0.95] {
+            let p = dir + "/trunc-\(fraction).h5"
+            try data.prefix(Int(Double(data.count) * fraction)).write(to: URL(fileURLWithPath: p))
+            let r = try runCLI(["inspect", "--check", p])
+            XCTAssertEqual(r.status, 1, "truncated at \(fraction): \(r.stderr)")
+            XCTAssertTrue(r.stderr.hasPrefix("error: ") && r.stderr.contains("trunc-"), "truncated at \(fraction): \(r.stderr)")
+        }
+    }
+
+    /// Random byte flips never crash the tool: it exits 0 (the flip hit unused bytes or only
+    /// changed values) or 1 with one error line, never a signal.
+    func testBitFlippedFilesDoNotCrash() throws {
+        let dir = temporaryDirectory(self)
+        let data = try Data(contentsOf: URL(fileURLWithPath: fixture("planted-switch.h5")))
+        var rng = SplitMix64(seed: 42)
+        for trial in 0..<24 {
+            var d = data
+            // Flip bytes in the first 8 KiB (superblock, object headers, B-trees) or anywhere.
+            let limit = trial % 2 == 0 ? min(8192, d.count) : d.count
+            for _ in 0..<4 {
+                let i = rng.nextInt(below: limit)
+                d[i] ^= UInt8(1 << rng.nextInt(below: 8))
+            }
+            let p = dir + "/flip-\(trial).h5"
+            try d.write(to: URL(fileURLWithPath: p))
+            let r = try runCLI(["inspect", "--check", p])
+            XCTAssertTrue(r.status == 0 || r.status == 1, "trial \(trial): exit status \(r.status) (crash?) \(r.stderr)")
+            if r.status == 1 {
+                XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "trial \(trial): \(r.stderr)")
+            }
+        }
+    }
+}

@@ -1,0 +1,38 @@
+import XCTest
+@testable import SMoECompress
+
+/// The committed planted fixtures are exactly what the generator writes today.
+final class FixtureTests: XCTestCase {
+    func testGeneratorReproducesCommittedFixtures() throws {
+        let dir = temporaryDirectory(self)
+        for (name, spec) in [("planted-switch", SyntheticSpec.switchFixture), ("planted-mixtral", SyntheticSpec.mixtralFixture)] {
+            let truth = try SyntheticGenerator.write(spec, model: dir + "/\(name).h5", calibration: dir + "/\(name).calib.h5")
+            let fresh = try CheckpointReader(dir + "/\(name).h5")
+            let committed = try CheckpointReader(fixture("\(name).h5"))
+            XCTAssertEqual(fresh.layers, committed.layers, name)
+            XCTAssertEqual(fresh.history, committed.history, name)
+            let fc = try CalibrationReader(dir + "/\(name).calib.h5")
+            let cc = try CalibrationReader(fixture("\(name).calib.h5"))
+            for (l, t) in zip(committed.layers, truth) {
+                XCTAssertEqual(try fresh.readLayer(l.name), try committed.readLayer(l.name), "\(name) \(l.name): weights differ")
+                XCTAssertEqual(try SyntheticGenerator.readPlanted(committed, layer: l.name), t, "\(name) \(l.name): planted truth differs")
+                XCTAssertEqual(try fc.hiddenStates(l.name), try cc.hiddenStates(l.name), "\(name) \(l.name): tokens differ")
+                XCTAssertLessThan(relativeError(try fc.output(l.name), try cc.output(l.name)), 1e-6, "\(name) \(l.name): outputs differ")
+            }
+        }
+    }
+
+    /// The planted fixtures are built so each family's leader is among the most used slots:
+    /// the P most used slots are exactly one per family (what merging to P groups relies on).
+    func testPlantedLeadersAreTheMostUsedSlots() throws {
+        for name in ["planted-switch.h5", "planted-mixtral.h5"] {
+            let r = try CheckpointReader(fixture(name))
+            for l in r.layers {
+                let t = try XCTUnwrap(try SyntheticGenerator.readPlanted(r, layer: l.name))
+                let P = Set(t.family).count
+                let top = (0..<l.numExperts).sorted { t.counts[$0] != t.counts[$1] ? t.counts[$0] > t.counts[$1] : $0 < $1 }.prefix(P)
+                XCTAssertEqual(Set(top.map { t.family[$0] }).count, P, "\(name) \(l.name): \(t.counts) \(t.family)")
+            }
+        }
+    }
+}

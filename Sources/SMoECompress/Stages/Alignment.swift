@@ -1,0 +1,186 @@
+import Dispatch
+import Foundation
+
+/// What aligning one expert to its reference found.
+public struct ExpertAlignment: Sendable {
+    public var slot: Int
+    /// Aligned neuron i is the original neuron `permutation[i]`.
+    public var permutation: [Int]
+    /// Mean cosine between matched hidden neurons (up row ‖ gate row ‖ down column) of this
+    /// expert and the reference, before (identity matching) and after alignment.
+    public var cosineBefore: Double
+    public var cosineAfter: Double
+}
+
+/// Per-layer alignment report.
+public struct LayerAlignment: Sendable {
+    public var name: String
+    public var reference: Int
+    public var experts: [ExpertAlignment]
+    /// Seconds spent building cost matrices (BLAS) and in the assignment solver, summed over experts.
+    public var productSeconds: Double
+    public var solverSeconds: Double
+
+    public var meanCosineBefore: Double {
+        let o = experts.filter { $0.slot != reference }
+        return o.isEmpty ? 1 : o.reduce(0) { $0 + $1.cosineBefore } / Double(o.count)
+    }
+    public var meanCosineAfter: Double {
+        let o = experts.filter { $0.slot != reference }
+        return o.isEmpty ? 1 : o.reduce(0) { $0 + $1.cosineAfter } / Double(o.count)
+    }
+
+    public var json: JSONValue {
+        .object([
+            ("name", .string(name)), ("reference", .int(reference)),
+            ("mean_cosine_before", .double(meanCosineBefore)), ("mean_cosine_after", .double(meanCosineAfter)),
+            ("product_seconds", .double(productSeconds)), ("solver_seconds", .double(solverSeconds)),
+            ("experts", .array(experts.map {
+                .object([("expert", .int($0.slot)), ("cosine_before", .double($0.cosineBefore)),
+                         ("cosine_after", .double($0.cosineAfter)),
+                         ("moved_neurons", .int(zip($0.permutation, $0.permutation.indices).filter { $0 != $1 }.count))])
+            })),
+        ])
+    }
+}
+
+/// Hidden-neuron permutation alignment (ALGORITHM.md §2): weight matching by an exact linear
+/// assignment on C = up_a·up_bᵀ + down_aᵀ·down_b (+ gate_a·gate_bᵀ).
+public enum Alignment {
+    static func denseMatrices(_ e: Expert, _ what: String) throws -> (up: Matrix, gate: Matrix?, down: Matrix) {
+        guard case .dense(let up) = e.up, case .dense(let down) = e.down else {
+            throw SMoEError("\(what): alignment needs dense experts, but this one is factored (run align/merge before lowrank, or expand first)")
+        }
+        var gate: Matrix? = nil
+        if let g = e.gate {
+            guard case .dense(let gm) = g else {
+                throw SMoEError("\(what): alignment needs dense experts, but this one is factored")
+            }
+            gate = gm
+        }
+        return (up, gate, down)
+    }
+
+    /// The weight-matching score matrix [d_ff, d_ff]: C[i, j] is how well reference neuron i
+    /// matches neuron j of `expert`.
+    public static func costMatrix(reference a: Expert, _ b: Expert) throws -> Matrix {
+        let ma = try denseMatrices(a, "reference expert"), mb = try denseMatrices(b, "expert")
+        var c = BLAS.matmul(ma.up, mb.up, transB: true)
+        BLAS.gemm(ma.down, transA: true, mb.down, alpha: 1, beta: 1, into: &c)
+        if let ga = ma.gate, let gb = mb.gate { BLAS.gemm(ga, gb, transB: true, alpha: 1, beta: 1, into: &c) }
+        return c
+    }
+
+    /// Applies a hidden-neuron permutation: aligned neuron i is original neuron `perm[i]`
+    /// (rows of up, gate and up_bias; columns of down). The expert's function is unchanged.
+    public static func permute(_ e: Expert, _ perm: [Int]) throws -> Expert {
+        let m = try denseMatrices(e, "expert")
+        return Expert(up: m.up.gatherRows(perm), gate: m.gate?.gatherRows(perm), down: m.down.gatherColumns(perm),
+                      upBias: e.upBias.map { b in perm.map { b[$0] } }, downBias: e.downBias)
+    }
+
+    /// The optimal permutation aligning `expert` to `reference`, with timings.
+    public static func permutation(reference: Expert, _ expert: Expert) throws -> (perm: [Int], productSeconds: Double, solverSeconds: Double) {
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        let c = try costMatrix(reference: reference, expert)
+        let t1 = DispatchTime.now().uptimeNanoseconds
+        let perm = try LinearAssignment.solve(c, maximize: true).rowToColumn
+        let t2 = DispatchTime.now().uptimeNanoseconds
+        return (perm, Double(t1 - t0) / 1e9, Double(t2 - t1) / 1e9)
+    }
+
+    /// Mean cosine between neuron i of `a` and neuron perm[i] of `b` (neuron vector = up row,
+    /// gate row and down column concatenated).
+    public static func meanNeuronCosine(_ a: Expert, _ b: Expert, _ perm: [Int]) throws -> Double {
+        let ma = try denseMatrices(a, "expert"), mb = try denseMatrices(b, "expert")
+        let f = ma.up.rows, d = ma.up.cols
+        var total = 0.0
+        for i in 0..<f {
+            let j = perm[i]
+            var dot = 0.0, na = 0.0, nb = 0.0
+            func acc(_ x: Float, _ y: Float) { dot += Double(x) * Double(y); na += Double(x) * Double(x); nb += Double(y) * Double(y) }
+            for k in 0..<d { acc(ma.up[i, k], mb.up[j, k]) }
+            if let ga = ma.gate, let gb = mb.gate { for k in 0..<d { acc(ga[i, k], gb[j, k]) } }
+            for k in 0..<ma.down.rows { acc(ma.down[k, i], mb.down[k, j]) }
+            total += na > 0 && nb > 0 ? dot / (na * nb).squareRoot() : 0
+        }
+        return f > 0 ? total / Double(f) : 1
+    }
+
+    /// How expert pairs of a layer use the two cores.
+    public enum Parallelism: String, Sendable, CaseIterable {
+        /// expert pairs in parallel, one BLAS thread each
+        case pairs
+        /// one pair at a time, BLAS with its default threads
+        case blas
+    }
+
+    /// Aligns every stored expert of `layer` to stored expert `reference`. The returned layer
+    /// computes the same function (up to float rounding).
+    public static func alignLayer(_ layer: MoELayer, reference: Int, parallelism: Parallelism = .pairs,
+                                  progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: LayerAlignment) {
+        guard reference >= 0, reference < layer.experts.count else {
+            throw SMoEError.option("--reference", "\(reference) is outside the \(layer.experts.count) stored experts of \(layer.name)")
+        }
+        let ref = layer.experts[reference]
+        _ = try denseMatrices(ref, "\(layer.name) expert \(reference)")
+        let n = layer.experts.count
+        let box = ResultBox<Result<(Expert, ExpertAlignment, Double, Double), Error>>(count: n)
+        let work: @Sendable (Int) -> Void = { g in
+            box.set(g, Result {
+                let e = layer.experts[g]
+                if g == reference {
+                    let id = Array(0..<layer.config.dFF)
+                    return (e, ExpertAlignment(slot: g, permutation: id, cosineBefore: 1, cosineAfter: 1), 0, 0)
+                }
+                let (perm, tp, ts) = try permutation(reference: ref, e)
+                let before = try meanNeuronCosine(ref, e, Array(0..<perm.count))
+                let after = try meanNeuronCosine(ref, e, perm)
+                return (try permute(e, perm), ExpertAlignment(slot: g, permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)
+            })
+            progress?("aligning \(layer.name)", box.completed, n)
+        }
+        switch parallelism {
+        case .pairs:
+            let saved = BLAS.threads
+            BLAS.setThreads(1)
+            DispatchQueue.concurrentPerform(iterations: n, execute: work)
+            BLAS.setThreads(saved)
+        case .blas:
+            for g in 0..<n { work(g) }
+        }
+        var out = layer
+        var reports: [ExpertAlignment] = []
+        var tp = 0.0, ts = 0.0
+        for g in 0..<n {
+            let (e, r, p, s) = try box.values[g]!.get()
+            out.experts[g] = e
+            reports.append(r)
+            tp += p
+            ts += s
+        }
+        return (out, LayerAlignment(name: layer.name, reference: reference, experts: reports, productSeconds: tp, solverSeconds: ts))
+    }
+}
+
+/// A fixed-size, lock-protected result array for concurrentPerform.
+final class ResultBox<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private(set) var values: [T?]
+    private var done = 0
+
+    var completed: Int {
+        lock.lock()
+        defer { lock.unlock() }
+        return done
+    }
+
+    init(count: Int) { values = [T?](repeating: nil, count: count) }
+
+    func set(_ i: Int, _ v: T) {
+        lock.lock()
+        values[i] = v
+        done += 1
+        lock.unlock()
+    }
+}

@@ -1,0 +1,204 @@
+import Dispatch
+
+/// How one group was merged.
+public struct MergedGroup: Sendable {
+    public var dominant: Int
+    public var members: [Int]
+    /// Each member's share of the layer's routing hits (frequency), in `members` order.
+    public var frequency: [Double]
+    /// What was done: "copied" (one stored expert), "weighted" (frequency-weighted average),
+    /// "mean" (no member was ever used), or a method-specific description.
+    public var how: String
+    /// Mean matched-neuron cosine to the dominant after alignment (1 for singletons).
+    public var alignedCosine: Double
+    /// Set when the group could not be merged as asked (e.g. too few tokens for RegMean).
+    public var warning: String? = nil
+    /// Solver remarks (e.g. a least-squares fallback for an ill-conditioned system).
+    public var notes: [String] = []
+
+    public var json: JSONValue {
+        var kv: [(String, JSONValue)] = [
+            ("dominant", .int(dominant)), ("members", JSONValue(members)), ("frequency", JSONValue(frequency)),
+            ("merge", .string(how)), ("aligned_cosine", .double(alignedCosine)),
+        ]
+        if let w = warning { kv.append(("warning", .string(w))) }
+        if !notes.isEmpty { kv.append(("notes", JSONValue(notes))) }
+        return .object(kv)
+    }
+}
+
+/// Merging a layer's groups into single experts (ALGORITHM.md §3).
+public enum Merging {
+    /// Σ w_i E_i / Σ w_i over every matrix and bias (experts must be dense and already aligned).
+    /// When all weights are zero the plain mean is used.
+    public static func weightedAverage(_ experts: [Expert], weights: [Double]) throws -> Expert {
+        precondition(!experts.isEmpty && experts.count == weights.count)
+        let total = weights.reduce(0, +)
+        let w: [Float] = total > 0 ? weights.map { Float($0 / total) } : weights.map { _ in 1 / Float(experts.count) }
+        let mats = try experts.map { try Alignment.denseMatrices($0, "merge member") }
+        func avg(_ pick: ((up: Matrix, gate: Matrix?, down: Matrix)) -> Matrix) -> Matrix {
+            var out = Matrix(rows: pick(mats[0]).rows, cols: pick(mats[0]).cols)
+            for (m, wi) in zip(mats, w) where wi != 0 { out.addScaled(pick(m), wi) }
+            return out
+        }
+        func avgVec(_ pick: (Expert) -> [Float]?) -> [Float]? {
+            guard experts.contains(where: { pick($0) != nil }) else { return nil }
+            let n = experts.compactMap(pick).first!.count
+            var out = [Float](repeating: 0, count: n)
+            for (e, wi) in zip(experts, w) { if let v = pick(e) { for i in 0..<n { out[i] += wi * v[i] } } }
+            return out
+        }
+        let gate: Matrix? = mats[0].gate != nil ? avg { $0.gate! } : nil
+        return Expert(up: avg { $0.up }, gate: gate, down: avg { $0.down },
+                      upBias: avgVec { $0.upBias }, downBias: avgVec { $0.downBias })
+    }
+
+    /// The stored experts behind a group's slots, with their summed frequencies (slots of an
+    /// already merged layer may share a stored expert). The dominant slot's expert comes first.
+    static func storedMembers(_ layer: MoELayer, slots: [Int], dominant: Int, frequency: [Double]) -> [(stored: Int, weight: Double)] {
+        var order: [Int] = [layer.storedIndex(slot: dominant)]
+        var weight: [Int: Double] = [:]
+        for s in slots {
+            let g = layer.storedIndex(slot: s)
+            if !order.contains(g) { order.append(g) }
+            weight[g, default: 0] += frequency[s]
+        }
+        return order.map { ($0, weight[$0] ?? 0) }
+    }
+
+    /// A group's stored experts, aligned to the dominant one, with their usage weights.
+    struct PreparedGroup {
+        var slots: [Int]
+        var dominant: Int
+        var stored: [Int]
+        var weights: [Double]
+        var aligned: [Expert]
+        var alignedCosine: Double
+    }
+
+    static func prepare(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double], align: Bool,
+                        progress: ProgressCallback?) throws -> [PreparedGroup] {
+        let e = layer.config.numExperts
+        guard frequency.count == e else { throw SMoEError("\(layer.name): frequency has \(frequency.count) entries for \(e) slots") }
+        guard grouping.slotToGroup.count == e, !grouping.slotToGroup.contains(-1) else {
+            throw SMoEError("\(layer.name): the grouping does not cover the \(e) slots exactly once")
+        }
+        let n = grouping.groups.count
+        let box = ResultBox<Result<PreparedGroup, Error>>(count: n)
+        let saved = BLAS.threads
+        BLAS.setThreads(1)
+        DispatchQueue.concurrentPerform(iterations: n) { gi in
+            box.set(gi, Result {
+                let slots = grouping.groups[gi], dom = grouping.dominant[gi]
+                let members = storedMembers(layer, slots: slots, dominant: dom, frequency: frequency)
+                let reference = layer.experts[members[0].stored]
+                var aligned = [reference]
+                var cos = 0.0
+                for m in members.dropFirst() {
+                    let ex = layer.experts[m.stored]
+                    if align {
+                        let perm = try Alignment.permutation(reference: reference, ex).perm
+                        cos += try Alignment.meanNeuronCosine(reference, ex, perm)
+                        aligned.append(try Alignment.permute(ex, perm))
+                    } else {
+                        cos += try Alignment.meanNeuronCosine(reference, ex, Array(0..<layer.config.dFF))
+                        aligned.append(ex)
+                    }
+                }
+                return PreparedGroup(slots: slots, dominant: dom, stored: members.map(\.stored), weights: members.map(\.weight),
+                                     aligned: aligned, alignedCosine: members.count > 1 ? cos / Double(members.count - 1) : 1)
+            })
+            progress?("aligning \(layer.name)", box.completed, n)
+        }
+        BLAS.setThreads(saved)
+        return try (0..<n).map { try box.values[$0]!.get() }
+    }
+
+    /// Merges every group of `layer` into one expert after aligning each member to the group's
+    /// dominant expert (unless `options.align` is false): by frequency-weighted averaging, or
+    /// output-aware (RegMean, RegMean + refit) from calibration `tokens`. The result stores one
+    /// expert per group and an `expert_map`; the router is unchanged.
+    public static func mergeLayer(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double],
+                                  options: MergeOptions = MergeOptions(), tokens: TokenBlocks? = nil,
+                                  progress: ProgressCallback? = nil) throws -> (layer: MoELayer, groups: [MergedGroup]) {
+        let prepared = try prepare(layer, grouping: grouping, frequency: frequency, align: options.align, progress: progress)
+        var experts: [Expert] = []
+        var reports: [MergedGroup] = []
+        switch options.method {
+        case .frequency:
+            for p in prepared {
+                let r = MergedGroup(dominant: p.dominant, members: p.slots, frequency: p.slots.map { frequency[$0] },
+                                    how: p.stored.count == 1 ? "copied" : (p.weights.reduce(0, +) > 0 ? "weighted" : "mean"),
+                                    alignedCosine: p.alignedCosine)
+                experts.append(p.stored.count == 1 ? p.aligned[0] : try weightedAverage(p.aligned, weights: p.weights))
+                reports.append(r)
+            }
+        case .regmean, .regmeanRefit:
+            guard let tokens else {
+                throw SMoEError.option("--merge-method", "\(options.method.rawValue) needs calibration tokens (--calib)")
+            }
+            (experts, reports) = try OutputAwareMerge.merge(layer, prepared: prepared, frequency: frequency, options: options,
+                                                            tokens: tokens, progress: progress)
+        }
+        var out = layer
+        out.experts = experts
+        let e = layer.config.numExperts
+        let map = grouping.slotToGroup
+        out.expertMap = experts.count == e && map == Array(0..<e) ? nil : map
+        return (out, reports)
+    }
+}
+
+/// How groups are merged into one expert.
+public enum MergeMethod: String, Sendable, CaseIterable {
+    /// the paper's usage-frequency-weighted average
+    case frequency
+    /// RegMean on up/gate (and down, from each member's own activations)
+    case regmean
+    /// RegMean on up/gate, then down refitted by weighted ridge least squares
+    case regmeanRefit = "regmean+refit"
+}
+
+public struct MergeOptions: Sendable {
+    public var method: MergeMethod = .frequency
+    public var align = true
+    /// RegMean off-diagonal scale α of each Gram matrix.
+    public var alpha = 0.9
+    /// RegMean ridge λ, relative to the mean diagonal of the summed Gram.
+    public var ridge = 1e-3
+    /// Refit ridge, relative to the mean diagonal of the refit's normal matrix.
+    public var refitRidge = 3e-2
+    /// Tokens per block when streaming calibration data.
+    public var blockSize = 4096
+    /// A group needs at least this many routed tokens for an output-aware solve (nil = d_model);
+    /// below it the group falls back to the frequency-weighted average, with a warning.
+    public var minTokens: Int? = nil
+
+    public init(method: MergeMethod = .frequency, align: Bool = true, alpha: Double = 0.9, ridge: Double = 1e-3,
+                refitRidge: Double = 3e-2, blockSize: Int = 4096, minTokens: Int? = nil) {
+        self.method = method
+        self.align = align
+        self.alpha = alpha
+        self.ridge = ridge
+        self.refitRidge = refitRidge
+        self.blockSize = blockSize
+        self.minTokens = minTokens
+    }
+
+    public func validate() throws {
+        if !(alpha >= 0 && alpha <= 1) { throw SMoEError.option("--regmean-alpha", "must be in [0, 1]") }
+        if !(ridge >= 0 && ridge.isFinite) { throw SMoEError.option("--regmean-ridge", "must be a finite number ≥ 0") }
+        if !(refitRidge >= 0 && refitRidge.isFinite) { throw SMoEError.option("--refit-ridge", "must be a finite number ≥ 0") }
+        if blockSize < 1 { throw SMoEError.option("--block-size", "must be positive") }
+    }
+}
+
+/// A source of calibration token blocks: calls its argument once per block [n, d_model].
+public typealias TokenBlocks = ((Matrix) throws -> Void) throws -> Void
+
+extension CalibrationReader {
+    /// The layer's tokens as a `TokenBlocks` source.
+    public func tokenBlocks(_ layer: String, blockSize: Int = 4096, maxTokens: Int? = nil) -> TokenBlocks {
+        { body in try self.forEachBlock(layer, blockSize: blockSize, maxTokens: maxTokens) { _, x in try body(x) } }
+    }
+}

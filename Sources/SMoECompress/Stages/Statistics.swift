@@ -1,4 +1,3 @@
-import CLinAlg
 import Foundation
 
 /// What two router slots are compared by (ALGORITHM.md §1).
@@ -127,9 +126,18 @@ public struct LayerStatistics: Sendable, Equatable {
 
 /// Accumulates a layer's statistics over token blocks in one streaming pass (memory independent
 /// of the number of tokens). Feed blocks with `add`, then call `finish`.
+///
+/// Tokens are processed in fixed chunks of `chunkRows` consecutive tokens aligned to the start
+/// of the stream (the remainder of a block waits for the next one), so every float32 product
+/// (router logits, expert forwards) sees the same shapes whatever the callers' block sizes, and
+/// the results are bitwise independent of how the tokens were split into blocks.
 public struct StatisticsAccumulator: Sendable {
+    /// Tokens per compute chunk.
+    public static let chunkRows = 256
+
     public let layer: MoELayer
     public let bases: Set<SimilarityBase>
+    /// Tokens added so far (including those still waiting in the partial chunk).
     public private(set) var numTokens = 0
     private var counts: [Int]
     /// ZᵀZ [E, E] in float64.
@@ -138,6 +146,8 @@ public struct StatisticsAccumulator: Sendable {
     private var inputSums: [Double]
     /// Σ y over all tokens for each stored expert, [G, d] in float64.
     private var outputSums: [Double]
+    /// Tokens of the current partial chunk, row-major [pending / d, d].
+    private var pending: [Float] = []
 
     public init(layer: MoELayer, bases: Set<SimilarityBase>) {
         self.layer = layer
@@ -147,14 +157,36 @@ public struct StatisticsAccumulator: Sendable {
         gram = bases.contains(.routerLogits) ? [Double](repeating: 0, count: E * E) : []
         inputSums = bases.contains(.feature) ? [Double](repeating: 0, count: E * d) : []
         outputSums = bases.contains(.expertOutput) ? [Double](repeating: 0, count: layer.numStored * d) : []
+        pending.reserveCapacity(Self.chunkRows * d)
     }
 
-    /// Adds one block of tokens X [n, d_model].
+    /// Adds one block of tokens X [n, d_model] (any n).
     public mutating func add(_ x: Matrix) {
+        let d = layer.config.dModel
+        precondition(x.cols == d, "token block has \(x.cols) features, layer \(layer.name) has d_model \(d)")
+        let chunk = Self.chunkRows
+        var s = 0
+        if !pending.isEmpty {
+            let take = min(chunk - pending.count / d, x.rows)
+            pending.append(contentsOf: x.data[0..<(take * d)])
+            s = take
+            if pending.count == chunk * d {
+                process(Matrix(rows: chunk, cols: d, data: pending))
+                pending.removeAll(keepingCapacity: true)
+            }
+        }
+        while x.rows - s >= chunk {
+            process(x.rowBlock(s, chunk))
+            s += chunk
+        }
+        if s < x.rows { pending.append(contentsOf: x.data[(s * d)...]) }
+        numTokens += x.rows
+    }
+
+    /// The router logits of one chunk in float32 (as the layer computes them) and its top-k slots.
+    private mutating func process(_ x: Matrix) {
         let c = layer.config
-        precondition(x.cols == c.dModel, "token block has \(x.cols) features, layer \(c.name) has d_model \(c.dModel)")
         let n = x.rows
-        if n == 0 { return }
         let E = c.numExperts, k = c.topK, d = c.dModel
         let routing = layer.route(x)
         for s in routing.slots { counts[s] += 1 }
@@ -192,11 +224,25 @@ public struct StatisticsAccumulator: Sendable {
                 }
             }
         }
-        numTokens += n
+    }
+
+    /// Processes the partial chunk (its size, N mod chunkRows, does not depend on the blocks).
+    private mutating func flush() {
+        let d = layer.config.dModel
+        if !pending.isEmpty {
+            process(Matrix(rows: pending.count / d, cols: d, data: pending))
+            pending.removeAll()
+        }
     }
 
     /// The statistics of every token added so far.
     public func finish() -> LayerStatistics {
+        var done = self
+        done.flush()
+        return done.result()
+    }
+
+    private func result() -> LayerStatistics {
         let c = layer.config
         let E = c.numExperts, d = c.dModel
         let hits = Double(numTokens * c.topK)
@@ -320,32 +366,50 @@ public enum Statistics {
     }
 
     /// Cosine similarity of the slots' stored experts, each the concatenation of its flattened
-    /// matrices (up, gate, down), [E, E]. Dot products through BLAS `dsdot` (float64
-    /// accumulation); factored matrices are densified one matrix kind at a time.
+    /// matrices (up, gate, down), [E, E]. The G×G Gram matrix is accumulated in float64 through
+    /// BLAS dgemm over column chunks of the flattened matrices (bounded extra memory); factored
+    /// matrices are densified one matrix kind at a time.
     public static func weightSimilarity(_ layer: MoELayer) -> Float64Matrix {
         let G = layer.numStored, E = layer.config.numExperts
         var gram = [Double](repeating: 0, count: G * G)
         let names = layer.experts.first?.namedMatrices.map(\.name) ?? []
+        let width = 1 << 15
         for name in names {
             let mats = layer.experts.map { $0[matrix: name]!.dense() }
-            for i in 0..<G {
-                for j in i..<G {
-                    let v = mats[i].data.withUnsafeBufferPointer { a in
-                        mats[j].data.withUnsafeBufferPointer { b in
-                            cblas_dsdot(Int32(a.count), a.baseAddress, 1, b.baseAddress, 1)
-                        }
+            let total = mats.first?.count ?? 0
+            var s = 0
+            while s < total {
+                let w = min(width, total - s)
+                var a = [Double](repeating: 0, count: G * w)
+                for g in 0..<G {
+                    mats[g].data.withUnsafeBufferPointer { src in
+                        for j in 0..<w { a[g * w + j] = Double(src[s + j]) }
                     }
-                    gram[i * G + j] += v
-                    if i != j { gram[j * G + i] += v }
                 }
+                BLAS.dgemmAccumulate(m: G, n: G, k: w, a: a, transA: false, lda: w, b: a, transB: true, ldb: w, into: &gram)
+                s += w
             }
         }
         let stored = cosine(gram: gram, size: G)
-        var s = Float64Matrix(rows: E, cols: E)
+        var sim = Float64Matrix(rows: E, cols: E)
         for i in 0..<E {
-            for j in 0..<E { s[i, j] = i == j ? 1 : stored[layer.storedIndex(slot: i), layer.storedIndex(slot: j)] }
+            for j in 0..<E { sim[i, j] = i == j ? 1 : stored[layer.storedIndex(slot: i), layer.storedIndex(slot: j)] }
         }
-        return s
+        return sim
+    }
+
+    /// The router logits [N, E] of X [N, d_model] exactly as the statistics pass computes them
+    /// (float32, in aligned chunks of `StatisticsAccumulator.chunkRows` tokens).
+    public static func logits(layer: MoELayer, tokens x: Matrix) -> Matrix {
+        let chunk = StatisticsAccumulator.chunkRows
+        var parts: [Matrix] = []
+        var s = 0
+        while s < x.rows {
+            let n = min(chunk, x.rows - s)
+            parts.append(layer.logits(x.rowBlock(s, n)))
+            s += n
+        }
+        return parts.isEmpty ? Matrix(rows: 0, cols: layer.config.numExperts) : Matrix.vstack(parts)
     }
 
     /// Cosines from a Gram matrix [n, n]: G_ij / √(G_ii G_jj), clamped to [-1, 1]; 0 when either

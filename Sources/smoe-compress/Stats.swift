@@ -40,13 +40,19 @@ struct Stats: ParsableCommand {
         try ensureOutputDiffers(output, from: [model, calib])
         let reader = try CheckpointReader(model)
         let capture = try CalibrationReader(calib)
-        let progress = global.progress
-        let layers = try Statistics.computeAll(model: reader, calibration: capture, bases: Set(bases),
-                                               blockSize: blockSize, maxTokens: maxTokens, progress: progress.callback)
-        progress.finish()
+        try capture.checkMatches(reader)
         let writer = try StatsWriter(destination: output, source: StatsWriter.source(
             model: model, calibration: calib, bases: bases, maxTokens: maxTokens))
-        for s in layers { try writer.write(s) }
+        let progress = global.progress
+        var layers: [LayerStatistics] = []
+        for c in reader.layers {
+            // One layer in memory at a time; its tokens are streamed in blocks.
+            let s = try Statistics.compute(layer: try reader.readLayer(c.name), calibration: capture, bases: Set(bases),
+                                           blockSize: blockSize, maxTokens: maxTokens, progress: progress.callback)
+            try writer.write(s)
+            layers.append(s)
+        }
+        progress.finish()
         try writer.commit()
         if global.json {
             return printJSON(.object([

@@ -357,6 +357,8 @@ final class StatisticsTests: XCTestCase {
             XCTAssertTrue(r.stderr.hasPrefix("error: "), "\(c.label): starts with error:, got \(r.stderr)")
             for s in c.mentions { XCTAssertTrue(r.stderr.contains(s), "\(c.label): names \(s), got \(r.stderr)") }
             XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/out.h5"), "\(c.label): no output written")
+            XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix(".") }, [],
+                           "\(c.label): no temporary file left")
         }
         // The library check itself names the layer.
         XCTAssertThrowsError(try Statistics.computeAll(model: model, calibration: try CalibrationReader(dir + "/missing.h5"))) { e in

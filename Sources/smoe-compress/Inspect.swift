@@ -73,6 +73,18 @@ struct Inspect: ParsableCommand {
     }
 
     func stats() throws {
-        throw SMoEError.file(file, "statistics files are not described yet")
+        let r = try StatsReader(file)
+        if global.json { return printJSON(try Inspection.stats(r)) }
+        print("\(file): smoe-stats, \(r.layers.count) MoE layers")
+        var t = Table(["layer", "index", "tokens", "E", "k", "max share", "never chosen", "similarity"])
+        for l in r.layers {
+            let s = try r.read(l.name)
+            t.add([l.name, "\(l.index)", "\(l.numTokens)", "\(l.numExperts)", "\(l.topK)", fixed(s.maxShare, 2),
+                   s.neverChosen.isEmpty ? "-" : s.neverChosen.map(String.init).joined(separator: " "),
+                   l.bases.isEmpty ? "-" : l.bases.map(\.rawValue).joined(separator: ",")])
+        }
+        print(t.render())
+        for l in r.layers { printUsage(try r.read(l.name)) }
+        if !r.source.isEmpty { print("source: \(r.source)") }
     }
 }

@@ -8,7 +8,7 @@ struct SMoECompressCommand: ParsableCommand {
         commandName: "smoe-compress",
         abstract: "Compress sparse Mixture-of-Experts checkpoints offline (MC-SMoE: merge, then compress).",
         version: smoeCompressVersion,
-        subcommands: [Inspect.self, Synth.self, Stats.self])
+        subcommands: [Inspect.self, Synth.self, Stats.self, Merge.self])
 
     /// Runs the command line; library errors become one `error:` line and exit status 1.
     static func main() {
@@ -19,7 +19,11 @@ struct SMoECompressCommand: ParsableCommand {
             FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
             Foundation.exit(1)
         } catch {
-            exit(withError: error)
+            // Help and --version exit normally; usage errors become one `error:` line too.
+            if exitCode(for: error) == .success { exit(withError: error) }
+            let text = message(for: error).split(whereSeparator: \.isNewline).first.map(String.init) ?? "\(error)"
+            FileHandle.standardError.write(Data("error: \(text)\n".utf8))
+            Foundation.exit(exitCode(for: error).rawValue == 0 ? 1 : exitCode(for: error).rawValue)
         }
     }
 }

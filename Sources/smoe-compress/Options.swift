@@ -19,18 +19,27 @@ struct OutputOptions: ParsableArguments {
     @Option(name: [.customShort("o"), .long], help: "Output file (written to a temporary file, renamed on success).")
     var output: String
 
-    @Option(help: "Stored float type of weights: f32 or f16.")
-    var dtype: String = "f32"
+    @Option(help: "Stored float type of weights: f32, f16, or auto (f16 when the input's experts are float16, else f32).")
+    var dtype: String = "auto"
 
     @Option(help: "gzip level (0-9, with the shuffle filter) for expert tensors; off by default.")
     var gzip: Int?
 
     func validate() throws {
-        guard dtype == "f32" || dtype == "f16" else { throw ValidationError("--dtype must be f32 or f16, not '\(dtype)'") }
+        guard ["f32", "f16", "auto"].contains(dtype) else { throw ValidationError("--dtype must be f32, f16 or auto, not '\(dtype)'") }
         if let g = gzip, !(0...9).contains(g) { throw ValidationError("--gzip must be in 0...9") }
     }
 
-    var writeOptions: WriteOptions { WriteOptions(dtype: dtype == "f16" ? .f16 : .f32, gzip: gzip) }
+    /// Write options for an output derived from `source` (auto keeps float16 as float16).
+    func writeOptions(for source: CheckpointReader?) -> WriteOptions {
+        let t: StorageType
+        switch dtype {
+        case "f16": t = .f16
+        case "f32": t = .f32
+        default: t = (try? source?.expertStorage()) == .f16 ? .f16 : .f32
+        }
+        return WriteOptions(dtype: t, gzip: gzip)
+    }
 }
 
 /// A one-line progress display on stderr.

@@ -20,7 +20,7 @@ final class RegMeanTests: XCTestCase {
             for ridge in [0.0, 1e-3] {
                 let (m, reports) = try Merging.mergeLayer(layer, grouping: grouping, frequency: [0.3, 0.3, 0.2, 0.2],
                                                          options: MergeOptions(method: method, ridge: ridge, refitRidge: ridge), tokens: blocks(x, 64))
-                let tol = ridge == 0 ? 1e-4 : 2e-2
+                let tol = 1e-4  // the ridges pull towards the frequency average, which is the member itself
                 for name in ["up", "gate", "down"] {
                     let err = relativeError(m.experts[0][matrix: name]!.dense(), layer.experts[0][matrix: name]!.dense())
                     XCTAssertLessThan(err, tol, "\(method) ridge \(ridge) \(name): \(err) (\(reports[0].how))")

@@ -136,6 +136,12 @@ public final class CheckpointReader: @unchecked Sendable {
 
     public var hasDense: Bool { file.root.isGroup("dense") }
 
+    /// The stored float type of the first layer's expert weights (f16, f32, ...).
+    public func expertStorage() throws -> StorageType {
+        guard let first = layers.first else { return .f32 }
+        return try summary(first.name).matrices.first?.storage ?? .f32
+    }
+
     /// Names and bytes of the `/dense` tensors.
     public func denseSummary() throws -> (count: Int, parameters: Int, bytes: Int) {
         guard hasDense else { return (0, 0, 0) }

@@ -165,17 +165,17 @@ public struct MergeOptions: Sendable {
     /// RegMean off-diagonal scale α of each Gram matrix.
     public var alpha = 0.9
     /// RegMean ridge λ, relative to the mean diagonal of the summed Gram.
-    public var ridge = 1e-3
+    public var ridge = 1e-2
     /// Refit ridge, relative to the mean diagonal of the refit's normal matrix.
-    public var refitRidge = 3e-2
+    public var refitRidge = 0.1
     /// Tokens per block when streaming calibration data.
     public var blockSize = 4096
     /// A group needs at least this many routed tokens for an output-aware solve (nil = d_model);
     /// below it the group falls back to the frequency-weighted average, with a warning.
     public var minTokens: Int? = nil
 
-    public init(method: MergeMethod = .frequency, align: Bool = true, alpha: Double = 0.9, ridge: Double = 1e-3,
-                refitRidge: Double = 3e-2, blockSize: Int = 4096, minTokens: Int? = nil) {
+    public init(method: MergeMethod = .frequency, align: Bool = true, alpha: Double = 0.9, ridge: Double = 1e-2,
+                refitRidge: Double = 0.1, blockSize: Int = 4096, minTokens: Int? = nil) {
         self.method = method
         self.align = align
         self.alpha = alpha

@@ -23,7 +23,10 @@ enum OutputAwareMerge {
     }
 
     /// (Σ G̃_i + λ·mean(diag) I)⁻¹ Σ G̃_i W_iᵀ, with G̃ = α·G + (1−α)·diag(G); W_i [out, in], G_i [in, in].
-    static func regmeanSolve(_ grams: [[Double]], _ weights: [Matrix], alpha: Double, ridge: Double) throws -> (Matrix, SymmetricSolver.Method) {
+    /// The ridge pulls towards `prior` (the frequency-weighted average) rather than towards zero,
+    /// so identical members are reproduced exactly whatever λ.
+    static func regmeanSolve(_ grams: [[Double]], _ weights: [Matrix], alpha: Double, ridge: Double,
+                             prior: Matrix? = nil) throws -> (Matrix, SymmetricSolver.Method) {
         let p = weights[0].cols, q = weights[0].rows
         var sum = [Double](repeating: 0, count: p * p)
         var rhs = [Double](repeating: 0, count: p * q)
@@ -38,7 +41,11 @@ enum OutputAwareMerge {
         var meanDiag = 0.0
         for i in 0..<p { meanDiag += sum[i * p + i] }
         meanDiag /= Double(max(p, 1))
-        for i in 0..<p { sum[i * p + i] += ridge * meanDiag + (meanDiag == 0 ? 1e-12 : 0) }
+        let lambda = ridge * meanDiag + (meanDiag == 0 ? 1e-12 : 0)
+        for i in 0..<p { sum[i * p + i] += lambda }
+        if let w0 = prior {
+            for i in 0..<p { for j in 0..<q { rhs[i * q + j] += lambda * Double(w0.data[j * p + i]) } }
+        }
         let (y, method) = try SymmetricSolver.solve(sum, rhs, n: p, m: q)  // Y [p, q] = W*ᵀ
         var w = Matrix(rows: q, cols: p)
         for i in 0..<p { for j in 0..<q { w.data[j * p + i] = Float(y[i * q + j]) } }
@@ -98,9 +105,10 @@ enum OutputAwareMerge {
                 continue
             }
             let gx = used.map { members[gi][$0].gramX }
+            let prior = try Merging.weightedAverage(p.aligned, weights: p.weights)
             func solve(_ name: String, _ grams: [[Double]]) throws -> Matrix {
                 let (w, method) = try regmeanSolve(grams, used.map { p.aligned[$0][matrix: name]!.dense() },
-                                                   alpha: options.alpha, ridge: options.ridge)
+                                                   alpha: options.alpha, ridge: options.ridge, prior: prior[matrix: name]!.dense())
                 if method != .cholesky { report.notes.append("\(name): \(method.rawValue)") }
                 return w
             }
@@ -163,7 +171,12 @@ enum OutputAwareMerge {
             var meanDiag = 0.0
             for i in 0..<fa { meanDiag += r.a[i * fa + i] }
             meanDiag /= Double(fa)
-            for i in 0..<fa { r.a[i * fa + i] += options.refitRidge * meanDiag + (meanDiag == 0 ? 1e-12 : 0) }
+            // Ridge towards the RegMean down (and bias), not towards zero.
+            let lambda = options.refitRidge * meanDiag + (meanDiag == 0 ? 1e-12 : 0)
+            for i in 0..<fa { r.a[i * fa + i] += lambda }
+            let d0 = experts[gi].down.dense()
+            for i in 0..<f { for j in 0..<d { r.b[i * d + j] += lambda * Double(d0.data[j * f + i]) } }
+            if hasBias, let b0 = experts[gi].downBias { for j in 0..<d { r.b[f * d + j] += lambda * Double(b0[j]) } }
             let (y, method) = try SymmetricSolver.solve(r.a, r.b, n: fa, m: d)  // [fa, d] = down*ᵀ (+ bias row)
             var down = Matrix(rows: d, cols: f)
             for i in 0..<f { for j in 0..<d { down.data[j * f + i] = Float(y[i * d + j]) } }

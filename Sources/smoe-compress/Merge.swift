@@ -86,13 +86,13 @@ struct Merge: ParsableCommand {
                                           options: writeOptions)
         let progress = global.progress
         var bytes: [(String, Int, Int)] = []
-        let reports = try MergeStage.run(model: reader, calibration: calibration, stats: stats, settings: settings,
+        let reports = try namingFile(model, inputs: [calib, mergeOptions.stats].compactMap { $0 }) { try MergeStage.run(model: reader, calibration: calibration, stats: stats, settings: settings,
                                          blockSize: mergeOptions.blockSize, maxTokens: mergeOptions.maxTokens,
                                          progress: progress.callback) { original, merged, _ in
             try writer.write(merged)
             bytes.append((merged.name, try reader.summary(original.name).expertFileBytes,
                           merged.expertBytes(floatBytes: writeOptions.dtype.byteSize)))
-        }
+        } }
         progress.finish()
         writer.updateEntry(MergeStage.historyEntry(settings, calibration: calib, reports: reports))
         try writer.commit()

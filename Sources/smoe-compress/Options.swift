@@ -101,3 +101,14 @@ func formatBytes(_ b: Int) -> String {
 
 func sci(_ x: Double) -> String { String(format: "%.3e", x) }
 func fixed(_ x: Double, _ digits: Int = 3) -> String { String(format: "%.\(digits)f", x) }
+
+/// Runs `body`; a library error that names none of the input files is prefixed with `primary`,
+/// so every error line says which file it is about.
+func namingFile<T>(_ primary: String, inputs: [String] = [], _ body: () throws -> T) throws -> T {
+    do {
+        return try body()
+    } catch let e as SMoEError {
+        if ([primary] + inputs).contains(where: { e.message.contains($0) }) || e.message.hasPrefix("-") { throw e }
+        throw SMoEError.file(primary, e.message)
+    }
+}

@@ -77,3 +77,50 @@ final class AlignmentTests: XCTestCase {
         }
     }
 }
+
+final class AlignCommandTests: XCTestCase {
+    func testAlignCommandKeepsFunctionAndUsesMostUsedReference() throws {
+        let dir = temporaryDirectory(self)
+        let model = fixture("planted-mixtral.h5"), calib = fixture("planted-mixtral.calib.h5")
+        XCTAssertEqual(try runCLI(["stats", model, "--calib", calib, "-o", dir + "/s.h5", "--quiet"]).status, 0)
+        let res = try runCLI(["align", model, "--stats", dir + "/s.h5", "-o", dir + "/a.h5", "--json"])
+        XCTAssertEqual(res.status, 0, res.stderr)
+        let report = try JSONValue.parse(res.stdout)
+        let r = try CheckpointReader(model), a = try CheckpointReader(dir + "/a.h5"), c = try CalibrationReader(calib)
+        for (i, cfg) in r.layers.enumerated() {
+            let truth = try XCTUnwrap(try SyntheticGenerator.readPlanted(r, layer: cfg.name))
+            let mostUsed = Grouping.byUsage(truth.counts.map(Double.init))[0]
+            XCTAssertEqual(report["layers"]?.arrayValue?[i]["reference"]?.intValue, mostUsed, cfg.name)
+            let x = try c.hiddenStates(cfg.name)
+            XCTAssertLessThan(relativeError(try a.readLayer(cfg.name).forward(x), try r.readLayer(cfg.name).forward(x)), 1e-5, cfg.name)
+        }
+        XCTAssertEqual(a.history.last?["stage"], "align")
+    }
+
+    func testAlignBadInputs() throws {
+        let dir = temporaryDirectory(self)
+        let model = fixture("trained-switch.h5")
+        let r1 = try runCLI(["align", model, "--reference", "8", "-o", dir + "/x.h5"])
+        XCTAssertEqual(r1.status, 1)
+        XCTAssertTrue(r1.stderr.contains("--reference"), r1.stderr)
+        let r2 = try runCLI(["align", model, "--reference", "most-used", "-o", dir + "/x.h5"])
+        XCTAssertNotEqual(r2.status, 0)
+        XCTAssertTrue(r2.stderr.contains("--stats"), r2.stderr)
+        // A factored (compressed) input is refused with a clear error.
+        let reader = try CheckpointReader(model)
+        var layer = try reader.readLayer(reader.layers[0].name)
+        let w = layer.experts[0].up.dense()
+        layer.experts[0].up = .factored(LowRankSparse(u: w, v: .identity(w.cols), s: .empty(rows: w.rows, cols: w.cols)))
+        let wr = try CheckpointWriter(destination: dir + "/f.h5", architecture: "t", history: [], entry: ["stage": "t"])
+        try wr.write(layer)
+        try wr.commit()
+        let r3 = try runCLI(["align", dir + "/f.h5", "-o", dir + "/x.h5"])
+        XCTAssertEqual(r3.status, 1)
+        XCTAssertTrue(r3.stderr.contains("factored"), r3.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/x.h5"))
+        // The output may not overwrite the input.
+        let r4 = try runCLI(["align", model, "-o", model])
+        XCTAssertEqual(r4.status, 1)
+        XCTAssertTrue(r4.stderr.contains("overwrite"), r4.stderr)
+    }
+}

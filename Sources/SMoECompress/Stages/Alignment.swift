@@ -128,6 +128,7 @@ public enum Alignment {
         let box = ResultBox<Result<(Expert, ExpertAlignment, Double, Double), Error>>(count: n)
         let work: @Sendable (Int) -> Void = { g in
             box.set(g, Result {
+              do {
                 let e = layer.experts[g]
                 if g == reference {
                     let id = Array(0..<layer.config.dFF)
@@ -137,6 +138,9 @@ public enum Alignment {
                 let before = try meanNeuronCosine(ref, e, Array(0..<perm.count))
                 let after = try meanNeuronCosine(ref, e, perm)
                 return (try permute(e, perm), ExpertAlignment(slot: g, permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)
+              } catch let err as SMoEError {
+                throw SMoEError("\(layer.name): stored expert \(g): \(err.message)")
+              }
             })
             progress?("aligning \(layer.name)", box.completed, n)
         }

@@ -46,9 +46,14 @@ demo: build
 	@mkdir -p $(DEMO_DIR)
 	@echo "== inspect the bundled trained Switch-style model"
 	$(BIN) inspect Fixtures/trained-switch.h5
-	@echo "== write a planted model (known answers) and inspect it"
-	$(BIN) synth --preset switch -o $(DEMO_DIR)/planted-switch.h5 --calib $(DEMO_DIR)/planted-switch.calib.h5
-	$(BIN) inspect $(DEMO_DIR)/planted-switch.h5 --json > $(DEMO_DIR)/planted-switch.inspect.json
+	@echo "== routing statistics on its calibration capture"
+	$(BIN) stats Fixtures/trained-switch.h5 --calib Fixtures/trained-switch.calib.h5 -o $(DEMO_DIR)/trained-switch.stats.h5 --quiet
+	@echo "== align every expert to the most used one (same function)"
+	$(BIN) align Fixtures/trained-switch.h5 --stats $(DEMO_DIR)/trained-switch.stats.h5 -o $(DEMO_DIR)/trained-switch.aligned.h5 --quiet
+	@echo "== merge 8 -> 4 experts per layer"
+	$(BIN) merge Fixtures/trained-switch.h5 --calib Fixtures/trained-switch.calib.h5 --stats $(DEMO_DIR)/trained-switch.stats.h5 --groups 4 -o $(DEMO_DIR)/trained-switch.merged.h5 --quiet
+	@echo "== the planted Mixtral-style model: merging to its 4 planted families"
+	$(BIN) merge Fixtures/planted-mixtral.h5 --calib Fixtures/planted-mixtral.calib.h5 --groups 4 -o $(DEMO_DIR)/planted-mixtral.merged.h5 --quiet
 	@echo "== wrote:"; ls -l $(DEMO_DIR)
 
 ## Benchmarks (release build); compares against SciPy when it is importable.

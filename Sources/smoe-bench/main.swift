@@ -1,2 +1,29 @@
+// smoe-bench: the speed goals of the issues, measured (never asserted by tests).
+// `smoe-bench all` runs every benchmark; `smoe-bench NAME [args]` runs one.
+// Each benchmark lives in its own file and registers itself here.
+import Foundation
 import SMoECompress
-print(BLAS.coreName)
+
+let benchmarks: [(name: String, summary: String, run: ([String]) throws -> Void)] = [
+    ("assignment", "linear assignment solver vs SciPy on weight-matching cost matrices", assignmentBench),
+    ("lowrank", "exact vs randomized SVD for low-rank compression", lowRankBench),
+    ("merge", "merge time per method on a Switch-base-shaped layer", mergeBench),
+]
+
+let args = Array(CommandLine.arguments.dropFirst())
+print("smoe-bench \(smoeCompressVersion) — BLAS core \(BLAS.coreName), \(BLAS.threads) threads, "
+      + "OPENBLAS_CORETYPE=\(ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] ?? "unset")")
+guard let which = args.first, which == "all" || benchmarks.contains(where: { $0.name == which }) else {
+    print("usage: smoe-bench all|" + benchmarks.map(\.name).joined(separator: "|") + " [options]")
+    for b in benchmarks { print("  \(b.name): \(b.summary)") }
+    exit(2)
+}
+do {
+    for b in benchmarks where which == "all" || which == b.name {
+        print("\n== \(b.name): \(b.summary)")
+        try b.run(Array(args.dropFirst()))
+    }
+} catch {
+    FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!)
+    exit(1)
+}

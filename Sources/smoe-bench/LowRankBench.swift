@@ -1,0 +1,6 @@
+import SMoECompress
+
+/// Placeholder until this benchmark lands.
+func lowRankBench(_ args: [String]) throws {
+    print("not yet implemented")
+}

@@ -52,6 +52,8 @@ demo: build
 	$(BIN) align Fixtures/trained-switch.h5 --stats $(DEMO_DIR)/trained-switch.stats.h5 -o $(DEMO_DIR)/trained-switch.aligned.h5 --quiet
 	@echo "== merge 8 -> 4 experts per layer"
 	$(BIN) merge Fixtures/trained-switch.h5 --calib Fixtures/trained-switch.calib.h5 --stats $(DEMO_DIR)/trained-switch.stats.h5 --groups 4 -o $(DEMO_DIR)/trained-switch.merged.h5 --quiet
+	@echo "== how far the merged model moved, on held-out tokens merging did not see"
+	$(BIN) eval Fixtures/trained-switch.h5 $(DEMO_DIR)/trained-switch.merged.h5 --calib Fixtures/trained-switch.heldout.h5 --quiet
 	@echo "== the planted Mixtral-style model: merging to its 4 planted families"
 	$(BIN) merge Fixtures/planted-mixtral.h5 --calib Fixtures/planted-mixtral.calib.h5 --groups 4 -o $(DEMO_DIR)/planted-mixtral.merged.h5 --quiet
 	@echo "== wrote:"; ls -l $(DEMO_DIR)

@@ -279,7 +279,7 @@ public struct MoELayer: Sendable, Equatable {
     public var expertParameterCount: Int { experts.reduce(0) { $0 + $1.parameterCount } }
     public func expertBytes(floatBytes: Int) -> Int { experts.reduce(0) { $0 + $1.storedBytes(floatBytes: floatBytes) } }
 
-    /// Expert multiply–adds per token (×2 for FLOPs): the mean over slots weighted equally,
+    /// Expert FLOPs per token (2 per multiply–add): the mean over slots weighted equally,
     /// times k, i.e. what one token costs when its k slots hit distinct experts.
     public var expertFlopsPerToken: Double {
         let perSlot = (0..<config.numExperts).map { Double(experts[storedIndex(slot: $0)].flopsPerToken) }

@@ -466,16 +466,32 @@ public enum LowRankStage {
                 done += 1
                 progress?("factoring \(layer.name)", done, total)
             }
-            // In a group where other experts are factored, a dense matrix is stored as I·W (FORMAT.md).
-            if ops.contains(where: \.isFactored) {
+            // In a group where other experts are factored, a dense matrix is stored as the exact
+            // factorisation I·W (FORMAT.md); when that padding makes the whole group no smaller than
+            // all-dense, the whole group stays dense.
+            if ops.contains(where: \.isFactored) && ops.contains(where: { !$0.isFactored }) {
+                var padded = mReports
                 for (g, op) in ops.enumerated() where !op.isFactored {
                     let (r, c) = (op.outFeatures, op.inFeatures)
-                    let padded = LinearOp.factored(r <= c
+                    let p = LinearOp.factored(r <= c
                         ? LowRankSparse(u: .identity(r), v: op.dense(), s: .empty(rows: r, cols: c))
                         : LowRankSparse(u: op.dense(), v: .identity(c), s: .empty(rows: r, cols: c)))
-                    mReports[g].bytesAfter = padded.storedBytes(floatBytes: options.floatBytes)
-                    mReports[g].paramsAfter = padded.parameterCount
-                    mReports[g].reason = (mReports[g].reason ?? "") + "; stored as the exact factorisation \(r <= c ? "I·W" : "W·I") beside factored experts"
+                    padded[g].bytesAfter = p.storedBytes(floatBytes: options.floatBytes)
+                    padded[g].paramsAfter = p.parameterCount
+                    padded[g].reason = (padded[g].reason ?? "") + "; stored as the exact factorisation \(r <= c ? "I·W" : "W·I") beside factored experts"
+                }
+                let groupAfter = padded.reduce(0) { $0 + $1.bytesAfter }, groupBefore = padded.reduce(0) { $0 + $1.bytesBefore }
+                if groupAfter >= groupBefore {
+                    for g in 0..<ops.count where ops[g].isFactored {
+                        ops[g] = layer.experts[g][matrix: m.rawValue]!
+                        mReports[g].keptDense = true
+                        mReports[g].reason = "the \(m.rawValue) matrices of the layer would take \(groupAfter) B mixed with dense ones (stored as I·W), dense take \(groupBefore) B"
+                        mReports[g].relativeError = 0
+                        mReports[g].bytesAfter = mReports[g].bytesBefore
+                        mReports[g].paramsAfter = mReports[g].paramsBefore
+                    }
+                } else {
+                    mReports = padded
                 }
             }
             for (g, op) in ops.enumerated() { out.experts[g][matrix: m.rawValue] = op }

@@ -7,7 +7,7 @@ BIN       := .build/release/smoe-compress
 DEMO_DIR  ?= out/demo
 APT_PKGS  := libhdf5-dev libopenblas-dev liblapacke-dev pkg-config
 
-.PHONY: all deps deps-python build test test-swift test-python demo bench fixtures clean
+.PHONY: all deps deps-python build test test-swift test-python demo bench fixtures goldens clean
 
 all: build
 
@@ -70,3 +70,9 @@ fixtures: build
 
 clean:
 	rm -rf .build out
+
+## Regenerates Fixtures/regression.json (the expected results RegressionTests checks) after an
+## intended change to what a stage computes; commit it with the change and say why.
+goldens:
+	$(SWIFT) build --build-tests
+	SMOE_REGENERATE_GOLDENS=1 $(SWIFT) test --skip-build --disable-swift-testing --filter RegressionTests

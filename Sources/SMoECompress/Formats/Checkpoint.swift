@@ -458,3 +458,41 @@ public final class CheckpointWriter: @unchecked Sendable {
         try output.commit()
     }
 }
+
+extension StorageType {
+    /// `x` as it reads back after being stored in this type (float16 and bfloat16 round to
+    /// nearest even, as the writer does).
+    @inline(__always) public func roundTrip(_ x: Float) -> Float {
+        switch self {
+        case .f16: return Float(Float16(x))
+        case .bf16: return Float(bitPattern: UInt32(bfloat16Bits(x)) << 16)
+        default: return x
+        }
+    }
+}
+
+extension MoELayer {
+    /// The layer exactly as `CheckpointWriter` with this float type stores it and a reader
+    /// reads it back, so in-memory figures (compress's report) describe the written file.
+    public func roundedForStorage(_ type: StorageType) -> MoELayer {
+        guard type == .f16 || type == .bf16 else { return self }
+        func r(_ v: [Float]) -> [Float] { v.map(type.roundTrip) }
+        func m(_ a: Matrix) -> Matrix { Matrix(rows: a.rows, cols: a.cols, data: r(a.data)) }
+        func op(_ o: LinearOp) -> LinearOp {
+            switch o {
+            case .dense(let w): return .dense(m(w))
+            case .factored(let f):
+                var s = f.s
+                s.values = r(s.values)
+                return .factored(LowRankSparse(u: m(f.u), v: m(f.v), s: s))
+            }
+        }
+        var out = self
+        out.router = m(router)
+        out.routerBias = routerBias.map(r)
+        out.experts = experts.map { e in
+            Expert(up: op(e.up), gate: e.gate.map(op), down: op(e.down), upBias: e.upBias.map(r), downBias: e.downBias.map(r))
+        }
+        return out
+    }
+}

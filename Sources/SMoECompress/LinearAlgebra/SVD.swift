@@ -51,7 +51,9 @@ extension Matrix {
         var vdummy = [Float](repeating: 0, count: 1)
         let info = LAPACKE_sgesdd(
             LAPACK_ROW_MAJOR, CChar(UInt8(ascii: "N")), Int32(m), Int32(n), &a, Int32(n),
-            &s, &udummy, 1, &vdummy, 1)
+            // Row-major LAPACKE checks ldvt ≥ n even for jobz = 'N' (info −11 otherwise);
+            // the factors are never touched.
+            &s, &udummy, 1, &vdummy, Int32(n))
         if info != 0 { throw LinearAlgebraError.lapack(routine: "sgesdd", info: info) }
         return s
     }

@@ -1,0 +1,75 @@
+import Foundation
+import XCTest
+@testable import SMoECompress
+
+final class CompressTests: XCTestCase {
+    /// `compress` equals `merge` then `lowrank` run separately (same layers, bit for bit), leaves
+    /// nothing but its output behind, and its report agrees with `eval` of the result.
+    func testCompressEqualsMergeThenLowrankAndLeavesNoIntermediateFiles() throws {
+        let dir = temporaryDirectory(self)
+        let model = fixture("trained-mixtral.h5"), calib = fixture("trained-mixtral.calib.h5")
+        let held = fixture("trained-mixtral.heldout.h5")
+        let out = dir + "/c.h5"
+        var res = try runCLI(["compress", model, "--calib", calib, "--eval-calib", held, "--groups", "4", "--rank", "24",
+                              "--sparsity", "0.02", "-o", out, "--json", "--quiet"])
+        // compress rounds the merged layer to the output type (float16 here) before factoring, as
+        // merge writing a float16 file and lowrank reading it do.
+        XCTAssertEqual(res.status, 0, res.stderr)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), ["c.h5"])
+        let report = try XCTUnwrap(try JSONValue.parse(res.stdout)["report"])
+        res = try runCLI(["merge", model, "--calib", calib, "--groups", "4", "-o", dir + "/m.h5", "--quiet"])
+        XCTAssertEqual(res.status, 0, res.stderr)
+        res = try runCLI(["lowrank", dir + "/m.h5", "--rank", "24", "--sparsity", "0.02", "-o", dir + "/l.h5", "--quiet"])
+        XCTAssertEqual(res.status, 0, res.stderr)
+        let a = try CheckpointReader(out), b = try CheckpointReader(dir + "/l.h5")
+        for c in a.layers {
+            XCTAssertTrue(try a.readLayer(c.name) == b.readLayer(c.name), "\(c.name): compress differs from merge + lowrank")
+        }
+        res = try runCLI(["eval", model, out, "--calib", held, "--json", "--quiet"])
+        XCTAssertEqual(res.status, 0, res.stderr)
+        let ev = try XCTUnwrap(try JSONValue.parse(res.stdout)["evaluation"])
+        XCTAssertEqual(ev["expert_bytes_after"]?.intValue, report["expert_bytes_final"]?.intValue)
+        XCTAssertEqual(ev["mean_relative_error"]?.doubleValue ?? -1, report["mean_relative_error_final"]?.doubleValue ?? 1, accuracy: 1e-9)
+        XCTAssertEqual(a.history.last?["stage"], "compress")
+        // Sizes shrink stage by stage; the merged error is below the final one.
+        XCTAssertGreaterThan(report["expert_bytes_original"]!.intValue!, report["expert_bytes_merged"]!.intValue!)
+        XCTAssertGreaterThan(report["expert_bytes_merged"]!.intValue!, report["expert_bytes_final"]!.intValue!)
+        XCTAssertLessThan(report["mean_relative_error_merged"]!.doubleValue!, report["mean_relative_error_final"]!.doubleValue!)
+    }
+
+    /// Without --rank, compress is merge plus its evaluation; --groups E with frequency merging
+    /// reproduces the model.
+    func testMergeOnlyAndIdentity() throws {
+        let dir = temporaryDirectory(self)
+        let res = try runCLI(["compress", fixture("planted-switch.h5"), "--calib", fixture("planted-switch.calib.h5"),
+                              "--groups", "8", "--merge-method", "frequency", "-o", dir + "/c.h5", "--quiet"])
+        XCTAssertEqual(res.status, 0, res.stderr)
+        XCTAssertTrue(res.stdout.contains("0.0000"), res.stdout)
+        let a = try CheckpointReader(fixture("planted-switch.h5")), b = try CheckpointReader(dir + "/c.h5")
+        for c in a.layers { XCTAssertEqual(try a.readLayer(c.name).experts, try b.readLayer(c.name).experts, c.name) }
+    }
+
+    func testCompressBadInputs() throws {
+        let dir = temporaryDirectory(self)
+        let m = fixture("trained-switch.h5"), c = fixture("trained-switch.calib.h5")
+        let cases: [([String], String)] = [
+            (["compress", m, "--calib", c, "--groups", "0", "-o", dir + "/x.h5"], "--groups"),
+            (["compress", m, "--calib", c, "--groups", "9", "-o", dir + "/x.h5"], "--groups"),
+            (["compress", m, "--calib", c, "--groups", "4", "--rank", "0", "-o", dir + "/x.h5"], "--rank"),
+            (["compress", m, "--calib", c, "--groups", "4", "--rank", "8", "--sparsity", "1.5", "-o", dir + "/x.h5"], "--sparsity"),
+            (["compress", m, "--calib", c, "--groups", "4", "--rank", "4096", "-o", dir + "/x.h5"], "rank"),
+            (["compress", m, "--calib", fixture("trained-mixtral.calib.h5"), "--groups", "4", "-o", dir + "/x.h5"], "trained-mixtral.calib.h5"),
+            (["compress", m, "--calib", c, "--eval-calib", fixture("planted-switch.calib.h5"), "--groups", "4", "-o", dir + "/x.h5"], "planted-switch.calib.h5"),
+            (["compress", m, "--calib", c, "--groups", "4", "--activation-aware", "-o", dir + "/x.h5"], "--sparsity"),
+            (["compress", m, "--calib", c, "--groups", "4", "-o", m], "trained-switch.h5"),
+        ]
+        for (args, named) in cases {
+            let res = try runCLI(args + ["--quiet"])
+            XCTAssertNotEqual(res.status, 0, "\(args)")
+            XCTAssertEqual(res.stderr.split(separator: "\n").count, 1, "one line: \(res.stderr)")
+            XCTAssertTrue(res.stderr.contains(named), "\(args): \(res.stderr)")
+            XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/x.h5"), "\(args) left an output")
+        }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), [], "no temporary files left")
+    }
+}

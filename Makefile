@@ -54,8 +54,10 @@ demo: build
 	$(BIN) merge Fixtures/trained-switch.h5 --calib Fixtures/trained-switch.calib.h5 --stats $(DEMO_DIR)/trained-switch.stats.h5 --groups 4 -o $(DEMO_DIR)/trained-switch.merged.h5 --quiet
 	@echo "== how far the merged model moved, on held-out tokens merging did not see"
 	$(BIN) eval Fixtures/trained-switch.h5 $(DEMO_DIR)/trained-switch.merged.h5 --calib Fixtures/trained-switch.heldout.h5 --quiet
-	@echo "== the planted Mixtral-style model: merging to its 4 planted families"
-	$(BIN) merge Fixtures/planted-mixtral.h5 --calib Fixtures/planted-mixtral.calib.h5 --groups 4 -o $(DEMO_DIR)/planted-mixtral.merged.h5 --quiet
+	@echo "== everything in one command on the trained Mixtral-style model (GLU, top-2): merge 8 -> 4, then rank 32"
+	$(BIN) compress Fixtures/trained-mixtral.h5 --calib Fixtures/trained-mixtral.calib.h5 --eval-calib Fixtures/trained-mixtral.heldout.h5 --groups 4 --rank 32 -o $(DEMO_DIR)/trained-mixtral.compressed.h5 --quiet
+	@echo "== the planted Mixtral-style model (known answers): its 4 planted families, rank 16"
+	$(BIN) compress Fixtures/planted-mixtral.h5 --calib Fixtures/planted-mixtral.calib.h5 --groups 4 --rank 16 -o $(DEMO_DIR)/planted-mixtral.compressed.h5 --quiet
 	@echo "== wrote:"; ls -l $(DEMO_DIR)
 
 ## Benchmarks (release build); compares against SciPy when it is importable.

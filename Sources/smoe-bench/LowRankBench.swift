@@ -15,6 +15,7 @@ func decayingSpectrumMatrix(rows: Int, cols: Int, decay: Double, seed: UInt64) t
 }
 
 func lowRankBench(_ args: [String]) throws {
+    setvbuf(stdout, nil, _IOLBF, 0)  // rows appear as they are measured, even when piped
     let quick = args.contains("--quick")
     func time<T>(_ body: () throws -> T) rethrows -> (T, Double) {
         let t0 = DispatchTime.now().uptimeNanoseconds
@@ -24,6 +25,7 @@ func lowRankBench(_ args: [String]) throws {
     var shapes: [(Int, Int, [Int])] = [(3072, 768, [32, 64, 128, 192]), (768, 3072, [32, 64, 128, 192])]
     if !quick { shapes.append((14336, 4096, [64, 128])) }
     print("rank-r factorisation (sparsity 0), decaying spectrum σ_i = exp(-i/40) + 0.02; randomized: oversampling 10, 2 power iterations")
+    print("exact s: one sgesdd of the whole matrix (its spectrum serves every rank); rand s: one randomized factorisation")
     print("shape          rank   exact s   rand s  speed-up   exact err    rand err   within 1%  auto picks")
     for (rows, cols, ranks) in shapes {
         let w = try decayingSpectrumMatrix(rows: rows, cols: cols, decay: 40, seed: UInt64(rows &* 31 &+ cols))

@@ -15,7 +15,6 @@ func decayingSpectrumMatrix(rows: Int, cols: Int, decay: Double, seed: UInt64) t
 }
 
 func lowRankBench(_ args: [String]) throws {
-    setvbuf(stdout, nil, _IOLBF, 0)  // rows appear as they are measured, even when piped
     let quick = args.contains("--quick")
     func time<T>(_ body: () throws -> T) rethrows -> (T, Double) {
         let t0 = DispatchTime.now().uptimeNanoseconds
@@ -43,6 +42,7 @@ func lowRankBench(_ args: [String]) throws {
             print(String(format: "%-13@ %5d  %8.3f %8.3f  %7.1f×  %10.6f  %10.6f   %@  %@",
                          "\(rows)x\(cols)" as NSString, r, exactTime, randTime, exactTime / randTime, e, q,
                          (ok ? "yes" : "NO ") as NSString, auto as NSString))
+            fflush(nil)  // rows appear as they are measured, even when piped
         }
     }
 }

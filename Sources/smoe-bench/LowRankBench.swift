@@ -24,6 +24,7 @@ func lowRankBench(_ args: [String]) throws {
     var shapes: [(Int, Int, [Int])] = [(3072, 768, [32, 64, 128, 192]), (768, 3072, [32, 64, 128, 192])]
     if !quick { shapes.append((14336, 4096, [64, 128])) }
     print("rank-r factorisation (sparsity 0), decaying spectrum σ_i = exp(-i/40) + 0.02; randomized: oversampling 10, 2 power iterations")
+    print("exact s: one sgesdd of the whole matrix (its spectrum serves every rank); rand s: one randomized factorisation")
     print("shape          rank   exact s   rand s  speed-up   exact err    rand err   within 1%  auto picks")
     for (rows, cols, ranks) in shapes {
         let w = try decayingSpectrumMatrix(rows: rows, cols: cols, decay: 40, seed: UInt64(rows &* 31 &+ cols))
@@ -41,6 +42,7 @@ func lowRankBench(_ args: [String]) throws {
             print(String(format: "%-13@ %5d  %8.3f %8.3f  %7.1f×  %10.6f  %10.6f   %@  %@",
                          "\(rows)x\(cols)" as NSString, r, exactTime, randTime, exactTime / randTime, e, q,
                          (ok ? "yes" : "NO ") as NSString, auto as NSString))
+            fflush(nil)  // rows appear as they are measured, even when piped
         }
     }
 }

@@ -8,7 +8,7 @@ struct SMoECompressCommand: ParsableCommand {
         commandName: "smoe-compress",
         abstract: "Compress sparse Mixture-of-Experts checkpoints offline (MC-SMoE: merge, then compress).",
         version: smoeCompressVersion,
-        subcommands: [Inspect.self, Synth.self, Stats.self, Align.self, Merge.self, Import.self])
+        subcommands: [Inspect.self, Synth.self, Stats.self, Align.self, Merge.self, Import.self, Export.self])
 
     /// Runs the command line; library errors become one `error:` line and exit status 1.
     static func main() {

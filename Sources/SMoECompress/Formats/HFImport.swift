@@ -38,7 +38,7 @@ public enum ModelFamily: String, Sendable, CaseIterable {
     /// Name of expert `n`'s matrix `role` in the per-expert layout.
     public func expertTensorName(layer prefix: String, expert n: Int, matrix role: String) -> String {
         let id = self == .switchTransformers ? "expert_\(n)" : String(n)
-        return "\(prefix).experts.\(id).\(matrixNames[role]!).weight"
+        return "\(prefix).experts.\(id).\(matrixNames[role] ?? role).weight"
     }
 
     /// The MoE block prefix of a tensor name and the rest, when the name lies in a place where
@@ -95,7 +95,9 @@ public struct SourceModelConfig: Sendable {
         guard case .object = json else { throw SMoEError.file(path, "is not a JSON object") }
         let modelType = json["model_type"]?.stringValue
         let archs = json["architectures"]?.arrayValue?.compactMap(\.stringValue) ?? []
-        guard let family = modelType.flatMap({ ModelFamily.modelTypes[$0] }) ?? archs.lazy.compactMap({ ModelFamily.architectures[$0] }).first else {
+        // model_type decides when present; architectures only when it is absent.
+        let found = modelType != nil ? ModelFamily.modelTypes[modelType!] : archs.lazy.compactMap({ ModelFamily.architectures[$0] }).first
+        guard let family = found else {
             let what = modelType.map { "model_type \"\($0)\"" } ?? (archs.isEmpty ? "no model_type or architectures" : "architectures \(archs)")
             throw SMoEError.file(path, "\(what) is not a supported MoE family (mixtral, switch_transformers, qwen2_moe, qwen3_moe, olmoe, deepseek, deepseek_v2)")
         }
@@ -248,8 +250,9 @@ public enum HFImport {
                 dense.append(name)
             }
         }
-        for p in Set(perExpert.keys).union(fused.keys) where routers[p] == nil {
-            let example = perExpert[p]?.values.first?.values.first ?? fused[p]!.values.first!
+        for p in Set(perExpert.keys).union(fused.keys).sorted(by: naturalLess) where routers[p] == nil {
+            let names = (perExpert[p]?.values.flatMap(\.values) ?? []) + (fused[p]?.values.map { $0 } ?? [])
+            let example = names.min(by: naturalLess)!
             throw SMoEError.dataset(where_(example), example, "expert tensor of \(p) but the model has no router \(p).\(family.routerSuffix)")
         }
         if fusedSuffixes.count > 1 {
@@ -259,7 +262,7 @@ public enum HFImport {
         var layers: [SourceMoELayer] = []
         var expertDTypes = Set<SafetensorsDType>(), routerDTypes = Set<SafetensorsDType>()
         var layouts = Set<ExpertLayout>()
-        for (prefix, routerName) in routers {
+        for (prefix, routerName) in routers.sorted(by: { naturalLess($0.key, $1.key) }) {
             let ri = try model.info(routerName)
             let file = where_(routerName)
             guard ri.shape.count == 2, ri.shape[0] >= 1, ri.shape[1] >= 1, ri.dtype.isFloat else {

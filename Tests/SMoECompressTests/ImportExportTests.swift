@@ -579,3 +579,62 @@ final class ImportExportTests: XCTestCase {
         XCTAssertEqual(result.trimmingCharacters(in: .whitespacesAndNewlines), "same")
     }
 }
+
+/// End to end against transformers itself (skipped without torch and transformers): tiny
+/// randomly initialised Mixtral, Qwen2-MoE (shared expert, no renormalisation) and
+/// SwitchTransformers models are saved by `save_pretrained`, captured by
+/// tools/capture_calibration.py and imported; every imported layer's forward pass on the
+/// captured inputs reproduces the captured outputs and router logits.
+final class CaptureCalibrationTests: XCTestCase {
+    func testImportedLayersReproduceTransformersOutputs() throws {
+        try XCTSkipUnless(pythonHas("torch") && pythonHas("transformers") && pythonHas("h5py"), "torch/transformers not installed")
+        let dir = temporaryDirectory(self)
+        let tools = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("tools").path
+        _ = try runPython("""
+            import sys, os, warnings, logging
+            warnings.filterwarnings("ignore")
+            sys.path.insert(0, sys.argv[2])
+            import torch, transformers
+            transformers.logging.set_verbosity_error()
+            import capture_calibration as cc
+            d = sys.argv[1]
+            with open(os.path.join(d, "text.txt"), "w") as f:
+                f.write("Mixture of experts route every token to a few experts. " * 8)
+            torch.manual_seed(0)
+            common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, max_position_embeddings=64, num_experts_per_tok=2)
+            models = {
+                "mixtral": transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, **common)),
+                "qwen2": transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=12,
+                    shared_expert_intermediate_size=20, num_experts=4, norm_topk_prob=False, decoder_sparse_step=1, **common)),
+                "switch": transformers.SwitchTransformersForConditionalGeneration(transformers.SwitchTransformersConfig(
+                    vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2,
+                    num_experts=4, encoder_sparse_step=2, decoder_sparse_step=2)),
+            }
+            for name, m in models.items():
+                out = os.path.join(d, name)
+                m.save_pretrained(out)
+                cc.main([out, "-o", out + ".calib.h5", "--text", os.path.join(d, "text.txt"), "--tokens", "70",
+                         "--seq-len", "24", "--batch-size", "2"])
+            """, [dir, tools])
+        for name in ["mixtral", "qwen2", "switch"] {
+            let src = dir + "/" + name
+            let h5 = src + ".h5"
+            try HFImport.run(directory: src, output: h5)
+            let model = try CheckpointReader(h5)
+            let calib = try CalibrationReader(src + ".calib.h5")
+            try calib.checkMatches(model)
+            XCTAssertEqual(calib.layers.map(\.name), model.layers.map(\.name), name)
+            for c in model.layers {
+                let layer = try model.readLayer(c.name)
+                let x = try calib.hiddenStates(c.name)
+                XCTAssertEqual(x.rows, 70, "\(name) \(c.name)")
+                let z = layer.logits(x)
+                XCTAssertLessThan(relativeError(z, try calib.routerLogits(c.name)), 1e-5, "\(name) \(c.name) router")
+                let y = layer.forward(x)
+                XCTAssertLessThan(relativeError(y, try calib.output(c.name)), 1e-4, "\(name) \(c.name) output")
+            }
+        }
+    }
+}

@@ -99,3 +99,20 @@ def test_unsupported_model_fails_with_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and "llama" in r.stderr
     assert not (tmp_path / "c.h5").exists()
+
+
+def test_exported_folder_loads_in_transformers(tiny_mixtral, tmp_path):
+    """import → export gives a folder transformers loads with the same logits."""
+    exe = REPO / ".build" / "debug" / "smoe-compress"
+    if not exe.exists():
+        pytest.skip("smoe-compress is not built")
+    h5, out = tmp_path / "m.h5", tmp_path / "exported"
+    for args in (["import", str(tiny_mixtral / "model"), "-o", str(h5)], ["export", str(h5), "-o", str(out), "--max-shard-size", "20KB"]):
+        r = subprocess.run([str(exe), *args, "--quiet"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors.index.json").exists()
+    ids = torch.arange(20).reshape(1, 20) % 64
+    with torch.no_grad():
+        a = transformers.AutoModelForCausalLM.from_pretrained(tiny_mixtral / "model")(ids).logits
+        b = transformers.AutoModelForCausalLM.from_pretrained(out)(ids).logits
+    assert torch.equal(a, b)

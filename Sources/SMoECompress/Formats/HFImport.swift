@@ -389,13 +389,14 @@ public enum HFImport {
         return MoELayer(config: config, router: router, experts: experts)
     }
 
-    /// The stored float type of experts for `--dtype` (auto: float16 stays float16, everything
-    /// else, bfloat16 included, becomes float32, which holds bfloat16 exactly).
-    public static func storage(for dtype: String, source: SafetensorsDType) throws -> StorageType {
+    /// The stored float type of routers and experts for `--dtype` (auto: float16 stays float16
+    /// when router and experts both are; everything else, bfloat16 included, becomes float32,
+    /// which holds bfloat16 and float16 exactly).
+    public static func storage(for dtype: String, source: SafetensorsDType, router: SafetensorsDType = .F16) throws -> StorageType {
         switch dtype {
         case "f32": return .f32
         case "f16": return .f16
-        case "auto": return source == .F16 ? .f16 : .f32
+        case "auto": return source == .F16 && router == .F16 ? .f16 : .f32
         default: throw SMoEError.option("--dtype", "must be auto, f32 or f16, not '\(dtype)'")
         }
     }
@@ -407,7 +408,7 @@ public enum HFImport {
         let model = try SafetensorsModel(directory)
         try ensureOutputDiffers(output, from: model.files.map(\.path) + [directory + "/config.json"] + (model.indexPath.map { [$0] } ?? []))
         let plan = try plan(directory, model: model)
-        let stored = try storage(for: dtype, source: plan.expertDType)
+        let stored = try storage(for: dtype, source: plan.expertDType, router: plan.routerDType)
         var entry: [(String, JSONValue)] = [
             ("stage", "import"), ("source", .string(directory)), ("family", .string(plan.config.family.rawValue)),
             ("layout", .string(plan.layout.rawValue)),

@@ -9,8 +9,8 @@ struct SMoECompressCommand: ParsableCommand {
         abstract: "Compress sparse Mixture-of-Experts checkpoints offline (MC-SMoE: merge, then compress).",
         version: smoeCompressVersion,
         subcommands: [
-            Inspect.self, Synth.self, Stats.self, Align.self, Merge.self, Lowrank.self, Compress.self,
-            Expand.self, Eval.self,
+            Inspect.self, Synth.self, Import.self, Stats.self, Align.self, Merge.self, Lowrank.self,
+            Compress.self, Expand.self, Eval.self, Export.self,
         ])
 
     /// Runs the command line; library errors become one `error:` line and exit status 1.

@@ -581,3 +581,123 @@ public func bfloat16Bits(_ x: Float) -> UInt16 {
     let rounding: UInt32 = 0x7FFF + ((b >> 16) & 1)
     return UInt16((b &+ rounding) >> 16)
 }
+
+// MARK: raw tensors (extension for verbatim `/dense` copies)
+
+/// Element types of tensors copied byte for byte (the safetensors dtypes), with their HDF5
+/// encoding: IEEE floats, little-endian integers, bfloat16 as uint16 tagged
+/// `dtype = "bfloat16"`, and bool as uint8 tagged `dtype = "bool"`.
+public enum RawElementType: String, Sendable, CaseIterable {
+    case f16, bf16, f32, f64, i8, i16, i32, i64, u8, u16, u32, u64, bool
+
+    public var byteSize: Int {
+        switch self {
+        case .i8, .u8, .bool: return 1
+        case .f16, .bf16, .i16, .u16: return 2
+        case .f32, .i32, .u32: return 4
+        case .f64, .i64, .u64: return 8
+        }
+    }
+
+    /// The HDF5 file (and memory) type; the caller closes it.
+    func h5Type() -> hid_t {
+        switch self {
+        case .f16: return smoe_make_f16le()
+        case .f32: return H5Tcopy(smoe_T_IEEE_F32LE())
+        case .f64: return H5Tcopy(smoe_T_IEEE_F64LE())
+        default:
+            let t = H5Tcopy(smoe_T_STD_I64LE())
+            H5Tset_size(t, byteSize)
+            H5Tset_precision(t, 8 * byteSize)
+            let signed: Bool = [.i8, .i16, .i32, .i64].contains(self)
+            H5Tset_sign(t, signed ? H5T_SGN_2 : H5T_SGN_NONE)
+            return t
+        }
+    }
+
+    var tag: String? { self == .bf16 ? "bfloat16" : self == .bool ? "bool" : nil }
+}
+
+extension H5Group {
+    /// Creates a dataset of element type `type` and writes `bytes` (little endian, row major)
+    /// into it unchanged. An empty `shape` makes a scalar dataset.
+    @discardableResult
+    public func writeRaw(_ name: String, type: RawElementType, shape: [Int], bytes: UnsafeRawBufferPointer) throws -> H5Dataset {
+        let pathName = path == "/" ? "/" + name : path + "/" + name
+        let count = shape.reduce(1, *)
+        guard bytes.count == count * type.byteSize else {
+            throw SMoEError.dataset(file.path, pathName, "writing \(bytes.count) bytes into \(count) elements of \(type.rawValue)")
+        }
+        let space = shape.isEmpty ? H5Screate(H5S_SCALAR) : H5Screate_simple(Int32(shape.count), shape.map { hsize_t($0) }, nil)
+        defer { H5Sclose(space) }
+        let lcpl = H5Pcreate(smoe_P_LINK_CREATE())
+        defer { H5Pclose(lcpl) }
+        H5Pset_create_intermediate_group(lcpl, 1)
+        let t = type.h5Type()
+        defer { H5Tclose(t) }
+        let d = H5Dcreate2(id, name, t, space, lcpl, hid_t(H5P_DEFAULT), hid_t(H5P_DEFAULT))
+        if d < 0 { throw SMoEError.dataset(file.path, pathName, "cannot create dataset") }
+        let ds = H5Dataset(file: file, id: d, path: pathName)
+        if let tag = type.tag { try ds.setAttribute("dtype", tag) }
+        if count > 0, H5Dwrite(d, t, H5S_ALL, H5S_ALL, hid_t(H5P_DEFAULT), bytes.baseAddress) < 0 {
+            throw SMoEError.dataset(file.path, pathName, "cannot be written")
+        }
+        return ds
+    }
+
+    /// Paths (relative to this group, `/`-joined) of every dataset below it, in name order.
+    public func datasetPaths() throws -> [String] {
+        var out: [String] = []
+        func walk(_ g: H5Group, _ prefix: String) throws {
+            for n in try g.childNames() {
+                if g.isGroup(n) { try walk(try g.openGroup(n), prefix + n + "/") } else if g.isDataset(n) { out.append(prefix + n) }
+            }
+        }
+        try walk(self, "")
+        return out
+    }
+}
+
+extension H5Dataset {
+    /// The element type as a raw tensor type, or nil when it is none of them.
+    public var rawElementType: RawElementType? {
+        let t = H5Dget_type(id)
+        defer { H5Tclose(t) }
+        let size = H5Tget_size(t)
+        switch H5Tget_class(t) {
+        case H5T_FLOAT:
+            guard H5Tget_order(t) == H5T_ORDER_LE else { return nil }
+            if size == 2 { return H5Tget_ebias(t) == 15 ? .f16 : nil }
+            return size == 4 ? .f32 : size == 8 ? .f64 : nil
+        case H5T_INTEGER:
+            guard H5Tget_order(t) == H5T_ORDER_LE || size == 1 else { return nil }
+            let tag = hasAttribute("dtype") ? ((try? stringAttribute("dtype")) ?? "") : ""
+            let signed = H5Tget_sign(t) == H5T_SGN_2
+            switch (size, signed) {
+            case (1, true): return .i8
+            case (1, false): return tag == "bool" ? .bool : .u8
+            case (2, true): return .i16
+            case (2, false): return tag == "bfloat16" ? .bf16 : .u16
+            case (4, true): return .i32
+            case (4, false): return .u32
+            case (8, true): return .i64
+            case (8, false): return .u64
+            default: return nil
+            }
+        default: return nil
+        }
+    }
+
+    /// The stored bytes, unchanged (little endian, row major).
+    public func readRaw() throws -> [UInt8] {
+        guard let type = rawElementType else { throw fail("has an element type that cannot be copied verbatim") }
+        let n = elementCount * type.byteSize
+        var out = [UInt8](repeating: 0, count: n)
+        if n == 0 { return out }
+        let t = type.h5Type()
+        defer { H5Tclose(t) }
+        let status = out.withUnsafeMutableBytes { H5Dread(id, t, H5S_ALL, H5S_ALL, hid_t(H5P_DEFAULT), $0.baseAddress) }
+        if status < 0 { throw fail("cannot be read (damaged file?)") }
+        return out
+    }
+}

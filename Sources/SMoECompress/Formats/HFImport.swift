@@ -1,0 +1,478 @@
+import Foundation
+
+/// The Hugging Face model families `import` and `export` understand.
+public enum ModelFamily: String, Sendable, CaseIterable {
+    case mixtral
+    case switchTransformers = "switch-transformers"
+    case qwen2MoE = "qwen2-moe"
+    case qwen3MoE = "qwen3-moe"
+    case olmoe
+    case deepseek
+
+    /// `model_type` values and `architectures` entries of each family.
+    static let modelTypes: [String: ModelFamily] = [
+        "mixtral": .mixtral, "switch_transformers": .switchTransformers, "qwen2_moe": .qwen2MoE,
+        "qwen3_moe": .qwen3MoE, "olmoe": .olmoe, "deepseek": .deepseek, "deepseek_v2": .deepseek, "deepseek_v3": .deepseek,
+    ]
+    static let architectures: [String: ModelFamily] = [
+        "MixtralForCausalLM": .mixtral, "SwitchTransformersForConditionalGeneration": .switchTransformers,
+        "SwitchTransformersEncoderModel": .switchTransformers, "SwitchTransformersModel": .switchTransformers,
+        "Qwen2MoeForCausalLM": .qwen2MoE, "Qwen3MoeForCausalLM": .qwen3MoE, "OlmoeForCausalLM": .olmoe,
+        "DeepseekForCausalLM": .deepseek, "DeepseekV2ForCausalLM": .deepseek, "DeepseekV3ForCausalLM": .deepseek,
+    ]
+
+    public var expertType: ExpertType { self == .switchTransformers ? .mlp : .glu }
+
+    /// Source name of each expert matrix (`up`, `gate`, `down`).
+    public var matrixNames: [String: String] {
+        switch self {
+        case .mixtral: return ["gate": "w1", "up": "w3", "down": "w2"]
+        case .switchTransformers: return ["up": "wi", "down": "wo"]
+        default: return ["gate": "gate_proj", "up": "up_proj", "down": "down_proj"]
+        }
+    }
+
+    /// The router weight's name relative to the MoE block.
+    public var routerSuffix: String { self == .switchTransformers ? "router.classifier.weight" : "gate.weight" }
+
+    /// Name of expert `n`'s matrix `role` in the per-expert layout.
+    public func expertTensorName(layer prefix: String, expert n: Int, matrix role: String) -> String {
+        let id = self == .switchTransformers ? "expert_\(n)" : String(n)
+        return "\(prefix).experts.\(id).\(matrixNames[role] ?? role).weight"
+    }
+
+    /// The MoE block prefix of a tensor name and the rest, when the name lies in a place where
+    /// this family keeps its MoE blocks (`model.layers.L.mlp`, `model.layers.L.block_sparse_moe`,
+    /// `encoder.block.B.layer.I.mlp`, `decoder.block.B.layer.I.mlp`).
+    func splitBlock(_ name: String) -> (prefix: String, rest: [String])? {
+        let parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        func isIndex(_ s: String) -> Bool { !s.isEmpty && s.allSatisfy(\.isASCII) && s.allSatisfy(\.isNumber) }
+        if self == .switchTransformers {
+            guard parts.count > 6, parts[0] == "encoder" || parts[0] == "decoder", parts[1] == "block", isIndex(parts[2]),
+                  parts[3] == "layer", isIndex(parts[4]), parts[5] == "mlp" else { return nil }
+            return (parts[0...5].joined(separator: "."), Array(parts[6...]))
+        }
+        let blocks = self == .mixtral ? ["block_sparse_moe", "mlp"] : ["mlp"]
+        guard parts.count > 4, parts[0] == "model", parts[1] == "layers", isIndex(parts[2]), blocks.contains(parts[3]) else { return nil }
+        return (parts[0...3].joined(separator: "."), Array(parts[4...]))
+    }
+}
+
+/// How a checkpoint stores its experts.
+public enum ExpertLayout: String, Sendable {
+    /// One tensor per expert and matrix (`experts.N.w1.weight`, `experts.N.up_proj.weight`).
+    case perExpert = "per-expert"
+    /// `experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows) and `experts.down_proj` [E, H, I].
+    case fused
+}
+
+/// The MoE settings read from a model's `config.json`.
+public struct SourceModelConfig: Sendable {
+    public var family: ModelFamily
+    /// Experts per layer the config announces (nil when it does not say).
+    public var numExperts: Int?
+    public var topK: Int
+    public var activation: Activation
+    public var routerType: RouterType
+    /// The config text, stored verbatim in the checkpoint.
+    public var text: String
+
+    /// Maps a Hugging Face `hidden_act` to the tool's activations.
+    static func activation(_ name: String, path: String, key: String) throws -> Activation {
+        switch name {
+        case "silu", "swish": return .silu
+        case "relu": return .relu
+        case "gelu": return .gelu
+        case "gelu_new", "gelu_pytorch_tanh", "gelu_fast": return .gelu_tanh
+        default: throw SMoEError.dataset(path, key, "activation \"\(name)\" is not supported (silu, relu, gelu, gelu_new, gelu_pytorch_tanh)")
+        }
+    }
+
+    /// Parses `config.json` and recognises the family from `model_type` / `architectures`.
+    public static func parse(_ text: String, path: String) throws -> SourceModelConfig {
+        let json: JSONValue
+        do { json = try JSONValue.parse(text) } catch let e as SMoEError { throw SMoEError.file(path, e.message) }
+        guard case .object = json else { throw SMoEError.file(path, "is not a JSON object") }
+        let modelType = json["model_type"]?.stringValue
+        let archs = json["architectures"]?.arrayValue?.compactMap(\.stringValue) ?? []
+        // model_type decides when present; architectures only when it is absent.
+        let found = modelType != nil ? ModelFamily.modelTypes[modelType!] : archs.lazy.compactMap({ ModelFamily.architectures[$0] }).first
+        guard let family = found else {
+            let what = modelType.map { "model_type \"\($0)\"" } ?? (archs.isEmpty ? "no model_type or architectures" : "architectures \(archs)")
+            throw SMoEError.file(path, "\(what) is not a supported MoE family (mixtral, switch_transformers, qwen2_moe, qwen3_moe, olmoe, deepseek, deepseek_v2)")
+        }
+        func int(_ k: String) -> Int? { json[k]?.intValue }
+        func bool(_ k: String, default d: Bool) throws -> Bool {
+            guard let v = json[k] else { return d }
+            if case .bool(let b) = v { return b }
+            if case .null = v { return d }
+            throw SMoEError.dataset(path, k, "is not true or false")
+        }
+        func act(_ k: String, default d: String) throws -> Activation {
+            try activation(json[k]?.stringValue ?? d, path: path, key: k)
+        }
+        func topK() throws -> Int {
+            guard let k = int("num_experts_per_tok"), k >= 1 else {
+                throw SMoEError.dataset(path, "num_experts_per_tok", "missing or not a positive integer")
+            }
+            return k
+        }
+        switch family {
+        case .mixtral:
+            return SourceModelConfig(family: family, numExperts: int("num_local_experts"), topK: try topK(),
+                                     activation: try act("hidden_act", default: "silu"), routerType: .softmax_topk_norm, text: text)
+        case .switchTransformers:
+            return SourceModelConfig(family: family, numExperts: int("num_experts"), topK: 1,
+                                     activation: try act("dense_act_fn", default: "relu"), routerType: .softmax_topk, text: text)
+        case .qwen2MoE, .qwen3MoE, .olmoe:
+            return SourceModelConfig(family: family, numExperts: int("num_experts"), topK: try topK(),
+                                     activation: try act("hidden_act", default: "silu"),
+                                     routerType: try bool("norm_topk_prob", default: false) ? .softmax_topk_norm : .softmax_topk, text: text)
+        case .deepseek:
+            // Only plain softmax top-k routing maps onto the tool's router types.
+            if let s = json["scoring_func"]?.stringValue, s != "softmax" {
+                throw SMoEError.dataset(path, "scoring_func", "\"\(s)\" routing is not supported (softmax only)")
+            }
+            if let m = json["topk_method"]?.stringValue, m != "greedy" {
+                throw SMoEError.dataset(path, "topk_method", "\"\(m)\" routing is not supported (greedy only)")
+            }
+            if let f = json["routed_scaling_factor"]?.doubleValue, f != 1 {
+                throw SMoEError.dataset(path, "routed_scaling_factor", "\(f) is not supported (1.0 only)")
+            }
+            return SourceModelConfig(family: family, numExperts: int("n_routed_experts"), topK: try topK(),
+                                     activation: try act("hidden_act", default: "silu"),
+                                     routerType: try bool("norm_topk_prob", default: false) ? .softmax_topk_norm : .softmax_topk, text: text)
+        }
+    }
+}
+
+/// Where one MoE layer's tensors are in the source model.
+public struct SourceMoELayer: Sendable {
+    public var prefix: String
+    public var router: String
+    /// Per-expert layout: for expert n, matrix role → tensor name.
+    public var experts: [[String: String]]
+    /// Fused layout: `gate_up` and `down` tensor names.
+    public var fused: [String: String]
+    public var layout: ExpertLayout
+    public var numExperts: Int
+    public var dModel: Int
+    public var dFF: Int
+}
+
+/// What `import` found in a model folder, before anything is written.
+public struct ImportPlan: Sendable {
+    public var config: SourceModelConfig
+    public var layers: [SourceMoELayer]
+    /// Every other tensor, copied verbatim to `/dense`.
+    public var dense: [String]
+    public var layout: ExpertLayout
+    /// Suffix of the fused tensors' names ("" or ".weight").
+    public var fusedSuffix: String
+    public var expertDType: SafetensorsDType
+    public var routerDType: SafetensorsDType
+}
+
+/// Natural order of tensor names: digit runs compare as numbers (`layers.2` < `layers.10`).
+public func naturalLess(_ a: String, _ b: String) -> Bool {
+    func runs(_ s: String) -> [(Bool, Substring)] {
+        var out: [(Bool, Substring)] = []
+        var start = s.startIndex
+        while start < s.endIndex {
+            let digit = s[start].isASCII && s[start].isNumber
+            var end = start
+            while end < s.endIndex, (s[end].isASCII && s[end].isNumber) == digit { end = s.index(after: end) }
+            out.append((digit, s[start..<end]))
+            start = end
+        }
+        return out
+    }
+    let ra = runs(a), rb = runs(b)
+    for (x, y) in zip(ra, rb) where x.1 != y.1 {
+        if x.0 && y.0 {
+            let xs = x.1.drop { $0 == "0" }, ys = y.1.drop { $0 == "0" }
+            if xs.count != ys.count { return xs.count < ys.count }
+            if xs != ys { return xs < ys }
+            return x.1.count < y.1.count
+        }
+        return x.1 < y.1
+    }
+    return ra.count < rb.count
+}
+
+/// `smoe-compress import`: a Hugging Face safetensors model folder → smoe-checkpoint.
+public enum HFImport {
+    /// Reads `config.json` and classifies every tensor: routers and experts of MoE layers,
+    /// everything else dense. Fails naming the tensor on an unknown, missing or extra expert.
+    public static func plan(_ directory: String, model: SafetensorsModel) throws -> ImportPlan {
+        let configPath = directory + "/config.json"
+        guard let data = FileManager.default.contents(atPath: configPath) else {
+            throw SMoEError.file(configPath, "missing: import needs the model's config.json to recognise its family")
+        }
+        guard let text = String(data: data, encoding: .utf8) else { throw SMoEError.file(configPath, "is not UTF-8 text") }
+        let config = try SourceModelConfig.parse(text, path: configPath)
+        let family = config.family
+        let roleOf = Dictionary(uniqueKeysWithValues: family.matrixNames.map { ($1, $0) })
+        let dir = model.directory
+        func where_(_ name: String) -> String { (try? model.locate(name).file.path) ?? dir }
+
+        var routers: [String: String] = [:]
+        var perExpert: [String: [Int: [String: String]]] = [:]
+        var fused: [String: [String: String]] = [:]
+        var fusedSuffixes = Set<String>()
+        var dense: [String] = []
+        for name in model.names {
+            guard let (prefix, rest) = family.splitBlock(name) else {
+                dense.append(name)
+                continue
+            }
+            let restText = rest.joined(separator: ".")
+            if restText == family.routerSuffix {
+                routers[prefix] = name
+            } else if rest[0] == "experts" {
+                if family.expertType == .glu, rest.count <= 3, ["gate_up_proj", "down_proj"].contains(rest[1]),
+                   rest.count == 2 || rest[2] == "weight" {
+                    fused[prefix, default: [:]][rest[1] == "gate_up_proj" ? "gate_up" : "down"] = name
+                    fusedSuffixes.insert(rest.count == 3 ? ".weight" : "")
+                    continue
+                }
+                let idText = family == .switchTransformers ? (rest.count > 1 && rest[1].hasPrefix("expert_") ? String(rest[1].dropFirst(7)) : "") : (rest.count > 1 ? rest[1] : "")
+                guard rest.count == 4, rest[3] == "weight", let n = Int(idText), String(n) == idText, let role = roleOf[rest[2]] else {
+                    throw SMoEError.dataset(where_(name), name, "unknown expert tensor for \(family.rawValue) (expected \(family.expertTensorName(layer: prefix, expert: 0, matrix: "up")) and the like)")
+                }
+                if perExpert[prefix, default: [:]][n, default: [:]][role] != nil {
+                    throw SMoEError.dataset(where_(name), name, "expert tensor given twice")
+                }
+                perExpert[prefix, default: [:]][n, default: [:]][role] = name
+            } else if rest[0] == family.routerSuffix.split(separator: ".")[0] && rest.count > 1 {
+                throw SMoEError.dataset(where_(name), name, "router tensor not supported for \(family.rawValue) (only \(prefix).\(family.routerSuffix))")
+            } else {
+                dense.append(name)
+            }
+        }
+        for p in Set(perExpert.keys).union(fused.keys).sorted(by: naturalLess) where routers[p] == nil {
+            let names = (perExpert[p]?.values.flatMap(\.values) ?? []) + (fused[p]?.values.map { $0 } ?? [])
+            let example = names.min(by: naturalLess)!
+            throw SMoEError.dataset(where_(example), example, "expert tensor of \(p) but the model has no router \(p).\(family.routerSuffix)")
+        }
+        if fusedSuffixes.count > 1 {
+            throw SMoEError.file(dir, "fused expert tensors are named both with and without .weight")
+        }
+
+        var layers: [SourceMoELayer] = []
+        var expertDTypes = Set<SafetensorsDType>(), routerDTypes = Set<SafetensorsDType>()
+        var layouts = Set<ExpertLayout>()
+        for (prefix, routerName) in routers.sorted(by: { naturalLess($0.key, $1.key) }) {
+            let ri = try model.info(routerName)
+            let file = where_(routerName)
+            guard ri.shape.count == 2, ri.shape[0] >= 1, ri.shape[1] >= 1, ri.dtype.isFloat else {
+                throw SMoEError.dataset(file, routerName, "router must be a float matrix [num_experts, d_model], is \(ri.dtype.rawValue) \(ri.shape)")
+            }
+            let E = ri.shape[0], H = ri.shape[1]
+            if let want = config.numExperts, want != E {
+                throw SMoEError.dataset(file, routerName, "has \(E) rows but config.json says \(want) experts")
+            }
+            guard config.topK <= E else {
+                throw SMoEError.dataset(configPath, "num_experts_per_tok", "\(config.topK) exceeds the \(E) experts of \(prefix)")
+            }
+            routerDTypes.insert(ri.dtype)
+            let roles = family.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
+            var layer = SourceMoELayer(prefix: prefix, router: routerName, experts: [], fused: [:], layout: .perExpert,
+                                       numExperts: E, dModel: H, dFF: 0)
+            if let f = fused[prefix] {
+                if let pe = perExpert[prefix], let any = pe.values.first?.values.first {
+                    throw SMoEError.dataset(where_(any), any, "per-expert tensor next to fused expert tensors in \(prefix)")
+                }
+                let suffix = fusedSuffixes.first ?? ""
+                guard let gu = f["gate_up"] else { throw SMoEError.file(dir, "missing tensor \(prefix).experts.gate_up_proj\(suffix)") }
+                guard let dn = f["down"] else { throw SMoEError.file(dir, "missing tensor \(prefix).experts.down_proj\(suffix)") }
+                let gi = try model.info(gu), di = try model.info(dn)
+                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[2] == H, gi.shape[1] >= 2, gi.shape[1] % 2 == 0 else {
+                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), 2·d_ff, \(H)] (\(E) router slots, d_model \(H))")
+                }
+                let I = gi.shape[1] / 2
+                guard di.shape == [E, H, I] else {
+                    throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not [\(E), \(H), \(I)]")
+                }
+                guard gi.dtype == di.dtype, gi.dtype.isFloat else {
+                    throw SMoEError.dataset(where_(dn), dn, "dtype \(di.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
+                }
+                expertDTypes.insert(gi.dtype)
+                layer.fused = f
+                layer.layout = .fused
+                layer.dFF = I
+            } else {
+                let pe = perExpert[prefix] ?? [:]
+                if let extra = pe.keys.filter({ $0 >= E }).min(), let any = pe[extra]!.values.sorted().first {
+                    throw SMoEError.dataset(where_(any), any, "extra expert \(extra): the router \(routerName) has \(E) slots")
+                }
+                var I: Int? = nil
+                var dtype: SafetensorsDType? = nil
+                for n in 0..<E {
+                    var m: [String: String] = [:]
+                    for role in roles {
+                        let want = family.expertTensorName(layer: prefix, expert: n, matrix: role)
+                        guard let name = pe[n]?[role] else {
+                            throw SMoEError.file(dir, "missing expert tensor \(want) (the router \(routerName) has \(E) slots)")
+                        }
+                        let info = try model.info(name)
+                        let i = I ?? (role == "down" ? info.shape.last ?? 0 : info.shape.first ?? 0)
+                        let shape = role == "down" ? [H, i] : [i, H]
+                        guard info.shape == shape, i >= 1 else {
+                            throw SMoEError.dataset(where_(name), name, "shape \(info.shape) does not match \(shape) (d_model \(H) from the router)")
+                        }
+                        guard info.dtype.isFloat, dtype == nil || dtype == info.dtype else {
+                            throw SMoEError.dataset(where_(name), name, "dtype \(info.dtype.rawValue) differs from the layer's other experts or is not a float type")
+                        }
+                        I = i
+                        dtype = info.dtype
+                        m[role] = name
+                    }
+                    layer.experts.append(m)
+                }
+                expertDTypes.insert(dtype!)
+                layer.dFF = I!
+            }
+            layouts.insert(layer.layout)
+            layers.append(layer)
+        }
+        guard !layers.isEmpty else {
+            throw SMoEError.file(dir, "no MoE layers found for \(family.rawValue) (no tensor named like \(family == .switchTransformers ? "encoder.block.1.layer.1.mlp" : family == .mixtral ? "model.layers.0.block_sparse_moe" : "model.layers.0.mlp").\(family.routerSuffix))")
+        }
+        guard layouts.count == 1, expertDTypes.count == 1, routerDTypes.count == 1 else {
+            throw SMoEError.file(dir, "MoE layers differ in expert layout or dtype (\(layouts.map(\.rawValue).sorted()), experts \(expertDTypes.map(\.rawValue).sorted()), routers \(routerDTypes.map(\.rawValue).sorted())); one of each is supported")
+        }
+        layers.sort { a, b in
+            // Encoder before decoder, then by block/layer number.
+            let sa = a.prefix.hasPrefix("decoder") ? 1 : 0, sb = b.prefix.hasPrefix("decoder") ? 1 : 0
+            return sa != sb ? sa < sb : naturalLess(a.prefix, b.prefix)
+        }
+        return ImportPlan(config: config, layers: layers, dense: dense, layout: layouts.first!,
+                          fusedSuffix: fusedSuffixes.first ?? ".weight", expertDType: expertDTypes.first!, routerDType: routerDTypes.first!)
+    }
+
+    /// Reads one MoE layer of the plan.
+    public static func readLayer(_ src: SourceMoELayer, index: Int, plan: ImportPlan, model: SafetensorsModel) throws -> MoELayer {
+        let c = plan.config
+        let E = src.numExperts, H = src.dModel, I = src.dFF
+        let config = LayerConfig(name: src.prefix, index: index, numExperts: E, topK: c.topK, dModel: H, dFF: I,
+                                 expertType: c.family.expertType, activation: c.activation, routerType: c.routerType)
+        func finite(_ v: [Float], _ name: String) throws -> [Float] {
+            if let i = v.firstIndex(where: { !$0.isFinite }) {
+                throw SMoEError.dataset(try model.locate(name).file.path, name, "contains \(v[i].isNaN ? "NaN" : "Inf") at flat index \(i)")
+            }
+            return v
+        }
+        let router = Matrix(rows: E, cols: H, data: try finite(try model.floats(src.router), src.router))
+        var experts: [Expert] = []
+        switch src.layout {
+        case .perExpert:
+            for m in src.experts {
+                func mat(_ role: String) throws -> Matrix? {
+                    guard let name = m[role] else { return nil }
+                    let (r, cc) = role == "down" ? (H, I) : (I, H)
+                    return Matrix(rows: r, cols: cc, data: try finite(try model.floats(name), name))
+                }
+                experts.append(Expert(up: try mat("up")!, gate: try mat("gate"), down: try mat("down")!))
+            }
+        case .fused:
+            let gu = try finite(try model.floats(src.fused["gate_up"]!), src.fused["gate_up"]!)
+            let dn = try finite(try model.floats(src.fused["down"]!), src.fused["down"]!)
+            let per = I * H
+            for e in 0..<E {
+                let base = e * 2 * per
+                experts.append(Expert(up: Matrix(rows: I, cols: H, data: Array(gu[(base + per)..<(base + 2 * per)])),
+                                      gate: Matrix(rows: I, cols: H, data: Array(gu[base..<(base + per)])),
+                                      down: Matrix(rows: H, cols: I, data: Array(dn[(e * per)..<((e + 1) * per)]))))
+            }
+        }
+        return MoELayer(config: config, router: router, experts: experts)
+    }
+
+    /// The stored float type of routers and experts for `--dtype` (auto: float16 stays float16
+    /// when router and experts both are; everything else, bfloat16 included, becomes float32,
+    /// which holds bfloat16 and float16 exactly).
+    public static func storage(for dtype: String, source: SafetensorsDType, router: SafetensorsDType = .F16) throws -> StorageType {
+        switch dtype {
+        case "f32": return .f32
+        case "f16": return .f16
+        case "auto": return source == .F16 && router == .F16 ? .f16 : .f32
+        default: throw SMoEError.option("--dtype", "must be auto, f32 or f16, not '\(dtype)'")
+        }
+    }
+
+    /// Imports `directory` into the checkpoint `output`, one tensor / one MoE layer at a time.
+    @discardableResult
+    public static func run(directory: String, output: String, dtype: String = "auto",
+                           progress: ProgressCallback? = nil) throws -> ImportReport {
+        let model = try SafetensorsModel(directory)
+        try ensureOutputDiffers(output, from: model.files.map(\.path) + [directory + "/config.json"] + (model.indexPath.map { [$0] } ?? []))
+        let plan = try plan(directory, model: model)
+        let stored = try storage(for: dtype, source: plan.expertDType, router: plan.routerDType)
+        var entry: [(String, JSONValue)] = [
+            ("stage", "import"), ("source", .string(directory)), ("family", .string(plan.config.family.rawValue)),
+            ("layout", .string(plan.layout.rawValue)),
+        ]
+        if plan.layout == .fused { entry.append(("fused_suffix", .string(plan.fusedSuffix))) }
+        entry += [
+            ("expert_dtype", .string(plan.expertDType.rawValue)), ("router_dtype", .string(plan.routerDType.rawValue)),
+            ("stored_dtype", .string(stored.rawValue)),
+            ("metadata", .object(model.metadata.map { ($0.0, .string($0.1)) })),
+            ("tool", .string(smoeCompressVersion)),
+        ]
+        let writer = try CheckpointWriter(destination: output, architecture: plan.config.family.rawValue, history: [],
+                                          entry: .object(entry), sourceConfig: plan.config.text,
+                                          options: WriteOptions(dtype: stored))
+        let total = plan.layers.count + plan.dense.count
+        var done = 0
+        var configs: [LayerConfig] = []
+        for (i, src) in plan.layers.enumerated() {
+            progress?("import \(src.prefix)", done, total)
+            let layer = try readLayer(src, index: i, plan: plan, model: model)
+            try writer.write(layer)
+            configs.append(layer.config)
+            done += 1
+        }
+        var denseBytes = 0
+        if !plan.dense.isEmpty {
+            let g = try writer.root.createGroup("dense")
+            for name in plan.dense {
+                if done % 16 == 0 { progress?("import dense", done, total) }
+                let (file, info) = try model.locate(name)
+                let parts = name.split(separator: "/", omittingEmptySubsequences: false)
+                guard !parts.contains(where: { $0.isEmpty || $0 == "." || $0 == ".." }) else {
+                    throw SMoEError.dataset(file.path, name, "tensor name cannot be stored as an HDF5 path")
+                }
+                _ = try file.withBytes(name) { try g.writeRaw(name, type: info.dtype.rawType, shape: info.shape, bytes: $0) }
+                denseBytes += info.byteCount
+                done += 1
+            }
+        }
+        try writer.commit()
+        return ImportReport(output: output, plan: plan, stored: stored, layers: configs, denseCount: plan.dense.count, denseBytes: denseBytes)
+    }
+}
+
+/// What `import` wrote.
+public struct ImportReport: Sendable {
+    public var output: String
+    public var plan: ImportPlan
+    public var stored: StorageType
+    public var layers: [LayerConfig]
+    public var denseCount: Int
+    public var denseBytes: Int
+
+    public var json: JSONValue {
+        .object([
+            ("output", .string(output)), ("family", .string(plan.config.family.rawValue)), ("layout", .string(plan.layout.rawValue)),
+            ("expert_dtype", .string(plan.expertDType.rawValue)), ("stored_dtype", .string(stored.rawValue)),
+            ("layers", .array(layers.map { c in
+                .object([("name", .string(c.name)), ("index", .int(c.index)), ("num_experts", .int(c.numExperts)),
+                         ("top_k", .int(c.topK)), ("d_model", .int(c.dModel)), ("d_ff", .int(c.dFF)),
+                         ("expert_type", .string(c.expertType.rawValue)), ("activation", .string(c.activation.rawValue)),
+                         ("router_type", .string(c.routerType.rawValue))])
+            })),
+            ("dense_tensors", .int(denseCount)), ("dense_bytes", .int(denseBytes)),
+        ])
+    }
+}

@@ -1,0 +1,46 @@
+import ArgumentParser
+import Foundation
+import SMoECompress
+
+struct Import: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "import",
+        abstract: "Convert a Hugging Face safetensors model folder (Mixtral, SwitchTransformers, Qwen-MoE, OLMoE, DeepSeek-MoE) to an smoe-checkpoint.",
+        discussion: """
+            The folder needs config.json and model.safetensors (or model.safetensors.index.json with its shards). \
+            Routers and routed experts become /moe_layers; every other tensor (attention, norms, embeddings, shared \
+            experts, dense FFN layers) is copied byte for byte to /dense under its own name, so `export` can write the \
+            model back. --dtype auto keeps float16 experts as float16 and stores bfloat16/float32 experts as float32 \
+            (exact for bfloat16; export restores the source dtype).
+            """)
+
+    @Argument(help: "The model folder (config.json + *.safetensors).") var modelDir: String
+    @Option(name: [.customShort("o"), .long], help: "Output checkpoint (written to a temporary file, renamed on success).")
+    var output: String
+    @Option(help: "Stored float type of routers and experts: auto, f32 or f16.") var dtype: String = "auto"
+    @OptionGroup var global: GlobalOptions
+
+    func validate() throws {
+        guard ["auto", "f32", "f16"].contains(dtype) else { throw ValidationError("--dtype must be auto, f32 or f16, not '\(dtype)'") }
+    }
+
+    func run() throws {
+        let progress = global.progress
+        let report = try namingFile(modelDir) {
+            try HFImport.run(directory: modelDir, output: output, dtype: dtype, progress: progress.callback)
+        }
+        progress.finish()
+        if global.json { return printJSON(report.json) }
+        let p = report.plan
+        print("\(modelDir): \(p.config.family.rawValue), \(report.layers.count) MoE layers, \(p.layout.rawValue) experts in \(p.expertDType.rawValue)")
+        var t = Table(["layer", "E", "k", "d_model", "d_ff", "experts", "act", "router"])
+        for c in report.layers {
+            t.add([c.name, "\(c.numExperts)", "\(c.topK)", "\(c.dModel)", "\(c.dFF)", c.expertType.rawValue,
+                   c.activation.rawValue, c.routerType.rawValue])
+        }
+        print(t.render())
+        let exact = p.expertDType == .F32 || p.expertDType == .BF16 ? report.stored == .f32 : p.expertDType == .F16
+        print("dense: \(report.denseCount) tensors, \(formatBytes(report.denseBytes)) copied verbatim")
+        print("wrote \(output): experts stored as \(report.stored.rawValue) (source \(p.expertDType.rawValue)\(exact ? ", exact" : ", rounded"))")
+    }
+}

@@ -10,18 +10,18 @@ struct Import: ParsableCommand {
             The folder needs config.json and model.safetensors (or model.safetensors.index.json with its shards). \
             Routers and routed experts become /moe_layers; every other tensor (attention, norms, embeddings, shared \
             experts, dense FFN layers) is copied byte for byte to /dense under its own name, so `export` can write the \
-            model back. --dtype auto keeps float16 experts as float16 and stores bfloat16/float32 experts as float32 \
-            (exact for bfloat16; export restores the source dtype).
+            model back. --dtype auto keeps float16 experts as float16 and bfloat16 experts as bfloat16 (when the \
+            router has the same type; otherwise float32, exact for both); export restores the source dtype.
             """)
 
     @Argument(help: "The model folder (config.json + *.safetensors).") var modelDir: String
     @Option(name: [.customShort("o"), .long], help: "Output checkpoint (written to a temporary file, renamed on success).")
     var output: String
-    @Option(help: "Stored float type of routers and experts: auto, f32 or f16.") var dtype: String = "auto"
+    @Option(help: "Stored float type of routers and experts: auto, f32, f16 or bf16.") var dtype: String = "auto"
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
-        guard ["auto", "f32", "f16"].contains(dtype) else { throw ValidationError("--dtype must be auto, f32 or f16, not '\(dtype)'") }
+        guard ["auto", "f32", "f16", "bf16"].contains(dtype) else { throw ValidationError("--dtype must be auto, f32, f16 or bf16, not '\(dtype)'") }
     }
 
     func run() throws {

@@ -19,14 +19,14 @@ struct OutputOptions: ParsableArguments {
     @Option(name: [.customShort("o"), .long], help: "Output file (written to a temporary file, renamed on success).")
     var output: String
 
-    @Option(help: "Stored float type of weights: f32, f16, or auto (f16 when the input's experts are float16, else f32).")
+    @Option(help: "Stored float type of weights: f32, f16, bf16, or auto (the input's experts' type when it is float16 or bfloat16, else f32).")
     var dtype: String = "auto"
 
     @Option(help: "gzip level (0-9, with the shuffle filter) for expert tensors; off by default.")
     var gzip: Int?
 
     func validate() throws {
-        guard ["f32", "f16", "auto"].contains(dtype) else { throw ValidationError("--dtype must be f32, f16 or auto, not '\(dtype)'") }
+        guard ["f32", "f16", "bf16", "auto"].contains(dtype) else { throw ValidationError("--dtype must be f32, f16, bf16 or auto, not '\(dtype)'") }
         if let g = gzip, !(0...9).contains(g) { throw ValidationError("--gzip must be in 0...9") }
     }
 
@@ -35,8 +35,11 @@ struct OutputOptions: ParsableArguments {
         let t: StorageType
         switch dtype {
         case "f16": t = .f16
+        case "bf16": t = .bf16
         case "f32": t = .f32
-        default: t = (try? source?.expertStorage()) == .f16 ? .f16 : .f32
+        default:
+            let s = try? source?.expertStorage()
+            t = s == .f16 || s == .bf16 ? s! : .f32
         }
         return WriteOptions(dtype: t, gzip: gzip)
     }

@@ -237,7 +237,7 @@ final class ImportExportTests: XCTestCase {
             try writeFakeModel(src, tensors, config: config, shards: shards)
             let h5 = dir + "/\(label).h5"
             let report = try HFImport.run(directory: src, output: h5)
-            XCTAssertEqual(report.stored, dtype == .F16 ? .f16 : .f32, label)
+            XCTAssertEqual(report.stored, dtype == .F16 ? .f16 : (dtype == .BF16 ? .bf16 : .f32), label)
             let out = dir + "/\(label)-out"
             let ex = try HFExport.run(checkpoint: h5, outputDirectory: out, maxShardBytes: shards == 1 ? 1 << 30 : 500)
             XCTAssertEqual(ex.mergedLayers, [])

@@ -333,7 +333,7 @@ public final class CheckpointReader: @unchecked Sendable {
 
 /// Options for writing checkpoints.
 public struct WriteOptions: Sendable {
-    /// Stored float type for weights: `.f32` (default) or `.f16`.
+    /// Stored float type for weights: `.f32` (default), `.f16` or `.bf16` (uint16 tagged `dtype = "bfloat16"`).
     public var dtype: StorageType = .f32
     /// gzip level with the shuffle filter for expert tensors (nil = uncompressed, faster).
     public var gzip: Int? = nil
@@ -355,8 +355,8 @@ public final class CheckpointWriter: @unchecked Sendable {
     ///   - history: the source's history; `entry` is appended to it.
     public init(destination: String, architecture: String, history: [JSONValue], entry: JSONValue,
                 sourceConfig: String? = nil, options: WriteOptions = WriteOptions()) throws {
-        guard options.dtype == .f32 || options.dtype == .f16 else {
-            throw SMoEError.option("--dtype", "must be f32 or f16")
+        guard options.dtype == .f32 || options.dtype == .f16 || options.dtype == .bf16 else {
+            throw SMoEError.option("--dtype", "must be f32, f16 or bf16")
         }
         output = try AtomicOutput(destination: destination)
         file = try H5File.create(output.temporaryPath)

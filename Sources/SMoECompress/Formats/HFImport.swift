@@ -389,15 +389,16 @@ public enum HFImport {
         return MoELayer(config: config, router: router, experts: experts)
     }
 
-    /// The stored float type of routers and experts for `--dtype` (auto: float16 stays float16
-    /// when router and experts both are; everything else, bfloat16 included, becomes float32,
-    /// which holds bfloat16 and float16 exactly).
+    /// The stored float type of routers and experts for `--dtype` (auto: float16 stays float16 and
+    /// bfloat16 stays bfloat16 when router and experts share that type; anything else becomes
+    /// float32, which holds bfloat16 and float16 exactly).
     public static func storage(for dtype: String, source: SafetensorsDType, router: SafetensorsDType = .F16) throws -> StorageType {
         switch dtype {
         case "f32": return .f32
         case "f16": return .f16
-        case "auto": return source == .F16 && router == .F16 ? .f16 : .f32
-        default: throw SMoEError.option("--dtype", "must be auto, f32 or f16, not '\(dtype)'")
+        case "bf16": return .bf16
+        case "auto": return source == router && source == .F16 ? .f16 : (source == router && source == .BF16 ? .bf16 : .f32)
+        default: throw SMoEError.option("--dtype", "must be auto, f32, f16 or bf16, not '\(dtype)'")
         }
     }
 

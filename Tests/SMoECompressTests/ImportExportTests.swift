@@ -153,7 +153,7 @@ func fakeModel(_ kind: FakeFamily, dtype: SafetensorsDType, seed: UInt64 = 1) ->
 func writeFakeModel(_ dir: String, _ tensors: [FakeTensor], config: [(String, JSONValue)]?, shards: Int = 1) throws {
     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     if let c = config {
-        FileManager.default.createFile(atPath: dir + "/config.json", contents: Data(JSONValue.object(c).serialized(pretty: true).utf8))
+        _ = FileManager.default.createFile(atPath: dir + "/config.json", contents: Data(JSONValue.object(c).serialized(pretty: true).utf8))
     }
     if shards == 1 {
         let w = try SafetensorsWriter(destination: dir + "/model.safetensors", metadata: [("format", "pt")])
@@ -172,7 +172,7 @@ func writeFakeModel(_ dir: String, _ tensors: [FakeTensor], config: [(String, JS
         try w.commit()
     }
     let index: JSONValue = ["metadata": ["total_size": .int(tensors.reduce(0) { $0 + $1.bytes.count })], "weight_map": .object(map)]
-    FileManager.default.createFile(atPath: dir + "/model.safetensors.index.json", contents: Data(index.serialized().utf8))
+    _ = FileManager.default.createFile(atPath: dir + "/model.safetensors.index.json", contents: Data(index.serialized().utf8))
 }
 
 /// Every tensor of a safetensors folder: name → (dtype, shape, bytes).

@@ -11,7 +11,7 @@ func handMadeSafetensors(_ path: String, header: String, data: [UInt8], headerLe
     withUnsafeBytes(of: &len) { bytes += $0 }
     bytes += h
     bytes += data
-    FileManager.default.createFile(atPath: path, contents: Data(bytes))
+    _ = FileManager.default.createFile(atPath: path, contents: Data(bytes))
 }
 
 final class SafetensorsTests: XCTestCase {
@@ -110,7 +110,7 @@ final class SafetensorsTests: XCTestCase {
                          contains: [String], line: UInt = #line) {
             let path = dir + "/" + name + ".safetensors"
             if let r = raw {
-                FileManager.default.createFile(atPath: path, contents: Data(r))
+                _ = FileManager.default.createFile(atPath: path, contents: Data(r))
             } else {
                 handMadeSafetensors(path, header: header, data: data, headerLength: headerLength)
             }
@@ -194,7 +194,7 @@ final class SafetensorsTests: XCTestCase {
         try w.add("y", dtype: .U8, shape: [1], bytes: [2])
         try w.commit()
         func index(_ map: String) {
-            FileManager.default.createFile(atPath: dir + "/model.safetensors.index.json",
+            _ = FileManager.default.createFile(atPath: dir + "/model.safetensors.index.json",
                                            contents: Data(#"{"metadata":{},"weight_map":{\#(map)}}"#.utf8))
         }
         index(#""x":"a.safetensors""#)

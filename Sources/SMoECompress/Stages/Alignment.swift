@@ -93,18 +93,33 @@ public enum Alignment {
     /// gate row and down column concatenated).
     public static func meanNeuronCosine(_ a: Expert, _ b: Expert, _ perm: [Int]) throws -> Double {
         let ma = try denseMatrices(a, "expert"), mb = try denseMatrices(b, "expert")
-        let f = ma.up.rows, d = ma.up.cols
-        var total = 0.0
-        for i in 0..<f {
-            let j = perm[i]
-            var dot = 0.0, na = 0.0, nb = 0.0
-            func acc(_ x: Float, _ y: Float) { dot += Double(x) * Double(y); na += Double(x) * Double(x); nb += Double(y) * Double(y) }
-            for k in 0..<d { acc(ma.up[i, k], mb.up[j, k]) }
-            if let ga = ma.gate, let gb = mb.gate { for k in 0..<d { acc(ga[i, k], gb[j, k]) } }
-            for k in 0..<ma.down.rows { acc(ma.down[k, i], mb.down[k, j]) }
-            total += na > 0 && nb > 0 ? dot / (na * nb).squareRoot() : 0
+        let f = ma.up.rows
+        guard f > 0 else { return 1 }
+        var dot = [Double](repeating: 0, count: f), na = dot, nb = dot
+        // Neuron vectors as contiguous rows: up and gate rows, and down's columns as rows of its
+        // transpose; each part adds its dot product and squared norms (float64 accumulation).
+        func accumulate(_ x: Matrix, _ y: Matrix) {
+            let d = x.cols
+            x.data.withUnsafeBufferPointer { xp in
+                y.data.withUnsafeBufferPointer { yp in
+                    for i in 0..<f {
+                        let xr = xp.baseAddress! + i * d, yr = yp.baseAddress! + perm[i] * d
+                        var s = 0.0, sx = 0.0, sy = 0.0
+                        for k in 0..<d {
+                            let u = Double(xr[k]), w = Double(yr[k])
+                            s += u * w; sx += u * u; sy += w * w
+                        }
+                        dot[i] += s; na[i] += sx; nb[i] += sy
+                    }
+                }
+            }
         }
-        return f > 0 ? total / Double(f) : 1
+        accumulate(ma.up, mb.up)
+        if let ga = ma.gate, let gb = mb.gate { accumulate(ga, gb) }
+        accumulate(ma.down.transposed(), mb.down.transposed())
+        var total = 0.0
+        for i in 0..<f { total += na[i] > 0 && nb[i] > 0 ? dot[i] / (na[i] * nb[i]).squareRoot() : 0 }
+        return total / Double(f)
     }
 
     /// How expert pairs of a layer use the two cores.

@@ -32,8 +32,10 @@ func addGaussian(_ x: inout [Float], scale: Float, _ rng: inout SplitMix64) {
 /// with its neurons permuted by a random permutation, plus Gaussian noise of 0.2 relative size).
 /// Targets: ≥ 2× faster than SciPy on independent, never slower (ratio ≥ 1) on related, and the
 /// same objective (relative difference ≤ 1e-9).
+/// Then, for information, matrices with structure and ties (uniform, small integers, all equal,
+/// i·j, (i+j) mod 7, rank 1) at `--other-size N` (default 2048, 0 to skip), minimised.
 /// Options: `--sizes 3072,14336` (d_ff list; d_model is 768 for 3072, 4096 for 14336, d_ff/4
-/// otherwise), `--no-scipy`, `--seed N`.
+/// otherwise), `--no-scipy`, `--seed N`, `--other-size N`.
 func assignmentBench(_ args: [String]) throws {
     func value(_ name: String) -> String? {
         guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
@@ -94,7 +96,7 @@ func assignmentBench(_ args: [String]) throws {
     }
 
     /// SciPy's time and objective on `c` (maximize), through a temporary raw float32 file.
-    func runSciPy(_ c: Matrix) throws -> (seconds: Double, objective: Double) {
+    func runSciPy(_ c: Matrix, minimize: Bool = false) throws -> (seconds: Double, objective: Double) {
         let path = NSTemporaryDirectory() + "smoe-bench-lsa-\(UUID().uuidString).f32"
         defer { try? FileManager.default.removeItem(atPath: path) }
         // Raw float32 in native (little-endian) order, written without an extra copy.
@@ -106,7 +108,7 @@ func assignmentBench(_ args: [String]) throws {
                                          deallocator: .none))
         }
         try h.close()
-        let r = python([script!, path, String(c.rows)])
+        let r = python([script!, path, String(c.rows)] + (minimize ? ["--minimize"] : []))
         guard r.status == 0 else {
             throw SMoEError("bench_lsa_scipy.py failed: \(r.err.trimmingCharacters(in: .whitespacesAndNewlines))")
         }
@@ -175,5 +177,36 @@ func assignmentBench(_ args: [String]) throws {
         }
         line(String(format: "  (%@: first expert generated in %.2f s; cost matrices, second expert included, built in %.2f s and %.2f s)",
                     "\(d)x\(f)" as NSString, genSeconds, buildTimes[0], buildTimes[1]))
+    }
+
+    // Matrices unlike weight matching, where ties or structure stress a solver: informational
+    // (no target), to show there is no pathological case hiding behind the headline figures.
+    let n = value("--other-size").flatMap { Int($0) } ?? 2048
+    guard n > 0 else { return }
+    line("")
+    line("other \(n)×\(n) matrices, minimise (no target; structure and ties)")
+    line(scipy ? "matrix                     ours s    scipy s  speed-up  obj rel diff" : "matrix                     ours s")
+    var rng = SplitMix64(seed: seed &+ 99)
+    let others: [(String, (Int, Int) -> Float)] = [
+        ("uniform [0, 1)", { _, _ in Float(rng.nextDouble()) }),
+        ("integers 0..<8", { _, _ in Float(rng.next() % 8) }),
+        ("all equal", { _, _ in 1 }),
+        ("c[i,j] = i·j", { i, j in Float(i * j) }),
+        ("c[i,j] = (i+j) mod 7", { i, j in Float((i + j) % 7) }),
+        ("rank 1: x_i·y_j", { i, j in Float((i % 97) + 1) * Float((j % 89) + 1) }),
+    ]
+    for (name, entry) in others {
+        var c = Matrix(rows: n, cols: n)
+        for i in 0..<n { for j in 0..<n { c.data[i * n + j] = entry(i, j) } }
+        let (ours, oursSeconds) = try time { try LinearAssignment.solve(c) }
+        let label = name.padding(toLength: 24, withPad: " ", startingAt: 0)
+        if scipy {
+            let sp = try runSciPy(c, minimize: true)
+            let diff = abs(ours.objective - sp.objective) / max(abs(sp.objective), 1e-300)
+            line(String(format: "%@ %8.4f  %8.4f  %7.2f×  %11.2e", label as NSString, oursSeconds, sp.seconds,
+                        sp.seconds / oursSeconds, diff))
+        } else {
+            line(String(format: "%@ %8.4f", label as NSString, oursSeconds))
+        }
     }
 }

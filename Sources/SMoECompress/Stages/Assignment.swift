@@ -87,10 +87,9 @@ private struct LAPJV {
 
     mutating func run() -> [Int] {
         var free = columnReduction()
-        // Augmenting row reduction: a few passes while they still pay (each is O(n) per row
-        // it visits); the rows left are assigned by shortest augmenting paths.
-        // Each pass costs about one row scan per row it visits; stop when a pass frees fewer
-        // than a tenth of the rows it started with, or after eight passes.
+        // Augmenting row reduction while it pays: stop when a pass frees fewer than a tenth of
+        // the rows it started with, or after eight passes. The rows left are assigned by
+        // shortest augmenting paths.
         var pass = 0
         var cand = Candidates(n: n)
         while !free.isEmpty && pass < 8 {

@@ -22,7 +22,7 @@ struct OutputOptions: ParsableArguments {
     @Option(help: "Stored float type of weights: f32, f16, bf16, or auto (the input's experts' type when it is float16 or bfloat16, else f32).")
     var dtype: String = "auto"
 
-    @Option(help: "gzip level (0-9, with the shuffle filter) for expert tensors; off by default.")
+    @Option(help: "gzip level (0-9, with the shuffle filter) for dense expert tensors (factors stay contiguous); off by default.")
     var gzip: Int?
 
     func validate() throws {

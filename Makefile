@@ -7,7 +7,7 @@ BIN       := .build/release/smoe-compress
 DEMO_DIR  ?= out/demo
 APT_PKGS  := libhdf5-dev libopenblas-dev liblapacke-dev pkg-config
 
-.PHONY: all deps deps-python build test test-swift test-python demo bench fixtures goldens clean
+.PHONY: all deps deps-python build build-tests test test-swift test-python demo bench fixtures goldens clean
 
 all: build
 
@@ -32,11 +32,14 @@ build: deps
 ## The whole suite: the Python helper tests (skipped without torch), then the Swift tests (XCTest).
 test: deps deps-python test-python test-swift
 
-test-swift:
+build-tests:
 	$(SWIFT) build --build-tests
+
+test-swift: build-tests
 	$(SWIFT) test --skip-build --disable-swift-testing
 
-test-python:
+## The Python tests drive the debug smoe-compress, so they build it first (else two of them skip).
+test-python: build-tests
 	@if $(PYTHON) -c "import pytest" 2>/dev/null && [ -d tools ] && ls tools/test_*.py >/dev/null 2>&1; then \
 		$(PYTHON) -m pytest -q tools; \
 	else echo "python tool tests: skipped (pytest or tests not present)"; fi

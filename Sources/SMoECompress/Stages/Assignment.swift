@@ -231,8 +231,8 @@ private struct LAPJV {
             }
             if usub < cand.bound[i] || (n <= k) { return (umin, j1, usub, j2) }
         }
-        // Unreachable: a freshly built list always satisfies the bound (usub ≤ bound, and
-        // equality only in a tie the full scan below settles).
+        // Even a freshly built list fails the test when its second-lowest value ties with the
+        // bound (tie-heavy matrices): a full scan settles it.
         var umin = Double.infinity, usub = Double.infinity, j1 = 0, j2 = -1
         for j in 0..<n {
             let h = cost(i, j) - v[j]
@@ -254,7 +254,8 @@ private struct LAPJV {
         let maxRetries = 64 * n
         while k < todo.count {
             let i = todo[k]; k += 1
-            var (umin, j1, usub, j2) = rowMinima(i, &cand)
+            let (umin, lowest, usub, j2) = rowMinima(i, &cand)
+            var j1 = lowest
             var i0 = colsol[j1]
             let strict = umin < usub
             if strict {

@@ -20,11 +20,19 @@ deps:
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-## Python packages the test suite uses when present (h5py for the interop test). Optional:
-## a machine without PyPI access still builds and tests; those tests then skip.
+## Python packages the test suite uses when present: h5py (interop tests), scipy (the assignment
+## solver against SciPy), pytest (tools/ tests). Each missing one is installed with pip, else from
+## Debian (python3-*, for a system Python that refuses pip). Optional: without either the suite
+## still runs and those tests skip, saying so.
+PY_DEPS := h5py:python3-h5py scipy:python3-scipy pytest:python3-pytest
 deps-python:
-	@$(PYTHON) -c "import h5py" 2>/dev/null || $(PYTHON) -m pip install --quiet h5py 2>/dev/null || \
-		echo "note: h5py not installed; the h5py interop test will be skipped"
+	@for d in $(PY_DEPS); do m=$${d%%:*}; deb=$${d#*:}; \
+		$(PYTHON) -c "import $$m" 2>/dev/null && continue; \
+		$(PYTHON) -m pip install --quiet $$m >/dev/null 2>&1 || { \
+			SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+			DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$deb >/dev/null 2>&1; }; \
+		$(PYTHON) -c "import $$m" 2>/dev/null || echo "note: python3 cannot import $$m; the tests that need it will be skipped"; \
+	done
 
 build: deps
 	$(SWIFT) build -c release --product smoe-compress

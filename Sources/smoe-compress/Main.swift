@@ -16,7 +16,7 @@ struct SMoECompressCommand: ParsableCommand {
     /// Runs the command line; library errors become one `error:` line and exit status 1.
     static func main() {
         do {
-            var command = try parseAsRoot()
+            var command = try parseAsRoot(joiningNegativeValues(Array(CommandLine.arguments.dropFirst())))
             try command.run()
         } catch let e as SMoEError {
             FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
@@ -29,4 +29,25 @@ struct SMoECompressCommand: ParsableCommand {
             Foundation.exit(exitCode(for: error).rawValue == 0 ? 1 : exitCode(for: error).rawValue)
         }
     }
+}
+
+/// `--rank -1` → `--rank=-1`: ArgumentParser reads a value that starts with `-` as another
+/// option ("Missing value for '--rank'"), which hides the real mistake; joined, the option's own
+/// validation names it ("--rank must be ≥ 1"). Only a number right after a long option is joined.
+func joiningNegativeValues(_ args: [String]) -> [String] {
+    var out: [String] = []
+    var i = 0
+    while i < args.count {
+        let a = args[i]
+        if a == "--" { out += args[i...]; break }
+        if a.hasPrefix("--"), !a.contains("="), i + 1 < args.count,
+           args[i + 1].hasPrefix("-"), Double(args[i + 1]) != nil {
+            out.append(a + "=" + args[i + 1])
+            i += 2
+            continue
+        }
+        out.append(a)
+        i += 1
+    }
+    return out
 }

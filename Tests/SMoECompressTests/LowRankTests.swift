@@ -341,6 +341,9 @@ final class LowRankTests: XCTestCase {
             ([model, "--rank", "2", "--sparse-structure", "column"], "--sparse-structure"),
             ([model, "--rank", "2", "--matrices", "up,wo"], "--matrices"), ([model, "--rank", "2", "--svd", "fast"], "--svd"),
             ([model, "--rank", "2", "--iterations", "-1"], "--iterations"), ([model, "--rank", "2", "--layers", "nope"], "nope"),
+            // A negative value after a space is the option's own mistake, not a missing value.
+            ([model, "--rank", "-1"], "--rank must be at least 1"), ([model, "--rank", "2", "--sparsity", "-0.1"], "--sparsity must be in"),
+            ([model, "--energy", "-0.5"], "--energy"),
             ([model, "--rank", "2", "--calib", fixture("trained-switch.calib.h5")], "model.layers.0.block_sparse_moe"),
             ([compact, "--rank", "2"], "already factored; run expand first"),
         ] {

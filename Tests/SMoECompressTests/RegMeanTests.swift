@@ -44,7 +44,7 @@ final class RegMeanTests: XCTestCase {
             accumulateWeightedCross(x, x, weights: d, into: &g)
             grams.append(g)
         }
-        let (w, method) = try OutputAwareMerge.regmeanSolve(grams, ws, alpha: 1, ridge: 0)
+        let (w, method, _) = try OutputAwareMerge.regmeanSolve(grams, ws, alpha: 1, ridge: 0)
         XCTAssertEqual(method, .cholesky)
         // Direct normal equations in Float64 with Gaussian elimination.
         var a = [[Double]](repeating: [Double](repeating: 0, count: p + q), count: p)

@@ -319,22 +319,54 @@ final class RegMeanTests: XCTestCase {
         }
     }
 
+    /// Too few tokens: the group keeps the frequency-weighted average and its report says how many
+    /// tokens it had; a group with no tokens at all takes the plain mean.
     func testEdgeCasesNoTokensAndTooFewTokens() throws {
         var rng = SplitMix64(seed: 34)
         let layer = randomLayer(&rng, type: .mlp, router: .softmax_topk, activation: .relu, E: 4, k: 1, d: 8, f: 10)
         let g = LayerGrouping(groups: [[0, 1], [2, 3]], dominant: [0, 2])
-        // No tokens at all: every multi-member group falls back to the plain mean.
-        let (m0, r0) = try Merging.mergeLayer(layer, grouping: g, frequency: [0.25, 0.25, 0.25, 0.25],
+        let freq = [0.1, 0.4, 0.3, 0.2]
+        // No tokens at all: every multi-member group falls back to the plain mean, with a warning.
+        let (m0, r0) = try Merging.mergeLayer(layer, grouping: g, frequency: freq,
                                               options: MergeOptions(method: .regmeanRefit), tokens: { _ in })
         XCTAssertEqual(r0.map(\.how), ["mean", "mean"])
-        let mean = try Merging.weightedAverage([try Alignment.permutation(reference: layer.experts[0], layer.experts[1])].map { try Alignment.permute(layer.experts[1], $0.perm) } + [layer.experts[0]], weights: [1, 1])
-        XCTAssertLessThan(relativeError(m0.experts[0].up.dense(), mean.up.dense()), 1e-6)
-        // Five tokens (< d_model = 8): fallback with a warning.
+        for gi in 0..<2 {
+            let mean = try Merging.weightedAverage(try aligned(layer, g.groups[gi]), weights: [1, 1])
+            XCTAssertEqual(m0.experts[gi], mean, "no tokens: group \(gi) is not the plain mean")
+            XCTAssertEqual(r0[gi].warning, "no routed tokens: fell back to the plain mean", "no tokens: group \(gi)")
+        }
+        // Five tokens (< d_model = 8): the frequency-weighted average, with a warning naming the count.
         let x = randomMatrix(5, 8, &rng)
-        let (_, r1) = try Merging.mergeLayer(layer, grouping: g, frequency: [0.25, 0.25, 0.25, 0.25],
-                                             options: MergeOptions(method: .regmean), tokens: blocks(x, 5))
-        XCTAssertTrue(r1.allSatisfy { $0.how == "mean" || $0.warning != nil }, "\(r1.map(\.json))")
+        let disp = layer.dispatch(layer.route(x))
+        let (m1, r1) = try Merging.mergeLayer(layer, grouping: g, frequency: freq,
+                                              options: MergeOptions(method: .regmean), tokens: blocks(x, 5))
+        XCTAssertTrue(r1.contains { $0.how == "weighted" }, "five tokens: no group took the too-few-tokens path: \(r1.map(\.json))")
+        for gi in 0..<2 {
+            let members = g.groups[gi]
+            let n = Set(members.flatMap { disp[$0].tokens }).count
+            let label = "five tokens, group \(gi) (\(n) tokens)"
+            guard let w = r1[gi].warning else { XCTFail("\(label): no warning: \(r1[gi].json)"); continue }
+            if n == 0 {
+                XCTAssertEqual(r1[gi].how, "mean", label)
+                XCTAssertEqual(m1.experts[gi], try Merging.weightedAverage(try aligned(layer, members), weights: [1, 1]), label)
+            } else {
+                XCTAssertEqual(r1[gi].how, "weighted", label)
+                XCTAssertTrue(w.contains("only \(n) routed tokens (< 8)"), "\(label): \(w)")
+                XCTAssertEqual(m1.experts[gi], try Merging.weightedAverage(try aligned(layer, members), weights: members.map { freq[$0] }), label)
+            }
+        }
+        // A token routed to two members of a group counts once: six tokens all routed to experts
+        // 0 and 1 are 12 member-token pairs but only 6 tokens (< 8) for the group.
+        var top2 = randomLayer(&rng, type: .glu, router: .softmax_topk, E: 4, k: 2, d: 8, f: 10)
+        top2.routerBias = [50, 50, 0, 0]
+        let x2 = randomMatrix(6, 8, &rng)
+        let (m2, r2) = try Merging.mergeLayer(top2, grouping: g, frequency: freq, options: MergeOptions(method: .regmeanRefit), tokens: blocks(x2, 6))
+        XCTAssertEqual(r2.map(\.how), ["weighted", "mean"], "shared tokens: \(r2.map(\.json))")
+        XCTAssertEqual(r2[0].warning, "only 6 routed tokens (< 8): fell back to the frequency-weighted average", "shared tokens")
+        XCTAssertEqual(m2.experts[0], try Merging.weightedAverage(try aligned(top2, [0, 1]), weights: [0.1, 0.4]), "shared tokens")
         // No calibration at all is an error naming the option.
-        XCTAssertThrowsError(try Merging.mergeLayer(layer, grouping: g, frequency: [0.25, 0.25, 0.25, 0.25], options: MergeOptions(method: .regmean)))
+        XCTAssertThrowsError(try Merging.mergeLayer(layer, grouping: g, frequency: freq, options: MergeOptions(method: .regmean))) { e in
+            XCTAssertTrue("\(e)".contains("--calib"), "\(e)")
+        }
     }
 }

@@ -74,11 +74,17 @@ enum OutputAwareMerge {
         var members: [[MemberStats]] = prepared.map { p in
             p.stored.count > 1 ? p.stored.map { _ in MemberStats(gramX: .init(repeating: 0, count: d * d), gramH: .init(repeating: 0, count: f * f)) } : []
         }
+        // Distinct tokens routed to at least one member, per group (a token routed to two members
+        // of a group adds one row, not two, to the rank of the summed input Gram).
+        var groupTokens = [Int](repeating: 0, count: prepared.count)
         // Pass 1: Gram matrices of each member's own tokens (inputs and intermediate activations).
         var block = 0
         try tokens { x in
+            var seen: [Int: [Bool]] = [:]
             for (s, disp) in dispatch(layer, x).enumerated() where !disp.tokens.isEmpty {
                 guard let (gi, k) = position[s] else { continue }
+                if seen[gi] == nil { seen[gi] = [Bool](repeating: false, count: x.rows) }
+                for t in disp.tokens where !seen[gi]![t] { seen[gi]![t] = true; groupTokens[gi] += 1 }
                 let xs = x.gatherRows(disp.tokens)
                 members[gi][k].tokens += xs.rows
                 accumulateWeightedCross(xs, xs, weights: disp.weights, into: &members[gi][k].gramX)
@@ -98,11 +104,13 @@ enum OutputAwareMerge {
                 experts.append(p.aligned[0]); reports.append(report); needsRefit.append(false)
                 continue
             }
+            // Members without tokens drop out of the Gram sums.
             let used = members[gi].indices.filter { members[gi][$0].tokens > 0 }
-            let total = used.reduce(0) { $0 + members[gi][$1].tokens }
+            let total = groupTokens[gi]
             if used.isEmpty {
                 experts.append(try Merging.weightedAverage(p.aligned, weights: p.aligned.map { _ in 1 }))
                 report.how = "mean"
+                report.warning = "no routed tokens: fell back to the plain mean"
                 reports.append(report); needsRefit.append(false)
                 continue
             }

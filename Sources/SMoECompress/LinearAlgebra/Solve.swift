@@ -20,9 +20,10 @@ public enum SymmetricSolver {
     /// 2. The reciprocal condition number of A in the 1-norm is estimated from the factor
     ///    (dpocon, with ‖A‖₁ computed before factoring).
     /// 3. If the factorisation succeeded and that estimate is at least `rcond` (default 1e-10:
-    ///    float64 then loses at most about 10 of its 16 digits, so the solution still carries
-    ///    ~1e-6 relative accuracy, the order of the float32 weights it is stored in), the
-    ///    triangular solves (dpotrs) give X and the method is `.cholesky`.
+    ///    float64 then loses at most about 10 of its 16 digits, leaving ~1e-6 relative accuracy,
+    ///    within an order of magnitude of the float32 weights the result is stored in; dpocon's
+    ///    estimate is usually within a small factor of the true 1-norm value), the triangular
+    ///    solves (dpotrs) give X and the method is `.cholesky`.
     /// 4. Otherwise (not numerically positive definite, or estimate below `rcond`) the system is
     ///    solved by SVD least squares (dgelsd) with singular values below `rcond`·σ_max treated
     ///    as zero, i.e. the minimum-norm solution of the truncated system, and the method is

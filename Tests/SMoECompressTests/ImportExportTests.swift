@@ -13,7 +13,10 @@ struct FakeTensor {
 
 /// The families and layouts the tests build, in each family's exact naming.
 enum FakeFamily: String, CaseIterable {
-    case mixtral, mixtralFused, switchT, qwen2, qwen3Fused, olmoeFused, deepseek
+    /// `olmoe` is the layout of the published OLMoE checkpoints (one tensor per expert matrix,
+    /// `norm_topk_prob` left to its default, false); `olmoeFused` the fused layout of newer
+    /// transformers versions.
+    case mixtral, mixtralFused, switchT, qwen2, qwen3Fused, olmoe, olmoeFused, deepseek
 
     var family: ModelFamily {
         switch self {
@@ -21,7 +24,7 @@ enum FakeFamily: String, CaseIterable {
         case .switchT: return .switchTransformers
         case .qwen2: return .qwen2MoE
         case .qwen3Fused: return .qwen3MoE
-        case .olmoeFused: return .olmoe
+        case .olmoe, .olmoeFused: return .olmoe
         case .deepseek: return .deepseek
         }
     }
@@ -31,7 +34,7 @@ enum FakeFamily: String, CaseIterable {
         case .mixtral, .mixtralFused: return ["model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"]
         case .switchT: return ["encoder.block.1.layer.1.mlp", "decoder.block.1.layer.2.mlp"]
         case .qwen2, .qwen3Fused: return ["model.layers.1.mlp", "model.layers.2.mlp"]
-        case .olmoeFused: return ["model.layers.0.mlp", "model.layers.1.mlp"]
+        case .olmoe, .olmoeFused: return ["model.layers.0.mlp", "model.layers.1.mlp"]
         case .deepseek: return ["model.layers.1.mlp"]
         }
     }
@@ -121,10 +124,10 @@ func fakeModel(_ kind: FakeFamily, dtype: SafetensorsDType, seed: UInt64 = 1) ->
             }
         }
         raw("model.attention_mask_cache", [2, 3], .BOOL)
-    case .olmoeFused:
+    case .olmoe, .olmoeFused:
         config = [("architectures", ["OlmoeForCausalLM"]), ("model_type", "olmoe"), ("hidden_size", .int(H)),
-                  ("intermediate_size", .int(I)), ("num_experts", .int(E)), ("num_experts_per_tok", 2),
-                  ("norm_topk_prob", false), ("hidden_act", "silu")]
+                  ("intermediate_size", .int(I)), ("num_experts", .int(E)), ("num_experts_per_tok", 2), ("hidden_act", "silu")]
+        if kind == .olmoeFused { config.append(("norm_topk_prob", false)) }
         add("model.embed_tokens.weight", [V, H], .BF16)
         for l in 0..<2 {
             add("model.layers.\(l).self_attn.q_norm.weight", [H], .F32)
@@ -267,7 +270,8 @@ final class ImportExportTests: XCTestCase {
     /// tensors: softmax over the router logits, top-k, optional renormalisation, expert math.
     func testForwardOfImportedLayerMatchesDirectComputation() throws {
         let dir = temporaryDirectory(self)
-        for (kind, dtype) in [(FakeFamily.mixtral, SafetensorsDType.BF16), (.switchT, .F32), (.qwen2, .F16), (.olmoeFused, .F32), (.qwen3Fused, .BF16)] {
+        for (kind, dtype) in [(FakeFamily.mixtral, SafetensorsDType.BF16), (.switchT, .F32), (.qwen2, .F16), (.olmoe, .BF16),
+                              (.olmoeFused, .F32), (.qwen3Fused, .BF16), (.deepseek, .F16)] {
             let (tensors, config) = fakeModel(kind, dtype: dtype, seed: 99)
             let src = dir + "/\(kind.rawValue)"
             try writeFakeModel(src, tensors, config: config)
@@ -276,6 +280,14 @@ final class ImportExportTests: XCTestCase {
             let r = try CheckpointReader(h5)
             let byName = Dictionary(uniqueKeysWithValues: tensors.map { ($0.name, $0) })
             let prefix = kind.moeLayers.last!
+            if kind == .deepseek {
+                // The shared experts stay in /dense; the imported layer is the routed part only,
+                // which is what the direct computation below reproduces.
+                let dense = Set(try r.file.root.openGroup("dense").datasetPaths())
+                for m in ["gate_proj", "up_proj", "down_proj"] {
+                    XCTAssertTrue(dense.contains("\(prefix).shared_experts.\(m).weight"), "deepseek: shared \(m) not in /dense")
+                }
+            }
             let layer = try r.readLayer(prefix)
             var rng = SplitMix64(seed: 5)
             let n = 16
@@ -395,6 +407,53 @@ final class ImportExportTests: XCTestCase {
         })
         try expectImportError(.switchT, contains: ["missing expert tensor encoder.block.1.layer.1.mlp.experts.expert_2.wo.weight"]) { t in
             t.removeAll { $0.name == "encoder.block.1.layer.1.mlp.experts.expert_2.wo.weight" }
+        }
+    }
+
+    /// Malformed safetensors through the command line: exit status 1, exactly one `error:` line
+    /// naming the file or tensor, and nothing left in the output folder.
+    func testCLIImportOfMalformedSafetensorsFailsCleanly() throws {
+        let dir = temporaryDirectory(self)
+        let outs = dir + "/outs"
+        try FileManager.default.createDirectory(atPath: outs, withIntermediateDirectories: false)
+        let (tensors, config) = fakeModel(.mixtral, dtype: .F32)
+        let p = "model.layers.1.block_sparse_moe"
+        func expectCLIError(_ name: String, mentions: (String) -> [String], line: UInt = #line, make: (String) throws -> Void) throws {
+            let src = dir + "/" + name
+            try make(src)
+            let out = outs + "/\(name).h5"
+            let t0 = Date()
+            let r = try runCLI(["import", src, "-o", out])
+            let lines = r.stderr.split(separator: "\n", omittingEmptySubsequences: false).filter { !$0.isEmpty }
+            XCTAssertEqual(r.status, 1, "\(name): exit status; stderr: \(r.stderr)", line: line)
+            XCTAssertEqual(lines.count, 1, "\(name): stderr should be one line: \(r.stderr)", line: line)
+            XCTAssertTrue(r.stderr.hasPrefix("error: "), "\(name): \(r.stderr)", line: line)
+            for m in mentions(src) { XCTAssertTrue(r.stderr.contains(m), "\(name): stderr should mention \(m): \(r.stderr)", line: line) }
+            XCTAssertEqual(r.stdout, "", "\(name): stdout", line: line)
+            XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: outs), [], "\(name): output folder not empty", line: line)
+            XCTAssertLessThan(Date().timeIntervalSince(t0), 30, name, line: line)
+        }
+        // A valid model whose file then gets a header length running past the end.
+        try expectCLIError("header-past-end", mentions: { [$0 + "/model.safetensors", "past the end"] }) { src in
+            try writeFakeModel(src, tensors, config: config)
+            let h = try FileHandle(forUpdating: URL(fileURLWithPath: src + "/model.safetensors"))
+            let size = try h.seekToEnd()
+            try h.seek(toOffset: 0)
+            var n = (size + 4000).littleEndian
+            h.write(withUnsafeBytes(of: &n) { Data($0) })
+            try h.close()
+        }
+        // A router whose data_offsets lie outside the data section.
+        try expectCLIError("offsets-out-of-range", mentions: { [$0 + "/model.safetensors", "\(p).gate.weight", "outside the data section"] }) { src in
+            try writeFakeModel(src, [], config: config)
+            let bytes = 4 * fakeE * fakeH
+            handMadeSafetensors(src + "/model.safetensors",
+                                header: #"{"\#(p).gate.weight":{"dtype":"F32","shape":[\#(fakeE),\#(fakeH)],"data_offsets":[0,\#(bytes)]}}"#,
+                                data: [UInt8](repeating: 0, count: bytes / 2))
+        }
+        // An expert tensor missing from a sharded model.
+        try expectCLIError("missing-expert", mentions: { [$0, "missing expert tensor \(p).experts.2.w3.weight"] }) { src in
+            try writeFakeModel(src, tensors.filter { $0.name != "\(p).experts.2.w3.weight" }, config: config, shards: 2)
         }
     }
 

@@ -1,6 +1,9 @@
+import Foundation
+
 /// Output-aware merging (ALGORITHM.md §3b): RegMean for the input-side matrices and a
 /// weighted ridge least-squares refit of `down`. All accumulation is float64, streamed over
-/// token blocks, solved by LAPACK (Cholesky, least squares when ill-conditioned).
+/// token blocks, solved by LAPACK (Cholesky, least squares when ill-conditioned; see
+/// `SymmetricSolver.solve` for the condition threshold).
 enum OutputAwareMerge {
     /// Per-member streaming accumulators.
     struct MemberStats {
@@ -26,7 +29,7 @@ enum OutputAwareMerge {
     /// The ridge pulls towards `prior` (the frequency-weighted average) rather than towards zero,
     /// so identical members are reproduced exactly whatever λ.
     static func regmeanSolve(_ grams: [[Double]], _ weights: [Matrix], alpha: Double, ridge: Double,
-                             prior: Matrix? = nil) throws -> (Matrix, SymmetricSolver.Method) {
+                             prior: Matrix? = nil) throws -> (w: Matrix, method: SymmetricSolver.Method, conditionEstimate: Double) {
         let p = weights[0].cols, q = weights[0].rows
         var sum = [Double](repeating: 0, count: p * p)
         var rhs = [Double](repeating: 0, count: p * q)
@@ -46,10 +49,16 @@ enum OutputAwareMerge {
         if let w0 = prior {
             for i in 0..<p { for j in 0..<q { rhs[i * q + j] += lambda * Double(w0.data[j * p + i]) } }
         }
-        let (y, method) = try SymmetricSolver.solve(sum, rhs, n: p, m: q)  // Y [p, q] = W*ᵀ
+        let (y, method, estimate) = try SymmetricSolver.solve(sum, rhs, n: p, m: q)  // Y [p, q] = W*ᵀ
         var w = Matrix(rows: q, cols: p)
         for i in 0..<p { for j in 0..<q { w.data[j * p + i] = Float(y[i * q + j]) } }
-        return (w, method)
+        return (w, method, estimate)
+    }
+
+    /// A report note for a system that was not solved by Cholesky.
+    static func solverNote(_ what: String, _ method: SymmetricSolver.Method, _ estimate: Double) -> String {
+        estimate > 0 ? "\(what): \(method.rawValue) (estimated rcond \(String(format: "%.1e", estimate)))"
+                     : "\(what): \(method.rawValue) (not positive definite)"
     }
 
     static func merge(_ layer: MoELayer, prepared: [Merging.PreparedGroup], frequency: [Double], options: MergeOptions,
@@ -65,11 +74,17 @@ enum OutputAwareMerge {
         var members: [[MemberStats]] = prepared.map { p in
             p.stored.count > 1 ? p.stored.map { _ in MemberStats(gramX: .init(repeating: 0, count: d * d), gramH: .init(repeating: 0, count: f * f)) } : []
         }
+        // Distinct tokens routed to at least one member, per group (a token routed to two members
+        // of a group adds one row, not two, to the rank of the summed input Gram).
+        var groupTokens = [Int](repeating: 0, count: prepared.count)
         // Pass 1: Gram matrices of each member's own tokens (inputs and intermediate activations).
         var block = 0
         try tokens { x in
+            var seen: [Int: [Bool]] = [:]
             for (s, disp) in dispatch(layer, x).enumerated() where !disp.tokens.isEmpty {
                 guard let (gi, k) = position[s] else { continue }
+                if seen[gi] == nil { seen[gi] = [Bool](repeating: false, count: x.rows) }
+                for t in disp.tokens where !seen[gi]![t] { seen[gi]![t] = true; groupTokens[gi] += 1 }
                 let xs = x.gatherRows(disp.tokens)
                 members[gi][k].tokens += xs.rows
                 accumulateWeightedCross(xs, xs, weights: disp.weights, into: &members[gi][k].gramX)
@@ -89,11 +104,13 @@ enum OutputAwareMerge {
                 experts.append(p.aligned[0]); reports.append(report); needsRefit.append(false)
                 continue
             }
+            // Members without tokens drop out of the Gram sums.
             let used = members[gi].indices.filter { members[gi][$0].tokens > 0 }
-            let total = used.reduce(0) { $0 + members[gi][$1].tokens }
+            let total = groupTokens[gi]
             if used.isEmpty {
                 experts.append(try Merging.weightedAverage(p.aligned, weights: p.aligned.map { _ in 1 }))
                 report.how = "mean"
+                report.warning = "no routed tokens: fell back to the plain mean"
                 reports.append(report); needsRefit.append(false)
                 continue
             }
@@ -107,9 +124,9 @@ enum OutputAwareMerge {
             let gx = used.map { members[gi][$0].gramX }
             let prior = try Merging.weightedAverage(p.aligned, weights: p.weights)
             func solve(_ name: String, _ grams: [[Double]]) throws -> Matrix {
-                let (w, method) = try regmeanSolve(grams, used.map { p.aligned[$0][matrix: name]!.dense() },
-                                                   alpha: options.alpha, ridge: options.ridge, prior: prior[matrix: name]!.dense())
-                if method != .cholesky { report.notes.append("\(name): \(method.rawValue)") }
+                let (w, method, estimate) = try regmeanSolve(grams, used.map { p.aligned[$0][matrix: name]!.dense() },
+                                                             alpha: options.alpha, ridge: options.ridge, prior: prior[matrix: name]!.dense())
+                if method != .cholesky { report.notes.append(solverNote(name, method, estimate)) }
                 return w
             }
             let up = try solve("up", gx)
@@ -177,13 +194,13 @@ enum OutputAwareMerge {
             let d0 = experts[gi].down.dense()
             for i in 0..<f { for j in 0..<d { r.b[i * d + j] += lambda * Double(d0.data[j * f + i]) } }
             if hasBias, let b0 = experts[gi].downBias { for j in 0..<d { r.b[f * d + j] += lambda * Double(b0[j]) } }
-            let (y, method) = try SymmetricSolver.solve(r.a, r.b, n: fa, m: d)  // [fa, d] = down*ᵀ (+ bias row)
+            let (y, method, estimate) = try SymmetricSolver.solve(r.a, r.b, n: fa, m: d)  // [fa, d] = down*ᵀ (+ bias row)
             var down = Matrix(rows: d, cols: f)
             for i in 0..<f { for j in 0..<d { down.data[j * f + i] = Float(y[i * d + j]) } }
             experts[gi].down = .dense(down)
             if hasBias { experts[gi].downBias = (0..<d).map { Float(y[f * d + $0]) } }
             reports[gi].how = "regmean+refit"
-            if method != .cholesky { reports[gi].notes.append("refit: \(method.rawValue)") }
+            if method != .cholesky { reports[gi].notes.append(solverNote("refit", method, estimate)) }
         }
         return (experts, reports)
     }

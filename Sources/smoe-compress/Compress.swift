@@ -59,6 +59,7 @@ struct Compress: ParsableCommand {
         progress.finish()
         writer.updateEntry(CompressPipeline.historyEntry(settings, calibration: calib, report: report))
         try writer.commit()
+        printMergeWarnings(report.layers.compactMap(\.merge))
         if global.json {
             return printJSON(.object([("model", .string(model)), ("output", .string(output.output)),
                                       ("report", report.json)]))

@@ -96,6 +96,7 @@ struct Merge: ParsableCommand {
         progress.finish()
         writer.updateEntry(MergeStage.historyEntry(settings, calibration: calib, reports: reports))
         try writer.commit()
+        printMergeWarnings(reports)
         let before = bytes.reduce(0) { $0 + $1.1 }, after = bytes.reduce(0) { $0 + $1.2 }
         if global.json {
             return printJSON(.object([
@@ -110,10 +111,23 @@ struct Merge: ParsableCommand {
                 let members = zip(g.members, g.frequency).map { "\($0)(\(String(format: "%.1f%%", 100 * $1)))" }.joined(separator: " ")
                 var line = "  expert \(g.dominant) ← [\(members)]  \(g.how)"
                 if g.members.count > 1 { line += String(format: ", aligned cosine %.3f", g.alignedCosine) }
-                if let w = g.warning { line += "  warning: \(w)" }
+                if g.warning != nil { line += "  (fallback: see warning)" }
                 print(line)
             }
         }
         print("wrote \(output.output): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(settings.merge.method.rawValue) merge")
+    }
+}
+
+/// The per-group merge warnings (e.g. a RegMean fallback for too few routed tokens), one
+/// `warning:` line each on stderr, in every mode: stdout stays the report (one JSON document
+/// with --json), and --quiet silences progress only.
+func printMergeWarnings(_ reports: [LayerMergeReport]) {
+    for r in reports {
+        for g in r.groups {
+            guard let w = g.warning else { continue }
+            let members = g.members.map(String.init).joined(separator: " ")
+            FileHandle.standardError.write(Data("warning: \(r.name): group of expert \(g.dominant) [\(members)]: \(w)\n".utf8))
+        }
     }
 }

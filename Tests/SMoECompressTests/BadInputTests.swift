@@ -109,6 +109,60 @@ final class BadInputTests: XCTestCase {
         }
     }
 
+    /// Every command that reads a checkpoint, capture or statistics file, given a missing file, a
+    /// non-HDF5 file or a truncated copy of a fixture (model or capture position): one `error:`
+    /// line naming that file, exit status 1 (a crash would show as the signal number, since
+    /// `Process` reports a signal's number as the status), and no output file left.
+    func testEveryCommandRejectsMissingNonHDF5AndTruncatedFiles() throws {
+        let dir = temporaryDirectory(self)
+        let m = fixture("planted-switch.h5"), c = fixture("planted-switch.calib.h5")
+        try "hello\n".write(toFile: dir + "/text.h5", atomically: true, encoding: .utf8)
+        for (name, src) in [("trunc.h5", m), ("trunc.calib.h5", c)] {
+            let data = try Data(contentsOf: URL(fileURLWithPath: src))
+            try data.prefix(data.count / 2).write(to: URL(fileURLWithPath: dir + "/" + name))
+        }
+        let inputs = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+        let out = dir + "/out.h5"
+        let kinds: [(label: String, model: String, capture: String)] = [
+            ("missing", dir + "/nope.h5", dir + "/nope.calib.h5"),
+            ("not HDF5", dir + "/text.h5", dir + "/text.h5"),
+            ("truncated", dir + "/trunc.h5", dir + "/trunc.calib.h5"),
+        ]
+        for k in kinds {
+            let b = k.model, bc = k.capture
+            let cases: [(args: [String], names: String)] = [
+                (["stats", b, "--calib", c, "-o", out], b),
+                (["align", b, "-o", out], b),
+                (["merge", b, "--calib", c, "--groups", "2", "-o", out], b),
+                (["lowrank", b, "--rank", "4", "-o", out], b),
+                (["eval", b, m, "--calib", c], b),
+                (["eval", m, b, "--calib", c], b),
+                (["expand", b, "-o", out], b),
+                (["compress", b, "--calib", c, "--groups", "2", "-o", out], b),
+                (["stats", m, "--calib", bc, "-o", out], bc),
+                (["align", m, "--stats", bc, "-o", out], bc),
+                (["merge", m, "--calib", bc, "--groups", "2", "-o", out], bc),
+                (["merge", m, "--stats", bc, "--merge-method", "frequency", "--groups", "2", "-o", out], bc),
+                (["eval", m, m, "--calib", bc], bc),
+                (["compress", m, "--calib", bc, "--groups", "2", "-o", out], bc),
+                (["compress", m, "--calib", c, "--eval-calib", bc, "--groups", "2", "-o", out], bc),
+            ]
+            for (args, named) in cases {
+                let label = "\(k.label): \(args.joined(separator: " "))"
+                // --json changes nothing here (checked on one kind; all of them would double the time).
+                for mode in k.label == "not HDF5" ? [[], ["--json"]] : [[String]()] {
+                    let r = try runCLI(args + mode)
+                    XCTAssertEqual(r.status, 1, "\(label) \(mode): status \(r.status) (a signal?), stderr \(r.stderr)")
+                    XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(label) \(mode): one line: \(r.stderr)")
+                    XCTAssertTrue(r.stderr.hasPrefix("error: " + named + ": "), "\(label) \(mode): names the file: \(r.stderr)")
+                    XCTAssertEqual(r.stdout, "", "\(label) \(mode): nothing on stdout")
+                    XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir).sorted(), inputs,
+                                   "\(label) \(mode): no output or temporary file left")
+                }
+            }
+        }
+    }
+
     /// Random byte flips never crash the tool: it exits 0 (the flip hit unused bytes or only
     /// changed values) or 1 with one error line, never a signal.
     func testBitFlippedFilesDoNotCrash() throws {

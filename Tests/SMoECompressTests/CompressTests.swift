@@ -72,4 +72,61 @@ final class CompressTests: XCTestCase {
         }
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), [], "no temporary files left")
     }
+
+    /// The merge stage's per-group fallback warnings (too few routed tokens for RegMean) are
+    /// `warning:` lines on stderr, the same as `merge` prints, in every mode: with --json stdout
+    /// stays one JSON document, and --quiet silences progress only.
+    func testMergeFallbackWarningsOnStderr() throws {
+        let dir = temporaryDirectory(self)
+        let m = fixture("trained-switch.h5"), c = fixture("trained-switch.calib.h5")
+        let common = ["--calib", c, "--groups", "4", "--max-tokens", "40"]
+        let merged = try runCLI(["merge", m] + common + ["-o", dir + "/m.h5", "--json"])
+        XCTAssertEqual(merged.status, 0, merged.stderr)
+        let expected = merged.stderr.split(separator: "\n").map(String.init)
+        XCTAssertFalse(expected.isEmpty, "merge printed no warnings")
+        // As many lines as groups whose report carries a warning, each naming its layer.
+        let mergeDoc = try JSONValue.parse(merged.stdout)
+        var warned: [String] = []
+        for l in mergeDoc["layers"]!.arrayValue! {
+            for g in l["members"]!.arrayValue! where g["warning"] != nil { warned.append(l["name"]!.stringValue!) }
+        }
+        XCTAssertEqual(expected.count, warned.count, merged.stderr)
+        for (line, layer) in zip(expected, warned) {
+            XCTAssertTrue(line.hasPrefix("warning: \(layer): group of expert "), line)
+            XCTAssertTrue(line.contains("routed tokens (< 64): fell back to the frequency-weighted average"), line)
+        }
+        for (i, mode) in [["--json"], ["--json", "--quiet"], ["--quiet"], []].enumerated() {
+            let res = try runCLI(["compress", m] + common + ["-o", dir + "/c\(i).h5"] + mode)
+            XCTAssertEqual(res.status, 0, "\(mode): \(res.stderr)")
+            XCTAssertEqual(res.stderr.split(separator: "\n").map(String.init), expected, "\(mode)")
+            if mode.contains("--json") {
+                let doc = try JSONValue.parse(res.stdout)
+                let layers = try XCTUnwrap(doc["report"]?["layers"]?.arrayValue, "\(mode)")
+                let n = layers.reduce(0) { $0 + $1["merge"]!["members"]!.arrayValue!.filter { $0["warning"] != nil }.count }
+                XCTAssertEqual(n, expected.count, "\(mode): the JSON report keeps the warnings too")
+            } else {
+                XCTAssertFalse(res.stdout.contains("warning"), "\(mode): warnings belong on stderr")
+                XCTAssertTrue(res.stdout.contains("wrote \(dir)/c\(i).h5"), res.stdout)
+            }
+        }
+        // merge's text mode prints the same lines on stderr and marks the groups in its table.
+        let text = try runCLI(["merge", m] + common + ["-o", dir + "/t.h5", "--quiet"])
+        XCTAssertEqual(text.stderr.split(separator: "\n").map(String.init), expected)
+        XCTAssertEqual(text.stdout.components(separatedBy: "(fallback: see warning)").count - 1, expected.count, text.stdout)
+    }
+
+    /// compress on a factored checkpoint: one error line naming the file and layer (not
+    /// alignment), with or without --no-align, and no output.
+    func testFactoredCheckpointIsOneErrorNamingTheLayer() throws {
+        let dir = temporaryDirectory(self)
+        let factored = try factoredCheckpoint(dir)
+        let layer = try CheckpointReader(factored).layers[0].name
+        for extra in [[], ["--no-align"], ["--rank", "4"], ["--no-align", "--merge-method", "frequency", "--rank", "4"]] {
+            let res = try runCLI(["compress", factored, "--calib", fixture("planted-mixtral.calib.h5"), "--groups", "4",
+                                  "-o", dir + "/x.h5", "--json"] + extra)
+            assertFactoredError(res, file: factored, layer: layer, "\(extra)")
+            XCTAssertEqual(res.stdout, "", "\(extra): no report")
+            XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), ["l.h5"], "\(extra): no output left")
+        }
+    }
 }

@@ -321,6 +321,57 @@ final class StatisticsTests: XCTestCase {
         XCTAssertEqual(doc["undefined0"]?.arrayValue?.compactMap(\.intValue), [])
     }
 
+    /// `stats` flags an expert the router never chooses, in its table and in --json: a copy of
+    /// planted-mixtral whose layer 1 router gives one well used slot a bias of −10⁴.
+    func testStatsFlagsNeverChosenExpert() throws {
+        let dir = temporaryDirectory(self)
+        let source = try CheckpointReader(fixture("planted-mixtral.h5"))
+        let calib = fixture("planted-mixtral.calib.h5")
+        let target = source.layers[1].name
+        let before = try Statistics.compute(layer: try source.readLayer(target), calibration: try CalibrationReader(calib))
+        XCTAssertEqual(before.neverChosen, [], "the planted layer uses every slot")
+        let silenced = before.counts.indices.max { before.counts[$0] < before.counts[$1] }!  // the most used slot
+        let path = dir + "/never.h5"
+        let w = try CheckpointWriter(destination: path, derivedFrom: source, entry: ["stage": "test"])
+        for c in source.layers {
+            var layer = try source.readLayer(c.name)
+            if c.name == target {
+                var bias = [Float](repeating: 0, count: c.numExperts)
+                bias[silenced] = -1e4
+                layer.routerBias = bias
+            }
+            _ = try w.write(layer)
+        }
+        try w.commit()
+
+        let t = try runCLI(["stats", path, "--calib", calib, "-o", dir + "/s.h5"])
+        XCTAssertEqual(t.status, 0, t.stderr)
+        let lines = t.stdout.split(separator: "\n").map(String.init)
+        let header = try XCTUnwrap(lines.firstIndex { $0.hasPrefix(target + " (index") }, t.stdout)
+        XCTAssertTrue(lines[header].hasSuffix(", never chosen: \(silenced)"), lines[header])
+        let rows = lines[(header + 2)..<(header + 2 + 8)].map { $0.split(separator: " ").map(String.init) }
+        for (slot, row) in rows.enumerated() {
+            XCTAssertEqual(row.first, "\(slot)", lines[header + 2 + slot])
+            if slot == silenced {
+                XCTAssertEqual(row, ["\(slot)", "0", "0.0000", "never", "chosen"], "slot \(slot) row")
+            } else {
+                XCTAssertFalse(row.contains("never"), "slot \(slot) is chosen: \(row)")
+            }
+        }
+        // The other layer is untouched and flags nothing.
+        let other = try XCTUnwrap(lines.first { $0.hasPrefix(source.layers[0].name + " (index") })
+        XCTAssertFalse(other.contains("never chosen"), other)
+
+        let j = try runCLI(["stats", path, "--calib", calib, "-o", dir + "/s2.h5", "--json"])
+        XCTAssertEqual(j.status, 0, j.stderr)
+        let layers = try XCTUnwrap(try JSONValue.parse(j.stdout)["layers"]?.arrayValue)
+        XCTAssertEqual(layers.map { $0["never_chosen"]?.arrayValue?.compactMap(\.intValue) }, [[], [silenced]])
+        XCTAssertEqual(layers[1]["counts"]?.arrayValue?[silenced].intValue, 0)
+        // The router still spends all its hits on the other slots.
+        XCTAssertEqual(layers[1]["counts"]?.arrayValue?.compactMap(\.intValue).reduce(0, +), before.counts.reduce(0, +))
+        XCTAssertEqual(try StatsReader(dir + "/s.h5").read(target).neverChosen, [silenced], "the stats file too")
+    }
+
     /// Writes a calibration file from planted-switch's capture with the given layers.
     func calibration(_ path: String, layers: [(name: String, x: Matrix)]) throws {
         let w = try CalibrationWriter(destination: path, source: "test")

@@ -104,9 +104,23 @@ public enum MergeStage {
         return out
     }
 
+    /// What merging a factored layer says: alignment and averaging work on dense weights only.
+    static let factoredMessage = "merge needs dense experts, but this layer is factored (merge before lowrank, or run expand first)"
+
+    /// Throws unless every merged layer of `model` stores dense experts (checked from the file's
+    /// layout, before any work), naming the file and the first factored layer.
+    public static func checkDense(model: CheckpointReader, layers names: [String]) throws {
+        for name in names where try model.summary(name).isCompressed {
+            throw SMoEError.dataset(model.path, name, factoredMessage)
+        }
+    }
+
     /// Merges one layer with its planned grouping.
     public static func apply(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double], settings: MergeSettings,
                              tokens: TokenBlocks?, progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: LayerMergeReport) {
+        if layer.experts.contains(where: { $0.namedMatrices.contains { $0.op.isFactored } }) {
+            throw SMoEError("\(layer.name): \(factoredMessage)")
+        }
         let (merged, groups) = try Merging.mergeLayer(layer, grouping: grouping, frequency: frequency, options: settings.merge,
                                                       tokens: tokens, progress: progress)
         return (merged, LayerMergeReport(name: layer.name, grouping: grouping, groups: groups))
@@ -162,6 +176,7 @@ extension MergeStage {
         sink: (_ original: MoELayer, _ result: MoELayer, _ report: LayerMergeReport?) throws -> Void
     ) throws -> [LayerMergeReport] {
         let names = try settings.mergedLayers(of: model.layers, file: model.path)
+        try checkDense(model: model, layers: names)
         guard let base = SimilarityBase(rawValue: settings.similarity) else {
             throw SMoEError.option("--similarity", "unknown base '\(settings.similarity)' (router-logits, weight, feature, expert-output)")
         }

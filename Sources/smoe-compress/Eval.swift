@@ -36,6 +36,7 @@ struct Eval: ParsableCommand {
                                blockSize: blockSize, maxTokens: maxTokens, progress: progress.callback)
         }
         progress.finish()
+        defer { warnIfCaptureIsForeign(result) }
         if global.json {
             return printJSON(.object([("original", .string(original)), ("compressed", .string(compressed)),
                                       ("calibration", .string(calib)), ("evaluation", result.json)]))
@@ -60,13 +61,18 @@ func renderEvaluation(_ r: ModelEvaluation) -> String {
                  + "(\(fixed(r.expertRatio, 2))× smaller); experts + dense: "
                  + "\(formatBytes(r.expertBytesBefore + r.denseBytesBefore)) → \(formatBytes(r.expertBytesAfter + r.denseBytesAfter)) "
                  + "(\(fixed(r.modelRatio, 2))×)")
-    let suspicious = r.layers.filter { ($0.capturedOutputError ?? 0) > 0.05 }
-    if !suspicious.isEmpty {
-        lines.append("warning: the original model does not reproduce the outputs stored in the capture for "
-                     + suspicious.map { "\($0.name) (\(fixed($0.capturedOutputError!, 3)))" }.joined(separator: ", ")
-                     + ": is the capture from this model?")
-    }
     return lines.joined(separator: "\n")
+}
+
+/// One `warning:` line on stderr (in every mode) when the original model does not reproduce
+/// the layer outputs stored in the capture: the capture is probably from another model.
+func warnIfCaptureIsForeign(_ r: ModelEvaluation) {
+    let suspicious = r.layers.filter { ($0.capturedOutputError ?? 0) > 0.05 }
+    guard !suspicious.isEmpty else { return }
+    let text = "warning: the original model does not reproduce the outputs stored in the capture for "
+        + suspicious.map { "\($0.name) (\(fixed($0.capturedOutputError!, 3)))" }.joined(separator: ", ")
+        + ": is the capture from this model?\n"
+    FileHandle.standardError.write(Data(text.utf8))
 }
 
 /// 1234567 → "1.23M".

@@ -113,6 +113,27 @@ final class EvaluationTests: XCTestCase {
         XCTAssertFalse(res.stdout.contains(a.layers[1].name), res.stdout)
     }
 
+    /// A capture the original model does not reproduce gets one warning on stderr, also with
+    /// --json (stdout stays one JSON document); a matching capture gets none.
+    func testForeignCaptureWarnsOnStderr() throws {
+        let dir = temporaryDirectory(self)
+        let model = fixture("trained-switch.h5"), calib = fixture("trained-switch.calib.h5")
+        let other = dir + "/other.h5"
+        XCTAssertEqual(try runCLI(["lowrank", model, "--rank", "4", "-o", other, "--quiet"]).status, 0)
+        for json in [false, true] {
+            let flags = json ? ["--json", "--quiet"] : ["--quiet"]
+            let bad = try runCLI(["eval", other, model, "--calib", calib] + flags)
+            XCTAssertEqual(bad.status, 0, bad.stderr)
+            let warnings = bad.stderr.split(separator: "\n").filter { $0.hasPrefix("warning: the original model does not reproduce") }
+            XCTAssertEqual(warnings.count, 1, "json \(json): \(bad.stderr)")
+            XCTAssertFalse(bad.stdout.contains("warning:"), "json \(json): the warning belongs on stderr")
+            if json { XCTAssertNoThrow(try JSONValue.parse(bad.stdout)) }
+            let good = try runCLI(["eval", model, other, "--calib", calib] + flags)
+            XCTAssertEqual(good.status, 0, good.stderr)
+            XCTAssertFalse(good.stderr.contains("warning:"), "json \(json): \(good.stderr)")
+        }
+    }
+
     func testEvalBadInputs() throws {
         let dir = temporaryDirectory(self)
         let cases: [([String], String)] = [

@@ -111,6 +111,7 @@ struct Merge: ParsableCommand {
                 let members = zip(g.members, g.frequency).map { "\($0)(\(String(format: "%.1f%%", 100 * $1)))" }.joined(separator: " ")
                 var line = "  expert \(g.dominant) ← [\(members)]  \(g.how)"
                 if g.members.count > 1 { line += String(format: ", aligned cosine %.3f", g.alignedCosine) }
+                if !g.notes.isEmpty { line += "  [" + g.notes.joined(separator: "; ") + "]" }
                 if g.warning != nil { line += "  (fallback: see warning)" }
                 print(line)
             }

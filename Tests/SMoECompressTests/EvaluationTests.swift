@@ -113,6 +113,26 @@ final class EvaluationTests: XCTestCase {
         XCTAssertFalse(res.stdout.contains(a.layers[1].name), res.stdout)
     }
 
+    /// Parameters and FLOPs of factored layers, by hand: trained-mixtral (E = 8, k = 2, GLU,
+    /// d_model 64, d_ff 128) at rank 8 stores per matrix U [128|64, 8] + V [8, 64|128], i.e.
+    /// 8·(128 + 64) = 1536 parameters, 2·1536 FLOPs per token; three matrices per expert.
+    func testFactoredParametersAndFlopsByHand() throws {
+        let dir = temporaryDirectory(self)
+        let model = fixture("trained-mixtral.h5"), factored = dir + "/r8.h5"
+        XCTAssertEqual(try runCLI(["lowrank", model, "--rank", "8", "-o", factored, "--quiet"]).status, 0)
+        let res = try runCLI(["eval", model, factored, "--calib", fixture("trained-mixtral.heldout.h5"), "--max-tokens", "50", "--json"])
+        XCTAssertEqual(res.status, 0, res.stderr)
+        let layers = try XCTUnwrap(try JSONValue.parse(res.stdout)["evaluation"]?["layers"]?.arrayValue)
+        XCTAssertEqual(layers.count, 4)
+        for l in layers {
+            let name = l["name"]?.stringValue ?? "?"
+            XCTAssertEqual(l["expert_parameters_before"]?.doubleValue, 8 * 3 * 128 * 64, name)
+            XCTAssertEqual(l["expert_parameters_after"]?.doubleValue, 8 * 3 * 1536, name)
+            XCTAssertEqual(l["expert_flops_per_token_before"]?.doubleValue, 2 * 3 * 2 * 128 * 64, name)  // k · 3 matrices · 2 FLOPs
+            XCTAssertEqual(l["expert_flops_per_token_after"]?.doubleValue, 2 * 3 * 2 * 1536, name)
+        }
+    }
+
     /// A capture the original model does not reproduce gets one warning on stderr, also with
     /// --json (stdout stays one JSON document); a matching capture gets none.
     func testForeignCaptureWarnsOnStderr() throws {

@@ -160,7 +160,7 @@ public enum LinearOp: Sendable, Equatable {
         }
     }
 
-    /// Multiply–adds per token to apply this matrix.
+    /// FLOPs per token to apply this matrix (2 per multiply–add; factored: U, V and S's nonzeros).
     public var flopsPerToken: Int {
         switch self {
         case .dense(let w): return 2 * w.count

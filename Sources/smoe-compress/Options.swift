@@ -10,8 +10,26 @@ struct GlobalOptions: ParsableArguments {
     @Flag(help: "No progress display on stderr.")
     var quiet = false
 
-    /// Progress on stderr, only when it is a terminal and not --quiet.
-    var progress: Progress { Progress(enabled: !quiet && isatty(2) != 0) }
+    /// Progress on stderr, only when it is a terminal and not --quiet. Interactive runs also
+    /// get the OpenBLAS kernel hint below, once.
+    var progress: Progress {
+        let enabled = !quiet && isatty(2) != 0
+        if enabled, let hint = openBLASKernelHint() { FileHandle.standardError.write(Data("note: \(hint)\n".utf8)) }
+        return Progress(enabled: enabled)
+    }
+}
+
+/// A hint when OpenBLAS runs its generic "Prescott" kernels on a CPU with AVX2 (an OpenBLAS
+/// older than the CPU does that) and OPENBLAS_CORETYPE is not set: products are then ~3× slower
+/// than they need be (README, "Check which kernels OpenBLAS picked").
+func openBLASKernelHint() -> String? {
+    guard ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] == nil, BLAS.coreName == "Prescott",
+          let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+          let flags = info.split(separator: "\n").first(where: { $0.hasPrefix("flags") })?.split(separator: " ")
+    else { return nil }
+    let core = flags.contains("avx512f") ? "SkylakeX" : flags.contains("avx2") ? "Haswell" : nil
+    return core.map { "OpenBLAS uses its generic Prescott kernels on this \(flags.contains("avx512f") ? "AVX-512" : "AVX2") CPU; "
+        + "OPENBLAS_CORETYPE=\($0) makes matrix products several times faster" }
 }
 
 /// Options of commands that write a checkpoint.

@@ -334,13 +334,19 @@ private struct LAPJV {
                     let row = c + i * n
                     let h = sign * Double(row[j1]) - vp[j1] - m
                     best = .infinity; bestFree = false; bestJ = Int.max; bestK = -1
-                    for k in 0..<nRem {
-                        let j = rem[k]
-                        let d = sign * Double(row[j]) - vp[j] - h
-                        var x = wp[j]
-                        if d < x { x = d; wp[j] = d; pr[j] = i }
-                        consider(x, j, k)
+                    // The hottest loop: specialised for each sign so the cost is used as read.
+                    @inline(__always) func relax(negated: Bool) {
+                        let rp = rem.baseAddress!, vq = vp.baseAddress!, wq = wp.baseAddress!
+                        for k in 0..<nRem {
+                            let j = rp[k]
+                            let cost = negated ? -Double(row[j]) : Double(row[j])
+                            let d = cost - vq[j] - h
+                            var x = wq[j]
+                            if d < x { x = d; wq[j] = d; pr[j] = i }
+                            consider(x, j, k)
+                        }
                     }
+                    if sign < 0 { relax(negated: true) } else { relax(negated: false) }
                 }
             }}}}}
             // Price update of the scanned columns keeps the dual feasible and makes the path tight.

@@ -27,11 +27,12 @@ struct Inspect: ParsableCommand {
         let r = try CheckpointReader(file)
         let (json, layers, dense) = try Inspection.checkpoint(r)
         if check {
+            let progress = global.progress
             for (i, l) in r.layers.enumerated() {
-                global.progress.update("checking", i, r.layers.count)
+                progress.update("checking", i, r.layers.count)
                 _ = try r.readLayer(l.name)
             }
-            global.progress.finish()
+            progress.finish()
         }
         if global.json { return printJSON(json) }
         print("\(file): smoe-checkpoint, architecture \(r.architecture), \(layers.count) MoE layers")

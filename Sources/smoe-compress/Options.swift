@@ -14,10 +14,15 @@ struct GlobalOptions: ParsableArguments {
     /// get the OpenBLAS kernel hint below, once.
     var progress: Progress {
         let enabled = !quiet && isatty(2) != 0
-        if enabled, let hint = openBLASKernelHint() { FileHandle.standardError.write(Data("note: \(hint)\n".utf8)) }
+        if enabled { _ = openBLASKernelNote }
         return Progress(enabled: enabled)
     }
 }
+
+/// Prints the OpenBLAS kernel hint at most once per process (a global is initialised once).
+let openBLASKernelNote: Void = {
+    if let hint = openBLASKernelHint() { FileHandle.standardError.write(Data("note: \(hint)\n".utf8)) }
+}()
 
 /// A hint when OpenBLAS runs its generic "Prescott" kernels on a CPU with AVX2 (an OpenBLAS
 /// older than the CPU does that) and OPENBLAS_CORETYPE is not set: products are then ~3× slower
@@ -40,7 +45,7 @@ struct OutputOptions: ParsableArguments {
     @Option(help: "Stored float type of weights: f32, f16, bf16, or auto (the input's experts' type when it is float16 or bfloat16, else f32).")
     var dtype: String = "auto"
 
-    @Option(help: "gzip level (0-9, with the shuffle filter) for dense expert tensors (factors stay contiguous); off by default.")
+    @Option(help: "gzip level (0-9, with the shuffle filter) for dense expert weight matrices (not factors or biases); off by default.")
     var gzip: Int?
 
     func validate() throws {

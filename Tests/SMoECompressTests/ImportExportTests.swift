@@ -422,7 +422,6 @@ final class ImportExportTests: XCTestCase {
             let src = dir + "/" + name
             try make(src)
             let out = outs + "/\(name).h5"
-            let t0 = Date()
             let r = try runCLI(["import", src, "-o", out])
             let lines = r.stderr.split(separator: "\n", omittingEmptySubsequences: false).filter { !$0.isEmpty }
             XCTAssertEqual(r.status, 1, "\(name): exit status; stderr: \(r.stderr)", line: line)
@@ -431,7 +430,6 @@ final class ImportExportTests: XCTestCase {
             for m in mentions(src) { XCTAssertTrue(r.stderr.contains(m), "\(name): stderr should mention \(m): \(r.stderr)", line: line) }
             XCTAssertEqual(r.stdout, "", "\(name): stdout", line: line)
             XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: outs), [], "\(name): output folder not empty", line: line)
-            XCTAssertLessThan(Date().timeIntervalSince(t0), 30, name, line: line)
         }
         // A valid model whose file then gets a header length running past the end.
         try expectCLIError("header-past-end", mentions: { [$0 + "/model.safetensors", "past the end"] }) { src in

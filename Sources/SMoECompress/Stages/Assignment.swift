@@ -30,9 +30,10 @@ public struct AssignmentResult: Sendable, Equatable {
 /// ends a search earliest), so for example an all-equal matrix gives the identity.
 ///
 /// Speed (`smoe-bench assignment`, weight-matching matrices on this project's 2-core machine):
-/// 4–7× faster than SciPy's `linear_sum_assignment` at n = 3072 and n = 14336. Augmenting row
-/// reduction reads each row's minima from a short candidate list (valid while prices only
-/// drop, which they do), so the expensive Dijkstra phase sees only a handful of rows.
+/// 2.5–7× faster than SciPy's `linear_sum_assignment` at n = 3072 and n = 14336 (figures in
+/// ALGORITHM.md §2). Augmenting row reduction reads each row's minima from a short candidate
+/// list (valid while prices only drop, which they do), so the expensive Dijkstra phase sees
+/// only a handful of rows.
 public enum LinearAssignment {
     /// Solves the assignment problem on the square matrix `costs` (minimising by default,
     /// maximising with `maximize: true`).

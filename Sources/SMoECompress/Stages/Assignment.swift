@@ -138,10 +138,9 @@ private struct LAPJV {
                 }
             }
         }
-        let colMin = colMinF.map(Double.init)
         var matches = [Int](repeating: 0, count: n)
         for j in 0..<n {
-            v[j] = colMin[j]
+            v[j] = Double(colMinF[j])
             let i = Int(argMin[j])
             matches[i] += 1
             if matches[i] == 1 {
@@ -177,16 +176,15 @@ private struct LAPJV {
     /// of lowest reduced cost when the list was built and the next-lowest reduced cost then
     /// (`bound`). Prices only ever drop, so reduced costs only grow: while the second-lowest
     /// reduced cost among a row's candidates is below its bound, no other column can be lower
-    /// and the row's minimum and second minimum come from the list in O(width).
+    /// and the row's minimum and second minimum come from the list in O(width). A bound of −∞
+    /// marks a row whose list is not built yet (a built bound is finite or +∞).
     struct Candidates {
         static let width = 16
         var columns: [Int32]
         var bound: [Double]
-        var built: [Bool]
         init(n: Int) {
             columns = [Int32](repeating: 0, count: n * Candidates.width)
             bound = [Double](repeating: -.infinity, count: n)
-            built = [Bool](repeating: false, count: n)
         }
     }
 
@@ -210,14 +208,13 @@ private struct LAPJV {
         let m = min(k, n)
         for t in 0..<k { cand.columns[i * k + t] = t < m ? js[t] : -1 }
         cand.bound[i] = n > k ? hs[k] : .infinity
-        cand.built[i] = true
     }
 
     /// Lowest and second-lowest reduced cost of row i, and their columns (ties: lower column).
     func rowMinima(_ i: Int, _ cand: inout Candidates) -> (umin: Double, j1: Int, usub: Double, j2: Int) {
         let k = Candidates.width
         for attempt in 0..<2 {
-            if !cand.built[i] || attempt == 1 { buildCandidates(i, &cand) }
+            if cand.bound[i] == -.infinity || attempt == 1 { buildCandidates(i, &cand) }
             var umin = Double.infinity, usub = Double.infinity, j1 = -1, j2 = -1
             for t in 0..<k {
                 let j32 = cand.columns[i * k + t]

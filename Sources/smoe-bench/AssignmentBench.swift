@@ -55,15 +55,6 @@ func assignmentBench(_ args: [String]) throws {
         seed = v
     }
     let noise: Float = 0.2
-    func time<T>(_ body: () throws -> T) rethrows -> (T, Double) {
-        let t0 = DispatchTime.now().uptimeNanoseconds
-        let v = try body()
-        return (v, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-    }
-    func line(_ s: String) {
-        print(s)
-        fflush(nil)  // rows appear as they are measured, even when piped (fflush(stdout) is not concurrency-safe in Swift 6)
-    }
 
     // SciPy: the helper script next to the sources (or under the current directory).
     let script: String? = {
@@ -87,10 +78,10 @@ func assignmentBench(_ args: [String]) throws {
     var scipy = !args.contains("--no-scipy")
     if scipy {
         if script == nil {
-            line("scipy: not available (tools/bench_lsa_scipy.py not found; run from the repository root)")
+            printRow("scipy: not available (tools/bench_lsa_scipy.py not found; run from the repository root)")
             scipy = false
         } else if python(["-c", "import scipy, numpy"]).status != 0 {
-            line("scipy: not available (python3 cannot import scipy and numpy)")
+            printRow("scipy: not available (python3 cannot import scipy and numpy)")
             scipy = false
         }
     }
@@ -119,19 +110,19 @@ func assignmentBench(_ args: [String]) throws {
         return (s, o)
     }
 
-    line("weight matching C = up_a·up_bᵀ + down_aᵀ·down_b of two mlp experts (Gaussian, σ = 1/√d), maximize, seed \(seed)")
-    line("independent: two unrelated experts; related: b = a with permuted neurons + \(Int(noise * 100))% noise")
+    printRow("weight matching C = up_a·up_bᵀ + down_aᵀ·down_b of two mlp experts (Gaussian, σ = 1/√d), maximize, seed \(seed)")
+    printRow("independent: two unrelated experts; related: b = a with permuted neurons + \(Int(noise * 100))% noise")
     if scipy {
-        line("targets: ours ≥ 2× faster than scipy on independent, ≥ 1× on related, objectives equal (rel. diff ≤ 1e-9)")
-        line("size        case             ours s    scipy s  speed-up  obj rel diff  planted  result")
+        printRow("targets: ours ≥ 2× faster than scipy on independent, ≥ 1× on related, objectives equal (rel. diff ≤ 1e-9)")
+        printRow("size        case             ours s    scipy s  speed-up  obj rel diff  planted  result")
     } else {
-        line("size        case             ours s  planted")
+        printRow("size        case             ours s  planted")
     }
     for f in sizes {
         let d = f == 3072 ? 768 : f == 14336 ? 4096 : max(1, f / 4)
         let sigma = 1 / Float(d).squareRoot()
         var rng = SplitMix64(seed: seed &* 1_000_003 &+ UInt64(f))
-        let (a, genSeconds) = time {
+        let (a, genSeconds) = timed {
             Expert(up: Matrix(rows: f, cols: d, data: gaussianBuffer(f * d, scale: sigma, &rng)),
                    down: Matrix(rows: d, cols: f, data: gaussianBuffer(d * f, scale: sigma, &rng)))
         }
@@ -139,7 +130,7 @@ func assignmentBench(_ args: [String]) throws {
         for relatedCase in [false, true] {
             let name = relatedCase ? "related" : "independent"
             var planted: [Int]? = nil
-            let (c, buildSeconds): (Matrix, Double) = try time {
+            let (c, buildSeconds): (Matrix, Double) = try timed {
                 let b: Expert
                 if relatedCase {
                     // b's neuron j is a's neuron q[j], plus noise; the aligning permutation is q⁻¹.
@@ -160,7 +151,7 @@ func assignmentBench(_ args: [String]) throws {
             let size = "\(d)x\(f)".padding(toLength: 11, withPad: " ", startingAt: 0)
             let label = name.padding(toLength: 13, withPad: " ", startingAt: 0)
             buildTimes.append(buildSeconds)
-            let (ours, oursSeconds) = try time { try LinearAssignment.solve(c, maximize: true) }
+            let (ours, oursSeconds) = try timed { try LinearAssignment.solve(c, maximize: true) }
             let recovered = planted.map { $0 == ours.rowToColumn ? "yes    " : "NO     " } ?? "-      "
             if scipy {
                 let sp = try runSciPy(c)
@@ -168,14 +159,14 @@ func assignmentBench(_ args: [String]) throws {
                 let diff = abs(ours.objective - sp.objective) / max(abs(sp.objective), 1e-300)
                 let fast = ratio >= (relatedCase ? 1 : 2), same = diff <= 1e-9
                 let result = fast && same ? "PASS" : "FAIL" + (same ? "" : " (objective)") + (fast ? "" : " (speed)")
-                line(String(format: "%@ %@ %8.4f  %8.4f  %7.2f×  %11.2e   %@  %@", size as NSString, label as NSString,
+                printRow(String(format: "%@ %@ %8.4f  %8.4f  %7.2f×  %11.2e   %@  %@", size as NSString, label as NSString,
                             oursSeconds, sp.seconds, ratio, diff, recovered as NSString, result as NSString))
             } else {
-                line(String(format: "%@ %@ %8.4f  %@", size as NSString, label as NSString, oursSeconds,
+                printRow(String(format: "%@ %@ %8.4f  %@", size as NSString, label as NSString, oursSeconds,
                             recovered as NSString))
             }
         }
-        line(String(format: "  (%@: first expert generated in %.2f s; cost matrices, second expert included, built in %.2f s and %.2f s)",
+        printRow(String(format: "  (%@: first expert generated in %.2f s; cost matrices, second expert included, built in %.2f s and %.2f s)",
                     "\(d)x\(f)" as NSString, genSeconds, buildTimes[0], buildTimes[1]))
     }
 
@@ -183,9 +174,9 @@ func assignmentBench(_ args: [String]) throws {
     // (no target), to show there is no pathological case hiding behind the headline figures.
     let n = value("--other-size").flatMap { Int($0) } ?? 2048
     guard n > 0 else { return }
-    line("")
-    line("other \(n)×\(n) matrices, minimise (no target; structure and ties)")
-    line(scipy ? "matrix                     ours s    scipy s  speed-up  obj rel diff" : "matrix                     ours s")
+    printRow("")
+    printRow("other \(n)×\(n) matrices, minimise (no target; structure and ties)")
+    printRow(scipy ? "matrix                     ours s    scipy s  speed-up  obj rel diff" : "matrix                     ours s")
     var rng = SplitMix64(seed: seed &+ 99)
     let others: [(String, (Int, Int) -> Float)] = [
         ("uniform [0, 1)", { _, _ in Float(rng.nextDouble()) }),
@@ -198,15 +189,15 @@ func assignmentBench(_ args: [String]) throws {
     for (name, entry) in others {
         var c = Matrix(rows: n, cols: n)
         for i in 0..<n { for j in 0..<n { c.data[i * n + j] = entry(i, j) } }
-        let (ours, oursSeconds) = try time { try LinearAssignment.solve(c) }
+        let (ours, oursSeconds) = try timed { try LinearAssignment.solve(c) }
         let label = name.padding(toLength: 24, withPad: " ", startingAt: 0)
         if scipy {
             let sp = try runSciPy(c, minimize: true)
             let diff = abs(ours.objective - sp.objective) / max(abs(sp.objective), 1e-300)
-            line(String(format: "%@ %8.4f  %8.4f  %7.2f×  %11.2e", label as NSString, oursSeconds, sp.seconds,
+            printRow(String(format: "%@ %8.4f  %8.4f  %7.2f×  %11.2e", label as NSString, oursSeconds, sp.seconds,
                         sp.seconds / oursSeconds, diff))
         } else {
-            line(String(format: "%@ %8.4f", label as NSString, oursSeconds))
+            printRow(String(format: "%@ %8.4f", label as NSString, oursSeconds))
         }
     }
 }

@@ -16,11 +16,6 @@ func decayingSpectrumMatrix(rows: Int, cols: Int, decay: Double, seed: UInt64) t
 
 func lowRankBench(_ args: [String]) throws {
     let quick = args.contains("--quick")
-    func time<T>(_ body: () throws -> T) rethrows -> (T, Double) {
-        let t0 = DispatchTime.now().uptimeNanoseconds
-        let v = try body()
-        return (v, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-    }
     var shapes: [(Int, Int, [Int])] = [(3072, 768, [32, 64, 128, 192]), (768, 3072, [32, 64, 128, 192])]
     if !quick { shapes.append((14336, 4096, [64, 128])) }
     print("rank-r factorisation (sparsity 0), decaying spectrum σ_i = exp(-i/40) + 0.02; randomized: oversampling 10, 2 power iterations")
@@ -30,19 +25,18 @@ func lowRankBench(_ args: [String]) throws {
         let w = try decayingSpectrumMatrix(rows: rows, cols: cols, decay: 40, seed: UInt64(rows &* 31 &+ cols))
         // One exact SVD serves every rank (sgesdd computes the whole spectrum anyway), timed once.
         var exactOptions = LowRankOptions(rank: 1, svd: .exact)
-        let (_, exactTime) = try time { try LowRankStage.factor(w, options: exactOptions) }
+        let (_, exactTime) = try timed { try LowRankStage.factor(w, options: exactOptions) }
         for r in ranks {
             exactOptions.rank = r
-            let (exact, _) = try time { try LowRankStage.factor(w, options: exactOptions) }
+            let (exact, _) = try timed { try LowRankStage.factor(w, options: exactOptions) }
             let randOptions = LowRankOptions(rank: r, svd: .randomized)
-            let (rand, randTime) = try time { try LowRankStage.factor(w, options: randOptions) }
+            let (rand, randTime) = try timed { try LowRankStage.factor(w, options: randOptions) }
             let e = exact.report.relativeError, q = rand.report.relativeError
             let ok = q <= e * 1.01
             let auto = LowRankOptions(rank: r).prefersRandomized(rank: r, rows: rows, cols: cols) ? "randomized" : "exact"
-            print(String(format: "%-13@ %5d  %8.3f %8.3f  %7.1f×  %10.6f  %10.6f   %@  %@",
-                         "\(rows)x\(cols)" as NSString, r, exactTime, randTime, exactTime / randTime, e, q,
-                         (ok ? "yes" : "NO ") as NSString, auto as NSString))
-            fflush(nil)  // rows appear as they are measured, even when piped
+            printRow(String(format: "%-13@ %5d  %8.3f %8.3f  %7.1f×  %10.6f  %10.6f   %@  %@",
+                            "\(rows)x\(cols)" as NSString, r, exactTime, randTime, exactTime / randTime, e, q,
+                            (ok ? "yes" : "NO ") as NSString, auto as NSString))
         }
     }
 }

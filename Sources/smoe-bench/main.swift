@@ -4,6 +4,20 @@
 import Foundation
 import SMoECompress
 
+/// Runs `body` and returns its result with the wall-clock seconds it took.
+func timed<T>(_ body: () throws -> T) rethrows -> (T, Double) {
+    let t0 = DispatchTime.now().uptimeNanoseconds
+    let v = try body()
+    return (v, Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+}
+
+/// Prints one result row and flushes, so rows appear as they are measured even when piped
+/// (`fflush(nil)`: `fflush(stdout)` is not concurrency-safe in Swift 6).
+func printRow(_ s: String) {
+    print(s)
+    fflush(nil)
+}
+
 let benchmarks: [(name: String, summary: String, run: ([String]) throws -> Void)] = [
     ("assignment", "linear assignment solver vs SciPy on weight-matching cost matrices", assignmentBench),
     ("lowrank", "exact vs randomized SVD for low-rank compression", lowRankBench),

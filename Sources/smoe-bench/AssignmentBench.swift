@@ -45,13 +45,13 @@ func assignmentBench(_ args: [String]) throws {
     if let s = value("--sizes") {
         let parsed = s.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard !parsed.isEmpty, parsed.allSatisfy({ ($0 ?? 0) > 0 }) else {
-            throw SMoEError.option("--sizes", "expected a comma-separated list of positive d_ff values, got '\(s)'")
+            throw SMoEError("--sizes: expected a comma-separated list of positive d_ff values, got '\(s)'")
         }
         sizes = parsed.map { $0! }
     }
     var seed: UInt64 = 1
     if let s = value("--seed") {
-        guard let v = UInt64(s) else { throw SMoEError.option("--seed", "expected a non-negative integer, got '\(s)'") }
+        guard let v = UInt64(s) else { throw SMoEError("--seed: expected a non-negative integer, got '\(s)'") }
         seed = v
     }
     let noise: Float = 0.2

@@ -24,16 +24,16 @@ func lowRankBench(_ args: [String]) throws {
     for (rows, cols, ranks) in shapes {
         let w = try decayingSpectrumMatrix(rows: rows, cols: cols, decay: 40, seed: UInt64(rows &* 31 &+ cols))
         // One exact SVD serves every rank (sgesdd computes the whole spectrum anyway), timed once.
-        var exactOptions = LowRankOptions(rank: 1, svd: .exact)
+        var exactOptions = LowRankOptions(rank: .fixed(1), svd: .exact)
         let (_, exactTime) = try timed { try LowRankStage.factor(w, options: exactOptions) }
         for r in ranks {
-            exactOptions.rank = r
+            exactOptions.rank = .fixed(r)
             let (exact, _) = try timed { try LowRankStage.factor(w, options: exactOptions) }
-            let randOptions = LowRankOptions(rank: r, svd: .randomized)
+            let randOptions = LowRankOptions(rank: .fixed(r), svd: .randomized)
             let (rand, randTime) = try timed { try LowRankStage.factor(w, options: randOptions) }
             let e = exact.report.relativeError, q = rand.report.relativeError
             let ok = q <= e * 1.01
-            let auto = LowRankOptions(rank: r).prefersRandomized(rank: r, rows: rows, cols: cols) ? "randomized" : "exact"
+            let auto = LowRankOptions(rank: .fixed(r)).prefersRandomized(rank: r, rows: rows, cols: cols) ? "randomized" : "exact"
             printRow(String(format: "%-13@ %5d  %8.3f %8.3f  %7.1f×  %10.6f  %10.6f   %@  %@",
                             "\(rows)x\(cols)" as NSString, r, exactTime, randTime, exactTime / randTime, e, q,
                             (ok ? "yes" : "NO ") as NSString, auto as NSString))

@@ -39,7 +39,7 @@ func mergeBench(_ args: [String]) throws {
     for method in MergeMethod.allCases {
         t0 = Date()
         let (merged, _) = try Merging.mergeLayer(layer, grouping: grouping, frequency: frequency,
-                                                 options: MergeOptions(method: method, blockSize: blockSize), tokens: tokens)
+                                                 options: MergeOptions(method: method), tokens: tokens)
         let seconds = Date().timeIntervalSince(t0)
         let err = relativeError(merged.forward(x.rowBlock(0, min(4096, x.rows))), layer.forward(x.rowBlock(0, min(4096, x.rows))))
         print(pad(method.rawValue, 15) + pad(String(format: "%7.2f", seconds), 9) + String(format: "%.4f", err))

@@ -9,52 +9,30 @@ struct Align: ParsableCommand {
     @Argument(help: "The checkpoint to align.") var model: String
     @Option(help: "Routing statistics (from `stats`): the reference becomes each layer's most used expert.") var stats: String?
     @Option(help: "most-used (needs --stats) or a stored expert index; default: most-used with --stats, else 0.")
-    var reference: String?
+    var reference: ReferenceArgument?
     @Option(help: "pairs (expert pairs in parallel, one BLAS thread each) or blas (one pair at a time, threaded BLAS).")
-    var parallel: String = "pairs"
+    var parallel: Alignment.Parallelism = .pairs
+    @OptionGroup var layers: LayerOptions
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
 
-    func validate() throws {
-        guard Alignment.Parallelism(rawValue: parallel) != nil else { throw ValidationError("--parallel must be pairs or blas") }
-        if let r = reference, r != "most-used", Int(r) == nil { throw ValidationError("--reference must be most-used or an expert index") }
-        if reference == "most-used" && stats == nil { throw ValidationError("--reference most-used needs --stats") }
-    }
-
     func run() throws {
-        try ensureOutputDiffers(output.output, from: [model] + [stats].compactMap { $0 })
+        let inputs = [stats].compactMap { $0 }
         let reader = try CheckpointReader(model)
-        let statsReader = try stats.map { try StatsReader($0) }
-        try statsReader?.checkMatches(reader)
-        let writer = try CheckpointWriter(destination: output.output, derivedFrom: reader, entry: ["stage": "align"],
-                                          options: output.writeOptions(for: reader))
+        let writer = try output.writer(from: reader, stage: "align", inputs: inputs)
         let progress = global.progress
-        var reports: [LayerAlignment] = []
-        for c in reader.layers {
-            let layer = try reader.readLayer(c.name)
-            let ref: Int
-            if let r = reference, let n = Int(r) {
-                ref = n
-            } else if let s = statsReader {
-                // The most used slot's stored expert.
-                ref = layer.storedIndex(slot: Grouping.byUsage(try s.frequency(c.name))[0])
-            } else {
-                ref = 0
-            }
-            let (aligned, report) = try namingFile(model) {
-                try Alignment.alignLayer(layer, reference: ref, parallelism: Alignment.Parallelism(rawValue: parallel)!,
-                                         progress: progress.callback)
-            }
-            try writer.write(aligned)
-            reports.append(report)
+        let result = try namingFile(model, inputs: inputs) {
+            let stage = try AlignStage(model: reader, stats: try stats.map(StatsReader.init), reference: reference?.value,
+                                       parallelism: parallel, layers: layers.names)
+            return try stage.run(model: reader, progress: progress.stage) { try writer.write($0) }
         }
         progress.finish()
-        writer.updateEntry(.object([
-            ("stage", "align"), ("tool", .string("smoe-compress \(smoeCompressVersion)")),
-            ("reference", .string(reference ?? (stats == nil ? "0" : "most-used"))),
-            ("layers", .array(reports.map { .object([("name", .string($0.name)), ("reference", .int($0.reference))]) })),
-        ]))
+        writer.updateEntry(result.history)
         try writer.commit()
+        render(result.reports)
+    }
+
+    func render(_ reports: [LayerAlignment]) {
         if global.json {
             return printJSON(.object([("output", .string(output.output)), ("layers", .array(reports.map(\.json)))]))
         }
@@ -65,5 +43,14 @@ struct Align: ParsableCommand {
         }
         print(t.render())
         print("wrote \(output.output) (same function, neurons permuted)")
+    }
+}
+
+/// `--reference most-used` or a stored expert index.
+struct ReferenceArgument: ExpressibleByArgument {
+    var value: AlignmentReference
+
+    init?(argument: String) {
+        if argument == "most-used" { value = .mostUsed } else if let n = Int(argument) { value = .stored(n) } else { return nil }
     }
 }

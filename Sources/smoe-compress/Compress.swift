@@ -26,39 +26,31 @@ struct Compress: ParsableCommand {
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
-        if activationAware && lowrank.sparsity == 0 {
-            throw ValidationError("--activation-aware ranks sparse entries: give --sparsity > 0 too")
-        }
-        if lowrank.rank == nil && lowrank.energy == nil && lowrank.sparsity > 0 {
-            throw ValidationError("--sparsity needs --rank or --energy")
-        }
+        if lowrank.rule == nil && lowrank.sparsity > 0 { throw ValidationError("--sparsity needs --rank or --energy") }
     }
 
     func run() throws {
         let inputs = [calib] + [evalCalib, mergeOptions.stats].compactMap { $0 }
-        try ensureOutputDiffers(output.output, from: [model] + inputs)
         let reader = try CheckpointReader(model)
-        let calibration = try CalibrationReader(calib)
-        let evaluation = try evalCalib.map { try CalibrationReader($0) }
-        let stats = try mergeOptions.stats.map { try StatsReader($0) }
-        let writeOptions = output.writeOptions(for: reader)
-        let floatBytes = writeOptions.dtype.byteSize
-        let settings = CompressSettings(
-            merge: mergeOptions.settings,
-            lowRank: lowrank.rank == nil && lowrank.energy == nil ? nil : lowrank.options(floatBytes: floatBytes),
-            activationAware: activationAware, blockSize: mergeOptions.blockSize, maxTokens: mergeOptions.maxTokens)
-        let writer = try CheckpointWriter(destination: output.output, derivedFrom: reader, entry: ["stage": "compress"],
-                                          options: writeOptions)
+        let writer = try output.writer(from: reader, stage: "compress", inputs: inputs)
+        let storage = output.writeOptions(for: reader).dtype
+        let settings = CompressSettings(merge: mergeOptions.settings, lowRank: lowrank.options(floatBytes: storage.byteSize),
+                                        activationAware: activationAware)
         let progress = global.progress
-        let report = try namingFile(model, inputs: inputs) {
-            try CompressPipeline.run(model: reader, calibration: calibration, evaluation: evaluation, stats: stats,
-                                     settings: settings, storage: writeOptions.dtype, progress: progress.callback) { layer in
-                _ = try writer.write(layer)
-            }
+        let (stage, result) = try namingFile(model, inputs: inputs) {
+            let stage = try CompressStage(model: reader, calibration: try CalibrationReader(calib),
+                                          evaluation: try evalCalib.map(CalibrationReader.init),
+                                          stats: try mergeOptions.stats.map(StatsReader.init), settings: settings,
+                                          storage: storage, progress: progress.callback)
+            return (stage, try stage.run(model: reader, progress: progress.stage) { try writer.write($0) })
         }
         progress.finish()
-        writer.updateEntry(CompressPipeline.historyEntry(settings, calibration: calib, report: report))
+        writer.updateEntry(result.history)
         try writer.commit()
+        render(stage.report(result.reports))
+    }
+
+    func render(_ report: CompressReport) {
         printMergeWarnings(report.layers.compactMap(\.merge))
         if global.json {
             return printJSON(.object([("model", .string(model)), ("output", .string(output.output)),

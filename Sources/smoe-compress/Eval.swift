@@ -16,24 +16,17 @@ struct Eval: ParsableCommand {
     @Argument(help: "The original checkpoint.") var original: String
     @Argument(help: "The compressed checkpoint (same model).") var compressed: String
     @Option(help: "Calibration capture whose tokens are evaluated (ideally held out).") var calib: String
-    @Option(help: "Use at most this many tokens of each layer (default: all).") var maxTokens: Int?
-    @Option(help: "Comma-separated MoE layers to evaluate (default: all).") var layers: String?
-    @Option(help: "Tokens per block.") var blockSize: Int = 4096
+    @OptionGroup var layers: LayerOptions
+    @OptionGroup var tokens: TokenOptions
     @OptionGroup var global: GlobalOptions
-
-    func validate() throws {
-        if let m = maxTokens, m < 1 { throw ValidationError("--max-tokens must be at least 1") }
-        guard blockSize >= 1 else { throw ValidationError("--block-size must be at least 1") }
-    }
 
     func run() throws {
         let a = try CheckpointReader(original), b = try CheckpointReader(compressed)
         let capture = try CalibrationReader(calib)
-        let names = layers.map { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }
         let progress = global.progress
         let result = try namingFile(compressed, inputs: [original, calib]) {
-            try Evaluation.run(original: a, compressed: b, calibration: capture, layers: names,
-                               blockSize: blockSize, maxTokens: maxTokens, progress: progress.callback)
+            try Evaluation.run(original: a, compressed: b, calibration: capture, layers: layers.names,
+                               tokens: tokens.settings, progress: progress.callback)
         }
         progress.finish()
         defer { warnIfCaptureIsForeign(result) }
@@ -73,13 +66,4 @@ func warnIfCaptureIsForeign(_ r: ModelEvaluation) {
         + suspicious.map { "\($0.name) (\(fixed($0.capturedOutputError!, 3)))" }.joined(separator: ", ")
         + ": is the capture from this model?\n"
     FileHandle.standardError.write(Data(text.utf8))
-}
-
-/// 1234567 → "1.23M".
-func compactCount(_ n: Int) -> String {
-    let d = Double(n)
-    if n >= 1_000_000_000 { return String(format: "%.2fG", d / 1e9) }
-    if n >= 1_000_000 { return String(format: "%.2fM", d / 1e6) }
-    if n >= 10_000 { return String(format: "%.1fk", d / 1e3) }
-    return "\(n)"
 }

@@ -13,21 +13,23 @@ struct Expand: ParsableCommand {
     @OptionGroup var global: GlobalOptions
 
     func run() throws {
-        try ensureOutputDiffers(output.output, from: [model])
         let reader = try CheckpointReader(model)
-        let writeOptions = output.writeOptions(for: reader)
-        let writer = try CheckpointWriter(destination: output.output, derivedFrom: reader, entry: ["stage": "expand"],
-                                          options: writeOptions)
+        let writer = try output.writer(from: reader, stage: "expand", inputs: [])
         let progress = global.progress
-        let done = try namingFile(model) { try ExpandStage.run(model: reader, perSlot: perSlot, writer: writer, progress: progress.callback) }
+        let result = try namingFile(model) {
+            try ExpandStage(model: reader, perSlot: perSlot).run(model: reader, progress: progress.stage) { try writer.write($0) }
+        }
         progress.finish()
+        writer.updateEntry(result.history)
         try writer.commit()
+        render(result.reports)
+    }
+
+    func render(_ done: [LayerExpansion]) {
         let factored = done.reduce(0) { $0 + $1.factored }
         if global.json {
             return printJSON(.object([
-                ("output", .string(output.output)), ("per_slot", .bool(perSlot)),
-                ("layers", .array(done.map { .object([("name", .string($0.name)), ("factored_matrices", .int($0.factored)),
-                                                      ("stored_before", .int($0.storedBefore)), ("stored_after", .int($0.storedAfter))]) })),
+                ("output", .string(output.output)), ("per_slot", .bool(perSlot)), ("layers", .array(done.map(\.json))),
             ]))
         }
         var t = Table(["layer", "factored matrices", "stored experts"])

@@ -2,8 +2,8 @@ import ArgumentParser
 import Foundation
 import SMoECompress
 
-/// Options shared by `lowrank` and `compress`. `rank` is optional here; `lowrank` requires one
-/// of --rank and --energy.
+/// Options shared by `lowrank` and `compress`: --rank or --energy give the rank rule (compress
+/// without either merges only).
 struct LowRankOptionGroup: ParsableArguments {
     @Option(help: "Rank of every factored matrix (U [out, r], V [r, in]).")
     var rank: Int?
@@ -15,42 +15,37 @@ struct LowRankOptionGroup: ParsableArguments {
     var sparsity: Double = 0
 
     @Option(help: "Sparse residual structure: unstructured (largest entries) or row (whole rows).")
-    var sparseStructure: String = "unstructured"
+    var sparseStructure: SparseStructure = .unstructured
 
     @Option(help: "Alternating refinements of U·V and S (the best iterate is kept).")
     var iterations: Int = 0
 
     @Option(help: "Comma-separated matrices to factor: up, gate, down.")
-    var matrices: String = "up,gate,down"
+    var matrices: CommaList = CommaList(argument: "up,gate,down")!
 
     @Option(help: "SVD: auto (randomized when rank + 10 ≤ min(out, in)/4), exact or randomized.")
-    var svd: String = "auto"
+    var svd: SVDMethod = .auto
 
     @Option(help: "Seed of the randomized SVD.")
     var seed: UInt64 = 0
 
-    var matrixNames: [String] { matrices.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } }
-
     func validate() throws {
-        if let r = rank, r < 1 { throw ValidationError("--rank must be at least 1 (got \(r))") }
-        if let f = energy, !(f > 0 && f <= 1) { throw ValidationError("--energy must be in (0, 1] (got \(f))") }
         if rank != nil && energy != nil { throw ValidationError("--rank and --energy exclude each other") }
-        guard sparsity >= 0 && sparsity <= 1 else { throw ValidationError("--sparsity must be in [0, 1] (got \(sparsity))") }
-        guard SparseStructure(rawValue: sparseStructure) != nil else {
-            throw ValidationError("--sparse-structure must be unstructured or row, not '\(sparseStructure)'")
+        for m in matrices.items where ExpertMatrixName(rawValue: m) == nil {
+            throw ValidationError("--matrices must list up, gate and/or down, not '\(m)'")
         }
-        guard iterations >= 0 else { throw ValidationError("--iterations must be at least 0") }
-        guard !matrixNames.isEmpty, matrixNames.allSatisfy({ ExpertMatrixName(rawValue: $0) != nil }) else {
-            throw ValidationError("--matrices must list up, gate and/or down, not '\(matrices)'")
-        }
-        guard SVDMethod(rawValue: svd) != nil else { throw ValidationError("--svd must be auto, exact or randomized, not '\(svd)'") }
     }
 
-    /// Library options (call after validation); `floatBytes` is the output float width.
-    func options(floatBytes: Int) -> LowRankOptions {
-        LowRankOptions(rank: rank, energy: energy, sparsity: sparsity, structure: SparseStructure(rawValue: sparseStructure)!,
-                       iterations: iterations, matrices: Set(matrixNames.compactMap(ExpertMatrixName.init(rawValue:))),
-                       svd: SVDMethod(rawValue: svd)!, seed: seed, floatBytes: floatBytes)
+    /// The rank rule, when --rank or --energy is given.
+    var rule: RankRule? { rank.map(RankRule.fixed) ?? energy.map(RankRule.energy) }
+
+    /// Library options, when a rank rule is given; `floatBytes` is the output float width.
+    func options(floatBytes: Int) -> LowRankOptions? {
+        rule.map {
+            LowRankOptions(rank: $0, sparsity: sparsity, structure: sparseStructure, iterations: iterations,
+                           matrices: Set(matrices.items.compactMap(ExpertMatrixName.init(rawValue:))), svd: svd, seed: seed,
+                           floatBytes: floatBytes)
+        }
     }
 }
 
@@ -61,42 +56,40 @@ struct Lowrank: ParsableCommand {
 
     @Argument(help: "The checkpoint to compress.") var model: String
     @Option(help: "Calibration capture: rank sparse entries by |S_ij|·‖X_j‖ over each expert's routed tokens.") var calib: String?
-    @Option(help: "Comma-separated MoE layers to factor (default: all); others are copied unchanged.") var layers: String?
-    @Option(help: "Use at most this many calibration tokens per layer.") var maxTokens: Int?
-    @Option(help: "Calibration tokens per block (memory does not grow with N).") var blockSize: Int = 4096
+    @OptionGroup var layers: LayerOptions
+    @OptionGroup var tokens: TokenOptions
     @OptionGroup var lowrank: LowRankOptionGroup
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
-        if lowrank.rank == nil && lowrank.energy == nil { throw ValidationError("give one of --rank and --energy") }
-        if let m = maxTokens, m < 1 { throw ValidationError("--max-tokens must be at least 1") }
-        guard blockSize >= 1 else { throw ValidationError("--block-size must be at least 1") }
+        if lowrank.rule == nil { throw ValidationError("give one of --rank and --energy") }
     }
 
     func run() throws {
-        try ensureOutputDiffers(output.output, from: [model] + [calib].compactMap { $0 })
+        let inputs = [calib].compactMap { $0 }
         let reader = try CheckpointReader(model)
-        let calibration = try calib.map { try CalibrationReader($0) }
-        let writeOptions = output.writeOptions(for: reader)
-        let options = lowrank.options(floatBytes: writeOptions.dtype.byteSize)
-        let names = layers.map { $0.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } }
-        let writer = try CheckpointWriter(destination: output.output, derivedFrom: reader, entry: ["stage": "lowrank"],
-                                          options: writeOptions)
+        let writer = try output.writer(from: reader, stage: "lowrank", inputs: inputs)
+        let options = lowrank.options(floatBytes: output.writeOptions(for: reader).dtype.byteSize)!
         let progress = global.progress
-        var fileBefore = 0, fileAfter = 0
-        let reports = try namingFile(model, inputs: [calib].compactMap { $0 }) {
-            try LowRankStage.run(model: reader, calibration: calibration, options: options, layers: names, blockSize: blockSize,
-                                 maxTokens: maxTokens, progress: progress.callback) { original, result, _ in
-                try writer.write(result)
-                fileBefore += try reader.summary(original.name).expertFileBytes
-            }
+        let result = try namingFile(model, inputs: inputs) {
+            let stage = try LowRankStage(model: reader, calibration: try calib.map(CalibrationReader.init), options: options,
+                                         tokens: tokens.settings, layers: layers.names)
+            return try stage.run(model: reader, progress: progress.stage) { try writer.write($0) }
         }
         progress.finish()
-        writer.updateEntry(LowRankStage.historyEntry(options, calibration: calib, reports: reports))
+        writer.updateEntry(result.history)
         try writer.commit()
         let written = try CheckpointReader(output.output)
-        for c in written.layers { fileAfter += try written.summary(c.name).expertFileBytes }
+        var fileBefore = 0, fileAfter = 0
+        for c in reader.layers {
+            fileBefore += try reader.summary(c.name).expertFileBytes
+            fileAfter += try written.summary(c.name).expertFileBytes
+        }
+        render(result.reports, fileBefore: fileBefore, fileAfter: fileAfter)
+    }
+
+    func render(_ reports: [LayerLowRankReport], fileBefore: Int, fileAfter: Int) {
         let before = reports.reduce(0) { $0 + $1.bytesBefore }, after = reports.reduce(0) { $0 + $1.bytesAfter }
         let kept = reports.reduce(0) { $0 + $1.matrices.filter(\.keptDense).count }
         let count = reports.reduce(0) { $0 + $1.matrices.count }
@@ -121,5 +114,3 @@ struct Lowrank: ParsableCommand {
         print("wrote \(output.output): expert bytes \(formatBytes(fileBefore)) → \(formatBytes(fileAfter)) (\(ratio(fileBefore, fileAfter)))")
     }
 }
-
-func ratio(_ a: Int, _ b: Int) -> String { String(format: "%.2f×", Double(a) / Double(max(b, 1))) }

@@ -19,7 +19,7 @@ struct SMoECompressCommand: ParsableCommand {
             var command = try parseAsRoot(joiningNegativeValues(Array(CommandLine.arguments.dropFirst())))
             try command.run()
         } catch let e as SMoEError {
-            FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
+            FileHandle.standardError.write(Data((errorLine(e) + "\n").utf8))
             Foundation.exit(1)
         } catch {
             // Help and --version exit normally; usage errors become one `error:` line too.

@@ -11,16 +11,16 @@ struct MergeOptionGroup: ParsableArguments {
     var stats: String?
 
     @Option(help: "Similarity used to group: router-logits, weight, feature or expert-output (default: router-logits; expert-output with --method hierarchical).")
-    var similarity: String?
+    var similarity: SimilarityBase?
 
     @Flag(help: "Share one budget of groups across layers (the paper's setting).")
     var adaptive = false
 
     @Option(help: "Grouping: dominant (MC-SMoE) or hierarchical (HC-SMoE average linkage).")
-    var method: String = "dominant"
+    var method: GroupingMethod = .dominant
 
     @Option(help: "How a group becomes one expert: frequency, regmean or regmean+refit.")
-    var mergeMethod: String = "regmean+refit"
+    var mergeMethod: MergeMethod = .regmeanRefit
 
     @Option(help: "RegMean off-diagonal scale α in [0, 1].")
     var regmeanAlpha: Double = 0.9
@@ -31,37 +31,17 @@ struct MergeOptionGroup: ParsableArguments {
     @Option(help: "Refit ridge, relative to the mean diagonal of the normal matrix.")
     var refitRidge: Double = 0.1
 
-    @Option(help: "Comma-separated MoE layers to merge (default: all); others are copied unchanged.")
-    var layers: String?
-
     @Flag(help: "Average members without aligning their neurons first (for comparison).")
     var noAlign = false
 
-    @Option(help: "Use at most this many calibration tokens per layer.")
-    var maxTokens: Int?
-
-    @Option(help: "Calibration tokens per block (memory does not grow with N).")
-    var blockSize: Int = 4096
-
-    func validate() throws {
-        guard groups >= 1 else { throw ValidationError("--groups must be at least 1") }
-        guard GroupingMethod(rawValue: method) != nil else { throw ValidationError("--method must be dominant or hierarchical") }
-        guard MergeMethod(rawValue: mergeMethod) != nil else { throw ValidationError("--merge-method must be frequency, regmean or regmean+refit") }
-        if let s = similarity, SimilarityBase(rawValue: s) == nil {
-            throw ValidationError("--similarity must be router-logits, weight, feature or expert-output")
-        }
-        if let m = maxTokens, m < 1 { throw ValidationError("--max-tokens must be at least 1") }
-        guard blockSize >= 1 else { throw ValidationError("--block-size must be at least 1") }
-    }
+    @OptionGroup var layers: LayerOptions
+    @OptionGroup var tokens: TokenOptions
 
     var settings: MergeSettings {
-        let grouping = GroupingMethod(rawValue: method)!
-        return MergeSettings(
-            groups: groups, adaptive: adaptive, grouping: grouping,
-            similarity: similarity ?? (grouping == .hierarchical ? "expert-output" : "router-logits"),
-            layers: layers.map { $0.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } },
-            merge: MergeOptions(method: MergeMethod(rawValue: mergeMethod)!, align: !noAlign, alpha: regmeanAlpha,
-                                ridge: regmeanRidge, refitRidge: refitRidge, blockSize: blockSize))
+        MergeSettings(groups: groups, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
+                      merging: MergeOptions(method: mergeMethod, align: !noAlign, alpha: regmeanAlpha, ridge: regmeanRidge,
+                                            refitRidge: refitRidge),
+                      tokens: tokens.settings)
     }
 }
 
@@ -76,32 +56,36 @@ struct Merge: ParsableCommand {
     @OptionGroup var global: GlobalOptions
 
     func run() throws {
-        try ensureOutputDiffers(output.output, from: [model] + [calib, mergeOptions.stats].compactMap { $0 })
-        let settings = mergeOptions.settings
+        let inputs = [calib, mergeOptions.stats].compactMap { $0 }
         let reader = try CheckpointReader(model)
-        let calibration = try calib.map { try CalibrationReader($0) }
-        let stats = try mergeOptions.stats.map { try StatsReader($0) }
-        let writeOptions = output.writeOptions(for: reader)
-        let writer = try CheckpointWriter(destination: output.output, derivedFrom: reader, entry: ["stage": "merge"],
-                                          options: writeOptions)
+        let writer = try output.writer(from: reader, stage: "merge", inputs: inputs)
         let progress = global.progress
-        var bytes: [(String, Int, Int)] = []
-        let reports = try namingFile(model, inputs: [calib, mergeOptions.stats].compactMap { $0 }) { try MergeStage.run(model: reader, calibration: calibration, stats: stats, settings: settings,
-                                         blockSize: mergeOptions.blockSize, maxTokens: mergeOptions.maxTokens,
-                                         progress: progress.callback) { original, merged, _ in
-            try writer.write(merged)
-            bytes.append((merged.name, try reader.summary(original.name).expertFileBytes,
-                          merged.expertBytes(floatBytes: writeOptions.dtype.byteSize)))
-        } }
+        let floatBytes = output.writeOptions(for: reader).dtype.byteSize
+        var after = 0  // expert bytes of every layer as stored in the output
+        let result = try namingFile(model, inputs: inputs) {
+            let stage = try MergeStage(model: reader, calibration: try calib.map(CalibrationReader.init),
+                                       stats: try mergeOptions.stats.map(StatsReader.init), settings: mergeOptions.settings,
+                                       progress: progress.callback)
+            return try stage.run(model: reader, progress: progress.stage) { layer in
+                try writer.write(layer)
+                after += layer.expertBytes(floatBytes: floatBytes)
+            }
+        }
         progress.finish()
-        writer.updateEntry(MergeStage.historyEntry(settings, calibration: calib, reports: reports))
+        writer.updateEntry(result.history)
         try writer.commit()
-        printMergeWarnings(reports)
-        let before = bytes.reduce(0) { $0 + $1.1 }, after = bytes.reduce(0) { $0 + $1.2 }
+        printMergeWarnings(result.reports)
+        let before = try reader.layers.reduce(0) { $0 + (try reader.summary($1.name).expertFileBytes) }
+        render(result.reports, expertBytes: (before, after))
+    }
+
+    func render(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int)) {
+        let settings = mergeOptions.settings
+        let (before, after) = expertBytes
         if global.json {
             return printJSON(.object([
-                ("output", .string(output.output)), ("merge_method", .string(settings.merge.method.rawValue)),
-                ("similarity", .string(settings.similarity)), ("layers", .array(reports.map(\.json))),
+                ("output", .string(output.output)), ("merge_method", .string(settings.merging.method.rawValue)),
+                ("similarity", .string(settings.similarityBase.rawValue)), ("layers", .array(reports.map(\.json))),
                 ("expert_bytes_before", .int(before)), ("expert_bytes_after", .int(after)),
             ]))
         }
@@ -116,7 +100,7 @@ struct Merge: ParsableCommand {
                 print(line)
             }
         }
-        print("wrote \(output.output): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(settings.merge.method.rawValue) merge")
+        print("wrote \(output.output): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(settings.merging.method.rawValue) merge")
     }
 }
 
@@ -127,8 +111,7 @@ func printMergeWarnings(_ reports: [LayerMergeReport]) {
     for r in reports {
         for g in r.groups {
             guard let w = g.warning else { continue }
-            let members = g.members.map(String.init).joined(separator: " ")
-            FileHandle.standardError.write(Data("warning: \(r.name): group of expert \(g.dominant) [\(members)]: \(w)\n".utf8))
+            printWarning("\(r.name): group of expert \(g.dominant) [\(g.members.map(String.init).joined(separator: " "))]: \(w)")
         }
     }
 }

@@ -27,33 +27,26 @@ struct Stats: ParsableCommand {
     @Option(help: "Similarity bases: a comma list of router-logits, feature, weight, expert-output, or all.")
     var similarity = "router-logits"
 
-    @Option(help: "Tokens per block.")
-    var blockSize = Statistics.defaultBlockSize
-
-    @Option(help: "Use at most this many tokens of each layer (default: all).")
-    var maxTokens: Int?
-
+    @OptionGroup var layers: LayerOptions
+    @OptionGroup var tokens: TokenOptions
     @OptionGroup var global: GlobalOptions
 
     func run() throws {
         let bases = try SimilarityBase.parseList(similarity)
         try ensureOutputDiffers(output, from: [model, calib])
         let reader = try CheckpointReader(model)
-        let capture = try CalibrationReader(calib)
-        try capture.checkMatches(reader)
+        let stage = try StatisticsStage(model: reader, calibration: try CalibrationReader(calib), bases: Set(bases),
+                                        tokens: tokens.settings, layers: layers.names)
         let writer = try StatsWriter(destination: output, source: StatsWriter.source(
-            model: model, calibration: calib, bases: bases, maxTokens: maxTokens))
+            model: model, calibration: calib, bases: bases, maxTokens: tokens.maxTokens))
         let progress = global.progress
-        var layers: [LayerStatistics] = []
-        for c in reader.layers {
-            // One layer in memory at a time; its tokens are streamed in blocks.
-            let s = try Statistics.compute(layer: try reader.readLayer(c.name), calibration: capture, bases: Set(bases),
-                                           blockSize: blockSize, maxTokens: maxTokens, progress: progress.callback)
-            try writer.write(s)
-            layers.append(s)
-        }
+        let result = try stage.run(model: reader, progress: progress.stage) { try writer.write($0) }
         progress.finish()
         try writer.commit()
+        render(result.reports, bases: bases)
+    }
+
+    func render(_ layers: [LayerStatistics], bases: [SimilarityBase]) {
         if global.json {
             return printJSON(.object([
                 ("model", .string(model)), ("calibration", .string(calib)), ("output", .string(output)),

@@ -12,16 +12,16 @@ struct Synth: ParsableCommand {
             """)
 
     @Option(help: "switch or mixtral: the committed fixtures' settings (other options then override nothing).")
-    var preset: String?
+    var preset: Preset?
     @Option(help: "MoE layers.") var layers = 2
     @Option(help: "Router slots per layer (E).") var experts = 8
     @Option(help: "Planted families per layer.") var families = 4
     @Option(help: "Experts chosen per token.") var topK = 1
     @Option(help: "Hidden size.") var dModel = 32
     @Option(help: "Expert intermediate size.") var dFF = 64
-    @Option(help: "mlp or glu.") var expertType = "mlp"
-    @Option(help: "relu, gelu, gelu_tanh or silu.") var activation = "relu"
-    @Option(help: "softmax_topk or softmax_topk_norm.") var routerType = "softmax_topk"
+    @Option(help: "mlp or glu.") var expertType: ExpertType = .mlp
+    @Option(help: "relu, gelu, gelu_tanh or silu.") var activation: Activation = .relu
+    @Option(help: "softmax_topk or softmax_topk_norm.") var routerType: RouterType = .softmax_topk
     @Option(help: "Relative noise of each copy.") var noise: Float = 0.01
     @Option(help: "Calibration tokens per layer.") var tokens = 1024
     @Option(help: "Random seed.") var seed: UInt64 = 1
@@ -29,23 +29,17 @@ struct Synth: ParsableCommand {
     @Option(help: "Calibration file to write.") var calib: String
     @OptionGroup var global: GlobalOptions
 
-    func validate() throws {
-        if let p = preset, p != "switch", p != "mixtral" { throw ValidationError("--preset must be switch or mixtral") }
-        guard ExpertType(rawValue: expertType) != nil else { throw ValidationError("--expert-type must be mlp or glu") }
-        guard Activation(rawValue: activation) != nil else { throw ValidationError("--activation must be relu, gelu, gelu_tanh or silu") }
-        guard RouterType(rawValue: routerType) != nil else { throw ValidationError("--router-type must be softmax_topk or softmax_topk_norm") }
-    }
+    enum Preset: String, ExpressibleByArgument { case `switch`, mixtral }
 
     func run() throws {
         let spec: SyntheticSpec
         switch preset {
-        case "switch": spec = .switchFixture
-        case "mixtral": spec = .mixtralFixture
-        default:
+        case .switch: spec = .switchFixture
+        case .mixtral: spec = .mixtralFixture
+        case nil:
             spec = SyntheticSpec(
                 architecture: "synthetic", numLayers: layers, numExperts: experts, families: families, topK: topK,
-                dModel: dModel, dFF: dFF, expertType: ExpertType(rawValue: expertType)!,
-                activation: Activation(rawValue: activation)!, routerType: RouterType(rawValue: routerType)!,
+                dModel: dModel, dFF: dFF, expertType: expertType, activation: activation, routerType: routerType,
                 noise: noise, tokens: tokens, seed: seed)
         }
         try ensureOutputDiffers(output, from: [calib])

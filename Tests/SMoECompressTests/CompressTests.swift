@@ -37,6 +37,31 @@ final class CompressTests: XCTestCase {
         XCTAssertLessThan(report["mean_relative_error_merged"]!.doubleValue!, report["mean_relative_error_final"]!.doubleValue!)
     }
 
+    /// `compress --layers X --rank R` merges and factors X only: every other layer is copied
+    /// unchanged, bit for bit (it used to factor every layer), and the report lists X alone.
+    func testLayersLimitsFactoringToTheNamedLayer() throws {
+        let dir = temporaryDirectory(self)
+        let model = fixture("trained-mixtral.h5")
+        let original = try CheckpointReader(model)
+        let chosen = original.layers[1].name
+        let res = try runCLI(["compress", model, "--calib", fixture("trained-mixtral.calib.h5"), "--groups", "4", "--rank", "32",
+                              "--layers", chosen, "-o", dir + "/c.h5", "--json", "--quiet"])
+        XCTAssertEqual(res.status, 0, res.stderr)
+        let report = try XCTUnwrap(try JSONValue.parse(res.stdout)["report"])
+        XCTAssertEqual(report["layers"]?.arrayValue?.compactMap { $0["name"]?.stringValue }, [chosen])
+        let out = try CheckpointReader(dir + "/c.h5")
+        for c in original.layers {
+            let s = try out.summary(c.name)
+            if c.name == chosen {
+                XCTAssertEqual(s.numStored, 4, c.name)
+                XCTAssertTrue(s.isCompressed, "\(c.name) is factored")
+            } else {
+                XCTAssertFalse(s.isCompressed, "\(c.name) was not named: not factored")
+                XCTAssertEqual(try out.readLayer(c.name), try original.readLayer(c.name), "\(c.name) copied unchanged")
+            }
+        }
+    }
+
     /// Without --rank, compress is merge plus its evaluation; --groups E with frequency merging
     /// reproduces the model.
     func testMergeOnlyAndIdentity() throws {

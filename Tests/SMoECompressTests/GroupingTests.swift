@@ -8,12 +8,29 @@ final class GroupingTests: XCTestCase {
         var s = [Double](repeating: 0, count: 25)
         func set(_ i: Int, _ j: Int, _ v: Double) { s[i * 5 + j] = v; s[j * 5 + i] = v }
         set(0, 3, 0.9); set(0, 1, 0.2); set(2, 1, 0.8); set(2, 3, 0.1); set(4, 1, 0.5); set(4, 3, 0.5)
-        let g = try Grouping.uniform(frequency: f, similarity: s, groups: 2)
+        let g = Grouping.uniform(frequency: f, similarity: s, groups: 2)
         XCTAssertEqual(g.dominant, [1, 3])
         XCTAssertEqual(g.groups, [[1, 2, 4], [0, 3]])
         XCTAssertEqual(g.slotToGroup, [1, 0, 0, 1, 0])
-        XCTAssertThrowsError(try Grouping.uniform(frequency: f, similarity: s, groups: 0))
-        XCTAssertThrowsError(try Grouping.uniform(frequency: f, similarity: s, groups: 6))
+    }
+
+    /// The group count is checked once, against the model, when a merge is set up; grouping
+    /// itself then only asserts it.
+    func testGroupCountIsValidatedAgainstTheModel() throws {
+        let model = try CheckpointReader(fixture("planted-mixtral.h5"))
+        for (groups, text) in [(0, "must be at least 1"), (9, "9 is more than the 8 experts of layer")] {
+            XCTAssertThrowsError(try MergeSettings(groups: groups).validate(for: model)) { e in
+                XCTAssertEqual((e as? SMoEError)?.setting, .groups, "\(e)")
+                XCTAssertTrue("\(e)".contains(text), "\(e)")
+            }
+        }
+        XCTAssertEqual(try MergeSettings(groups: 8).validate(for: model), model.layers.map(\.name))
+        XCTAssertThrowsError(try MergeSettings(groups: 2, layers: ["nope"]).validate(for: model)) { e in
+            XCTAssertEqual((e as? SMoEError)?.setting, .layers, "\(e)")
+        }
+        XCTAssertThrowsError(try MergeSettings(groups: 2, layers: []).validate(for: model)) { e in
+            XCTAssertEqual((e as? SMoEError)?.setting, .layers, "\(e)")
+        }
     }
 
     func testUsageTiesGoToLowerIndex() {
@@ -32,7 +49,7 @@ final class GroupingTests: XCTestCase {
                 return s == 0 ? raw.map { _ in 1 / Double(e) } : raw.map { $0 / s }
             }
             let g = 1 + rng.nextInt(below: e)
-            let dom = try Grouping.adaptiveDominants(frequencies: freqs, groupsPerLayer: g)
+            let dom = Grouping.adaptiveDominants(frequencies: freqs, groupsPerLayer: g)
             let total = dom.reduce(0) { $0 + $1.count }
             let msg = "trial \(trial): \(freqs) G=\(g) → \(dom)"
             XCTAssertLessThanOrEqual(total, max(g * layers, layers), msg)
@@ -49,7 +66,7 @@ final class GroupingTests: XCTestCase {
             XCTAssertGreaterThan(keptMin, droppedMax, msg)
         }
         // A skewed layer gives groups to a flat one.
-        let d = try Grouping.adaptiveDominants(frequencies: [[0.97, 0.01, 0.01, 0.01], [0.3, 0.26, 0.24, 0.2]], groupsPerLayer: 2)
+        let d = Grouping.adaptiveDominants(frequencies: [[0.97, 0.01, 0.01, 0.01], [0.3, 0.26, 0.24, 0.2]], groupsPerLayer: 2)
         XCTAssertEqual(d.map(\.count), [1, 3])
     }
 
@@ -77,7 +94,7 @@ final class GroupingTests: XCTestCase {
                 clusters.remove(at: best.2)
                 clusters.sort { $0.min()! < $1.min()! }
             }
-            let got = try Grouping.hierarchical(distance: dist, frequency: freq, groups: g)
+            let got = Grouping.hierarchical(distance: dist, frequency: freq, groups: g)
             XCTAssertEqual(Set(got.groups.map { Set($0) }), Set(clusters.map { Set($0) }), "trial \(trial)")
             for (members, dom) in zip(got.groups, got.dominant) {
                 XCTAssertEqual(dom, members.max { freq[$0] < freq[$1] }, "trial \(trial)")

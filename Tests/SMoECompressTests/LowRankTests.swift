@@ -31,7 +31,7 @@ final class LowRankTests: XCTestCase {
             let w = lowRankMatrix(rows, cols, rank: r, seed: UInt64(10 + i))
             for svd in [SVDMethod.exact, .randomized] {
                 let label = "\(rows)x\(cols) rank \(r) \(svd)"
-                let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: r, svd: svd))
+                let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(r), svd: svd))
                 guard let f = factored(op, label) else { continue }
                 XCTAssertEqual(f.rank, r, label)
                 XCTAssertLessThan(relativeError(f.dense(), w), 1e-5, label)
@@ -49,7 +49,7 @@ final class LowRankTests: XCTestCase {
             let total = s.reduce(0) { $0 + $1 * $1 }
             for r in [1, 5, 12] {
                 let label = "\(rows)x\(cols) rank \(r)"
-                let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: r, svd: .exact))
+                let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(r), svd: .exact))
                 guard let f = factored(op, label) else { continue }
                 let optimum = (s[r...].reduce(0) { $0 + $1 * $1 } / total).squareRoot()
                 XCTAssertEqual(rep.relativeError, optimum, accuracy: 1e-4, label)
@@ -64,11 +64,11 @@ final class LowRankTests: XCTestCase {
     func testSparsityOneIsExact() throws {
         var rng = SplitMix64(seed: 31)
         let w = randomMatrix(40, 30, &rng)
-        let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: 4, sparsity: 1))
+        let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(4), sparsity: 1))
         XCTAssertEqual(op, .dense(w))
         XCTAssertTrue(rep.keptDense)
         XCTAssertEqual(rep.relativeError, 0)
-        let lr = try LowRankStage.truncatedSVD(w, rank: 4, options: LowRankOptions(rank: 4)).0
+        let lr = try LowRankStage.truncatedSVD(w, rank: 4, options: LowRankOptions(rank: .fixed(4))).0
         var resid = w
         BLAS.gemm(lr.u, lr.v, alpha: -1, beta: 1, into: &resid)
         let (s, left) = LowRankStage.selectSparse(resid, budget: w.count, structure: .unstructured, norms: nil)
@@ -86,7 +86,7 @@ final class LowRankTests: XCTestCase {
         for (m, name) in [(randomMatrix(60, 40, &rng), "gaussian"), (ints, "integers")] {
             for p in [0.01, 0.05, 0.123, 0.2] {
                 let label = "\(name) sparsity \(p)"
-                let (op, _) = try LowRankStage.factor(m, options: LowRankOptions(rank: 2, sparsity: p))
+                let (op, _) = try LowRankStage.factor(m, options: LowRankOptions(rank: .fixed(2), sparsity: p))
                 guard let f = factored(op, label) else { continue }
                 XCTAssertNil(f.s.validationError(), label)
                 XCTAssertEqual(f.s.nnz, Int((p * 2400).rounded()), label)
@@ -98,7 +98,7 @@ final class LowRankTests: XCTestCase {
                 let maxLeft = (0..<2400).filter { !kept.contains($0) }.map { abs(resid.data[$0]) }.max()!
                 XCTAssertGreaterThanOrEqual(minKept, maxLeft, label)
 
-                let (rop, _) = try LowRankStage.factor(m, options: LowRankOptions(rank: 2, sparsity: p, structure: .row))
+                let (rop, _) = try LowRankStage.factor(m, options: LowRankOptions(rank: .fixed(2), sparsity: p, structure: .row))
                 guard let rf = factored(rop, label + " row") else { continue }
                 XCTAssertNil(rf.s.validationError(), label + " row")
                 let rowsKept = Int((p * 60).rounded())
@@ -122,10 +122,10 @@ final class LowRankTests: XCTestCase {
                     + randomMatrix(64, 48, &rng, scale: 0.02)
                 let label = "\(structure) activation-aware \(aware)"
                 var last = Double.infinity
-                let base = try LowRankStage.factor(w, options: LowRankOptions(rank: 4, sparsity: 0.1, structure: structure),
+                let base = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(4), sparsity: 0.1, structure: structure),
                                                    inputNorms: aware ? norms : nil).report.relativeError
                 for k in [1, 2, 4] {
-                    let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: 4, sparsity: 0.1, structure: structure, iterations: k),
+                    let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(4), sparsity: 0.1, structure: structure, iterations: k),
                                                             inputNorms: aware ? norms : nil)
                     guard let f = factored(op, label) else { continue }
                     XCTAssertLessThanOrEqual(rep.relativeError, base * (1 + 1e-6), "\(label) iterations \(k)")
@@ -142,24 +142,24 @@ final class LowRankTests: XCTestCase {
     func testKeptDenseWhenNotSmaller() throws {
         var rng = SplitMix64(seed: 71)
         let w = randomMatrix(8, 8, &rng)
-        let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: 6))
+        let (op, rep) = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(6)))
         XCTAssertEqual(op, .dense(w))
         XCTAssertTrue(rep.keptDense)
         XCTAssertNotNil(rep.reason)
         XCTAssertEqual(rep.bytesAfter, rep.bytesBefore)
         // Rank 1 of the same matrix is smaller and factored.
-        XCTAssertTrue(try LowRankStage.factor(w, options: LowRankOptions(rank: 1)).op.isFactored)
+        XCTAssertTrue(try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(1))).op.isFactored)
     }
 
     func testRandomizedWithinOnePercentOfExact() throws {
         for (i, (rows, cols, r)) in [(400, 200, 20), (200, 500, 16)].enumerated() {
             let w = try decaying(rows, cols, decay: 15, seed: UInt64(80 + i))
-            let exact = try LowRankStage.factor(w, options: LowRankOptions(rank: r, svd: .exact)).report
-            let rand = try LowRankStage.factor(w, options: LowRankOptions(rank: r, svd: .randomized, seed: 3)).report
+            let exact = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(r), svd: .exact)).report
+            let rand = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(r), svd: .randomized, seed: 3)).report
             XCTAssertEqual(rand.svd, "randomized")
             XCTAssertLessThanOrEqual(rand.relativeError, exact.relativeError * 1.01, "\(rows)x\(cols) rank \(r)")
             // auto picks randomized for these small ranks.
-            XCTAssertEqual(try LowRankStage.factor(w, options: LowRankOptions(rank: r)).report.svd, "randomized")
+            XCTAssertEqual(try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(r))).report.svd, "randomized")
         }
     }
 
@@ -169,7 +169,7 @@ final class LowRankTests: XCTestCase {
         let total = s.reduce(0, +)
         for f in [0.3, 0.5, 0.8, 0.95, 0.999] {
             for svd in [SVDMethod.auto, .exact] {
-                let rep = try LowRankStage.factor(w, options: LowRankOptions(energy: f, svd: svd)).report
+                let rep = try LowRankStage.factor(w, options: LowRankOptions(rank: .energy(f), svd: svd)).report
                 let label = "energy \(f) \(svd)"
                 XCTAssertGreaterThanOrEqual(s[0..<rep.rank].reduce(0, +), f * total * (1 - 1e-6), label)
                 XCTAssertLessThan(s[0..<(rep.rank - 1)].reduce(0, +), f * total, label)
@@ -179,29 +179,33 @@ final class LowRankTests: XCTestCase {
         XCTAssertEqual(LowRankStage.rankForEnergy([3, 2, 1], fraction: 9.0 / 14), 1)
     }
 
-    func testBadInputsNameTheOption() throws {
+    func testBadInputsNameTheSetting() throws {
         var rng = SplitMix64(seed: 95)
         let w = randomMatrix(20, 10, &rng)
-        for (o, mention) in [(LowRankOptions(rank: 0), "--rank"), (LowRankOptions(rank: 11), "--rank"), (LowRankOptions(energy: 0), "--energy"),
-                             (LowRankOptions(energy: 1.5), "--energy"), (LowRankOptions(rank: 2, sparsity: -0.1), "--sparsity"),
-                             (LowRankOptions(rank: 2, sparsity: 1.1), "--sparsity"), (LowRankOptions(), "--rank"),
-                             (LowRankOptions(rank: 2, energy: 0.5), "--rank")] {
-            XCTAssertThrowsError(try LowRankStage.factor(w, options: o, name: "layer L expert 0 up")) { e in
-                let m = (e as? SMoEError)?.message ?? "\(e)"
-                XCTAssertTrue(m.contains(mention), "\(o): \(m)")
+        // Values any matrix rejects: checked once, when a stage is made (`validate`).
+        for (o, setting) in [(LowRankOptions(rank: .fixed(0)), Setting.rank), (LowRankOptions(rank: .energy(0)), .energy),
+                             (LowRankOptions(rank: .energy(1.5)), .energy), (LowRankOptions(rank: .fixed(2), sparsity: -0.1), .sparsity),
+                             (LowRankOptions(rank: .fixed(2), sparsity: 1.1), .sparsity), (LowRankOptions(rank: .fixed(2), iterations: -1), .iterations),
+                             (LowRankOptions(rank: .fixed(2), matrices: []), .matrices)] {
+            XCTAssertThrowsError(try o.validate()) { e in
+                XCTAssertEqual((e as? SMoEError)?.setting, setting, "\(o): \(e)")
             }
         }
-        XCTAssertThrowsError(try LowRankStage.factor(w, options: LowRankOptions(rank: 11), name: "layer L expert 0 up")) {
+        // A rank larger than this matrix allows: `factor` names the setting and the matrix.
+        XCTAssertThrowsError(try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(11)), name: "layer L expert 0 up")) { e in
+            XCTAssertEqual((e as? SMoEError)?.setting, .rank, "\(e)")
+        }
+        XCTAssertThrowsError(try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(11)), name: "layer L expert 0 up")) {
             XCTAssertTrue("\($0)".contains("layer L expert 0 up"), "\($0)")
         }
         // An already-factored matrix.
         let layer = randomLayer(&rng, type: .glu, router: .softmax_topk, d: 24, f: 48)
-        let (compressed, _) = try LowRankStage.compressLayer(layer, options: LowRankOptions(rank: 2, matrices: [.up]))
-        XCTAssertThrowsError(try LowRankStage.compressLayer(compressed, options: LowRankOptions(rank: 2))) {
+        let (compressed, _) = try LowRankStage.compressLayer(layer, options: LowRankOptions(rank: .fixed(2), matrices: [.up]))
+        XCTAssertThrowsError(try LowRankStage.compressLayer(compressed, options: LowRankOptions(rank: .fixed(2)))) {
             XCTAssertEqual("\($0)", "layer layers.0.moe expert 0 up is already factored; run expand first")
         }
         // Matrices not selected may stay factored.
-        XCTAssertNoThrow(try LowRankStage.compressLayer(compressed, options: LowRankOptions(rank: 2, matrices: [.down])))
+        XCTAssertNoThrow(try LowRankStage.compressLayer(compressed, options: LowRankOptions(rank: .fixed(2), matrices: [.down])))
     }
 
     // MARK: one layer
@@ -218,7 +222,7 @@ final class LowRankTests: XCTestCase {
                 let x = randomMatrix(200, 24, &rng)
                 for aware in [false, true] {
                     let norms = aware ? try LowRankStage.inputNorms(layer, tokens: { try $0(x) }) : nil
-                    let (c, report) = try LowRankStage.compressLayer(layer, options: LowRankOptions(rank: 4, sparsity: 0.05, iterations: 1),
+                    let (c, report) = try LowRankStage.compressLayer(layer, options: LowRankOptions(rank: .fixed(4), sparsity: 0.05, iterations: 1),
                                                                      inputNorms: norms)
                     let label = "\(type) G \(G) aware \(aware)"
                     XCTAssertEqual(report.matrices.count, G * (type == .glu ? 3 : 2), label)
@@ -265,7 +269,7 @@ final class LowRankTests: XCTestCase {
         var norm = [Float](repeating: 1, count: 30)
         norm[7] = 1e6
         for i in 0..<40 { w[i, 7] *= 0.01 }
-        let (op, _) = try LowRankStage.factor(w, options: LowRankOptions(rank: 1, sparsity: 40.0 / 1200), inputNorms: norm)
+        let (op, _) = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(1), sparsity: 40.0 / 1200), inputNorms: norm)
         let f = try XCTUnwrap(factored(op, "activation-aware"))
         XCTAssertEqual(f.s.indices, [Int32](repeating: 7, count: 40))
     }
@@ -342,7 +346,7 @@ final class LowRankTests: XCTestCase {
             ([model, "--rank", "2", "--matrices", "up,wo"], "--matrices"), ([model, "--rank", "2", "--svd", "fast"], "--svd"),
             ([model, "--rank", "2", "--iterations", "-1"], "--iterations"), ([model, "--rank", "2", "--layers", "nope"], "nope"),
             // A negative value after a space is the option's own mistake, not a missing value.
-            ([model, "--rank", "-1"], "--rank must be at least 1"), ([model, "--rank", "2", "--sparsity", "-0.1"], "--sparsity must be in"),
+            ([model, "--rank", "-1"], "--rank: must be at least 1"), ([model, "--rank", "2", "--sparsity", "-0.1"], "--sparsity: must be in"),
             ([model, "--energy", "-0.5"], "--energy"),
             ([model, "--rank", "2", "--calib", fixture("trained-switch.calib.h5")], "model.layers.0.block_sparse_moe"),
             ([compact, "--rank", "2"], "already factored; run expand first"),

@@ -284,7 +284,7 @@ final class MergeCommandTests: XCTestCase {
         let layer = try CheckpointReader(factored).readLayer(layers[0])
         let grouping = LayerGrouping(groups: [Array(0..<8)], dominant: [0])
         XCTAssertThrowsError(try MergeStage.apply(layer, grouping: grouping, frequency: [Double](repeating: 0.125, count: 8),
-                                                  settings: MergeSettings(groups: 1, merge: MergeOptions(method: .frequency, align: false)),
+                                                  settings: MergeSettings(groups: 1, merging: MergeOptions(method: .frequency, align: false)),
                                                   tokens: nil)) { e in
             XCTAssertTrue("\(e)".hasPrefix(layers[0] + ": merge needs dense experts"), "\(e)")
         }

@@ -68,7 +68,7 @@ final class MergingTests: XCTestCase {
                 } }
                 let freq = truth.counts.map { Double($0) / Double(z.rows * cfg.topK) }
                 let P = Set(truth.family).count
-                let g = try Grouping.uniform(frequency: freq, similarity: sim, groups: P)
+                let g = Grouping.uniform(frequency: freq, similarity: sim, groups: P)
                 XCTAssertEqual(Grouping.adjustedRandIndex(g.slotToGroup, truth.family), 1, "\(model) \(cfg.name): \(g.groups)")
                 let (merged, _) = try Merging.mergeLayer(layer, grouping: g, frequency: freq)
                 let err = relativeError(merged.forward(x), layer.forward(x))

@@ -364,9 +364,10 @@ final class RegMeanTests: XCTestCase {
         XCTAssertEqual(r2.map(\.how), ["weighted", "mean"], "shared tokens: \(r2.map(\.json))")
         XCTAssertEqual(r2[0].warning, "only 6 routed tokens (< 8): fell back to the frequency-weighted average", "shared tokens")
         XCTAssertEqual(m2.experts[0], try Merging.weightedAverage(try aligned(top2, [0, 1]), weights: [0.1, 0.4]), "shared tokens")
-        // No calibration at all is an error naming the option.
+        // No calibration at all is an error naming the setting (the command line names --calib).
         XCTAssertThrowsError(try Merging.mergeLayer(layer, grouping: g, frequency: freq, options: MergeOptions(method: .regmean))) { e in
-            XCTAssertTrue("\(e)".contains("--calib"), "\(e)")
+            XCTAssertEqual((e as? SMoEError)?.setting, .mergeMethod, "\(e)")
+            XCTAssertEqual((e as? SMoEError)?.rendered(naming: { "--" + $0.rawValue }), "--merge-method: regmean needs calibration tokens (--calibration)")
         }
     }
 }

@@ -41,7 +41,7 @@ final class StatisticsTests: XCTestCase {
         for (name, table) in Self.trainedCounts.sorted(by: { $0.key < $1.key }) {
             let model = try CheckpointReader(fixture(name + ".h5"))
             let calib = try CalibrationReader(fixture(name + ".calib.h5"))
-            let stats = try Statistics.computeAll(model: model, calibration: calib, blockSize: 300)
+            let stats = try Statistics.computeAll(model: model, calibration: calib, tokens: TokenSettings(blockSize: 300))
             XCTAssertEqual(Set(stats.map(\.name)), Set(table.keys), name)
             for s in stats {
                 XCTAssertEqual(s.counts, table[s.name], "\(name) \(s.name): counts")
@@ -78,8 +78,8 @@ final class StatisticsTests: XCTestCase {
             let calib = try CalibrationReader(fixture(name + ".calib.h5"))
             for c in model.layers.prefix(2) {
                 let layer = try model.readLayer(c.name)
-                let small = try Statistics.compute(layer: layer, calibration: calib, bases: all, blockSize: 7)
-                let big = try Statistics.compute(layer: layer, calibration: calib, bases: all, blockSize: 4096)
+                let small = try Statistics.compute(layer: layer, calibration: calib, bases: all, tokens: TokenSettings(blockSize: 7))
+                let big = try Statistics.compute(layer: layer, calibration: calib, bases: all, tokens: TokenSettings(blockSize: 4096))
                 assertSame(small, big, tol: 0, "\(name) \(c.name) block 7 vs 4096")
             }
         }
@@ -102,7 +102,7 @@ final class StatisticsTests: XCTestCase {
         let calib = try CalibrationReader(fixture("planted-switch.calib.h5"))
         let model = try CheckpointReader(fixture("planted-switch.h5"))
         let l0 = try model.readLayer(model.layers[0].name)
-        let capped = try Statistics.compute(layer: l0, calibration: calib, blockSize: 64, maxTokens: 100)
+        let capped = try Statistics.compute(layer: l0, calibration: calib, tokens: TokenSettings(blockSize: 64, maxTokens: 100))
         let direct = try Statistics.compute(layer: l0, tokens: try calib.hiddenStates(l0.name, rows: 0..<100))
         assertSame(capped, direct, tol: 1e-12, "maxTokens 100")
         XCTAssertEqual(capped.numTokens, 100, "maxTokens 100: tokens")
@@ -126,7 +126,7 @@ final class StatisticsTests: XCTestCase {
             let calib = try CalibrationReader(fixture(name + ".calib.h5"))
             for c in model.layers {
                 let layer = try model.readLayer(c.name)
-                let s = try Statistics.compute(layer: layer, calibration: calib, blockSize: 100).similarity[.routerLogits]!
+                let s = try Statistics.compute(layer: layer, calibration: calib, tokens: TokenSettings(blockSize: 100)).similarity[.routerLogits]!
                 let x = try calib.hiddenStates(c.name)
                 let z = Statistics.logits(layer: layer, tokens: x)  // the full N×E logits of the pass
                 XCTAssertLessThanOrEqual(relativeError(z, layer.logits(x)), 1e-6, "\(name) \(c.name): chunked vs one-shot logits")
@@ -243,7 +243,8 @@ final class StatisticsTests: XCTestCase {
         XCTAssertEqual(try SimilarityBase.parseList("expert-output,weight,weight"), [.weight, .expertOutput])
         XCTAssertEqual(try SimilarityBase.parseList("all"), SimilarityBase.allCases)
         XCTAssertThrowsError(try SimilarityBase.parseList("router-logits,cosine")) { e in
-            XCTAssertTrue("\(e)".hasPrefix("--similarity: unknown similarity \"cosine\""), "\(e)")
+            XCTAssertEqual((e as? SMoEError)?.setting, .similarity)
+            XCTAssertTrue("\(e)".hasPrefix("similarity: unknown similarity \"cosine\""), "\(e)")
         }
     }
 
@@ -257,7 +258,7 @@ final class StatisticsTests: XCTestCase {
         XCTAssertTrue(r.stdout.contains("encoder.block.1.layer.1.mlp"), "usage table names the layer")
         let model = try CheckpointReader(m)
         let expected = try Statistics.computeAll(model: model, calibration: try CalibrationReader(c),
-                                                 bases: Set(SimilarityBase.allCases), blockSize: 100)
+                                                 bases: Set(SimilarityBase.allCases), tokens: TokenSettings(blockSize: 100))
         let reader = try StatsReader(dir + "/s.h5")
         XCTAssertEqual(reader.layers.map(\.name), model.layers.map(\.name), "file layers")
         XCTAssertEqual(try JSONValue.parse(reader.source)["calibration"]?.stringValue, c, "source names the calibration file")

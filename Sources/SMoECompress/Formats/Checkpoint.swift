@@ -356,7 +356,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     public init(destination: String, architecture: String, history: [JSONValue], entry: JSONValue,
                 sourceConfig: String? = nil, options: WriteOptions = WriteOptions()) throws {
         guard options.dtype == .f32 || options.dtype == .f16 || options.dtype == .bf16 else {
-            throw SMoEError.option("--dtype", "must be f32, f16 or bf16")
+            throw SMoEError.setting(.storage, "must be f32, f16 or bf16")
         }
         output = try AtomicOutput(destination: destination)
         file = try H5File.create(output.temporaryPath)
@@ -417,11 +417,8 @@ public final class CheckpointWriter: @unchecked Sendable {
                     switch op {
                     case .factored(let x): f = x
                     case .dense(let w):
-                        // Mixed layer: a matrix left dense is stored as the exact factorisation
-                        // W = I·W (or W·I), the identity on the smaller side.
-                        f = out <= inn
-                            ? LowRankSparse(u: Matrix.identity(out), v: w, s: .empty(rows: out, cols: inn))
-                            : LowRankSparse(u: w, v: Matrix.identity(inn), s: .empty(rows: out, cols: inn))
+                        // Mixed layer: a matrix left dense is stored as its exact factorisation.
+                        f = LowRankSparse.exact(w)
                     }
                     let sg = try mg.createGroup(String(e))
                     try sg.write("U", floats: f.u.data, shape: [out, f.rank], as: dt)

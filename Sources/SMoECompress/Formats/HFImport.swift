@@ -398,7 +398,7 @@ public enum HFImport {
         case "f16": return .f16
         case "bf16": return .bf16
         case "auto": return source == router && source == .F16 ? .f16 : (source == router && source == .BF16 ? .bf16 : .f32)
-        default: throw SMoEError.option("--dtype", "must be auto, f32, f16 or bf16, not '\(dtype)'")
+        default: throw SMoEError.setting(.storage, "must be auto, f32, f16 or bf16, not '\(dtype)'")
         }
     }
 

@@ -460,7 +460,7 @@ public final class ShardedSafetensorsWriter: @unchecked Sendable {
     public private(set) var tensorCount = 0
 
     public init(directory: String, maxShardBytes: Int, metadata: [(String, String)] = []) throws {
-        guard maxShardBytes >= 1 else { throw SMoEError.option("--max-shard-size", "must be positive") }
+        guard maxShardBytes >= 1 else { throw SMoEError.setting(.maxShardSize, "must be positive") }
         self.directory = directory
         self.maxShardBytes = maxShardBytes
         self.metadata = metadata
@@ -542,7 +542,7 @@ public func parseByteSize(_ text: String) throws -> Int {
         break
     }
     guard let v = Double(number), v > 0, v.isFinite, v * scale >= 1, v * scale < 9e18 else {
-        throw SMoEError.option("--max-shard-size", "'\(text)' is not a size such as 5GB, 500MB or 2GiB")
+        throw SMoEError.setting(.maxShardSize, "'\(text)' is not a size such as 5GB, 500MB or 2GiB")
     }
     return Int(v * scale)
 }

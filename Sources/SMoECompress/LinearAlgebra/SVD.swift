@@ -58,3 +58,26 @@ extension Matrix {
         return s
     }
 }
+
+extension Matrix {
+    /// Randomized truncated SVD (Halko, Martinsson, Tropp 2011): a Gaussian sketch of
+    /// r + oversampling columns, `powerIterations` rounds of W·Wᵀ with QR re-orthonormalisation,
+    /// then the exact SVD of the small projection QᵀW. Returns r singular triplets.
+    public func randomizedSVD(rank r: Int, oversampling: Int = 10, powerIterations: Int = 2,
+                               seed: UInt64 = 0) throws -> SVDResult {
+        let m = rows, n = cols, w = self
+        let l = min(r + oversampling, min(m, n))
+        var rng = SplitMix64(seed: seed)
+        let omega = Matrix(rows: n, cols: l, data: (0..<(n * l)).map { _ in Float(rng.nextGaussian()) })
+        var q = try BLAS.matmul(w, omega).orthonormalColumns()  // [m, l]
+        for _ in 0..<powerIterations {
+            let z = try BLAS.matmul(w, transA: true, q).orthonormalColumns()  // [n, l]
+            q = try BLAS.matmul(w, z).orthonormalColumns()
+        }
+        let b = BLAS.matmul(q, transA: true, w)  // [l, n]
+        let small = try b.thinSVD()  // u [l, l], s [l], vt [l, n]
+        let u = BLAS.matmul(q, small.u)  // [m, l]
+        let k = min(r, l)
+        return SVDResult(u: u.gatherColumns(Array(0..<k)), s: Array(small.s[0..<k]), vt: small.vt.rowBlock(0, k))
+    }
+}

@@ -47,10 +47,17 @@ public struct CSRMatrix: Sendable, Equatable {
     /// Dense form.
     public func dense() -> Matrix {
         var m = Matrix(rows: rows, cols: cols)
-        for i in 0..<rows {
-            for k in indptr[i]..<indptr[i + 1] { m.data[i * cols + Int(indices[k])] += values[k] }
-        }
+        add(to: &m)
         return m
+    }
+
+    /// `W += scale · S` in place, entry by entry (the one CSR scatter: densifying, expanding a
+    /// factored matrix, taking S off a residual).
+    public func add(to w: inout Matrix, scale: Float = 1) {
+        precondition(w.rows == rows && w.cols == cols)
+        for i in 0..<rows {
+            for k in indptr[i]..<indptr[i + 1] { w.data[i * cols + Int(indices[k])] += scale * values[k] }
+        }
     }
 
     /// Builds the CSR form of a dense matrix keeping entries where `keep` is true.
@@ -109,8 +116,16 @@ public struct LowRankSparse: Sendable, Equatable {
     /// `U · V + S` as a dense matrix.
     public func dense() -> Matrix {
         var w = BLAS.matmul(u, v)
-        if s.nnz > 0 { w = w + s.dense() }
+        s.add(to: &w)
         return w
+    }
+
+    /// The exact factorisation of a dense W [out, in]: I·W, or W·I when `in` is the smaller side
+    /// (how a dense matrix is stored beside factored ones, FORMAT.md).
+    public static func exact(_ w: Matrix) -> LowRankSparse {
+        let (r, c) = (w.rows, w.cols)
+        return r <= c ? LowRankSparse(u: .identity(r), v: w, s: .empty(rows: r, cols: c))
+                      : LowRankSparse(u: w, v: .identity(c), s: .empty(rows: r, cols: c))
     }
 }
 

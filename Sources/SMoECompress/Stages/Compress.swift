@@ -3,21 +3,25 @@ import Foundation
 /// What `compress` does: statistics → merge (with alignment) → low-rank plus sparse, in one
 /// pass over the model, one layer in memory at a time.
 public struct CompressSettings: Sendable {
+    /// The merge settings; their layers and tokens are the whole run's.
     public var merge: MergeSettings
     /// nil: merge only.
     public var lowRank: LowRankOptions?
     /// Rank the sparse residual entries by |S_ij|·‖X_j‖ over the calibration tokens.
     public var activationAware: Bool
-    public var blockSize: Int
-    public var maxTokens: Int?
 
-    public init(merge: MergeSettings, lowRank: LowRankOptions?, activationAware: Bool = false,
-                blockSize: Int = 4096, maxTokens: Int? = nil) {
+    public init(merge: MergeSettings, lowRank: LowRankOptions?, activationAware: Bool = false) {
         self.merge = merge
         self.lowRank = lowRank
         self.activationAware = activationAware
-        self.blockSize = blockSize
-        self.maxTokens = maxTokens
+    }
+
+    /// The checks `MergeSettings` and `LowRankOptions` do not make themselves.
+    func validate() throws {
+        try lowRank?.validate()
+        if activationAware && (lowRank?.sparsity ?? 0) == 0 {
+            throw SMoEError.setting(.activationAware, "ranks sparse entries: give {sparsity} > 0 (and {rank} or {energy}) too")
+        }
     }
 }
 
@@ -80,70 +84,91 @@ public struct CompressReport: Sendable {
     }
 }
 
-public enum CompressPipeline {
-    /// Runs every stage on `model` and hands each finished layer to `sink` in index order.
-    /// `evaluation` supplies the tokens the errors are measured on (default: the calibration
-    /// tokens; a held-out capture is the honest choice). `storage` is the output float type: the
-    /// figures describe the layers as stored in it.
-    @discardableResult
-    public static func run(model: CheckpointReader, calibration: CalibrationReader, evaluation: CalibrationReader? = nil,
-                           stats: StatsReader?, settings: CompressSettings, storage: StorageType,
-                           progress: ProgressCallback? = nil,
-                           sink: (_ layer: MoELayer) throws -> Void) throws -> CompressReport {
-        try settings.merge.merge.validate()
-        try settings.lowRank?.validate()
-        let evalTokens = evaluation ?? calibration
-        try evalTokens.checkMatches(model)
-        var out: [LayerCompressReport] = []
-        let merged = try MergeStage.run(model: model, calibration: calibration, stats: stats, settings: settings.merge,
-                                        blockSize: settings.blockSize, maxTokens: settings.maxTokens,
-                                        progress: progress) { original, mergedLayer, mergeReport in
-            let floatBytes = storage.byteSize
-            let mergedLayer = mergedLayer.roundedForStorage(storage)
-            var final = mergedLayer
-            var lowRankReport: LayerLowRankReport? = nil
-            if var options = settings.lowRank {
-                options.floatBytes = floatBytes
-                let norms = settings.activationAware
-                    ? try LowRankStage.inputNorms(mergedLayer, tokens: calibration.tokenBlocks(
-                        original.name, blockSize: settings.blockSize, maxTokens: settings.maxTokens))
-                    : nil
-                (final, lowRankReport) = try LowRankStage.compressLayer(mergedLayer, options: options, inputNorms: norms,
-                                                                        progress: progress)
-                final = final.roundedForStorage(storage)
-            }
-            // Both stages measured against the original on the same tokens, one block at a time.
-            var accMerged = try EvaluationAccumulator(original: original, compressed: mergedLayer)
-            var accFinal = try EvaluationAccumulator(original: original, compressed: final)
-            let info = try evalTokens.info(original.name)
-            let total = min(info.numTokens, settings.maxTokens ?? Int.max)
-            try evalTokens.forEachBlock(original.name, blockSize: settings.blockSize, maxTokens: settings.maxTokens) { start, x in
-                accMerged.add(x)
-                accFinal.add(x)
-                progress?("eval \(original.name)", start + x.rows, total)
-            }
-            let before = try model.summary(original.name).expertFileBytes
-            let bytesMerged = mergedLayer.expertBytes(floatBytes: floatBytes)
-            let bytesFinal = final.expertBytes(floatBytes: floatBytes)
-            out.append(LayerCompressReport(
-                name: original.name, merge: mergeReport, lowRank: lowRankReport,
-                bytesOriginal: before, bytesMerged: bytesMerged, bytesFinal: bytesFinal,
-                afterMerge: accMerged.result(bytesBefore: before, bytesAfter: bytesMerged),
-                final: accFinal.result(bytesBefore: before, bytesAfter: bytesFinal)))
-            try sink(final)
+/// The `compress` stage: each selected layer is merged (with alignment), rounded to the output
+/// type, factored when low rank is asked for, and measured against the original after each step.
+public struct CompressStage: LayerStage {
+    public let name = "compress"
+    public let settings: CompressSettings
+    public let merge: MergeStage
+    public let calibration: CalibrationReader
+    /// The tokens the errors are measured on.
+    public let evaluation: CalibrationReader
+    /// The output float type: the figures describe the layers as stored in it.
+    public let storage: StorageType
+    let model: CheckpointReader
+    let denseBytes: Int
+
+    public var layers: [String] { merge.layers }
+
+    /// Validates every setting once and plans the merge. `evaluation` supplies the tokens the
+    /// errors are measured on (default: the calibration tokens; a held-out capture is the honest
+    /// choice).
+    public init(model: CheckpointReader, calibration: CalibrationReader, evaluation: CalibrationReader? = nil,
+                stats: StatsReader?, settings: CompressSettings, storage: StorageType,
+                progress: ProgressCallback? = nil) throws {
+        var settings = settings
+        settings.lowRank?.floatBytes = storage.byteSize
+        try settings.validate()
+        self.merge = try MergeStage(model: model, calibration: calibration, stats: stats, settings: settings.merge,
+                                    progress: progress)
+        let evaluation = evaluation ?? calibration
+        try evaluation.checkMatches(model, layers: merge.layers)
+        self.settings = settings
+        self.calibration = calibration
+        self.evaluation = evaluation
+        self.storage = storage
+        self.model = model
+        self.denseBytes = try model.denseSummary().bytes
+    }
+
+    public func process(_ original: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerCompressReport) {
+        let tokens = settings.merge.tokens
+        let (merged, mergeReport) = try merge.process(original, progress: progress)
+        let mergedLayer = merged.roundedForStorage(storage)
+        var final = mergedLayer
+        var lowRankReport: LayerLowRankReport? = nil
+        if let options = settings.lowRank {
+            let norms = settings.activationAware
+                ? try LowRankStage.inputNorms(mergedLayer, tokens: calibration.tokenBlocks(original.name, tokens))
+                : nil
+            (final, lowRankReport) = try LowRankStage.compressLayer(mergedLayer, options: options, inputNorms: norms,
+                                                                    progress: progress)
+            final = final.roundedForStorage(storage)
         }
-        _ = merged
-        return CompressReport(layers: out, denseBytes: try model.denseSummary().bytes, evaluationSource: evalTokens.path)
+        // Both steps measured against the original on the same tokens, one block at a time.
+        var accMerged = try EvaluationAccumulator(original: original, compressed: mergedLayer)
+        var accFinal = try EvaluationAccumulator(original: original, compressed: final)
+        let info = try evaluation.info(original.name)
+        let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
+        try evaluation.forEachBlock(original.name, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in
+            accMerged.add(x)
+            accFinal.add(x)
+            progress?("eval \(original.name)", start + x.rows, total)
+        }
+        let before = try model.summary(original.name).expertFileBytes
+        let bytesMerged = mergedLayer.expertBytes(floatBytes: storage.byteSize)
+        let bytesFinal = final.expertBytes(floatBytes: storage.byteSize)
+        let report = LayerCompressReport(
+            name: original.name, merge: mergeReport, lowRank: lowRankReport,
+            bytesOriginal: before, bytesMerged: bytesMerged, bytesFinal: bytesFinal,
+            afterMerge: accMerged.result(bytesBefore: before, bytesAfter: bytesMerged),
+            final: accFinal.result(bytesBefore: before, bytesAfter: bytesFinal))
+        return (final, report)
+    }
+
+    /// The whole-model report of the computed layers.
+    public func report(_ layers: [LayerCompressReport]) -> CompressReport {
+        CompressReport(layers: layers, denseBytes: denseBytes, evaluationSource: evaluation.path)
     }
 
     /// The history entry: one record with every stage's options and per-layer results.
-    public static func historyEntry(_ settings: CompressSettings, calibration: String, report: CompressReport) -> JSONValue {
+    public func historyEntry(_ reports: [LayerCompressReport]) -> JSONValue {
+        let report = report(reports)
         var kv: [(String, JSONValue)] = [("stage", "compress"), ("tool", .string("smoe-compress \(smoeCompressVersion)"))]
-        let merges = report.layers.compactMap(\.merge)
-        kv.append(("merge", MergeStage.historyEntry(settings.merge, calibration: calibration, reports: merges)))
+        kv.append(("merge", merge.historyEntry(reports.compactMap(\.merge))))
         if let l = settings.lowRank {
-            kv.append(("lowrank", LowRankStage.historyEntry(l, calibration: settings.activationAware ? calibration : nil,
-                                                            reports: report.layers.compactMap(\.lowRank))))
+            kv.append(("lowrank", LowRankStage.historyEntry(l, calibration: settings.activationAware ? calibration.path : nil,
+                                                            reports: reports.compactMap(\.lowRank))))
         }
         kv.append(("evaluation_tokens", .string(report.evaluationSource)))
         kv.append(("mean_relative_error", .double(report.evaluation.meanRelativeError)))

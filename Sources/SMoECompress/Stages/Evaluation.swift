@@ -157,12 +157,12 @@ public struct EvaluationAccumulator: Sendable {
 public enum Evaluation {
     /// Compares one pair of in-memory layers on the layer's calibration tokens.
     public static func evaluate(original: MoELayer, compressed: MoELayer, calibration: CalibrationReader,
-                                bytesBefore: Int, bytesAfter: Int, blockSize: Int = 4096, maxTokens: Int? = nil,
+                                bytesBefore: Int, bytesAfter: Int, tokens: TokenSettings = TokenSettings(),
                                 progress: ProgressCallback? = nil) throws -> LayerEvaluation {
         var acc = try EvaluationAccumulator(original: original, compressed: compressed)
         let info = try calibration.info(original.name)
-        let total = min(info.numTokens, maxTokens ?? Int.max)
-        try calibration.forEachBlock(original.name, blockSize: blockSize, maxTokens: maxTokens) { start, x in
+        let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
+        try calibration.forEachBlock(original.name, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in
             let captured = info.hasOutput ? try calibration.output(original.name, rows: start..<(start + x.rows)) : nil
             acc.add(x, captured: captured)
             progress?("eval \(original.name)", start + x.rows, total)
@@ -172,13 +172,11 @@ public enum Evaluation {
 
     /// Compares every MoE layer (or those named) of two checkpoints of the same model.
     public static func run(original: CheckpointReader, compressed: CheckpointReader, calibration: CalibrationReader,
-                           layers names: [String]? = nil, blockSize: Int = 4096, maxTokens: Int? = nil,
+                           layers names: [String]? = nil, tokens: TokenSettings = TokenSettings(),
                            progress: ProgressCallback? = nil) throws -> ModelEvaluation {
-        let wanted = names ?? original.layers.map(\.name)
+        try tokens.validate()
+        let wanted = try original.selectLayers(names)
         for n in wanted {
-            guard original.layers.contains(where: { $0.name == n }) else {
-                throw SMoEError.option("--layers", "no MoE layer '\(n)' in \(original.path) (layers: \(original.layers.map(\.name).joined(separator: ", ")))")
-            }
             guard compressed.layers.contains(where: { $0.name == n }) else {
                 throw SMoEError.dataset(compressed.path, "/moe_layers/\(n)", "missing: \(original.path) has this MoE layer, so the files are not the same model")
             }
@@ -197,7 +195,7 @@ public enum Evaluation {
                 e = try evaluate(original: a, compressed: b, calibration: calibration,
                                  bytesBefore: try original.summary(n).expertFileBytes,
                                  bytesAfter: try compressed.summary(n).expertFileBytes,
-                                 blockSize: blockSize, maxTokens: maxTokens, progress: progress)
+                                 tokens: tokens, progress: progress)
             } catch let err as SMoEError where !err.message.contains(compressed.path) && err.message.hasPrefix("layer ") {
                 throw SMoEError.file(compressed.path, err.message)
             }

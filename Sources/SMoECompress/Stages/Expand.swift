@@ -1,18 +1,40 @@
+/// What expanding did to one layer.
+public struct LayerExpansion: Sendable {
+    public var name: String
+    /// Factored matrices made dense.
+    public var factored: Int
+    /// Stored experts before and after (after = E with one expert per slot).
+    public var storedBefore: Int
+    public var storedAfter: Int
+
+    public var json: JSONValue {
+        .object([("name", .string(name)), ("factored_matrices", .int(factored)),
+                 ("stored_before", .int(storedBefore)), ("stored_after", .int(storedAfter))])
+    }
+}
+
 /// Materialises factored matrices (`U·V + S`) back into dense ones, optionally one expert per
 /// router slot (for tools that do not know `expert_map`).
-public enum ExpandStage {
-    /// `U·V + S` as a dense matrix: one BLAS product, then the CSR entries added in place.
-    public static func materialise(_ op: LinearOp) -> Matrix {
-        switch op {
-        case .dense(let w): return w
-        case .factored(let f):
-            var w = BLAS.matmul(f.u, f.v)
-            let c = f.s.cols
-            for i in 0..<f.s.rows {
-                for k in f.s.indptr[i]..<f.s.indptr[i + 1] { w.data[i * c + Int(f.s.indices[k])] += f.s.values[k] }
-            }
-            return w
-        }
+public struct ExpandStage: LayerStage {
+    public let name = "expand"
+    public let layers: [String]
+    public let perSlot: Bool
+
+    public init(model: CheckpointReader, perSlot: Bool = false, layers: [String]? = nil) throws {
+        self.layers = try model.selectLayers(layers)
+        self.perSlot = perSlot
+    }
+
+    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerExpansion) {
+        let expanded = ExpandStage.expand(layer, perSlot: perSlot)
+        let factored = layer.experts.reduce(0) { $0 + $1.namedMatrices.filter(\.op.isFactored).count }
+        return (expanded, LayerExpansion(name: layer.name, factored: factored, storedBefore: layer.numStored,
+                                         storedAfter: expanded.numStored))
+    }
+
+    public func historyEntry(_ reports: [LayerExpansion]) -> JSONValue {
+        .object([("stage", .string(name)), ("tool", .string("smoe-compress \(smoeCompressVersion)")), ("per_slot", .bool(perSlot)),
+                 ("layers", .array(reports.map(\.json)))])
     }
 
     /// The layer with every matrix dense; with `perSlot`, one stored expert per router slot
@@ -21,7 +43,7 @@ public enum ExpandStage {
         var out = layer
         out.experts = layer.experts.map { e in
             var d = e
-            for (name, op) in e.namedMatrices where op.isFactored { d[matrix: name] = .dense(materialise(op)) }
+            for (name, op) in e.namedMatrices where op.isFactored { d[matrix: name] = .dense(op.dense()) }
             return d
         }
         if perSlot {
@@ -29,31 +51,5 @@ public enum ExpandStage {
             out.expertMap = nil
         }
         return out
-    }
-
-    public static func historyEntry(perSlot: Bool, layers: [(name: String, factored: Int, storedBefore: Int, storedAfter: Int)]) -> JSONValue {
-        .object([("stage", "expand"), ("tool", .string("smoe-compress \(smoeCompressVersion)")), ("per_slot", .bool(perSlot)),
-                 ("layers", .array(layers.map {
-                     .object([("name", .string($0.name)), ("factored_matrices", .int($0.factored)),
-                              ("stored_before", .int($0.storedBefore)), ("stored_after", .int($0.storedAfter))])
-                 }))])
-    }
-
-    /// Expands every layer of `model` into `writer` one layer at a time and records the history
-    /// entry (the caller commits). Returns per layer the number of factored matrices expanded.
-    @discardableResult
-    public static func run(model: CheckpointReader, perSlot: Bool, writer: CheckpointWriter,
-                           progress: ProgressCallback? = nil) throws -> [(name: String, factored: Int, storedBefore: Int, storedAfter: Int)] {
-        var done: [(name: String, factored: Int, storedBefore: Int, storedAfter: Int)] = []
-        for (i, c) in model.layers.enumerated() {
-            progress?("expanding", i, model.layers.count)
-            let layer = try model.readLayer(c.name)
-            let factored = layer.experts.reduce(0) { $0 + $1.namedMatrices.filter(\.op.isFactored).count }
-            let expanded = expand(layer, perSlot: perSlot)
-            try writer.write(expanded)
-            done.append((c.name, factored, layer.numStored, expanded.numStored))
-        }
-        writer.updateEntry(historyEntry(perSlot: perSlot, layers: done))
-        return done
     }
 }

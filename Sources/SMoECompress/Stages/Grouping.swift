@@ -57,9 +57,8 @@ public enum Grouping {
     }
 
     /// Uniform grouping: the `groups` most used slots are dominant.
-    public static func uniform(frequency: [Double], similarity: [Double], groups: Int) throws -> LayerGrouping {
-        let e = frequency.count
-        guard groups >= 1, groups <= e else { throw SMoEError.option("--groups", "\(groups) must be in 1...\(e)") }
+    public static func uniform(frequency: [Double], similarity: [Double], groups: Int) -> LayerGrouping {
+        precondition(groups >= 1 && groups <= frequency.count, "groups validated by MergeSettings")
         return assign(dominant: Array(byUsage(frequency).prefix(groups)), frequency: frequency, similarity: similarity)
     }
 
@@ -67,13 +66,10 @@ public enum Grouping {
     /// by all layers. Each layer's most used slot counts as 1.0; τ is the (T+1)-th largest value
     /// over all layers; a layer keeps as dominant the slots strictly above τ (at least its most
     /// used one). Returns the dominant slots of each layer, most used first.
-    public static func adaptiveDominants(frequencies: [[Double]], groupsPerLayer: Int) throws -> [[Int]] {
+    public static func adaptiveDominants(frequencies: [[Double]], groupsPerLayer: Int) -> [[Int]] {
         let total = frequencies.reduce(0) { $0 + $1.count }
         let budget = groupsPerLayer * frequencies.count
-        guard groupsPerLayer >= 1 else { throw SMoEError.option("--groups", "must be at least 1") }
-        guard let minE = frequencies.map(\.count).min(), groupsPerLayer <= minE else {
-            throw SMoEError.option("--groups", "\(groupsPerLayer) is more than the experts of a layer")
-        }
+        precondition(groupsPerLayer >= 1 && frequencies.allSatisfy { groupsPerLayer <= $0.count }, "groups validated by MergeSettings")
         let scores: [[Double]] = frequencies.map { f in
             var s = f
             if let top = byUsage(f).first { s[top] = 1.0 }
@@ -93,10 +89,10 @@ public enum Grouping {
     /// down to `groups` clusters. At each step the two clusters with the smallest mean pairwise
     /// distance merge (ties: the pair with the lowest smallest members). A cluster's dominant is
     /// its most used member.
-    public static func hierarchical(distance: [Double], frequency: [Double], groups: Int) throws -> LayerGrouping {
+    public static func hierarchical(distance: [Double], frequency: [Double], groups: Int) -> LayerGrouping {
         let e = frequency.count
         precondition(distance.count == e * e)
-        guard groups >= 1, groups <= e else { throw SMoEError.option("--groups", "\(groups) must be in 1...\(e)") }
+        precondition(groups >= 1 && groups <= e, "groups validated by MergeSettings")
         var clusters: [[Int]] = (0..<e).map { [$0] }
         // Sum of pairwise distances between clusters (average = sum / (|a|·|b|)).
         var sum = distance

@@ -26,12 +26,17 @@ public enum ExpertMatrixName: String, Sendable, CaseIterable, Hashable, Comparab
     public static func < (a: Self, b: Self) -> Bool { allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)! }
 }
 
+/// How many singular values a factored matrix keeps.
+public enum RankRule: Sendable, Equatable {
+    /// The same rank for every factored matrix.
+    case fixed(Int)
+    /// Per matrix, the smallest rank keeping this fraction (0, 1] of the squared singular values.
+    case energy(Double)
+}
+
 /// Settings of the low-rank plus sparse stage (ALGORITHM.md §4).
 public struct LowRankOptions: Sendable {
-    /// Fixed rank of every compressed matrix (exactly one of `rank` and `energy`).
-    public var rank: Int?
-    /// Per-matrix rank: the smallest keeping this fraction of the squared singular values.
-    public var energy: Double?
+    public var rank: RankRule
     /// Fraction of each matrix's entries kept in the sparse part S (0 = pure low rank).
     public var sparsity: Double = 0
     public var structure: SparseStructure = .unstructured
@@ -49,11 +54,10 @@ public struct LowRankOptions: Sendable {
     /// Float width on disk, for the kept-dense decision (4 = float32, 2 = float16).
     public var floatBytes: Int = 4
 
-    public init(rank: Int? = nil, energy: Double? = nil, sparsity: Double = 0, structure: SparseStructure = .unstructured,
+    public init(rank: RankRule, sparsity: Double = 0, structure: SparseStructure = .unstructured,
                 iterations: Int = 0, matrices: Set<ExpertMatrixName> = Set(ExpertMatrixName.allCases), svd: SVDMethod = .auto,
                 seed: UInt64 = 0, floatBytes: Int = 4) {
         self.rank = rank
-        self.energy = energy
         self.sparsity = sparsity
         self.structure = structure
         self.iterations = iterations
@@ -63,20 +67,18 @@ public struct LowRankOptions: Sendable {
         self.floatBytes = floatBytes
     }
 
-    /// Checks the settings that do not depend on a matrix's shape.
+    /// Checks the settings that do not depend on a matrix's shape (a stage does, once, at entry;
+    /// `factor` checks the rank against each matrix's shape).
     public func validate() throws {
-        switch (rank, energy) {
-        case (nil, nil): throw SMoEError.option("--rank", "give one of --rank and --energy")
-        case (.some, .some): throw SMoEError.option("--rank", "give only one of --rank and --energy")
-        case (.some(let r), nil): if r <= 0 { throw SMoEError.option("--rank", "must be at least 1 (got \(r))") }
-        case (nil, .some(let f)):
-            if !(f > 0 && f <= 1) { throw SMoEError.option("--energy", "must be in (0, 1] (got \(f))") }
+        switch rank {
+        case .fixed(let r): if r <= 0 { throw SMoEError.setting(.rank, "must be at least 1 (got \(r))") }
+        case .energy(let f): if !(f > 0 && f <= 1) { throw SMoEError.setting(.energy, "must be in (0, 1] (got \(f))") }
         }
-        if !(sparsity >= 0 && sparsity <= 1) { throw SMoEError.option("--sparsity", "must be in [0, 1] (got \(sparsity))") }
-        if iterations < 0 { throw SMoEError.option("--iterations", "must be at least 0 (got \(iterations))") }
-        if matrices.isEmpty { throw SMoEError.option("--matrices", "names no matrix (up, gate, down)") }
-        if oversampling < 0 || powerIterations < 0 { throw SMoEError.option("--svd", "oversampling and power iterations must be ≥ 0") }
-        if floatBytes != 2 && floatBytes != 4 { throw SMoEError.option("--dtype", "float width must be 2 or 4 bytes") }
+        if !(sparsity >= 0 && sparsity <= 1) { throw SMoEError.setting(.sparsity, "must be in [0, 1] (got \(sparsity))") }
+        if iterations < 0 { throw SMoEError.setting(.iterations, "must be at least 0 (got \(iterations))") }
+        if matrices.isEmpty { throw SMoEError.setting(.matrices, "names no matrix (up, gate, down)") }
+        if oversampling < 0 || powerIterations < 0 { throw SMoEError.setting(.svd, "oversampling and power iterations must be ≥ 0") }
+        if floatBytes != 2 && floatBytes != 4 { throw SMoEError.setting(.storage, "float width must be 2 or 4 bytes") }
     }
 
     /// The `auto` rule: randomized when the sketch (rank + oversampling) is at most a quarter of
@@ -102,8 +104,10 @@ public struct LowRankOptions: Sendable {
 
     public var historyJSON: [(String, JSONValue)] {
         var kv: [(String, JSONValue)] = []
-        if let r = rank { kv.append(("rank", .int(r))) }
-        if let f = energy { kv.append(("energy", .double(f))) }
+        switch rank {
+        case .fixed(let r): kv.append(("rank", .int(r)))
+        case .energy(let f): kv.append(("energy", .double(f)))
+        }
         kv += [("sparsity", .double(sparsity)), ("sparse_structure", .string(structure.rawValue)),
                ("iterations", .int(iterations)), ("matrices", JSONValue(matrices.sorted().map(\.rawValue))),
                ("svd", .string(svd.rawValue))]
@@ -200,7 +204,7 @@ public struct ExpertInputNorms: Sendable, Equatable {
 }
 
 /// Low-rank plus sparse compression of expert matrices (ALGORITHM.md §4).
-public enum LowRankStage {
+public struct LowRankStage: LayerStage {
     // MARK: one matrix
 
     /// Factors W [out, in] as U·V + S: U = U_r·√Σ_r, V = √Σ_r·V_rᵀ from the rank-r truncated SVD,
@@ -210,7 +214,6 @@ public enum LowRankStage {
     /// `name` labels errors ("layer L expert 3 up").
     public static func factor(_ w: Matrix, options: LowRankOptions, inputNorms: [Float]? = nil,
                               name: String = "matrix") throws -> (op: LinearOp, report: MatrixLowRankReport) {
-        try options.validate()
         let out = w.rows, inn = w.cols, p = min(out, inn)
         guard p > 0 else { throw SMoEError("\(name): empty matrix [\(out), \(inn)]") }
         guard w.allFinite else { throw SMoEError("\(name): contains NaN or Inf") }
@@ -225,14 +228,14 @@ public enum LowRankStage {
         var r: Int
         var svdUsed: String
         var lowRank: (u: Matrix, v: Matrix)
-        if let fixed = options.rank {
+        switch options.rank {
+        case .fixed(let fixed):
             guard fixed <= p else {
-                throw SMoEError.option("--rank", "\(fixed) is more than min(out, in) = \(p) of \(name) [\(out), \(inn)]")
+                throw SMoEError.setting(.rank, "\(fixed) is more than min(out, in) = \(p) of \(name) [\(out), \(inn)]")
             }
             r = fixed
             (lowRank, svdUsed) = try truncatedSVD(w, rank: r, options: options)
-        } else {
-            let f = options.energy!
+        case .energy(let f):
             if options.svd == .exact || !options.prefersRandomized(rank: 1, rows: out, cols: inn) {
                 let full = try w.thinSVD()
                 r = rankForEnergy(full.s, fraction: f)
@@ -257,7 +260,7 @@ public enum LowRankStage {
         if budget > 0 && budget < out * inn {
             for _ in 0..<options.iterations {
                 var ws = w
-                subtractCSR(s, from: &ws)
+                s.add(to: &ws, scale: -1)
                 let lr = try truncatedSVD(ws, rank: r, options: options).0
                 (s, errSq) = splitSparse(lr)
                 history.append(rel(errSq))
@@ -303,7 +306,7 @@ public enum LowRankStage {
     static func truncatedSVD(_ w: Matrix, rank r: Int, options: LowRankOptions) throws -> ((u: Matrix, v: Matrix), String) {
         if options.prefersRandomized(rank: r, rows: w.rows, cols: w.cols) {
             let seed = options.seed ^ (UInt64(w.rows) &* 0x9E37_79B9) ^ (UInt64(w.cols) &* 0x85EB_CA6B)
-            let res = try randomizedSVD(w, rank: r, oversampling: options.oversampling, powerIterations: options.powerIterations, seed: seed)
+            let res = try w.randomizedSVD(rank: r, oversampling: options.oversampling, powerIterations: options.powerIterations, seed: seed)
             return (split(res, rank: r), "randomized")
         }
         return (split(try w.thinSVD(), rank: r), "exact")
@@ -322,27 +325,6 @@ public enum LowRankStage {
             for j in 0..<n { v.data[i * n + j] *= sq[i] }
         }
         return (u, v)
-    }
-
-    /// Randomized truncated SVD (Halko, Martinsson, Tropp 2011): a Gaussian sketch of
-    /// r + oversampling columns, `powerIterations` rounds of W·Wᵀ with QR re-orthonormalisation,
-    /// then the exact SVD of the small projection QᵀW. Returns r singular triplets.
-    public static func randomizedSVD(_ w: Matrix, rank r: Int, oversampling: Int = 10, powerIterations: Int = 2,
-                                     seed: UInt64 = 0) throws -> SVDResult {
-        let m = w.rows, n = w.cols
-        let l = min(r + oversampling, min(m, n))
-        var rng = SplitMix64(seed: seed)
-        let omega = Matrix(rows: n, cols: l, data: (0..<(n * l)).map { _ in Float(rng.nextGaussian()) })
-        var q = try BLAS.matmul(w, omega).orthonormalColumns()  // [m, l]
-        for _ in 0..<powerIterations {
-            let z = try BLAS.matmul(w, transA: true, q).orthonormalColumns()  // [n, l]
-            q = try BLAS.matmul(w, z).orthonormalColumns()
-        }
-        let b = BLAS.matmul(q, transA: true, w)  // [l, n]
-        let small = try b.thinSVD()  // u [l, l], s [l], vt [l, n]
-        let u = BLAS.matmul(q, small.u)  // [m, l]
-        let k = min(r, l)
-        return SVDResult(u: u.gatherColumns(Array(0..<k)), s: Array(small.s[0..<k]), vt: small.vt.rowBlock(0, k))
     }
 
     /// Picks the sparse part from the residual R and returns it with the squared Frobenius
@@ -377,7 +359,7 @@ public enum LowRankStage {
                 for k in 0..<total { scores[k] = abs(scores[k]) }
             }
             var work = scores
-            let t = kthLargest(&work, budget)
+            let t = quickselectLargest(&work, budget)
             var above = 0
             for x in scores where x > t { above += 1 }
             var ties = budget - above  // entries equal to t to keep, lowest index first
@@ -404,35 +386,6 @@ public enum LowRankStage {
         }
     }
 
-    /// The k-th largest value (k ≥ 1) of `a` by in-place quickselect (reorders `a`).
-    static func kthLargest(_ a: inout [Float], _ k: Int) -> Float {
-        precondition(k >= 1 && k <= a.count)
-        let target = a.count - k  // index in ascending order
-        return a.withUnsafeMutableBufferPointer { p -> Float in
-            var lo = 0, hi = p.count - 1
-            var state: UInt64 = 0x2545_F491_4F6C_DD1D
-            while lo < hi {
-                state = state &* 6364136223846793005 &+ 1442695040888963407
-                let pivot = p[lo + Int((state >> 33) % UInt64(hi - lo + 1))]
-                // Three-way partition: [< pivot][== pivot][> pivot].
-                var lt = lo, i = lo, gt = hi
-                while i <= gt {
-                    if p[i] < pivot { p.swapAt(lt, i); lt += 1; i += 1 } else if p[i] > pivot { p.swapAt(i, gt); gt -= 1 } else { i += 1 }
-                }
-                if target < lt { hi = lt - 1 } else if target > gt { lo = gt + 1 } else { return pivot }
-            }
-            return p[lo]
-        }
-    }
-
-    /// W −= S in place.
-    static func subtractCSR(_ s: CSRMatrix, from w: inout Matrix) {
-        let c = s.cols
-        for i in 0..<s.rows {
-            for k in s.indptr[i]..<s.indptr[i + 1] { w.data[i * c + Int(s.indices[k])] -= s.values[k] }
-        }
-    }
-
     // MARK: one layer
 
     /// Factors the selected matrices of every stored expert. `inputNorms` (one per stored expert)
@@ -440,7 +393,6 @@ public enum LowRankStage {
     /// factored is an error; matrices not selected are left as they are.
     public static func compressLayer(_ layer: MoELayer, options: LowRankOptions, inputNorms: [ExpertInputNorms]? = nil,
                                      progress: ProgressCallback? = nil) throws -> (MoELayer, LayerLowRankReport) {
-        try options.validate()
         if let n = inputNorms, n.count != layer.numStored {
             throw SMoEError("layer \(layer.name): \(n.count) input norms for \(layer.numStored) stored experts")
         }
@@ -472,13 +424,10 @@ public enum LowRankStage {
             if ops.contains(where: \.isFactored) && ops.contains(where: { !$0.isFactored }) {
                 var padded = mReports
                 for (g, op) in ops.enumerated() where !op.isFactored {
-                    let (r, c) = (op.outFeatures, op.inFeatures)
-                    let p = LinearOp.factored(r <= c
-                        ? LowRankSparse(u: .identity(r), v: op.dense(), s: .empty(rows: r, cols: c))
-                        : LowRankSparse(u: op.dense(), v: .identity(c), s: .empty(rows: r, cols: c)))
+                    let p = LinearOp.factored(LowRankSparse.exact(op.dense()))
                     padded[g].bytesAfter = p.storedBytes(floatBytes: options.floatBytes)
                     padded[g].paramsAfter = p.parameterCount
-                    padded[g].reason = (padded[g].reason ?? "") + "; stored as the exact factorisation \(r <= c ? "I·W" : "W·I") beside factored experts"
+                    padded[g].reason = (padded[g].reason ?? "") + "; stored as the exact factorisation \(op.outFeatures <= op.inFeatures ? "I·W" : "W·I") beside factored experts"
                 }
                 let groupAfter = padded.reduce(0) { $0 + $1.bytesAfter }, groupBefore = padded.reduce(0) { $0 + $1.bytesBefore }
                 if groupAfter >= groupBefore {
@@ -525,9 +474,42 @@ public enum LowRankStage {
         }
     }
 
-    // MARK: whole file
+    // MARK: the stage
 
-    /// The history entry of a lowrank run.
+    public let name = "lowrank"
+    public let layers: [String]
+    public let options: LowRankOptions
+    /// With calibration tokens, sparse entries are ranked activation-aware.
+    public let calibration: CalibrationReader?
+    public let tokens: TokenSettings
+
+    /// Validates the options once, and that the selected layers have a matrix to factor.
+    public init(model: CheckpointReader, calibration: CalibrationReader?, options: LowRankOptions,
+                tokens: TokenSettings = TokenSettings(), layers: [String]? = nil) throws {
+        try options.validate()
+        try tokens.validate()
+        let names = try model.selectLayers(layers)
+        let selected = model.layers.filter { names.contains($0.name) }
+        if !selected.contains(where: { c in options.matrices.contains { $0 != .gate || c.expertType == .glu } }) {
+            throw SMoEError.setting(.matrices, "none of \(options.matrices.sorted().map(\.rawValue).joined(separator: ",")) exists in the selected layers of \(model.path)")
+        }
+        if let c = calibration { try c.checkMatches(model, layers: names) }
+        self.layers = names
+        self.options = options
+        self.calibration = calibration
+        self.tokens = tokens
+    }
+
+    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerLowRankReport) {
+        let norms = try calibration.map { try LowRankStage.inputNorms(layer, tokens: $0.tokenBlocks(layer.name, tokens)) }
+        return try LowRankStage.compressLayer(layer, options: options, inputNorms: norms, progress: progress)
+    }
+
+    public func historyEntry(_ reports: [LayerLowRankReport]) -> JSONValue {
+        LowRankStage.historyEntry(options, calibration: calibration?.path, reports: reports)
+    }
+
+    /// The history entry of a lowrank run (also the `lowrank` part of a compress entry).
     public static func historyEntry(_ options: LowRankOptions, calibration: String?, reports: [LayerLowRankReport]) -> JSONValue {
         var kv: [(String, JSONValue)] = [("stage", "lowrank"), ("tool", .string("smoe-compress \(smoeCompressVersion)"))]
         kv += options.historyJSON
@@ -535,70 +517,5 @@ public enum LowRankStage {
         if let c = calibration { kv.append(("calibration", .string(c))) }
         kv.append(("layers", .array(reports.map(\.historyJSON))))
         return .object(kv)
-    }
-
-    /// Compresses `model` one layer at a time, handing every layer (compressed, or unchanged when
-    /// not in `layers`) to `sink` in index order. With `calibration`, sparse entries are ranked
-    /// activation-aware. Memory: one layer (and one token block) at a time.
-    @discardableResult
-    public static func run(
-        model: CheckpointReader, calibration: CalibrationReader?, options: LowRankOptions, layers: [String]? = nil,
-        blockSize: Int = 4096, maxTokens: Int? = nil, progress: ProgressCallback? = nil,
-        sink: (_ original: MoELayer, _ result: MoELayer, _ report: LayerLowRankReport?) throws -> Void
-    ) throws -> [LayerLowRankReport] {
-        try options.validate()
-        if let wanted = layers {
-            for n in wanted where !model.layers.contains(where: { $0.name == n }) {
-                throw SMoEError.option("--layers", "\(model.path) has no MoE layer named '\(n)'")
-            }
-        }
-        let names = model.layers.map(\.name).filter { layers?.contains($0) ?? true }
-        let selected = model.layers.filter { names.contains($0.name) }
-        if !selected.contains(where: { c in options.matrices.contains { $0 != .gate || c.expertType == .glu } }) {
-            throw SMoEError.option("--matrices", "none of \(options.matrices.sorted().map(\.rawValue).joined(separator: ",")) exists in the selected layers of \(model.path)")
-        }
-        if let c = calibration { try c.checkMatches(model, layers: names) }
-        var reports: [LayerLowRankReport] = []
-        for c in model.layers {
-            let layer = try model.readLayer(c.name)
-            guard names.contains(c.name) else {
-                try sink(layer, layer, nil)
-                continue
-            }
-            let norms = try calibration.map {
-                try inputNorms(layer, tokens: $0.tokenBlocks(c.name, blockSize: blockSize, maxTokens: maxTokens))
-            }
-            let (compressed, report) = try compressLayer(layer, options: options, inputNorms: norms, progress: progress)
-            reports.append(report)
-            try sink(layer, compressed, report)
-        }
-        return reports
-    }
-
-    /// `run` writing every layer to `writer` and recording the history entry (the caller commits).
-    @discardableResult
-    public static func run(model: CheckpointReader, calibration: CalibrationReader?, options: LowRankOptions,
-                           layers: [String]? = nil, blockSize: Int = 4096, maxTokens: Int? = nil,
-                           writer: CheckpointWriter, progress: ProgressCallback? = nil) throws -> [LayerLowRankReport] {
-        let reports = try run(model: model, calibration: calibration, options: options, layers: layers, blockSize: blockSize,
-                              maxTokens: maxTokens, progress: progress) { _, result, _ in try writer.write(result) }
-        writer.updateEntry(historyEntry(options, calibration: calibration?.path, reports: reports))
-        return reports
-    }
-}
-
-extension Matrix {
-    /// An orthonormal basis of the columns of a tall matrix [m, n], m ≥ n (LAPACK `sgeqrf` + `sorgqr`).
-    public func orthonormalColumns() throws -> Matrix {
-        let m = rows, n = cols
-        precondition(m >= n, "orthonormalColumns needs rows ≥ cols")
-        if n == 0 { return self }
-        var a = data
-        var tau = [Float](repeating: 0, count: n)
-        var info = LAPACKE_sgeqrf(LAPACK_ROW_MAJOR, Int32(m), Int32(n), &a, Int32(n), &tau)
-        if info != 0 { throw LinearAlgebraError.lapack(routine: "sgeqrf", info: info) }
-        info = LAPACKE_sorgqr(LAPACK_ROW_MAJOR, Int32(m), Int32(n), Int32(n), &a, Int32(n), &tau)
-        if info != 0 { throw LinearAlgebraError.lapack(routine: "sorgqr", info: info) }
-        return Matrix(rows: m, cols: n, data: a)
     }
 }

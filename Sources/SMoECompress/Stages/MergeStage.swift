@@ -24,37 +24,40 @@ public struct MergeSettings: Sendable {
     public var groups: Int
     public var adaptive = false
     public var grouping: GroupingMethod = .dominant
-    /// Similarity base name (router-logits, weight, feature, expert-output).
-    public var similarity = "router-logits"
+    /// What slots are compared by; nil: router-logits, expert-output with hierarchical grouping.
+    public var similarity: SimilarityBase? = nil
     /// Layers to merge (nil = all); others are copied unchanged.
     public var layers: [String]? = nil
-    public var merge = MergeOptions(method: .regmeanRefit)
+    /// How each group becomes one expert.
+    public var merging = MergeOptions(method: .regmeanRefit)
+    public var tokens = TokenSettings()
 
-    public init(groups: Int, adaptive: Bool = false, grouping: GroupingMethod = .dominant, similarity: String = "router-logits",
-                layers: [String]? = nil, merge: MergeOptions = MergeOptions(method: .regmeanRefit)) {
+    public init(groups: Int, adaptive: Bool = false, grouping: GroupingMethod = .dominant, similarity: SimilarityBase? = nil,
+                layers: [String]? = nil, merging: MergeOptions = MergeOptions(method: .regmeanRefit),
+                tokens: TokenSettings = TokenSettings()) {
         self.groups = groups
         self.adaptive = adaptive
         self.grouping = grouping
         self.similarity = similarity
         self.layers = layers
-        self.merge = merge
+        self.merging = merging
+        self.tokens = tokens
     }
 
-    /// Checks the settings against the model's layers; returns the names of the merged layers.
-    public func mergedLayers(of configs: [LayerConfig], file: String) throws -> [String] {
-        try merge.validate()
-        if let wanted = layers {
-            for n in wanted where !configs.contains(where: { $0.name == n }) {
-                throw SMoEError.option("--layers", "\(file) has no MoE layer named '\(n)'")
-            }
-        }
-        let names = configs.map(\.name).filter { layers?.contains($0) ?? true }
-        guard groups >= 1 else { throw SMoEError.option("--groups", "must be at least 1 (got \(groups))") }
-        for c in configs where names.contains(c.name) && groups > c.numExperts {
-            throw SMoEError.option("--groups", "\(groups) is more than the \(c.numExperts) experts of layer \(c.name)")
+    /// The similarity grouping uses.
+    public var similarityBase: SimilarityBase { similarity ?? (grouping == .hierarchical ? .expertOutput : .routerLogits) }
+
+    /// Checks every setting against the model, once; returns the merged layers in index order.
+    public func validate(for model: CheckpointReader) throws -> [String] {
+        try merging.validate()
+        try tokens.validate()
+        let names = try model.selectLayers(layers)
+        guard groups >= 1 else { throw SMoEError.setting(.groups, "must be at least 1 (got \(groups))") }
+        for c in model.layers where names.contains(c.name) && groups > c.numExperts {
+            throw SMoEError.setting(.groups, "\(groups) is more than the \(c.numExperts) experts of layer \(c.name)")
         }
         if adaptive && grouping == .hierarchical {
-            throw SMoEError.option("--adaptive", "applies to --method dominant only")
+            throw SMoEError.setting(.adaptive, "applies to {grouping} dominant only")
         }
         return names
     }
@@ -78,14 +81,52 @@ public struct LayerMergeReport: Sendable {
     }
 }
 
-/// The merge stage over a whole model: plan groupings (adaptive budgets need every layer's
-/// usage), then merge layer by layer.
-public enum MergeStage {
+/// The merge stage: plans every merged layer's grouping up front (adaptive budgets need every
+/// layer's usage), then merges layer by layer.
+public struct MergeStage: LayerStage {
+    public let name = "merge"
+    public let settings: MergeSettings
+    public let layers: [String]
+    public let calibration: CalibrationReader?
+    /// Each merged layer's grouping and slot usage.
+    public let plans: [String: (grouping: LayerGrouping, frequency: [Double])]
+
+    /// Validates the settings against the inputs and plans the groupings (statistics from
+    /// `stats` where it has them, else computed on the calibration tokens).
+    public init(model: CheckpointReader, calibration: CalibrationReader?, stats: StatsReader?, settings: MergeSettings,
+                progress: ProgressCallback? = nil) throws {
+        let names = try settings.validate(for: model)
+        try MergeStage.checkDense(model: model, layers: names)
+        if let c = calibration { try c.checkMatches(model, layers: names) }
+        if settings.merging.method != .frequency && calibration == nil {
+            throw SMoEError.setting(.mergeMethod, "\(settings.merging.method.rawValue) needs calibration tokens ({calibration})")
+        }
+        let inputs = try MergeStage.groupingInputs(model: model, layers: names, base: settings.similarityBase, stats: stats,
+                                                   calibration: calibration, tokens: settings.tokens, progress: progress)
+        let groupings = try MergeStage.plan(inputs, settings: settings)
+        self.settings = settings
+        self.layers = names
+        self.calibration = calibration
+        self.plans = Dictionary(uniqueKeysWithValues: inputs.map { ($0.name, (groupings[$0.name]!, $0.input.frequency)) })
+    }
+
+    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
+        let plan = plans[layer.name]!
+        let tokens = calibration.map { $0.tokenBlocks(layer.name, settings.tokens) }
+        let (merged, report) = try MergeStage.apply(layer, grouping: plan.grouping, frequency: plan.frequency,
+                                                    settings: settings, tokens: tokens, progress: progress)
+        return (merged, report)
+    }
+
+    public func historyEntry(_ reports: [LayerMergeReport]) -> JSONValue {
+        MergeStage.historyEntry(settings, calibration: calibration?.path, reports: reports)
+    }
+
     /// Groupings of the merged layers, from their usage and similarity.
-    public static func plan(_ inputs: [(name: String, input: GroupingInput)], settings: MergeSettings) throws -> [String: LayerGrouping] {
+    public static func plan(_ inputs: [(name: String, input: GroupingInput)], settings: MergeSettings) -> [String: LayerGrouping] {
         var out: [String: LayerGrouping] = [:]
         if settings.adaptive {
-            let dominants = try Grouping.adaptiveDominants(frequencies: inputs.map(\.input.frequency), groupsPerLayer: settings.groups)
+            let dominants = Grouping.adaptiveDominants(frequencies: inputs.map(\.input.frequency), groupsPerLayer: settings.groups)
             for (i, (name, input)) in inputs.enumerated() {
                 out[name] = Grouping.assign(dominant: dominants[i], frequency: input.frequency, similarity: input.similarity)
             }
@@ -94,10 +135,10 @@ public enum MergeStage {
         for (name, input) in inputs {
             switch settings.grouping {
             case .dominant:
-                out[name] = try Grouping.uniform(frequency: input.frequency, similarity: input.similarity, groups: settings.groups)
+                out[name] = Grouping.uniform(frequency: input.frequency, similarity: input.similarity, groups: settings.groups)
             case .hierarchical:
                 // Average linkage is unchanged by adding a constant, so −similarity is a distance.
-                out[name] = try Grouping.hierarchical(distance: input.similarity.map { -$0 }, frequency: input.frequency,
+                out[name] = Grouping.hierarchical(distance: input.similarity.map { -$0 }, frequency: input.frequency,
                                                       groups: settings.groups)
             }
         }
@@ -121,7 +162,7 @@ public enum MergeStage {
         if layer.experts.contains(where: { $0.namedMatrices.contains { $0.op.isFactored } }) {
             throw SMoEError("\(layer.name): \(factoredMessage)")
         }
-        let (merged, groups) = try Merging.mergeLayer(layer, grouping: grouping, frequency: frequency, options: settings.merge,
+        let (merged, groups) = try Merging.mergeLayer(layer, grouping: grouping, frequency: frequency, options: settings.merging,
                                                       tokens: tokens, progress: progress)
         return (merged, LayerMergeReport(name: layer.name, grouping: grouping, groups: groups))
     }
@@ -131,13 +172,13 @@ public enum MergeStage {
         var kv: [(String, JSONValue)] = [
             ("stage", "merge"), ("tool", .string("smoe-compress \(smoeCompressVersion)")), ("groups", .int(settings.groups)),
             ("adaptive", .bool(settings.adaptive)), ("method", .string(settings.grouping.rawValue)),
-            ("similarity", .string(settings.similarity)), ("merge_method", .string(settings.merge.method.rawValue)),
-            ("align", .bool(settings.merge.align)),
+            ("similarity", .string(settings.similarityBase.rawValue)), ("merge_method", .string(settings.merging.method.rawValue)),
+            ("align", .bool(settings.merging.align)),
         ]
-        if settings.merge.method != .frequency {
-            kv.append(("regmean_alpha", .double(settings.merge.alpha)))
-            kv.append(("regmean_ridge", .double(settings.merge.ridge)))
-            if settings.merge.method == .regmeanRefit { kv.append(("refit_ridge", .double(settings.merge.refitRidge))) }
+        if settings.merging.method != .frequency {
+            kv.append(("regmean_alpha", .double(settings.merging.alpha)))
+            kv.append(("regmean_ridge", .double(settings.merging.ridge)))
+            if settings.merging.method == .regmeanRefit { kv.append(("refit_ridge", .double(settings.merging.refitRidge))) }
         }
         if let c = calibration { kv.append(("calibration", .string(c))) }
         kv.append(("layers", .array(reports.map(\.historyJSON))))
@@ -150,8 +191,7 @@ extension MergeStage {
     /// otherwise computed on the calibration tokens.
     public static func groupingInputs(
         model: CheckpointReader, layers names: [String], base: SimilarityBase, stats: StatsReader?,
-        calibration: CalibrationReader?, blockSize: Int = Statistics.defaultBlockSize, maxTokens: Int? = nil,
-        progress: ProgressCallback? = nil
+        calibration: CalibrationReader?, tokens: TokenSettings = TokenSettings(), progress: ProgressCallback? = nil
     ) throws -> [(name: String, input: GroupingInput)] {
         if let s = stats { try s.checkMatches(model, layers: names) }
         return try names.map { name in
@@ -159,48 +199,11 @@ extension MergeStage {
                 return (name, GroupingInput(frequency: try s.frequency(name), similarity: try s.similarity(name, base).values))
             }
             guard let calib = calibration else {
-                throw SMoEError.option("--calib", "is needed: \(stats.map { "\($0.path) has no \(base.rawValue) similarity for \(name)" } ?? "no --stats given")")
+                throw SMoEError.setting(.calibration, "is needed: \(stats.map { "\($0.path) has no \(base.rawValue) similarity for \(name)" } ?? "no {stats} given")")
             }
             let st = try Statistics.compute(layer: try model.readLayer(name), calibration: calib, bases: [base],
-                                            blockSize: blockSize, maxTokens: maxTokens, progress: progress)
+                                            tokens: tokens, progress: progress)
             return (name, GroupingInput(frequency: st.frequency, similarity: st.similarity[base]!.values))
         }
-    }
-
-    /// Merges `model` layer by layer, handing every layer (merged, or unchanged when not in
-    /// `settings.layers`) to `sink` in index order. Memory: one layer at a time.
-    @discardableResult
-    public static func run(
-        model: CheckpointReader, calibration: CalibrationReader?, stats: StatsReader?, settings: MergeSettings,
-        blockSize: Int = Statistics.defaultBlockSize, maxTokens: Int? = nil, progress: ProgressCallback? = nil,
-        sink: (_ original: MoELayer, _ result: MoELayer, _ report: LayerMergeReport?) throws -> Void
-    ) throws -> [LayerMergeReport] {
-        let names = try settings.mergedLayers(of: model.layers, file: model.path)
-        try checkDense(model: model, layers: names)
-        guard let base = SimilarityBase(rawValue: settings.similarity) else {
-            throw SMoEError.option("--similarity", "unknown base '\(settings.similarity)' (router-logits, weight, feature, expert-output)")
-        }
-        if let c = calibration { try c.checkMatches(model, layers: names) }
-        if settings.merge.method != .frequency && calibration == nil {
-            throw SMoEError.option("--merge-method", "\(settings.merge.method.rawValue) needs calibration tokens (--calib)")
-        }
-        let inputs = try groupingInputs(model: model, layers: names, base: base, stats: stats, calibration: calibration,
-                                        blockSize: blockSize, maxTokens: maxTokens, progress: progress)
-        let plans = try plan(inputs, settings: settings)
-        let freq = Dictionary(uniqueKeysWithValues: inputs.map { ($0.name, $0.input.frequency) })
-        var reports: [LayerMergeReport] = []
-        for c in model.layers {
-            let layer = try model.readLayer(c.name)
-            guard let grouping = plans[c.name] else {
-                try sink(layer, layer, nil)
-                continue
-            }
-            let tokens = calibration.map { $0.tokenBlocks(c.name, blockSize: blockSize, maxTokens: maxTokens) }
-            let (merged, report) = try apply(layer, grouping: grouping, frequency: freq[c.name]!, settings: settings,
-                                             tokens: tokens, progress: progress)
-            reports.append(report)
-            try sink(layer, merged, report)
-        }
-        return reports
     }
 }

@@ -135,7 +135,7 @@ public enum Merging {
             }
         case .regmean, .regmeanRefit:
             guard let tokens else {
-                throw SMoEError.option("--merge-method", "\(options.method.rawValue) needs calibration tokens (--calib)")
+                throw SMoEError.setting(.mergeMethod, "\(options.method.rawValue) needs calibration tokens ({calibration})")
             }
             (experts, reports) = try OutputAwareMerge.merge(layer, prepared: prepared, frequency: frequency, options: options,
                                                             tokens: tokens, progress: progress)
@@ -168,28 +168,24 @@ public struct MergeOptions: Sendable {
     public var ridge = 1e-2
     /// Refit ridge, relative to the mean diagonal of the refit's normal matrix.
     public var refitRidge = 0.1
-    /// Tokens per block when streaming calibration data.
-    public var blockSize = 4096
     /// A group needs at least this many routed tokens for an output-aware solve (nil = d_model);
     /// below it the group falls back to the frequency-weighted average, with a warning.
     public var minTokens: Int? = nil
 
     public init(method: MergeMethod = .frequency, align: Bool = true, alpha: Double = 0.9, ridge: Double = 1e-2,
-                refitRidge: Double = 0.1, blockSize: Int = 4096, minTokens: Int? = nil) {
+                refitRidge: Double = 0.1, minTokens: Int? = nil) {
         self.method = method
         self.align = align
         self.alpha = alpha
         self.ridge = ridge
         self.refitRidge = refitRidge
-        self.blockSize = blockSize
         self.minTokens = minTokens
     }
 
     public func validate() throws {
-        if !(alpha >= 0 && alpha <= 1) { throw SMoEError.option("--regmean-alpha", "must be in [0, 1]") }
-        if !(ridge >= 0 && ridge.isFinite) { throw SMoEError.option("--regmean-ridge", "must be a finite number ≥ 0") }
-        if !(refitRidge >= 0 && refitRidge.isFinite) { throw SMoEError.option("--refit-ridge", "must be a finite number ≥ 0") }
-        if blockSize < 1 { throw SMoEError.option("--block-size", "must be positive") }
+        if !(alpha >= 0 && alpha <= 1) { throw SMoEError.setting(.regmeanAlpha, "must be in [0, 1]") }
+        if !(ridge >= 0 && ridge.isFinite) { throw SMoEError.setting(.regmeanRidge, "must be a finite number ≥ 0") }
+        if !(refitRidge >= 0 && refitRidge.isFinite) { throw SMoEError.setting(.refitRidge, "must be a finite number ≥ 0") }
     }
 }
 
@@ -198,7 +194,7 @@ public typealias TokenBlocks = ((Matrix) throws -> Void) throws -> Void
 
 extension CalibrationReader {
     /// The layer's tokens as a `TokenBlocks` source.
-    public func tokenBlocks(_ layer: String, blockSize: Int = 4096, maxTokens: Int? = nil) -> TokenBlocks {
-        { body in try self.forEachBlock(layer, blockSize: blockSize, maxTokens: maxTokens) { _, x in try body(x) } }
+    public func tokenBlocks(_ layer: String, _ tokens: TokenSettings = TokenSettings()) -> TokenBlocks {
+        { body in try self.forEachBlock(layer, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { _, x in try body(x) } }
     }
 }

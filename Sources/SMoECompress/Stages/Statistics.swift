@@ -1,129 +1,5 @@
 import Foundation
 
-/// What two router slots are compared by (ALGORITHM.md §1).
-public enum SimilarityBase: String, Sendable, CaseIterable, Comparable, Hashable {
-    /// Cosine of the slots' router-logit columns over all tokens, mapped to [0, 1] as (cos + 1) / 2.
-    case routerLogits = "router-logits"
-    /// Cosine of the mean input of the tokens routed to each slot, in [-1, 1]. Undefined for
-    /// slots never chosen: their off-diagonal entries are 0 (see `LayerStatistics.undefinedSlots`).
-    case feature
-    /// Cosine of the concatenated flattened matrices (up, gate, down) of the slot's stored
-    /// expert, in [-1, 1]; from the weights alone.
-    case weight
-    /// HC-SMoE: every expert run on all tokens, feature = its mean output vector; the similarity
-    /// is the negative Euclidean distance between those features (0 on the diagonal).
-    case expertOutput = "expert-output"
-
-    public static func < (a: SimilarityBase, b: SimilarityBase) -> Bool {
-        allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
-    }
-
-    /// Parses a comma-separated list of base names, or `all`. Duplicates are dropped and the
-    /// result is in canonical order.
-    public static func parseList(_ text: String, option: String = "--similarity") throws -> [SimilarityBase] {
-        var out = Set<SimilarityBase>()
-        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
-            let name = part.trimmingCharacters(in: .whitespaces)
-            if name == "all" { out.formUnion(allCases); continue }
-            guard let b = SimilarityBase(rawValue: name) else {
-                throw SMoEError.option(option, "unknown similarity \"\(name)\" (expected a comma list of \(allCases.map(\.rawValue).joined(separator: ", ")), or all)")
-            }
-            out.insert(b)
-        }
-        return out.sorted()
-    }
-}
-
-/// A dense row-major matrix of `Double` (similarities [E, E] and per-slot features [E, d]).
-public struct Float64Matrix: Sendable, Equatable {
-    public var rows: Int
-    public var cols: Int
-    public var values: [Double]
-
-    public init(rows: Int, cols: Int, values: [Double]) {
-        precondition(values.count == rows * cols, "Float64Matrix values count \(values.count) != \(rows)x\(cols)")
-        self.rows = rows
-        self.cols = cols
-        self.values = values
-    }
-
-    public init(rows: Int, cols: Int, repeating v: Double = 0) {
-        self.init(rows: rows, cols: cols, values: [Double](repeating: v, count: rows * cols))
-    }
-
-    @inlinable public subscript(i: Int, j: Int) -> Double {
-        get { values[i * cols + j] }
-        set { values[i * cols + j] = newValue }
-    }
-
-    public func row(_ i: Int) -> [Double] { Array(values[(i * cols)..<((i + 1) * cols)]) }
-
-    /// The candidate column `j != i` with the largest `self[i, j]` (ties to the lower index);
-    /// nil when there is none. Candidates default to every column.
-    public func mostSimilar(to i: Int, among candidates: [Int]? = nil) -> Int? {
-        var best: Int? = nil
-        for j in (candidates ?? Array(0..<cols)).sorted() where j != i {
-            if best == nil || self[i, j] > self[i, best!] { best = j }
-        }
-        return best
-    }
-
-    /// Largest absolute element-wise difference (tests and cross-checks).
-    public func maxAbsDifference(_ other: Float64Matrix) -> Double {
-        precondition(rows == other.rows && cols == other.cols)
-        var m = 0.0
-        for i in 0..<values.count { m = max(m, abs(values[i] - other.values[i])) }
-        return m
-    }
-}
-
-/// Routing statistics of one MoE layer over a set of calibration tokens (ALGORITHM.md §1).
-public struct LayerStatistics: Sendable, Equatable {
-    public var name: String
-    public var index: Int
-    /// Top-k of the layer (frequency = counts / (numTokens · topK)).
-    public var topK: Int
-    /// N, the tokens the statistics were computed on.
-    public var numTokens: Int
-    /// Routing hits per slot over all tokens and all k choices, [E].
-    public var counts: [Int]
-    /// counts / (N · k), [E] (all 0 when N = 0).
-    public var frequency: [Double]
-    /// The similarity matrices computed, each [E, E].
-    public var similarity: [SimilarityBase: Float64Matrix]
-    /// The per-slot feature vectors behind `feature` (mean input of the slot's tokens; a zero row
-    /// for a slot never chosen) and `expert-output` (mean output of the slot's expert over all
-    /// tokens), each [E, d_model]. Hierarchical clustering uses the `expert-output` ones.
-    public var features: [SimilarityBase: Float64Matrix]
-
-    public init(name: String, index: Int, topK: Int, numTokens: Int, counts: [Int], frequency: [Double],
-                similarity: [SimilarityBase: Float64Matrix] = [:], features: [SimilarityBase: Float64Matrix] = [:]) {
-        self.name = name
-        self.index = index
-        self.topK = topK
-        self.numTokens = numTokens
-        self.counts = counts
-        self.frequency = frequency
-        self.similarity = similarity
-        self.features = features
-    }
-
-    public var numExperts: Int { counts.count }
-    /// The similarity bases present, in canonical order.
-    public var bases: [SimilarityBase] { similarity.keys.sorted() }
-    /// Slots no token chose (their `feature` similarity is undefined and stored as 0).
-    public var neverChosen: [Int] { counts.indices.filter { counts[$0] == 0 } }
-    /// The largest slot's share of the hits.
-    public var maxShare: Double { frequency.max() ?? 0 }
-
-    /// Euclidean distances between the `expert-output` features, [E, E] (nil when not computed).
-    public var expertOutputDistance: Float64Matrix? {
-        guard var s = similarity[.expertOutput] else { return nil }
-        for i in 0..<s.values.count { s.values[i] = abs(s.values[i]) }
-        return s
-    }
-}
-
 /// Accumulates a layer's statistics over token blocks in one streaming pass (memory independent
 /// of the number of tokens). Feed blocks with `add`, then call `finish`.
 ///
@@ -289,26 +165,60 @@ public struct StatisticsAccumulator: Sendable {
     }
 }
 
-/// The routing-statistics stage (`stats`).
-public enum Statistics {
-    public static let defaultBlockSize = 4096
+/// The routing-statistics stage (`stats`): per selected layer, usage and the similarity bases
+/// asked for, over the layer's calibration tokens streamed in blocks.
+public struct StatisticsStage: LayerStage {
+    public let name = "stats"
+    public let layers: [String]
+    public let calibration: CalibrationReader
+    public let bases: Set<SimilarityBase>
+    public let tokens: TokenSettings
 
+    /// Checks the settings and that the capture has every selected layer of `model`.
+    public init(model: CheckpointReader, calibration: CalibrationReader, bases: Set<SimilarityBase> = [.routerLogits],
+                tokens: TokenSettings = TokenSettings(), layers: [String]? = nil) throws {
+        try tokens.validate()
+        self.layers = try model.selectLayers(layers)
+        // Without a selection the capture must hold no layer the model lacks either.
+        try calibration.checkMatches(model, layers: layers == nil ? nil : self.layers)
+        self.calibration = calibration
+        self.bases = bases
+        self.tokens = tokens
+    }
+
+    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: LayerStatistics, report: LayerStatistics) {
+        let s = try Statistics.compute(layer: layer, calibration: calibration, bases: bases, tokens: tokens, progress: progress)
+        return (s, s)
+    }
+
+    /// A statistics file holds the computed layers only.
+    public func unchanged(_ layer: MoELayer) -> LayerStatistics? { nil }
+    public var keepsOtherLayers: Bool { false }
+
+    public func historyEntry(_ reports: [LayerStatistics]) -> JSONValue {
+        .object([("stage", .string(name)), ("tool", .string("smoe-compress \(smoeCompressVersion)")),
+                 ("calibration", .string(calibration.path)), ("similarity", JSONValue(bases.sorted().map(\.rawValue))),
+                 ("layers", JSONValue(reports.map(\.name)))])
+    }
+}
+
+/// Routing statistics of single layers, and the similarity computations behind them.
+public enum Statistics {
     /// Statistics of one layer over the calibration capture of the layer of the same name,
-    /// streamed in blocks of `blockSize` tokens (up to `maxTokens`).
+    /// streamed in blocks (`tokens`).
     public static func compute(
         layer: MoELayer, calibration: CalibrationReader, bases: Set<SimilarityBase> = [.routerLogits],
-        blockSize: Int = defaultBlockSize, maxTokens: Int? = nil, progress: ProgressCallback? = nil
+        tokens: TokenSettings = TokenSettings(), progress: ProgressCallback? = nil
     ) throws -> LayerStatistics {
-        try validate(blockSize: blockSize, maxTokens: maxTokens)
         let info = try calibration.info(layer.name)
         guard info.dModel == layer.config.dModel else {
             throw SMoEError.dataset(calibration.path, "/moe_layers/\(layer.name)/hidden_states",
                                     "d_model \(info.dModel) does not match the layer's \(layer.config.dModel)")
         }
-        let total = min(info.numTokens, maxTokens ?? Int.max)
+        let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
         var acc = StatisticsAccumulator(layer: layer, bases: bases)
         progress?("stats \(layer.name)", 0, total)
-        try calibration.forEachBlock(layer.name, blockSize: blockSize, maxTokens: maxTokens) { _, x in
+        try calibration.forEachBlock(layer.name, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { _, x in
             acc.add(x)
             progress?("stats \(layer.name)", acc.numTokens, total)
         }
@@ -317,19 +227,16 @@ public enum Statistics {
 
     /// Statistics of an in-memory layer over the tokens X [N, d_model], in blocks of `blockSize`.
     public static func compute(layer: MoELayer, tokens x: Matrix, bases: Set<SimilarityBase> = [.routerLogits],
-                               blockSize: Int = defaultBlockSize) throws -> LayerStatistics {
-        try validate(blockSize: blockSize, maxTokens: nil)
-        guard x.cols == layer.config.dModel else {
-            throw SMoEError.option("tokens", "have \(x.cols) features, but layer \(layer.name) has d_model \(layer.config.dModel)")
-        }
-        var acc = StatisticsAccumulator(layer: layer, bases: bases)
+                               blockSize: Int = TokenSettings.defaultBlockSize) throws -> LayerStatistics {
+        try TokenSettings(blockSize: blockSize).validate()
         var s = 0
+        var blocks: [Matrix] = []
         while s < x.rows {
             let n = min(blockSize, x.rows - s)
-            acc.add(x.rowBlock(s, n))
+            blocks.append(x.rowBlock(s, n))
             s += n
         }
-        return acc.finish()
+        return try compute(layer: layer, blocks: blocks, bases: bases)
     }
 
     /// Statistics of an in-memory layer over any sequence of token blocks [n_i, d_model].
@@ -339,7 +246,7 @@ public enum Statistics {
         var acc = StatisticsAccumulator(layer: layer, bases: bases)
         for b in blocks {
             guard b.cols == layer.config.dModel else {
-                throw SMoEError.option("tokens", "a block has \(b.cols) features, but layer \(layer.name) has d_model \(layer.config.dModel)")
+                throw SMoEError("tokens: a block has \(b.cols) features, but layer \(layer.name) has d_model \(layer.config.dModel)")
             }
             acc.add(b)
         }
@@ -350,19 +257,10 @@ public enum Statistics {
     /// that the two files describe the same layers (errors name the layer).
     public static func computeAll(
         model: CheckpointReader, calibration: CalibrationReader, bases: Set<SimilarityBase> = [.routerLogits],
-        blockSize: Int = defaultBlockSize, maxTokens: Int? = nil, progress: ProgressCallback? = nil
+        tokens: TokenSettings = TokenSettings(), progress: ProgressCallback? = nil
     ) throws -> [LayerStatistics] {
-        try validate(blockSize: blockSize, maxTokens: maxTokens)
-        try calibration.checkMatches(model)
-        return try model.layers.map { c in
-            try compute(layer: try model.readLayer(c.name), calibration: calibration, bases: bases,
-                        blockSize: blockSize, maxTokens: maxTokens, progress: progress)
-        }
-    }
-
-    static func validate(blockSize: Int, maxTokens: Int?) throws {
-        guard blockSize >= 1 else { throw SMoEError.option("--block-size", "must be at least 1, not \(blockSize)") }
-        if let m = maxTokens, m < 1 { throw SMoEError.option("--max-tokens", "must be at least 1, not \(m)") }
+        let stage = try StatisticsStage(model: model, calibration: calibration, bases: bases, tokens: tokens)
+        return try stage.run(model: model, progress: StageProgress(step: progress)) { _ in }.reports
     }
 
     /// Cosine similarity of the slots' stored experts, each the concatenation of its flattened

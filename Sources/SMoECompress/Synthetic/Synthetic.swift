@@ -48,13 +48,13 @@ public struct SyntheticSpec: Sendable, Equatable {
         expertType: .glu, activation: .silu, routerType: .softmax_topk_norm, noise: 0.01, tokens: 1024, seed: 2026)
 
     public func validate() throws {
-        if numLayers < 1 { throw SMoEError.option("--layers", "must be at least 1") }
-        if numExperts < 1 { throw SMoEError.option("--experts", "must be at least 1") }
-        if families < 1 || families > numExperts { throw SMoEError.option("--families", "must be in 1...\(numExperts)") }
-        if topK < 1 || topK > numExperts { throw SMoEError.option("--top-k", "must be in 1...\(numExperts)") }
-        if dModel < 1 || dFF < 1 { throw SMoEError.option("--d-model/--d-ff", "must be positive") }
-        if tokens < 1 { throw SMoEError.option("--tokens", "must be positive") }
-        if !(noise >= 0 && noise.isFinite) { throw SMoEError.option("--noise", "must be a finite number ≥ 0") }
+        if numLayers < 1 { throw SMoEError.setting(.synthLayers, "must be at least 1") }
+        if numExperts < 1 { throw SMoEError.setting(.experts, "must be at least 1") }
+        if families < 1 || families > numExperts { throw SMoEError.setting(.families, "must be in 1...\(numExperts)") }
+        if topK < 1 || topK > numExperts { throw SMoEError.setting(.topK, "must be in 1...\(numExperts)") }
+        if dModel < 1 || dFF < 1 { throw SMoEError.setting(.dimensions, "must be positive") }
+        if tokens < 1 { throw SMoEError.setting(.tokens, "must be positive") }
+        if !(noise >= 0 && noise.isFinite) { throw SMoEError.setting(.noise, "must be a finite number ≥ 0") }
     }
 }
 

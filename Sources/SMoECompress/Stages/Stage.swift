@@ -1,0 +1,128 @@
+import Foundation
+
+/// The one contract every writing stage follows (docs/ARCHITECTURE.md): its value is made from
+/// the opened inputs and its settings, which it validates once, there; `run` then reads the
+/// model one layer at a time, in index order, computes each selected layer, hands the finished
+/// layer to a sink, and returns the per-layer reports and the run's one history entry.
+///
+/// The per-layer loop is written once, in `run`, for every stage: what later work needs from it
+/// (progress per finished layer, per-layer time, and in time resume, shards and memory budgets)
+/// goes there.
+public protocol LayerStage {
+    /// What a finished layer becomes: a layer for checkpoint stages, statistics for `stats`.
+    associatedtype Output
+    associatedtype Report
+
+    /// The stage's name in progress lines and history (`merge`, `lowrank`, …).
+    var name: String { get }
+    /// The layers this run computes, in the model's index order (validated by the stage's init).
+    var layers: [String] { get }
+    /// Computes one selected layer.
+    func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: Output, report: Report)
+    /// What a layer the run leaves alone becomes in the output: the layer itself for a
+    /// checkpoint (every layer is written), nil where the output holds only computed layers.
+    func unchanged(_ layer: MoELayer) -> Output?
+    /// Whether `unchanged` needs the other layers read at all.
+    var keepsOtherLayers: Bool { get }
+    /// The one history entry of a run that produced `reports`.
+    func historyEntry(_ reports: [Report]) -> JSONValue
+}
+
+extension LayerStage where Output == MoELayer {
+    public func unchanged(_ layer: MoELayer) -> MoELayer? { layer }
+    public var keepsOtherLayers: Bool { true }
+}
+
+/// One finished layer of a run.
+public struct FinishedLayer: Sendable {
+    public var stage: String
+    public var name: String
+    /// Position among the model's MoE layers, and their count.
+    public var index: Int
+    public var count: Int
+    /// False when the run copied the layer unchanged.
+    public var computed: Bool
+    /// Wall time of the layer (read, compute, sink).
+    public var seconds: Double
+}
+
+/// What a run of a stage returns.
+public struct StageResult<Report> {
+    public var reports: [Report]
+    /// Every layer the run handed to its sink, in index order.
+    public var layers: [FinishedLayer]
+    public var history: JSONValue
+}
+
+/// How a run reports progress: `step` within a layer (label, done, total), and once per
+/// finished layer.
+public struct StageProgress {
+    public var step: ProgressCallback?
+    public var layerFinished: ((FinishedLayer) -> Void)?
+
+    public init(step: ProgressCallback? = nil, layerFinished: ((FinishedLayer) -> Void)? = nil) {
+        self.step = step
+        self.layerFinished = layerFinished
+    }
+}
+
+extension LayerStage {
+    /// Runs the stage over `model`: every layer in index order, each handed to `sink` when
+    /// finished (one layer in memory at a time).
+    public func run(model: CheckpointReader, progress: StageProgress = StageProgress(),
+                    sink: (Output) throws -> Void) throws -> StageResult<Report> {
+        var reports: [Report] = []
+        var finished: [FinishedLayer] = []
+        let selected = Set(layers)
+        for (i, c) in model.layers.enumerated() {
+            let computed = selected.contains(c.name)
+            guard computed || keepsOtherLayers else { continue }
+            let start = DispatchTime.now().uptimeNanoseconds
+            let layer = try model.readLayer(c.name)
+            if computed {
+                let (output, report) = try process(layer, progress: progress.step)
+                try sink(output)
+                reports.append(report)
+            } else if let output = unchanged(layer) {
+                try sink(output)
+            }
+            let done = FinishedLayer(stage: name, name: c.name, index: i, count: model.layers.count, computed: computed,
+                                     seconds: Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+            finished.append(done)
+            progress.layerFinished?(done)
+        }
+        return StageResult(reports: reports, layers: finished, history: historyEntry(reports))
+    }
+}
+
+/// Which calibration tokens a stage reads: blocks of `blockSize` tokens, at most `maxTokens`
+/// per layer.
+public struct TokenSettings: Sendable, Equatable {
+    public static let defaultBlockSize = 4096
+    public var blockSize: Int
+    public var maxTokens: Int?
+
+    public init(blockSize: Int = TokenSettings.defaultBlockSize, maxTokens: Int? = nil) {
+        self.blockSize = blockSize
+        self.maxTokens = maxTokens
+    }
+
+    public func validate() throws {
+        guard blockSize >= 1 else { throw SMoEError.setting(.blockSize, "must be at least 1, not \(blockSize)") }
+        if let m = maxTokens, m < 1 { throw SMoEError.setting(.maxTokens, "must be at least 1, not \(m)") }
+    }
+}
+
+extension CheckpointReader {
+    /// The MoE layers named by `names` (nil: all), in index order; an unknown or empty name is
+    /// an error naming the file and its layers.
+    public func selectLayers(_ names: [String]?) throws -> [String] {
+        guard let names else { return layers.map(\.name) }
+        if names.isEmpty { throw SMoEError.setting(.layers, "names no layer") }
+        for n in names where !layers.contains(where: { $0.name == n }) {
+            throw SMoEError.setting(.layers, n.isEmpty ? "has an empty layer name"
+                : "\(path) has no MoE layer named '\(n)' (layers: \(layers.map(\.name).joined(separator: ", ")))")
+        }
+        return layers.map(\.name).filter(names.contains)
+    }
+}

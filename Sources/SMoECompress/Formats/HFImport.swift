@@ -82,10 +82,16 @@ struct ConfigFile {
         values = Dictionary(uniqueKeysWithValues: kv)
     }
 
+    /// A value as written (a number beyond float64, which the parser reads as ±inf, as inf).
+    func shown(_ v: JSONValue) -> String {
+        if case .double(let d) = v, !d.isFinite { return "\(d)" }
+        return v.serialized()
+    }
+
     /// A string value; nil when the key is absent.
     func string(_ key: String) throws -> String? {
         guard let v = values[key] else { return nil }
-        guard let s = v.stringValue else { throw SMoEError.dataset(path, key, "must be a string, not \(v.serialized())") }
+        guard let s = v.stringValue else { throw SMoEError.dataset(path, key, "must be a string, not \(shown(v))") }
         return s
     }
 
@@ -93,7 +99,7 @@ struct ConfigFile {
     func strings(_ key: String) throws -> [String]? {
         guard let v = values[key], v != .null else { return nil }
         guard let a = v.arrayValue?.compactMap(\.stringValue), a.count == v.arrayValue?.count else {
-            throw SMoEError.dataset(path, key, "must be a list of strings, not \(v.serialized())")
+            throw SMoEError.dataset(path, key, "must be a list of strings, not \(shown(v))")
         }
         return a
     }
@@ -102,7 +108,7 @@ struct ConfigFile {
     func count(_ key: String) throws -> Int? {
         guard let v = values[key] else { return nil }
         guard case .int(let n) = v, n >= 1, n <= ConfigFile.countLimit else {
-            throw SMoEError.dataset(path, key, "must be an integer from 1 to \(ConfigFile.countLimit), not \(v.serialized())")
+            throw SMoEError.dataset(path, key, "must be an integer from 1 to \(ConfigFile.countLimit), not \(shown(v))")
         }
         return n
     }
@@ -110,7 +116,7 @@ struct ConfigFile {
     /// A finite number; nil when the key is absent.
     func number(_ key: String) throws -> Double? {
         guard let v = values[key] else { return nil }
-        guard let d = v.doubleValue, d.isFinite else { throw SMoEError.dataset(path, key, "must be a number, not \(v.serialized())") }
+        guard let d = v.doubleValue, d.isFinite else { throw SMoEError.dataset(path, key, "must be a finite number, not \(shown(v))") }
         return d
     }
 
@@ -119,7 +125,7 @@ struct ConfigFile {
         guard let v = values[key] else { return d }
         if case .bool(let b) = v { return b }
         if case .null = v { return d }
-        throw SMoEError.dataset(path, key, "must be true or false, not \(v.serialized())")
+        throw SMoEError.dataset(path, key, "must be true or false, not \(shown(v))")
     }
 
     /// Checks a value the forward pass needs when the key is present.

@@ -235,11 +235,8 @@ def main(argv=None):
     if args.tokens < 1 or args.seq_len < 1 or args.batch_size < 1:
         fail("--tokens, --seq-len and --batch-size must be positive")
 
-    import h5py
-    import numpy as np
-    import torch
-    import transformers
-
+    # The model folder is checked before the heavy imports, so a wrong folder is reported the
+    # same way whether or not torch is installed.
     config_path = os.path.join(args.model, "config.json")
     if not os.path.exists(config_path):
         fail(f"{config_path}: missing")
@@ -249,6 +246,14 @@ def main(argv=None):
     family = family_of(model_type, cfg.get("architectures") or ())
     if family is None:
         fail(f"{config_path}: model_type {model_type!r} is not supported ({', '.join(supported_model_types())})")
+
+    try:
+        import h5py
+        import numpy as np
+        import torch
+        import transformers
+    except ImportError as e:
+        fail(f"capture needs the python packages h5py, numpy, torch and transformers: {e}")
     layers = moe_layers(args.model, family)
 
     dtype = getattr(torch, args.dtype)

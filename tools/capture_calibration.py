@@ -13,8 +13,10 @@ prefixes of the checkpoint's own tensor names, exactly what `smoe-compress impor
 (`model.layers.3.block_sparse_moe`, `model.layers.3.mlp`, `encoder.block.1.layer.1.mlp`), and
 the `index` attribute follows import's order (encoder before decoder, then by layer number).
 
-Families: Mixtral, SwitchTransformers (encoder and decoder; decoder inputs are the text shifted
-right), Qwen2-MoE / Qwen3-MoE, OLMoE, DeepSeek-MoE. For blocks with shared experts (Qwen2-MoE
+Families: those of smoe-compress's family table, read from tools/model_families.json (generated
+from Sources/SMoECompress/Formats/ModelFamilies.swift and kept equal to it by a test): Mixtral,
+SwitchTransformers (encoder and decoder; decoder inputs are the text shifted right),
+Qwen2-MoE / Qwen3-MoE, OLMoE, DeepSeek-MoE. For blocks with shared experts (Qwen2-MoE
 `shared_expert` + `shared_expert_gate`, DeepSeek `shared_experts`) the shared contribution is
 subtracted from `output`, because import leaves shared experts in /dense: `output` is what the
 imported layer computes. Router logits are recomputed in float32 from the block input and the
@@ -41,10 +43,7 @@ import os
 import re
 import sys
 
-SUPPORTED = {
-    "mixtral": "mixtral", "switch_transformers": "switch", "qwen2_moe": "qwen", "qwen3_moe": "qwen",
-    "olmoe": "qwen", "deepseek": "qwen", "deepseek_v2": "qwen", "deepseek_v3": "qwen",
-}
+FAMILIES_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_families.json")
 
 
 def fail(msg):
@@ -69,39 +68,78 @@ def tensor_names(model_dir):
     return names
 
 
+def load_families():
+    """The family table smoe-compress uses (tools/model_families.json)."""
+    with open(FAMILIES_JSON) as f:
+        return json.load(f)["families"]
+
+
+def family_of(model_type, architectures=()):
+    """The table entry a config.json names (None when unsupported): as in `smoe-compress import`,
+    model_type decides when present, architectures only when it is absent."""
+    families = load_families()
+    if model_type is not None:
+        return next((f for f in families if model_type in f["model_types"]), None)
+    return next((f for a in architectures for f in families if a in f["architectures"]), None)
+
+
+def supported_model_types():
+    return [t for f in load_families() for t in f["model_types"]]
+
+
+def block_regex(family):
+    """Matches a router tensor name; group 1 is the MoE block prefix (import's layer name)."""
+    parts = [r"\d+" if "index" in p else "(?:" + "|".join(map(re.escape, p["words"])) + ")" for p in family["block"]]
+    return re.compile("^(" + r"\.".join(parts) + ")" + re.escape("." + family["router_suffix"]) + "$")
+
+
+def stack_order(family, prefix):
+    """Import's layer order: the first name part's word order (encoder before decoder)."""
+    first = family["block"][0]
+    words = first.get("words", [])
+    head = prefix.split(".")[0]
+    return words.index(head) if head in words else 0
+
+
 def natural_key(s):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def moe_layers(model_dir, model_type):
+def moe_layers(model_dir, family):
     """MoE block prefixes in import's order, from the routers in the checkpoint's names."""
-    kind = SUPPORTED[model_type]
-    if kind == "switch":
-        pat = re.compile(r"^((?:encoder|decoder)\.block\.\d+\.layer\.\d+\.mlp)\.router\.classifier\.weight$")
-    elif kind == "mixtral":
-        pat = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp))\.gate\.weight$")
-    else:
-        pat = re.compile(r"^(model\.layers\.\d+\.mlp)\.gate\.weight$")
+    pat = block_regex(family)
     prefixes = [m.group(1) for m in map(pat.match, tensor_names(model_dir)) if m]
     if not prefixes:
-        fail(f"{model_dir}: no MoE routers found for model_type {model_type}")
-    return sorted(prefixes, key=lambda p: (p.startswith("decoder"), natural_key(p)))
+        fail(f"{model_dir}: no MoE routers found for {family['family']} (tensors named like "
+             f"{family['block_pattern']}.{family['router_suffix']})")
+    return sorted(prefixes, key=lambda p: (stack_order(family, p), natural_key(p)))
 
 
-def find_module(model, prefix):
-    """The module of a checkpoint prefix (checkpoint and module names differ in some versions,
-    e.g. transformers 5 saves Mixtral's `mlp` block as `block_sparse_moe`)."""
+def find_module(model, family, prefix):
+    """The module of a checkpoint prefix. Checkpoint and module names differ in some versions
+    (transformers 5 saves Mixtral's `mlp` block as `block_sparse_moe`), so every spelling the
+    family table allows for the block is tried; the first part (the stack, such as encoder or
+    decoder) is never swapped."""
     names = dict(model.named_modules())
-    candidates = [prefix, prefix.replace(".block_sparse_moe", ".mlp"), prefix.replace(".mlp", ".block_sparse_moe")]
-    for base in ["", "model.", "base_model."]:
-        for c in candidates:
+    parts = prefix.split(".")
+    candidates = [prefix]
+    for i, p in enumerate(family["block"][1:], start=1):
+        for w in p.get("words", []):
+            if i < len(parts) and w != parts[i]:
+                candidates.append(".".join(parts[:i] + [w] + parts[i + 1:]))
+    for c in candidates:
+        for base in ["", "model.", "base_model."]:
             if base + c in names:
                 return names[base + c]
     fail(f"no module {prefix} in the loaded model")
 
 
-def router_of(block):
-    for path in ["gate", "router.classifier", "router"]:
+def router_of(family, block):
+    """The router weight (and bias) of a block: the module the family's router tensor names
+    first, then those of the other families (module names that vary between versions)."""
+    paths = [f["router_suffix"].rsplit(".", 1)[0] for f in load_families()]
+    own = family["router_suffix"].rsplit(".", 1)[0]
+    for path in [own] + [p for p in dict.fromkeys(paths) if p != own]:
         m = block
         try:
             for part in path.split("."):
@@ -205,8 +243,9 @@ def main(argv=None):
     with open(config_path) as f:
         cfg = json.load(f)
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED:
-        fail(f"{config_path}: model_type {model_type!r} is not supported ({', '.join(sorted(SUPPORTED))})")
+    family = family_of(model_type, cfg.get("architectures") or ())
+    if family is None:
+        fail(f"{config_path}: model_type {model_type!r} is not supported ({', '.join(supported_model_types())})")
 
     try:
         import h5py
@@ -215,15 +254,12 @@ def main(argv=None):
         import transformers
     except ImportError as e:
         fail(f"capture needs the python packages h5py, numpy, torch and transformers: {e}")
-    layers = moe_layers(args.model, model_type)
+    layers = moe_layers(args.model, family)
 
     dtype = getattr(torch, args.dtype)
     major, minor = (int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
     load = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-    if model_type == "switch_transformers":
-        model = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(args.model, **load)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, **load)
+    model = getattr(transformers, family["transformers_class"]).from_pretrained(args.model, **load)
     model.to(args.device).eval()
     vocab = model.config.vocab_size
     ids = tokenize(args, args.model, vocab)
@@ -243,8 +279,8 @@ def main(argv=None):
         state = {"mask": None}
         hooks = []
         for i, name in enumerate(layers):
-            block = find_module(model, name)
-            w, b = router_of(block)
+            block = find_module(model, family, name)
+            w, b = router_of(family, block)
             g = root.create_group(name)
             g.attrs["index"] = np.int64(i)
             rec = Recorder(g, w.shape[1], w.shape[0])
@@ -282,7 +318,7 @@ def main(argv=None):
                     mask[r, :len(s)] = 1
                 inp, mask = inp.to(args.device), mask.to(args.device)
                 state["mask"] = mask.reshape(-1).bool()
-                if model_type == "switch_transformers":
+                if family["encoder_decoder"]:
                     start = getattr(model.config, "decoder_start_token_id", None)
                     start = pad if start is None else start
                     dec = torch.cat([torch.full_like(inp[:, :1], start), inp[:, :-1]], dim=1)

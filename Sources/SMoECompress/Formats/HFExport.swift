@@ -101,8 +101,9 @@ public enum HFExport {
                     }
                 }
             case .fused:
-                items.append(("\(c.name).experts.gate_up_proj\(suffix)", .fused(layer: c.name, part: "gate_up")))
-                items.append(("\(c.name).experts.down_proj\(suffix)", .fused(layer: c.name, part: "down")))
+                for part in ["gate_up", "down"] {
+                    items.append((fam.fusedTensorName(layer: c.name, part: part, suffix: suffix), .fused(layer: c.name, part: part)))
+                }
             }
         }
         if reader.hasDense {

@@ -1,63 +1,5 @@
 import Foundation
 
-/// The Hugging Face model families `import` and `export` understand.
-public enum ModelFamily: String, Sendable, CaseIterable {
-    case mixtral
-    case switchTransformers = "switch-transformers"
-    case qwen2MoE = "qwen2-moe"
-    case qwen3MoE = "qwen3-moe"
-    case olmoe
-    case deepseek
-
-    /// `model_type` values and `architectures` entries of each family.
-    static let modelTypes: [String: ModelFamily] = [
-        "mixtral": .mixtral, "switch_transformers": .switchTransformers, "qwen2_moe": .qwen2MoE,
-        "qwen3_moe": .qwen3MoE, "olmoe": .olmoe, "deepseek": .deepseek, "deepseek_v2": .deepseek, "deepseek_v3": .deepseek,
-    ]
-    static let architectures: [String: ModelFamily] = [
-        "MixtralForCausalLM": .mixtral, "SwitchTransformersForConditionalGeneration": .switchTransformers,
-        "SwitchTransformersEncoderModel": .switchTransformers, "SwitchTransformersModel": .switchTransformers,
-        "Qwen2MoeForCausalLM": .qwen2MoE, "Qwen3MoeForCausalLM": .qwen3MoE, "OlmoeForCausalLM": .olmoe,
-        "DeepseekForCausalLM": .deepseek, "DeepseekV2ForCausalLM": .deepseek, "DeepseekV3ForCausalLM": .deepseek,
-    ]
-
-    public var expertType: ExpertType { self == .switchTransformers ? .mlp : .glu }
-
-    /// Source name of each expert matrix (`up`, `gate`, `down`).
-    public var matrixNames: [String: String] {
-        switch self {
-        case .mixtral: return ["gate": "w1", "up": "w3", "down": "w2"]
-        case .switchTransformers: return ["up": "wi", "down": "wo"]
-        default: return ["gate": "gate_proj", "up": "up_proj", "down": "down_proj"]
-        }
-    }
-
-    /// The router weight's name relative to the MoE block.
-    public var routerSuffix: String { self == .switchTransformers ? "router.classifier.weight" : "gate.weight" }
-
-    /// Name of expert `n`'s matrix `role` in the per-expert layout.
-    public func expertTensorName(layer prefix: String, expert n: Int, matrix role: String) -> String {
-        let id = self == .switchTransformers ? "expert_\(n)" : String(n)
-        return "\(prefix).experts.\(id).\(matrixNames[role] ?? role).weight"
-    }
-
-    /// The MoE block prefix of a tensor name and the rest, when the name lies in a place where
-    /// this family keeps its MoE blocks (`model.layers.L.mlp`, `model.layers.L.block_sparse_moe`,
-    /// `encoder.block.B.layer.I.mlp`, `decoder.block.B.layer.I.mlp`).
-    func splitBlock(_ name: String) -> (prefix: String, rest: [String])? {
-        let parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
-        func isIndex(_ s: String) -> Bool { !s.isEmpty && s.allSatisfy(\.isASCII) && s.allSatisfy(\.isNumber) }
-        if self == .switchTransformers {
-            guard parts.count > 6, parts[0] == "encoder" || parts[0] == "decoder", parts[1] == "block", isIndex(parts[2]),
-                  parts[3] == "layer", isIndex(parts[4]), parts[5] == "mlp" else { return nil }
-            return (parts[0...5].joined(separator: "."), Array(parts[6...]))
-        }
-        let blocks = self == .mixtral ? ["block_sparse_moe", "mlp"] : ["mlp"]
-        guard parts.count > 4, parts[0] == "model", parts[1] == "layers", isIndex(parts[2]), blocks.contains(parts[3]) else { return nil }
-        return (parts[0...3].joined(separator: "."), Array(parts[4...]))
-    }
-}
-
 /// How a checkpoint stores its experts.
 public enum ExpertLayout: String, Sendable {
     /// One tensor per expert and matrix (`experts.N.w1.weight`, `experts.N.up_proj.weight`).
@@ -88,60 +30,115 @@ public struct SourceModelConfig: Sendable {
         }
     }
 
-    /// Parses `config.json` and recognises the family from `model_type` / `architectures`.
+    /// Parses `config.json`, recognises the family from `model_type` / `architectures` and reads
+    /// the MoE settings where the family's table entry says they are.
     public static func parse(_ text: String, path: String) throws -> SourceModelConfig {
+        let config = try ConfigFile(text, path: path)
+        let modelType = try config.string("model_type")
+        let archs = modelType == nil ? try config.strings("architectures") ?? [] : []
+        guard let family = ModelFamily.recognise(modelType: modelType, architectures: archs) else {
+            let what = modelType.map { "model_type \"\($0)\"" } ?? (archs.isEmpty ? "no model_type or architectures" : "architectures \(archs)")
+            throw SMoEError.file(path, "\(what) is not a supported MoE family (\(ModelFamily.modelTypeList))")
+        }
+        for r in family.requirements { try config.require(r) }
+        let topK: Int
+        switch family.topK {
+        case .fixed(let k): topK = k
+        case .key(let key):
+            guard let k = try config.count(key) else { throw SMoEError.dataset(path, key, "missing: the number of experts each token uses") }
+            topK = k
+        }
+        let routerType: RouterType
+        switch family.routerType {
+        case .fixed(let t): routerType = t
+        case .normalisedIf(let key): routerType = try config.bool(key, default: false) ? .softmax_topk_norm : .softmax_topk
+        }
+        let act = try config.string(family.activationKey) ?? family.defaultActivation
+        return SourceModelConfig(family: family, numExperts: try config.count(family.numExpertsKey), topK: topK,
+                                 activation: try activation(act, path: path, key: family.activationKey),
+                                 routerType: routerType, text: text)
+    }
+}
+
+/// The top-level keys of a model's `config.json`, read with their types and ranges checked:
+/// every problem is one error naming the file and the key. Duplicate keys are refused
+/// (transformers takes the last one, a first-wins reader the first: neither is safe to guess).
+struct ConfigFile {
+    let path: String
+    let values: [String: JSONValue]
+    /// Largest expert count or top-k accepted. A stated limit: published MoE models have at most
+    /// a few hundred experts per layer, and 2^20 keeps every later count × size product far from
+    /// overflow.
+    static let countLimit = 1 << 20
+
+    init(_ text: String, path: String) throws {
         let json: JSONValue
         do { json = try JSONValue.parse(text) } catch let e as SMoEError { throw SMoEError.file(path, e.message) }
-        guard case .object = json else { throw SMoEError.file(path, "is not a JSON object") }
-        let modelType = json["model_type"]?.stringValue
-        let archs = json["architectures"]?.arrayValue?.compactMap(\.stringValue) ?? []
-        // model_type decides when present; architectures only when it is absent.
-        let found = modelType != nil ? ModelFamily.modelTypes[modelType!] : archs.lazy.compactMap({ ModelFamily.architectures[$0] }).first
-        guard let family = found else {
-            let what = modelType.map { "model_type \"\($0)\"" } ?? (archs.isEmpty ? "no model_type or architectures" : "architectures \(archs)")
-            throw SMoEError.file(path, "\(what) is not a supported MoE family (mixtral, switch_transformers, qwen2_moe, qwen3_moe, olmoe, deepseek, deepseek_v2)")
+        guard case .object(let kv) = json else { throw SMoEError.file(path, "is not a JSON object") }
+        if let key = json.firstDuplicateKey() {
+            throw SMoEError.dataset(path, key, "appears twice (a duplicate key is ambiguous: transformers takes the last)")
         }
-        func int(_ k: String) -> Int? { json[k]?.intValue }
-        func bool(_ k: String, default d: Bool) throws -> Bool {
-            guard let v = json[k] else { return d }
-            if case .bool(let b) = v { return b }
-            if case .null = v { return d }
-            throw SMoEError.dataset(path, k, "is not true or false")
+        self.path = path
+        values = Dictionary(uniqueKeysWithValues: kv)
+    }
+
+    /// A value as written (a number beyond float64, which the parser reads as ±inf, as inf).
+    func shown(_ v: JSONValue) -> String {
+        if case .double(let d) = v, !d.isFinite { return "\(d)" }
+        return v.serialized()
+    }
+
+    /// A string value; nil when the key is absent.
+    func string(_ key: String) throws -> String? {
+        guard let v = values[key] else { return nil }
+        guard let s = v.stringValue else { throw SMoEError.dataset(path, key, "must be a string, not \(shown(v))") }
+        return s
+    }
+
+    /// A list of strings; nil when the key is absent or null.
+    func strings(_ key: String) throws -> [String]? {
+        guard let v = values[key], v != .null else { return nil }
+        guard let a = v.arrayValue?.compactMap(\.stringValue), a.count == v.arrayValue?.count else {
+            throw SMoEError.dataset(path, key, "must be a list of strings, not \(shown(v))")
         }
-        func act(_ k: String, default d: String) throws -> Activation {
-            try activation(json[k]?.stringValue ?? d, path: path, key: k)
+        return a
+    }
+
+    /// A count (1 ... countLimit, written as an integer); nil when the key is absent.
+    func count(_ key: String) throws -> Int? {
+        guard let v = values[key] else { return nil }
+        guard case .int(let n) = v, n >= 1, n <= ConfigFile.countLimit else {
+            throw SMoEError.dataset(path, key, "must be an integer from 1 to \(ConfigFile.countLimit), not \(shown(v))")
         }
-        func topK() throws -> Int {
-            guard let k = int("num_experts_per_tok"), k >= 1 else {
-                throw SMoEError.dataset(path, "num_experts_per_tok", "missing or not a positive integer")
+        return n
+    }
+
+    /// A finite number; nil when the key is absent.
+    func number(_ key: String) throws -> Double? {
+        guard let v = values[key] else { return nil }
+        guard let d = v.doubleValue, d.isFinite else { throw SMoEError.dataset(path, key, "must be a finite number, not \(shown(v))") }
+        return d
+    }
+
+    /// true or false; `default` when the key is absent or null.
+    func bool(_ key: String, default d: Bool) throws -> Bool {
+        guard let v = values[key] else { return d }
+        if case .bool(let b) = v { return b }
+        if case .null = v { return d }
+        throw SMoEError.dataset(path, key, "must be true or false, not \(shown(v))")
+    }
+
+    /// Checks a value the forward pass needs when the key is present.
+    func require(_ r: ConfigRequirement) throws {
+        switch r {
+        case .string(let key, let want):
+            if let s = try string(key), s != want {
+                throw SMoEError.dataset(path, key, "\"\(s)\" routing is not supported (\(want) only)")
             }
-            return k
-        }
-        switch family {
-        case .mixtral:
-            return SourceModelConfig(family: family, numExperts: int("num_local_experts"), topK: try topK(),
-                                     activation: try act("hidden_act", default: "silu"), routerType: .softmax_topk_norm, text: text)
-        case .switchTransformers:
-            return SourceModelConfig(family: family, numExperts: int("num_experts"), topK: 1,
-                                     activation: try act("dense_act_fn", default: "relu"), routerType: .softmax_topk, text: text)
-        case .qwen2MoE, .qwen3MoE, .olmoe:
-            return SourceModelConfig(family: family, numExperts: int("num_experts"), topK: try topK(),
-                                     activation: try act("hidden_act", default: "silu"),
-                                     routerType: try bool("norm_topk_prob", default: false) ? .softmax_topk_norm : .softmax_topk, text: text)
-        case .deepseek:
-            // Only plain softmax top-k routing maps onto the tool's router types.
-            if let s = json["scoring_func"]?.stringValue, s != "softmax" {
-                throw SMoEError.dataset(path, "scoring_func", "\"\(s)\" routing is not supported (softmax only)")
+        case .number(let key, let want):
+            if let f = try number(key), f != want {
+                throw SMoEError.dataset(path, key, "\(f) is not supported (\(want) only)")
             }
-            if let m = json["topk_method"]?.stringValue, m != "greedy" {
-                throw SMoEError.dataset(path, "topk_method", "\"\(m)\" routing is not supported (greedy only)")
-            }
-            if let f = json["routed_scaling_factor"]?.doubleValue, f != 1 {
-                throw SMoEError.dataset(path, "routed_scaling_factor", "\(f) is not supported (1.0 only)")
-            }
-            return SourceModelConfig(family: family, numExperts: int("n_routed_experts"), topK: try topK(),
-                                     activation: try act("hidden_act", default: "silu"),
-                                     routerType: try bool("norm_topk_prob", default: false) ? .softmax_topk_norm : .softmax_topk, text: text)
         }
     }
 }
@@ -213,6 +210,7 @@ public enum HFImport {
         let config = try SourceModelConfig.parse(text, path: configPath)
         let family = config.family
         let roleOf = Dictionary(uniqueKeysWithValues: family.matrixNames.map { ($1, $0) })
+        let fusedPart = Dictionary(uniqueKeysWithValues: family.fusedNames.map { ($1, $0) })
         let dir = model.directory
         func where_(_ name: String) -> String { (try? model.locate(name).file.path) ?? dir }
 
@@ -230,13 +228,12 @@ public enum HFImport {
             if restText == family.routerSuffix {
                 routers[prefix] = name
             } else if rest[0] == "experts" {
-                if family.expertType == .glu, rest.count <= 3, ["gate_up_proj", "down_proj"].contains(rest[1]),
-                   rest.count == 2 || rest[2] == "weight" {
-                    fused[prefix, default: [:]][rest[1] == "gate_up_proj" ? "gate_up" : "down"] = name
+                if rest.count <= 3, let part = fusedPart[rest[1]], rest.count == 2 || rest[2] == "weight" {
+                    fused[prefix, default: [:]][part] = name
                     fusedSuffixes.insert(rest.count == 3 ? ".weight" : "")
                     continue
                 }
-                let idText = family == .switchTransformers ? (rest.count > 1 && rest[1].hasPrefix("expert_") ? String(rest[1].dropFirst(7)) : "") : (rest.count > 1 ? rest[1] : "")
+                let idText = rest.count > 1 ? family.expertID(rest[1]) : ""
                 guard rest.count == 4, rest[3] == "weight", let n = Int(idText), String(n) == idText, let role = roleOf[rest[2]] else {
                     throw SMoEError.dataset(where_(name), name, "unknown expert tensor for \(family.rawValue) (expected \(family.expertTensorName(layer: prefix, expert: 0, matrix: "up")) and the like)")
                 }
@@ -276,7 +273,7 @@ public enum HFImport {
                 throw SMoEError.dataset(configPath, "num_experts_per_tok", "\(config.topK) exceeds the \(E) experts of \(prefix)")
             }
             routerDTypes.insert(ri.dtype)
-            let roles = family.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
+            let roles = ["up", "gate", "down"].filter { family.matrixNames[$0] != nil }
             var layer = SourceMoELayer(prefix: prefix, router: routerName, experts: [], fused: [:], layout: .perExpert,
                                        numExperts: E, dModel: H, dFF: 0)
             if let f = fused[prefix] {
@@ -284,8 +281,8 @@ public enum HFImport {
                     throw SMoEError.dataset(where_(any), any, "per-expert tensor next to fused expert tensors in \(prefix)")
                 }
                 let suffix = fusedSuffixes.first ?? ""
-                guard let gu = f["gate_up"] else { throw SMoEError.file(dir, "missing tensor \(prefix).experts.gate_up_proj\(suffix)") }
-                guard let dn = f["down"] else { throw SMoEError.file(dir, "missing tensor \(prefix).experts.down_proj\(suffix)") }
+                guard let gu = f["gate_up"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "gate_up", suffix: suffix))") }
+                guard let dn = f["down"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "down", suffix: suffix))") }
                 let gi = try model.info(gu), di = try model.info(dn)
                 guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[2] == H, gi.shape[1] >= 2, gi.shape[1] % 2 == 0 else {
                     throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), 2·d_ff, \(H)] (\(E) router slots, d_model \(H))")
@@ -337,16 +334,12 @@ public enum HFImport {
             layers.append(layer)
         }
         guard !layers.isEmpty else {
-            throw SMoEError.file(dir, "no MoE layers found for \(family.rawValue) (no tensor named like \(family == .switchTransformers ? "encoder.block.1.layer.1.mlp" : family == .mixtral ? "model.layers.0.block_sparse_moe" : "model.layers.0.mlp").\(family.routerSuffix))")
+            throw SMoEError.file(dir, "no MoE layers found for \(family.rawValue) (no tensor named like \(family.blockPattern).\(family.routerSuffix))")
         }
         guard layouts.count == 1, expertDTypes.count == 1, routerDTypes.count == 1 else {
             throw SMoEError.file(dir, "MoE layers differ in expert layout or dtype (\(layouts.map(\.rawValue).sorted()), experts \(expertDTypes.map(\.rawValue).sorted()), routers \(routerDTypes.map(\.rawValue).sorted())); one of each is supported")
         }
-        layers.sort { a, b in
-            // Encoder before decoder, then by block/layer number.
-            let sa = a.prefix.hasPrefix("decoder") ? 1 : 0, sb = b.prefix.hasPrefix("decoder") ? 1 : 0
-            return sa != sb ? sa < sb : naturalLess(a.prefix, b.prefix)
-        }
+        layers.sort { family.blockLess($0.prefix, $1.prefix) }
         return ImportPlan(config: config, layers: layers, dense: dense, layout: layouts.first!,
                           fusedSuffix: fusedSuffixes.first ?? ".weight", expertDType: expertDTypes.first!, routerDType: routerDTypes.first!)
     }

@@ -21,7 +21,7 @@ public indirect enum JSONValue: Sendable, Equatable {
     public var intValue: Int? {
         switch self {
         case .int(let i): return i
-        case .double(let d) where d == d.rounded(): return Int(d)
+        case .double(let d): return Int(exactly: d)  // nil for 8.5, 2^63, 1e300 (never traps)
         default: return nil
         }
     }
@@ -33,6 +33,21 @@ public indirect enum JSONValue: Sendable, Equatable {
         }
     }
     public var arrayValue: [JSONValue]? { if case .array(let a) = self { return a } else { return nil } }
+
+    /// The first key that appears twice in one object, searching nested objects and arrays,
+    /// as a dotted path (`text_config.num_experts`, `layers[2].name`); nil when keys are unique.
+    public func firstDuplicateKey() -> String? {
+        switch self {
+        case .object(let kv):
+            var seen = Set<String>()
+            for (k, _) in kv where !seen.insert(k).inserted { return k }
+            for (k, v) in kv { if let d = v.firstDuplicateKey() { return k + (d.hasPrefix("[") ? "" : ".") + d } }
+        case .array(let a):
+            for (i, v) in a.enumerated() { if let d = v.firstDuplicateKey() { return "[\(i)]" + (d.hasPrefix("[") ? "" : ".") + d } }
+        default: break
+        }
+        return nil
+    }
 
     /// Compact (one line) or pretty (2-space indent) JSON text.
     public func serialized(pretty: Bool = false) -> String {

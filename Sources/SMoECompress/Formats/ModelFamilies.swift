@@ -1,0 +1,256 @@
+import Foundation
+
+/// One piece of the name of a family's MoE blocks (`model`, `layers`, a layer number, ...).
+public enum BlockNamePart: Sendable, Equatable {
+    /// One of these words. When the first part of a pattern has several, blocks sort in this
+    /// order (encoder before decoder).
+    case word([String])
+    /// A layer or block number (ASCII digits), shown as `symbol` in messages.
+    case index(_ symbol: String)
+}
+
+/// Where a family's `config.json` gives the experts each token uses.
+public enum TopKRule: Sendable, Equatable {
+    /// A positive integer under this key (required).
+    case key(String)
+    /// The family routes to a fixed number of experts and has no such key.
+    case fixed(Int)
+}
+
+/// How a family's router weights its top-k experts.
+public enum RouterTypeRule: Sendable, Equatable {
+    case fixed(RouterType)
+    /// A boolean key: true → softmax_topk_norm; false, null or absent → softmax_topk.
+    case normalisedIf(String)
+}
+
+/// A `config.json` value the forward pass needs when the key is present (routing variants the
+/// tool does not model are refused rather than imported wrongly).
+public enum ConfigRequirement: Sendable, Equatable {
+    case string(key: String, equals: String)
+    case number(key: String, equals: Double)
+}
+
+/// Everything the tool knows about one Hugging Face MoE family: how `import` recognises it and
+/// finds its tensors, how it reads the family's `config.json`, and how `export` names things.
+/// Routers are bias-free linear layers `[num_experts, d_model]`; every tensor that is neither a
+/// router nor a routed expert (attention, norms, embeddings, shared experts, dense FFN layers)
+/// goes to `/dense` under its own name. Adding a family is one entry in `ModelFamily.all`.
+public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
+    /// The identifier stored in checkpoints (root `architecture`, the import history entry).
+    public let rawValue: String
+    /// The name people use ("Mixtral").
+    public let displayName: String
+    /// `model_type` values of config.json (decisive when present) ...
+    public let modelTypes: [String]
+    /// ... and `architectures` entries (used only when `model_type` is absent).
+    public let architectures: [String]
+    /// The name of an MoE block, e.g. `model.layers.L.block_sparse_moe`.
+    public let block: [BlockNamePart]
+    /// The router weight's name relative to the block.
+    public let routerSuffix: String
+    public let routerType: RouterTypeRule
+    public let expertType: ExpertType
+    /// Per-expert layout: `<block>.experts.<expertPrefix>N.<matrixNames[role]>.weight`.
+    public let expertPrefix: String
+    /// Source name of each expert matrix role (`up`, `gate`, `down`).
+    public let matrixNames: [String: String]
+    /// Fused layout: `<block>.experts.<fusedNames[part]>` for the parts `gate_up` ([E, 2I, H], each
+    /// expert's gate rows then its up rows) and `down` ([E, H, I]), with or without `.weight`;
+    /// empty when the family has no fused layout.
+    public let fusedNames: [String: String]
+    /// config.json key of the number of routed experts per layer (checked against the router).
+    public let numExpertsKey: String
+    public let topK: TopKRule
+    /// config.json key of the expert activation, and its value when the key is absent.
+    public let activationKey: String
+    public let defaultActivation: String
+    public let requirements: [ConfigRequirement]
+    /// What `tools/capture_calibration.py` loads the model with (a `transformers` class), and
+    /// whether it runs an encoder and a decoder (whose inputs are the text shifted right).
+    public let transformersClass: String
+    public let encoderDecoder: Bool
+
+    public var description: String { rawValue }
+    public static func == (a: ModelFamily, b: ModelFamily) -> Bool { a.rawValue == b.rawValue }
+    public func hash(into h: inout Hasher) { h.combine(rawValue) }
+
+    /// The family stored in a checkpoint under `rawValue`.
+    public init?(rawValue: String) {
+        guard let f = ModelFamily.all.first(where: { $0.rawValue == rawValue }) else { return nil }
+        self = f
+    }
+
+    init(_ rawValue: String, _ displayName: String, modelTypes: [String], architectures: [String], block: [BlockNamePart],
+         routerSuffix: String = "gate.weight", routerType: RouterTypeRule, expertType: ExpertType = .glu,
+         expertPrefix: String = "", matrixNames: [String: String] = ["gate": "gate_proj", "up": "up_proj", "down": "down_proj"],
+         fusedNames: [String: String] = ["gate_up": "gate_up_proj", "down": "down_proj"], numExpertsKey: String,
+         topK: TopKRule = .key("num_experts_per_tok"), activationKey: String = "hidden_act", defaultActivation: String = "silu",
+         requirements: [ConfigRequirement] = [], transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false) {
+        self.rawValue = rawValue
+        self.displayName = displayName
+        self.modelTypes = modelTypes
+        self.architectures = architectures
+        self.block = block
+        self.routerSuffix = routerSuffix
+        self.routerType = routerType
+        self.expertType = expertType
+        self.expertPrefix = expertPrefix
+        self.matrixNames = matrixNames
+        self.fusedNames = fusedNames
+        self.numExpertsKey = numExpertsKey
+        self.topK = topK
+        self.activationKey = activationKey
+        self.defaultActivation = defaultActivation
+        self.requirements = requirements
+        self.transformersClass = transformersClass
+        self.encoderDecoder = encoderDecoder
+    }
+
+    // MARK: The table
+
+    /// Decoder-only models keep their MoE blocks at `model.layers.L.mlp`.
+    static let decoderMLP: [BlockNamePart] = [.word(["model"]), .word(["layers"]), .index("L"), .word(["mlp"])]
+
+    public static let mixtral = ModelFamily(
+        "mixtral", "Mixtral", modelTypes: ["mixtral"], architectures: ["MixtralForCausalLM"],
+        block: [.word(["model"]), .word(["layers"]), .index("L"), .word(["block_sparse_moe", "mlp"])],
+        routerType: .fixed(.softmax_topk_norm), matrixNames: ["gate": "w1", "up": "w3", "down": "w2"],
+        numExpertsKey: "num_local_experts")
+    public static let switchTransformers = ModelFamily(
+        "switch-transformers", "SwitchTransformers", modelTypes: ["switch_transformers"],
+        architectures: ["SwitchTransformersForConditionalGeneration", "SwitchTransformersEncoderModel", "SwitchTransformersModel"],
+        block: [.word(["encoder", "decoder"]), .word(["block"]), .index("B"), .word(["layer"]), .index("I"), .word(["mlp"])],
+        routerSuffix: "router.classifier.weight", routerType: .fixed(.softmax_topk), expertType: .mlp, expertPrefix: "expert_",
+        matrixNames: ["up": "wi", "down": "wo"], fusedNames: [:], numExpertsKey: "num_experts", topK: .fixed(1),
+        activationKey: "dense_act_fn", defaultActivation: "relu",
+        transformersClass: "SwitchTransformersForConditionalGeneration", encoderDecoder: true)
+    public static let qwen2MoE = ModelFamily(
+        "qwen2-moe", "Qwen1.5/Qwen2-MoE", modelTypes: ["qwen2_moe"], architectures: ["Qwen2MoeForCausalLM"], block: decoderMLP,
+        routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_experts")
+    public static let qwen3MoE = ModelFamily(
+        "qwen3-moe", "Qwen3-MoE", modelTypes: ["qwen3_moe"], architectures: ["Qwen3MoeForCausalLM"], block: decoderMLP,
+        routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_experts")
+    public static let olmoe = ModelFamily(
+        "olmoe", "OLMoE", modelTypes: ["olmoe"], architectures: ["OlmoeForCausalLM"], block: decoderMLP,
+        routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_experts")
+    /// Only plain softmax top-k routing maps onto the tool's router types.
+    public static let deepseek = ModelFamily(
+        "deepseek", "DeepSeek-MoE/V2/V3", modelTypes: ["deepseek", "deepseek_v2", "deepseek_v3"],
+        architectures: ["DeepseekForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"], block: decoderMLP,
+        routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "n_routed_experts",
+        requirements: [.string(key: "scoring_func", equals: "softmax"), .string(key: "topk_method", equals: "greedy"),
+                       .number(key: "routed_scaling_factor", equals: 1)])
+
+    /// Every family `import` and `export` understand.
+    public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek]
+
+    /// The family a config.json names: `model_type` decides when present, `architectures` only
+    /// when it is absent.
+    static func recognise(modelType: String?, architectures: [String]) -> ModelFamily? {
+        if let t = modelType { return all.first { $0.modelTypes.contains(t) } }
+        return architectures.lazy.compactMap { a in all.first { $0.architectures.contains(a) } }.first
+    }
+
+    /// Every `model_type` the table knows, for messages.
+    public static var modelTypeList: String { all.flatMap(\.modelTypes).joined(separator: ", ") }
+
+    // MARK: Names
+
+    /// Name of expert `n`'s matrix `role` in the per-expert layout.
+    public func expertTensorName(layer prefix: String, expert n: Int, matrix role: String) -> String {
+        "\(prefix).experts.\(expertPrefix)\(n).\(matrixNames[role] ?? role).weight"
+    }
+
+    /// Name of the fused tensor `part` (`gate_up` or `down`) of a block.
+    public func fusedTensorName(layer prefix: String, part: String, suffix: String) -> String {
+        "\(prefix).experts.\(fusedNames[part] ?? part)\(suffix)"
+    }
+
+    /// The expert number of a per-expert tensor's `experts.<id>` component ("" when it is not one).
+    func expertID(_ component: String) -> String {
+        component.hasPrefix(expertPrefix) ? String(component.dropFirst(expertPrefix.count)) : ""
+    }
+
+    /// The block naming for messages, e.g. `{encoder|decoder}.block.B.layer.I.mlp`.
+    public var blockPattern: String {
+        block.map { p in
+            switch p {
+            case .index(let s): return s
+            case .word(let w): return w.count == 1 ? w[0] : "{" + w.joined(separator: "|") + "}"
+            }
+        }.joined(separator: ".")
+    }
+
+    /// The MoE block prefix of a tensor name and the rest, when the name lies in a place where
+    /// this family keeps its MoE blocks.
+    func splitBlock(_ name: String) -> (prefix: String, rest: [String])? {
+        let parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count > block.count else { return nil }
+        for (s, p) in zip(parts, block) {
+            switch p {
+            case .index: guard !s.isEmpty, s.allSatisfy(\.isASCII), s.allSatisfy(\.isNumber) else { return nil }
+            case .word(let w): guard w.contains(s) else { return nil }
+            }
+        }
+        return (parts[0..<block.count].joined(separator: "."), Array(parts[block.count...]))
+    }
+
+    /// Import's layer order: by the first name part's word order (encoder before decoder), then
+    /// in natural order.
+    func blockLess(_ a: String, _ b: String) -> Bool {
+        func stack(_ s: String) -> Int {
+            guard case .word(let w)? = block.first, let first = s.split(separator: ".").first else { return 0 }
+            return w.firstIndex(of: String(first)) ?? 0
+        }
+        let sa = stack(a), sb = stack(b)
+        return sa != sb ? sa < sb : naturalLess(a, b)
+    }
+
+    // MARK: The table as JSON
+
+    /// The table as JSON: `tools/model_families.json`, which `tools/capture_calibration.py`
+    /// reads (a test keeps the file equal to this).
+    public static var tableJSON: JSONValue {
+        func rules(_ f: ModelFamily) -> [(String, JSONValue)] {
+            var out: [(String, JSONValue)] = [("num_experts_key", .string(f.numExpertsKey))]
+            switch f.topK {
+            case .key(let k): out.append(("top_k_key", .string(k)))
+            case .fixed(let k): out.append(("top_k", .int(k)))
+            }
+            switch f.routerType {
+            case .fixed(let t): out.append(("router_type", .string(t.rawValue)))
+            case .normalisedIf(let k): out.append(("router_type_normalised_if", .string(k)))
+            }
+            out += [("activation_key", .string(f.activationKey)), ("default_activation", .string(f.defaultActivation))]
+            out.append(("requirements", .object(f.requirements.map { r in
+                switch r {
+                case .string(let k, let v): return (k, .string(v))
+                case .number(let k, let v): return (k, .double(v))
+                }
+            })))
+            return out
+        }
+        func sorted(_ d: [String: String]) -> JSONValue { .object(d.sorted { $0.key < $1.key }.map { ($0.key, .string($0.value)) }) }
+        return .object([
+            ("comment", "Generated from Sources/SMoECompress/Formats/ModelFamilies.swift; regenerate with SMOE_REGENERATE_GOLDENS=1 swift test --filter ModelFamilyTests"),
+            ("families", .array(all.map { f in
+                .object([
+                    ("family", .string(f.rawValue)), ("display_name", .string(f.displayName)),
+                    ("model_types", JSONValue(f.modelTypes)), ("architectures", JSONValue(f.architectures)),
+                    ("block", .array(f.block.map { p in
+                        switch p {
+                        case .word(let w): return .object([("words", JSONValue(w))])
+                        case .index(let s): return .object([("index", .string(s))])
+                        }
+                    })),
+                    ("block_pattern", .string(f.blockPattern)), ("router_suffix", .string(f.routerSuffix)),
+                    ("expert_type", .string(f.expertType.rawValue)), ("expert_prefix", .string(f.expertPrefix)),
+                    ("matrix_names", sorted(f.matrixNames)), ("fused_names", sorted(f.fusedNames)),
+                ] + rules(f) + [
+                    ("transformers_class", .string(f.transformersClass)), ("encoder_decoder", .bool(f.encoderDecoder)),
+                ])
+            })),
+        ])
+    }
+}

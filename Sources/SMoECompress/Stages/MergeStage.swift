@@ -103,7 +103,7 @@ public struct MergeStage: LayerStage {
         }
         let inputs = try MergeStage.groupingInputs(model: model, layers: names, base: settings.similarityBase, stats: stats,
                                                    calibration: calibration, tokens: settings.tokens, progress: progress)
-        let groupings = try MergeStage.plan(inputs, settings: settings)
+        let groupings = MergeStage.plan(inputs, settings: settings)
         self.settings = settings
         self.layers = names
         self.calibration = calibration

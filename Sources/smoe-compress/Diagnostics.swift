@@ -50,7 +50,7 @@ func namingFile<T>(_ primary: String, inputs: [String] = [], _ body: () throws -
     do {
         return try body()
     } catch let e as SMoEError {
-        throw e.naming(file: primary, unlessItNames: inputs)
+        throw e.naming(primary, unlessItNames: inputs)
     }
 }
 

@@ -40,7 +40,9 @@ struct Stats: ParsableCommand {
         let writer = try StatsWriter(destination: output, source: StatsWriter.source(
             model: model, calibration: calib, bases: bases, maxTokens: tokens.maxTokens))
         let progress = global.progress
-        let result = try stage.run(model: reader, progress: progress.stage) { try writer.write($0) }
+        let result = try namingFile(model, inputs: [calib]) {
+            try stage.run(model: reader, progress: progress.stage) { try writer.write($0) }
+        }
         progress.finish()
         try writer.commit()
         render(result.reports, bases: bases)

@@ -187,3 +187,36 @@ final class BadInputTests: XCTestCase {
         }
     }
 }
+
+final class NonFiniteTests: XCTestCase {
+    /// A finite weight near Float.greatestFiniteMagnitude (accepted on read) overflows float32
+    /// inside a stage: the stage stops with one `error:` line naming the file and the layer,
+    /// instead of writing Inf/NaN or printing nan (issue 14, item 3).
+    func testOverflowingWeightsStopWithOneErrorLine() throws {
+        let dir = temporaryDirectory(self)
+        let source = try CheckpointReader(fixture("planted-switch.h5"))
+        let path = dir + "/huge.h5"
+        let writer = try CheckpointWriter(destination: path, derivedFrom: source, entry: ["stage": "test"])
+        let damaged = source.layers[0].name
+        for c in source.layers {
+            var layer = try source.readLayer(c.name)
+            if c.name == damaged {
+                var up = layer.experts[7].up.dense()
+                up.data[0] = 2.7e38; up.data[1] = 2.7e38  // σ₁ ≈ 3.8e38 > Float.greatestFiniteMagnitude
+                layer.experts[7].up = .dense(up)
+            }
+            try writer.write(layer)
+        }
+        try writer.commit()
+        let calib = fixture("planted-switch.calib.h5")
+        for args in [["lowrank", path, "--rank", "8", "-o", dir + "/l.h5"],
+                     ["stats", path, "--calib", calib, "--similarity", "all", "-o", dir + "/s.h5"]] {
+            let r = try runCLI(args + ["--quiet"])
+            XCTAssertEqual(r.status, 1, "\(args): \(r.stderr)")
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, "\(args): \(r.stderr)")
+            XCTAssertTrue(r.stderr.hasPrefix("error: \(path): \(damaged): ") && r.stderr.contains("NaN or Inf"), "\(args): \(r.stderr)")
+            XCTAssertFalse(r.stdout.lowercased().contains("nan"), "\(args): \(r.stdout)")
+        }
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), ["huge.h5"], "no output written")
+    }
+}

@@ -153,6 +153,9 @@ public struct CompressStage: LayerStage {
             bytesOriginal: before, bytesMerged: bytesMerged, bytesFinal: bytesFinal,
             afterMerge: accMerged.result(bytesBefore: before, bytesAfter: bytesMerged),
             final: accFinal.result(bytesBefore: before, bytesAfter: bytesFinal))
+        guard [report.afterMerge, report.final].allSatisfy({ $0.relativeError.isFinite && $0.meanCosine.isFinite }) else {
+            throw SMoEError("the output error is not finite: the layer's outputs overflow float32 or hold NaN")
+        }
         return (final, report)
     }
 

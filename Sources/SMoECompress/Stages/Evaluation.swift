@@ -199,6 +199,9 @@ public enum Evaluation {
             } catch let err as SMoEError where !err.message.contains(compressed.path) && err.message.hasPrefix("layer ") {
                 throw SMoEError.file(compressed.path, err.message)
             }
+            guard e.relativeError.isFinite, e.meanCosine.isFinite else {
+                throw SMoEError.dataset(compressed.path, n, "the output error is not finite: the layer's outputs overflow float32 or hold NaN")
+            }
             out.append(e)
         }
         return ModelEvaluation(layers: out, denseBytesBefore: try original.denseSummary().bytes,

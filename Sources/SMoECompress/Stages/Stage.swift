@@ -80,7 +80,17 @@ extension LayerStage {
             let start = DispatchTime.now().uptimeNanoseconds
             let layer = try model.readLayer(c.name)
             if computed {
-                let (output, report) = try process(layer, progress: progress.step)
+                let (output, report): (Output, Report)
+                do {
+                    (output, report) = try process(layer, progress: progress.step)
+                } catch let e as SMoEError {
+                    throw e.naming(c.name)
+                }
+                // Nothing non-finite is written or reported (a finite input can still overflow
+                // float32 on the way).
+                if let checked = output as? FiniteChecked, let what = checked.firstNonFinite {
+                    throw SMoEError("\(c.name): \(name) produced NaN or Inf in \(what) (do the weights overflow float32?)")
+                }
                 try sink(output)
                 reports.append(report)
             } else if let output = unchanged(layer) {
@@ -124,5 +134,43 @@ extension CheckpointReader {
                 : "\(path) has no MoE layer named '\(n)' (layers: \(layers.map(\.name).joined(separator: ", ")))")
         }
         return layers.map(\.name).filter(names.contains)
+    }
+}
+
+/// A value that can say where it holds a NaN or an infinity.
+public protocol FiniteChecked {
+    /// The first non-finite part ("expert 3 up"), or nil when every number is finite.
+    var firstNonFinite: String? { get }
+}
+
+extension LinearOp: FiniteChecked {
+    public var firstNonFinite: String? {
+        switch self {
+        case .dense(let w): return w.allFinite ? nil : "the weights"
+        case .factored(let f):
+            if !f.u.allFinite { return "U" }
+            if !f.v.allFinite { return "V" }
+            return f.s.values.allSatisfy(\.isFinite) ? nil : "S"
+        }
+    }
+}
+
+extension MoELayer: FiniteChecked {
+    public var firstNonFinite: String? {
+        if !router.allFinite || !(routerBias?.allSatisfy(\.isFinite) ?? true) { return "the router" }
+        for (g, e) in experts.enumerated() {
+            for (name, op) in e.namedMatrices { if let w = op.firstNonFinite { return "expert \(g) \(name) (\(w))" } }
+            if !((e.upBias ?? []) + (e.downBias ?? [])).allSatisfy(\.isFinite) { return "expert \(g) biases" }
+        }
+        return nil
+    }
+}
+
+extension LayerStatistics: FiniteChecked {
+    public var firstNonFinite: String? {
+        if !frequency.allSatisfy(\.isFinite) { return "the usage frequencies" }
+        for (b, m) in similarity where !m.values.allSatisfy(\.isFinite) { return "the \(b.rawValue) similarity" }
+        for (b, m) in features where !m.values.allSatisfy(\.isFinite) { return "the \(b.rawValue) features" }
+        return nil
     }
 }

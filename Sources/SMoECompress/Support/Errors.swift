@@ -45,10 +45,11 @@ public struct SMoEError: Error, CustomStringConvertible, Equatable, Sendable {
         SMoEError(setting: s, detail: what)
     }
 
-    /// The same error with `path` in front, unless it already names a file (`known`) or a setting.
-    public func naming(file path: String, unlessItNames known: [String] = []) -> SMoEError {
-        if setting != nil || ([path] + known).contains(where: { detail.contains($0) }) { return self }
-        return SMoEError.file(path, detail)
+    /// The same error with `subject` (a file or a layer) in front, unless it already names it
+    /// or one of `known`, or is about a setting.
+    public func naming(_ subject: String, unlessItNames known: [String] = []) -> SMoEError {
+        if setting != nil || ([subject] + known).contains(where: { detail.contains($0) }) { return self }
+        return SMoEError("\(subject): \(detail)")
     }
 }
 

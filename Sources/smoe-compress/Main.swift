@@ -15,8 +15,13 @@ struct SMoECompressCommand: ParsableCommand {
 
     /// Runs the command line; library errors become one `error:` line and exit status 1.
     static func main() {
+        let args = CommandLine.arguments
+        if args.count == 3, args[1] == checkInputCommand { runInputCheckChild(args[2]) }
+        installSignalHandlers()
+        HDF5InputCheck.isolatedRunner = runInputCheckIsolated
         do {
-            var command = try parseAsRoot(joiningNegativeValues(Array(CommandLine.arguments.dropFirst())))
+            try rejectEmptyLayerList(Array(args.dropFirst()))
+            var command = try parseAsRoot(joiningNegativeValues(Array(args.dropFirst())))
             try command.run()
         } catch let e as SMoEError {
             FileHandle.standardError.write(Data("error: \(e.message)\n".utf8))
@@ -50,4 +55,15 @@ func joiningNegativeValues(_ args: [String]) -> [String] {
         i += 1
     }
     return out
+}
+
+/// `--layers ""` (or only commas and spaces) names no layer: an error, not a run that does nothing.
+func rejectEmptyLayerList(_ args: [String]) throws {
+    for (i, a) in args.enumerated() {
+        let value: String? = a == "--layers" ? (i + 1 < args.count ? args[i + 1] : nil)
+            : a.hasPrefix("--layers=") ? String(a.dropFirst(9)) : nil
+        if let v = value, v.split(separator: ",").allSatisfy({ $0.trimmingCharacters(in: .whitespaces).isEmpty }) {
+            throw SMoEError.option("--layers", "names no layer (give comma-separated layer names, or leave the option out for all)")
+        }
+    }
 }

@@ -453,9 +453,11 @@ public final class CheckpointWriter: @unchecked Sendable {
 
     /// Writes the history, closes and renames the file into place.
     public func commit() throws {
-        try file.root.setAttribute("history", JSONValue.array(history).serialized())
-        file.close()
-        try output.commit()
+        do { try file.root.setAttribute("history", JSONValue.array(history).serialized()) } catch {
+            output.discard()
+            throw error
+        }
+        try output.commit(closing: file)
     }
 }
 

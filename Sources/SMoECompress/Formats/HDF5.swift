@@ -35,7 +35,10 @@ public final class H5File: @unchecked Sendable {
         return fapl
     }()
 
+    /// HDF5's error-stack printing off; no atexit clean-up (after a failed write on a full disk
+    /// it crashed closing what was already closed; the tool closes its files itself).
     static let silenced: Bool = {
+        H5dont_atexit()
         smoe_silence_errors()
         return true
     }()
@@ -51,6 +54,8 @@ public final class H5File: @unchecked Sendable {
         guard FileManager.default.isReadableFile(atPath: path) else {
             throw SMoEError.file(path, "not readable")
         }
+        try requireRegularFile(path)
+        if !writable { try HDF5InputCheck.checkBeforeOpening(path) }
         if H5Fis_hdf5(path) <= 0 { throw SMoEError.file(path, "not an HDF5 file") }
         let id = H5Fopen(path, writable ? smoe_F_ACC_RDWR() : smoe_F_ACC_RDONLY(), strongClose)
         if id < 0 { throw SMoEError.file(path, "cannot be opened as HDF5 (damaged or truncated?)") }
@@ -72,6 +77,16 @@ public final class H5File: @unchecked Sendable {
         }
     }
 
+    /// Flushes and closes the file, throwing when HDF5 reports that either failed (a full
+    /// disk shows here, not necessarily in the writes before).
+    public func closeChecked() throws {
+        guard open else { return }
+        let flushed = H5Fflush(id, H5F_SCOPE_GLOBAL)
+        let closed = H5Fclose(id)
+        open = false
+        if flushed < 0 || closed < 0 { throw SMoEError.file(path, "cannot be written completely (disk full?)") }
+    }
+
     deinit { close() }
 
     public var root: H5Group { H5Group(file: self, id: H5Gopen2(id, "/", hid_t(H5P_DEFAULT)), path: "/") }
@@ -88,6 +103,18 @@ public final class H5File: @unchecked Sendable {
     }
 
     public func flush() { H5Fflush(id, H5F_SCOPE_GLOBAL) }
+}
+
+extension AtomicOutput {
+    /// Closes `file` (this output's temporary HDF5 file), checking HDF5's status, then commits;
+    /// on failure the temporary file is removed and the destination is left as it was.
+    func commit(closing file: H5File) throws {
+        do { try file.closeChecked() } catch {
+            discard()
+            throw SMoEError.file(destination, "cannot be written completely (disk full?)")
+        }
+        try commit()
+    }
 }
 
 /// Shared behaviour of groups and datasets: attributes.

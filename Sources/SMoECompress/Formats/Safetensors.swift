@@ -350,6 +350,7 @@ public final class SafetensorsWriter: @unchecked Sendable {
     public let destination: String
     private let output: AtomicOutput
     private let dataPath: String
+    private let dataSlot: Int?
     private let data: FileHandle
     private var entries: [(String, JSONValue)] = []
     private var names = Set<String>()
@@ -361,6 +362,7 @@ public final class SafetensorsWriter: @unchecked Sendable {
         self.destination = destination
         output = try AtomicOutput(destination: destination)
         dataPath = output.temporaryPath + ".data"
+        dataSlot = TemporaryFiles.register(dataPath)
         guard FileManager.default.createFile(atPath: dataPath, contents: nil),
               let h = FileHandle(forWritingAtPath: dataPath) else {
             throw SMoEError.file(destination, "cannot create a temporary file next to it")
@@ -376,6 +378,7 @@ public final class SafetensorsWriter: @unchecked Sendable {
             try? data.close()
             unlink(dataPath)
         }
+        TemporaryFiles.unregister(dataSlot)
     }
 
     /// Appends a tensor whose little-endian bytes are `bytes`.

@@ -18,7 +18,7 @@ struct SMoECompressCommand: ParsableCommand {
         let args = CommandLine.arguments
         if args.count == 3, args[1] == checkInputCommand { runInputCheckChild(args[2]) }
         installSignalHandlers()
-        HDF5InputCheck.isolatedRunner = runInputCheckIsolated
+        if ProcessInfo.processInfo.environment["SMOE_INPUT_CHECK"] != "off" { HDF5InputCheck.isolatedRunner = runInputCheckIsolated }
         do {
             try rejectEmptyLayerList(Array(args.dropFirst()))
             var command = try parseAsRoot(joiningNegativeValues(Array(args.dropFirst())))

@@ -215,6 +215,14 @@ struct Fuzzer {
         }
     }
 
+    /// Adds another campaign's counts and failures to this one's.
+    mutating func merge(_ other: Fuzzer) {
+        cases += other.cases
+        leftovers += other.leftovers
+        failures += other.failures
+        for (k, v) in other.counts { counts[k, default: 0] += v }
+    }
+
     var summary: String {
         let parts = Outcome.allCases.map { "\($0.rawValue) \(counts[$0, default: 0])" }
         return "\(cases) cases: " + parts.joined(separator: ", ") + ", leftover temporary files \(leftovers)"

@@ -154,14 +154,18 @@ final class ReliabilityTests: XCTestCase {
         let (tensors, config) = fakeModel(.mixtral, dtype: .F32)
         try writeFakeModel(folder, tensors, config: config)
         let start = Date()
-        // The two campaigns run side by side (two cores).
+        // Two HDF5 halves (seeds `seed` and `seed + 1`) and the safetensors campaign run side by side.
         nonisolated(unsafe) var h = Fuzzer(binary: exe, work: work + "/h")
+        nonisolated(unsafe) var h2 = Fuzzer(binary: exe, work: work + "/h2")
         nonisolated(unsafe) var s = Fuzzer(binary: exe, work: work + "/s")
-        DispatchQueue.concurrentPerform(iterations: 2) { i in
-            if i == 0 { h.fuzzHDF5(count: hdf5Cases, seed: seed, fixtures: fixturesDir) } else {
-                s.fuzzSafetensors(count: safetensorsCases, seed: seed, folder: folder)
+        DispatchQueue.concurrentPerform(iterations: 3) { i in
+            switch i {
+            case 0: h.fuzzHDF5(count: (hdf5Cases + 1) / 2, seed: seed, fixtures: fixturesDir)
+            case 1: h2.fuzzHDF5(count: hdf5Cases / 2, seed: seed &+ 1, fixtures: fixturesDir)
+            default: s.fuzzSafetensors(count: safetensorsCases, seed: seed, folder: folder)
             }
         }
+        h.merge(h2)
         let wall = Date().timeIntervalSince(start)
         print("fuzz seed \(seed): HDF5 \(h.summary)")
         print("fuzz seed \(seed): safetensors \(s.summary)")

@@ -11,7 +11,7 @@ LOGS      := .build/test-logs
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: all deps deps-python build build-tests test test-swift test-python test-summary demo bench fixtures goldens clean
+.PHONY: all deps deps-python build build-tests test test-swift test-python test-summary demo bench fixtures goldens clean fuzz
 
 all: build
 
@@ -108,3 +108,13 @@ clean:
 goldens:
 	$(SWIFT) build --build-tests
 	SMOE_REGENERATE_GOLDENS=1 $(SWIFT) test --skip-build --disable-swift-testing --filter RegressionTests
+
+## Mutation fuzz of the release binary (issue 14): FUZZ_CASES damaged HDF5 inputs and
+## FUZZ_ST_CASES damaged safetensors folders / config.json, seeded by FUZZ_SEED. Prints the
+## outcome counts; fails on a crash, hang, unclean error or leftover temporary file.
+FUZZ_SEED     ?= 1
+FUZZ_CASES    ?= 5000
+FUZZ_ST_CASES ?= 3000
+fuzz: build build-tests
+	SMOE_FUZZ_LONG=1 SMOE_FUZZ_BINARY=$(CURDIR)/$(BIN) FUZZ_SEED=$(FUZZ_SEED) FUZZ_CASES=$(FUZZ_CASES) FUZZ_ST_CASES=$(FUZZ_ST_CASES) \
+		$(SWIFT) test --skip-build --disable-swift-testing --filter ReliabilityTests/testLongFuzzRun

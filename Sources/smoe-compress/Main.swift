@@ -15,8 +15,12 @@ struct SMoECompressCommand: ParsableCommand {
 
     /// Runs the command line; library errors become one `error:` line and exit status 1.
     static func main() {
+        let args = CommandLine.arguments
+        if args.count == 3, args[1] == checkInputCommand { runInputCheckChild(args[2]) }
+        installSignalHandlers()
+        if ProcessInfo.processInfo.environment["SMOE_INPUT_CHECK"] != "off" { HDF5InputCheck.isolatedRunner = runInputCheckIsolated }
         do {
-            var command = try parseAsRoot(joiningNegativeValues(Array(CommandLine.arguments.dropFirst())))
+            var command = try parseAsRoot(joiningNegativeValues(Array(args.dropFirst())))
             try command.run()
         } catch let e as SMoEError {
             FileHandle.standardError.write(Data((errorLine(e) + "\n").utf8))

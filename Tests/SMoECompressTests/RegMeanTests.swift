@@ -370,4 +370,22 @@ final class RegMeanTests: XCTestCase {
             XCTAssertEqual((e as? SMoEError)?.rendered(naming: { "--" + $0.rawValue }), "--merge-method: regmean needs calibration tokens (--calibration)")
         }
     }
+
+    /// Slots that share a stored expert (an already merged layer) can be grouped apart: the
+    /// shared expert then belongs to two groups, and each group's solve sees its tokens (the
+    /// refit pass used to look them up in one group only and trapped; found by the fuzzer).
+    func testStoredExpertSharedByTwoGroups() throws {
+        var rng = SplitMix64(seed: 77)
+        var layer = randomLayer(&rng, type: .glu, router: .softmax_topk, E: 4, k: 1, d: 6, f: 8)
+        layer.experts = Array(layer.experts.prefix(3))
+        layer.expertMap = [0, 0, 1, 2]
+        let x = randomMatrix(400, 6, &rng)
+        let g = LayerGrouping(groups: [[0, 2], [1, 3]], dominant: [0, 1])
+        let freq = [0.25, 0.25, 0.25, 0.25]
+        let (merged, reports) = try Merging.mergeLayer(layer, grouping: g, frequency: freq, options: MergeOptions(method: .regmeanRefit, minTokens: 1),
+                                                       tokens: blocks(x, 64))
+        XCTAssertEqual(merged.experts.count, 2)
+        XCTAssertEqual(reports.map(\.how), ["regmean+refit", "regmean+refit"], "\(reports.map(\.json))")
+        XCTAssertNil(merged.firstNonFinite)
+    }
 }

@@ -148,7 +148,6 @@ public final class CalibrationWriter: @unchecked Sendable {
     }
 
     public func commit() throws {
-        file.close()
-        try output.commit()
+        try output.commit(closing: file)
     }
 }

@@ -118,7 +118,8 @@ public final class CheckpointReader: @unchecked Sendable {
         let bad: String? =
             c.numExperts < 1 ? "num_experts must be at least 1"
             : (c.topK < 1 || c.topK > c.numExperts) ? "top_k \(c.topK) outside 1...\(c.numExperts)"
-            : (c.dModel < 1 || c.dFF < 1) ? "d_model and d_ff must be positive" : nil
+            : (c.dModel < 1 || c.dFF < 1) ? "d_model and d_ff must be positive"
+            : checkedProduct([c.numExperts, c.dModel, c.dFF, 3 * 8]) == nil ? "num_experts × d_model × d_ff overflows (damaged file?)" : nil
         if let b = bad { throw SMoEError.dataset(g.file.path, g.path, b) }
         return c
     }
@@ -151,8 +152,8 @@ public final class CheckpointReader: @unchecked Sendable {
                 if g.isGroup(n) { try walk(try g.openGroup(n)) } else if g.isDataset(n) {
                     let d = try g.openDataset(n)
                     count += 1
-                    params += d.elementCount
-                    bytes += d.storageBytes
+                    params = saturatingSum(params, try d.checkedElementCount())
+                    bytes = saturatingSum(bytes, d.storageBytes)
                 }
             }
         }
@@ -174,8 +175,8 @@ public final class CheckpointReader: @unchecked Sendable {
             if eg.isDataset(m) {
                 let d = try eg.openDataset(m)
                 numStored = d.shape.first ?? 0
-                params += d.elementCount
-                bytes += d.storageBytes
+                params = saturatingSum(params, try d.checkedElementCount())
+                bytes = saturatingSum(bytes, d.storageBytes)
                 mats.append(StoredMatrixInfo(name: m, out: out, inFeatures: inn, ranks: nil, nnz: nil,
                                              storage: d.storage ?? .f32, fileBytes: d.storageBytes))
             } else if eg.isGroup(m) {
@@ -188,14 +189,14 @@ public final class CheckpointReader: @unchecked Sendable {
                     let sg = try mg.openGroup(String(e))
                     for part in ["U", "V", "S_indptr", "S_indices", "S_values"] {
                         let d = try sg.openDataset(part)
-                        mb += d.storageBytes
-                        if part != "S_indptr" && part != "S_indices" { params += d.elementCount }
+                        mb = saturatingSum(mb, d.storageBytes)
+                        if part != "S_indptr" && part != "S_indices" { params = saturatingSum(params, try d.checkedElementCount()) }
                         if part == "U" { st = d.storage ?? .f32 }
                     }
                     ranks.append(try sg.intAttribute("rank"))
                     nnzs.append(try sg.intAttribute("nnz"))
                 }
-                bytes += mb
+                bytes = saturatingSum(bytes, mb)
                 mats.append(StoredMatrixInfo(name: m, out: out, inFeatures: inn, ranks: ranks, nnz: nnzs, storage: st, fileBytes: mb))
             } else {
                 throw SMoEError.dataset(path, "\(eg.path)/\(m)", "missing dataset")
@@ -204,8 +205,8 @@ public final class CheckpointReader: @unchecked Sendable {
         var hasUB = false, hasDB = false
         for b in ["up_bias", "down_bias"] where eg.isDataset(b) {
             let d = try eg.openDataset(b)
-            params += d.elementCount
-            bytes += d.storageBytes
+            params = saturatingSum(params, try d.checkedElementCount())
+            bytes = saturatingSum(bytes, d.storageBytes)
             if b == "up_bias" { hasUB = true } else { hasDB = true }
         }
         return LayerSummary(
@@ -450,9 +451,11 @@ public final class CheckpointWriter: @unchecked Sendable {
 
     /// Writes the history, closes and renames the file into place.
     public func commit() throws {
-        try file.root.setAttribute("history", JSONValue.array(history).serialized())
-        file.close()
-        try output.commit()
+        do { try file.root.setAttribute("history", JSONValue.array(history).serialized()) } catch {
+            output.discard()
+            throw error
+        }
+        try output.commit(closing: file)
     }
 }
 

@@ -35,7 +35,10 @@ public final class H5File: @unchecked Sendable {
         return fapl
     }()
 
+    /// HDF5's error-stack printing off; no atexit clean-up (after a failed write on a full disk
+    /// it crashed closing what was already closed; the tool closes its files itself).
     static let silenced: Bool = {
+        H5dont_atexit()
         smoe_silence_errors()
         return true
     }()
@@ -51,6 +54,8 @@ public final class H5File: @unchecked Sendable {
         guard FileManager.default.isReadableFile(atPath: path) else {
             throw SMoEError.file(path, "not readable")
         }
+        try requireRegularFile(path)
+        if !writable { try HDF5InputCheck.checkBeforeOpening(path) }
         if H5Fis_hdf5(path) <= 0 { throw SMoEError.file(path, "not an HDF5 file") }
         let id = H5Fopen(path, writable ? smoe_F_ACC_RDWR() : smoe_F_ACC_RDONLY(), strongClose)
         if id < 0 { throw SMoEError.file(path, "cannot be opened as HDF5 (damaged or truncated?)") }
@@ -72,6 +77,16 @@ public final class H5File: @unchecked Sendable {
         }
     }
 
+    /// Flushes and closes the file, throwing when HDF5 reports that either failed (a full
+    /// disk shows here, not necessarily in the writes before).
+    public func closeChecked() throws {
+        guard open else { return }
+        let flushed = H5Fflush(id, H5F_SCOPE_GLOBAL)
+        let closed = H5Fclose(id)
+        open = false
+        if flushed < 0 || closed < 0 { throw SMoEError.file(path, "cannot be written completely (disk full?)") }
+    }
+
     deinit { close() }
 
     public var root: H5Group { H5Group(file: self, id: H5Gopen2(id, "/", hid_t(H5P_DEFAULT)), path: "/") }
@@ -88,6 +103,18 @@ public final class H5File: @unchecked Sendable {
     }
 
     public func flush() { H5Fflush(id, H5F_SCOPE_GLOBAL) }
+}
+
+extension AtomicOutput {
+    /// Closes `file` (this output's temporary HDF5 file), checking HDF5's status, then commits;
+    /// on failure the temporary file is removed and the destination is left as it was.
+    func commit(closing file: H5File) throws {
+        do { try file.closeChecked() } catch {
+            discard()
+            throw SMoEError.file(destination, "cannot be written completely (disk full?)")
+        }
+        try commit()
+    }
 }
 
 /// Shared behaviour of groups and datasets: attributes.
@@ -120,11 +147,16 @@ public class H5Object: @unchecked Sendable {
         return try body(a)
     }
 
-    private func attributeElementCount(_ a: hid_t) -> Int {
+    /// Elements of attribute `a`, checked against the file's size (8 bytes each) before
+    /// anything is allocated for them.
+    private func attributeElementCount(_ a: hid_t, _ name: String) throws -> Int {
         let space = H5Aget_space(a)
         defer { H5Sclose(space) }
-        let n = H5Sget_simple_extent_npoints(space)
-        return Int(max(n, 0))
+        let n = Int(max(H5Sget_simple_extent_npoints(space), 0))
+        guard let bytes = checkedProduct(n, 8), bytes <= max(fileSize(file.path), 64) else {
+            throw failAttr(name, "claims \(n) elements, more than the file holds (damaged file?)")
+        }
+        return n
     }
 
     /// Reads a string attribute (variable- or fixed-length).
@@ -134,6 +166,7 @@ public class H5Object: @unchecked Sendable {
             defer { H5Tclose(t) }
             guard H5Tget_class(t) == H5T_STRING else { throw failAttr(name, "is not a string") }
             if H5Tis_variable_str(t) > 0 {
+                guard try attributeElementCount(a, name) == 1 else { throw failAttr(name, "is not one string") }
                 let mem = H5Tcopy(smoe_T_C_S1())
                 defer { H5Tclose(mem) }
                 H5Tset_size(mem, smoe_T_VARIABLE())
@@ -145,6 +178,9 @@ public class H5Object: @unchecked Sendable {
                 return String(cString: p)
             } else {
                 let size = H5Tget_size(t)
+                guard try attributeElementCount(a, name) == 1, size <= max(fileSize(file.path), 64) else {
+                    throw failAttr(name, "is not one string of at most the file's size (damaged file?)")
+                }
                 var buf = [UInt8](repeating: 0, count: size + 1)
                 if H5Aread(a, t, &buf) < 0 { throw failAttr(name, "cannot be read") }
                 let end = buf.firstIndex(of: 0) ?? size
@@ -165,7 +201,7 @@ public class H5Object: @unchecked Sendable {
             let t = H5Aget_type(a)
             defer { H5Tclose(t) }
             guard H5Tget_class(t) == H5T_INTEGER else { throw failAttr(name, "is not an integer") }
-            var v = [Int64](repeating: 0, count: attributeElementCount(a))
+            var v = [Int64](repeating: 0, count: try attributeElementCount(a, name))
             if !v.isEmpty, H5Aread(a, smoe_T_NATIVE_INT64(), &v) < 0 { throw failAttr(name, "cannot be read") }
             return v.map { Int($0) }
         }
@@ -177,7 +213,7 @@ public class H5Object: @unchecked Sendable {
             defer { H5Tclose(t) }
             let c = H5Tget_class(t)
             guard c == H5T_FLOAT || c == H5T_INTEGER else { throw failAttr(name, "is not a number") }
-            guard attributeElementCount(a) == 1 else { throw failAttr(name, "expected one number") }
+            guard try attributeElementCount(a, name) == 1 else { throw failAttr(name, "expected one number") }
             var v = 0.0
             if H5Aread(a, smoe_T_NATIVE_DOUBLE(), &v) < 0 { throw failAttr(name, "cannot be read") }
             return v
@@ -393,7 +429,7 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
         let rank = Int(H5Sget_simple_extent_ndims(space))
         var dims = [hsize_t](repeating: 0, count: max(rank, 0))
         if rank > 0 { H5Sget_simple_extent_dims(space, &dims, nil) }
-        self.shape = dims.map { Int($0) }
+        self.shape = dims.map { Int(clamping: $0) }
         let t = H5Dget_type(id)
         defer { H5Tclose(t) }
         let cls = H5Tget_class(t)
@@ -418,7 +454,31 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
         self.storage = st
     }
 
-    public var elementCount: Int { shape.reduce(1, *) }
+    /// Number of elements (`Int.max` when the shape's product overflows: a damaged file).
+    public var elementCount: Int { checkedProduct(shape) ?? Int.max }
+
+    /// Number of elements; throws when the shape's product overflows (a damaged file).
+    public func checkedElementCount() throws -> Int {
+        guard let n = checkedProduct(shape) else { throw fail("shape \(shape) overflows (damaged file?)") }
+        return n
+    }
+
+    /// How many times its stored size a compressed dataset may expand when read (deflate
+    /// cannot do better than about 1,032:1).
+    public static let maximumExpansion = 1100
+
+    /// Throws unless `n` elements of `elementSize` bytes fit what this dataset can hold: no more
+    /// than the file's size when unfiltered, no more than `maximumExpansion` times it when
+    /// compressed. Called before every allocation for a read, so a damaged shape is an error,
+    /// not an attempt to allocate exabytes.
+    func checkReadSize(_ n: Int, elementSize: Int) throws {
+        let fileBytes = fileSize(file.path)
+        let filtered = !filters.isEmpty
+        let limit = filtered ? (checkedProduct(fileBytes, Self.maximumExpansion) ?? Int.max) : fileBytes
+        guard let bytes = checkedProduct(n, elementSize), bytes <= limit else {
+            throw fail("shape \(shape) needs more bytes than the \(fileBytes)-byte file can hold\(filtered ? " compressed" : "") (damaged file?)")
+        }
+    }
 
     static func fileType(_ type: StorageType) -> hid_t {
         switch type {
@@ -440,7 +500,10 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
 
     /// Selection of rows `start ..< start+count` along the first dimension (nil = all).
     private func withSelection<T>(_ range: Range<Int>?, _ body: (hid_t, hid_t, Int) throws -> T) throws -> T {
-        guard let r = range else { return try body(H5S_ALL, H5S_ALL, elementCount) }
+        guard let r = range else {
+            guard checkedProduct(shape) != nil else { throw fail("shape \(shape) overflows (damaged file?)") }
+            return try body(H5S_ALL, H5S_ALL, elementCount)
+        }
         guard !shape.isEmpty, r.lowerBound >= 0, r.upperBound <= shape[0] else {
             throw fail("rows \(r) outside shape \(shape)")
         }
@@ -453,7 +516,7 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
         H5Sselect_hyperslab(fs, H5S_SELECT_SET, start, nil, count, nil)
         let ms = H5Screate_simple(Int32(count.count), count, nil)
         defer { H5Sclose(ms) }
-        let n = count.reduce(1) { $0 * Int($1) }
+        guard let n = checkedProduct(count.map { Int(clamping: $0) }) else { throw fail("shape \(shape) overflows (damaged file?)") }
         return try body(ms, fs, n)
     }
 
@@ -463,6 +526,7 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
         guard let st = storage, st != .i32, st != .i64 else { throw fail("is not a floating-point dataset") }
         return try withSelection(rows) { ms, fs, n in
             if n == 0 { return [] }
+            try checkReadSize(n, elementSize: 4)
             if isBF16Raw {
                 var raw = [UInt16](repeating: 0, count: n)
                 if H5Dread(id, smoe_T_NATIVE_UINT16(), ms, fs, hid_t(H5P_DEFAULT), &raw) < 0 {
@@ -481,6 +545,7 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
     public func readDoubles(rows: Range<Int>? = nil) throws -> [Double] {
         guard storage != nil, storage != .bf16 else { throw fail("is not a numeric dataset") }
         return try withSelection(rows) { ms, fs, n in
+            try checkReadSize(n, elementSize: 8)
             var out = [Double](repeating: 0, count: n)
             if n > 0, H5Dread(id, smoe_T_NATIVE_DOUBLE(), ms, fs, hid_t(H5P_DEFAULT), &out) < 0 {
                 throw fail("cannot be read (damaged file?)")
@@ -492,6 +557,7 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
     public func readInts(rows: Range<Int>? = nil) throws -> [Int] {
         guard storage == .i32 || storage == .i64 else { throw fail("is not an integer dataset") }
         return try withSelection(rows) { ms, fs, n in
+            try checkReadSize(n, elementSize: 8)
             var out = [Int64](repeating: 0, count: n)
             if n > 0, H5Dread(id, smoe_T_NATIVE_INT64(), ms, fs, hid_t(H5P_DEFAULT), &out) < 0 {
                 throw fail("cannot be read (damaged file?)")
@@ -544,7 +610,8 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
     }
 
     /// Bytes the dataset occupies in the file (after any compression).
-    public var storageBytes: Int { Int(H5Dget_storage_size(id)) }
+    /// (At most the file's size: a damaged file may claim more.)
+    public var storageBytes: Int { min(Int(clamping: H5Dget_storage_size(id)), fileSize(file.path)) }
 
     /// Filters in the dataset's pipeline (e.g. ["shuffle", "deflate"]).
     public var filters: [String] {
@@ -691,7 +758,8 @@ extension H5Dataset {
     /// The stored bytes, unchanged (little endian, row major).
     public func readRaw() throws -> [UInt8] {
         guard let type = rawElementType else { throw fail("has an element type that cannot be copied verbatim") }
-        let n = elementCount * type.byteSize
+        guard let n = checkedProduct(elementCount, type.byteSize) else { throw fail("shape \(shape) overflows (damaged file?)") }
+        try checkReadSize(elementCount, elementSize: type.byteSize)
         var out = [UInt8](repeating: 0, count: n)
         if n == 0 { return out }
         let t = type.h5Type()

@@ -26,15 +26,15 @@ public enum Inspection {
     public static func checkpoint(_ r: CheckpointReader) throws -> (json: JSONValue, layers: [LayerSummary], dense: (count: Int, parameters: Int, bytes: Int)) {
         let layers = try r.layers.map { try r.summary($0.name) }
         let dense = try r.denseSummary()
-        let expertBytes = layers.reduce(0) { $0 + $1.expertFileBytes }
+        let expertBytes = layers.reduce(0) { saturatingSum($0, $1.expertFileBytes) }
         let json: JSONValue = .object([
             ("file", .string(r.path)), ("format", "smoe-checkpoint"), ("architecture", .string(r.architecture)),
             ("layers", .array(layers.map(json))),
             ("totals", .object([
                 ("moe_layers", .int(layers.count)),
-                ("expert_parameters", .int(layers.reduce(0) { $0 + $1.expertParameters })),
+                ("expert_parameters", .int(layers.reduce(0) { saturatingSum($0, $1.expertParameters) })),
                 ("expert_bytes", .int(expertBytes)),
-                ("router_parameters", .int(layers.reduce(0) { $0 + $1.routerParameters })),
+                ("router_parameters", .int(layers.reduce(0) { saturatingSum($0, $1.routerParameters) })),
                 ("dense_tensors", .int(dense.count)), ("dense_parameters", .int(dense.parameters)),
                 ("dense_bytes", .int(dense.bytes)),
             ])),

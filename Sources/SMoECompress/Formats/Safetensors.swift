@@ -103,7 +103,7 @@ public struct SafetensorsTensorInfo: Sendable, Equatable {
     public var begin: Int
     public var end: Int
     public var byteCount: Int { end - begin }
-    public var elementCount: Int { shape.reduce(1, *) }
+    public var elementCount: Int { checkedProduct(shape) ?? Int.max }
 }
 
 /// A read-only, memory-mapped `.safetensors` file whose header has been fully validated:
@@ -129,6 +129,7 @@ public final class SafetensorsFile: @unchecked Sendable {
         var isDir: ObjCBool = false
         guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else { throw SMoEError.file(path, "no such file") }
         if isDir.boolValue { throw SMoEError.file(path, "is a directory, not a safetensors file") }
+        try requireRegularFile(path)
         let fd = open(path, O_RDONLY)
         if fd < 0 { throw SMoEError.file(path, "cannot be opened: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
@@ -350,6 +351,7 @@ public final class SafetensorsWriter: @unchecked Sendable {
     public let destination: String
     private let output: AtomicOutput
     private let dataPath: String
+    private let dataSlot: Int?
     private let data: FileHandle
     private var entries: [(String, JSONValue)] = []
     private var names = Set<String>()
@@ -361,6 +363,7 @@ public final class SafetensorsWriter: @unchecked Sendable {
         self.destination = destination
         output = try AtomicOutput(destination: destination)
         dataPath = output.temporaryPath + ".data"
+        dataSlot = TemporaryFiles.register(dataPath)
         guard FileManager.default.createFile(atPath: dataPath, contents: nil),
               let h = FileHandle(forWritingAtPath: dataPath) else {
             throw SMoEError.file(destination, "cannot create a temporary file next to it")
@@ -376,6 +379,7 @@ public final class SafetensorsWriter: @unchecked Sendable {
             try? data.close()
             unlink(dataPath)
         }
+        TemporaryFiles.unregister(dataSlot)
     }
 
     /// Appends a tensor whose little-endian bytes are `bytes`.
@@ -383,9 +387,8 @@ public final class SafetensorsWriter: @unchecked Sendable {
         guard !name.isEmpty, name != "__metadata__", names.insert(name).inserted else {
             throw SMoEError.dataset(destination, name, "tensor name is empty, reserved or repeated")
         }
-        let want = shape.reduce(1, *) * dtype.byteSize
-        guard bytes.count == want else {
-            throw SMoEError.dataset(destination, name, "has \(bytes.count) bytes but shape \(shape) of \(dtype.rawValue) needs \(want)")
+        guard let want = checkedProduct(shape + [dtype.byteSize]), bytes.count == want else {
+            throw SMoEError.dataset(destination, name, "has \(bytes.count) bytes but shape \(shape) of \(dtype.rawValue) needs \(checkedProduct(shape + [dtype.byteSize]).map(String.init) ?? "too many")")
         }
         do { try data.write(contentsOf: Data(bytes)) } catch {
             throw SMoEError.file(destination, "cannot write: \(error.localizedDescription)")

@@ -68,8 +68,7 @@ public final class StatsWriter: @unchecked Sendable {
     }
 
     public func commit() throws {
-        file.close()
-        try output.commit()
+        try output.commit(closing: file)
     }
 }
 

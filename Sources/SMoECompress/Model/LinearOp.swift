@@ -25,6 +25,7 @@ public struct CSRMatrix: Sendable, Equatable {
 
     /// Checks the CSR invariants; returns a description of the first violation, or nil.
     public func validationError() -> String? {
+        if rows < 0 || cols < 0 { return "negative shape \(rows)x\(cols)" }
         if indptr.count != rows + 1 { return "indptr has \(indptr.count) entries, expected \(rows + 1)" }
         if indptr.first != 0 { return "indptr does not start at 0" }
         if indptr.last != values.count { return "indptr ends at \(indptr.last ?? -1), expected nnz \(values.count)" }
@@ -32,6 +33,7 @@ public struct CSRMatrix: Sendable, Equatable {
         for i in 0..<rows {
             let a = indptr[i], b = indptr[i + 1]
             if b < a { return "indptr decreases at row \(i)" }
+            if a < 0 || b > indices.count { return "indptr entry out of range 0...\(indices.count) at row \(i)" }
             var prev: Int32 = -1
             for k in a..<b {
                 let c = indices[k]

@@ -190,6 +190,9 @@ public enum Evaluation {
         var out: [LayerEvaluation] = []
         for n in wanted {
             let a = try original.readLayer(n), b = try compressed.readLayer(n)
+            for (file, layer) in [(original.path, a), (compressed.path, b)] {
+                if let what = layer.firstNonFinite { throw SMoEError.dataset(file, n, "\(what) holds NaN or Inf") }
+            }
             let e: LayerEvaluation
             do {
                 e = try evaluate(original: a, compressed: b, calibration: calibration,

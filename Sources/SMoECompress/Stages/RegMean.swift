@@ -66,10 +66,11 @@ enum OutputAwareMerge {
         let c = layer.config
         let d = c.dModel, f = c.dFF
         let minTokens = options.minTokens ?? d
-        // Stored expert → (group, position) for the groups that need solving.
-        var position: [Int: (Int, Int)] = [:]
+        // Stored expert → (group, position) for the groups that need solving. A stored expert can
+        // sit in two groups when slots that share it (an already merged layer) are grouped apart.
+        var position: [Int: [(Int, Int)]] = [:]
         for (gi, p) in prepared.enumerated() where p.stored.count > 1 {
-            for (k, s) in p.stored.enumerated() { position[s] = (gi, k) }
+            for (k, s) in p.stored.enumerated() { position[s, default: []].append((gi, k)) }
         }
         var members: [[MemberStats]] = prepared.map { p in
             p.stored.count > 1 ? p.stored.map { _ in MemberStats(gramX: .init(repeating: 0, count: d * d), gramH: .init(repeating: 0, count: f * f)) } : []
@@ -82,14 +83,15 @@ enum OutputAwareMerge {
         try tokens { x in
             var seen: [Int: [Bool]] = [:]
             for (s, disp) in dispatch(layer, x).enumerated() where !disp.tokens.isEmpty {
-                guard let (gi, k) = position[s] else { continue }
-                if seen[gi] == nil { seen[gi] = [Bool](repeating: false, count: x.rows) }
-                for t in disp.tokens where !seen[gi]![t] { seen[gi]![t] = true; groupTokens[gi] += 1 }
-                let xs = x.gatherRows(disp.tokens)
-                members[gi][k].tokens += xs.rows
-                accumulateWeightedCross(xs, xs, weights: disp.weights, into: &members[gi][k].gramX)
-                let h = prepared[gi].aligned[k].hidden(xs, activation: c.activation)
-                accumulateWeightedCross(h, h, weights: disp.weights, into: &members[gi][k].gramH)
+                for (gi, k) in position[s] ?? [] {
+                    if seen[gi] == nil { seen[gi] = [Bool](repeating: false, count: x.rows) }
+                    for t in disp.tokens where !seen[gi]![t] { seen[gi]![t] = true; groupTokens[gi] += 1 }
+                    let xs = x.gatherRows(disp.tokens)
+                    members[gi][k].tokens += xs.rows
+                    accumulateWeightedCross(xs, xs, weights: disp.weights, into: &members[gi][k].gramX)
+                    let h = prepared[gi].aligned[k].hidden(xs, activation: c.activation)
+                    accumulateWeightedCross(h, h, weights: disp.weights, into: &members[gi][k].gramH)
+                }
             }
             block += 1
             progress?("regmean \(layer.name)", block, block + 1)
@@ -144,7 +146,7 @@ enum OutputAwareMerge {
         let hasBias = experts.contains { $0.downBias != nil }
         let fa = f + (hasBias ? 1 : 0)
         var refit: [RefitStats?] = needsRefit.map { $0 ? RefitStats(a: .init(repeating: 0, count: fa * fa), b: .init(repeating: 0, count: fa * d)) : nil }
-        let groupOfStored = Dictionary(uniqueKeysWithValues: position.map { ($0.key, $0.value.0) })
+        let groupsOfStored = position.mapValues { $0.map(\.0) }
         block = 0
         try tokens { x in
             let disp = dispatch(layer, x)
@@ -152,10 +154,11 @@ enum OutputAwareMerge {
             var union: [Int: [Int: Int]] = [:]  // group → token → row
             var rowsOf: [Int: [Int]] = [:]
             for (s, dsp) in disp.enumerated() {
-                guard let gi = groupOfStored[s], refit[gi] != nil else { continue }
-                for t in dsp.tokens where union[gi, default: [:]][t] == nil {
-                    union[gi, default: [:]][t] = rowsOf[gi, default: []].count
-                    rowsOf[gi, default: []].append(t)
+                for gi in groupsOfStored[s] ?? [] where refit[gi] != nil {
+                    for t in dsp.tokens where union[gi, default: [:]][t] == nil {
+                        union[gi, default: [:]][t] = rowsOf[gi, default: []].count
+                        rowsOf[gi, default: []].append(t)
+                    }
                 }
             }
             for (gi, rows) in rowsOf {

@@ -80,6 +80,9 @@ extension LayerStage {
             let start = DispatchTime.now().uptimeNanoseconds
             let layer = try model.readLayer(c.name)
             if computed {
+                // A damaged or hand-edited file can hold NaN or Inf that reading accepts; no stage
+                // computes on them.
+                if let what = layer.firstNonFinite { throw SMoEError("\(c.name): \(what) holds NaN or Inf") }
                 let (output, report): (Output, Report)
                 do {
                     (output, report) = try process(layer, progress: progress.step)

@@ -1,36 +1,49 @@
 import Foundation
 
 /// An output file written under a temporary name in the destination's folder and renamed
-/// into place only by `commit()`, so a failure never leaves a partial file behind.
+/// into place only by `commit()`, so a failure never leaves a partial file behind. The temporary
+/// file is registered with `TemporaryFiles`, so a signal handler can remove it too.
 public final class AtomicOutput: @unchecked Sendable {
     public let destination: String
     public let temporaryPath: String
     private var done = false
+    private let slot: Int?
 
     public init(destination: String) throws {
+        try checkOutputFile(destination)
+        self.destination = destination
         let url = URL(fileURLWithPath: destination)
         let dir = url.deletingLastPathComponent().path
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else {
-            throw SMoEError.file(destination, "output folder \(dir) does not exist")
-        }
-        if FileManager.default.fileExists(atPath: destination, isDirectory: &isDir), isDir.boolValue {
-            throw SMoEError.file(destination, "output path is a directory")
-        }
-        self.destination = destination
         let salt = UInt64.random(in: 0..<UInt64.max, using: &SystemRandomNumberGenerator.shared)
-        self.temporaryPath = dir + "/." + url.lastPathComponent + ".tmp-\(getpid())-\(String(salt, radix: 36))"
+        let suffix = ".tmp-\(getpid())-\(String(salt, radix: 36))"
+        var name = "." + url.lastPathComponent
+        // Within NAME_MAX (255 bytes) whatever the output's name: a long one is replaced by its hash.
+        if name.utf8.count + suffix.utf8.count + 5 > 255 { name = ".smoe-" + stableHash(url.lastPathComponent) }
+        self.temporaryPath = dir + "/" + name + suffix
+        slot = TemporaryFiles.register(temporaryPath)
     }
 
-    /// Moves the temporary file onto the destination.
+    /// Syncs the temporary file to disk and moves it onto the destination; on any failure the
+    /// temporary file is removed and an existing destination is left as it was.
     public func commit() throws {
         guard !done else { return }
+        let fd = open(temporaryPath, O_RDONLY)
+        if fd < 0 || fsync(fd) != 0 {
+            let err = String(cString: strerror(errno))
+            if fd >= 0 { Foundation.close(fd) }
+            discard()
+            throw SMoEError.file(destination, "cannot write: \(err)")
+        }
+        Foundation.close(fd)
         if rename(temporaryPath, destination) != 0 {
             let err = String(cString: strerror(errno))
             discard()
             throw SMoEError.file(destination, "cannot write: \(err)")
         }
         done = true
+        TemporaryFiles.unregister(slot)
+        let dirfd = open(URL(fileURLWithPath: destination).deletingLastPathComponent().path, O_RDONLY | O_DIRECTORY)
+        if dirfd >= 0 { _ = fsync(dirfd); Foundation.close(dirfd) }
     }
 
     /// Removes the temporary file.
@@ -38,20 +51,104 @@ public final class AtomicOutput: @unchecked Sendable {
         guard !done else { return }
         unlink(temporaryPath)
         done = true
+        TemporaryFiles.unregister(slot)
     }
 
     deinit { discard() }
+}
+
+/// 64-bit FNV-1a of `s`, in hex (stable across runs, unlike `hashValue`).
+func stableHash(_ s: String) -> String {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+    for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+    return String(h, radix: 16)
+}
+
+/// Checks that `path` can name an output file before any work is done: not empty, not ending in
+/// `/`, not an existing folder, FIFO or device, a name within NAME_MAX, in an existing writable
+/// folder. (Commands writing a file call it through `ensureOutputDiffers`; `AtomicOutput` again.)
+public func checkOutputFile(_ path: String) throws {
+    guard !path.isEmpty else { throw SMoEError.file("''", "the output path is empty") }
+    guard !path.hasSuffix("/") else { throw SMoEError.file(path, "output path names a folder, not a file") }
+    let url = URL(fileURLWithPath: path)
+    guard url.lastPathComponent.utf8.count <= 255 else { throw SMoEError.file(path, "output file name is longer than 255 bytes") }
+    var st = stat()
+    if stat(path, &st) == 0 {
+        if (st.st_mode & S_IFMT) == S_IFDIR { throw SMoEError.file(path, "output path is a directory") }
+        guard (st.st_mode & S_IFMT) == S_IFREG else {
+            throw SMoEError.file(path, "output path exists and is not a regular file (a FIFO, socket or device is never replaced)")
+        }
+    }
+    let dir = url.deletingLastPathComponent().path
+    var isDir: ObjCBool = false
+    guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else {
+        throw SMoEError.file(path, "output folder \(dir) does not exist")
+    }
+    guard access(dir, W_OK | X_OK) == 0 else { throw SMoEError.file(path, "output folder \(dir) is not writable") }
+}
+
+/// The temporary files of the outputs being written, for a signal handler to remove
+/// (`removeAllNow()` is async-signal-safe: it only reads pre-computed C strings and calls `unlink`).
+public enum TemporaryFiles {
+    static let capacity = 256
+    nonisolated(unsafe) static let slots: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?> = {
+        let p = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: capacity)
+        p.initialize(repeating: nil, count: capacity)
+        return p
+    }()
+    private static let lock = NSLock()
+
+    /// Prepares the registry (call once before installing signal handlers that use it).
+    public static func prepare() { _ = slots }
+
+    /// Registers `path`; returns its slot (nil when the registry is full).
+    static func register(_ path: String) -> Int? {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let i = (0..<capacity).first(where: { slots[$0] == nil }) else { return nil }
+        slots[i] = strdup(path)
+        return i
+    }
+
+    static func unregister(_ slot: Int?) {
+        guard let i = slot else { return }
+        lock.lock()
+        defer { lock.unlock() }
+        let p = slots[i]
+        slots[i] = nil
+        // Not freed: a signal handler may be reading it this instant (a few bytes per output).
+        _ = p
+    }
+
+    /// Unlinks every registered temporary file. Async-signal-safe.
+    public static func removeAllNow() {
+        for i in 0..<capacity { if let p = slots[i] { unlink(p) } }
+    }
 }
 
 extension SystemRandomNumberGenerator {
     nonisolated(unsafe) static var shared = SystemRandomNumberGenerator()
 }
 
-/// Throws when `output` names the same file as any of `inputs` (inputs are never modified).
+/// Throws when `output` names the same file as any of `inputs` (inputs are never modified), or
+/// cannot name an output (`checkOutputFile`; an empty folder is accepted, for `export`).
 public func ensureOutputDiffers(_ output: String, from inputs: [String]) throws {
+    var isDir: ObjCBool = false
+    if !(FileManager.default.fileExists(atPath: output, isDirectory: &isDir) && isDir.boolValue && !output.hasSuffix("/")) {
+        try checkOutputFile(output)
+    }
     let o = URL(fileURLWithPath: output).standardizedFileURL.resolvingSymlinksInPath().path
     for i in inputs {
         let p = URL(fileURLWithPath: i).standardizedFileURL.resolvingSymlinksInPath().path
         if p == o { throw SMoEError.file(output, "output would overwrite the input \(i)") }
     }
+}
+
+/// Throws unless `path` is a regular file (after symbolic links): a FIFO would block the reader
+/// forever and a device is no checkpoint.
+public func requireRegularFile(_ path: String) throws {
+    var st = stat()
+    guard stat(path, &st) == 0 else { throw SMoEError.file(path, "no such file") }
+    if (st.st_mode & S_IFMT) == S_IFDIR { throw SMoEError.file(path, "is a directory, not a file") }
+    guard (st.st_mode & S_IFMT) == S_IFREG else { throw SMoEError.file(path, "is not a regular file (a FIFO, socket or device is not read)") }
 }

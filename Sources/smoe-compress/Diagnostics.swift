@@ -54,23 +54,31 @@ func namingFile<T>(_ primary: String, inputs: [String] = [], _ body: () throws -
     }
 }
 
-/// Prints the OpenBLAS kernel hint at most once per process (a global is initialised once).
-let openBLASKernelNote: Void = {
-    if let hint = openBLASKernelHint() { FileHandle.standardError.write(Data("note: \(hint)\n".utf8)) }
-}()
-
-/// A hint when OpenBLAS runs its generic "Prescott" kernels on a CPU with AVX2 (an OpenBLAS
-/// older than the CPU does that) and OPENBLAS_CORETYPE is not set: products are then ~3× slower
-/// than they need be (README, "Check which kernels OpenBLAS picked").
-func openBLASKernelHint() -> String? {
-    guard ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] == nil, BLAS.coreName == "Prescott",
-          let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
-          let flags = info.split(separator: "\n").first(where: { $0.hasPrefix("flags") })?.split(separator: " ")
-    else { return nil }
-    let core = flags.contains("avx512f") ? "SkylakeX" : flags.contains("avx2") ? "Haswell" : nil
-    return core.map { "OpenBLAS uses its generic Prescott kernels on this \(flags.contains("avx512f") ? "AVX-512" : "AVX2") CPU; "
-        + "OPENBLAS_CORETYPE=\($0) makes matrix products several times faster" }
+/// Runs the tool again with OPENBLAS_CORETYPE set when OpenBLAS picked its generic kernels on
+/// a CPU it does not know but whose instruction set matches one of its cores
+/// (`BLAS.preferredCore`): the variable is read when libopenblas loads, so only a new process
+/// sees it. OPENBLAS_CORETYPE set by the user is left alone (OPENBLAS_CORETYPE=Prescott keeps
+/// the generic kernels). Returns only when nothing is to be done or exec failed.
+func chooseBLASCore() {
+    let env = ProcessInfo.processInfo.environment
+    guard let core = BLAS.preferredCore(current: BLAS.coreName, cpuFlags: BLAS.cpuFlags(), environment: env) else { return }
+    setenv("OPENBLAS_CORETYPE", core, 1)
+    setenv(blasCoreChosenVariable, core, 1)
+    execv("/proc/self/exe", CommandLine.unsafeArgv)
+    // exec failed: carry on with the kernels OpenBLAS picked.
+    unsetenv("OPENBLAS_CORETYPE")
+    unsetenv(blasCoreChosenVariable)
 }
+
+/// Set (to the core) in a process that `chooseBLASCore` started, so it can say so.
+let blasCoreChosenVariable = "SMOE_BLAS_CORE_CHOSEN"
+
+/// Says once per process, in interactive runs, which kernels OpenBLAS was asked for.
+let openBLASKernelNote: Void = {
+    guard let core = ProcessInfo.processInfo.environment[blasCoreChosenVariable] else { return }
+    FileHandle.standardError.write(Data(("note: this OpenBLAS does not know this CPU; using its \(core) kernels "
+        + "(OPENBLAS_CORETYPE=\(core); set OPENBLAS_CORETYPE yourself to choose, Prescott for the generic ones)\n").utf8))
+}()
 
 /// A one-line progress display on stderr.
 struct Progress {

@@ -46,13 +46,19 @@ struct CLIResult {
     var stderr: String
 }
 
-/// Runs the built `smoe-compress` executable (next to the test bundle).
-func runCLI(_ args: [String], cwd: String? = nil) throws -> CLIResult {
+/// Runs the built `smoe-compress` executable (next to the test bundle); `environment` entries
+/// are added to (nil: removed from) the test's own environment.
+func runCLI(_ args: [String], cwd: String? = nil, environment: [String: String?] = [:]) throws -> CLIResult {
     let exe = productsDirectory.appendingPathComponent("smoe-compress")
     let p = Process()
     p.executableURL = exe
     p.arguments = args
     if let c = cwd { p.currentDirectoryURL = URL(fileURLWithPath: c) }
+    if !environment.isEmpty {
+        var env = ProcessInfo.processInfo.environment
+        for (k, v) in environment { env[k] = v }
+        p.environment = env
+    }
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err

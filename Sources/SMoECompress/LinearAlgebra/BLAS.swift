@@ -72,6 +72,24 @@ public enum BLAS {
     public static var threads: Int { Int(openblas_get_num_threads()) }
     /// The OpenBLAS kernel in use (e.g. "Haswell"), for benchmark reports.
     public static var coreName: String { String(cString: openblas_get_corename()) }
+
+    /// The OpenBLAS core to ask for instead of the one it picked, or nil to keep it. OpenBLAS
+    /// older than the CPU (Debian 12 ships 0.3.21) does not recognise it and falls back to its
+    /// generic Prescott kernels, ~3× slower; the CPU's instruction set then names the nearest
+    /// core it has: AVX-512 → SkylakeX, AVX2 → Haswell. A user's own OPENBLAS_CORETYPE is kept.
+    public static func preferredCore(current: String, cpuFlags: Set<Substring>, environment: [String: String]) -> String? {
+        guard environment["OPENBLAS_CORETYPE"] == nil, current == "Prescott" else { return nil }
+        if cpuFlags.contains("avx512f") && cpuFlags.contains("avx512bw") && cpuFlags.contains("avx512vl") { return "SkylakeX" }
+        if cpuFlags.contains("avx2") && cpuFlags.contains("fma") { return "Haswell" }
+        return nil
+    }
+
+    /// The flags of the first CPU in /proc/cpuinfo (empty where it cannot be read).
+    public static func cpuFlags(cpuinfo path: String = "/proc/cpuinfo") -> Set<Substring> {
+        guard let info = try? String(contentsOfFile: path, encoding: .utf8),
+              let line = info.split(separator: "\n").first(where: { $0.hasPrefix("flags") }) else { return [] }
+        return Set(line.split(separator: " "))
+    }
 }
 
 /// Matrix product shorthand: `a * b` is `BLAS.matmul(a, b)`.

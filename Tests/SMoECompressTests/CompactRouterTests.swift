@@ -179,4 +179,36 @@ final class CompactRouterTests: XCTestCase {
         XCTAssertTrue(cmp.stdout.contains("\"evaluation_fitted\""), cmp.stdout)
         XCTAssertEqual(try CheckpointReader(dir + "/cc.h5").compactGroups(a.layers[0].name)?.count, 8)
     }
+
+    /// A checkpoint not made by `import` exports by its root architecture, with a config.json
+    /// built from its layers and /dense; the compact merge of a trained fixture exports with half
+    /// the expert bytes and the expert count set to 4.
+    func testExportOfTrainedFixturesAndTheirCompactMerges() throws {
+        let dir = temporaryDirectory(self)
+        for (name, key) in [("trained-switch", "num_experts"), ("trained-mixtral", "num_local_experts")] {
+            let full = try HFExport.run(checkpoint: fixture(name + ".h5"), outputDirectory: dir + "/\(name)")
+            XCTAssertNotNil(full.synthesisedConfigGuesses)
+            let config = try JSONValue.parse(try String(contentsOfFile: dir + "/\(name)/config.json", encoding: .utf8))
+            XCTAssertEqual(config[key]?.intValue, 8)
+            let compact = dir + "/\(name)-c.h5"
+            let m = try runCLI(["merge", fixture(name + ".h5"), "--calib", fixture(name + ".calib.h5"), "--groups", "4",
+                                "--router", "compact", "-o", compact, "--quiet"])
+            XCTAssertEqual(m.status, 0, m.stderr)
+            try HFExport.run(checkpoint: compact, outputDirectory: dir + "/\(name)-c")
+            let cconfig = try JSONValue.parse(try String(contentsOfFile: dir + "/\(name)-c/config.json", encoding: .utf8))
+            XCTAssertEqual(cconfig[key]?.intValue, 4)
+            func expertBytes(_ folder: String) throws -> Int {
+                try readFolder(folder).filter { $0.key.contains(".experts.") }.reduce(0) { $0 + $1.value.2.count }
+            }
+            XCTAssertEqual(try expertBytes(dir + "/\(name)-c") * 2, try expertBytes(dir + "/\(name)"), name)
+        }
+        // No known family: the error says what to pass.
+        do {
+            try HFExport.run(checkpoint: fixture("planted-switch.h5"), outputDirectory: dir + "/planted")
+            XCTFail("exported a checkpoint of no known family")
+        } catch let e as SMoEError {
+            XCTAssertEqual(e.setting, .family)
+            XCTAssertTrue(e.message.contains("synthetic-switch") && e.message.contains("mixtral, switch-transformers"), e.message)
+        }
+    }
 }

@@ -12,7 +12,6 @@ captured one. Without torch/transformers those tests skip, saying which is missi
 built smoe-compress everything skips.
 """
 
-import importlib
 import json
 import pathlib
 import struct
@@ -21,16 +20,8 @@ import subprocess
 import pytest
 
 
-def optional(name):
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
-torch, transformers, h5py, np = (optional(m) for m in ("torch", "transformers", "h5py", "numpy"))
-MISSING = [m for m, mod in (("torch", torch), ("transformers", transformers), ("h5py", h5py), ("numpy", np)) if mod is None]
-needs_transformers = pytest.mark.skipif(bool(MISSING), reason=f"optional python packages missing: {', '.join(MISSING)}")
+from optional_deps import h5py, np, torch, transformers  # noqa: F401
+from optional_deps import needs_all as needs_transformers
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXE = REPO / ".build" / "debug" / "smoe-compress"

@@ -15,9 +15,7 @@ import pathlib
 import subprocess
 import sys
 
-
 import pytest
-
 
 from optional_deps import MISSING, h5py, np, optional, torch, transformers  # noqa: F401
 from optional_deps import needs_all as needs_capture_deps

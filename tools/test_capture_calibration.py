@@ -15,23 +15,10 @@ import pathlib
 import subprocess
 import sys
 
-import importlib
-
 import pytest
 
-
-def optional(name):
-    """The module, or None when it cannot be imported (its tests then skip, saying so)."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
-torch, transformers, h5py, np = (optional(m) for m in ("torch", "transformers", "h5py", "numpy"))
-MISSING = [m for m, mod in (("torch", torch), ("transformers", transformers), ("h5py", h5py), ("numpy", np)) if mod is None]
-# Not a module-level skip: that would leave pytest with no test at all (exit 5, a failure in make test).
-needs_capture_deps = pytest.mark.skipif(bool(MISSING), reason=f"optional python packages missing: {', '.join(MISSING)}")
+from optional_deps import MISSING, h5py, np, optional, torch, transformers  # noqa: F401
+from optional_deps import needs_all as needs_capture_deps
 
 TOOLS = pathlib.Path(__file__).resolve().parent
 REPO = TOOLS.parent

@@ -68,6 +68,7 @@ struct Compress: ParsableCommand {
                    fixed(l.final.meanCosine, 4)])
         }
         print(t.render())
+        for l in report.layers { if let c = l.merge?.compact { print("\(l.name):" + compactRouterLine(c).dropFirst(1)) } }
         print("errors: relative layer output error ‖y′ − y‖/‖y‖ against the original on \(report.evaluationSource) "
               + "(mean \(fixed(report.mergedEvaluation.meanRelativeError, 4)) after merging, "
               + "\(fixed(report.evaluation.meanRelativeError, 4)) final)")

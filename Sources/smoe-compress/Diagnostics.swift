@@ -20,6 +20,8 @@ func flag(for setting: Setting) -> String {
     case .regmeanAlpha: return "--regmean-alpha"
     case .regmeanRidge: return "--regmean-ridge"
     case .refitRidge: return "--refit-ridge"
+    case .router: return "--router"
+    case .family: return "--family"
     case .rank: return "--rank"
     case .energy: return "--energy"
     case .sparsity: return "--sparsity"

@@ -5,19 +5,24 @@ import SMoECompress
 struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "export",
-        abstract: "Write a checkpoint made by `import` (merged, compressed or not) back as a Hugging Face safetensors folder.",
+        abstract: "Write a checkpoint of a known model family (merged, compressed or not) as a Hugging Face safetensors folder.",
         discussion: """
             Tensors get the source family's names and layout (per-expert or fused) and dtypes; config.json is the \
-            stored source config, unchanged. Merged layers are written with one expert per router slot (slots of a \
-            group share the merged weights) and factored matrices are materialised, so the folder loads in \
-            transformers as the original model class but has the original's size on disk. Tokenizer files are not \
-            part of the checkpoint: copy them from the source folder.
+            stored source config, with the expert count set to G for a compact checkpoint (`merge --router \
+            compact`): G router rows and G experts per layer, G/E of the original's expert bytes. E-slot merged \
+            layers are written with one expert per router slot (slots of a group share the merged weights), so that \
+            folder has the original's size on disk. Factored matrices are multiplied out. A checkpoint not made by \
+            `import` is exported by its root architecture (or --family), with a config.json built from its layers \
+            and /dense (mixtral and switch-transformers). Tokenizer files are not part of the checkpoint: copy them \
+            from the source folder.
             """)
 
     @Argument(help: "The checkpoint to export.") var model: String
     @Option(name: [.customShort("o"), .long], help: "Output folder (must not exist or be empty; built under a temporary name).")
     var output: String
     @Option(help: "Largest shard, e.g. 5GB, 500MB, 2GiB (decimal units as Hugging Face).") var maxShardSize: String = "5GB"
+    @Option(help: "Model family when the checkpoint was not made by `import` and its architecture attribute names none: \(ModelFamily.all.map(\.rawValue).joined(separator: ", ")).")
+    var family: ModelFamilyArgument?
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
@@ -28,7 +33,8 @@ struct Export: ParsableCommand {
         let limit = try parseByteSize(maxShardSize)
         let progress = global.progress
         let r = try namingFile(model, inputs: [output]) {
-            try HFExport.run(checkpoint: model, outputDirectory: output, maxShardBytes: limit, progress: progress.callback)
+            try HFExport.run(checkpoint: model, outputDirectory: output, maxShardBytes: limit, family: family?.family,
+                               progress: progress.callback)
         }
         progress.finish()
         if global.json { return printJSON(r.json) }
@@ -39,7 +45,23 @@ struct Export: ParsableCommand {
             print("merged layers written one expert per router slot: \(r.mergedLayers.joined(separator: ", "))")
         }
         if !r.factoredLayers.isEmpty {
-            print("factored matrices materialised to dense: \(r.factoredLayers.joined(separator: ", "))")
+            print("factored matrices multiplied out to dense: \(r.factoredLayers.joined(separator: ", "))")
+        }
+        if let c = r.expertCount {
+            print("config.json: \(c.key) \(c.from.map(String.init) ?? "(absent)") → \(c.to) (compact layers: \(c.to) router rows and \(c.to) experts each)")
+        }
+        if let g = r.synthesisedConfigGuesses {
+            print("config.json built from the layers and /dense (no source config); guessed: \(g.isEmpty ? "nothing" : g.joined(separator: ", ")); other keys take the transformers defaults")
         }
     }
+}
+
+/// A model family by its table name (`--family mixtral`).
+struct ModelFamilyArgument: ExpressibleByArgument {
+    var family: ModelFamily
+    init?(argument: String) {
+        guard let f = ModelFamily(rawValue: argument) else { return nil }
+        family = f
+    }
+    static var allValueStrings: [String] { ModelFamily.all.map(\.rawValue) }
 }

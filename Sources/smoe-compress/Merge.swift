@@ -34,6 +34,9 @@ struct MergeOptionGroup: ParsableArguments {
     @Flag(help: "Average members without aligning their neurons first (for comparison).")
     var noAlign = false
 
+    @Option(help: "Router of a merged layer: slots (all E router slots and an expert_map) or compact (G fitted router rows and G experts: a standard smaller MoE layer that export writes with the expert count set to G).")
+    var router: RouterLayout = .slots
+
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
 
@@ -41,7 +44,7 @@ struct MergeOptionGroup: ParsableArguments {
         MergeSettings(groups: groups, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
                       merging: MergeOptions(method: mergeMethod, align: !noAlign, alpha: regmeanAlpha, ridge: regmeanRidge,
                                             refitRidge: refitRidge),
-                      tokens: tokens.settings)
+                      tokens: tokens.settings, router: router)
     }
 }
 
@@ -99,6 +102,7 @@ struct Merge: ParsableCommand {
                 if g.warning != nil { line += "  (fallback: see warning)" }
                 print(line)
             }
+            if let c = r.compact { print(compactRouterLine(c)) }
         }
         print("wrote \(output.output): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(settings.merging.method.rawValue) merge")
     }
@@ -114,4 +118,17 @@ func printMergeWarnings(_ reports: [LayerMergeReport]) {
             printWarning("\(r.name): group of expert \(g.dominant) [\(g.members.map(String.init).joined(separator: " "))]: \(w)")
         }
     }
+}
+
+/// One line on a layer's compact router fit: cross-entropy and top-k group agreement of the
+/// fitted rows against the most-used-slot rows it started from (and on evaluation tokens).
+func compactRouterLine(_ c: CompactRouterReport) -> String {
+    func figures(_ a: RouterFitMeasure, _ b: RouterFitMeasure) -> String {
+        "cross-entropy \(fixed(b.crossEntropy, 4)) (start \(fixed(a.crossEntropy, 4)), floor \(fixed(b.entropy, 4))), "
+            + "top-k agreement \(fixed(b.topKAgreement, 3)) (start \(fixed(a.topKAgreement, 3)))"
+    }
+    var line = "  compact router (\(c.groups.count) rows, \(c.iterations) iterations\(c.converged ? "" : ", not converged")): "
+        + figures(c.initial, c.fitted) + " on calibration"
+    if let e = c.evaluation { line += "; " + figures(e.initial, e.fitted) + " on evaluation tokens" }
+    return line
 }

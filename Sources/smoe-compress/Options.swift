@@ -108,3 +108,4 @@ extension Alignment.Parallelism: ExpressibleByArgument {}
 extension ExpertType: ExpressibleByArgument {}
 extension Activation: ExpressibleByArgument {}
 extension RouterType: ExpressibleByArgument {}
+extension RouterLayout: ExpressibleByArgument {}

@@ -562,13 +562,33 @@ final class ImportExportTests: XCTestCase {
         }
         for t in tensors where !t.name.contains(".experts.") { XCTAssertEqual(got[t.name]!.2, t.bytes, t.name) }
 
-        // Refusals: a non-empty output folder, a checkpoint without an import entry.
+        // A compact merge exports as a 2-expert Mixtral: config.json says so, 2 router rows, 2 experts.
+        let compact = dir + "/compact.h5"
+        let c = try runCLI(["merge", h5, "--calib", calib, "--groups", "2", "--router", "compact", "-o", compact, "--quiet"])
+        XCTAssertEqual(c.status, 0, c.stderr)
+        let cex = try runCLI(["export", compact, "-o", dir + "/compact"])
+        XCTAssertEqual(cex.status, 0, cex.stderr)
+        XCTAssertTrue(cex.stdout.contains("num_local_experts \(fakeE) → 2"), cex.stdout)
+        let cgot = try readFolder(dir + "/compact")
+        let cconfig = try JSONValue.parse(try String(contentsOfFile: dir + "/compact/config.json", encoding: .utf8))
+        XCTAssertEqual(cconfig["num_local_experts"]?.intValue, 2)
+        XCTAssertEqual(cconfig["model_type"]?.stringValue, "mixtral")
+        for name in FakeFamily.mixtral.moeLayers {
+            XCTAssertEqual(cgot["\(name).gate.weight"]?.1, [2, fakeH])
+            XCTAssertNotNil(cgot["\(name).experts.1.w2.weight"])
+            XCTAssertNil(cgot["\(name).experts.2.w2.weight"])
+        }
+        for t in tensors where !t.name.contains(".experts.") && !t.name.hasSuffix(".gate.weight") {
+            XCTAssertEqual(cgot[t.name]!.2, t.bytes, t.name)
+        }
+
+        // Refusals: a non-empty output folder, a checkpoint of no known family.
         let again = try runCLI(["export", merged, "-o", out])
         XCTAssertEqual(again.status, 1)
         XCTAssertTrue(again.stderr.hasPrefix("error: ") && again.stderr.contains(out) && again.stderr.contains("not an empty folder"), again.stderr)
         let planted = try runCLI(["export", fixture("planted-mixtral.h5"), "-o", dir + "/planted"])
         XCTAssertEqual(planted.status, 1)
-        XCTAssertTrue(planted.stderr.contains("planted-mixtral.h5") && planted.stderr.contains("no import entry"), planted.stderr)
+        XCTAssertTrue(planted.stderr.contains("planted-mixtral.h5") && planted.stderr.hasPrefix("error: --family: is needed"), planted.stderr)
         XCTAssertEqual(planted.stderr.split(separator: "\n").count, 1)
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/planted"))
         let bad = try runCLI(["import", dir + "/nowhere", "-o", dir + "/x.h5"])

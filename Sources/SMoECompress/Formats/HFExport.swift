@@ -13,6 +13,12 @@ public struct ExportReport: Sendable {
     public var mergedLayers: [String]
     /// Layers whose factored matrices were materialised to dense.
     public var factoredLayers: [String]
+    /// The expert count written to config.json when it differs from the source config's (a
+    /// compact checkpoint: G router rows and G experts per layer), with the key.
+    public var expertCount: (key: String, from: Int?, to: Int)? = nil
+    /// Set when config.json was built from the layers and `/dense` (no source config): the keys
+    /// whose values were guessed rather than read from the weights.
+    public var synthesisedConfigGuesses: [String]? = nil
 
     public var json: JSONValue {
         .object([
@@ -20,7 +26,9 @@ public struct ExportReport: Sendable {
             ("files", .array(files.map { .string($0) })), ("tensors", .int(tensorCount)), ("bytes", .int(tensorBytes)),
             ("merged_layers", .array(mergedLayers.map { .string($0) })),
             ("factored_layers", .array(factoredLayers.map { .string($0) })),
-        ])
+        ] + (expertCount.map { [("expert_count", .object([("key", .string($0.key)), ("from", $0.from.map { .int($0) } ?? .null),
+                                                          ("to", .int($0.to))]))] } ?? [])
+          + (synthesisedConfigGuesses.map { [("config_synthesised_guesses", JSONValue($0))] } ?? []))
     }
 }
 
@@ -47,7 +55,7 @@ public enum HFExport {
     /// renamed into place. Refuses an existing non-empty folder.
     @discardableResult
     public static func run(checkpoint: String, outputDirectory: String, maxShardBytes: Int = 5_000_000_000,
-                           progress: ProgressCallback? = nil) throws -> ExportReport {
+                           family: ModelFamily? = nil, progress: ProgressCallback? = nil) throws -> ExportReport {
         let out = URL(fileURLWithPath: outputDirectory).standardizedFileURL
         try ensureOutputDiffers(out.path, from: [checkpoint])
         let fm = FileManager.default
@@ -62,21 +70,41 @@ public enum HFExport {
             throw SMoEError.file(outputDirectory, "output's parent folder \(parent) does not exist")
         }
         let reader = try CheckpointReader(checkpoint)
-        let entry = try importEntry(reader)
-        guard let fam = entry["family"]?.stringValue.flatMap(ModelFamily.init(rawValue:)) else {
-            throw SMoEError.dataset(checkpoint, "/@history", "import entry names no known family")
-        }
-        guard let layout = entry["layout"]?.stringValue.flatMap(ExpertLayout.init(rawValue:)),
-              let expertDT = entry["expert_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)),
-              let routerDT = entry["router_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)) else {
+        let (fam, entry) = try exportFamily(reader, given: family)
+        let layout = entry?["layout"]?.stringValue.flatMap(ExpertLayout.init(rawValue:)) ?? .perExpert
+        let stored: SafetensorsDType = try { switch try reader.expertStorage() { case .f16: .F16; case .bf16: .BF16; default: .F32 } }()
+        let expertDT = entry?["expert_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)) ?? stored
+        let routerDT = entry?["router_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)) ?? stored
+        if entry != nil && (entry?["layout"]?.stringValue.flatMap(ExpertLayout.init(rawValue:)) == nil
+                            || entry?["expert_dtype"]?.stringValue == nil || entry?["router_dtype"]?.stringValue == nil) {
             throw SMoEError.dataset(checkpoint, "/@history", "import entry lacks layout or dtypes")
         }
-        guard let config = reader.sourceConfig else {
-            throw SMoEError.dataset(checkpoint, "/@source_config", "missing: export needs the source config.json")
+        // config.json: the source's, with the expert count set to the layers' (G after a compact
+        // merge); without one, built from the layers and /dense.
+        let counts = Set(reader.layers.map(\.numExperts))
+        guard counts.count == 1, let count = counts.first else {
+            throw SMoEError.file(checkpoint, "has MoE layers with different router slot counts (\(reader.layers.map { "\($0.name): \($0.numExperts)" }.joined(separator: ", "))), but \(fam.displayName) config.json holds one expert count")
         }
-        let suffix = entry["fused_suffix"]?.stringValue ?? ".weight"
+        var guesses: [String]? = nil
+        var expertCount: (key: String, from: Int?, to: Int)? = nil
+        var config: String
+        if let source = reader.sourceConfig {
+            config = source
+            let parsed = try? JSONValue.parse(source)
+            let given = parsed?[fam.numExpertsKey]?.intValue
+            if given != count, case .object(var kv)? = parsed {
+                if let i = kv.firstIndex(where: { $0.0 == fam.numExpertsKey }) { kv[i].1 = .int(count) } else { kv.append((fam.numExpertsKey, .int(count))) }
+                config = JSONValue.object(kv).serialized(pretty: true) + "\n"
+                expertCount = (fam.numExpertsKey, given, count)
+            }
+        } else {
+            let (text, guessed) = try synthesiseConfig(reader, family: fam, dtype: expertDT)
+            config = text
+            guesses = guessed
+        }
+        let suffix = entry?["fused_suffix"]?.stringValue ?? ".weight"
         var metadata: [(String, String)] = []
-        if case .object(let kv)? = entry["metadata"] { metadata = kv.compactMap { k, v in v.stringValue.map { (k, $0) } } }
+        if case .object(let kv)? = entry?["metadata"] { metadata = kv.compactMap { k, v in v.stringValue.map { (k, $0) } } }
         if metadata.isEmpty { metadata = [("format", "pt")] }
 
         // Every output tensor, in natural name order, with where it comes from.
@@ -176,6 +204,85 @@ public enum HFExport {
         committed = true
         return ExportReport(output: outputDirectory, family: fam, layout: layout, files: files.sorted(),
                             tensorCount: writer.tensorCount, tensorBytes: writer.totalBytes,
-                            mergedLayers: merged, factoredLayers: factored)
+                            mergedLayers: merged, factoredLayers: factored, expertCount: expertCount,
+                            synthesisedConfigGuesses: guesses)
+    }
+
+    /// The family of a checkpoint: its `import` entry's, else `given`, else its root
+    /// `architecture`; with the import entry when there is one.
+    static func exportFamily(_ reader: CheckpointReader, given: ModelFamily?) throws -> (ModelFamily, JSONValue?) {
+        let entry = reader.history.last(where: { $0["stage"]?.stringValue == "import" && $0["family"] != nil })
+        if let e = entry {
+            guard let f = e["family"]?.stringValue.flatMap(ModelFamily.init(rawValue:)) else {
+                throw SMoEError.dataset(reader.path, "/@history", "import entry names no known family")
+            }
+            if let g = given, g != f {
+                throw SMoEError.setting(.family, "\(g.rawValue) disagrees with \(reader.path), imported as \(f.rawValue)")
+            }
+            return (f, e)
+        }
+        if let g = given { return (g, nil) }
+        guard let f = ModelFamily(rawValue: reader.architecture) else {
+            throw SMoEError.setting(.family, "is needed: \(reader.path) was not made by import and its architecture '\(reader.architecture)' is no known family; give one of \(ModelFamily.all.map(\.rawValue).joined(separator: ", "))")
+        }
+        return (f, nil)
+    }
+
+    /// A config.json for a checkpoint without a source config, from its layers and the shapes of
+    /// its `/dense` tensors; keys the weights do not determine are left to the transformers
+    /// defaults of the family's config class, except those listed as guessed.
+    static func synthesiseConfig(_ reader: CheckpointReader, family fam: ModelFamily,
+                                 dtype: SafetensorsDType) throws -> (text: String, guessed: [String]) {
+        guard let first = reader.layers.first else { throw SMoEError.file(reader.path, "has no MoE layer") }
+        var shapes: [String: [Int]] = [:]
+        if reader.hasDense {
+            let dense = try reader.file.root.openGroup("dense")
+            for p in try dense.datasetPaths() { shapes[p] = try dense.openDataset(p).shape }
+        }
+        func need(_ name: String) throws -> [Int] {
+            guard let s = shapes[name], !s.isEmpty else {
+                throw SMoEError.setting(.family, "config.json cannot be built: \(reader.path) has no /dense/\(name) (export needs the source config.json for this checkpoint; import the source folder)")
+            }
+            return s
+        }
+        let act: String = ["silu": "silu", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"][first.activation.rawValue]!
+        let torchDType = ["F16": "float16", "BF16": "bfloat16"][dtype.rawValue] ?? "float32"
+        var kv: [(String, JSONValue)] = [("architectures", JSONValue([fam.architectures[0]])), ("model_type", .string(fam.modelTypes[0]))]
+        var guessed: [String] = []
+        func count(_ prefix: String) -> Int {
+            Set(shapes.keys.compactMap { k -> Int? in
+                guard k.hasPrefix(prefix) else { return nil }
+                return Int(k.dropFirst(prefix.count).prefix { $0.isNumber })
+            }).count
+        }
+        switch fam {
+        case .mixtral:
+            let q = try need("model.layers.0.self_attn.q_proj.weight")[0], k = try need("model.layers.0.self_attn.k_proj.weight")[0]
+            let head = [128, 64, 32, 16, 8].first { q % $0 == 0 && k % $0 == 0 } ?? 1
+            kv += [("hidden_size", .int(first.dModel)), ("intermediate_size", .int(first.dFF)),
+                   ("num_hidden_layers", .int(count("model.layers."))), ("vocab_size", .int(try need("model.embed_tokens.weight")[0])),
+                   ("num_attention_heads", .int(q / head)), ("num_key_value_heads", .int(k / head)), ("head_dim", .int(head)),
+                   ("tie_word_embeddings", .bool(shapes["lm_head.weight"] == nil)),
+                   ("num_local_experts", .int(first.numExperts)), ("num_experts_per_tok", .int(first.topK)), ("hidden_act", .string(act))]
+            guessed = ["num_attention_heads", "num_key_value_heads", "head_dim"]
+        case .switchTransformers:
+            let bias = try need("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+            let q = try need("encoder.block.0.layer.0.SelfAttention.q.weight")[0]
+            let enc = count("encoder.block."), dec = count("decoder.block.")
+            let sparseEnc = reader.layers.filter { $0.name.hasPrefix("encoder.") }.count
+            let sparseDec = reader.layers.filter { $0.name.hasPrefix("decoder.") }.count
+            kv += [("d_model", .int(first.dModel)), ("d_ff", .int(first.dFF)), ("num_heads", .int(bias[1])), ("d_kv", .int(q / bias[1])),
+                   ("relative_attention_num_buckets", .int(bias[0])), ("num_layers", .int(enc)), ("num_decoder_layers", .int(dec)),
+                   ("num_sparse_encoder_layers", .int(sparseEnc)), ("num_sparse_decoder_layers", .int(sparseDec)),
+                   ("vocab_size", .int(try need("shared.weight")[0])), ("num_experts", .int(first.numExperts)),
+                   ("expert_capacity", .int(1 << 20)), ("router_jitter_noise", .double(0)), ("router_bias", .bool(false)),
+                   ("dense_act_fn", .string(act)), ("feed_forward_proj", .string(act)), ("is_gated_act", .bool(false)),
+                   ("tie_word_embeddings", .bool(shapes["lm_head.weight"] == nil))]
+            guessed = ["expert_capacity"]
+        default:
+            throw SMoEError.setting(.family, "config.json cannot be built for \(fam.rawValue) without the source config.json: import the source folder, then export")
+        }
+        kv.append(("torch_dtype", .string(torchDType)))
+        return (JSONValue.object(kv).serialized(pretty: true) + "\n", guessed)
     }
 }

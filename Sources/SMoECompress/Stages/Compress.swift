@@ -123,7 +123,7 @@ public struct CompressStage: LayerStage {
 
     public func process(_ original: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerCompressReport) {
         let tokens = settings.merge.tokens
-        let (merged, mergeReport) = try merge.process(original, progress: progress)
+        var (merged, mergeReport) = try merge.process(original, progress: progress)
         let mergedLayer = merged.roundedForStorage(storage)
         var final = mergedLayer
         var lowRankReport: LayerLowRankReport? = nil
@@ -136,8 +136,14 @@ public struct CompressStage: LayerStage {
             final = final.roundedForStorage(storage)
         }
         // Both steps measured against the original on the same tokens, one block at a time.
-        var accMerged = try EvaluationAccumulator(original: original, compressed: mergedLayer)
-        var accFinal = try EvaluationAccumulator(original: original, compressed: final)
+        let groups = mergeReport.compact?.slotToGroup
+        var accMerged = try EvaluationAccumulator(original: original, compressed: mergedLayer, slotGroups: groups)
+        var accFinal = try EvaluationAccumulator(original: original, compressed: final, slotGroups: groups)
+        if let fit = mergeReport.compact {
+            mergeReport.compact!.evaluation = try CompactRouter.measure(
+                slotLayer: original, groups: fit.groups, start: fit.start, compact: mergedLayer,
+                tokens: evaluation.tokenBlocks(original.name, tokens))
+        }
         let info = try evaluation.info(original.name)
         let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
         try evaluation.forEachBlock(original.name, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in

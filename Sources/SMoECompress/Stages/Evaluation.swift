@@ -10,7 +10,9 @@ public struct LayerEvaluation: Sendable {
     public var relativeError: Double
     /// Mean over tokens of cos(y_t, y′_t) (a token whose two outputs are both zero counts 1).
     public var meanCosine: Double
-    /// Fraction of tokens whose set of k chosen router slots is the same in both layers.
+    /// Fraction of tokens whose set of k chosen router slots is the same in both layers (against
+    /// a compact layer: whose k groups of largest group-summed probability under the original
+    /// router are the compact layer's k chosen groups).
     public var routingAgreement: Double
     /// Mean over tokens of |chosen ∩ chosen′| / k.
     public var routingOverlap: Double
@@ -94,15 +96,28 @@ public struct EvaluationAccumulator: Sendable {
     private var agree = 0, overlap = 0
     private var capErrSq = 0.0, capRefSq = 0.0, capTokens = 0
 
-    /// Checks that the two layers are the same layer of the same model (slots, sizes, k).
-    public init(original: MoELayer, compressed: MoELayer) throws {
+    /// Original slot → compressed slot, when the compressed layer is compact (fewer router
+    /// slots: one per group); nil when both layers have the same slots.
+    public let slotGroups: [Int]?
+
+    /// Checks that the two layers are the same layer of the same model (slots, sizes, k). A
+    /// compact layer (G < E router slots) is compared through `slotGroups` (original slot →
+    /// group): routing agrees when the groups of the original's k chosen slots are the compact
+    /// layer's chosen groups.
+    public init(original: MoELayer, compressed: MoELayer, slotGroups: [Int]? = nil) throws {
         let a = original.config, b = compressed.config
-        guard a.numExperts == b.numExperts, a.topK == b.topK, a.dModel == b.dModel else {
+        let groupsFit = slotGroups.map { m in m.count == a.numExperts && m.allSatisfy { (0..<b.numExperts).contains($0) } } ?? false
+        guard a.numExperts == b.numExperts || groupsFit, a.topK == b.topK, a.dModel == b.dModel else {
+            let hint = a.numExperts != b.numExperts && a.topK == b.topK && a.dModel == b.dModel
+                ? (slotGroups == nil ? " (a compact layer is compared through the groups its merge history records, and there are none)"
+                                     : " (the recorded groups do not map its \(a.numExperts) slots onto \(b.numExperts))")
+                : ""
             throw SMoEError("layer \(a.name): the compressed layer has E=\(b.numExperts), k=\(b.topK), d_model=\(b.dModel) "
-                            + "but the original has E=\(a.numExperts), k=\(a.topK), d_model=\(a.dModel): not the same model")
+                            + "but the original has E=\(a.numExperts), k=\(a.topK), d_model=\(a.dModel): not the same model" + hint)
         }
         self.original = original
         self.compressed = compressed
+        self.slotGroups = a.numExperts == b.numExperts ? nil : slotGroups
     }
 
     /// Adds a block of input tokens x [n, d_model]; `captured` is the original model's output
@@ -120,6 +135,18 @@ public struct EvaluationAccumulator: Sendable {
             errSq += e
             refSq += a2
             cosSum += (a2 == 0 && b2 == 0) ? 1 : (a2 == 0 || b2 == 0 ? 0 : ab / (a2.squareRoot() * b2.squareRoot()))
+            if let m = slotGroups {
+                // The original's k groups of largest group-summed probability Σ_{s∈g} softmax(z)_s.
+                let e = r0.logits.cols
+                let z = r0.logits.data[(t * e)..<((t + 1) * e)].map(Double.init)
+                let mx = z.max() ?? 0
+                var p = [Double](repeating: 0, count: compressed.config.numExperts)
+                for (s, v) in z.enumerated() { p[m[s]] += Foundation.exp(v - mx) }
+                let chosen = Set(CompactRouter.topK(p[...], k)), chosen1 = Set(r1.slots[(t * k)..<((t + 1) * k)])
+                overlap += chosen.intersection(chosen1).count
+                if chosen == chosen1 { agree += 1 }
+                continue
+            }
             var common = 0
             for p in 0..<k { for q in 0..<k where r0.slots[t * k + p] == r1.slots[t * k + q] { common += 1; break } }
             overlap += common
@@ -158,8 +185,8 @@ public enum Evaluation {
     /// Compares one pair of in-memory layers on the layer's calibration tokens.
     public static func evaluate(original: MoELayer, compressed: MoELayer, calibration: CalibrationReader,
                                 bytesBefore: Int, bytesAfter: Int, tokens: TokenSettings = TokenSettings(),
-                                progress: ProgressCallback? = nil) throws -> LayerEvaluation {
-        var acc = try EvaluationAccumulator(original: original, compressed: compressed)
+                                slotGroups: [Int]? = nil, progress: ProgressCallback? = nil) throws -> LayerEvaluation {
+        var acc = try EvaluationAccumulator(original: original, compressed: compressed, slotGroups: slotGroups)
         let info = try calibration.info(original.name)
         let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
         try calibration.forEachBlock(original.name, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in
@@ -198,7 +225,7 @@ public enum Evaluation {
                 e = try evaluate(original: a, compressed: b, calibration: calibration,
                                  bytesBefore: try original.summary(n).expertFileBytes,
                                  bytesAfter: try compressed.summary(n).expertFileBytes,
-                                 tokens: tokens, progress: progress)
+                                 tokens: tokens, slotGroups: compressed.compactGroups(n), progress: progress)
             } catch let err as SMoEError where !err.message.contains(compressed.path) && err.message.hasPrefix("layer ") {
                 throw SMoEError.file(compressed.path, err.message)
             }
@@ -209,5 +236,24 @@ public enum Evaluation {
         }
         return ModelEvaluation(layers: out, denseBytesBefore: try original.denseSummary().bytes,
                                denseBytesAfter: try compressed.denseSummary().bytes)
+    }
+}
+
+extension CheckpointReader {
+    /// Slot → group of a layer made compact (`--router compact`), from the last merge in the
+    /// history (a `merge` entry, or the `merge` part of a `compress` entry); nil otherwise.
+    public func compactGroups(_ layer: String) -> [Int]? {
+        for entry in history.reversed() {
+            guard let merge = entry["stage"]?.stringValue == "compress" ? entry["merge"] : entry,
+                  merge["stage"]?.stringValue == "merge",
+                  let layers = merge["layers"]?.arrayValue,
+                  let record = layers.first(where: { $0["name"]?.stringValue == layer }) else { continue }
+            guard merge["router"]?.stringValue == RouterLayout.compact.rawValue,
+                  let groups = record["groups"]?.arrayValue?.map({ $0.arrayValue?.compactMap(\.intValue) ?? [] }) else { return nil }
+            var map = [Int](repeating: -1, count: groups.reduce(0) { $0 + $1.count })
+            for (g, slots) in groups.enumerated() { for s in slots where map.indices.contains(s) { map[s] = g } }
+            return map.contains(-1) ? nil : map
+        }
+        return nil
     }
 }

@@ -31,10 +31,13 @@ public struct MergeSettings: Sendable {
     /// How each group becomes one expert.
     public var merging = MergeOptions(method: .regmeanRefit)
     public var tokens = TokenSettings()
+    /// E router slots with an `expert_map`, or a compact layer of G fitted router rows.
+    public var router: RouterLayout = .slots
 
     public init(groups: Int, adaptive: Bool = false, grouping: GroupingMethod = .dominant, similarity: SimilarityBase? = nil,
                 layers: [String]? = nil, merging: MergeOptions = MergeOptions(method: .regmeanRefit),
-                tokens: TokenSettings = TokenSettings()) {
+                tokens: TokenSettings = TokenSettings(), router: RouterLayout = .slots) {
+        self.router = router
         self.groups = groups
         self.adaptive = adaptive
         self.grouping = grouping
@@ -59,7 +62,30 @@ public struct MergeSettings: Sendable {
         if adaptive && grouping == .hierarchical {
             throw SMoEError.setting(.adaptive, "applies to {grouping} dominant only")
         }
+        if router == .compact {
+            let left = model.layers.map(\.name).filter { !names.contains($0) }
+            if !left.isEmpty {
+                throw SMoEError.setting(.router, "compact needs every MoE layer merged (a Hugging Face config holds one expert count), but {layers} leaves \(left.joined(separator: ", ")) with their experts")
+            }
+            if !adaptive, let c = model.layers.first(where: { $0.topK > groups }) {
+                throw SMoEError.setting(.router, "compact needs top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")
+            }
+        }
         return names
+    }
+
+    /// The checks of the compact layout that need the planned groupings (adaptive budgets):
+    /// one group count in every layer, and top_k ≤ G.
+    func validateCompact(_ groupings: [String: LayerGrouping], model: CheckpointReader) throws {
+        guard router == .compact else { return }
+        let counts = model.layers.compactMap { c in groupings[c.name].map { (c, $0.groups.count) } }
+        if Set(counts.map(\.1)).count > 1 {
+            throw SMoEError.setting(.router, "compact needs the same number of groups in every layer (a Hugging Face config holds one expert count), but {adaptive} planned "
+                + counts.map { "\($0.0.name): \($0.1)" }.joined(separator: ", ") + "; give a uniform {groups} without {adaptive}")
+        }
+        for (c, g) in counts where c.topK > g {
+            throw SMoEError.setting(.router, "compact needs top_k ≤ groups, but layer \(c.name) routes each token to \(c.topK) experts and has \(g) groups")
+        }
     }
 }
 
@@ -68,16 +94,24 @@ public struct LayerMergeReport: Sendable {
     public var name: String
     public var grouping: LayerGrouping
     public var groups: [MergedGroup]
+    /// The router fit, when the layer was made compact.
+    public var compact: CompactRouterReport? = nil
 
     public var json: JSONValue {
-        .object([("name", .string(name)), ("groups", .int(groups.count)), ("expert_map", JSONValue(grouping.slotToGroup)),
-                 ("members", .array(groups.map(\.json)))])
+        var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .int(groups.count)),
+                                         ("expert_map", JSONValue(grouping.slotToGroup)), ("members", .array(groups.map(\.json)))]
+        if let c = compact { kv.append(("compact_router", c.json)) }
+        return .object(kv)
     }
 
     /// The compact form recorded in the checkpoint history.
     public var historyJSON: JSONValue {
-        .object([("name", .string(name)), ("groups", .array(grouping.groups.map { JSONValue($0) })),
-                 ("dominant", JSONValue(grouping.dominant))])
+        var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .array(grouping.groups.map { JSONValue($0) })),
+                                         ("dominant", JSONValue(grouping.dominant))]
+        if let c = compact {
+            kv += [("router_cross_entropy", .double(c.fitted.crossEntropy)), ("router_top_k_agreement", .double(c.fitted.topKAgreement))]
+        }
+        return .object(kv)
     }
 }
 
@@ -101,9 +135,13 @@ public struct MergeStage: LayerStage {
         if settings.merging.method != .frequency && calibration == nil {
             throw SMoEError.setting(.mergeMethod, "\(settings.merging.method.rawValue) needs calibration tokens ({calibration})")
         }
+        if settings.router == .compact && calibration == nil {
+            throw SMoEError.setting(.router, "compact fits the router on calibration tokens ({calibration})")
+        }
         let inputs = try MergeStage.groupingInputs(model: model, layers: names, base: settings.similarityBase, stats: stats,
                                                    calibration: calibration, tokens: settings.tokens, progress: progress)
         let groupings = MergeStage.plan(inputs, settings: settings)
+        try settings.validateCompact(groupings, model: model)
         self.settings = settings
         self.layers = names
         self.calibration = calibration
@@ -113,8 +151,14 @@ public struct MergeStage: LayerStage {
     public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
         let plan = plans[layer.name]!
         let tokens = calibration.map { $0.tokenBlocks(layer.name, settings.tokens) }
-        let (merged, report) = try MergeStage.apply(layer, grouping: plan.grouping, frequency: plan.frequency,
+        var (merged, report) = try MergeStage.apply(layer, grouping: plan.grouping, frequency: plan.frequency,
                                                     settings: settings, tokens: tokens, progress: progress)
+        if settings.router == .compact, let tokens {
+            progress?("fitting the router of \(layer.name)", 0, 1)
+            let (compact, fit) = try CompactRouter.compact(merged, frequency: plan.frequency, tokens: tokens)
+            merged = compact
+            report.compact = fit
+        }
         return (merged, report)
     }
 
@@ -181,6 +225,7 @@ public struct MergeStage: LayerStage {
             if settings.merging.method == .regmeanRefit { kv.append(("refit_ridge", .double(settings.merging.refitRidge))) }
         }
         if let c = calibration { kv.append(("calibration", .string(c))) }
+        if settings.router == .compact { kv.append(("router", .string(settings.router.rawValue))) }
         kv.append(("layers", .array(reports.map(\.historyJSON))))
         return .object(kv)
     }

@@ -60,13 +60,13 @@ public enum Setting: String, Sendable, CaseIterable {
     case layers, maxTokens = "max-tokens", blockSize = "block-size", calibration, stats
     // Merging.
     case groups, adaptive, grouping, similarity, mergeMethod = "merge-method", regmeanAlpha = "regmean-alpha"
-    case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge"
+    case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge", router
     // Low rank.
     case rank, energy, sparsity, iterations, matrices, svd, activationAware = "activation-aware"
     // Alignment.
     case reference
     // Output.
-    case storage, maxShardSize = "max-shard-size"
+    case storage, maxShardSize = "max-shard-size", family
     // The planted-model generator.
     case synthLayers = "synth-layers", experts, families, topK = "top-k", dimensions, noise, tokens
 }

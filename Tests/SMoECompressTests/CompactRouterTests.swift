@@ -1,0 +1,214 @@
+import XCTest
+@testable import SMoECompress
+
+final class CompactRouterTests: XCTestCase {
+    /// A merged layer whose groups' slots share one router row each: slot s of group g has logit
+    /// r_g·x + b_s, so p_g(x) = softmax_g(r_g·x + logsumexp_{s∈g} b_s) exactly.
+    func sharedRowLayer(_ rng: inout SplitMix64, groups: [[Int]], bias: [Float], type: ExpertType, router: RouterType,
+                        k: Int, d: Int = 8) -> MoELayer {
+        let e = groups.reduce(0) { $0 + $1.count }
+        var layer = randomLayer(&rng, type: type, router: router, E: e, G: groups.count, k: k, d: d, f: 12)
+        let rows = randomMatrix(groups.count, d, &rng, scale: 0.5)
+        var map = [Int](repeating: 0, count: e)
+        for (g, slots) in groups.enumerated() {
+            for s in slots {
+                map[s] = g
+                for c in 0..<d { layer.router[s, c] = rows[g, c] }
+            }
+        }
+        layer.expertMap = map
+        layer.routerBias = bias
+        return layer
+    }
+
+    func blocks(_ x: Matrix, rows: Int = 128) -> TokenBlocks {
+        { body in
+            var start = 0
+            while start < x.rows {
+                let n = min(rows, x.rows - start)
+                try body(x.rowBlock(start, n))
+                start += n
+            }
+        }
+    }
+
+    /// The known answer: fitted rows are the shared rows, the fitted bias is logsumexp of the
+    /// group's slot biases (up to one constant, which softmax ignores), cross-entropy reaches the
+    /// entropy floor and the top-k groups agree on every token.
+    func testFitIsExactWhenTheSlotsOfAGroupShareTheirRouterRow() throws {
+        var rng = SplitMix64(seed: 18)
+        let groups = [[0, 2, 5], [1, 4], [3]]
+        let bias: [Float] = [0.3, -0.2, 1.1, 0.5, 0.9, -0.7]
+        let layer = sharedRowLayer(&rng, groups: groups, bias: bias, type: .glu, router: .softmax_topk_norm, k: 2)
+        let x = randomMatrix(600, 8, &rng, scale: 2)
+        // Slot 5 is the most used of group 0: the fit starts from its bias, not the answer.
+        let frequency = [0.1, 0.1, 0.1, 0.1, 0.2, 0.4]
+        let (compact, report) = try CompactRouter.compact(layer, frequency: frequency, tokens: blocks(x))
+        XCTAssertEqual(report.start, [5, 4, 3])
+        XCTAssertEqual(compact.config.numExperts, 3)
+        XCTAssertNil(compact.expertMap)
+        XCTAssertEqual(compact.experts, layer.experts)
+        for (g, slots) in groups.enumerated() {
+            for c in 0..<8 { XCTAssertEqual(compact.router[g, c], layer.router[slots[0], c], accuracy: 1e-4) }
+        }
+        let lse = groups.map { s in Foundation.log(s.map { Foundation.exp(Double(bias[$0])) }.reduce(0, +)) }
+        let fitted = try XCTUnwrap(compact.routerBias).map(Double.init)
+        let shift = zip(fitted, lse).map { $0 - $1 }
+        for v in shift { XCTAssertEqual(v, shift[0], accuracy: 1e-4) }
+        XCTAssertGreaterThan(report.initial.crossEntropy - report.initial.entropy, 1e-3)
+        XCTAssertLessThan(report.fitted.crossEntropy - report.fitted.entropy, 1e-8)
+        XCTAssertEqual(report.fitted.topKAgreement, 1)
+        XCTAssertTrue(report.converged)
+    }
+
+    /// When each group's other slots never win (their bias is 40 below the most used slot's),
+    /// the compact layer computes the E-slot merged layer's output to float rounding, for top-1
+    /// (Switch weights) and top-2 renormalised (Mixtral) routing.
+    func testCompactLayerReproducesTheSlotLayer() throws {
+        var rng = SplitMix64(seed: 7)
+        let groups = [[0, 3], [1, 4, 5], [2]]
+        let bias: [Float] = [0.2, -0.1, 0.4, -40, -40.1, -39.6]
+        for (type, router, k) in [(ExpertType.mlp, RouterType.softmax_topk, 1), (.glu, .softmax_topk_norm, 2)] {
+            let layer = sharedRowLayer(&rng, groups: groups, bias: bias, type: type, router: router, k: k)
+            let x = randomMatrix(300, 8, &rng)
+            let (compact, report) = try CompactRouter.compact(layer, frequency: [0.3, 0.3, 0.3, 0.05, 0.03, 0.02],
+                                                              tokens: blocks(x))
+            XCTAssertEqual(report.start, [0, 1, 2])
+            let y = layer.forward(x), yc = compact.forward(x)
+            XCTAssertLessThan(relativeError(yc, y), 1e-5, "\(type) top-\(k)")
+            let r = layer.route(x), rc = compact.route(x)
+            XCTAssertEqual(r.slots.map { layer.expertMap![$0] }, rc.slots, "\(type) top-\(k)")
+        }
+    }
+
+    /// On both trained fixtures the fitted rows beat each group's most used slot's row on the
+    /// held-out tokens: lower cross-entropy and higher top-k group agreement, in every layer.
+    func testFitBeatsTheMostUsedSlotRowsOnHeldOutTokens() throws {
+        for name in ["trained-switch", "trained-mixtral"] {
+            let model = try CheckpointReader(fixture(name + ".h5"))
+            let calib = try CalibrationReader(fixture(name + ".calib.h5"))
+            let heldout = try CalibrationReader(fixture(name + ".heldout.h5"))
+            let stage = try MergeStage(model: model, calibration: calib, stats: nil,
+                                       settings: MergeSettings(groups: 4, merging: MergeOptions(method: .frequency), router: .compact))
+            var layers: [MoELayer] = []
+            let result = try stage.run(model: model) { layers.append($0) }
+            for (layer, report) in zip(layers, result.reports) {
+                let fit = try XCTUnwrap(report.compact)
+                XCTAssertEqual(layer.config.numExperts, 4)
+                XCTAssertEqual(layer.router.rows, 4)
+                XCTAssertNil(layer.expertMap)
+                XCTAssertLessThan(fit.fitted.crossEntropy, fit.initial.crossEntropy)
+                let (before, after) = try CompactRouter.measure(slotLayer: try model.readLayer(layer.name), groups: fit.groups,
+                                                                start: fit.start, compact: layer,
+                                                                tokens: heldout.tokenBlocks(layer.name))
+                let label = "\(name) \(layer.name)"
+                XCTAssertLessThan(after.crossEntropy, before.crossEntropy, label)
+                XCTAssertGreaterThan(after.topKAgreement, before.topKAgreement, label)
+                XCTAssertGreaterThan(after.topKAgreement, 0.8, label)
+            }
+            XCTAssertEqual(result.history["router"], "compact")
+        }
+    }
+
+    /// The constraints of a compact model are checked before any layer is merged, each naming
+    /// the router setting.
+    func testCompactConstraints() throws {
+        let model = try CheckpointReader(fixture("trained-mixtral.h5"))
+        let calib = try CalibrationReader(fixture("trained-mixtral.calib.h5"))
+        func error(_ s: MergeSettings, calibration: CalibrationReader?) -> SMoEError? {
+            do {
+                _ = try MergeStage(model: model, calibration: calibration, stats: nil, settings: s)
+                return nil
+            } catch { return error as? SMoEError }
+        }
+        let freq = MergeOptions(method: .frequency)
+        let adaptive = try XCTUnwrap(error(MergeSettings(groups: 4, adaptive: true, merging: freq, router: .compact), calibration: calib))
+        XCTAssertEqual(adaptive.setting, .router)
+        XCTAssertTrue(adaptive.message.contains("model.layers.0.block_sparse_moe: "), adaptive.message)
+        XCTAssertTrue(adaptive.message.contains("uniform groups without adaptive"), adaptive.message)
+        let topK = try XCTUnwrap(error(MergeSettings(groups: 1, merging: freq, router: .compact), calibration: calib))
+        XCTAssertEqual(topK.setting, .router)
+        XCTAssertTrue(topK.message.contains("top_k"), topK.message)
+        let partial = try XCTUnwrap(error(MergeSettings(groups: 4, layers: ["model.layers.0.block_sparse_moe"], merging: freq,
+                                                        router: .compact), calibration: calib))
+        XCTAssertEqual(partial.setting, .router)
+        XCTAssertTrue(partial.message.contains("model.layers.1.block_sparse_moe, model.layers.2.block_sparse_moe, model.layers.3.block_sparse_moe"),
+                      partial.message)
+        let noTokens = try XCTUnwrap(error(MergeSettings(groups: 4, merging: freq, router: .compact), calibration: nil))
+        XCTAssertEqual(noTokens.setting, .router)
+        // The same settings with the slot layout are fine.
+        XCTAssertNil(error(MergeSettings(groups: 4, adaptive: true, merging: freq), calibration: calib))
+        // On the command line the errors name the flags.
+        let res = try runCLI(["merge", fixture("trained-mixtral.h5"), "--calib", fixture("trained-mixtral.calib.h5"), "--groups", "4",
+                              "--adaptive", "--router", "compact", "-o", temporaryDirectory(self) + "/x.h5"])
+        XCTAssertNotEqual(res.status, 0)
+        XCTAssertTrue(res.stderr.hasPrefix("error: --router: compact needs the same number of groups"), res.stderr)
+        XCTAssertTrue(res.stderr.contains("uniform --groups without --adaptive"), res.stderr)
+    }
+
+    /// `merge --router compact` writes G router rows and G experts without expert_map; `eval`
+    /// against the original compares through the recorded groups; `compress --router compact`
+    /// reports the fit on its evaluation tokens.
+    func testCompactCheckpointEvalAndCompress() throws {
+        let dir = temporaryDirectory(self)
+        let model = fixture("trained-switch.h5"), calib = fixture("trained-switch.calib.h5"), heldout = fixture("trained-switch.heldout.h5")
+        let out = dir + "/c.h5"
+        let res = try runCLI(["merge", model, "--calib", calib, "--groups", "4", "--router", "compact", "-o", out, "--quiet"])
+        XCTAssertEqual(res.status, 0, res.stderr)
+        XCTAssertTrue(res.stdout.contains("compact router (4 rows"), res.stdout)
+        let a = try CheckpointReader(model), c = try CheckpointReader(out)
+        for l in a.layers {
+            let s = try c.summary(l.name)
+            XCTAssertFalse(s.hasExpertMap)
+            XCTAssertEqual(s.numStored, 4)
+            XCTAssertEqual(try c.config(l.name).numExperts, 4)
+            XCTAssertEqual(try c.summary(l.name).expertFileBytes * 2, try a.summary(l.name).expertFileBytes)
+            XCTAssertEqual(c.compactGroups(l.name)?.count, 8)
+        }
+        let ev = try Evaluation.run(original: a, compressed: c, calibration: try CalibrationReader(heldout))
+        for l in ev.layers {
+            XCTAssertGreaterThan(l.routingAgreement, 0.8, l.name)
+            XCTAssertEqual(l.storedBefore, 8)
+            XCTAssertEqual(l.storedAfter, 4)
+            XCTAssertEqual(l.parametersAfter * 2, l.parametersBefore)
+            XCTAssertLessThan(l.relativeError, 1)
+        }
+        let cmp = try runCLI(["compress", model, "--calib", calib, "--eval-calib", heldout, "--groups", "4", "--router", "compact",
+                              "-o", dir + "/cc.h5", "--quiet", "--json"])
+        XCTAssertEqual(cmp.status, 0, cmp.stderr)
+        XCTAssertTrue(cmp.stdout.contains("\"evaluation_fitted\""), cmp.stdout)
+        XCTAssertEqual(try CheckpointReader(dir + "/cc.h5").compactGroups(a.layers[0].name)?.count, 8)
+    }
+
+    /// A checkpoint not made by `import` exports by its root architecture, with a config.json
+    /// built from its layers and /dense; the compact merge of a trained fixture exports with half
+    /// the expert bytes and the expert count set to 4.
+    func testExportOfTrainedFixturesAndTheirCompactMerges() throws {
+        let dir = temporaryDirectory(self)
+        for (name, key) in [("trained-switch", "num_experts"), ("trained-mixtral", "num_local_experts")] {
+            let full = try HFExport.run(checkpoint: fixture(name + ".h5"), outputDirectory: dir + "/\(name)")
+            XCTAssertNotNil(full.synthesisedConfigGuesses)
+            let config = try JSONValue.parse(try String(contentsOfFile: dir + "/\(name)/config.json", encoding: .utf8))
+            XCTAssertEqual(config[key]?.intValue, 8)
+            let compact = dir + "/\(name)-c.h5"
+            let m = try runCLI(["merge", fixture(name + ".h5"), "--calib", fixture(name + ".calib.h5"), "--groups", "4",
+                                "--router", "compact", "-o", compact, "--quiet"])
+            XCTAssertEqual(m.status, 0, m.stderr)
+            try HFExport.run(checkpoint: compact, outputDirectory: dir + "/\(name)-c")
+            let cconfig = try JSONValue.parse(try String(contentsOfFile: dir + "/\(name)-c/config.json", encoding: .utf8))
+            XCTAssertEqual(cconfig[key]?.intValue, 4)
+            func expertBytes(_ folder: String) throws -> Int {
+                try readFolder(folder).filter { $0.key.contains(".experts.") }.reduce(0) { $0 + $1.value.2.count }
+            }
+            XCTAssertEqual(try expertBytes(dir + "/\(name)-c") * 2, try expertBytes(dir + "/\(name)"), name)
+        }
+        // No known family: the error says what to pass.
+        do {
+            try HFExport.run(checkpoint: fixture("planted-switch.h5"), outputDirectory: dir + "/planted")
+            XCTFail("exported a checkpoint of no known family")
+        } catch let e as SMoEError {
+            XCTAssertEqual(e.setting, .family)
+            XCTAssertTrue(e.message.contains("synthetic-switch") && e.message.contains("mixtral, switch-transformers"), e.message)
+        }
+    }
+}

@@ -47,18 +47,20 @@ struct CLIResult {
 }
 
 /// Runs the built `smoe-compress` executable (next to the test bundle); `environment` entries
-/// are added to (nil: removed from) the test's own environment.
+/// are added to (nil: removed from) the environment it gets.
 func runCLI(_ args: [String], cwd: String? = nil, environment: [String: String?] = [:]) throws -> CLIResult {
     let exe = productsDirectory.appendingPathComponent("smoe-compress")
     let p = Process()
     p.executableURL = exe
     p.arguments = args
     if let c = cwd { p.currentDirectoryURL = URL(fileURLWithPath: c) }
-    if !environment.isEmpty {
-        var env = ProcessInfo.processInfo.environment
-        for (k, v) in environment { env[k] = v }
-        p.environment = env
-    }
+    // The tool runs with the OpenBLAS kernels of this test process (unless a test asks
+    // otherwise), so its results can be compared bit for bit with the library's in-process ones;
+    // left to itself it may pick faster kernels (`BLAS.preferredCore`).
+    var env = ProcessInfo.processInfo.environment
+    env["OPENBLAS_CORETYPE"] = env["OPENBLAS_CORETYPE"] ?? BLAS.coreName
+    for (k, v) in environment { env[k] = v }
+    p.environment = env
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err

@@ -29,12 +29,12 @@ struct Align: ParsableCommand {
         progress.finish()
         writer.updateEntry(result.history)
         try writer.commit()
-        render(result.reports)
+        render(result.reports, timing: result.layers)
     }
 
-    func render(_ reports: [LayerAlignment]) {
+    func render(_ reports: [LayerAlignment], timing: [FinishedLayer]) {
         if global.json {
-            return printJSON(.object([("output", .string(output.output)), ("layers", .array(reports.map(\.json)))]))
+            return printJSON(.object([("output", .string(output.output)), ("layers", .array(reports.map(\.json))), timingJSON(timing)]))
         }
         var t = Table(["layer", "reference", "cosine before", "cosine after", "products s", "solver s"])
         for r in reports {

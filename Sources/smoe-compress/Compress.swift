@@ -47,14 +47,14 @@ struct Compress: ParsableCommand {
         progress.finish()
         writer.updateEntry(result.history)
         try writer.commit()
-        render(stage.report(result.reports))
+        render(stage.report(result.reports), timing: result.layers)
     }
 
-    func render(_ report: CompressReport) {
+    func render(_ report: CompressReport, timing: [FinishedLayer]) {
         printMergeWarnings(report.layers.compactMap(\.merge))
         if global.json {
             return printJSON(.object([("model", .string(model)), ("output", .string(output.output)),
-                                      ("report", report.json)]))
+                                      ("report", report.json), timingJSON(timing)]))
         }
         var t = Table(["layer", "groups", "rank", "bytes original", "merged", "final", "error merged", "error final", "cosine"])
         for l in report.layers {

@@ -82,9 +82,14 @@ let openBLASKernelNote: Void = {
         + "(OPENBLAS_CORETYPE=\(core); set OPENBLAS_CORETYPE yourself to choose, Prescott for the generic ones)\n").utf8))
 }()
 
-/// A one-line progress display on stderr.
+/// Progress on stderr: on a terminal, one line redrawn in place (a bar, and after each layer
+/// the time left); elsewhere (batch logs), one line per finished layer with elapsed time and
+/// the estimated time left. Nothing with --quiet.
 struct Progress {
+    /// Redrawn display on a terminal.
     let enabled: Bool
+    /// One line per finished layer (stderr is not a terminal).
+    var perLayerLines = false
 
     func update(_ label: String, _ done: Int, _ total: Int) {
         guard enabled else { return }
@@ -105,6 +110,21 @@ struct Progress {
         return { label, done, total in self.update(label, done, total) }
     }
 
-    /// A stage run's progress: steps within a layer.
-    var stage: StageProgress { StageProgress(step: callback) }
+    /// A stage run's progress: steps within a layer, and each finished layer.
+    var stage: StageProgress {
+        StageProgress(step: callback) { done in
+            guard done.computed, enabled || perLayerLines else { return }
+            let left = done.estimatedSecondsLeft.map { ", about \(duration($0)) left" } ?? ""
+            let line = "\(done.stage): layer \(done.computedSoFar)/\(done.computedTotal) \(done.name) done in \(duration(done.seconds))"
+                + " (elapsed \(duration(done.elapsed))\(left), peak memory \(formatBytes(done.peakRSSBytes)))"
+            FileHandle.standardError.write(Data((enabled ? "\r\u{1B}[K" + line + "\n" : line + "\n").utf8))
+        }
+    }
+}
+
+/// 75 s → "1 min 15 s"; 3.2 s → "3.2 s".
+func duration(_ s: Double) -> String {
+    if s < 60 { return String(format: "%.1f s", s) }
+    let t = Int(s.rounded())
+    return t < 3600 ? "\(t / 60) min \(t % 60) s" : "\(t / 3600) h \(t % 3600 / 60) min"
 }

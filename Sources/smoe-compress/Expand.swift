@@ -22,14 +22,14 @@ struct Expand: ParsableCommand {
         progress.finish()
         writer.updateEntry(result.history)
         try writer.commit()
-        render(result.reports)
+        render(result.reports, timing: result.layers)
     }
 
-    func render(_ done: [LayerExpansion]) {
+    func render(_ done: [LayerExpansion], timing: [FinishedLayer]) {
         let factored = done.reduce(0) { $0 + $1.factored }
         if global.json {
             return printJSON(.object([
-                ("output", .string(output.output)), ("per_slot", .bool(perSlot)), ("layers", .array(done.map(\.json))),
+                ("output", .string(output.output)), ("per_slot", .bool(perSlot)), ("layers", .array(done.map(\.json))), timingJSON(timing),
             ]))
         }
         var t = Table(["layer", "factored matrices", "stored experts"])

@@ -86,10 +86,10 @@ struct Lowrank: ParsableCommand {
             fileBefore += try reader.summary(c.name).expertFileBytes
             fileAfter += try written.summary(c.name).expertFileBytes
         }
-        render(result.reports, fileBefore: fileBefore, fileAfter: fileAfter)
+        render(result.reports, fileBefore: fileBefore, fileAfter: fileAfter, timing: result.layers)
     }
 
-    func render(_ reports: [LayerLowRankReport], fileBefore: Int, fileAfter: Int) {
+    func render(_ reports: [LayerLowRankReport], fileBefore: Int, fileAfter: Int, timing: [FinishedLayer]) {
         let before = reports.reduce(0) { $0 + $1.bytesBefore }, after = reports.reduce(0) { $0 + $1.bytesAfter }
         let kept = reports.reduce(0) { $0 + $1.matrices.filter(\.keptDense).count }
         let count = reports.reduce(0) { $0 + $1.matrices.count }
@@ -98,6 +98,7 @@ struct Lowrank: ParsableCommand {
                 ("output", .string(output.output)), ("activation_aware", .bool(calib != nil)),
                 ("layers", .array(reports.map(\.json))), ("matrix_bytes_before", .int(before)), ("matrix_bytes_after", .int(after)),
                 ("kept_dense", .int(kept)), ("expert_bytes_before", .int(fileBefore)), ("expert_bytes_after", .int(fileAfter)),
+                timingJSON(timing),
             ]))
         }
         for r in reports {

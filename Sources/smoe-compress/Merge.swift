@@ -79,17 +79,17 @@ struct Merge: ParsableCommand {
         try writer.commit()
         printMergeWarnings(result.reports)
         let before = try reader.layers.reduce(0) { $0 + (try reader.summary($1.name).expertFileBytes) }
-        render(result.reports, expertBytes: (before, after))
+        render(result.reports, expertBytes: (before, after), timing: result.layers)
     }
 
-    func render(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int)) {
+    func render(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int), timing: [FinishedLayer]) {
         let settings = mergeOptions.settings
         let (before, after) = expertBytes
         if global.json {
             return printJSON(.object([
                 ("output", .string(output.output)), ("merge_method", .string(settings.merging.method.rawValue)),
                 ("similarity", .string(settings.similarityBase.rawValue)), ("layers", .array(reports.map(\.json))),
-                ("expert_bytes_before", .int(before)), ("expert_bytes_after", .int(after)),
+                ("expert_bytes_before", .int(before)), ("expert_bytes_after", .int(after)), timingJSON(timing),
             ]))
         }
         for r in reports {

@@ -17,9 +17,10 @@ struct GlobalOptions: ParsableArguments {
     /// Progress on stderr, only when it is a terminal and not --quiet. Interactive runs also
     /// get the OpenBLAS kernel hint, once.
     var progress: Progress {
-        let enabled = !quiet && isatty(2) != 0
+        let terminal = isatty(2) != 0
+        let enabled = !quiet && terminal
         if enabled { _ = openBLASKernelNote }
-        return Progress(enabled: enabled)
+        return Progress(enabled: enabled, perLayerLines: !quiet && !terminal)
     }
 }
 

@@ -48,3 +48,7 @@ func compactCount(_ n: Int) -> String {
     if n >= 10_000 { return String(format: "%.1fk", d / 1e3) }
     return "\(n)"
 }
+
+/// The `timing` member of a stage command's JSON: per layer, wall seconds and the process's
+/// peak resident memory so far.
+func timingJSON(_ layers: [FinishedLayer]) -> (String, JSONValue) { ("timing", .array(layers.map(\.json))) }

@@ -45,15 +45,15 @@ struct Stats: ParsableCommand {
         }
         progress.finish()
         try writer.commit()
-        render(result.reports, bases: bases)
+        render(result.reports, bases: bases, timing: result.layers)
     }
 
-    func render(_ layers: [LayerStatistics], bases: [SimilarityBase]) {
+    func render(_ layers: [LayerStatistics], bases: [SimilarityBase], timing: [FinishedLayer]) {
         if global.json {
             return printJSON(.object([
                 ("model", .string(model)), ("calibration", .string(calib)), ("output", .string(output)),
                 ("similarity", JSONValue(bases.map(\.rawValue))),
-                ("layers", .array(layers.map { Inspection.statsLayer($0) })),
+                ("layers", .array(layers.map { Inspection.statsLayer($0) })), timingJSON(timing),
             ]))
         }
         print("wrote \(output): \(layers.count) MoE layers, similarity \(bases.map(\.rawValue).joined(separator: ", "))")

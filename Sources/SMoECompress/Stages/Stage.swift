@@ -44,6 +44,30 @@ public struct FinishedLayer: Sendable {
     public var computed: Bool
     /// Wall time of the layer (read, compute, sink).
     public var seconds: Double
+    /// Selected layers computed so far (this one included) and in all.
+    public var computedSoFar: Int
+    public var computedTotal: Int
+    /// Wall time since the run started.
+    public var elapsed: Double
+    /// The process's peak resident memory so far, in bytes (0 where the system does not say).
+    public var peakRSSBytes: Int
+
+    /// Seconds left, estimated from the mean time of the computed layers so far.
+    public var estimatedSecondsLeft: Double? {
+        computedSoFar > 0 ? elapsed / Double(computedSoFar) * Double(computedTotal - computedSoFar) : nil
+    }
+
+    public var json: JSONValue {
+        .object([("name", .string(name)), ("computed", .bool(computed)), ("seconds", .double(seconds)),
+                 ("peak_rss_bytes", .int(peakRSSBytes))])
+    }
+}
+
+/// The process's peak resident set size so far (getrusage; Linux reports kilobytes).
+public func peakResidentBytes() -> Int {
+    var usage = rusage()
+    guard getrusage(RUSAGE_SELF.rawValue, &usage) == 0 else { return 0 }
+    return Int(usage.ru_maxrss) * 1024
 }
 
 /// What a run of a stage returns.
@@ -74,6 +98,8 @@ extension LayerStage {
         var reports: [Report] = []
         var finished: [FinishedLayer] = []
         let selected = Set(layers)
+        let runStart = DispatchTime.now().uptimeNanoseconds
+        func since(_ t: UInt64) -> Double { Double(DispatchTime.now().uptimeNanoseconds - t) / 1e9 }
         for (i, c) in model.layers.enumerated() {
             let computed = selected.contains(c.name)
             guard computed || keepsOtherLayers else { continue }
@@ -100,7 +126,8 @@ extension LayerStage {
                 try sink(output)
             }
             let done = FinishedLayer(stage: name, name: c.name, index: i, count: model.layers.count, computed: computed,
-                                     seconds: Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9)
+                                     seconds: since(start), computedSoFar: reports.count, computedTotal: selected.count,
+                                     elapsed: since(runStart), peakRSSBytes: peakResidentBytes())
             finished.append(done)
             progress.layerFinished?(done)
         }

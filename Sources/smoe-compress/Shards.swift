@@ -20,8 +20,10 @@ struct Plan: ParsableCommand {
         let split = try namingFile(model) { try reader.shardSplit(count: shards) }
         let total = max(split.reduce(0) { $0 + $1.expertBytes }, 1)
         if global.json {
+            // The largest layer's expert parameters: what one task holds (tools/slurm sizes --mem by it).
+            let largest = try reader.layers.map { try reader.summary($0.name).expertParameters }.max() ?? 0
             return printJSON(.object([
-                ("model", .string(model)), ("shards", .int(shards)),
+                ("model", .string(model)), ("shards", .int(shards)), ("max_layer_parameters", .int(largest)),
                 ("split", .array(split.map { a in
                     .object([("shard", .int(a.shard)), ("layers", JSONValue(a.layers)), ("expert_bytes", .int(a.expertBytes))])
                 })),

@@ -1,6 +1,6 @@
 import Foundation
 
-/// What a shard file records about itself (root attributes, docs/FORMAT.md §6): which run it is
+/// What a shard file records about itself (root attributes, docs/FORMAT.md §5): which run it is
 /// a shard of, which layers it holds, and fingerprints of the model and of every setting.
 public struct ShardHeader: Sendable {
     /// The kind of file the shards assemble into: `smoe-checkpoint` or `smoe-stats`.

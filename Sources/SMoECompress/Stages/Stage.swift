@@ -27,7 +27,7 @@ public protocol LayerStage {
     /// The one history entry of a run that produced `reports`.
     func historyEntry(_ reports: [Report]) -> JSONValue
     /// Every setting that decides what the run writes, as JSON (by default the history entry
-    /// of a run that computed no layer); shards of one run must agree on it (docs/FORMAT.md §6).
+    /// of a run that computed no layer); shards of one run must agree on it (docs/FORMAT.md §5).
     var settingsRecord: JSONValue { get }
 }
 

@@ -11,7 +11,7 @@ LOGS      := .build/test-logs
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: all deps deps-python build build-tests test test-swift test-python test-summary demo bench fixtures goldens clean fuzz
+.PHONY: all deps deps-python slurm-install build build-tests test test-swift test-slurm test-python test-summary demo bench fixtures goldens clean fuzz
 
 all: build
 
@@ -50,9 +50,20 @@ test: deps deps-python test-python test-swift test-summary
 build-tests:
 	$(SWIFT) build --build-tests
 
-test-swift: build-tests
+## The Swift tests run with a real single-node Slurm up (installed by slurm-install, started in a
+## temporary folder by tools/slurm/with-local-cluster.sh, stopped by its PIDs afterwards), so the
+## Slurm test submits tools/slurm/ for real; where the daemons cannot start it skips, saying why.
+test-swift: build-tests slurm-install
 	@mkdir -p $(LOGS)
-	$(SWIFT) test --skip-build --disable-swift-testing 2>&1 | tee $(LOGS)/swift.log
+	tools/slurm/with-local-cluster.sh $(SWIFT) test --skip-build --disable-swift-testing 2>&1 | tee $(LOGS)/swift.log
+
+## slurm-wlm and munge (Debian), as root, only when missing.
+slurm-install:
+	@tools/slurm/local-cluster.sh install
+
+## Only the cluster tests (Slurm job array, Kubernetes manifests) and the shard tests.
+test-slurm: build-tests slurm-install
+	tools/slurm/with-local-cluster.sh $(SWIFT) test --skip-build --disable-swift-testing --filter 'ClusterTests|ShardTests'
 
 ## The Python tests drive the debug smoe-compress, so they build it first (else two of them skip).
 ## They run twice: as the machine is, then with torch and transformers hidden

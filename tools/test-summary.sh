@@ -6,7 +6,8 @@ set -u
 lines=$(for log in "$@"; do
   [ -f "$log" ] || continue
   # XCTest: "/path/File.swift:72: Suite.testName : Test skipped: required false value but got true - reason"
-  sed -n 's/^.*: \([A-Za-z0-9_]*\.test[A-Za-z0-9_]*\) : Test skipped: \(required false value but got true - \)\{0,1\}\(.*\)$/  swift   \1: \3/p' "$log"
+  # (`throw XCTSkip("reason")` prints "Test skipped - reason")
+  sed -n 's/^.*: \([A-Za-z0-9_]*\.test[A-Za-z0-9_]*\) : Test skipped\(:\| -\) \(required [a-z]* value but got [a-z]* - \)\{0,1\}\(.*\)$/  swift   \1: \4/p' "$log"
   # pytest -rs: "SKIPPED [1] tools/test_x.py:61: reason"
   sed -n "s/^SKIPPED \[[0-9]*\] \(.*\)$/  python  \1/p" "$log"
 done)

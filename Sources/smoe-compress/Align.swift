@@ -21,14 +21,14 @@ struct Align: ParsableCommand {
         let reader = try CheckpointReader(model)
         let writer = try output.writer(from: reader, stage: "align", inputs: inputs)
         let progress = global.progress
-        let result = try namingFile(model, inputs: inputs) {
+        let shard = try output.shardValue()
+        let (stage, result) = try namingFile(model, inputs: inputs) {
             let stage = try AlignStage(model: reader, stats: try stats.map(StatsReader.init), reference: reference?.value,
                                        parallelism: parallel, layers: layers.names)
-            return try stage.run(model: reader, progress: progress.stage) { try writer.write($0) }
+            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
         }
         progress.finish()
-        writer.updateEntry(result.history)
-        try writer.commit()
+        try output.commit(writer, stage: stage, result: result, model: reader)
         render(result.reports, timing: result.layers)
     }
 

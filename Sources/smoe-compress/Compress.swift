@@ -37,16 +37,16 @@ struct Compress: ParsableCommand {
         let settings = CompressSettings(merge: mergeOptions.settings, lowRank: lowrank.options(floatBytes: storage.byteSize),
                                         activationAware: activationAware)
         let progress = global.progress
+        let shard = try output.shardValue()
         let (stage, result) = try namingFile(model, inputs: inputs) {
             let stage = try CompressStage(model: reader, calibration: try CalibrationReader(calib),
                                           evaluation: try evalCalib.map(CalibrationReader.init),
                                           stats: try mergeOptions.stats.map(StatsReader.init), settings: settings,
-                                          storage: storage, progress: progress.callback)
-            return (stage, try stage.run(model: reader, progress: progress.stage) { try writer.write($0) })
+                                          storage: storage, shard: shard, progress: progress.callback)
+            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
         }
         progress.finish()
-        writer.updateEntry(result.history)
-        try writer.commit()
+        try output.commit(writer, stage: stage, result: result, model: reader)
         render(stage.report(result.reports), timing: result.layers)
     }
 

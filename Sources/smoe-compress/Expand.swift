@@ -16,12 +16,13 @@ struct Expand: ParsableCommand {
         let reader = try CheckpointReader(model)
         let writer = try output.writer(from: reader, stage: "expand", inputs: [])
         let progress = global.progress
-        let result = try namingFile(model) {
-            try ExpandStage(model: reader, perSlot: perSlot).run(model: reader, progress: progress.stage) { try writer.write($0) }
+        let shard = try output.shardValue()
+        let (stage, result) = try namingFile(model) {
+            let stage = try ExpandStage(model: reader, perSlot: perSlot)
+            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
         }
         progress.finish()
-        writer.updateEntry(result.history)
-        try writer.commit()
+        try output.commit(writer, stage: stage, result: result, model: reader)
         render(result.reports, timing: result.layers)
     }
 

@@ -72,14 +72,19 @@ struct Lowrank: ParsableCommand {
         let writer = try output.writer(from: reader, stage: "lowrank", inputs: inputs)
         let options = lowrank.options(floatBytes: output.writeOptions(for: reader).dtype.byteSize)!
         let progress = global.progress
-        let result = try namingFile(model, inputs: inputs) {
+        let shard = try output.shardValue()
+        let (stage, result) = try namingFile(model, inputs: inputs) {
             let stage = try LowRankStage(model: reader, calibration: try calib.map(CalibrationReader.init), options: options,
                                          tokens: tokens.settings, layers: layers.names)
-            return try stage.run(model: reader, progress: progress.stage) { try writer.write($0) }
+            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
         }
         progress.finish()
-        writer.updateEntry(result.history)
-        try writer.commit()
+        try output.commit(writer, stage: stage, result: result, model: reader)
+        if shard != nil {
+            // A shard file is no checkpoint: its computed layers' figures only.
+            return render(result.reports, fileBefore: result.reports.reduce(0) { $0 + $1.bytesBefore },
+                          fileAfter: result.reports.reduce(0) { $0 + $1.bytesAfter }, timing: result.layers)
+        }
         let written = try CheckpointReader(output.output)
         var fileBefore = 0, fileAfter = 0
         for c in reader.layers {

@@ -65,20 +65,22 @@ struct Merge: ParsableCommand {
         let progress = global.progress
         let floatBytes = output.writeOptions(for: reader).dtype.byteSize
         var after = 0  // expert bytes of every layer as stored in the output
-        let result = try namingFile(model, inputs: inputs) {
+        let shard = try output.shardValue()
+        let (stage, result) = try namingFile(model, inputs: inputs) {
             let stage = try MergeStage(model: reader, calibration: try calib.map(CalibrationReader.init),
                                        stats: try mergeOptions.stats.map(StatsReader.init), settings: mergeOptions.settings,
-                                       progress: progress.callback)
-            return try stage.run(model: reader, progress: progress.stage) { layer in
+                                       shard: shard, progress: progress.callback)
+            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { layer in
                 try writer.write(layer)
                 after += layer.expertBytes(floatBytes: floatBytes)
-            }
+            })
         }
         progress.finish()
-        writer.updateEntry(result.history)
-        try writer.commit()
+        try output.commit(writer, stage: stage, result: result, model: reader)
         printMergeWarnings(result.reports)
-        let before = try reader.layers.reduce(0) { $0 + (try reader.summary($1.name).expertFileBytes) }
+        let written = Set(result.layers.map(\.name))
+        let before = try reader.layers.filter { written.contains($0.name) }
+            .reduce(0) { $0 + (try reader.summary($1.name).expertFileBytes) }
         render(result.reports, expertBytes: (before, after), timing: result.layers)
     }
 

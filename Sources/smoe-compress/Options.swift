@@ -72,9 +72,15 @@ struct OutputOptions: ParsableArguments {
     @Option(help: "gzip level (0-9, with the shuffle filter) for dense expert weight matrices (not factors or biases); off by default.")
     var gzip: Int?
 
+    @Option(help: "Compute only shard I of N (0-based, as `plan --shards N` splits the layers) and write a shard file holding only those layers, for `assemble`.")
+    var shard: String?
+
     func validate() throws {
         if let g = gzip, !(0...9).contains(g) { throw ValidationError("--gzip must be in 0...9") }
     }
+
+    /// The `--shard` of the run, if any.
+    func shardValue() throws -> Shard? { try shard.map(Shard.init(parsing:)) }
 
     /// Write options for an output derived from `source` (auto keeps float16 and bfloat16).
     func writeOptions(for source: CheckpointReader?) -> WriteOptions {
@@ -94,8 +100,19 @@ struct OutputOptions: ParsableArguments {
     /// the inputs.
     func writer(from source: CheckpointReader, stage: String, inputs: [String]) throws -> CheckpointWriter {
         try ensureOutputDiffers(output, from: [source.path] + inputs)
-        return try CheckpointWriter(destination: output, derivedFrom: source, entry: .object([("stage", .string(stage))]),
-                                    options: writeOptions(for: source))
+        let entry = JSONValue.object([("stage", .string(stage))])
+        if try shardValue() != nil {
+            return try CheckpointWriter(destination: output, shardOf: source, entry: entry, options: writeOptions(for: source))
+        }
+        return try CheckpointWriter(destination: output, derivedFrom: source, entry: entry, options: writeOptions(for: source))
+    }
+
+    /// Records the run's history entry (and with --shard, the shard header) and commits.
+    func commit<S: LayerStage>(_ writer: CheckpointWriter, stage: S, result: StageResult<S.Report>,
+                               model: CheckpointReader) throws {
+        if let shard = try shardValue() { return try writer.commit(shard: shard, of: stage, result: result, model: model) }
+        writer.updateEntry(result.history)
+        try writer.commit()
     }
 }
 

@@ -27,6 +27,9 @@ struct Stats: ParsableCommand {
     @Option(help: "Similarity bases: a comma list of router-logits, feature, weight, expert-output, or all.")
     var similarity = "router-logits"
 
+    @Option(help: "Compute only shard I of N (0-based, as `plan --shards N` splits the layers) and write a statistics shard for `assemble`.")
+    var shard: String?
+
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
     @OptionGroup var global: GlobalOptions
@@ -37,14 +40,16 @@ struct Stats: ParsableCommand {
         let reader = try CheckpointReader(model)
         let stage = try StatisticsStage(model: reader, calibration: try CalibrationReader(calib), bases: Set(bases),
                                         tokens: tokens.settings, layers: layers.names)
-        let writer = try StatsWriter(destination: output, source: StatsWriter.source(
-            model: model, calibration: calib, bases: bases, maxTokens: tokens.maxTokens))
+        let source = StatsWriter.source(model: model, calibration: calib, bases: bases, maxTokens: tokens.maxTokens)
+        let shard = try self.shard.map(Shard.init(parsing:))
+        let writer = shard == nil ? try StatsWriter(destination: output, source: source)
+            : try StatsWriter(shardDestination: output, source: source)
         let progress = global.progress
         let result = try namingFile(model, inputs: [calib]) {
-            try stage.run(model: reader, progress: progress.stage) { try writer.write($0) }
+            try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) }
         }
         progress.finish()
-        try writer.commit()
+        if let shard { try writer.commit(shard: shard, of: stage, result: result, model: reader) } else { try writer.commit() }
         render(result.reports, bases: bases, timing: result.layers)
     }
 

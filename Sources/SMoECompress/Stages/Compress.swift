@@ -105,12 +105,12 @@ public struct CompressStage: LayerStage {
     /// choice).
     public init(model: CheckpointReader, calibration: CalibrationReader, evaluation: CalibrationReader? = nil,
                 stats: StatsReader?, settings: CompressSettings, storage: StorageType,
-                progress: ProgressCallback? = nil) throws {
+                shard: Shard? = nil, progress: ProgressCallback? = nil) throws {
         var settings = settings
         settings.lowRank?.floatBytes = storage.byteSize
         try settings.validate()
         self.merge = try MergeStage(model: model, calibration: calibration, stats: stats, settings: settings.merge,
-                                    progress: progress)
+                                    shard: shard, progress: progress)
         let evaluation = evaluation ?? calibration
         try evaluation.checkMatches(model, layers: merge.layers)
         self.settings = settings

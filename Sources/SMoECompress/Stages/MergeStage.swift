@@ -126,9 +126,11 @@ public struct MergeStage: LayerStage {
     public let plans: [String: (grouping: LayerGrouping, frequency: [Double])]
 
     /// Validates the settings against the inputs and plans the groupings (statistics from
-    /// `stats` where it has them, else computed on the calibration tokens).
+    /// `stats` where it has them, else computed on the calibration tokens). With `shard`, a
+    /// uniform grouping plans only the shard's layers; an adaptive one still plans every layer
+    /// (one global budget), from `stats`, which it then needs.
     public init(model: CheckpointReader, calibration: CalibrationReader?, stats: StatsReader?, settings: MergeSettings,
-                progress: ProgressCallback? = nil) throws {
+                shard: Shard? = nil, progress: ProgressCallback? = nil) throws {
         let names = try settings.validate(for: model)
         try MergeStage.checkDense(model: model, layers: names)
         if let c = calibration { try c.checkMatches(model, layers: names) }
@@ -138,7 +140,8 @@ public struct MergeStage: LayerStage {
         if settings.router == .compact && calibration == nil {
             throw SMoEError.setting(.router, "compact fits the router on calibration tokens ({calibration})")
         }
-        let inputs = try MergeStage.groupingInputs(model: model, layers: names, base: settings.similarityBase, stats: stats,
+        let planned = try MergeStage.plannedLayers(names, model: model, shard: shard, adaptive: settings.adaptive, stats: stats)
+        let inputs = try MergeStage.groupingInputs(model: model, layers: planned, base: settings.similarityBase, stats: stats,
                                                    calibration: calibration, tokens: settings.tokens, progress: progress)
         let groupings = MergeStage.plan(inputs, settings: settings)
         try settings.validateCompact(groupings, model: model)

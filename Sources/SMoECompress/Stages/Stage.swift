@@ -26,6 +26,13 @@ public protocol LayerStage {
     var keepsOtherLayers: Bool { get }
     /// The one history entry of a run that produced `reports`.
     func historyEntry(_ reports: [Report]) -> JSONValue
+    /// Every setting that decides what the run writes, as JSON (by default the history entry
+    /// of a run that computed no layer); shards of one run must agree on it (docs/FORMAT.md §5).
+    var settingsRecord: JSONValue { get }
+}
+
+extension LayerStage {
+    public var settingsRecord: JSONValue { historyEntry([]) }
 }
 
 extension LayerStage where Output == MoELayer {
@@ -92,17 +99,19 @@ public struct StageProgress {
 
 extension LayerStage {
     /// Runs the stage over `model`: every layer in index order, each handed to `sink` when
-    /// finished (one layer in memory at a time).
-    public func run(model: CheckpointReader, progress: StageProgress = StageProgress(),
+    /// finished (one layer in memory at a time). With `shard`, only the selected layers of that
+    /// shard (`CheckpointReader.shardLayers`) are computed and handed on, and no other layer.
+    public func run(model: CheckpointReader, shard: Shard? = nil, progress: StageProgress = StageProgress(),
                     sink: (Output) throws -> Void) throws -> StageResult<Report> {
         var reports: [Report] = []
         var finished: [FinishedLayer] = []
-        let selected = Set(layers)
+        var selected = Set(layers)
+        if let shard { selected.formIntersection(try model.shardLayers(shard)) }
         let runStart = DispatchTime.now().uptimeNanoseconds
         func since(_ t: UInt64) -> Double { Double(DispatchTime.now().uptimeNanoseconds - t) / 1e9 }
         for (i, c) in model.layers.enumerated() {
             let computed = selected.contains(c.name)
-            guard computed || keepsOtherLayers else { continue }
+            guard computed || (keepsOtherLayers && shard == nil) else { continue }
             let start = DispatchTime.now().uptimeNanoseconds
             let layer = try model.readLayer(c.name)
             if computed {

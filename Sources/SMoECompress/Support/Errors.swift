@@ -67,6 +67,8 @@ public enum Setting: String, Sendable, CaseIterable {
     case reference
     // Output.
     case storage, maxShardSize = "max-shard-size", family
+    // Sharded runs: one shard I/N of a run, and the number of shards of a split.
+    case shard, shards, allowPartial = "allow-partial"
     // The planted-model generator.
     case synthLayers = "synth-layers", experts, families, topK = "top-k", dimensions, noise, tokens
 }

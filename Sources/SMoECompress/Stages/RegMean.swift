@@ -5,13 +5,6 @@ import Foundation
 /// token blocks, solved by LAPACK (Cholesky, least squares when ill-conditioned; see
 /// `SymmetricSolver.solve` for the condition threshold).
 enum OutputAwareMerge {
-    /// Per-member streaming accumulators.
-    struct MemberStats {
-        var tokens = 0
-        var gramX: [Double]  // d × d: Σ w x xᵀ over the member's tokens
-        var gramH: [Double]  // f × f: Σ w h hᵀ (the member's own intermediate activations)
-    }
-
     /// Per-group refit accumulators: A = Σ s h* h*ᵀ, B = Σ h* (Σ_i w_i y_i)ᵀ (h* with a 1 appended
     /// when the experts have a down bias).
     struct RefitStats {
@@ -25,34 +18,59 @@ enum OutputAwareMerge {
         layer.dispatch(layer.route(x))
     }
 
-    /// (Σ G̃_i + λ·mean(diag) I)⁻¹ Σ G̃_i W_iᵀ, with G̃ = α·G + (1−α)·diag(G); W_i [out, in], G_i [in, in].
-    /// The ridge pulls towards `prior` (the frequency-weighted average) rather than towards zero,
-    /// so identical members are reproduced exactly whatever λ.
-    static func regmeanSolve(_ grams: [[Double]], _ weights: [Matrix], alpha: Double, ridge: Double,
-                             prior: Matrix? = nil) throws -> (w: Matrix, method: SymmetricSolver.Method, conditionEstimate: Double) {
-        let p = weights[0].cols, q = weights[0].rows
-        var sum = [Double](repeating: 0, count: p * p)
-        var rhs = [Double](repeating: 0, count: p * q)
-        for (g, w) in zip(grams, weights) {
-            var gt = g
-            for i in 0..<p { for j in 0..<p where i != j { gt[i * p + j] *= alpha } }
-            for k in 0..<(p * p) { sum[k] += gt[k] }
+    /// The RegMean system of one matrix kind of one group, summed member by member so that only
+    /// one member's Gram is in memory at a time: S = Σ G̃_i and R = Σ G̃_i W_iᵀ, with
+    /// G̃ = α·G + (1−α)·diag(G); W_i [q, p], G_i [p, p].
+    struct RegMeanSystem {
+        let p: Int, q: Int
+        var sum: [Double]
+        var rhs: [Double]
+
+        init(inputs p: Int, outputs q: Int) {
+            self.p = p
+            self.q = q
+            sum = [Double](repeating: 0, count: p * p)
+            rhs = [Double](repeating: 0, count: p * q)
+        }
+
+        /// Adds one member; `gram` is scaled to G̃ in place.
+        mutating func add(gram: inout [Double], weight w: Matrix, alpha: Double) {
+            for i in 0..<p { for j in 0..<p where i != j { gram[i * p + j] *= alpha } }
+            for k in 0..<(p * p) { sum[k] += gram[k] }
             // rhs += G̃ · Wᵀ  ([p, p] · [p, q])
             let wd = w.data.map(Double.init)  // W [q, p] row-major = Wᵀ column-major
-            BLAS.dgemmAccumulate(m: p, n: q, k: p, a: gt, transA: false, lda: p, b: wd, transB: true, ldb: p, into: &rhs)
+            BLAS.dgemmAccumulate(m: p, n: q, k: p, a: gram, transA: false, lda: p, b: wd, transB: true, ldb: p, into: &rhs)
         }
-        var meanDiag = 0.0
-        for i in 0..<p { meanDiag += sum[i * p + i] }
-        meanDiag /= Double(max(p, 1))
-        let lambda = ridge * meanDiag + (meanDiag == 0 ? 1e-12 : 0)
-        for i in 0..<p { sum[i * p + i] += lambda }
-        if let w0 = prior {
-            for i in 0..<p { for j in 0..<q { rhs[i * q + j] += lambda * Double(w0.data[j * p + i]) } }
+
+        /// (S + λ·mean(diag S) I)⁻¹ (R + λ·mean(diag S)·W₀ᵀ). The ridge pulls towards `prior` (the
+        /// frequency-weighted average) rather than towards zero, so identical members are
+        /// reproduced exactly whatever λ.
+        func solve(ridge: Double, prior: Matrix?) throws -> (w: Matrix, method: SymmetricSolver.Method, conditionEstimate: Double) {
+            var sum = self.sum, rhs = self.rhs
+            var meanDiag = 0.0
+            for i in 0..<p { meanDiag += sum[i * p + i] }
+            meanDiag /= Double(max(p, 1))
+            let lambda = ridge * meanDiag + (meanDiag == 0 ? 1e-12 : 0)
+            for i in 0..<p { sum[i * p + i] += lambda }
+            if let w0 = prior {
+                for i in 0..<p { for j in 0..<q { rhs[i * q + j] += lambda * Double(w0.data[j * p + i]) } }
+            }
+            let (y, method, estimate) = try SymmetricSolver.solve(sum, rhs, n: p, m: q)  // Y [p, q] = W*ᵀ
+            var w = Matrix(rows: q, cols: p)
+            for i in 0..<p { for j in 0..<q { w.data[j * p + i] = Float(y[i * q + j]) } }
+            return (w, method, estimate)
         }
-        let (y, method, estimate) = try SymmetricSolver.solve(sum, rhs, n: p, m: q)  // Y [p, q] = W*ᵀ
-        var w = Matrix(rows: q, cols: p)
-        for i in 0..<p { for j in 0..<q { w.data[j * p + i] = Float(y[i * q + j]) } }
-        return (w, method, estimate)
+    }
+
+    /// RegMean of members with Grams `grams` and weights `weights` (see `RegMeanSystem`).
+    static func regmeanSolve(_ grams: [[Double]], _ weights: [Matrix], alpha: Double, ridge: Double,
+                             prior: Matrix? = nil) throws -> (w: Matrix, method: SymmetricSolver.Method, conditionEstimate: Double) {
+        var system = RegMeanSystem(inputs: weights[0].cols, outputs: weights[0].rows)
+        for (g, w) in zip(grams, weights) {
+            var gt = g
+            system.add(gram: &gt, weight: w, alpha: alpha)
+        }
+        return try system.solve(ridge: ridge, prior: prior)
     }
 
     /// A report note for a system that was not solved by Cholesky.
@@ -61,150 +79,154 @@ enum OutputAwareMerge {
                      : "\(what): \(method.rawValue) (not positive definite)"
     }
 
+    /// Merges every group (one at a time, to bound memory: ALGORITHM.md §3b, "Memory").
     static func merge(_ layer: MoELayer, prepared: [Merging.PreparedGroup], frequency: [Double], options: MergeOptions,
                       tokens: TokenBlocks, progress: ProgressCallback?) throws -> ([Expert], [MergedGroup]) {
+        var experts: [Expert] = []
+        var reports: [MergedGroup] = []
+        for (gi, p) in prepared.enumerated() {
+            let (e, r) = try mergeGroup(layer, p, frequency: frequency, options: options, tokens: tokens)
+            experts.append(e)
+            reports.append(r)
+            progress?("regmean \(layer.name)", gi + 1, prepared.count)
+        }
+        return (experts, reports)
+    }
+
+    /// One group: a token pass per member accumulates that member's Grams (inputs, and its own
+    /// intermediate activations) and folds them into the group's RegMean systems, so one member's
+    /// Grams are in memory at a time; then the solves; then, for regmean+refit, one more pass
+    /// for the refit of `down`. Float64 throughout; the same sums in the same order as when all
+    /// members were accumulated in one pass, so the result is the same to the bit.
+    static func mergeGroup(_ layer: MoELayer, _ p: Merging.PreparedGroup, frequency: [Double], options: MergeOptions,
+                           tokens: TokenBlocks) throws -> (Expert, MergedGroup) {
         let c = layer.config
         let d = c.dModel, f = c.dFF
         let minTokens = options.minTokens ?? d
-        // Stored expert → (group, position) for the groups that need solving. A stored expert can
-        // sit in two groups when slots that share it (an already merged layer) are grouped apart.
-        var position: [Int: [(Int, Int)]] = [:]
-        for (gi, p) in prepared.enumerated() where p.stored.count > 1 {
-            for (k, s) in p.stored.enumerated() { position[s, default: []].append((gi, k)) }
-        }
-        var members: [[MemberStats]] = prepared.map { p in
-            p.stored.count > 1 ? p.stored.map { _ in MemberStats(gramX: .init(repeating: 0, count: d * d), gramH: .init(repeating: 0, count: f * f)) } : []
-        }
-        // Distinct tokens routed to at least one member, per group (a token routed to two members
-        // of a group adds one row, not two, to the rank of the summed input Gram).
-        var groupTokens = [Int](repeating: 0, count: prepared.count)
-        // Pass 1: Gram matrices of each member's own tokens (inputs and intermediate activations).
-        var block = 0
-        try tokens { x in
-            var seen: [Int: [Bool]] = [:]
-            for (s, disp) in dispatch(layer, x).enumerated() where !disp.tokens.isEmpty {
-                for (gi, k) in position[s] ?? [] {
-                    if seen[gi] == nil { seen[gi] = [Bool](repeating: false, count: x.rows) }
-                    for t in disp.tokens where !seen[gi]![t] { seen[gi]![t] = true; groupTokens[gi] += 1 }
+        var report = MergedGroup(dominant: p.dominant, members: p.slots, frequency: p.slots.map { frequency[$0] },
+                                 how: "copied", alignedCosine: p.alignedCosine)
+        if p.stored.count == 1 { return (p.aligned[0], report) }
+        var up = RegMeanSystem(inputs: d, outputs: f)
+        var gate = c.expertType == .glu ? RegMeanSystem(inputs: d, outputs: f) : nil
+        var down = RegMeanSystem(inputs: f, outputs: d)
+        // Distinct tokens routed to at least one member (a token routed to two members adds one
+        // row, not two, to the rank of the summed input Gram), over every block.
+        var seen: [Bool] = []
+        var distinct = 0
+        var memberTokens = [Int](repeating: 0, count: p.stored.count)
+        for (k, s) in p.stored.enumerated() {
+            var gramX = [Double](repeating: 0, count: d * d)
+            var gramH = [Double](repeating: 0, count: f * f)
+            var offset = 0
+            try tokens { x in
+                if seen.count < offset + x.rows { seen += [Bool](repeating: false, count: offset + x.rows - seen.count) }
+                let disp = dispatch(layer, x)[s]
+                if !disp.tokens.isEmpty {
+                    for t in disp.tokens where !seen[offset + t] { seen[offset + t] = true; distinct += 1 }
                     let xs = x.gatherRows(disp.tokens)
-                    members[gi][k].tokens += xs.rows
-                    accumulateWeightedCross(xs, xs, weights: disp.weights, into: &members[gi][k].gramX)
-                    let h = prepared[gi].aligned[k].hidden(xs, activation: c.activation)
-                    accumulateWeightedCross(h, h, weights: disp.weights, into: &members[gi][k].gramH)
+                    memberTokens[k] += xs.rows
+                    accumulateWeightedCross(xs, xs, weights: disp.weights, into: &gramX)
+                    let h = p.aligned[k].hidden(xs, activation: c.activation)
+                    accumulateWeightedCross(h, h, weights: disp.weights, into: &gramH)
                 }
+                offset += x.rows
             }
-            block += 1
-            progress?("regmean \(layer.name)", block, block + 1)
+            // Members without tokens drop out of the sums (their Grams are zero: adding them
+            // would change nothing, but skipping keeps the sums' terms exactly the used ones).
+            guard memberTokens[k] > 0 else { continue }
+            var gx2 = gramX
+            up.add(gram: &gramX, weight: p.aligned[k].up.dense(), alpha: options.alpha)
+            if gate != nil { gate!.add(gram: &gx2, weight: p.aligned[k].gate!.dense(), alpha: options.alpha) }
+            down.add(gram: &gramH, weight: p.aligned[k].down.dense(), alpha: options.alpha)
         }
-        var experts: [Expert] = []
-        var reports: [MergedGroup] = []
-        var needsRefit: [Bool] = []
-        for (gi, p) in prepared.enumerated() {
-            var report = MergedGroup(dominant: p.dominant, members: p.slots, frequency: p.slots.map { frequency[$0] },
-                                     how: "copied", alignedCosine: p.alignedCosine)
-            if p.stored.count == 1 {
-                experts.append(p.aligned[0]); reports.append(report); needsRefit.append(false)
-                continue
-            }
-            // Members without tokens drop out of the Gram sums.
-            let used = members[gi].indices.filter { members[gi][$0].tokens > 0 }
-            let total = groupTokens[gi]
-            if used.isEmpty {
-                experts.append(try Merging.weightedAverage(p.aligned, weights: p.aligned.map { _ in 1 }))
-                report.how = "mean"
-                report.warning = "no routed tokens: fell back to the plain mean"
-                reports.append(report); needsRefit.append(false)
-                continue
-            }
-            if total < minTokens {
-                experts.append(try Merging.weightedAverage(p.aligned, weights: p.weights))
-                report.how = "weighted"
-                report.warning = "only \(total) routed tokens (< \(minTokens)): fell back to the frequency-weighted average"
-                reports.append(report); needsRefit.append(false)
-                continue
-            }
-            let gx = used.map { members[gi][$0].gramX }
-            let prior = try Merging.weightedAverage(p.aligned, weights: p.weights)
-            func solve(_ name: String, _ grams: [[Double]]) throws -> Matrix {
-                let (w, method, estimate) = try regmeanSolve(grams, used.map { p.aligned[$0][matrix: name]!.dense() },
-                                                             alpha: options.alpha, ridge: options.ridge, prior: prior[matrix: name]!.dense())
-                if method != .cholesky { report.notes.append(solverNote(name, method, estimate)) }
-                return w
-            }
-            let up = try solve("up", gx)
-            let gate = c.expertType == .glu ? try solve("gate", gx) : nil
-            let down = try solve("down", used.map { members[gi][$0].gramH })
-            // Biases: usage-weighted average of the members that saw tokens.
-            let avg = try Merging.weightedAverage(used.map { p.aligned[$0] }, weights: used.map { Double(members[gi][$0].tokens) })
-            experts.append(Expert(up: .dense(up), gate: gate.map { .dense($0) }, down: .dense(down), upBias: avg.upBias, downBias: avg.downBias))
-            report.how = "regmean"
-            reports.append(report)
-            needsRefit.append(options.method == .regmeanRefit)
+        let used = memberTokens.indices.filter { memberTokens[$0] > 0 }
+        if used.isEmpty {
+            report.how = "mean"
+            report.warning = "no routed tokens: fell back to the plain mean"
+            return (try Merging.weightedAverage(p.aligned, weights: p.aligned.map { _ in 1 }), report)
         }
-        guard needsRefit.contains(true) else { return (experts, reports) }
-        // Pass 2: refit down so the merged expert reproduces its members' weighted outputs.
-        let hasBias = experts.contains { $0.downBias != nil }
+        if distinct < minTokens {
+            report.how = "weighted"
+            report.warning = "only \(distinct) routed tokens (< \(minTokens)): fell back to the frequency-weighted average"
+            return (try Merging.weightedAverage(p.aligned, weights: p.weights), report)
+        }
+        let prior = try Merging.weightedAverage(p.aligned, weights: p.weights)
+        func solve(_ name: String, _ system: RegMeanSystem) throws -> Matrix {
+            let (w, method, estimate) = try system.solve(ridge: options.ridge, prior: prior[matrix: name]!.dense())
+            if method != .cholesky { report.notes.append(solverNote(name, method, estimate)) }
+            return w
+        }
+        let upW = try solve("up", up)
+        let gateW = try gate.map { try solve("gate", $0) }
+        let downW = try solve("down", down)
+        // Biases: usage-weighted average of the members that saw tokens.
+        let avg = try Merging.weightedAverage(used.map { p.aligned[$0] }, weights: used.map { Double(memberTokens[$0]) })
+        var expert = Expert(up: .dense(upW), gate: gateW.map { .dense($0) }, down: .dense(downW),
+                            upBias: avg.upBias, downBias: avg.downBias)
+        report.how = "regmean"
+        guard options.method == .regmeanRefit else { return (expert, report) }
+        try refitDown(&expert, layer, p, options: options, tokens: tokens, report: &report)
+        report.how = "regmean+refit"
+        return (expert, report)
+    }
+
+    /// Refits `down` (and its bias) so the merged expert reproduces its members' weighted
+    /// outputs on the group's tokens: A = Σ s h* h*ᵀ, B = Σ h* (Σ_i w_i y_i)ᵀ (h* with a 1 appended
+    /// when the expert has a down bias), ridge towards the RegMean down.
+    static func refitDown(_ expert: inout Expert, _ layer: MoELayer, _ p: Merging.PreparedGroup, options: MergeOptions,
+                          tokens: TokenBlocks, report: inout MergedGroup) throws {
+        let c = layer.config
+        let d = c.dModel, f = c.dFF
+        let hasBias = expert.downBias != nil
         let fa = f + (hasBias ? 1 : 0)
-        var refit: [RefitStats?] = needsRefit.map { $0 ? RefitStats(a: .init(repeating: 0, count: fa * fa), b: .init(repeating: 0, count: fa * d)) : nil }
-        let groupsOfStored = position.mapValues { $0.map(\.0) }
-        block = 0
+        var r = RefitStats(a: .init(repeating: 0, count: fa * fa), b: .init(repeating: 0, count: fa * d))
         try tokens { x in
             let disp = dispatch(layer, x)
-            // Per group: union tokens, their summed weight s and Σ w_i y_i.
-            var union: [Int: [Int: Int]] = [:]  // group → token → row
-            var rowsOf: [Int: [Int]] = [:]
-            for (s, dsp) in disp.enumerated() {
-                for gi in groupsOfStored[s] ?? [] where refit[gi] != nil {
-                    for t in dsp.tokens where union[gi, default: [:]][t] == nil {
-                        union[gi, default: [:]][t] = rowsOf[gi, default: []].count
-                        rowsOf[gi, default: []].append(t)
-                    }
+            // The union of the members' tokens (members in stored-index order), their summed
+            // weight s and Σ w_i y_i.
+            var row: [Int: Int] = [:]  // token → row
+            var rows: [Int] = []
+            for s in p.stored.sorted() {
+                for t in disp[s].tokens where row[t] == nil {
+                    row[t] = rows.count
+                    rows.append(t)
                 }
             }
-            for (gi, rows) in rowsOf {
-                let n = rows.count
-                let xs = x.gatherRows(rows)
-                var target = Matrix(rows: n, cols: d)  // Σ_i w_i y_i
-                var sw = [Float](repeating: 0, count: n)
-                for (k, s) in prepared[gi].stored.enumerated() {
-                    let dsp = disp[s]
-                    if dsp.tokens.isEmpty { continue }
-                    let y = prepared[gi].aligned[k].forward(x.gatherRows(dsp.tokens), activation: c.activation)
-                    for (r, t) in dsp.tokens.enumerated() {
-                        let row = union[gi]![t]!
-                        let w = dsp.weights[r]
-                        sw[row] += w
-                        for j in 0..<d { target.data[row * d + j] += w * y.data[r * d + j] }
-                    }
+            guard !rows.isEmpty else { return }
+            let n = rows.count
+            var target = Matrix(rows: n, cols: d)
+            var sw = [Float](repeating: 0, count: n)
+            for (k, s) in p.stored.enumerated() {
+                let dsp = disp[s]
+                if dsp.tokens.isEmpty { continue }
+                let y = p.aligned[k].forward(x.gatherRows(dsp.tokens), activation: c.activation)
+                for (i, t) in dsp.tokens.enumerated() {
+                    let j = row[t]!
+                    let w = dsp.weights[i]
+                    sw[j] += w
+                    for q in 0..<d { target.data[j * d + q] += w * y.data[i * d + q] }
                 }
-                var h = experts[gi].hidden(xs, activation: c.activation)
-                if hasBias { h = Matrix.hstack([h, Matrix(rows: n, cols: 1, repeating: 1)]) }
-                refit[gi]!.tokens += n
-                accumulateWeightedCross(h, h, weights: sw, into: &refit[gi]!.a)
-                accumulateWeightedCross(h, target, weights: nil, into: &refit[gi]!.b)
             }
-            block += 1
-            progress?("refit \(layer.name)", block, block + 1)
+            var h = expert.hidden(x.gatherRows(rows), activation: c.activation)
+            if hasBias { h = Matrix.hstack([h, Matrix(rows: n, cols: 1, repeating: 1)]) }
+            r.tokens += n
+            accumulateWeightedCross(h, h, weights: sw, into: &r.a)
+            accumulateWeightedCross(h, target, weights: nil, into: &r.b)
         }
-        for gi in refit.indices {
-            guard var r = refit[gi] else { continue }
-            var meanDiag = 0.0
-            for i in 0..<fa { meanDiag += r.a[i * fa + i] }
-            meanDiag /= Double(fa)
-            // Ridge towards the RegMean down (and bias), not towards zero.
-            let lambda = options.refitRidge * meanDiag + (meanDiag == 0 ? 1e-12 : 0)
-            for i in 0..<fa { r.a[i * fa + i] += lambda }
-            let d0 = experts[gi].down.dense()
-            for i in 0..<f { for j in 0..<d { r.b[i * d + j] += lambda * Double(d0.data[j * f + i]) } }
-            if hasBias, let b0 = experts[gi].downBias { for j in 0..<d { r.b[f * d + j] += lambda * Double(b0[j]) } }
-            let (y, method, estimate) = try SymmetricSolver.solve(r.a, r.b, n: fa, m: d)  // [fa, d] = down*ᵀ (+ bias row)
-            var down = Matrix(rows: d, cols: f)
-            for i in 0..<f { for j in 0..<d { down.data[j * f + i] = Float(y[i * d + j]) } }
-            experts[gi].down = .dense(down)
-            if hasBias { experts[gi].downBias = (0..<d).map { Float(y[f * d + $0]) } }
-            reports[gi].how = "regmean+refit"
-            if method != .cholesky { reports[gi].notes.append(solverNote("refit", method, estimate)) }
-        }
-        return (experts, reports)
+        var meanDiag = 0.0
+        for i in 0..<fa { meanDiag += r.a[i * fa + i] }
+        meanDiag /= Double(fa)
+        // Ridge towards the RegMean down (and bias), not towards zero.
+        let lambda = options.refitRidge * meanDiag + (meanDiag == 0 ? 1e-12 : 0)
+        for i in 0..<fa { r.a[i * fa + i] += lambda }
+        let d0 = expert.down.dense()
+        for i in 0..<f { for j in 0..<d { r.b[i * d + j] += lambda * Double(d0.data[j * f + i]) } }
+        if hasBias, let b0 = expert.downBias { for j in 0..<d { r.b[f * d + j] += lambda * Double(b0[j]) } }
+        let (y, method, estimate) = try SymmetricSolver.solve(r.a, r.b, n: fa, m: d)  // [fa, d] = down*ᵀ (+ bias row)
+        var down = Matrix(rows: d, cols: f)
+        for i in 0..<f { for j in 0..<d { down.data[j * f + i] = Float(y[i * d + j]) } }
+        expert.down = .dense(down)
+        if hasBias { expert.downBias = (0..<d).map { Float(y[f * d + $0]) } }
+        if method != .cholesky { report.notes.append(solverNote("refit", method, estimate)) }
     }
 }

@@ -25,11 +25,18 @@ struct Synth: ParsableCommand {
     @Option(help: "Relative noise of each copy.") var noise: Float = 0.01
     @Option(help: "Calibration tokens per layer.") var tokens = 1024
     @Option(help: "Random seed.") var seed: UInt64 = 1
+    @Option(help: "Stored float type of the weights: f32, f16 or bf16 (the capture is computed on the stored weights).")
+    var dtype: StoredType = .f32
     @Option(name: [.customShort("o"), .long], help: "Checkpoint to write.") var output: String
     @Option(help: "Calibration file to write.") var calib: String
     @OptionGroup var global: GlobalOptions
 
     enum Preset: String, ExpressibleByArgument { case `switch`, mixtral }
+
+    enum StoredType: String, ExpressibleByArgument {
+        case f32, f16, bf16
+        var storage: StorageType { self == .f16 ? .f16 : self == .bf16 ? .bf16 : .f32 }
+    }
 
     func run() throws {
         let spec: SyntheticSpec
@@ -43,7 +50,7 @@ struct Synth: ParsableCommand {
                 noise: noise, tokens: tokens, seed: seed)
         }
         try ensureOutputDiffers(output, from: [calib])
-        let truth = try SyntheticGenerator.write(spec, model: output, calibration: calib)
+        let truth = try SyntheticGenerator.write(spec, model: output, calibration: calib, storage: dtype.storage)
         if global.json {
             return printJSON(.object([
                 ("model", .string(output)), ("calibration", .string(calib)),

@@ -35,4 +35,18 @@ final class FixtureTests: XCTestCase {
             }
         }
     }
+
+    /// `synth --dtype bf16` stores bfloat16 weights and computes the capture on them: the
+    /// stored model reproduces the capture's outputs (the same layer, streamed expert by expert).
+    func testSynthStoresTheAskedTypeAndItsCaptureMatches() throws {
+        let dir = temporaryDirectory(self)
+        let r = try runCLI(["synth", "--layers", "2", "--experts", "4", "--families", "2", "--top-k", "2", "--d-model", "16",
+                            "--d-ff", "24", "--expert-type", "glu", "--activation", "silu", "--tokens", "300", "--dtype", "bf16",
+                            "-o", dir + "/m.h5", "--calib", dir + "/c.h5", "--quiet"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let model = try CheckpointReader(dir + "/m.h5")
+        XCTAssertEqual(try model.expertStorage(), .bf16)
+        let ev = try Evaluation.run(original: model, compressed: model, calibration: try CalibrationReader(dir + "/c.h5"))
+        for l in ev.layers { XCTAssertLessThan(try XCTUnwrap(l.capturedOutputError), 1e-6, l.name) }
+    }
 }

@@ -386,11 +386,8 @@ public final class CheckpointWriter: @unchecked Sendable {
     /// The root group (to add `/dense` tensors directly).
     public var root: H5Group { file.root }
 
-    /// Writes one MoE layer; returns its group so callers may add attributes.
-    @discardableResult
-    public func write(_ layer: MoELayer) throws -> H5Group {
-        let c = layer.config
-        let g = try layersGroup.createGroup(c.name)
+    /// A layer's attributes and router (FORMAT.md §1).
+    private func writeHeader(_ g: H5Group, _ c: LayerConfig, router: Matrix, bias: [Float]?) throws {
         try g.setAttribute("index", c.index)
         try g.setAttribute("num_experts", c.numExperts)
         try g.setAttribute("top_k", c.topK)
@@ -399,11 +396,82 @@ public final class CheckpointWriter: @unchecked Sendable {
         try g.setAttribute("expert_type", c.expertType.rawValue)
         try g.setAttribute("activation", c.activation.rawValue)
         try g.setAttribute("router_type", c.routerType.rawValue)
+        try g.write("router/weight", floats: router.data, shape: [c.numExperts, c.dModel], as: options.dtype)
+        if let b = bias { try g.write("router/bias", floats: b, shape: [c.numExperts], as: options.dtype) }
+    }
+
+    /// Dense experts of a layer written one at a time, in order, and readable back as stored:
+    /// a layer that is never whole in memory (`beginDenseExperts`, then `finishDenseLayer`).
+    public final class PendingDenseExperts {
+        let group: H5Group
+        let datasets: [(name: String, data: H5Dataset)]
+        public let count: Int
+        public private(set) var written = 0
+
+        init(group: H5Group, datasets: [(name: String, data: H5Dataset)], count: Int) {
+            self.group = group
+            self.datasets = datasets
+            self.count = count
+        }
+
+        /// Stores the next expert (no biases).
+        public func write(_ e: Expert) throws {
+            precondition(written < count, "more experts than announced")
+            for (name, d) in datasets { try d.write(floats: e[matrix: name]!.dense().data, rows: written..<(written + 1)) }
+            written += 1
+        }
+
+        /// Expert `i` as stored (after rounding to the file's float type).
+        public func read(_ i: Int) throws -> Expert {
+            var m: [String: Matrix] = [:]
+            for (name, d) in datasets {
+                let (rows, cols) = (d.shape[1], d.shape[2])
+                m[name] = Matrix(rows: rows, cols: cols, data: try d.readFloats(rows: i..<(i + 1)))
+            }
+            return Expert(up: m["up"]!, gate: m["gate"], down: m["down"]!)
+        }
+    }
+
+    /// Starts layer `name` with `count` dense experts [d_ff, d_model] (up, gate when `gated`) and
+    /// [d_model, d_ff] (down), chunked one expert per chunk as `write` stores them.
+    public func beginDenseExperts(named name: String, count: Int, dModel: Int, dFF: Int, gated: Bool) throws -> PendingDenseExperts {
+        let g = try layersGroup.createGroup(name)
+        let eg = try g.createGroup("experts")
+        var sets: [(name: String, data: H5Dataset)] = []
+        for m in gated ? ["up", "gate", "down"] : ["up", "down"] {
+            let (out, inn) = m == "down" ? (dModel, dFF) : (dFF, dModel)
+            sets.append((m, try eg.createDataset(m, shape: [count, out, inn], type: options.dtype, chunk: [1, out, inn],
+                                                 gzip: options.gzip)))
+        }
+        return PendingDenseExperts(group: g, datasets: sets, count: count)
+    }
+
+    /// Completes a layer begun with `beginDenseExperts`: its attributes and router.
+    public func finishDenseLayer(_ pending: PendingDenseExperts, config c: LayerConfig, router: Matrix,
+                                 bias: [Float]? = nil) throws -> H5Group {
+        guard pending.written == pending.count, c.numExperts == pending.count else {
+            throw SMoEError.dataset(output.destination, pending.group.path, "\(pending.written) of \(pending.count) experts written for \(c.numExperts) slots")
+        }
+        try writeHeader(pending.group, c, router: router, bias: bias)
+        file.flush()
+        return pending.group
+    }
+
+    /// Writes one MoE layer; returns its group so callers may add attributes.
+    @discardableResult
+    public func write(_ layer: MoELayer) throws -> H5Group {
+        let c = layer.config
+        let g = try layersGroup.createGroup(c.name)
+        try writeHeader(g, c, router: layer.router, bias: layer.routerBias)
         let dt = options.dtype
-        try g.write("router/weight", floats: layer.router.data, shape: [c.numExperts, c.dModel], as: dt)
-        if let b = layer.routerBias { try g.write("router/bias", floats: b, shape: [c.numExperts], as: dt) }
         let G = layer.experts.count
         let eg = try g.createGroup("experts")
+        try g.setAttribute("num_experts", c.numExperts)
+        try g.setAttribute("top_k", c.topK)
+        try g.setAttribute("d_model", c.dModel)
+        try g.setAttribute("d_ff", c.dFF)
+        try g.setAttribute("expert_type", c.expertType.rawValue)
+        try g.setAttribute("activation", c.activation.rawValue)
         let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
         for m in names {
             let ops = layer.experts.map { $0[matrix: m]! }

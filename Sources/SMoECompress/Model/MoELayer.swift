@@ -236,8 +236,12 @@ public struct MoELayer: Sendable, Equatable {
 
     /// For each stored expert: the tokens it runs on and the summed weight of its slots
     /// (a stored expert chosen by several of a token's slots runs once with the summed weight).
-    public func dispatch(_ routing: Routing) -> [(tokens: [Int], weights: [Float])] {
-        var out = [(tokens: [Int], weights: [Float])](repeating: ([], []), count: numStored)
+    public func dispatch(_ routing: Routing) -> [(tokens: [Int], weights: [Float])] { dispatch(routing, stored: numStored) }
+
+    /// `dispatch` for a layer whose `stored` experts are not in memory (a generator writing them
+    /// one at a time).
+    public func dispatch(_ routing: Routing, stored: Int) -> [(tokens: [Int], weights: [Float])] {
+        var out = [(tokens: [Int], weights: [Float])](repeating: ([], []), count: stored)
         let n = routing.slots.count / max(routing.k, 1)
         for t in 0..<n {
             for r in 0..<routing.k {

@@ -86,86 +86,144 @@ public enum SyntheticGenerator {
         return v
     }
 
-    /// One planted layer, its calibration inputs and ground truth.
-    public static func makeLayer(_ spec: SyntheticSpec, index l: Int) -> (layer: MoELayer, x: Matrix, truth: PlantedLayer) {
-        var rng = SplitMix64(seed: spec.seed &+ UInt64(l) &* 0x9E37_79B9)
-        let E = spec.numExperts, P = spec.families, d = spec.dModel, f = spec.dFF
-        // Family of each slot: every family gets at least one slot, the rest at random, then shuffled.
-        var family = (0..<E).map { $0 < P ? $0 : rng.nextInt(below: P) }
-        let shuffle = rng.permutation(E)
-        family = shuffle.map { family[$0] }
-        // Prototypes.
-        let upScale = 1 / Float(d).squareRoot(), downScale = 1 / Float(f).squareRoot()
-        let protoUp = (0..<P).map { _ in gaussian(f, d, upScale, &rng) }
-        let protoGate = (0..<P).map { _ in gaussian(f, d, upScale, &rng) }
-        let protoDown = (0..<P).map { _ in gaussian(d, f, downScale, &rng) }
-        var experts: [Expert] = []
-        var perms: [[Int]] = []
-        for e in 0..<E {
-            let p = family[e]
+    /// A planted layer generated expert by expert, with the same random stream as generating it
+    /// whole: the prototypes are not kept but regenerated from the generator state recorded where
+    /// each begins (SplitMix64 advances by a constant per draw, and a Gaussian takes exactly two
+    /// draws, so a prototype's draws are skipped by moving the state), so memory holds one
+    /// prototype and one expert at a time, not the layer.
+    struct LayerPlan {
+        let spec: SyntheticSpec
+        let index: Int
+        let family: [Int]
+        /// Generator states where each prototype's draws begin: up, gate, down per family.
+        let protoStates: (up: [UInt64], gate: [UInt64], down: [UInt64])
+        /// The generator after the prototypes, where the experts' draws begin.
+        var rng: SplitMix64
+
+        init(_ spec: SyntheticSpec, index l: Int) {
+            self.spec = spec
+            self.index = l
+            var rng = SplitMix64(seed: spec.seed &+ UInt64(l) &* 0x9E37_79B9)
+            let E = spec.numExperts, P = spec.families
+            // Family of each slot: every family gets at least one slot, the rest at random, then shuffled.
+            var family = (0..<E).map { $0 < P ? $0 : rng.nextInt(below: P) }
+            let shuffle = rng.permutation(E)
+            family = shuffle.map { family[$0] }
+            self.family = family
+            func skip(_ count: Int) -> [UInt64] {
+                (0..<P).map { _ in
+                    let start = rng.state
+                    rng.state &+= UInt64(2 * count) &* 0x9E37_79B9_7F4A_7C15  // 2 draws per Gaussian
+                    return start
+                }
+            }
+            let n = spec.dFF * spec.dModel
+            let up = skip(n), gate = skip(n), down = skip(n)
+            protoStates = (up, gate, down)
+            self.rng = rng
+        }
+
+        var upScale: Float { 1 / Float(spec.dModel).squareRoot() }
+        var downScale: Float { 1 / Float(spec.dFF).squareRoot() }
+
+        func prototype(_ state: UInt64, _ rows: Int, _ cols: Int, _ scale: Float) -> Matrix {
+            var r = SplitMix64(seed: state)
+            return gaussian(rows, cols, scale, &r)
+        }
+
+        /// The next expert (in slot order) and its hidden-neuron permutation.
+        mutating func nextExpert(_ e: Int) -> (Expert, [Int]) {
+            let p = family[e], d = spec.dModel, f = spec.dFF
             let perm = rng.permutation(f)
-            perms.append(perm)
-            var up = protoUp[p].gatherRows(perm)
+            var up = prototype(protoStates.up[p], f, d, upScale).gatherRows(perm)
             up.addScaled(gaussian(f, d, upScale * spec.noise, &rng), 1)
-            var down = protoDown[p].gatherColumns(perm)
+            var down = prototype(protoStates.down[p], d, f, downScale).gatherColumns(perm)
             down.addScaled(gaussian(d, f, downScale * spec.noise, &rng), 1)
             var gate: Matrix? = nil
             if spec.expertType == .glu {
-                var g = protoGate[p].gatherRows(perm)
+                var g = prototype(protoStates.gate[p], f, d, upScale).gatherRows(perm)
                 g.addScaled(gaussian(f, d, upScale * spec.noise, &rng), 1)
                 gate = g
             }
-            experts.append(Expert(up: up, gate: gate, down: down))
+            return (Expert(up: up, gate: gate, down: down), perm)
         }
-        // Router: slot e's row = s_e · (4·u_family + 2·n_e) with n_e a random unit vector. The
-        // first slot of each family (its leader) has s = 1, the others 0.6...0.7, so the leader
-        // is the family's most used slot and the others are chosen now and then.
-        let dirs = (0..<P).map { _ in unit(d, &rng) }
-        var router = Matrix(rows: E, cols: d)
-        var seenFamily = Set<Int>()
-        for e in 0..<E {
-            let leader = seenFamily.insert(family[e]).inserted
-            let s: Float = leader ? 1.0 : 0.6 + 0.1 * Float(rng.nextDouble())
-            let n = unit(d, &rng)
-            for j in 0..<d { router[e, j] = s * (4 * dirs[family[e]][j] + 2 * n[j]) }
-        }
-        // Tokens: each draws min(k, P) distinct families with uneven probabilities and is
-        // x = Σ 2·u_h + N(0, 0.5²), so every family gets traffic and top-k picks k families.
-        let weights = (0..<P).map { 1.0 + Double($0) * 0.5 }
-        var x = Matrix(rows: spec.tokens, cols: d)
-        for t in 0..<spec.tokens {
-            var w = weights
-            for _ in 0..<min(spec.topK, P) {
-                var r = rng.nextDouble() * w.reduce(0, +)
-                var h = 0
-                while h < P - 1, r >= w[h] || w[h] == 0 { r -= w[h]; h += 1 }
-                w[h] = 0
-                for j in 0..<d { x[t, j] += 2 * dirs[h][j] }
-            }
-            for j in 0..<d { x[t, j] += 0.5 * Float(rng.nextGaussian()) }
-        }
-        let config = LayerConfig(
-            name: layerName(spec, l), index: l, numExperts: E, topK: spec.topK, dModel: d, dFF: f,
-            expertType: spec.expertType, activation: spec.activation, routerType: spec.routerType)
-        let layer = MoELayer(config: config, router: router, experts: experts)
-        // Planted usage by a direct per-token loop (ties to the lower slot).
-        var counts = [Int](repeating: 0, count: E)
-        for t in 0..<spec.tokens {
-            var logits = [Float](repeating: 0, count: E)
+
+        /// After every expert: the router, the calibration tokens and the layer's configuration.
+        mutating func routerAndTokens() -> (router: Matrix, x: Matrix, config: LayerConfig) {
+            let E = spec.numExperts, P = spec.families, d = spec.dModel
+            // Router: slot e's row = s_e · (4·u_family + 2·n_e) with n_e a random unit vector. The
+            // first slot of each family (its leader) has s = 1, the others 0.6...0.7, so the leader
+            // is the family's most used slot and the others are chosen now and then.
+            let dirs = (0..<P).map { _ in unit(d, &rng) }
+            var router = Matrix(rows: E, cols: d)
+            var seenFamily = Set<Int>()
             for e in 0..<E {
-                var s: Float = 0
-                for j in 0..<d { s += router[e, j] * x[t, j] }
-                logits[e] = s
+                let leader = seenFamily.insert(family[e]).inserted
+                let s: Float = leader ? 1.0 : 0.6 + 0.1 * Float(rng.nextDouble())
+                let n = unit(d, &rng)
+                for j in 0..<d { router[e, j] = s * (4 * dirs[family[e]][j] + 2 * n[j]) }
             }
-            let order = (0..<E).sorted { logits[$0] != logits[$1] ? logits[$0] > logits[$1] : $0 < $1 }
-            for e in order.prefix(spec.topK) { counts[e] += 1 }
+            // Tokens: each draws min(k, P) distinct families with uneven probabilities and is
+            // x = Σ 2·u_h + N(0, 0.5²), so every family gets traffic and top-k picks k families.
+            let weights = (0..<P).map { 1.0 + Double($0) * 0.5 }
+            var x = Matrix(rows: spec.tokens, cols: d)
+            for t in 0..<spec.tokens {
+                var w = weights
+                for _ in 0..<min(spec.topK, P) {
+                    var r = rng.nextDouble() * w.reduce(0, +)
+                    var h = 0
+                    while h < P - 1, r >= w[h] || w[h] == 0 { r -= w[h]; h += 1 }
+                    w[h] = 0
+                    for j in 0..<d { x[t, j] += 2 * dirs[h][j] }
+                }
+                for j in 0..<d { x[t, j] += 0.5 * Float(rng.nextGaussian()) }
+            }
+            let config = LayerConfig(
+                name: layerName(spec, index), index: index, numExperts: E, topK: spec.topK, dModel: d, dFF: spec.dFF,
+                expertType: spec.expertType, activation: spec.activation, routerType: spec.routerType)
+            return (router, x, config)
         }
-        return (layer, x, PlantedLayer(name: config.name, family: family, permutation: perms, counts: counts))
+
+        /// Planted usage by a direct per-token loop (ties to the lower slot).
+        func counts(router: Matrix, x: Matrix) -> [Int] {
+            let E = spec.numExperts, d = spec.dModel
+            var counts = [Int](repeating: 0, count: E)
+            for t in 0..<spec.tokens {
+                var logits = [Float](repeating: 0, count: E)
+                for e in 0..<E {
+                    var s: Float = 0
+                    for j in 0..<d { s += router[e, j] * x[t, j] }
+                    logits[e] = s
+                }
+                let order = (0..<E).sorted { logits[$0] != logits[$1] ? logits[$0] > logits[$1] : $0 < $1 }
+                for e in order.prefix(spec.topK) { counts[e] += 1 }
+            }
+            return counts
+        }
     }
 
-    /// Writes the checkpoint and its calibration file; returns the planted truth per layer.
+    /// One planted layer in memory, its calibration inputs and ground truth.
+    public static func makeLayer(_ spec: SyntheticSpec, index l: Int) -> (layer: MoELayer, x: Matrix, truth: PlantedLayer) {
+        var plan = LayerPlan(spec, index: l)
+        var experts: [Expert] = []
+        var perms: [[Int]] = []
+        for e in 0..<spec.numExperts {
+            let (expert, perm) = plan.nextExpert(e)
+            experts.append(expert)
+            perms.append(perm)
+        }
+        let (router, x, config) = plan.routerAndTokens()
+        let layer = MoELayer(config: config, router: router, experts: experts)
+        return (layer, x, PlantedLayer(name: config.name, family: plan.family, permutation: perms,
+                                       counts: plan.counts(router: router, x: x)))
+    }
+
+    /// Writes the checkpoint and its calibration file, one expert in memory at a time (the
+    /// experts are written as they are generated, then read back one by one for the capture's
+    /// outputs); returns the planted truth per layer. `storage` is the weights' stored type.
     @discardableResult
-    public static func write(_ spec: SyntheticSpec, model: String, calibration: String) throws -> [PlantedLayer] {
+    public static func write(_ spec: SyntheticSpec, model: String, calibration: String,
+                             storage: StorageType = .f32) throws -> [PlantedLayer] {
         try spec.validate()
         let entry: JSONValue = [
             "stage": "synth", "seed": .int(Int(truncatingIfNeeded: spec.seed)), "layers": .int(spec.numLayers),
@@ -173,7 +231,8 @@ public enum SyntheticGenerator {
             "d_model": .int(spec.dModel), "d_ff": .int(spec.dFF), "expert_type": .string(spec.expertType.rawValue),
             "noise": .double(Double("\(spec.noise)") ?? Double(spec.noise)), "tokens": .int(spec.tokens),
         ]
-        let w = try CheckpointWriter(destination: model, architecture: spec.architecture, history: [], entry: entry)
+        let w = try CheckpointWriter(destination: model, architecture: spec.architecture, history: [], entry: entry,
+                                     options: WriteOptions(dtype: storage))
         let cw = try CalibrationWriter(destination: calibration, source: "smoe-compress synth: " + entry.serialized())
         // A small dense part so /dense copying is exercised.
         var rng = SplitMix64(seed: spec.seed ^ 0xD15E)
@@ -181,16 +240,40 @@ public enum SyntheticGenerator {
         try w.root.write("dense/norm.weight", floats: [Float](repeating: 1, count: spec.dModel), shape: [spec.dModel])
         var truths: [PlantedLayer] = []
         for l in 0..<spec.numLayers {
-            let (layer, x, truth) = makeLayer(spec, index: l)
-            let g = try w.write(layer)
+            var plan = LayerPlan(spec, index: l)
+            // The router comes after the experts in the random stream: generate and store the
+            // experts first (the group is created with the router once it is known).
+            var perms: [[Int]] = []
+            let pending = try w.beginDenseExperts(named: layerName(spec, l), count: spec.numExperts, dModel: spec.dModel,
+                                                  dFF: spec.dFF, gated: spec.expertType == .glu)
+            for e in 0..<spec.numExperts {
+                let (expert, perm) = plan.nextExpert(e)
+                try pending.write(expert)
+                perms.append(perm)
+            }
+            let (router, x, config) = plan.routerAndTokens()
+            let truth = PlantedLayer(name: config.name, family: plan.family, permutation: perms,
+                                     counts: plan.counts(router: router, x: x))
+            let g = try w.finishDenseLayer(pending, config: config, router: router)
             try g.write("planted/family", ints: truth.family, shape: [spec.numExperts], as: .i32)
             try g.write("planted/permutation", ints: truth.permutation.flatMap { $0 }, shape: [spec.numExperts, spec.dFF], as: .i32)
             try g.write("planted/counts", ints: truth.counts, shape: [spec.numExperts], as: .i64)
             try g.setAttribute("planted_families", spec.families)
             try g.setAttribute("planted_noise", Double(spec.noise))
-            let routing = layer.route(x)
-            try cw.write(layer: layer.name, index: l, hiddenStates: x, routerLogits: routing.logits,
-                         output: layer.forward(x, routing: routing))
+            // The layer's output, one expert at a time (as stored, so the capture matches the file).
+            let stored = Matrix(rows: router.rows, cols: router.cols, data: router.data.map(storage.roundTrip))
+            let shell = MoELayer(config: config, router: stored, experts: [])
+            let routing = shell.route(x)
+            var y = Matrix(rows: x.rows, cols: spec.dModel)
+            for (e, disp) in shell.dispatch(routing, stored: spec.numExperts).enumerated() where !disp.tokens.isEmpty {
+                let expert = try pending.read(e)
+                let ye = expert.forward(x.gatherRows(disp.tokens), activation: spec.activation)
+                for (i, t) in disp.tokens.enumerated() {
+                    let wt = disp.weights[i]
+                    for j in 0..<spec.dModel { y.data[t * spec.dModel + j] += wt * ye.data[i * spec.dModel + j] }
+                }
+            }
+            try cw.write(layer: config.name, index: l, hiddenStates: x, routerLogits: routing.logits, output: y)
             truths.append(truth)
         }
         try w.commit()

@@ -27,6 +27,8 @@ func flag(for setting: Setting) -> String {
     case .matrices: return "--matrices"
     case .svd: return "--svd"
     case .activationAware: return "--activation-aware"
+    case .lowrankObjective: return "--lowrank-objective"
+    case .whiteningRidge: return "--whitening-ridge"
     case .reference: return "--reference"
     case .storage: return "--dtype"
     case .maxShardSize: return "--max-shard-size"

@@ -128,11 +128,13 @@ public struct CompressStage: LayerStage {
         var final = mergedLayer
         var lowRankReport: LayerLowRankReport? = nil
         if let options = settings.lowRank {
-            let norms = settings.activationAware
-                ? try LowRankStage.inputNorms(mergedLayer, tokens: calibration.tokenBlocks(original.name, tokens))
-                : nil
+            // Output objective (the default): whitened on the calibration tokens; weight: plain SVD,
+            // sparse entries ranked by |S_ij|·‖X_j‖ with the activation-aware setting.
+            let blocks = calibration.tokenBlocks(original.name, tokens)
+            let whiten = options.objective(hasTokens: true) == .output
+            let norms = settings.activationAware && !whiten ? try LowRankStage.inputNorms(mergedLayer, tokens: blocks) : nil
             (final, lowRankReport) = try LowRankStage.compressLayer(mergedLayer, options: options, inputNorms: norms,
-                                                                    progress: progress)
+                                                                    whitenOn: whiten ? blocks : nil, progress: progress)
             final = final.roundedForStorage(storage)
         }
         // Both steps measured against the original on the same tokens, one block at a time.
@@ -170,7 +172,10 @@ public struct CompressStage: LayerStage {
         var kv: [(String, JSONValue)] = [("stage", "compress"), ("tool", .string("smoe-compress \(smoeCompressVersion)"))]
         kv.append(("merge", merge.historyEntry(reports.compactMap(\.merge))))
         if let l = settings.lowRank {
-            kv.append(("lowrank", LowRankStage.historyEntry(l, calibration: settings.activationAware ? calibration.path : nil,
+            var l = l
+            l.objective = l.objective(hasTokens: true)
+            let usesTokens = settings.activationAware || l.objective == .output
+            kv.append(("lowrank", LowRankStage.historyEntry(l, calibration: usesTokens ? calibration.path : nil,
                                                             reports: reports.compactMap(\.lowRank))))
         }
         kv.append(("evaluation_tokens", .string(report.evaluationSource)))

@@ -63,6 +63,7 @@ public enum Setting: String, Sendable, CaseIterable {
     case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge"
     // Low rank.
     case rank, energy, sparsity, iterations, matrices, svd, activationAware = "activation-aware"
+    case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge"
     // Alignment.
     case reference
     // Output.

@@ -29,6 +29,7 @@ func flag(for setting: Setting) -> String {
     case .activationAware: return "--activation-aware"
     case .lowrankObjective: return "--lowrank-objective"
     case .whiteningRidge: return "--whitening-ridge"
+    case .targetSize: return "--target-size"
     case .reference: return "--reference"
     case .storage: return "--dtype"
     case .maxShardSize: return "--max-shard-size"

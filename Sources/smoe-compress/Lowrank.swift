@@ -45,9 +45,9 @@ struct LowRankOptionGroup: ParsableArguments {
     /// The rank rule, when --rank or --energy is given.
     var rule: RankRule? { rank.map(RankRule.fixed) ?? energy.map(RankRule.energy) }
 
-    /// Library options, when a rank rule is given; `floatBytes` is the output float width.
-    func options(floatBytes: Int) -> LowRankOptions? {
-        rule.map {
+    /// Library options, when a rank rule is given (or `rule` is); `floatBytes` is the output float width.
+    func options(floatBytes: Int, rule: RankRule? = nil) -> LowRankOptions? {
+        (rule ?? self.rule).map {
             var o = LowRankOptions(rank: $0, sparsity: sparsity, structure: sparseStructure, iterations: iterations,
                                    matrices: Set(matrices.items.compactMap(ExpertMatrixName.init(rawValue:))), svd: svd, seed: seed,
                                    floatBytes: floatBytes, objective: lowrankObjective)

@@ -63,7 +63,7 @@ public enum Setting: String, Sendable, CaseIterable {
     case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge"
     // Low rank.
     case rank, energy, sparsity, iterations, matrices, svd, activationAware = "activation-aware"
-    case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge"
+    case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge", targetSize = "target-size"
     // Alignment.
     case reference
     // Output.

@@ -20,23 +20,55 @@ struct Compress: ParsableCommand {
     var evalCalib: String?
     @Flag(help: "Rank sparse residual entries by |S_ij|·‖X_j‖ over the calibration tokens (needs --sparsity > 0).")
     var activationAware = false
+    @Option(help: "Expert size to reach: a fraction of the original expert bytes (0.5) or a size (20GB). The planner chooses groups and ranks per layer.")
+    var targetSize: String?
+    @Flag(help: "With --target-size: print the plan and write nothing.")
+    var planOnly = false
+    @Flag(help: "With --target-size: the same number of groups in every layer.")
+    var uniformGroups = false
     @OptionGroup var mergeOptions: MergeOptionGroup
     @OptionGroup var lowrank: LowRankOptionGroup
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
-        if lowrank.rule == nil && lowrank.sparsity > 0 { throw ValidationError("--sparsity needs --rank or --energy") }
+        if targetSize == nil {
+            if mergeOptions.groups == nil { throw ValidationError("give --groups, or --target-size") }
+            if planOnly || uniformGroups { throw ValidationError("--plan-only and --uniform-groups need --target-size") }
+            if lowrank.rule == nil && lowrank.sparsity > 0 { throw ValidationError("--sparsity needs --rank or --energy") }
+        } else {
+            if lowrank.rule != nil { throw ValidationError("--target-size chooses the ranks: give no --rank or --energy") }
+            if mergeOptions.adaptive { throw ValidationError("--target-size chooses the groups per layer: give no --adaptive") }
+        }
+    }
+
+    /// The planner's settings, with --target-size.
+    func plannerSettings() throws -> PlannerSettings? {
+        try targetSize.map {
+            PlannerSettings(target: try TargetSize.parse($0), groupCandidates: mergeOptions.groups.map { [$0] },
+                            uniformGroups: uniformGroups)
+        }
     }
 
     func run() throws {
         let inputs = [calib] + [evalCalib, mergeOptions.stats].compactMap { $0 }
         let reader = try CheckpointReader(model)
-        let writer = try output.writer(from: reader, stage: "compress", inputs: inputs)
         let storage = output.writeOptions(for: reader).dtype
-        let settings = CompressSettings(merge: mergeOptions.settings, lowRank: lowrank.options(floatBytes: storage.byteSize),
+        var settings = CompressSettings(merge: mergeOptions.settings, lowRank: lowrank.options(floatBytes: storage.byteSize),
                                         activationAware: activationAware)
+        settings.target = try plannerSettings()
+        if settings.target != nil { settings.lowRank = lowrank.options(floatBytes: storage.byteSize, rule: .fixed(1)) }
         let progress = global.progress
+        if planOnly {
+            let plan = try namingFile(model, inputs: inputs) {
+                try SizePlanner.plan(model: reader, calibration: try CalibrationReader(calib), stats: try mergeOptions.stats.map(StatsReader.init),
+                                     merge: settings.merge, lowRank: settings.lowRank!, settings: settings.target!,
+                                     storage: storage, progress: progress.callback)
+            }
+            progress.finish()
+            return global.json ? printJSON(.object([("model", .string(model)), ("plan", plan.json)])) : renderPlan(plan)
+        }
+        let writer = try output.writer(from: reader, stage: "compress", inputs: inputs)
         let shard = try output.shardValue()
         let (stage, result) = try namingFile(model, inputs: inputs) {
             let stage = try CompressStage(model: reader, calibration: try CalibrationReader(calib),
@@ -47,14 +79,27 @@ struct Compress: ParsableCommand {
         }
         progress.finish()
         try output.commit(writer, stage: stage, result: result, model: reader)
-        render(stage.report(result.reports), timing: result.layers)
+        if let plan = stage.plan, !global.json { renderPlan(plan) }
+        render(stage.report(result.reports), plan: stage.plan, timing: result.layers)
     }
 
-    func render(_ report: CompressReport, timing: [FinishedLayer]) {
+    func renderPlan(_ plan: SizePlan) {
+        var t = Table(["layer", "groups", "ranks", "bytes original", "planned", "estimated error"])
+        for l in plan.layers {
+            t.add([l.name, "\(l.groups)", l.rankSummary, formatBytes(l.bytesOriginal), formatBytes(l.bytes), fixed(l.estimatedError, 4)])
+        }
+        print("plan for \(formatBytes(plan.budget)) of expert bytes (errors estimated on every \(plan.settings.heldOutEvery)th chunk of \(plan.settings.chunkTokens) calibration tokens, held apart from merging):")
+        print(t.render())
+        print("planned: \(formatBytes(plan.bytesOriginal)) → \(formatBytes(plan.bytes)), mean estimated error \(fixed(plan.meanEstimatedError, 4))")
+    }
+
+    func render(_ report: CompressReport, plan stagePlan: SizePlan? = nil, timing: [FinishedLayer]) {
         printMergeWarnings(report.layers.compactMap(\.merge))
         if global.json {
-            return printJSON(.object([("model", .string(model)), ("output", .string(output.output)),
-                                      ("report", report.json), timingJSON(timing)]))
+            var kv: [(String, JSONValue)] = [("model", .string(model)), ("output", .string(output.output)), ("report", report.json),
+                                             timingJSON(timing)]
+            if let p = stagePlan { kv.append(("plan", p.json)) }
+            return printJSON(.object(kv))
         }
         var t = Table(["layer", "groups", "rank", "bytes original", "merged", "final", "error merged", "error final", "cosine"])
         for l in report.layers {

@@ -29,6 +29,12 @@ struct LowRankOptionGroup: ParsableArguments {
     @Option(help: "Seed of the randomized SVD.")
     var seed: UInt64 = 0
 
+    @Option(help: "What U·V minimises: output (‖ΔW·X‖ on the calibration tokens, whitened SVD; the default with tokens) or weight (‖ΔW‖, plain SVD).")
+    var lowrankObjective: LowRankObjective?
+
+    @Option(help: "Whitening ridge, relative to the mean diagonal of the input Gram (default 0.01).")
+    var whiteningRidge: Double = Whitening.defaultRelativeRidge
+
     func validate() throws {
         if rank != nil && energy != nil { throw ValidationError("--rank and --energy exclude each other") }
         for m in matrices.items where ExpertMatrixName(rawValue: m) == nil {
@@ -39,12 +45,14 @@ struct LowRankOptionGroup: ParsableArguments {
     /// The rank rule, when --rank or --energy is given.
     var rule: RankRule? { rank.map(RankRule.fixed) ?? energy.map(RankRule.energy) }
 
-    /// Library options, when a rank rule is given; `floatBytes` is the output float width.
-    func options(floatBytes: Int) -> LowRankOptions? {
-        rule.map {
-            LowRankOptions(rank: $0, sparsity: sparsity, structure: sparseStructure, iterations: iterations,
-                           matrices: Set(matrices.items.compactMap(ExpertMatrixName.init(rawValue:))), svd: svd, seed: seed,
-                           floatBytes: floatBytes)
+    /// Library options, when a rank rule is given (or `rule` is); `floatBytes` is the output float width.
+    func options(floatBytes: Int, rule: RankRule? = nil) -> LowRankOptions? {
+        (rule ?? self.rule).map {
+            var o = LowRankOptions(rank: $0, sparsity: sparsity, structure: sparseStructure, iterations: iterations,
+                                   matrices: Set(matrices.items.compactMap(ExpertMatrixName.init(rawValue:))), svd: svd, seed: seed,
+                                   floatBytes: floatBytes, objective: lowrankObjective)
+            o.whiteningRidge = whiteningRidge
+            return o
         }
     }
 }
@@ -55,7 +63,7 @@ struct Lowrank: ParsableCommand {
         abstract: "Factor every stored expert matrix as low rank plus sparse: W ≈ U·V + S.")
 
     @Argument(help: "The checkpoint to compress.") var model: String
-    @Option(help: "Calibration capture: rank sparse entries by |S_ij|·‖X_j‖ over each expert's routed tokens.") var calib: String?
+    @Option(help: "Calibration capture: factor for the output error on each expert's routed tokens (whitened SVD; sparse entries ranked by |S_ij|·‖X_j‖).") var calib: String?
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
     @OptionGroup var lowrank: LowRankOptionGroup
@@ -116,7 +124,11 @@ struct Lowrank: ParsableCommand {
             print(t.render().split(separator: "\n").map { "  " + $0 }.joined(separator: "\n"))
             print("  layer: \(formatBytes(r.bytesBefore)) → \(formatBytes(r.bytesAfter)) (\(ratio(r.bytesBefore, r.bytesAfter))), relative error mean \(sci(r.meanRelativeError)), max \(sci(r.maxRelativeError))")
         }
-        print("matrices: \(count - kept) of \(count) factored\(kept > 0 ? ", \(kept) kept dense (factored form not smaller)" : ""), \(formatBytes(before)) → \(formatBytes(after)) (\(ratio(before, after)))\(calib != nil ? ", activation-aware sparse ranking" : "")")
+        let whitened = reports.contains { $0.matrices.contains(where: \.whitened) }
+        let aware = calib != nil ? (whitened ? ", whitened for the output error" : ", activation-aware sparse ranking") : ""
+        print("matrices: \(count - kept) of \(count) factored\(kept > 0 ? ", \(kept) kept dense (factored form not smaller)" : ""), \(formatBytes(before)) → \(formatBytes(after)) (\(ratio(before, after)))\(aware)")
         print("wrote \(output.output): expert bytes \(formatBytes(fileBefore)) → \(formatBytes(fileAfter)) (\(ratio(fileBefore, fileAfter)))")
     }
 }
+
+extension LowRankObjective: ExpressibleByArgument {}

@@ -4,8 +4,8 @@ import SMoECompress
 
 /// Options shared by `merge` and `compress`.
 struct MergeOptionGroup: ParsableArguments {
-    @Option(help: "Groups (stored experts) per merged layer; with --adaptive, the average per merged layer.")
-    var groups: Int
+    @Option(help: "Groups (stored experts) per merged layer; with --adaptive, the average per merged layer; with compress --target-size, the one G the planner may use.")
+    var groups: Int?
 
     @Option(help: "Routing statistics from `stats` (computed on the fly when absent).")
     var stats: String?
@@ -41,7 +41,7 @@ struct MergeOptionGroup: ParsableArguments {
     @OptionGroup var tokens: TokenOptions
 
     var settings: MergeSettings {
-        MergeSettings(groups: groups, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
+        MergeSettings(groups: groups ?? 0, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
                       merging: MergeOptions(method: mergeMethod, align: !noAlign, alpha: regmeanAlpha, ridge: regmeanRidge,
                                             refitRidge: refitRidge),
                       tokens: tokens.settings, router: router)
@@ -57,6 +57,10 @@ struct Merge: ParsableCommand {
     @OptionGroup var mergeOptions: MergeOptionGroup
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
+
+    func validate() throws {
+        if mergeOptions.groups == nil { throw ValidationError("Missing expected argument '--groups <groups>'") }
+    }
 
     func run() throws {
         let inputs = [calib, mergeOptions.stats].compactMap { $0 }

@@ -37,6 +37,8 @@ final class RegressionTests: XCTestCase {
             }
             c.append(Case(name: "\(fixture) merge 4 + rank 32", model: fixture + ".h5", calib: fixture + ".calib.h5",
                           eval: fixture + ".heldout.h5", args: ["--groups", "4", "--rank", "32"]))
+            c.append(Case(name: "\(fixture) merge 4 + rank 32 weight objective", model: fixture + ".h5", calib: fixture + ".calib.h5",
+                          eval: fixture + ".heldout.h5", args: ["--groups", "4", "--rank", "32", "--lowrank-objective", "weight"]))
             c.append(Case(name: "\(fixture) merge 4 + rank 16 + sparsity 0.05 activation-aware", model: fixture + ".h5",
                           calib: fixture + ".calib.h5", eval: fixture + ".heldout.h5",
                           args: ["--groups", "4", "--rank", "16", "--sparsity", "0.05", "--activation-aware"]))

@@ -9,6 +9,9 @@ public struct CompressSettings: Sendable {
     public var lowRank: LowRankOptions?
     /// Rank the sparse residual entries by |S_ij|·‖X_j‖ over the calibration tokens.
     public var activationAware: Bool
+    /// Plan groups and ranks per layer for a size (`SizePlanner`); `merge.groups` is then unused
+    /// unless it is the planner's only candidate, and `lowRank` supplies all but the rank.
+    public var target: PlannerSettings? = nil
 
     public init(merge: MergeSettings, lowRank: LowRankOptions?, activationAware: Bool = false) {
         self.merge = merge
@@ -95,6 +98,8 @@ public struct CompressStage: LayerStage {
     public let evaluation: CalibrationReader
     /// The output float type: the figures describe the layers as stored in it.
     public let storage: StorageType
+    /// With a target size: the plan every layer follows (decided once, in `init`).
+    public let plan: SizePlan?
     let model: CheckpointReader
     let denseBytes: Int
 
@@ -104,13 +109,28 @@ public struct CompressStage: LayerStage {
     /// errors are measured on (default: the calibration tokens; a held-out capture is the honest
     /// choice).
     public init(model: CheckpointReader, calibration: CalibrationReader, evaluation: CalibrationReader? = nil,
-                stats: StatsReader?, settings: CompressSettings, storage: StorageType,
+                stats: StatsReader?, settings: CompressSettings, storage: StorageType, plan: SizePlan? = nil,
                 shard: Shard? = nil, progress: ProgressCallback? = nil) throws {
         var settings = settings
         settings.lowRank?.floatBytes = storage.byteSize
         try settings.validate()
-        self.merge = try MergeStage(model: model, calibration: calibration, stats: stats, settings: settings.merge,
+        var mergeSettings = settings.merge
+        if let target = settings.target {
+            // The planner chooses G per layer; the merge stage only validates and names the layers.
+            mergeSettings.groups = 1
+            mergeSettings.adaptive = false
+            let template = settings.lowRank ?? LowRankOptions(rank: .fixed(1), floatBytes: storage.byteSize)
+            self.plan = try plan ?? SizePlanner.plan(model: model, calibration: calibration, stats: stats, merge: settings.merge,
+                                                     lowRank: template, settings: target, storage: storage, progress: progress)
+            settings.lowRank = template
+        } else {
+            self.plan = nil
+        }
+        self.merge = try MergeStage(model: model, calibration: calibration, stats: stats, settings: mergeSettings,
                                     shard: shard, progress: progress)
+        if let p = self.plan, p.layers.map(\.name) != merge.layers {
+            throw SMoEError.setting(.targetSize, "the plan covers layers \(p.layers.map(\.name)), the run \(merge.layers)")
+        }
         let evaluation = evaluation ?? calibration
         try evaluation.checkMatches(model, layers: merge.layers)
         self.settings = settings
@@ -123,16 +143,26 @@ public struct CompressStage: LayerStage {
 
     public func process(_ original: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerCompressReport) {
         let tokens = settings.merge.tokens
-        var (merged, mergeReport) = try merge.process(original, progress: progress)
+        let layerPlan = plan?[original.name]
+        var (merged, mergeReport) = try layerPlan.map {
+            var ms = settings.merge
+            ms.groups = $0.groups
+            return try MergeStage.apply(original, grouping: $0.grouping, frequency: $0.frequency, settings: ms,
+                                        tokens: calibration.tokenBlocks(original.name, tokens), progress: progress)
+        } ?? merge.process(original, progress: progress)
         let mergedLayer = merged.roundedForStorage(storage)
         var final = mergedLayer
         var lowRankReport: LayerLowRankReport? = nil
-        if let options = settings.lowRank {
-            let norms = settings.activationAware
-                ? try LowRankStage.inputNorms(mergedLayer, tokens: calibration.tokenBlocks(original.name, tokens))
-                : nil
+        var lowRank = settings.lowRank
+        if let p = layerPlan { lowRank = p.ranks.isEmpty ? nil : lowRank.map { var o = $0; o.ranks = p.ranks; return o } }
+        if let options = lowRank {
+            // Output objective (the default): whitened on the calibration tokens; weight: plain SVD,
+            // sparse entries ranked by |S_ij|·‖X_j‖ with the activation-aware setting.
+            let blocks = calibration.tokenBlocks(original.name, tokens)
+            let whiten = options.objective(hasTokens: true) == .output
+            let norms = settings.activationAware && !whiten ? try LowRankStage.inputNorms(mergedLayer, tokens: blocks) : nil
             (final, lowRankReport) = try LowRankStage.compressLayer(mergedLayer, options: options, inputNorms: norms,
-                                                                    progress: progress)
+                                                                    whitenOn: whiten ? blocks : nil, progress: progress)
             final = final.roundedForStorage(storage)
         }
         // Both steps measured against the original on the same tokens, one block at a time.
@@ -175,8 +205,12 @@ public struct CompressStage: LayerStage {
         let report = report(reports)
         var kv: [(String, JSONValue)] = [("stage", "compress"), ("tool", .string("smoe-compress \(smoeCompressVersion)"))]
         kv.append(("merge", merge.historyEntry(reports.compactMap(\.merge))))
+        if let p = plan { kv.append(("plan", p.json)) }
         if let l = settings.lowRank {
-            kv.append(("lowrank", LowRankStage.historyEntry(l, calibration: settings.activationAware ? calibration.path : nil,
+            var l = l
+            l.objective = l.objective(hasTokens: true)
+            let usesTokens = settings.activationAware || l.objective == .output
+            kv.append(("lowrank", LowRankStage.historyEntry(l, calibration: usesTokens ? calibration.path : nil,
                                                             reports: reports.compactMap(\.lowRank))))
         }
         kv.append(("evaluation_tokens", .string(report.evaluationSource)))

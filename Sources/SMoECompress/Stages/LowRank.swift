@@ -53,10 +53,18 @@ public struct LowRankOptions: Sendable {
     public var seed: UInt64 = 0
     /// Float width on disk, for the kept-dense decision (4 = float32, 2 = float16).
     public var floatBytes: Int = 4
+    /// What U·V minimises; nil: the output error when the stage has calibration tokens, else the
+    /// weight error (`objective(hasTokens:)`).
+    public var objective: LowRankObjective? = nil
+    /// The whitening ridge relative to the mean diagonal of the input Gram (`Whitening`).
+    public var whiteningRidge: Double = Whitening.defaultRelativeRidge
+    /// Per matrix and stored expert, a rank that overrides `rank` (from a budget allocation,
+    /// `RankAllocation`); keyed by `rankKey`.
+    public var ranks: [String: Int] = [:]
 
     public init(rank: RankRule, sparsity: Double = 0, structure: SparseStructure = .unstructured,
                 iterations: Int = 0, matrices: Set<ExpertMatrixName> = Set(ExpertMatrixName.allCases), svd: SVDMethod = .auto,
-                seed: UInt64 = 0, floatBytes: Int = 4) {
+                seed: UInt64 = 0, floatBytes: Int = 4, objective: LowRankObjective? = nil) {
         self.rank = rank
         self.sparsity = sparsity
         self.structure = structure
@@ -65,7 +73,14 @@ public struct LowRankOptions: Sendable {
         self.svd = svd
         self.seed = seed
         self.floatBytes = floatBytes
+        self.objective = objective
     }
+
+    /// The objective in force: the one asked for, else output when calibration tokens exist.
+    public func objective(hasTokens: Bool) -> LowRankObjective { objective ?? (hasTokens ? .output : .weight) }
+
+    /// The key of one matrix of one stored expert in `ranks` ("up/3").
+    public static func rankKey(_ matrix: ExpertMatrixName, expert: Int) -> String { "\(matrix.rawValue)/\(expert)" }
 
     /// Checks the settings that do not depend on a matrix's shape (a stage does, once, at entry;
     /// `factor` checks the rank against each matrix's shape).
@@ -79,6 +94,10 @@ public struct LowRankOptions: Sendable {
         if matrices.isEmpty { throw SMoEError.setting(.matrices, "names no matrix (up, gate, down)") }
         if oversampling < 0 || powerIterations < 0 { throw SMoEError.setting(.svd, "oversampling and power iterations must be ≥ 0") }
         if floatBytes != 2 && floatBytes != 4 { throw SMoEError.setting(.storage, "float width must be 2 or 4 bytes") }
+        if !(whiteningRidge >= 0 && whiteningRidge.isFinite) {
+            throw SMoEError.setting(.whiteningRidge, "must be a finite number ≥ 0 (got \(whiteningRidge))")
+        }
+        if let bad = ranks.first(where: { $0.value < 1 }) { throw SMoEError.setting(.rank, "\(bad.key): must be at least 1 (got \(bad.value))") }
     }
 
     /// The `auto` rule: randomized when the sketch (rank + oversampling) is at most a quarter of
@@ -111,6 +130,9 @@ public struct LowRankOptions: Sendable {
         kv += [("sparsity", .double(sparsity)), ("sparse_structure", .string(structure.rawValue)),
                ("iterations", .int(iterations)), ("matrices", JSONValue(matrices.sorted().map(\.rawValue))),
                ("svd", .string(svd.rawValue))]
+        if let o = objective { kv.append(("objective", .string(o.rawValue))) }
+        if objective != .weight { kv.append(("whitening_ridge", .double(whiteningRidge))) }
+        if !ranks.isEmpty { kv.append(("allocated_ranks", .object(ranks.sorted { $0.key < $1.key }.map { ($0.key, .int($0.value)) }))) }
         if svd != .exact { kv += [("seed", .int(Int(truncatingIfNeeded: seed))), ("oversampling", .int(oversampling)), ("power_iterations", .int(powerIterations))] }
         return kv
     }
@@ -139,6 +161,11 @@ public struct MatrixLowRankReport: Sendable {
     public var svd: String
     /// Entries of S ranked by |S_ij|·‖X_j‖.
     public var activationAware: Bool = false
+    /// U·V minimised the output error ‖ΔW·X‖ on the whitened matrix (ALGORITHM.md §4.1).
+    public var whitened: Bool = false
+    /// With whitening: ‖(W − (U·V + S))·L‖_F / ‖W·L‖_F, the relative output error on the
+    /// calibration inputs (ridge included; 0 when kept dense).
+    public var outputError: Double? = nil
     /// Relative error after the one-shot split and after each refinement (best one is kept).
     public var errorHistory: [Double] = []
 
@@ -148,7 +175,9 @@ public struct MatrixLowRankReport: Sendable {
             ("nnz", .int(nnz)), ("relative_error", .double(relativeError)), ("params_before", .int(paramsBefore)),
             ("params_after", .int(paramsAfter)), ("bytes_before", .int(bytesBefore)), ("bytes_after", .int(bytesAfter)),
             ("kept_dense", .bool(keptDense)), ("svd", .string(svd)), ("activation_aware", .bool(activationAware)),
+            ("whitened", .bool(whitened)),
         ]
+        if let e = outputError { kv.append(("output_error", .double(e))) }
         if let r = reason { kv.append(("reason", .string(r))) }
         if errorHistory.count > 1 { kv.append(("error_history", JSONValue(errorHistory))) }
         return .object(kv)
@@ -211,8 +240,11 @@ public struct LowRankStage: LayerStage {
     /// S the largest residual entries (ties to the lower row-major index), optionally refined.
     /// With `inputNorms` ([in]) entries (or rows) are ranked by |S_ij|·‖X_j‖. When the factored
     /// form would not take fewer bytes than W it returns `.dense(W)` and says so in the report.
-    /// `name` labels errors ("layer L expert 3 up").
-    public static func factor(_ w: Matrix, options: LowRankOptions, inputNorms: [Float]? = nil,
+    /// With `whitening` (of this matrix's inputs) U·V is the truncated SVD of W·L times L⁻¹, the
+    /// minimiser of the output error (the energy rule then counts whitened singular values).
+    /// `rank` overrides the options' rule. `name` labels errors ("layer L expert 3 up").
+    public static func factor(_ w: Matrix, options: LowRankOptions, inputNorms: [Float]? = nil, whitening: Whitening? = nil,
+                              rank rankOverride: Int? = nil,
                               name: String = "matrix") throws -> (op: LinearOp, report: MatrixLowRankReport) {
         let out = w.rows, inn = w.cols, p = min(out, inn)
         guard p > 0 else { throw SMoEError("\(name): empty matrix [\(out), \(inn)]") }
@@ -222,28 +254,37 @@ public struct LowRankStage: LayerStage {
         }
         // An all-zero norm vector (expert never routed to) carries no information: rank by magnitude.
         let norms = inputNorms.flatMap { n in n.contains(where: { $0 > 0 }) ? n : nil }
+        if let wh = whitening, wh.n != inn { throw SMoEError("\(name): whitening of \(wh.n) inputs for \(inn) input features") }
         let normSq = w.frobeniusNorm * w.frobeniusNorm
+        // The rank-r part of m (W, or W − S in refinements), whitened and un-whitened if asked.
+        func lowRankPart(_ m: Matrix, rank r: Int) throws -> ((u: Matrix, v: Matrix), String) {
+            guard let wh = whitening else { return try truncatedSVD(m, rank: r, options: options) }
+            let (lr, used) = try truncatedSVD(wh.whiten(m), rank: r, options: options)
+            return ((lr.u, wh.unwhiten(lr.v)), used)
+        }
 
         // Rank and the first low-rank part.
         var r: Int
         var svdUsed: String
         var lowRank: (u: Matrix, v: Matrix)
-        switch options.rank {
+        let rule = rankOverride.map(RankRule.fixed) ?? options.rank
+        switch rule {
         case .fixed(let fixed):
             guard fixed <= p else {
                 throw SMoEError.setting(.rank, "\(fixed) is more than min(out, in) = \(p) of \(name) [\(out), \(inn)]")
             }
             r = fixed
-            (lowRank, svdUsed) = try truncatedSVD(w, rank: r, options: options)
+            (lowRank, svdUsed) = try lowRankPart(w, rank: r)
         case .energy(let f):
-            if options.svd == .exact || !options.prefersRandomized(rank: 1, rows: out, cols: inn) {
+            let target = whitening?.whiten(w) ?? w
+            if whitening == nil && (options.svd == .exact || !options.prefersRandomized(rank: 1, rows: out, cols: inn)) {
                 let full = try w.thinSVD()
                 r = rankForEnergy(full.s, fraction: f)
                 lowRank = split(full, rank: r)
                 svdUsed = "exact"
             } else {
-                r = rankForEnergy(try w.singularValues(), fraction: f)
-                (lowRank, svdUsed) = try truncatedSVD(w, rank: r, options: options)
+                r = rankForEnergy(try target.singularValues(), fraction: f)
+                (lowRank, svdUsed) = try lowRankPart(w, rank: r)
             }
         }
 
@@ -261,7 +302,7 @@ public struct LowRankStage: LayerStage {
             for _ in 0..<options.iterations {
                 var ws = w
                 s.add(to: &ws, scale: -1)
-                let lr = try truncatedSVD(ws, rank: r, options: options).0
+                let lr = try lowRankPart(ws, rank: r).0
                 (s, errSq) = splitSparse(lr)
                 history.append(rel(errSq))
                 if errSq < best.errSq { best = (lr.u, lr.v, s, errSq) }
@@ -276,10 +317,19 @@ public struct LowRankStage: LayerStage {
             paramsBefore: dense.parameterCount, paramsAfter: factored.parameterCount,
             bytesBefore: dense.storedBytes(floatBytes: fb), bytesAfter: factored.storedBytes(floatBytes: fb),
             svd: svdUsed, activationAware: norms != nil, errorHistory: history)
+        if let wh = whitening {
+            var resid = w
+            BLAS.gemm(best.u, best.v, alpha: -1, beta: 1, into: &resid)
+            best.s.add(to: &resid, scale: -1)
+            let base = wh.whiten(w).frobeniusNorm
+            report.whitened = true
+            report.outputError = base > 0 ? wh.whiten(resid).frobeniusNorm / base : 0
+        }
         if report.bytesAfter >= report.bytesBefore {
             report.keptDense = true
             report.reason = "rank \(r) + \(best.s.nnz) sparse entries would take \(report.bytesAfter) B, dense takes \(report.bytesBefore) B"
             report.relativeError = 0
+            if report.outputError != nil { report.outputError = 0 }
             report.paramsAfter = report.paramsBefore
             report.bytesAfter = report.bytesBefore
             return (dense, report)
@@ -389,9 +439,14 @@ public struct LowRankStage: LayerStage {
     // MARK: one layer
 
     /// Factors the selected matrices of every stored expert. `inputNorms` (one per stored expert)
-    /// switches to activation-aware ranking of the sparse entries. A matrix that is already
-    /// factored is an error; matrices not selected are left as they are.
+    /// switches to activation-aware ranking of the sparse entries. With `whitenOn` (calibration
+    /// tokens of this layer) every matrix minimises its output error instead (ALGORITHM.md §4.1):
+    /// up and gate are whitened with the Gram of the routed layer inputs, then down with the Gram
+    /// of the hidden activations computed by the already factored up/gate, and the sparse part is
+    /// ranked by |S_ij|·‖X_j‖ with those weighted norms. A matrix that is already factored is an
+    /// error; matrices not selected are left as they are.
     public static func compressLayer(_ layer: MoELayer, options: LowRankOptions, inputNorms: [ExpertInputNorms]? = nil,
+                                     whitenOn tokens: TokenBlocks? = nil,
                                      progress: ProgressCallback? = nil) throws -> (MoELayer, LayerLowRankReport) {
         if let n = inputNorms, n.count != layer.numStored {
             throw SMoEError("layer \(layer.name): \(n.count) input norms for \(layer.numStored) stored experts")
@@ -401,16 +456,28 @@ public struct LowRankStage: LayerStage {
         let names = ExpertMatrixName.allCases.filter { options.matrices.contains($0) && (layer.config.expertType == .glu || $0 != .gate) }
         let total = names.count * layer.numStored
         var done = 0
+        var grams: (input: [InputGram]?, hidden: [InputGram]?) = (nil, nil)
         for m in names {
             var ops: [LinearOp] = []
             var mReports: [MatrixLowRankReport] = []
+            var gram: [InputGram]? = nil
+            if let blocks = tokens {
+                if m == .down {
+                    grams.hidden = try grams.hidden ?? inputGrams(out, tokens: blocks, hidden: true)
+                } else {
+                    grams.input = try grams.input ?? inputGrams(out, tokens: blocks, hidden: false)
+                }
+                gram = m == .down ? grams.hidden : grams.input
+            }
             for g in 0..<layer.numStored {
                 let label = "layer \(layer.name) expert \(g) \(m.rawValue)"
                 guard let op = layer.experts[g][matrix: m.rawValue] else { continue }
                 guard case .dense(let w) = op else { throw SMoEError("\(label) is already factored; run expand first") }
                 var o = options
                 o.seed = options.seed &+ UInt64(g &* 3 &+ (ExpertMatrixName.allCases.firstIndex(of: m)!)) &* 0x9E37_79B9_7F4A_7C15
-                var (newOp, rep) = try factor(w, options: o, inputNorms: inputNorms?[g].norms(for: m), name: label)
+                let whitening = try gram.flatMap { try Whitening($0[g], relativeRidge: options.whiteningRidge) }
+                var (newOp, rep) = try factor(w, options: o, inputNorms: gram.map { $0[g].columnNorms } ?? inputNorms?[g].norms(for: m),
+                                              whitening: whitening, rank: options.ranks[LowRankOptions.rankKey(m, expert: g)], name: label)
                 rep.matrix = m.rawValue
                 rep.expert = g
                 ops.append(newOp)
@@ -494,6 +561,9 @@ public struct LowRankStage: LayerStage {
             throw SMoEError.setting(.matrices, "none of \(options.matrices.sorted().map(\.rawValue).joined(separator: ",")) exists in the selected layers of \(model.path)")
         }
         if let c = calibration { try c.checkMatches(model, layers: names) }
+        if options.objective == .output && calibration == nil {
+            throw SMoEError.setting(.lowrankObjective, "output needs calibration tokens ({calibration})")
+        }
         self.layers = names
         self.options = options
         self.calibration = calibration
@@ -501,12 +571,18 @@ public struct LowRankStage: LayerStage {
     }
 
     public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerLowRankReport) {
-        let norms = try calibration.map { try LowRankStage.inputNorms(layer, tokens: $0.tokenBlocks(layer.name, tokens)) }
+        let blocks = calibration.map { $0.tokenBlocks(layer.name, tokens) }
+        if options.objective(hasTokens: blocks != nil) == .output {
+            return try LowRankStage.compressLayer(layer, options: options, whitenOn: blocks, progress: progress)
+        }
+        let norms = try blocks.map { try LowRankStage.inputNorms(layer, tokens: $0) }
         return try LowRankStage.compressLayer(layer, options: options, inputNorms: norms, progress: progress)
     }
 
     public func historyEntry(_ reports: [LayerLowRankReport]) -> JSONValue {
-        LowRankStage.historyEntry(options, calibration: calibration?.path, reports: reports)
+        var o = options
+        o.objective = options.objective(hasTokens: calibration != nil)
+        return LowRankStage.historyEntry(o, calibration: calibration?.path, reports: reports)
     }
 
     /// The history entry of a lowrank run (also the `lowrank` part of a compress entry).

@@ -63,6 +63,7 @@ public enum Setting: String, Sendable, CaseIterable {
     case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge", router
     // Low rank.
     case rank, energy, sparsity, iterations, matrices, svd, activationAware = "activation-aware"
+    case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge", targetSize = "target-size"
     // Alignment.
     case reference
     // Output.

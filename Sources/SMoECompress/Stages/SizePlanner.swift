@@ -1,0 +1,260 @@
+import Foundation
+
+/// The size `compress` is asked to reach.
+public enum TargetSize: Sendable, Equatable {
+    /// A fraction (0, 1] of the original expert bytes of the selected layers.
+    case fraction(Double)
+    /// An absolute number of expert bytes.
+    case bytes(Int)
+
+    /// `0.5` (a fraction when the number is at most 1) or a size such as `20GB`, `500MiB`, `300000`.
+    public static func parse(_ text: String) throws -> TargetSize {
+        if let f = Double(text.trimmingCharacters(in: .whitespaces)), f <= 1 {
+            guard f > 0 else { throw SMoEError.setting(.targetSize, "a fraction must be in (0, 1] (got \(text))") }
+            return .fraction(f)
+        }
+        do { return .bytes(try parseByteSize(text)) } catch {
+            throw SMoEError.setting(.targetSize, "'\(text)' is neither a fraction in (0, 1] nor a size such as 20GB or 500MB")
+        }
+    }
+
+    public func bytes(original: Int) -> Int {
+        switch self {
+        case .fraction(let f): return Int((f * Double(original)).rounded(.down))
+        case .bytes(let b): return b
+        }
+    }
+
+    public var json: JSONValue {
+        switch self {
+        case .fraction(let f): return .object([("fraction", .double(f))])
+        case .bytes(let b): return .object([("bytes", .int(b))])
+        }
+    }
+}
+
+/// Settings of the size planner (ALGORITHM.md §4.3).
+public struct PlannerSettings: Sendable, Equatable {
+    public var target: TargetSize
+    /// The groups per layer the planner may choose; nil: every G from 1 to the layer's experts.
+    public var groupCandidates: [Int]? = nil
+    /// The same G in every layer (the compact-router export needs it).
+    public var uniformGroups = false
+    /// The held-apart split: token t of a layer belongs to chunk ⌊t / chunkTokens⌋, and every
+    /// `heldOutEvery`-th chunk (chunk c with c mod heldOutEvery = heldOutEvery − 1) is held apart
+    /// to estimate errors; the others merge and whiten.
+    public var chunkTokens = 64
+    public var heldOutEvery = 5
+    /// Low-rank byte levels tried per (layer, G): k/levels of the layer's original expert bytes.
+    public var levels = 16
+
+    public init(target: TargetSize, groupCandidates: [Int]? = nil, uniformGroups: Bool = false) {
+        self.target = target
+        self.groupCandidates = groupCandidates
+        self.uniformGroups = uniformGroups
+    }
+
+    func validate() throws {
+        switch target {
+        case .fraction(let f): if !(f > 0 && f <= 1) { throw SMoEError.setting(.targetSize, "a fraction must be in (0, 1] (got \(f))") }
+        case .bytes(let b): if b < 1 { throw SMoEError.setting(.targetSize, "must be at least 1 byte (got \(b))") }
+        }
+        if let g = groupCandidates, g.isEmpty || g.contains(where: { $0 < 1 }) {
+            throw SMoEError.setting(.groups, "the planner's group candidates must be at least 1 (got \(g))")
+        }
+        if chunkTokens < 1 || heldOutEvery < 2 || levels < 1 {
+            throw SMoEError.setting(.targetSize, "planner split needs chunks ≥ 1 token, every ≥ 2, levels ≥ 1")
+        }
+    }
+}
+
+/// What the plan does to one layer.
+public struct LayerPlan: Sendable, Equatable {
+    public var name: String
+    public var groups: Int
+    public var grouping: LayerGrouping
+    public var frequency: [Double]
+    /// `LowRankOptions.rankKey` → rank; empty: the merged experts stay dense.
+    public var ranks: [String: Int]
+    /// Expert bytes as planned (in the output float type) and in the original file.
+    public var bytes: Int
+    public var bytesOriginal: Int
+    /// Relative layer output error on the held-apart tokens.
+    public var estimatedError: Double
+
+    /// "dense", "12" or "8-31".
+    public var rankSummary: String {
+        guard let lo = ranks.values.min(), let hi = ranks.values.max() else { return "dense" }
+        return lo == hi ? "\(lo)" : "\(lo)-\(hi)"
+    }
+
+    public var json: JSONValue {
+        .object([("name", .string(name)), ("groups", .int(groups)), ("expert_map", JSONValue(grouping.slotToGroup)),
+                 ("ranks", .object(ranks.sorted { $0.key < $1.key }.map { ($0.key, .int($0.value)) })),
+                 ("expert_bytes", .int(bytes)), ("expert_bytes_original", .int(bytesOriginal)),
+                 ("estimated_relative_error", .double(estimatedError))])
+    }
+}
+
+/// A whole-model plan: per layer the groups and ranks. A deterministic function of the model, the
+/// calibration (or statistics) and the settings, decided once before any layer is written, so
+/// every shard of a sharded run can apply the same value.
+public struct SizePlan: Sendable, Equatable {
+    public var layers: [LayerPlan]
+    public var budget: Int
+    public var settings: PlannerSettings
+
+    public var bytes: Int { layers.reduce(0) { $0 + $1.bytes } }
+    public var bytesOriginal: Int { layers.reduce(0) { $0 + $1.bytesOriginal } }
+    public var meanEstimatedError: Double { layers.isEmpty ? 0 : layers.reduce(0) { $0 + $1.estimatedError } / Double(layers.count) }
+
+    public subscript(layer: String) -> LayerPlan? { layers.first { $0.name == layer } }
+
+    public var json: JSONValue {
+        .object([("target", settings.target.json), ("budget_bytes", .int(budget)), ("uniform_groups", .bool(settings.uniformGroups)),
+                 ("held_out", .string("every \(settings.heldOutEvery)th chunk of \(settings.chunkTokens) tokens")),
+                 ("expert_bytes", .int(bytes)), ("expert_bytes_original", .int(bytesOriginal)),
+                 ("mean_estimated_relative_error", .double(meanEstimatedError)), ("layers", .array(layers.map(\.json)))])
+    }
+}
+
+/// Chooses per layer the groups and ranks that fit a byte budget with the smallest mean layer
+/// output error on held-apart calibration tokens (ALGORITHM.md §4.3).
+public enum SizePlanner {
+    /// The calibration tokens of `layer` on one side of the planner's split.
+    public static func tokens(_ calibration: CalibrationReader, _ layer: String, _ tokens: TokenSettings,
+                              _ settings: PlannerSettings, heldOut: Bool) -> TokenBlocks {
+        { body in
+            try calibration.forEachBlock(layer, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in
+                let rows = (0..<x.rows).filter {
+                    ((start + $0) / settings.chunkTokens % settings.heldOutEvery == settings.heldOutEvery - 1) == heldOut
+                }
+                if !rows.isEmpty { try body(x.gatherRows(rows)) }
+            }
+        }
+    }
+
+    /// One way to compress one layer.
+    struct Option {
+        var groups: Int
+        var grouping: LayerGrouping
+        var ranks: [String: Int]
+        var bytes: Int
+        var error: Double
+    }
+
+    /// The plan. `lowRank` supplies the low-rank settings (objective, ridge, matrices, SVD); its
+    /// rank rule is replaced by the allocated ranks. Every merged candidate is measured on the
+    /// held-apart tokens, merged dense and at each byte level with the ranks `RankAllocation`
+    /// gives; the choice across layers is exact over those options (a knapsack solved by dynamic
+    /// programming on bytes in units of budget/4096, costs rounded up: the plan never exceeds
+    /// the budget). Ties go to the lower G, then the smaller size.
+    public static func plan(model: CheckpointReader, calibration: CalibrationReader, stats: StatsReader?,
+                            merge: MergeSettings, lowRank: LowRankOptions, settings: PlannerSettings, storage: StorageType,
+                            progress: ProgressCallback? = nil) throws -> SizePlan {
+        try settings.validate()
+        if lowRank.sparsity > 0 { throw SMoEError.setting(.targetSize, "plans low rank without a sparse part: give no {sparsity}") }
+        let names = try model.selectLayers(merge.layers)
+        let fb = storage.byteSize
+        let inputs = try MergeStage.groupingInputs(model: model, layers: names, base: merge.similarityBase, stats: stats,
+                                                   calibration: calibration, tokens: merge.tokens, progress: progress)
+        var perLayer: [[Option]] = []
+        var originals: [Int] = []
+        for (name, input) in inputs {
+            let original = try model.readLayer(name)
+            originals.append(try model.summary(name).expertFileBytes)
+            let fit = tokens(calibration, name, merge.tokens, settings, heldOut: false)
+            var held: [Matrix] = []
+            try tokens(calibration, name, merge.tokens, settings, heldOut: true)({ held.append($0) })
+            if held.isEmpty {
+                throw SMoEError.setting(.targetSize, "layer \(name) has too few calibration tokens to hold every \(settings.heldOutEvery)th chunk of \(settings.chunkTokens) apart")
+            }
+            func heldOutError(_ layer: MoELayer) throws -> Double {
+                var acc = try EvaluationAccumulator(original: original, compressed: layer)
+                for x in held { acc.add(x) }
+                return acc.result(bytesBefore: 0, bytesAfter: 0).relativeError
+            }
+            let E = original.config.numExperts
+            var options: [Option] = []
+            for G in (settings.groupCandidates ?? Array(1...E)).sorted() where G <= E {
+                progress?("planning \(name)", G, E)
+                var ms = merge
+                ms.groups = G
+                ms.adaptive = false
+                let grouping = MergeStage.plan([(name, input)], settings: ms)[name]!
+                let merged = try MergeStage.apply(original, grouping: grouping, frequency: input.frequency, settings: ms,
+                                                  tokens: fit).layer.roundedForStorage(storage)
+                let denseBytes = merged.expertBytes(floatBytes: fb)
+                options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: denseBytes, error: try heldOutError(merged)))
+                let spectra = try LowRankStage.whitenedSpectra(merged, options: lowRank, tokens: fit)
+                let factoredDense = spectra.reduce(0) { $0 + $1.candidate.rows * $1.candidate.cols * fb }
+                var previous: [Int]? = nil
+                for k in 1...settings.levels {
+                    let level = originals.last! * k / settings.levels
+                    guard level < denseBytes,
+                          let a = RankAllocation.allocate(spectra.map(\.candidate), budget: level - (denseBytes - factoredDense), floatBytes: fb),
+                          a.ranks != previous else { continue }
+                    previous = a.ranks
+                    var o = lowRank
+                    o.ranks = Dictionary(uniqueKeysWithValues: zip(spectra.map(\.key), a.ranks))
+                    let layer = try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
+                    let bytes = layer.expertBytes(floatBytes: fb)
+                    if bytes < denseBytes {
+                        options.append(Option(groups: G, grouping: grouping, ranks: o.ranks, bytes: bytes, error: try heldOutError(layer)))
+                    }
+                }
+            }
+            perLayer.append(options)
+        }
+        let budget = settings.target.bytes(original: originals.reduce(0, +))
+        var best: (choice: [Int], error: Double)? = nil
+        let groupSets: [Int?] = settings.uniformGroups ? Array(Set(perLayer.flatMap { $0.map(\.groups) })).sorted() : [nil]
+        for g in groupSets {
+            let allowed = perLayer.map { opts in opts.indices.filter { g == nil || opts[$0].groups == g } }
+            guard let choice = choose(perLayer, allowed: allowed, budget: budget) else { continue }
+            let err = zip(perLayer, choice).reduce(0.0) { acc, p in acc + p.0[p.1].error }
+            if best == nil || err < best!.error { best = (choice, err) }
+        }
+        guard let chosen = best?.choice else {
+            let smallest = perLayer.reduce(0) { $0 + ($1.map(\.bytes).min() ?? 0) }
+            throw SMoEError.setting(.targetSize, "\(budget) bytes is below the smallest plan (\(smallest) bytes\(settings.uniformGroups ? " with one G in every layer" : ""))")
+        }
+        let layers = zip(inputs, zip(perLayer, zip(chosen, originals))).map { inp, rest in
+            let o = rest.0[rest.1.0]
+            return LayerPlan(name: inp.name, groups: o.groups, grouping: o.grouping, frequency: inp.input.frequency, ranks: o.ranks,
+                             bytes: o.bytes, bytesOriginal: rest.1.1, estimatedError: o.error)
+        }
+        return SizePlan(layers: layers, budget: budget, settings: settings)
+    }
+
+    /// The multiple-choice knapsack: one option per layer (among `allowed`), total bytes ≤ budget,
+    /// smallest total error; nil when nothing fits. Bytes are counted in units of ⌈budget/4096⌉
+    /// with each option's cost rounded up, so the exact total never exceeds the budget.
+    static func choose(_ options: [[Option]], allowed: [[Int]], budget: Int) -> [Int]? {
+        let unit = max(1, (budget + 4095) / 4096), cap = budget / unit
+        var dp = [Double](repeating: 0, count: cap + 1)
+        var picks: [[Int]] = []
+        for (l, opts) in options.enumerated() {
+            var next = [Double](repeating: .infinity, count: cap + 1)
+            var pick = [Int](repeating: -1, count: cap + 1)
+            for i in allowed[l] {
+                let cost = (opts[i].bytes + unit - 1) / unit
+                if cost > cap { continue }
+                for c in cost...cap where dp[c - cost] + opts[i].error < next[c] {
+                    next[c] = dp[c - cost] + opts[i].error
+                    pick[c] = i
+                }
+            }
+            dp = next
+            picks.append(pick)
+        }
+        guard dp[cap].isFinite else { return nil }
+        var c = cap
+        var choice = [Int](repeating: 0, count: options.count)
+        for l in stride(from: options.count - 1, through: 0, by: -1) {
+            choice[l] = picks[l][c]
+            c -= (options[l][choice[l]].bytes + unit - 1) / unit
+        }
+        return choice
+    }
+}

@@ -1,0 +1,69 @@
+import Foundation
+import SMoECompress
+
+/// Fidelity at a memory budget (issue 17) on the bundled trained fixtures: a uniform sweep of
+/// `compress --groups G --rank r` (and merge alone, r = dense), then `compress --target-size F`
+/// for F = 0.5 and 0.25, every figure the mean relative layer output error on the held-out
+/// capture (`.heldout.h5`; calibration on `.calib.h5`). Also the low-rank objective (weight SVD
+/// against whitened at three ridges) at merge 4 + rank 16 and 32.
+/// Options: `--fixtures DIR` (default: Fixtures), `--fractions 0.5,0.25`, `--ranks 4,8,...`.
+func fidelityBench(_ args: [String]) throws {
+    func value(_ name: String) -> String? {
+        guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
+        return args[i + 1]
+    }
+    let dir = value("--fixtures") ?? "Fixtures"
+    let fractions = (value("--fractions") ?? "0.5,0.25").split(separator: ",").compactMap { Double($0) }
+    let ranks = (value("--ranks") ?? "4,8,12,16,20,24,32,40").split(separator: ",").compactMap { Int($0) }
+    for name in ["trained-switch", "trained-mixtral"] {
+        let model = try CheckpointReader("\(dir)/\(name).h5")
+        let calib = try CalibrationReader("\(dir)/\(name).calib.h5")
+        let heldout = try CalibrationReader("\(dir)/\(name).heldout.h5")
+        let storage = StorageType.f16  // the fixtures store float16; `compress` keeps the input type
+        func run(_ settings: CompressSettings) throws -> (bytes: Int, error: Double, plan: SizePlan?) {
+            let stage = try CompressStage(model: model, calibration: calib, evaluation: heldout, stats: nil, settings: settings,
+                                          storage: storage)
+            let report = stage.report(try stage.run(model: model) { _ in }.reports)
+            return (report.bytesFinal, report.evaluation.meanRelativeError, stage.plan)
+        }
+        let experts = model.layers.map(\.numExperts).max() ?? 1
+        print("\n\(name) (held-out mean layer output error; expert bytes as stored, float16)")
+        // The low-rank objective.
+        for r in [16, 32] {
+            var row = "  merge 4 + rank \(r):"
+            for (label, objective, ridge) in [("weight SVD", LowRankObjective.weight, 0.0), ("whitened 1e-3", .output, 1e-3),
+                                              ("1e-2", .output, 1e-2), ("1e-1", .output, 1e-1)] {
+                var o = LowRankOptions(rank: .fixed(r), objective: objective)
+                o.whiteningRidge = ridge
+                let res = try run(CompressSettings(merge: MergeSettings(groups: 4), lowRank: o))
+                row += "  \(label) \(String(format: "%.4f", res.error))"
+            }
+            printRow(row)
+        }
+        // The uniform grid.
+        var grid: [(groups: Int, rank: Int?, bytes: Int, error: Double)] = []
+        for g in 1...experts {
+            for r in [nil] + ranks.map(Optional.some) {
+                let res = try run(CompressSettings(merge: MergeSettings(groups: g), lowRank: r.map { LowRankOptions(rank: .fixed($0)) }))
+                grid.append((g, r, res.bytes, res.error))
+            }
+        }
+        let original = try model.layers.reduce(0) { $0 + (try model.summary($1.name).expertFileBytes) }
+        printRow("  grid: G 1…\(experts) × rank {dense, \(ranks.map(String.init).joined(separator: ", "))}, \(grid.count) points; original \(original) B")
+        printRow("  target   budget B  merge alone (G, err)   best grid point (G, rank, bytes, err)   planner (ranks per layer, bytes, err)   planner s")
+        for f in fractions {
+            let budget = Int((f * Double(original)).rounded(.down))
+            let fits = grid.filter { $0.bytes <= budget }
+            let mergeOnly = fits.filter { $0.rank == nil }.min { $0.error < $1.error }
+            let best = fits.min { $0.error < $1.error }
+            var settings = CompressSettings(merge: MergeSettings(groups: 1), lowRank: nil)
+            settings.target = PlannerSettings(target: .fraction(f))
+            let (planned, seconds) = try timed { try run(settings) }
+            let perLayer = planned.plan!.layers.map { "G\($0.groups) r\($0.rankSummary)" }.joined(separator: "; ")
+            func fmt(_ e: Double?) -> String { e.map { String(format: "%.4f", $0) } ?? "-" }
+            printRow("  \(f)  \(budget)  " + (mergeOnly.map { "G\($0.groups) \(fmt($0.error))" } ?? "none")
+                     + "   " + (best.map { "G\($0.groups) r\($0.rank.map(String.init) ?? "dense") \($0.bytes) \(fmt($0.error))" } ?? "none")
+                     + "   [\(perLayer)] \(planned.bytes) \(fmt(planned.error))   \(String(format: "%.1f", seconds))")
+        }
+    }
+}

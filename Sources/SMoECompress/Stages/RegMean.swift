@@ -144,8 +144,7 @@ enum OutputAwareMerge {
         guard needsRefit.contains(true) else { return (experts, reports) }
         // Pass 2: refit down so the merged expert reproduces its members' weighted outputs.
         let hasBias = experts.contains { $0.downBias != nil }
-        let fa = f + (hasBias ? 1 : 0)
-        var refit: [RefitStats?] = needsRefit.map { $0 ? RefitStats(a: .init(repeating: 0, count: fa * fa), b: .init(repeating: 0, count: fa * d)) : nil }
+        var refit: [RefitStats?] = needsRefit.map { $0 ? RefitStats(features: f, outputs: d, bias: hasBias) : nil }
         let groupsOfStored = position.mapValues { $0.map(\.0) }
         block = 0
         try tokens { x in
@@ -177,31 +176,15 @@ enum OutputAwareMerge {
                         for j in 0..<d { target.data[row * d + j] += w * y.data[r * d + j] }
                     }
                 }
-                var h = experts[gi].hidden(xs, activation: c.activation)
-                if hasBias { h = Matrix.hstack([h, Matrix(rows: n, cols: 1, repeating: 1)]) }
-                refit[gi]!.tokens += n
-                accumulateWeightedCross(h, h, weights: sw, into: &refit[gi]!.a)
-                accumulateWeightedCross(h, target, weights: nil, into: &refit[gi]!.b)
+                refit[gi]!.add(hidden: experts[gi].hidden(xs, activation: c.activation), target: target, weights: sw, bias: hasBias)
             }
             block += 1
             progress?("refit \(layer.name)", block, block + 1)
         }
         for gi in refit.indices {
-            guard var r = refit[gi] else { continue }
-            var meanDiag = 0.0
-            for i in 0..<fa { meanDiag += r.a[i * fa + i] }
-            meanDiag /= Double(fa)
+            guard let r = refit[gi] else { continue }
             // Ridge towards the RegMean down (and bias), not towards zero.
-            let lambda = options.refitRidge * meanDiag + (meanDiag == 0 ? 1e-12 : 0)
-            for i in 0..<fa { r.a[i * fa + i] += lambda }
-            let d0 = experts[gi].down.dense()
-            for i in 0..<f { for j in 0..<d { r.b[i * d + j] += lambda * Double(d0.data[j * f + i]) } }
-            if hasBias, let b0 = experts[gi].downBias { for j in 0..<d { r.b[f * d + j] += lambda * Double(b0[j]) } }
-            let (y, method, estimate) = try SymmetricSolver.solve(r.a, r.b, n: fa, m: d)  // [fa, d] = down*ᵀ (+ bias row)
-            var down = Matrix(rows: d, cols: f)
-            for i in 0..<f { for j in 0..<d { down.data[j * f + i] = Float(y[i * d + j]) } }
-            experts[gi].down = .dense(down)
-            if hasBias { experts[gi].downBias = (0..<d).map { Float(y[f * d + $0]) } }
+            let (method, estimate) = try r.solve(into: &experts[gi], bias: hasBias, ridge: options.refitRidge)
             reports[gi].how = "regmean+refit"
             if method != .cholesky { reports[gi].notes.append(solverNote("refit", method, estimate)) }
         }

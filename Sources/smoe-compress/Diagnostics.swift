@@ -21,6 +21,7 @@ func flag(for setting: Setting) -> String {
     case .regmeanRidge: return "--regmean-ridge"
     case .refitRidge: return "--refit-ridge"
     case .router: return "--router"
+    case .compactRefit: return "--compact-refit"
     case .family: return "--family"
     case .rank: return "--rank"
     case .energy: return "--energy"

@@ -37,6 +37,9 @@ struct MergeOptionGroup: ParsableArguments {
     @Option(help: "Router of a merged layer: slots (all E router slots and an expert_map) or compact (G fitted router rows and G experts: a standard smaller MoE layer that export writes with the expert count set to G).")
     var router: RouterLayout = .slots
 
+    @Flag(inversion: .prefixedNo, help: "With --router compact: after the router fit, refit each expert's down projection (and bias) by ridge least squares (--refit-ridge) to the original layer's output under the compact routing. Default: on with --router compact.")
+    var compactRefit: Bool? = nil
+
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
 
@@ -44,7 +47,7 @@ struct MergeOptionGroup: ParsableArguments {
         MergeSettings(groups: groups ?? 0, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
                       merging: MergeOptions(method: mergeMethod, align: !noAlign, alpha: regmeanAlpha, ridge: regmeanRidge,
                                             refitRidge: refitRidge),
-                      tokens: tokens.settings, router: router)
+                      tokens: tokens.settings, router: router, compactRefit: compactRefit)
     }
 }
 
@@ -136,5 +139,9 @@ func compactRouterLine(_ c: CompactRouterReport) -> String {
     var line = "  compact router (\(c.groups.count) rows, \(c.iterations) iterations\(c.converged ? "" : ", not converged")): "
         + figures(c.initial, c.fitted) + " on calibration"
     if let e = c.evaluation { line += "; " + figures(e.initial, e.fitted) + " on evaluation tokens" }
+    if let r = c.refit {
+        line += "; experts refitted: calibration output error \(fixed(r.before, 4)) → \(fixed(r.after, 4))"
+        if !r.notes.isEmpty { line += " [" + r.notes.joined(separator: "; ") + "]" }
+    }
     return line
 }

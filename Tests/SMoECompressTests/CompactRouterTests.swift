@@ -180,6 +180,69 @@ final class CompactRouterTests: XCTestCase {
         XCTAssertEqual(try CheckpointReader(dir + "/cc.h5").compactGroups(a.layers[0].name)?.count, 8)
     }
 
+    /// The expert refit under the compact routing, on a trained layer of each fixture (top-1
+    /// Switch weights, top-2 renormalised GLU): it does not raise the compact layer's output
+    /// error on the calibration tokens (it lowers it here), changes only down and its bias, and
+    /// gives the same layer twice; the merge stage does it by default with the compact layout.
+    func testCompactRefitLowersTheCalibrationErrorAndIsDeterministic() throws {
+        for name in ["trained-switch", "trained-mixtral"] {
+            let model = try CheckpointReader(fixture(name + ".h5"))
+            let calib = try CalibrationReader(fixture(name + ".calib.h5"))
+            let layer = try model.readLayer(model.layers[1].name)
+            let stage = try MergeStage(model: model, calibration: calib, stats: nil,
+                                       settings: MergeSettings(groups: 4, router: .compact, compactRefit: false))
+            let (merged, report) = try stage.process(layer, progress: nil)
+            let fit = try XCTUnwrap(report.compact)
+            XCTAssertNil(fit.refit)
+            let tokens = calib.tokenBlocks(layer.name)
+            let (refitted, r) = try CompactRefit.refit(merged, original: layer, slotGroups: fit.slotToGroup, tokens: tokens, ridge: 0.1)
+            func error(_ l: MoELayer) throws -> Double {
+                try Evaluation.evaluate(original: layer, compressed: l, calibration: calib, bytesBefore: 0, bytesAfter: 0,
+                                        slotGroups: fit.slotToGroup).relativeError
+            }
+            let before = try error(merged), after = try error(refitted)
+            XCTAssertEqual(r.before, before, accuracy: 1e-12, name)
+            XCTAssertEqual(r.after, after, accuracy: 1e-12, name)
+            XCTAssertLessThan(after, before * 0.95, name)
+            XCTAssertEqual(r.tokens.reduce(0, +), 1024 * layer.config.topK, name)
+            XCTAssertEqual(refitted.router, merged.router)
+            for (a, b) in zip(refitted.experts, merged.experts) {
+                XCTAssertEqual(a.up, b.up)
+                XCTAssertEqual(a.gate, b.gate)
+                XCTAssertNotEqual(a.down, b.down)
+            }
+            let (again, r2) = try CompactRefit.refit(merged, original: layer, slotGroups: fit.slotToGroup, tokens: tokens, ridge: 0.1)
+            XCTAssertEqual(again, refitted, name)
+            XCTAssertEqual(r2, r, name)
+            // The default with the compact layout: the same refit inside the stage.
+            let byDefault = try MergeStage(model: model, calibration: calib, stats: nil, settings: MergeSettings(groups: 4, router: .compact))
+            let (staged, sr) = try byDefault.process(layer, progress: nil)
+            XCTAssertEqual(staged, refitted, name)
+            XCTAssertEqual(sr.compact?.refit, r, name)
+            XCTAssertEqual(byDefault.historyEntry([sr])["compact_refit"], .bool(true))
+            XCTAssertEqual(stage.historyEntry([report])["compact_refit"], .bool(false))
+        }
+    }
+
+    /// Asking for the refit without the compact layout is a setting error naming both settings;
+    /// on the command line, one `error:` line naming the flags.
+    func testCompactRefitNeedsTheCompactRouter() throws {
+        let model = try CheckpointReader(fixture("trained-switch.h5"))
+        let calib = try CalibrationReader(fixture("trained-switch.calib.h5"))
+        XCTAssertThrowsError(try MergeStage(model: model, calibration: calib, stats: nil,
+                                            settings: MergeSettings(groups: 4, compactRefit: true))) { e in
+            let err = e as? SMoEError
+            XCTAssertEqual(err?.setting, .compactRefit)
+            XCTAssertEqual(err?.message, "compact-refit: refits the experts of a compact layer under its fitted router, so it needs router compact")
+        }
+        // Turning it off without the compact layout changes nothing and is accepted.
+        XCTAssertNoThrow(try MergeStage(model: model, calibration: calib, stats: nil, settings: MergeSettings(groups: 4, compactRefit: false)))
+        let res = try runCLI(["merge", fixture("trained-switch.h5"), "--calib", fixture("trained-switch.calib.h5"), "--groups", "4",
+                              "--compact-refit", "-o", temporaryDirectory(self) + "/x.h5"])
+        XCTAssertNotEqual(res.status, 0)
+        XCTAssertEqual(res.stderr, "error: --compact-refit: refits the experts of a compact layer under its fitted router, so it needs --router compact\n")
+    }
+
     /// A checkpoint not made by `import` exports by its root architecture, with a config.json
     /// built from its layers and /dense; the compact merge of a trained fixture exports with half
     /// the expert bytes and the expert count set to 4.

@@ -54,6 +54,8 @@ public struct CompactRouterReport: Sendable {
     public var fitted: RouterFitMeasure
     /// The same on evaluation tokens, when a stage measured them (`compress --eval-calib`).
     public var evaluation: (initial: RouterFitMeasure, fitted: RouterFitMeasure)? = nil
+    /// The expert refit under the compact routing, when asked for (`MergeSettings.compactRefit`).
+    public var refit: CompactRefitReport? = nil
 
     /// Slot → group.
     public var slotToGroup: [Int] {
@@ -68,6 +70,7 @@ public struct CompactRouterReport: Sendable {
             ("start_rows", JSONValue(start)), ("calibration_start", initial.json), ("calibration_fitted", fitted.json),
         ]
         if let e = evaluation { kv += [("evaluation_start", e.initial.json), ("evaluation_fitted", e.fitted.json)] }
+        if let r = refit { kv.append(("expert_refit", r.json)) }
         return .object(kv)
     }
 }

@@ -33,11 +33,20 @@ public struct MergeSettings: Sendable {
     public var tokens = TokenSettings()
     /// E router slots with an `expert_map`, or a compact layer of G fitted router rows.
     public var router: RouterLayout = .slots
+    /// With the compact layout: after the router fit, refit each expert's down (and down bias)
+    /// to the original layer's output under the compact routing (ALGORITHM.md §3a). nil: on
+    /// with the compact layout (it lowers the mean held-out layer error on both bundled trained
+    /// fixtures; README, "A compact model for the serving stack"); true needs the compact layout.
+    public var compactRefit: Bool? = nil
+
+    /// Whether the experts of the compact layers are refitted.
+    public var refitsCompactExperts: Bool { router == .compact && (compactRefit ?? true) }
 
     public init(groups: Int, adaptive: Bool = false, grouping: GroupingMethod = .dominant, similarity: SimilarityBase? = nil,
                 layers: [String]? = nil, merging: MergeOptions = MergeOptions(method: .regmeanRefit),
-                tokens: TokenSettings = TokenSettings(), router: RouterLayout = .slots) {
+                tokens: TokenSettings = TokenSettings(), router: RouterLayout = .slots, compactRefit: Bool? = nil) {
         self.router = router
+        self.compactRefit = compactRefit
         self.groups = groups
         self.adaptive = adaptive
         self.grouping = grouping
@@ -61,6 +70,9 @@ public struct MergeSettings: Sendable {
         }
         if adaptive && grouping == .hierarchical {
             throw SMoEError.setting(.adaptive, "applies to {grouping} dominant only")
+        }
+        if compactRefit == true && router != .compact {
+            throw SMoEError.setting(.compactRefit, "refits the experts of a compact layer under its fitted router, so it needs {router} compact")
         }
         if router == .compact {
             let left = model.layers.map(\.name).filter { !names.contains($0) }
@@ -110,6 +122,9 @@ public struct LayerMergeReport: Sendable {
                                          ("dominant", JSONValue(grouping.dominant))]
         if let c = compact {
             kv += [("router_cross_entropy", .double(c.fitted.crossEntropy)), ("router_top_k_agreement", .double(c.fitted.topKAgreement))]
+            if let r = c.refit {
+                kv += [("refit_calibration_error_before", .double(r.before)), ("refit_calibration_error_after", .double(r.after))]
+            }
         }
         return .object(kv)
     }
@@ -161,6 +176,10 @@ public struct MergeStage: LayerStage {
             let (compact, fit) = try CompactRouter.compact(merged, frequency: plan.frequency, tokens: tokens)
             merged = compact
             report.compact = fit
+            if settings.refitsCompactExperts {
+                (merged, report.compact!.refit) = try CompactRefit.refit(merged, original: layer, slotGroups: fit.slotToGroup, tokens: tokens,
+                                                                          ridge: settings.merging.refitRidge, progress: progress)
+            }
         }
         return (merged, report)
     }
@@ -229,6 +248,7 @@ public struct MergeStage: LayerStage {
         }
         if let c = calibration { kv.append(("calibration", .string(c))) }
         if settings.router == .compact { kv.append(("router", .string(settings.router.rawValue))) }
+        if settings.router == .compact { kv.append(("compact_refit", .bool(settings.refitsCompactExperts))) }
         kv.append(("layers", .array(reports.map(\.historyJSON))))
         return .object(kv)
     }

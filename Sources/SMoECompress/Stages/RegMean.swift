@@ -178,8 +178,7 @@ enum OutputAwareMerge {
         let c = layer.config
         let d = c.dModel, f = c.dFF
         let hasBias = expert.downBias != nil
-        let fa = f + (hasBias ? 1 : 0)
-        var r = RefitStats(a: .init(repeating: 0, count: fa * fa), b: .init(repeating: 0, count: fa * d))
+        var r = RefitStats(features: f, outputs: d, bias: hasBias)
         try tokens { x in
             let disp = dispatch(layer, x)
             // The union of the members' tokens (members in stored-index order), their summed
@@ -207,26 +206,10 @@ enum OutputAwareMerge {
                     for q in 0..<d { target.data[j * d + q] += w * y.data[i * d + q] }
                 }
             }
-            var h = expert.hidden(x.gatherRows(rows), activation: c.activation)
-            if hasBias { h = Matrix.hstack([h, Matrix(rows: n, cols: 1, repeating: 1)]) }
-            r.tokens += n
-            accumulateWeightedCross(h, h, weights: sw, into: &r.a)
-            accumulateWeightedCross(h, target, weights: nil, into: &r.b)
+            r.add(hidden: expert.hidden(x.gatherRows(rows), activation: c.activation), target: target, weights: sw, bias: hasBias)
         }
-        var meanDiag = 0.0
-        for i in 0..<fa { meanDiag += r.a[i * fa + i] }
-        meanDiag /= Double(fa)
         // Ridge towards the RegMean down (and bias), not towards zero.
-        let lambda = options.refitRidge * meanDiag + (meanDiag == 0 ? 1e-12 : 0)
-        for i in 0..<fa { r.a[i * fa + i] += lambda }
-        let d0 = expert.down.dense()
-        for i in 0..<f { for j in 0..<d { r.b[i * d + j] += lambda * Double(d0.data[j * f + i]) } }
-        if hasBias, let b0 = expert.downBias { for j in 0..<d { r.b[f * d + j] += lambda * Double(b0[j]) } }
-        let (y, method, estimate) = try SymmetricSolver.solve(r.a, r.b, n: fa, m: d)  // [fa, d] = down*ᵀ (+ bias row)
-        var down = Matrix(rows: d, cols: f)
-        for i in 0..<f { for j in 0..<d { down.data[j * f + i] = Float(y[i * d + j]) } }
-        expert.down = .dense(down)
-        if hasBias { expert.downBias = (0..<d).map { Float(y[f * d + $0]) } }
+        let (method, estimate) = try r.solve(into: &expert, bias: hasBias, ridge: options.refitRidge)
         if method != .cholesky { report.notes.append(solverNote("refit", method, estimate)) }
     }
 }

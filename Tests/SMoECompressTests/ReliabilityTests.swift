@@ -69,6 +69,13 @@ final class ReliabilityTests: XCTestCase {
         try expectCleanError(["lowrank", model, "--rank", "4", "--layers", "", "-o", "out.h5"], cwd: dir, mentions: "--layers")
         XCTAssertEqual(mkfifo(dir + "/fifo.h5", 0o600), 0)
         try expectCleanError(["inspect", dir + "/fifo.h5"], cwd: dir, mentions: "not a regular file", seconds: 5)
+        // A FIFO standing as a model folder's config.json is refused, not read (it would block).
+        let folder = dir + "/fifo-model"
+        let (tensors, config) = fakeModel(.mixtral, dtype: .F32)
+        try writeFakeModel(folder, tensors, config: config)
+        try FileManager.default.removeItem(atPath: folder + "/config.json")
+        XCTAssertEqual(mkfifo(folder + "/config.json", 0o600), 0)
+        try expectCleanError(["import", folder, "-o", "imported.h5"], cwd: dir, mentions: "config.json", seconds: 5)
         // A 244-character name: the temporary name is shortened to fit NAME_MAX.
         let long = String(repeating: "x", count: 241) + ".h5"
         let r = try runCLI(["lowrank", model, "--rank", "4", "-o", long], cwd: dir)

@@ -466,12 +466,6 @@ public final class CheckpointWriter: @unchecked Sendable {
         let dt = options.dtype
         let G = layer.experts.count
         let eg = try g.createGroup("experts")
-        try g.setAttribute("num_experts", c.numExperts)
-        try g.setAttribute("top_k", c.topK)
-        try g.setAttribute("d_model", c.dModel)
-        try g.setAttribute("d_ff", c.dFF)
-        try g.setAttribute("expert_type", c.expertType.rawValue)
-        try g.setAttribute("activation", c.activation.rawValue)
         let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
         for m in names {
             let ops = layer.experts.map { $0[matrix: m]! }

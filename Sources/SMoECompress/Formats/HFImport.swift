@@ -203,6 +203,11 @@ public enum HFImport {
     /// everything else dense. Fails naming the tensor on an unknown, missing or extra expert.
     public static func plan(_ directory: String, model: SafetensorsModel) throws -> ImportPlan {
         let configPath = directory + "/config.json"
+        // A FIFO or device would block or never end; a config.json is a few kilobytes.
+        if FileManager.default.fileExists(atPath: configPath) { try requireRegularFile(configPath) }
+        if let size = (try? FileManager.default.attributesOfItem(atPath: configPath))?[.size] as? Int, size > 64 << 20 {
+            throw SMoEError.file(configPath, "is \(size) bytes: not a model config (more than 64 MiB)")
+        }
         guard let data = FileManager.default.contents(atPath: configPath) else {
             throw SMoEError.file(configPath, "missing: import needs the model's config.json to recognise its family")
         }

@@ -11,7 +11,8 @@ import Glibc
 /// predicts its peak; a stage predicted above `--max-rss` GiB is skipped with the reason, so the
 /// benchmark cannot get the machine's processes killed for lack of memory.
 /// Options: `--d-model D --d-ff F --experts E --tokens T --groups G` (default 4096, 14336, 8,
-/// 4096, E/2), `--stages a,b,…` (default all), `--max-rss GB` (default 20), `--dir PATH`
+/// 4096, E/2), `--rank R` (default d_model/4: 1024 at the Mixtral shape; the stages lowrank-R and
+/// compress-R), `--stages a,b,…` (default all), `--max-rss GB` (default 20), `--dir PATH`
 /// (default a temporary folder), `--keep` (keep the checkpoints), `--json`, `--binary PATH`.
 func scaleBench(_ args: [String]) throws {
     func value(_ name: String) -> String? {
@@ -24,12 +25,13 @@ func scaleBench(_ args: [String]) throws {
         return v
     }
     let d = try int("--d-model", 4096), f = try int("--d-ff", 14336), e = try int("--experts", 8)
-    let tokens = try int("--tokens", 4096), groups = try int("--groups", max(1, e / 2))
+    let tokens = try int("--tokens", 4096), groups = try int("--groups", max(1, e / 2)), rank = try int("--rank", max(1, d / 4))
     let maxRSS = try Double(value("--max-rss") ?? "20").flatMap { $0 > 0 ? $0 : nil }
         ?? { throw SMoEError("--max-rss: expected a positive number of GiB") }()
     let json = args.contains("--json"), keep = args.contains("--keep")
     let model = ScaleMemoryModel(experts: e, dModel: d, dFF: f, tokens: tokens, groups: groups)
-    let allStages = ScaleMemoryModel.stages
+    let allStages = ["synth", "stats", "align", "merge-frequency", "merge-regmean+refit", "lowrank-\(rank)", "compress",
+                     "compress-\(rank)"]
     let stages = value("--stages").map { $0.split(separator: ",").map { String($0) } } ?? allStages
     for s in stages where !allStages.contains(s) {
         throw SMoEError("--stages: unknown stage '\(s)' (known: \(allStages.joined(separator: ",")))")
@@ -55,14 +57,14 @@ func scaleBench(_ args: [String]) throws {
                             [path("merged-frequency.h5")], [m, c, st]),
         "merge-regmean+refit": (["merge"] + mergeCommon + ["--merge-method", "regmean+refit", "-o", path("merged-regmean.h5")],
                                 [path("merged-regmean.h5")], [m, c, st]),
-        "lowrank-1024": (["lowrank", m, "--calib", c, "--rank", "1024", "-o", path("lowrank-1024.h5")],
-                         [path("lowrank-1024.h5")], [m, c]),
+        "lowrank-\(rank)": (["lowrank", m, "--calib", c, "--rank", "\(rank)", "-o", path("lowrank.h5")],
+                            [path("lowrank.h5")], [m, c]),
         "compress": (["compress"] + mergeCommon + ["-o", path("compressed.h5")], [path("compressed.h5")], [m, c, st]),
-        "compress-1024": (["compress"] + mergeCommon + ["--rank", "1024", "-o", path("compressed-1024.h5")],
-                          [path("compressed-1024.h5")], [m, c, st]),
+        "compress-\(rank)": (["compress"] + mergeCommon + ["--rank", "\(rank)", "-o", path("compressed-rank.h5")],
+                             [path("compressed-rank.h5")], [m, c, st]),
     ]
     let gib = Double(1 << 30)
-    print("shape: \(e) experts (glu) of \(d)×\(f), \(tokens) tokens, \(groups) groups; layer in float32 "
+    print("shape: \(e) experts (glu) of \(d)×\(f), \(tokens) tokens, \(groups) groups, rank \(rank); layer in float32 "
           + String(format: "%.2f GiB", Double(model.layerBytes) / gib) + "; budget \(maxRSS) GiB; work folder \(dir)")
     print("smoe-compress: \(binary) (OPENBLAS_NUM_THREADS=\(ProcessInfo.processInfo.environment["OPENBLAS_NUM_THREADS"] ?? "unset"))")
     func pad(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }
@@ -100,7 +102,7 @@ func scaleBench(_ args: [String]) throws {
     if json {
         printRow(JSONValue.object([
             ("shape", .object([("experts", .int(e)), ("d_model", .int(d)), ("d_ff", .int(f)), ("tokens", .int(tokens)),
-                               ("groups", .int(groups))])),
+                               ("groups", .int(groups)), ("rank", .int(rank))])),
             ("max_rss_gib", .double(maxRSS)), ("stages", .array(rows)),
         ]).serialized(pretty: true))
     }
@@ -136,8 +138,6 @@ func spawnAndMeasure(_ path: String, _ args: [String], stdoutPath: String) throw
 /// Gram working set R = 8·(2·f² + 2·d² + 3·d·f) (one group at a time), and a fixed process base.
 /// The multiples of L were fitted to measurements at d_model 1024, d_ff 3584 (1/16 of the weights).
 struct ScaleMemoryModel {
-    static let stages = ["synth", "stats", "align", "merge-frequency", "merge-regmean+refit",
-                         "lowrank-1024", "compress", "compress-1024"]
     let experts, dModel, dFF, tokens, groups: Int
     var layerBytes: Int { experts * 3 * dModel * dFF * 4 }
     var expertBytes: Int { 3 * dModel * dFF * 4 }
@@ -149,14 +149,13 @@ struct ScaleMemoryModel {
         let l = Double(layerBytes), x = Double(activationBytes), r = Double(gramBytes), ex = Double(expertBytes)
         let bytes: Double
         switch stage {
-        case "synth": bytes = 2 * ex + 2 * x
-        case "stats": bytes = 1.0 * l + x
-        case "align": bytes = 2.0 * l + x
-        case "merge-frequency": bytes = 2.0 * l + x
-        case "merge-regmean+refit": bytes = 2.0 * l + x + r
-        case "lowrank-1024": bytes = 1.0 * l + 2 * ex + x
-        case "compress", "compress-1024": bytes = 2.0 * l + x + r
-        default: bytes = l
+        case "synth": bytes = ex + x
+        case "stats": bytes = l + x
+        case "align", "merge-frequency": bytes = 1.5 * l + x
+        case "merge-regmean+refit", "compress": bytes = 1.5 * l + x + 2 * r
+        case _ where stage.hasPrefix("lowrank-"): bytes = 3.5 * l + x
+        case _ where stage.hasPrefix("compress-"): bytes = 1.5 * l + x + 2 * r
+        default: bytes = 2 * l + x + 2 * r
         }
         return Self.base + Int(bytes)
     }

@@ -150,10 +150,10 @@ struct ScaleMemoryModel {
         let bytes: Double
         switch stage {
         case "synth": bytes = ex + x
-        case "stats": bytes = l + x
+        case "stats": bytes = 1.3 * l + x
         case "align", "merge-frequency": bytes = 1.5 * l + x
         case "merge-regmean+refit", "compress": bytes = 1.5 * l + x + 2 * r
-        case _ where stage.hasPrefix("lowrank-"): bytes = 3.5 * l + x
+        case _ where stage.hasPrefix("lowrank-"): bytes = 4 * l + x
         case _ where stage.hasPrefix("compress-"): bytes = 1.5 * l + x + 2 * r
         default: bytes = 2 * l + x + 2 * r
         }

@@ -136,7 +136,8 @@ func spawnAndMeasure(_ path: String, _ args: [String], stdoutPath: String) throw
 /// "Scale: time and memory on one Mixtral-8x7B-sized layer"): L = E·3·d·f·4 bytes (the layer in
 /// float32), X = T·(d + f)·4 (one block of calibration inputs and hidden activations), the RegMean
 /// Gram working set R = 8·(2·f² + 2·d² + 3·d·f) (one group at a time), and a fixed process base.
-/// The multiples of L were fitted to measurements at d_model 1024, d_ff 3584 (1/16 of the weights).
+/// The multiples were fitted at d_model 1024, d_ff 3584 (1/16 of the weights), then raised to the
+/// measured stats and align and merge-frequency peaks at the Mixtral shape (1.3·L, 1.85·L).
 struct ScaleMemoryModel {
     let experts, dModel, dFF, tokens, groups: Int
     var layerBytes: Int { experts * 3 * dModel * dFF * 4 }
@@ -151,10 +152,10 @@ struct ScaleMemoryModel {
         switch stage {
         case "synth": bytes = ex + x
         case "stats": bytes = 1.3 * l + x
-        case "align", "merge-frequency": bytes = 1.5 * l + x
-        case "merge-regmean+refit", "compress": bytes = 1.5 * l + x + 2 * r
+        case "align", "merge-frequency": bytes = 1.85 * l + x
+        case "merge-regmean+refit", "compress": bytes = 1.85 * l + x + 2.3 * r
         case _ where stage.hasPrefix("lowrank-"): bytes = 4 * l + x
-        case _ where stage.hasPrefix("compress-"): bytes = 1.5 * l + x + 2 * r
+        case _ where stage.hasPrefix("compress-"): bytes = 1.85 * l + x + 2.3 * r
         default: bytes = 2 * l + x + 2 * r
         }
         return Self.base + Int(bytes)

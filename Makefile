@@ -11,7 +11,7 @@ LOGS      := .build/test-logs
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: all deps deps-python slurm-install build build-tests test test-swift test-slurm test-python test-summary demo bench fixtures goldens clean fuzz
+.PHONY: all deps deps-python slurm-install build build-tests test test-swift test-slurm test-python test-summary demo bench bench-scale fixtures goldens clean fuzz
 
 all: build
 
@@ -105,6 +105,17 @@ demo: build
 bench: deps
 	$(SWIFT) build -c release --product smoe-bench
 	.build/release/smoe-bench all
+
+## Wall time and peak RSS per stage on one Mixtral-8x7B-shaped layer (issue 15): the release
+## smoe-compress run as subprocesses by `smoe-bench scale`; stages the memory model puts above
+## SCALE_MAX_RSS GiB are skipped (docs/ALGORITHM.md, "Scale"). SCALE_ARGS adds options
+## (e.g. SCALE_ARGS="--d-model 1024 --d-ff 3584" for the 1/16 shape, --stages, --keep, --json).
+SCALE_MAX_RSS ?= 20
+SCALE_ARGS    ?=
+bench-scale: deps
+	$(SWIFT) build -c release --product smoe-compress
+	$(SWIFT) build -c release --product smoe-bench
+	.build/release/smoe-bench scale --max-rss $(SCALE_MAX_RSS) $(SCALE_ARGS)
 
 ## Regenerates the planted fixtures (the committed ones are checked by FixtureTests).
 fixtures: build

@@ -1,0 +1,163 @@
+import Foundation
+import SMoECompress
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Wall time and peak RSS of each stage of the built `smoe-compress` (run as a subprocess) on one
+/// Mixtral-8x7B-shaped layer written by its own `synth` (issue 15). Each stage is spawned and
+/// reaped with wait4, whose rusage is that one child's (ru_maxrss, KiB on Linux), so a stage's
+/// peak is never masked by an earlier, larger one. Before each stage the memory model below
+/// predicts its peak; a stage predicted above `--max-rss` GiB is skipped with the reason, so the
+/// benchmark cannot get the machine's processes killed for lack of memory.
+/// Options: `--d-model D --d-ff F --experts E --tokens T --groups G` (default 4096, 14336, 8,
+/// 4096, E/2), `--rank R` (default d_model/4: 1024 at the Mixtral shape; the stages lowrank-R and
+/// compress-R), `--stages a,b,…` (default all), `--max-rss GB` (default 20), `--dir PATH`
+/// (default a temporary folder), `--keep` (keep the checkpoints), `--json`, `--binary PATH`.
+func scaleBench(_ args: [String]) throws {
+    func value(_ name: String) -> String? {
+        guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
+        return args[i + 1]
+    }
+    func int(_ name: String, _ def: Int) throws -> Int {
+        guard let s = value(name) else { return def }
+        guard let v = Int(s), v > 0 else { throw SMoEError("\(name): expected a positive integer, got '\(s)'") }
+        return v
+    }
+    let d = try int("--d-model", 4096), f = try int("--d-ff", 14336), e = try int("--experts", 8)
+    let tokens = try int("--tokens", 4096), groups = try int("--groups", max(1, e / 2)), rank = try int("--rank", max(1, d / 4))
+    let maxRSS = try Double(value("--max-rss") ?? "20").flatMap { $0 > 0 ? $0 : nil }
+        ?? { throw SMoEError("--max-rss: expected a positive number of GiB") }()
+    let json = args.contains("--json"), keep = args.contains("--keep")
+    let model = ScaleMemoryModel(experts: e, dModel: d, dFF: f, tokens: tokens, groups: groups)
+    let allStages = ["synth", "stats", "align", "merge-frequency", "merge-regmean+refit", "lowrank-\(rank)", "compress",
+                     "compress-\(rank)"]
+    let stages = value("--stages").map { $0.split(separator: ",").map { String($0) } } ?? allStages
+    for s in stages where !allStages.contains(s) {
+        throw SMoEError("--stages: unknown stage '\(s)' (known: \(allStages.joined(separator: ",")))")
+    }
+    let binary = value("--binary") ?? URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        .appendingPathComponent("smoe-compress").path
+    guard FileManager.default.isExecutableFile(atPath: binary) else {
+        throw SMoEError("no smoe-compress at \(binary) (build it: swift build -c release --product smoe-compress, or pass --binary)")
+    }
+    let madeDir = value("--dir") == nil
+    let dir = value("--dir") ?? NSTemporaryDirectory() + "smoe-scale-\(getpid())"
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    func path(_ name: String) -> String { dir + "/" + name }
+    let (m, c, st) = (path("mx.h5"), path("mx.calib.h5"), path("mx.stats.h5"))
+    let mergeCommon = [m, "--calib", c, "--stats", st, "--groups", "\(groups)"]
+    let commands: [String: (args: [String], outputs: [String], needs: [String])] = [
+        "synth": (["synth", "--layers", "1", "--experts", "\(e)", "--families", "\(groups)", "--top-k", "2",
+                   "--d-model", "\(d)", "--d-ff", "\(f)", "--expert-type", "glu", "--activation", "silu",
+                   "--router-type", "softmax_topk_norm", "--tokens", "\(tokens)", "-o", m, "--calib", c], [m, c], []),
+        "stats": (["stats", m, "--calib", c, "-o", st], [st], [m, c]),
+        "align": (["align", m, "--stats", st, "-o", path("aligned.h5")], [path("aligned.h5")], [m, st]),
+        "merge-frequency": (["merge"] + mergeCommon + ["--merge-method", "frequency", "-o", path("merged-frequency.h5")],
+                            [path("merged-frequency.h5")], [m, c, st]),
+        "merge-regmean+refit": (["merge"] + mergeCommon + ["--merge-method", "regmean+refit", "-o", path("merged-regmean.h5")],
+                                [path("merged-regmean.h5")], [m, c, st]),
+        "lowrank-\(rank)": (["lowrank", m, "--calib", c, "--rank", "\(rank)", "-o", path("lowrank.h5")],
+                            [path("lowrank.h5")], [m, c]),
+        "compress": (["compress"] + mergeCommon + ["-o", path("compressed.h5")], [path("compressed.h5")], [m, c, st]),
+        "compress-\(rank)": (["compress"] + mergeCommon + ["--rank", "\(rank)", "-o", path("compressed-rank.h5")],
+                             [path("compressed-rank.h5")], [m, c, st]),
+    ]
+    let gib = Double(1 << 30)
+    print("shape: \(e) experts (glu) of \(d)×\(f), \(tokens) tokens, \(groups) groups, rank \(rank); layer in float32 "
+          + String(format: "%.2f GiB", Double(model.layerBytes) / gib) + "; budget \(maxRSS) GiB; work folder \(dir)")
+    print("smoe-compress: \(binary) (OPENBLAS_NUM_THREADS=\(ProcessInfo.processInfo.environment["OPENBLAS_NUM_THREADS"] ?? "unset"))")
+    func pad(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }
+    printRow("stage                  wall s   peak GiB   model GiB   output bytes  note")
+    var rows: [JSONValue] = []
+    for stage in stages {
+        let cmd = commands[stage]!
+        let predicted = model.predictedPeak(stage)
+        var note = ""
+        if let missing = cmd.needs.first(where: { !FileManager.default.fileExists(atPath: $0) }) {
+            note = "skipped: needs \((missing as NSString).lastPathComponent) (run its stage first)"
+        } else if Double(predicted) / gib > maxRSS {
+            note = String(format: "skipped: the memory model predicts %.1f GiB > --max-rss %g", Double(predicted) / gib, maxRSS)
+        }
+        if !note.isEmpty {
+            printRow(stage.padding(toLength: 20, withPad: " ", startingAt: 0) + pad("-", 9) + pad("-", 11)
+                     + pad(String(format: "%.2f", Double(predicted) / gib), 12) + pad("-", 15) + "  " + note)
+            rows.append(.object([("stage", .string(stage)), ("skipped", .string(note)), ("model_peak_bytes", .int(predicted))]))
+            continue
+        }
+        let log = path(stage + ".json")
+        let run = try spawnAndMeasure(binary, cmd.args + ["--json", "--quiet"], stdoutPath: log)
+        let bytes = cmd.outputs.reduce(0) { $0 + (((try? FileManager.default.attributesOfItem(atPath: $1))?[.size] as? Int) ?? 0) }
+        if run.status != 0 { note = "FAILED (exit \(run.status)); see \(log)" }
+        printRow(stage.padding(toLength: 20, withPad: " ", startingAt: 0) + pad(String(format: "%.1f", run.seconds), 9)
+                 + pad(String(format: "%.2f", Double(run.peakRSS) / gib), 11)
+                 + pad(String(format: "%.2f", Double(predicted) / gib), 12) + pad("\(bytes)", 15) + (note.isEmpty ? "" : "  " + note))
+        rows.append(.object([("stage", .string(stage)), ("seconds", .double(run.seconds)), ("peak_rss_bytes", .int(run.peakRSS)),
+                             ("model_peak_bytes", .int(predicted)), ("output_bytes", .int(bytes)), ("exit_status", .int(Int(run.status)))]))
+    }
+    if !keep {
+        for cmd in commands.values { for o in cmd.outputs { try? FileManager.default.removeItem(atPath: o) } }
+        if madeDir { try? FileManager.default.removeItem(atPath: dir) }
+    }
+    if json {
+        printRow(JSONValue.object([
+            ("shape", .object([("experts", .int(e)), ("d_model", .int(d)), ("d_ff", .int(f)), ("tokens", .int(tokens)),
+                               ("groups", .int(groups)), ("rank", .int(rank))])),
+            ("max_rss_gib", .double(maxRSS)), ("stages", .array(rows)),
+        ]).serialized(pretty: true))
+    }
+}
+
+/// Runs `path args` with stdout to `stdoutPath` (stderr inherited) and reaps it with wait4: wall
+/// seconds, exit status, and that child's own peak RSS in bytes (ru_maxrss is KiB on Linux).
+/// The child's re-exec of itself (OPENBLAS_CORETYPE) keeps its pid, so it is measured too.
+func spawnAndMeasure(_ path: String, _ args: [String], stdoutPath: String) throws -> (seconds: Double, status: Int32, peakRSS: Int) {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 1, stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
+    defer { for p in argv { free(p) } }
+    var pid: pid_t = 0
+    let t0 = DispatchTime.now().uptimeNanoseconds
+    let rc = posix_spawn(&pid, path, &actions, nil, argv, environ)
+    guard rc == 0 else { throw SMoEError("cannot start \(path): \(String(cString: strerror(rc)))") }
+    var status: Int32 = 0
+    var usage = rusage()
+    while wait4(pid, &status, 0, &usage) < 0 {
+        guard errno == EINTR else { throw SMoEError("wait4: \(String(cString: strerror(errno)))") }
+    }
+    let seconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+    let exit: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    return (seconds, exit, Int(usage.ru_maxrss) * 1024)
+}
+
+/// Predicted peak RSS per stage of the current code for one dense GLU layer (docs/ALGORITHM.md,
+/// "Scale: time and memory on one Mixtral-8x7B-sized layer"): L = E·3·d·f·4 bytes (the layer in
+/// float32), X = T·(d + f)·4 (one block of calibration inputs and hidden activations), the RegMean
+/// Gram working set R = 8·(2·f² + 2·d² + 3·d·f) (one group at a time), and a fixed process base.
+/// The multiples were fitted at d_model 1024, d_ff 3584 (1/16 of the weights), then raised to the
+/// measured stats and align and merge-frequency peaks at the Mixtral shape (1.3·L, 1.85·L).
+struct ScaleMemoryModel {
+    let experts, dModel, dFF, tokens, groups: Int
+    var layerBytes: Int { experts * 3 * dModel * dFF * 4 }
+    var expertBytes: Int { 3 * dModel * dFF * 4 }
+    var activationBytes: Int { tokens * (dModel + dFF) * 4 }
+    var gramBytes: Int { 8 * (2 * dFF * dFF + 2 * dModel * dModel + 3 * dModel * dFF) }
+    static let base = 100 << 20
+
+    func predictedPeak(_ stage: String) -> Int {
+        let l = Double(layerBytes), x = Double(activationBytes), r = Double(gramBytes), ex = Double(expertBytes)
+        let bytes: Double
+        switch stage {
+        case "synth": bytes = ex + x
+        case "stats": bytes = 1.3 * l + x
+        case "align", "merge-frequency": bytes = 1.85 * l + x
+        case "merge-regmean+refit", "compress": bytes = 1.85 * l + x + 2.3 * r
+        case _ where stage.hasPrefix("lowrank-"): bytes = 4 * l + x
+        case _ where stage.hasPrefix("compress-"): bytes = 1.85 * l + x + 2.3 * r
+        default: bytes = 2 * l + x + 2 * r
+        }
+        return Self.base + Int(bytes)
+    }
+}

@@ -103,11 +103,7 @@ struct Compress: ParsableCommand {
         }
         var t = Table(["layer", "groups", "rank", "bytes original", "merged", "final", "error merged", "error final", "cosine"])
         for l in report.layers {
-            let ranks = l.lowRank.map { r -> String in
-                let rs = r.matrices.filter { !$0.keptDense }.map(\.rank)
-                guard let lo = rs.min(), let hi = rs.max() else { return "dense" }
-                return lo == hi ? "\(lo)" : "\(lo)-\(hi)"
-            } ?? "-"
+            let ranks = l.lowRank.map { rankRange($0.matrices.filter { !$0.keptDense }.map(\.rank)) } ?? "-"
             t.add([l.name, "\(l.final.storedAfter)", ranks, formatBytes(l.bytesOriginal), formatBytes(l.bytesMerged),
                    formatBytes(l.bytesFinal), fixed(l.afterMerge.relativeError, 4), fixed(l.final.relativeError, 4),
                    fixed(l.final.meanCosine, 4)])

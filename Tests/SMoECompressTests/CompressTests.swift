@@ -63,6 +63,28 @@ final class CompressTests: XCTestCase {
         }
     }
 
+    /// `--target-size` validates the merge settings before planning (a zero block size used to
+    /// loop for ever in the planner), and with `--router compact` it plans one G for every layer
+    /// and writes compact layers (the plan path used to skip the router fit).
+    func testTargetSizeSettingsAndCompactRouter() throws {
+        let dir = temporaryDirectory(self)
+        let m = fixture("planted-mixtral.h5"), c = fixture("planted-mixtral.calib.h5")
+        for (args, named) in [(["--block-size", "0"], "--block-size"), (["--router", "compact"], "--uniform-groups"),
+                              (["--groups", "9"], "--groups")] {
+            let r = try runCLI(["compress", m, "--calib", c, "--target-size", "0.5", "-o", dir + "/x.h5", "--quiet"] + args)
+            XCTAssertEqual(r.status, 1, "\(args): \(r.stderr)")
+            XCTAssertTrue(r.stderr.hasPrefix("error: ") && r.stderr.contains(named) && r.stderr.split(separator: "\n").count == 1,
+                          "\(args): \(r.stderr)")
+        }
+        let r = try runCLI(["compress", m, "--calib", c, "--target-size", "0.5", "--router", "compact", "--uniform-groups",
+                            "-o", dir + "/c.h5", "--quiet"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let out = try CheckpointReader(dir + "/c.h5")
+        let counts = try out.layers.map { try out.readLayer($0.name) }.map { ($0.config.numExperts, $0.expertMap == nil) }
+        XCTAssertEqual(Set(counts.map(\.0)).count, 1, "one G in every layer: \(counts)")
+        XCTAssertTrue(counts.allSatisfy { $0.1 && $0.0 < 8 }, "compact layers: \(counts)")
+    }
+
     /// Without --rank, compress is merge plus its evaluation; --groups E with frequency merging
     /// reproduces the model.
     func testMergeOnlyAndIdentity() throws {

@@ -389,3 +389,17 @@ final class RegMeanTests: XCTestCase {
         XCTAssertNil(merged.firstNonFinite)
     }
 }
+
+extension OutputAwareMerge {
+    /// RegMean of members with Grams `grams` and weights `weights`, all at once (the stage folds
+    /// them into a `RegMeanSystem` one member at a time; the sums are the same).
+    static func regmeanSolve(_ grams: [[Double]], _ weights: [Matrix], alpha: Double, ridge: Double,
+                             prior: Matrix? = nil) throws -> (w: Matrix, method: SymmetricSolver.Method, conditionEstimate: Double) {
+        var system = RegMeanSystem(inputs: weights[0].cols, outputs: weights[0].rows)
+        for (g, w) in zip(grams, weights) {
+            var gt = g
+            system.add(gram: &gt, weight: w, alpha: alpha)
+        }
+        return try system.solve(ridge: ridge, prior: prior)
+    }
+}

@@ -116,12 +116,17 @@ public struct CompressStage: LayerStage {
         try settings.validate()
         var mergeSettings = settings.merge
         if let target = settings.target {
-            // The planner chooses G per layer; the merge stage only validates and names the layers.
-            mergeSettings.groups = 1
-            mergeSettings.adaptive = false
+            // The planner chooses G per layer; the merge stage validates the largest and names the
+            // layers. A compact router needs one G in every layer (the serving config holds one).
+            if settings.merge.router == .compact && !target.uniformGroups {
+                throw SMoEError.setting(.router, "compact needs one G in every layer: plan {target-size} with {uniform-groups}")
+            }
             let template = settings.lowRank ?? LowRankOptions(rank: .fixed(1), floatBytes: storage.byteSize)
-            self.plan = try plan ?? SizePlanner.plan(model: model, calibration: calibration, stats: stats, merge: settings.merge,
-                                                     lowRank: template, settings: target, storage: storage, progress: progress)
+            let sizePlan = try plan ?? SizePlanner.plan(model: model, calibration: calibration, stats: stats, merge: settings.merge,
+                                                        lowRank: template, settings: target, storage: storage, progress: progress)
+            self.plan = sizePlan
+            mergeSettings.groups = sizePlan.layers.map(\.groups).max() ?? 1
+            mergeSettings.adaptive = false
             settings.lowRank = template
         } else {
             self.plan = nil
@@ -145,10 +150,7 @@ public struct CompressStage: LayerStage {
         let tokens = settings.merge.tokens
         let layerPlan = plan?[original.name]
         var (merged, mergeReport) = try layerPlan.map {
-            var ms = settings.merge
-            ms.groups = $0.groups
-            return try MergeStage.apply(original, grouping: $0.grouping, frequency: $0.frequency, settings: ms,
-                                        tokens: calibration.tokenBlocks(original.name, tokens), progress: progress)
+            try merge.merge(original, grouping: $0.grouping, frequency: $0.frequency, progress: progress)
         } ?? merge.process(original, progress: progress)
         let mergedLayer = merged.roundedForStorage(storage)
         var final = mergedLayer

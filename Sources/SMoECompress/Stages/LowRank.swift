@@ -595,3 +595,9 @@ public struct LowRankStage: LayerStage {
         return .object(kv)
     }
 }
+
+/// Ranks as a table shows them: "dense" (none), "12" or "8-31".
+public func rankRange(_ ranks: [Int]) -> String {
+    guard let lo = ranks.min(), let hi = ranks.max() else { return "dense" }
+    return lo == hi ? "\(lo)" : "\(lo)-\(hi)"
+}

@@ -168,9 +168,19 @@ public struct MergeStage: LayerStage {
 
     public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
         let plan = plans[layer.name]!
+        return try merge(layer, grouping: plan.grouping, frequency: plan.frequency, progress: progress)
+    }
+
+    /// Merges `layer` with a grouping decided elsewhere (a size plan), as `process` does with its
+    /// own: merge, then (with the compact router) fit the router and refit the experts.
+    public func merge(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double],
+                      progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
+        var settings = self.settings
+        settings.groups = grouping.groups.count
         let tokens = calibration.map { $0.tokenBlocks(layer.name, settings.tokens) }
-        var (merged, report) = try MergeStage.apply(layer, grouping: plan.grouping, frequency: plan.frequency,
+        var (merged, report) = try MergeStage.apply(layer, grouping: grouping, frequency: frequency,
                                                     settings: settings, tokens: tokens, progress: progress)
+        let plan = (grouping: grouping, frequency: frequency)
         if settings.router == .compact, let tokens {
             progress?("fitting the router of \(layer.name)", 0, 1)
             let (compact, fit) = try CompactRouter.compact(merged, frequency: plan.frequency, tokens: tokens)

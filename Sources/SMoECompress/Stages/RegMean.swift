@@ -62,17 +62,6 @@ enum OutputAwareMerge {
         }
     }
 
-    /// RegMean of members with Grams `grams` and weights `weights` (see `RegMeanSystem`).
-    static func regmeanSolve(_ grams: [[Double]], _ weights: [Matrix], alpha: Double, ridge: Double,
-                             prior: Matrix? = nil) throws -> (w: Matrix, method: SymmetricSolver.Method, conditionEstimate: Double) {
-        var system = RegMeanSystem(inputs: weights[0].cols, outputs: weights[0].rows)
-        for (g, w) in zip(grams, weights) {
-            var gt = g
-            system.add(gram: &gt, weight: w, alpha: alpha)
-        }
-        return try system.solve(ridge: ridge, prior: prior)
-    }
-
     /// A report note for a system that was not solved by Cholesky.
     static func solverNote(_ what: String, _ method: SymmetricSolver.Method, _ estimate: Double) -> String {
         estimate > 0 ? "\(what): \(method.rawValue) (estimated rcond \(String(format: "%.1e", estimate)))"
@@ -134,7 +123,7 @@ enum OutputAwareMerge {
             // Members without tokens drop out of the sums (their Grams are zero: adding them
             // would change nothing, but skipping keeps the sums' terms exactly the used ones).
             guard memberTokens[k] > 0 else { continue }
-            var gx2 = gramX
+            var gx2 = gate != nil ? gramX : []  // the gate's copy of the input Gram
             up.add(gram: &gramX, weight: p.aligned[k].up.dense(), alpha: options.alpha)
             if gate != nil { gate!.add(gram: &gx2, weight: p.aligned[k].gate!.dense(), alpha: options.alpha) }
             down.add(gram: &gramH, weight: p.aligned[k].down.dense(), alpha: options.alpha)

@@ -83,10 +83,7 @@ public struct LayerPlan: Sendable, Equatable {
     public var estimatedError: Double
 
     /// "dense", "12" or "8-31".
-    public var rankSummary: String {
-        guard let lo = ranks.values.min(), let hi = ranks.values.max() else { return "dense" }
-        return lo == hi ? "\(lo)" : "\(lo)-\(hi)"
-    }
+    public var rankSummary: String { rankRange(Array(ranks.values)) }
 
     public var json: JSONValue {
         .object([("name", .string(name)), ("groups", .int(groups)), ("expert_map", JSONValue(grouping.slotToGroup)),
@@ -153,8 +150,13 @@ public enum SizePlanner {
                             merge: MergeSettings, lowRank: LowRankOptions, settings: PlannerSettings, storage: StorageType,
                             progress: ProgressCallback? = nil) throws -> SizePlan {
         try settings.validate()
+        try merge.merging.validate()
+        try merge.tokens.validate()
         if lowRank.sparsity > 0 { throw SMoEError.setting(.targetSize, "plans low rank without a sparse part: give no {sparsity}") }
         let names = try model.selectLayers(merge.layers)
+        for c in model.layers where names.contains(c.name) && merge.groups > c.numExperts {
+            throw SMoEError.setting(.groups, "\(merge.groups) is more than the \(c.numExperts) experts of layer \(c.name)")
+        }
         let fb = storage.byteSize
         let inputs = try MergeStage.groupingInputs(model: model, layers: names, base: merge.similarityBase, stats: stats,
                                                    calibration: calibration, tokens: merge.tokens, progress: progress)

@@ -63,7 +63,7 @@ public enum Setting: String, Sendable, CaseIterable {
     case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge", router, compactRefit = "compact-refit"
     // Low rank.
     case rank, energy, sparsity, iterations, matrices, svd, activationAware = "activation-aware"
-    case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge", targetSize = "target-size"
+    case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge", targetSize = "target-size", uniformGroups = "uniform-groups"
     // Alignment.
     case reference
     // Output.

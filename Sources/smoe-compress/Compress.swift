@@ -54,7 +54,7 @@ struct Compress: ParsableCommand {
         let inputs = [calib] + [evalCalib, mergeOptions.stats].compactMap { $0 }
         let reader = try CheckpointReader(model)
         let storage = output.writeOptions(for: reader).dtype
-        var settings = CompressSettings(merge: mergeOptions.settings, lowRank: lowrank.options(floatBytes: storage.byteSize),
+        var settings = CompressSettings(merge: try namingFile(model) { try mergeOptions.settings(fitting: reader) }, lowRank: lowrank.options(floatBytes: storage.byteSize),
                                         activationAware: activationAware)
         settings.target = try plannerSettings()
         if settings.target != nil { settings.lowRank = lowrank.options(floatBytes: storage.byteSize, rule: .fixed(1)) }

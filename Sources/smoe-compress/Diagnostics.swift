@@ -33,6 +33,7 @@ func flag(for setting: Setting) -> String {
     case .lowrankObjective: return "--lowrank-objective"
     case .whiteningRidge: return "--whitening-ridge"
     case .targetSize: return "--target-size"
+    case .maxMemory: return "--max-memory"
     case .uniformGroups: return "--uniform-groups"
     case .reference: return "--reference"
     case .storage: return "--dtype"

@@ -83,7 +83,7 @@ struct Lowrank: ParsableCommand {
         let shard = try output.shardValue()
         let (stage, result) = try namingFile(model, inputs: inputs) {
             let stage = try LowRankStage(model: reader, calibration: try calib.map(CalibrationReader.init), options: options,
-                                         tokens: tokens.settings, layers: layers.names)
+                                         tokens: try tokens.settings(.lowRank, model: reader, layers: layers.names), layers: layers.names)
             return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
         }
         progress.finish()

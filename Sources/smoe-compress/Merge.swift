@@ -49,6 +49,13 @@ struct MergeOptionGroup: ParsableArguments {
                                             refitRidge: refitRidge),
                       tokens: tokens.settings, router: router, compactRefit: compactRefit)
     }
+
+    /// The settings, with the calibration block lowered to fit --max-memory on `model`.
+    func settings(fitting model: CheckpointReader) throws -> MergeSettings {
+        var s = settings
+        s.tokens = try tokens.settings(mergeMethod == .frequency ? .alignment : .outputAware, model: model, layers: layers.names)
+        return s
+    }
 }
 
 struct Merge: ParsableCommand {
@@ -75,7 +82,7 @@ struct Merge: ParsableCommand {
         let shard = try output.shardValue()
         let (stage, result) = try namingFile(model, inputs: inputs) {
             let stage = try MergeStage(model: reader, calibration: try calib.map(CalibrationReader.init),
-                                       stats: try mergeOptions.stats.map(StatsReader.init), settings: mergeOptions.settings,
+                                       stats: try mergeOptions.stats.map(StatsReader.init), settings: try mergeOptions.settings(fitting: reader),
                                        shard: shard, progress: progress.callback)
             return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { layer in
                 try writer.write(layer)

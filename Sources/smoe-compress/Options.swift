@@ -41,7 +41,18 @@ struct TokenOptions: ParsableArguments {
     @Option(help: "Calibration tokens per block (memory does not grow with the number of tokens).")
     var blockSize: Int = TokenSettings.defaultBlockSize
 
+    @Option(help: "Memory budget (e.g. 8GiB): lowers --block-size to fit the predicted peak, or stops up front naming the smallest budget that would work (docs/ALGORITHM.md, \"Scale\").")
+    var maxMemory: String?
+
     var settings: TokenSettings { TokenSettings(blockSize: blockSize, maxTokens: maxTokens) }
+
+    /// The token settings, with the block size lowered to fit --max-memory when it is given.
+    func settings(_ work: MemoryModel.Work, model: CheckpointReader, layers: [String]?) throws -> TokenSettings {
+        guard let text = maxMemory else { return settings }
+        let budget = try parseByteSize(text, for: .maxMemory)
+        let block = try MemoryModel.blockSize(work, model: model, layers: layers, budget: budget, requested: blockSize)
+        return TokenSettings(blockSize: block, maxTokens: maxTokens)
+    }
 }
 
 /// A comma-separated list (`a,b,c`); blanks around items are ignored, an empty text is an

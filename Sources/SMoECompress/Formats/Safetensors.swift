@@ -534,7 +534,7 @@ public final class ShardedSafetensorsWriter: @unchecked Sendable {
 
 /// Parses a size such as `5GB`, `500MB`, `2GiB`, `10000` (bytes). Decimal units are powers of
 /// 1000 (as Hugging Face), binary units (KiB, MiB, GiB) powers of 1024.
-public func parseByteSize(_ text: String) throws -> Int {
+public func parseByteSize(_ text: String, for setting: Setting = .maxShardSize) throws -> Int {
     let s = text.trimmingCharacters(in: .whitespaces).uppercased()
     let units: [(String, Double)] = [("KIB", 1024), ("MIB", 1_048_576), ("GIB", 1_073_741_824), ("TIB", 1_099_511_627_776),
                                      ("KB", 1e3), ("MB", 1e6), ("GB", 1e9), ("TB", 1e12), ("B", 1)]
@@ -545,7 +545,7 @@ public func parseByteSize(_ text: String) throws -> Int {
         break
     }
     guard let v = Double(number), v > 0, v.isFinite, v * scale >= 1, v * scale < 9e18 else {
-        throw SMoEError.setting(.maxShardSize, "'\(text)' is not a size such as 5GB, 500MB or 2GiB")
+        throw SMoEError.setting(setting, "'\(text)' is not a size such as 5GB, 500MB or 2GiB")
     }
     return Int(v * scale)
 }

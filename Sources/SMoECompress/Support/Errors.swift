@@ -70,6 +70,8 @@ public enum Setting: String, Sendable, CaseIterable {
     case storage, maxShardSize = "max-shard-size", family
     // Sharded runs: one shard I/N of a run, and the number of shards of a split.
     case shard, shards, allowPartial = "allow-partial"
+    // Memory.
+    case maxMemory = "max-memory"
     // The planted-model generator.
     case synthLayers = "synth-layers", experts, families, topK = "top-k", dimensions, noise, tokens
 }

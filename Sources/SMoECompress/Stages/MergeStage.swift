@@ -180,10 +180,9 @@ public struct MergeStage: LayerStage {
         let tokens = calibration.map { $0.tokenBlocks(layer.name, settings.tokens) }
         var (merged, report) = try MergeStage.apply(layer, grouping: grouping, frequency: frequency,
                                                     settings: settings, tokens: tokens, progress: progress)
-        let plan = (grouping: grouping, frequency: frequency)
         if settings.router == .compact, let tokens {
             progress?("fitting the router of \(layer.name)", 0, 1)
-            let (compact, fit) = try CompactRouter.compact(merged, frequency: plan.frequency, tokens: tokens)
+            let (compact, fit) = try CompactRouter.compact(merged, frequency: frequency, tokens: tokens)
             merged = compact
             report.compact = fit
             if settings.refitsCompactExperts {

@@ -229,13 +229,8 @@ public enum Statistics {
     public static func compute(layer: MoELayer, tokens x: Matrix, bases: Set<SimilarityBase> = [.routerLogits],
                                blockSize: Int = TokenSettings.defaultBlockSize) throws -> LayerStatistics {
         try TokenSettings(blockSize: blockSize).validate()
-        var s = 0
-        var blocks: [Matrix] = []
-        while s < x.rows {
-            let n = min(blockSize, x.rows - s)
-            blocks.append(x.rowBlock(s, n))
-            s += n
-        }
+        // Blocks are cut as they are consumed: one block's copy at a time, not a second copy of X.
+        let blocks = stride(from: 0, to: x.rows, by: blockSize).lazy.map { x.rowBlock($0, min(blockSize, x.rows - $0)) }
         return try compute(layer: layer, blocks: blocks, bases: bases)
     }
 

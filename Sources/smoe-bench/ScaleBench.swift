@@ -132,32 +132,29 @@ func spawnAndMeasure(_ path: String, _ args: [String], stdoutPath: String) throw
     return (seconds, exit, Int(usage.ru_maxrss) * 1024)
 }
 
-/// Predicted peak RSS per stage of the current code for one dense GLU layer (docs/ALGORITHM.md,
-/// "Scale: time and memory on one Mixtral-8x7B-sized layer"): L = E·3·d·f·4 bytes (the layer in
-/// float32), X = T·(d + f)·4 (one block of calibration inputs and hidden activations), the RegMean
-/// Gram working set R = 8·(2·f² + 2·d² + 3·d·f) (one group at a time), and a fixed process base.
-/// The multiples were fitted at d_model 1024, d_ff 3584 (1/16 of the weights), then raised to the
-/// measured stats and align and merge-frequency peaks at the Mixtral shape (1.3·L, 1.85·L).
+/// Predicted peak RSS per stage for one dense GLU layer: the library's `MemoryModel` (the one
+/// `--max-memory` uses; docs/ALGORITHM.md, "Scale"), with the largest group of the planted
+/// families (E/G experts each); synth holds one expert and one block.
 struct ScaleMemoryModel {
     let experts, dModel, dFF, tokens, groups: Int
     var layerBytes: Int { experts * 3 * dModel * dFF * 4 }
-    var expertBytes: Int { 3 * dModel * dFF * 4 }
-    var activationBytes: Int { tokens * (dModel + dFF) * 4 }
-    var gramBytes: Int { 8 * (2 * dFF * dFF + 2 * dModel * dModel + 3 * dModel * dFF) }
-    static let base = 100 << 20
+    var config: LayerConfig {
+        LayerConfig(name: "scale", index: 0, numExperts: experts, topK: 2, dModel: dModel, dFF: dFF, expertType: .glu,
+                    activation: .silu, routerType: .softmax_topk_norm)
+    }
 
     func predictedPeak(_ stage: String) -> Int {
-        let l = Double(layerBytes), x = Double(activationBytes), r = Double(gramBytes), ex = Double(expertBytes)
-        let bytes: Double
+        let largest = (experts + groups - 1) / groups
+        let work: MemoryModel.Work
         switch stage {
-        case "synth": bytes = ex + x
-        case "stats": bytes = 1.3 * l + x
-        case "align", "merge-frequency": bytes = 1.85 * l + x
-        case "merge-regmean+refit", "compress": bytes = 1.85 * l + x + 2.3 * r
-        case _ where stage.hasPrefix("lowrank-"): bytes = 4 * l + x
-        case _ where stage.hasPrefix("compress-"): bytes = 1.85 * l + x + 2.3 * r
-        default: bytes = 2 * l + x + 2 * r
+        case "synth": return MemoryModel.base + 3 * dModel * dFF * 4 + tokens * (dModel + dFF) * 4
+        case "stats": work = .statistics(readsExperts: false)
+        case "align": work = .alignment
+        case "merge-frequency": work = .merge(groups: groups, largestGroup: largest, outputAware: false, lowRank: false)
+        case "merge-regmean+refit", "compress": work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: false)
+        case _ where stage.hasPrefix("lowrank-"): work = .lowRank
+        default: work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: true)
         }
-        return Self.base + Int(bytes)
+        return MemoryModel.peakBytes(work, layer: config, blockSize: tokens)
     }
 }

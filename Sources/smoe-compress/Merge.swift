@@ -50,10 +50,10 @@ struct MergeOptionGroup: ParsableArguments {
                       tokens: tokens.settings, router: router, compactRefit: compactRefit)
     }
 
-    /// The settings, with the calibration block lowered to fit --max-memory on `model`.
+    /// The settings with --max-memory, which the stage applies to its planned groupings.
     func settings(fitting model: CheckpointReader) throws -> MergeSettings {
         var s = settings
-        s.tokens = try tokens.settings(mergeMethod == .frequency ? .alignment : .outputAware, model: model, layers: layers.names)
+        s.maxMemory = try tokens.maxMemory.map { try parseByteSize($0, for: .maxMemory) }
         return s
     }
 }

@@ -39,7 +39,7 @@ struct Stats: ParsableCommand {
         try ensureOutputDiffers(output, from: [model, calib])
         let reader = try CheckpointReader(model)
         let stage = try StatisticsStage(model: reader, calibration: try CalibrationReader(calib), bases: Set(bases),
-                                        tokens: try tokens.settings(.statistics, model: reader, layers: layers.names), layers: layers.names)
+                                        tokens: try tokens.settings(.statistics(readsExperts: bases.contains(where: \.needsExperts)), model: reader, layers: layers.names), layers: layers.names)
         let source = StatsWriter.source(model: model, calibration: calib, bases: bases, maxTokens: tokens.maxTokens)
         let shard = try self.shard.map(Shard.init(parsing:))
         let writer = shard == nil ? try StatsWriter(destination: output, source: source)

@@ -20,7 +20,7 @@ final class EvaluationTests: XCTestCase {
         let original = handLayer(expert1Down: [0, 1])
         // Expert 1 halved: error (0, p) on token 2; ‖y‖² = 8p² → relative error 1/(2√2); outputs parallel.
         var acc = try EvaluationAccumulator(original: original, compressed: handLayer(expert1Down: [0, 0.5]))
-        acc.add(tokens)
+        try acc.add(tokens)
         var r = acc.result(bytesBefore: 100, bytesAfter: 50)
         XCTAssertEqual(r.relativeError, 1 / (2 * 2.0.squareRoot()), accuracy: 1e-6)
         XCTAssertEqual(r.meanCosine, 1, accuracy: 1e-12)
@@ -31,13 +31,13 @@ final class EvaluationTests: XCTestCase {
         // Expert 1 writes to the wrong coordinate: y′ = (2p, 0) for token 2, orthogonal to y:
         // error² = 8p² = ‖y‖², cosines 1 and 0.
         acc = try EvaluationAccumulator(original: original, compressed: handLayer(expert1Down: [1, 0]))
-        acc.add(tokens)
+        try acc.add(tokens)
         r = acc.result(bytesBefore: 0, bytesAfter: 0)
         XCTAssertEqual(r.relativeError, 1, accuracy: 1e-6)
         XCTAssertEqual(r.meanCosine, 0.5, accuracy: 1e-6)
         // A swapped router sends each token to the other slot: no routing agreement, y′ = 0.
         acc = try EvaluationAccumulator(original: original, compressed: handLayer(expert1Down: [0, 1], swapRouter: true))
-        acc.add(tokens)
+        try acc.add(tokens)
         r = acc.result(bytesBefore: 0, bytesAfter: 0)
         XCTAssertEqual(r.routingAgreement, 0)
         XCTAssertEqual(r.routingOverlap, 0)
@@ -64,17 +64,17 @@ final class EvaluationTests: XCTestCase {
             for i in b.experts.indices { b.experts[i].down = .dense(b.experts[i].down.dense().scaled(0.9)) }
             let x = randomMatrix(53, a.config.dModel, &rng)
             var one = try EvaluationAccumulator(original: a, compressed: b)
-            one.add(x)
+            try one.add(x)
             var blocks = try EvaluationAccumulator(original: a, compressed: b)
             var s = 0
-            while s < x.rows { let e = min(s + 7, x.rows); blocks.add(x.rowBlock(s, e - s)); s = e }
+            while s < x.rows { let e = min(s + 7, x.rows); try blocks.add(x.rowBlock(s, e - s)); s = e }
             let r1 = one.result(bytesBefore: 0, bytesAfter: 0), r2 = blocks.result(bytesBefore: 0, bytesAfter: 0)
             // Products of different block shapes round differently in float32: equal to ~1e-7.
             XCTAssertEqual(r1.relativeError, r2.relativeError, accuracy: 1e-6, "seed \(seed)")
             if seed != 3 { XCTAssertEqual(r1.relativeError, 0.1, accuracy: 1e-5, "seed \(seed): every output scaled by 0.9") }
             XCTAssertEqual(r1.meanCosine, r2.meanCosine, accuracy: 1e-6, "seed \(seed)")
             var same = try EvaluationAccumulator(original: a, compressed: a)
-            same.add(x)
+            try same.add(x)
             XCTAssertEqual(same.result(bytesBefore: 0, bytesAfter: 0).relativeError, 0, "seed \(seed)")
             XCTAssertEqual(same.result(bytesBefore: 0, bytesAfter: 0).routingAgreement, 1, "seed \(seed)")
         }

@@ -8,24 +8,50 @@ final class MemoryModelTests: XCTestCase {
     func testBlockSizeFitsTheBudgetOrTheErrorNamesTheSmallest() throws {
         let model = try CheckpointReader(fixture("trained-mixtral.h5"))
         let c = model.layers[0]
-        let least = MemoryModel.peakBytes(.outputAware, layer: c, blockSize: 1)
+        let regmean = MemoryModel.Work.merge(groups: 4, largestGroup: nil, outputAware: true, lowRank: false)
+        let least = MemoryModel.peakBytes(regmean, layer: c, blockSize: 1)
         let perToken = (c.dModel + c.dFF) * 4
         // Ample: the requested block stands.
-        XCTAssertEqual(try MemoryModel.blockSize(.outputAware, model: model, layers: nil, budget: 1 << 40, requested: 4096), 4096)
+        XCTAssertEqual(try MemoryModel.blockSize(regmean, model: model, layers: nil, budget: 1 << 40, requested: 4096), 4096)
         // Room for exactly 100 more tokens than one: a block of 101, and its peak fits.
         let budget = least + 100 * perToken
-        let block = try MemoryModel.blockSize(.outputAware, model: model, layers: nil, budget: budget, requested: 4096)
+        let block = try MemoryModel.blockSize(regmean, model: model, layers: nil, budget: budget, requested: 4096)
         XCTAssertEqual(block, 101)
-        XCTAssertLessThanOrEqual(MemoryModel.peakBytes(.outputAware, layer: c, blockSize: block), budget)
-        XCTAssertGreaterThan(MemoryModel.peakBytes(.outputAware, layer: c, blockSize: block + 1), budget)
+        XCTAssertLessThanOrEqual(MemoryModel.peakBytes(regmean, layer: c, blockSize: block), budget)
+        XCTAssertGreaterThan(MemoryModel.peakBytes(regmean, layer: c, blockSize: block + 1), budget)
         // Too little: one error naming the setting and the smallest budget.
-        XCTAssertThrowsError(try MemoryModel.blockSize(.outputAware, model: model, layers: nil, budget: least - 1, requested: 4096)) { e in
+        XCTAssertThrowsError(try MemoryModel.blockSize(regmean, model: model, layers: nil, budget: least - 1, requested: 4096)) { e in
             XCTAssertEqual((e as? SMoEError)?.setting, .maxMemory)
             XCTAssertTrue("\(e)".contains(MemoryModel.gib(least)), "\(e)")
         }
-        // The stages' needs are ordered as measured: statistics < alignment < output-aware merging.
-        XCTAssertLessThan(MemoryModel.peakBytes(.statistics, layer: c, blockSize: 1), MemoryModel.peakBytes(.alignment, layer: c, blockSize: 1))
-        XCTAssertLessThan(MemoryModel.peakBytes(.alignment, layer: c, blockSize: 1), least)
+        // The stages' needs are ordered: router statistics < merging by frequency < RegMean
+        // merging ≤ RegMean merging then factoring; a smaller largest group needs less.
+        let frequency = MemoryModel.Work.merge(groups: 4, largestGroup: nil, outputAware: false, lowRank: false)
+        let factored = MemoryModel.Work.merge(groups: 4, largestGroup: nil, outputAware: true, lowRank: true)
+        let pairs = MemoryModel.Work.merge(groups: 4, largestGroup: 2, outputAware: true, lowRank: false)
+        XCTAssertLessThan(MemoryModel.peakBytes(.statistics(readsExperts: false), layer: c, blockSize: 1), MemoryModel.peakBytes(frequency, layer: c, blockSize: 1))
+        XCTAssertLessThan(MemoryModel.peakBytes(frequency, layer: c, blockSize: 1), least)
+        XCTAssertLessThanOrEqual(least, MemoryModel.peakBytes(factored, layer: c, blockSize: 1))
+        XCTAssertLessThan(MemoryModel.peakBytes(pairs, layer: c, blockSize: 1), least)
+    }
+
+    /// The merge stage fits the block to its planned groupings: the budget that leaves room for
+    /// 100 more tokens than one, with the planned largest group, gives a block of 101.
+    func testMergeStageFitsTheBlockToItsPlan() throws {
+        let model = try CheckpointReader(fixture("trained-mixtral.h5"))
+        let calib = try CalibrationReader(fixture("trained-mixtral.calib.h5"))
+        let planned = try MergeStage(model: model, calibration: calib, stats: nil, settings: MergeSettings(groups: 4))
+        var largest: [String: Int] = [:]
+        for (name, p) in planned.plans { largest[name] = p.grouping.groups.map(\.count).max() }
+        let work = model.layers.map { ($0, MemoryModel.Work.merge(groups: 4, largestGroup: largest[$0.name], outputAware: true, lowRank: false)) }
+        let least = work.map { MemoryModel.peakBytes($0.1, layer: $0.0, blockSize: 1) }.max()!
+        var settings = MergeSettings(groups: 4)
+        settings.maxMemory = least + 100 * (model.layers[0].dModel + model.layers[0].dFF) * 4
+        XCTAssertEqual(try MergeStage(model: model, calibration: calib, stats: nil, settings: settings).settings.tokens.blockSize, 101)
+        settings.maxMemory = least - 1
+        XCTAssertThrowsError(try MergeStage(model: model, calibration: calib, stats: nil, settings: settings)) { e in
+            XCTAssertEqual((e as? SMoEError)?.setting, .maxMemory)
+        }
     }
 
     func testCommandLineBudget() throws {

@@ -92,7 +92,7 @@ final class WhiteningTests: XCTestCase {
                 let (layer, _) = try LowRankStage.compressLayer(merged, options: o,
                                                                whitenOn: objective == .output ? calib.tokenBlocks(name) : nil)
                 var acc = try EvaluationAccumulator(original: original, compressed: layer)
-                try heldout.forEachBlock(name) { _, x in acc.add(x) }
+                try heldout.forEachBlock(name) { _, x in try acc.add(x) }
                 errors[objective] = acc.result(bytesBefore: 1, bytesAfter: 1).relativeError
             }
             XCTAssertLessThan(errors[.output]!, errors[.weight]!, "rank \(rank)")

@@ -217,6 +217,13 @@ public final class CheckpointReader: @unchecked Sendable {
 
     /// Reads and validates a whole MoE layer.
     public func readLayer(_ name: String) throws -> MoELayer {
+        try layerSource(name).whole()
+    }
+
+    /// A MoE layer with its router, bias, expert map and shapes read and validated, whose dense
+    /// experts are read one at a time when asked for (`LayerSource`); factored experts (small)
+    /// are read here. Non-finite numbers are refused as each part is read, naming the dataset.
+    public func layerSource(_ name: String) throws -> LayerSource {
         let c = try config(name)
         let g = try layerGroup(name)
         let file = path
@@ -225,9 +232,10 @@ public final class CheckpointReader: @unchecked Sendable {
                 throw SMoEError.dataset(file, d.path, "shape \(d.shape) does not match the layer (expected \(shape))")
             }
         }
-        func finite(_ v: [Float], _ d: H5Dataset) throws {
+        /// `offset`: the flat index of v[0] in the dataset.
+        func finite(_ v: [Float], _ d: H5Dataset, offset: Int = 0) throws {
             if let i = v.firstIndex(where: { !$0.isFinite }) {
-                throw SMoEError.dataset(file, d.path, "contains \(v[i].isNaN ? "NaN" : "Inf") at flat index \(i)")
+                throw SMoEError.dataset(file, d.path, "contains \(v[i].isNaN ? "NaN" : "Inf") at flat index \(offset + i)")
             }
         }
         let rd = try g.openDataset("router/weight")
@@ -243,39 +251,42 @@ public final class CheckpointReader: @unchecked Sendable {
         }
         let eg = try g.openGroup("experts")
         let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
-        var perMatrix: [String: [LinearOp]] = [:]
+        var dense: [String: H5Dataset] = [:]
+        var factored: [String: [LinearOp]] = [:]
         var numStored: Int? = nil
         for m in names {
             let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
-            var ops: [LinearOp] = []
+            let count: Int
             if eg.isDataset(m) {
                 let d = try eg.openDataset(m)
                 guard d.shape.count == 3, d.shape[1] == out, d.shape[2] == inn else {
                     throw SMoEError.dataset(file, d.path, "shape \(d.shape) does not match the layer (expected [G, \(out), \(inn)])")
                 }
-                let v = try d.readFloats()
-                try finite(v, d)
-                let per = out * inn
-                for e in 0..<d.shape[0] {
-                    ops.append(.dense(Matrix(rows: out, cols: inn, data: Array(v[(e * per)..<((e + 1) * per)]))))
+                guard d.storage != nil, d.storage != .i32, d.storage != .i64 else {
+                    throw SMoEError.dataset(file, d.path, "is not a floating-point dataset")
                 }
+                _ = try d.checkedElementCount()
+                dense[m] = d
+                count = d.shape[0]
             } else if eg.isGroup(m) {
                 let mg = try eg.openGroup(m)
-                let count = try mg.childNames().count
-                for e in 0..<count {
+                let n = try mg.childNames().count
+                var ops: [LinearOp] = []
+                for e in 0..<n {
                     guard mg.isGroup(String(e)) else {
                         throw SMoEError.dataset(file, "\(mg.path)/\(e)", "missing group (factored experts must be numbered 0..G-1)")
                     }
                     ops.append(.factored(try Self.readFactored(try mg.openGroup(String(e)), out: out, inn: inn)))
                 }
+                factored[m] = ops
+                count = n
             } else {
                 throw SMoEError.dataset(file, "\(eg.path)/\(m)", "missing dataset")
             }
-            if let n = numStored, n != ops.count {
-                throw SMoEError.dataset(file, "\(eg.path)/\(m)", "holds \(ops.count) experts but another matrix holds \(n)")
+            if let n = numStored, n != count {
+                throw SMoEError.dataset(file, "\(eg.path)/\(m)", "holds \(count) experts but another matrix holds \(n)")
             }
-            numStored = ops.count
-            perMatrix[m] = ops
+            numStored = count
         }
         let gCount = numStored ?? 0
         guard gCount >= 1 else { throw SMoEError.dataset(file, eg.path, "holds no experts") }
@@ -289,11 +300,6 @@ public final class CheckpointReader: @unchecked Sendable {
         }
         let ub = try bias("up_bias", c.dFF)
         let db = try bias("down_bias", c.dModel)
-        var experts: [Expert] = []
-        for e in 0..<gCount {
-            experts.append(Expert(up: perMatrix["up"]![e], gate: perMatrix["gate"]?[e], down: perMatrix["down"]![e],
-                                  upBias: ub?[e], downBias: db?[e]))
-        }
         var expertMap: [Int]? = nil
         if g.isDataset("expert_map") {
             let d = try g.openDataset("expert_map")
@@ -306,7 +312,28 @@ public final class CheckpointReader: @unchecked Sendable {
         } else if gCount != c.numExperts {
             throw SMoEError.dataset(file, g.path + "/expert_map", "missing, but the layer stores \(gCount) experts for \(c.numExperts) router slots")
         }
-        return MoELayer(config: c, router: router, routerBias: routerBias, experts: experts, expertMap: expertMap)
+        let header = MoELayer(config: c, router: router, routerBias: routerBias, experts: [], expertMap: expertMap)
+        // Each expert's parameters and FLOPs per token, from the shapes (as Expert computes them).
+        var parameters = [Int](repeating: (ub != nil ? c.dFF : 0) + (db != nil ? c.dModel : 0), count: gCount)
+        var flops = [Int](repeating: 0, count: gCount)
+        for m in names {
+            for e in 0..<gCount {
+                let op = factored[m]?[e]
+                parameters[e] += op?.parameterCount ?? c.dModel * c.dFF
+                flops[e] += op?.flopsPerToken ?? 2 * c.dModel * c.dFF
+            }
+        }
+        return LayerSource(header: header, parameters: parameters, flops: flops) { e in
+            func op(_ m: String) throws -> LinearOp? {
+                if let ops = factored[m] { return ops[e] }
+                guard let d = dense[m] else { return nil }
+                let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
+                let v = try d.readFloats(rows: e..<(e + 1))
+                try finite(v, d, offset: e * out * inn)
+                return .dense(Matrix(rows: out, cols: inn, data: v))
+            }
+            return Expert(up: try op("up")!, gate: try op("gate"), down: try op("down")!, upBias: ub?[e], downBias: db?[e])
+        }
     }
 
     static func readFactored(_ g: H5Group, out: Int, inn: Int) throws -> LowRankSparse {

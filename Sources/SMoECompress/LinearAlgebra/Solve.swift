@@ -13,10 +13,10 @@ public enum SymmetricSolver {
         case leastSquares = "lstsq"
     }
 
-    /// Solves A·X = B for X, A symmetric n×n (row-major, upper triangle used by Cholesky),
+    /// Solves A·X = B for X, A symmetric n×n (row-major, lower triangle used by Cholesky),
     /// B n×m (row-major).
     ///
-    /// 1. Cholesky: A = UᵀU (dpotrf).
+    /// 1. Cholesky: A = L·Lᵀ (dpotrf).
     /// 2. The reciprocal condition number of A in the 1-norm is estimated from the factor
     ///    (dpocon, with ‖A‖₁ computed before factoring).
     /// 3. If the factorisation succeeded and that estimate is at least `rcond` (default 1e-10:
@@ -32,39 +32,63 @@ public enum SymmetricSolver {
     /// `conditionEstimate` is dpocon's estimate (0 when the factorisation failed).
     public static func solve(_ a: [Double], _ b: [Double], n: Int, m: Int, rcond: Double = 1e-10) throws
         -> (x: [Double], method: Method, conditionEstimate: Double) {
+        var a = a, x = b
+        let (method, estimate) = try solveInPlace(&a, &x, n: n, m: m, rcond: rcond)
+        return (x, method, estimate)
+    }
+
+    /// `solve` without copies, for systems too large to hold twice (a RegMean system of
+    /// d_ff = 14336 is 1.6 GB): `b` is replaced by X, and `a` is overwritten. The row-major
+    /// buffer is handed to LAPACK as the column-major matrix it also is (A is symmetric), so
+    /// LAPACKE makes no transposed copy: dpotrf's factor L (A = L·Lᵀ) fills the row-major lower
+    /// triangle, and two BLAS triangular solves give X. The fallback rebuilds A from the upper
+    /// triangle, which the factorisation leaves alone, and the saved diagonal (dgelsd, whose
+    /// row-major interface does copy).
+    public static func solveInPlace(_ a: inout [Double], _ b: inout [Double], n: Int, m: Int, rcond: Double = 1e-10) throws
+        -> (method: Method, conditionEstimate: Double) {
         precondition(a.count == n * n && b.count == n * m)
-        if n == 0 || m == 0 { return (b, .cholesky, 1) }
+        if n == 0 || m == 0 { return (.cholesky, 1) }
         guard a.allSatisfy({ $0.isFinite }), b.allSatisfy({ $0.isFinite }) else {
             throw LinearAlgebraError.nonFinite("system matrix")
         }
+        // Column-major upper triangle = row-major lower triangle: the one the factorisation reads.
         let upper = CChar(UInt8(ascii: "U"))
-        // ‖A‖₁ of the symmetric matrix defined by the upper triangle (the one dpotrf reads).
+        // ‖A‖₁ of the symmetric matrix defined by that triangle.
         var anorm = 0.0
         for j in 0..<n {
             var s = 0.0
-            for i in 0..<n { s += abs(i <= j ? a[i * n + j] : a[j * n + i]) }
+            for i in 0..<n { s += abs(i >= j ? a[i * n + j] : a[j * n + i]) }
             anorm = max(anorm, s)
         }
-        var factor = a
-        let info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, upper, Int32(n), &factor, Int32(n))
+        let diagonal = (0..<n).map { a[$0 * n + $0] }
+        let info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, upper, Int32(n), &a, Int32(n))
         if info < 0 { throw LinearAlgebraError.lapack(routine: "dpotrf", info: info) }
         var estimate = 0.0
         if info == 0 {
-            let infoc = LAPACKE_dpocon(LAPACK_ROW_MAJOR, upper, Int32(n), factor, Int32(n), anorm, &estimate)
+            let infoc = LAPACKE_dpocon(LAPACK_COL_MAJOR, upper, Int32(n), a, Int32(n), anorm, &estimate)
             if infoc != 0 { throw LinearAlgebraError.lapack(routine: "dpocon", info: infoc) }
             if estimate >= rcond {
-                var x = b
-                let infos = LAPACKE_dpotrs(LAPACK_ROW_MAJOR, upper, Int32(n), Int32(m), factor, Int32(n), &x, Int32(m))
-                if infos != 0 { throw LinearAlgebraError.lapack(routine: "dpotrs", info: infos) }
-                return (x, .cholesky, estimate)
+                // L·Y = B, then Lᵀ·X = Y (L: the row-major lower triangle).
+                a.withUnsafeBufferPointer { pa in
+                    b.withUnsafeMutableBufferPointer { pb in
+                        cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, Int32(n), Int32(m), 1,
+                                    pa.baseAddress, Int32(n), pb.baseAddress, Int32(m))
+                        cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasTrans, CblasNonUnit, Int32(n), Int32(m), 1,
+                                    pa.baseAddress, Int32(n), pb.baseAddress, Int32(m))
+                    }
+                }
+                return (.cholesky, estimate)
             }
         }
-        var a2 = a, b2 = b
+        for i in 0..<n {
+            a[i * n + i] = diagonal[i]
+            for j in 0..<i { a[i * n + j] = a[j * n + i] }
+        }
         var s = [Double](repeating: 0, count: n)
         var rank: Int32 = 0
-        let info2 = LAPACKE_dgelsd(LAPACK_ROW_MAJOR, Int32(n), Int32(n), Int32(m), &a2, Int32(n), &b2, Int32(m), &s, rcond, &rank)
+        let info2 = LAPACKE_dgelsd(LAPACK_ROW_MAJOR, Int32(n), Int32(n), Int32(m), &a, Int32(n), &b, Int32(m), &s, rcond, &rank)
         if info2 != 0 { throw LinearAlgebraError.lapack(routine: "dgelsd", info: info2) }
-        return (b2, .leastSquares, estimate)
+        return (.leastSquares, estimate)
     }
 }
 

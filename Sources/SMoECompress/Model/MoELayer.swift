@@ -265,17 +265,7 @@ public struct MoELayer: Sendable, Equatable {
     }
 
     public func forward(_ x: Matrix, routing: Routing) -> Matrix {
-        var y = Matrix(rows: x.rows, cols: config.dModel)
-        for (g, d) in dispatch(routing).enumerated() where !d.tokens.isEmpty {
-            let xg = x.gatherRows(d.tokens)
-            let yg = experts[g].forward(xg, activation: config.activation)
-            let dm = config.dModel
-            for (r, t) in d.tokens.enumerated() {
-                let w = d.weights[r]
-                for j in 0..<dm { y.data[t * dm + j] += w * yg.data[r * dm + j] }
-            }
-        }
-        return y
+        MoELayer.forward(x, routing: routing, dispatch: dispatch(routing), config: config) { experts[$0] }
     }
 
     // MARK: sizes
@@ -286,7 +276,11 @@ public struct MoELayer: Sendable, Equatable {
     /// Expert FLOPs per token (2 per multiply–add): the mean over slots weighted equally,
     /// times k, i.e. what one token costs when its k slots hit distinct experts.
     public var expertFlopsPerToken: Double {
-        let perSlot = (0..<config.numExperts).map { Double(experts[storedIndex(slot: $0)].flopsPerToken) }
+        MoELayer.flopsPerToken(config: config, perStored: experts.map(\.flopsPerToken), storedIndex: storedIndex)
+    }
+
+    static func flopsPerToken(config: LayerConfig, perStored: [Int], storedIndex: (Int) -> Int) -> Double {
+        let perSlot = (0..<config.numExperts).map { Double(perStored[storedIndex($0)]) }
         return perSlot.reduce(0, +) / Double(max(config.numExperts, 1)) * Double(config.topK)
     }
 }

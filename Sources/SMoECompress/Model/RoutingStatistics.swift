@@ -14,6 +14,9 @@ public enum SimilarityBase: String, Sendable, CaseIterable, Comparable, Hashable
     /// is the negative Euclidean distance between those features (0 on the diagonal).
     case expertOutput = "expert-output"
 
+    /// Whether the similarity reads the experts (weight, expert-output) or the router alone.
+    public var needsExperts: Bool { self == .weight || self == .expertOutput }
+
     public static func < (a: SimilarityBase, b: SimilarityBase) -> Bool {
         allCases.firstIndex(of: a)! < allCases.firstIndex(of: b)!
     }

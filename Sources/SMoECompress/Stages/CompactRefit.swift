@@ -30,6 +30,12 @@ public enum CompactRefit {
     /// `ridge` relative to the mean diagonal of each normal matrix.
     public static func refit(_ compact: MoELayer, original: MoELayer, slotGroups: [Int], tokens: TokenBlocks, ridge: Double,
                              progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: CompactRefitReport) {
+        try refit(compact, original: LayerSource(original), slotGroups: slotGroups, tokens: tokens, ridge: ridge, progress: progress)
+    }
+
+    /// `refit` with the original layer's experts read from `original` (for each token block).
+    public static func refit(_ compact: MoELayer, original: LayerSource, slotGroups: [Int], tokens: TokenBlocks, ridge: Double,
+                             progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: CompactRefitReport) {
         let c = compact.config
         let hasBias = compact.experts.contains { $0.downBias != nil }
         let g = compact.numStored
@@ -45,7 +51,7 @@ public enum CompactRefit {
                 let disp = layer.dispatch(routing)[e]
                 guard !disp.tokens.isEmpty else { return }
                 let xs = x.gatherRows(disp.tokens)
-                let y = original.forward(xs)
+                let y = try original.forward(xs, routing: original.route(xs))
                 let current = layer.forward(xs, routing: routing.rows(disp.tokens))
                 let h = layer.experts[e].hidden(xs, activation: c.activation)
                 let own = layer.experts[e].forward(xs, activation: c.activation)
@@ -72,9 +78,9 @@ public enum CompactRefit {
     }
 
     /// The compact layer's relative output error against the original on `tokens`.
-    static func error(_ layer: MoELayer, original: MoELayer, slotGroups: [Int], tokens: TokenBlocks) throws -> Double {
+    static func error(_ layer: MoELayer, original: LayerSource, slotGroups: [Int], tokens: TokenBlocks) throws -> Double {
         var acc = try EvaluationAccumulator(original: original, compressed: layer, slotGroups: slotGroups)
-        try tokens { acc.add($0) }
+        try tokens { try acc.add($0) }
         return acc.result(bytesBefore: 0, bytesAfter: 0).relativeError
     }
 }

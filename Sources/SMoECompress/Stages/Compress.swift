@@ -131,6 +131,7 @@ public struct CompressStage: LayerStage {
         } else {
             self.plan = nil
         }
+        mergeSettings.factoredAfter = settings.lowRank != nil
         self.merge = try MergeStage(model: model, calibration: calibration, stats: stats, settings: mergeSettings,
                                     shard: shard, progress: progress)
         if let p = self.plan, p.layers.map(\.name) != merge.layers {
@@ -147,11 +148,19 @@ public struct CompressStage: LayerStage {
     }
 
     public func process(_ original: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerCompressReport) {
+        try process(source: LayerSource(original), progress: progress)
+    }
+
+    /// The loop hands compress the layer's source: the original experts are read a group at a
+    /// time for merging and one at a time for the evaluation, never all at once.
+    public var streamsExperts: Bool { true }
+
+    public func process(source original: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerCompressReport) {
         let tokens = settings.merge.tokens
         let layerPlan = plan?[original.name]
         var (merged, mergeReport) = try layerPlan.map {
             try merge.merge(original, grouping: $0.grouping, frequency: $0.frequency, progress: progress)
-        } ?? merge.process(original, progress: progress)
+        } ?? merge.process(source: original, progress: progress)
         let mergedLayer = merged.roundedForStorage(storage)
         var final = mergedLayer
         var lowRankReport: LayerLowRankReport? = nil
@@ -173,14 +182,16 @@ public struct CompressStage: LayerStage {
         var accFinal = try EvaluationAccumulator(original: original, compressed: final, slotGroups: groups)
         if let fit = mergeReport.compact {
             mergeReport.compact!.evaluation = try CompactRouter.measure(
-                slotLayer: original, groups: fit.groups, start: fit.start, compact: mergedLayer,
+                slotLayer: original.header, groups: fit.groups, start: fit.start, compact: mergedLayer,
                 tokens: evaluation.tokenBlocks(original.name, tokens))
         }
         let info = try evaluation.info(original.name)
         let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
         try evaluation.forEachBlock(original.name, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in
-            accMerged.add(x)
-            accFinal.add(x)
+            let r0 = original.route(x)
+            let y0 = try original.forward(x, routing: r0)
+            accMerged.add(x, original: r0, output: y0)
+            accFinal.add(x, original: r0, output: y0)
             progress?("eval \(original.name)", start + x.rows, total)
         }
         let before = try model.summary(original.name).expertFileBytes

@@ -23,9 +23,12 @@ extension OutputAwareMerge.RefitStats {
     }
 
     /// Solves the ridge system and replaces `expert`'s down (and its bias, when `bias`); returns
-    /// how the system was solved.
-    func solve(into expert: inout Expert, bias hasBias: Bool, ridge: Double) throws -> (method: SymmetricSolver.Method, conditionEstimate: Double) {
-        var a = self.a, b = self.b
+    /// how the system was solved. The accumulators are solved in place (no copy of a system of
+    /// (d_ff + 1)² float64) and emptied.
+    mutating func solve(into expert: inout Expert, bias hasBias: Bool, ridge: Double) throws -> (method: SymmetricSolver.Method, conditionEstimate: Double) {
+        var a: [Double] = [], b: [Double] = []
+        swap(&a, &self.a)
+        swap(&b, &self.b)
         let d0 = expert.down.dense()  // [d, f]
         let d = d0.rows, f = d0.cols, fa = f + (hasBias ? 1 : 0)
         precondition(a.count == fa * fa && b.count == fa * d)
@@ -36,7 +39,8 @@ extension OutputAwareMerge.RefitStats {
         for i in 0..<fa { a[i * fa + i] += lambda }
         for i in 0..<f { for j in 0..<d { b[i * d + j] += lambda * Double(d0.data[j * f + i]) } }
         if hasBias, let b0 = expert.downBias { for j in 0..<d { b[f * d + j] += lambda * Double(b0[j]) } }
-        let (y, method, estimate) = try SymmetricSolver.solve(a, b, n: fa, m: d)  // [fa, d] = down*ᵀ (+ bias row)
+        let (method, estimate) = try SymmetricSolver.solveInPlace(&a, &b, n: fa, m: d)  // b: [fa, d] = down*ᵀ (+ bias row)
+        let y = b
         var down = Matrix(rows: d, cols: f)
         for i in 0..<f { for j in 0..<d { down.data[j * f + i] = Float(y[i * d + j]) } }
         expert.down = .dense(down)

@@ -89,7 +89,9 @@ public struct ModelEvaluation: Sendable {
 
 /// Running sums for one layer pair, fed token block by token block (memory: one block).
 public struct EvaluationAccumulator: Sendable {
-    public let original: MoELayer
+    /// The original layer: its experts are read one at a time for each block when it is a
+    /// checkpoint source.
+    public let original: LayerSource
     public let compressed: MoELayer
     private(set) var tokens = 0
     private var errSq = 0.0, refSq = 0.0, cosSum = 0.0
@@ -105,6 +107,10 @@ public struct EvaluationAccumulator: Sendable {
     /// group): routing agrees when the groups of the original's k chosen slots are the compact
     /// layer's chosen groups.
     public init(original: MoELayer, compressed: MoELayer, slotGroups: [Int]? = nil) throws {
+        try self.init(original: LayerSource(original), compressed: compressed, slotGroups: slotGroups)
+    }
+
+    public init(original: LayerSource, compressed: MoELayer, slotGroups: [Int]? = nil) throws {
         let a = original.config, b = compressed.config
         let groupsFit = slotGroups.map { m in m.count == a.numExperts && m.allSatisfy { (0..<b.numExperts).contains($0) } } ?? false
         guard a.numExperts == b.numExperts || groupsFit, a.topK == b.topK, a.dModel == b.dModel else {
@@ -122,9 +128,16 @@ public struct EvaluationAccumulator: Sendable {
 
     /// Adds a block of input tokens x [n, d_model]; `captured` is the original model's output
     /// for the same tokens as stored in the calibration file, when there is one.
-    public mutating func add(_ x: Matrix, captured: Matrix? = nil) {
-        let r0 = original.route(x), r1 = compressed.route(x)
-        let y0 = original.forward(x, routing: r0), y1 = compressed.forward(x, routing: r1)
+    public mutating func add(_ x: Matrix, captured: Matrix? = nil) throws {
+        let r0 = original.route(x)
+        add(x, original: r0, output: try original.forward(x, routing: r0), captured: captured)
+    }
+
+    /// `add` with the original layer's routing `r0` and output `y0` for `x` already computed
+    /// (several accumulators against one original read its experts once per block).
+    public mutating func add(_ x: Matrix, original r0: Routing, output y0: Matrix, captured: Matrix? = nil) {
+        let r1 = compressed.route(x)
+        let y1 = compressed.forward(x, routing: r1)
         let n = x.rows, d = y0.cols, k = r0.k
         for t in 0..<n {
             var e = 0.0, a2 = 0.0, b2 = 0.0, ab = 0.0
@@ -191,7 +204,7 @@ public enum Evaluation {
         let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
         try calibration.forEachBlock(original.name, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in
             let captured = info.hasOutput ? try calibration.output(original.name, rows: start..<(start + x.rows)) : nil
-            acc.add(x, captured: captured)
+            try acc.add(x, captured: captured)
             progress?("eval \(original.name)", start + x.rows, total)
         }
         return acc.result(bytesBefore: bytesBefore, bytesAfter: bytesAfter)

@@ -448,42 +448,57 @@ public struct LowRankStage: LayerStage {
     public static func compressLayer(_ layer: MoELayer, options: LowRankOptions, inputNorms: [ExpertInputNorms]? = nil,
                                      whitenOn tokens: TokenBlocks? = nil,
                                      progress: ProgressCallback? = nil) throws -> (MoELayer, LayerLowRankReport) {
-        if let n = inputNorms, n.count != layer.numStored {
-            throw SMoEError("layer \(layer.name): \(n.count) input norms for \(layer.numStored) stored experts")
+        try compressLayer(LayerSource(layer), options: options, inputNorms: inputNorms, whitenOn: tokens, progress: progress)
+    }
+
+    /// `compressLayer` reading the experts from `source` one at a time: matrix kind by kind
+    /// (up, gate, down), each stored expert is read, its matrix factored, and only the factors
+    /// kept; an expert is read again for each kind (and for a kind that stays dense).
+    public static func compressLayer(_ source: LayerSource, options: LowRankOptions, inputNorms: [ExpertInputNorms]? = nil,
+                                     whitenOn tokens: TokenBlocks? = nil,
+                                     progress: ProgressCallback? = nil) throws -> (MoELayer, LayerLowRankReport) {
+        let G = source.numStored, c = source.config
+        if let n = inputNorms, n.count != G {
+            throw SMoEError("layer \(source.name): \(n.count) input norms for \(G) stored experts")
         }
-        var out = layer
+        // The matrices decided so far, per stored expert (the others are the source's).
+        var decided = [[String: LinearOp]](repeating: [:], count: G)
+        func current(_ g: Int) throws -> Expert {
+            var e = try source.expert(g)
+            for (name, op) in decided[g] { e[matrix: name] = op }
+            return e
+        }
         var reports: [MatrixLowRankReport] = []
-        let names = ExpertMatrixName.allCases.filter { options.matrices.contains($0) && (layer.config.expertType == .glu || $0 != .gate) }
-        let total = names.count * layer.numStored
+        let names = ExpertMatrixName.allCases.filter { options.matrices.contains($0) && (c.expertType == .glu || $0 != .gate) }
+        let total = names.count * G
         var done = 0
-        var grams: (input: [InputGram]?, hidden: [InputGram]?) = (nil, nil)
         for m in names {
             var ops: [LinearOp] = []
             var mReports: [MatrixLowRankReport] = []
-            var gram: [InputGram]? = nil
-            if let blocks = tokens {
-                if m == .down {
-                    grams.hidden = try grams.hidden ?? inputGrams(out, tokens: blocks, hidden: true)
-                } else {
-                    grams.input = try grams.input ?? inputGrams(out, tokens: blocks, hidden: false)
-                }
-                gram = m == .down ? grams.hidden : grams.input
-            }
-            for g in 0..<layer.numStored {
-                let label = "layer \(layer.name) expert \(g) \(m.rawValue)"
-                guard let op = layer.experts[g][matrix: m.rawValue] else { continue }
+            for g in 0..<G {
+                let label = "layer \(source.name) expert \(g) \(m.rawValue)"
+                let expert = try current(g)
+                guard let op = expert[matrix: m.rawValue] else { continue }
                 guard case .dense(let w) = op else { throw SMoEError("\(label) is already factored; run expand first") }
                 var o = options
                 o.seed = options.seed &+ UInt64(g &* 3 &+ (ExpertMatrixName.allCases.firstIndex(of: m)!)) &* 0x9E37_79B9_7F4A_7C15
-                let whitening = try gram.flatMap { try Whitening($0[g], relativeRidge: options.whiteningRidge) }
-                var (newOp, rep) = try factor(w, options: o, inputNorms: gram.map { $0[g].columnNorms } ?? inputNorms?[g].norms(for: m),
-                                              whitening: whitening, rank: options.ranks[LowRankOptions.rankKey(m, expert: g)], name: label)
+                // One expert's Gram at a time (down's is d_ff² float64: 1.6 GB at Mixtral's 14336);
+                // down's inputs come from this expert's already factored up and gate.
+                var norms = inputNorms?[g].norms(for: m)
+                var whitening: Whitening? = nil
+                if let blocks = tokens {
+                    let gram = try inputGram(source, expert: expert, stored: g, tokens: blocks, hidden: m == .down)
+                    norms = gram.columnNorms
+                    whitening = try Whitening(gram, relativeRidge: options.whiteningRidge)
+                }
+                var (newOp, rep) = try factor(w, options: o, inputNorms: norms, whitening: whitening,
+                                              rank: options.ranks[LowRankOptions.rankKey(m, expert: g)], name: label)
                 rep.matrix = m.rawValue
                 rep.expert = g
                 ops.append(newOp)
                 mReports.append(rep)
                 done += 1
-                progress?("factoring \(layer.name)", done, total)
+                progress?("factoring \(source.name)", done, total)
             }
             // In a group where other experts are factored, a dense matrix is stored as the exact
             // factorisation I·W (FORMAT.md); when that padding makes the whole group no smaller than
@@ -499,7 +514,7 @@ public struct LowRankStage: LayerStage {
                 let groupAfter = padded.reduce(0) { $0 + $1.bytesAfter }, groupBefore = padded.reduce(0) { $0 + $1.bytesBefore }
                 if groupAfter >= groupBefore {
                     for g in 0..<ops.count where ops[g].isFactored {
-                        ops[g] = layer.experts[g][matrix: m.rawValue]!
+                        ops[g] = try source.expert(g)[matrix: m.rawValue]!
                         mReports[g].keptDense = true
                         mReports[g].reason = "the \(m.rawValue) matrices of the layer would take \(groupAfter) B mixed with dense ones (stored as I·W), dense take \(groupBefore) B"
                         mReports[g].relativeError = 0
@@ -510,10 +525,12 @@ public struct LowRankStage: LayerStage {
                     mReports = padded
                 }
             }
-            for (g, op) in ops.enumerated() { out.experts[g][matrix: m.rawValue] = op }
+            for (g, op) in ops.enumerated() { decided[g][m.rawValue] = op }
             reports += mReports
         }
-        return (out, LayerLowRankReport(name: layer.name, matrices: reports))
+        var out = source.header
+        out.experts = try (0..<G).map(current)
+        return (out, LayerLowRankReport(name: source.name, matrices: reports))
     }
 
     /// Column norms of each stored expert's matrix inputs over the tokens routed to it (the layer's
@@ -568,6 +585,16 @@ public struct LowRankStage: LayerStage {
         self.options = options
         self.calibration = calibration
         self.tokens = tokens
+    }
+
+    /// With the output objective (or none: by weight) the loop hands the layer's source: one
+    /// expert is read at a time; activation-aware ranking by weight reads the layer whole.
+    public var streamsExperts: Bool { calibration == nil || options.objective(hasTokens: true) == .output }
+
+    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerLowRankReport) {
+        guard streamsExperts else { return try process(try source.whole(), progress: progress) }
+        return try LowRankStage.compressLayer(source, options: options, whitenOn: calibration.map { $0.tokenBlocks(source.name, tokens) },
+                                              progress: progress)
     }
 
     public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerLowRankReport) {

@@ -1,49 +1,68 @@
 import Foundation
 
 /// The peak memory a stage is predicted to need on one layer (docs/ALGORITHM.md, "Scale: time
-/// and memory"), and the calibration block size that fits a budget. The multiples of the layer
-/// size were measured with `smoe-bench scale` at d_model 1024 / d_ff 3584 and at the
-/// Mixtral-8x7B shape; they describe the current code, which holds a whole layer in float32.
+/// and memory"), and the calibration block size that fits a budget. The terms follow what the
+/// code holds at its peak; the constants were checked with `smoe-bench scale` at the
+/// Mixtral-8x7B shape and at 1/16 of it (figures in docs/ALGORITHM.md).
 public enum MemoryModel {
     /// What a stage does to a layer, as far as memory goes.
-    public enum Work: Sendable {
-        /// `stats`: the layer and one block of activations.
-        case statistics
-        /// `align`, frequency merging: the layer, the aligned members and the merged experts.
+    public enum Work: Sendable, Equatable {
+        /// `stats`: one block of activations; the whole layer too when a similarity reads the
+        /// experts (weight, expert-output).
+        case statistics(readsExperts: Bool)
+        /// `align`: the layer, the aligned experts and one cost matrix.
         case alignment
-        /// RegMean merging (and `compress` with it): as alignment, plus the Gram working set.
-        case outputAware
-        /// `lowrank`: the layer, its factors and the SVD work space.
+        /// `merge` and `compress`: into `groups` experts, the largest group holding
+        /// `largestGroup` stored experts (nil: the worst case E − G + 1), output-aware (RegMean)
+        /// or by frequency, and factored after (`compress --rank`).
+        case merge(groups: Int, largestGroup: Int?, outputAware: Bool, lowRank: Bool)
+        /// `lowrank`: the layer, its factors and one matrix's whitening and SVD.
         case lowRank
     }
 
-    static let base = 100 << 20
+    /// The process itself (code, libraries, buffers).
+    public static let base = 100 << 20
 
     /// Predicted peak resident bytes for `work` on layer `c` with `blockSize` tokens per block.
+    ///
+    /// With e the bytes of one expert in float32 (3·d·f·4 for GLU), L = E·e, X = block·(d + f)·4:
+    /// - statistics: X (+ 1.3·L reading the experts);
+    /// - alignment: 1.85·L + X;
+    /// - merge: the G − 1 experts merged before the last group, the last group's m members and
+    ///   one more expert (the permuted copy of a member while aligning, or the frequency-weighted
+    ///   prior of RegMean's ridge), plus the larger of aligning's cost matrix 4·f² and RegMean's
+    ///   one streamed system 8·(f² + 2·d·f) (the down system and the member's down in float64),
+    ///   plus X; with low rank, at least the G merged experts and one matrix's whitening and SVD,
+    ///   12·f² + 12·d·f;
+    /// - lowrank: L + 12·f² + 12·d·f + X.
     public static func peakBytes(_ work: Work, layer c: LayerConfig, blockSize: Int) -> Int {
-        let d = Double(c.dModel), f = Double(c.dFF)
-        let layer = Double(c.numExperts) * (c.expertType == .glu ? 3 : 2) * d * f * 4
+        let d = Double(c.dModel), f = Double(c.dFF), experts = Double(c.numExperts)
+        let e = (c.expertType == .glu ? 3 : 2) * d * f * 4
+        let layer = experts * e
         let block = Double(blockSize) * (d + f) * 4
-        let gram = 8 * (2 * f * f + 2 * d * d + 3 * d * f)
-        let fixed: Double
+        let lowRankWork = 12 * f * f + 12 * d * f
+        let bytes: Double
         switch work {
-        case .statistics: fixed = 1.3 * layer
-        case .alignment: fixed = 1.85 * layer
-        case .outputAware: fixed = 1.85 * layer + 2.3 * gram
-        case .lowRank: fixed = 4 * layer
+        case .statistics(let readsExperts): bytes = (readsExperts ? 1.3 * layer : 0) + block
+        case .alignment: bytes = 1.85 * layer + block
+        case .merge(let groups, let largest, let outputAware, let lowRank):
+            let g = Double(min(max(groups, 1), c.numExperts))
+            let m = Double(largest ?? (c.numExperts - Int(g) + 1))
+            let solve = outputAware ? max(4 * f * f, 8 * (f * f + 2 * d * f)) : 4 * f * f
+            let merging = (g - 1) * e + m * e + e + solve + block
+            bytes = lowRank ? max(merging, g * e + lowRankWork + block) : merging
+        case .lowRank: bytes = layer + lowRankWork + block
         }
-        return base + Int(min(fixed + block, 9e18))
+        return base + Int(min(bytes, 9e18))
     }
 
     /// The largest block size, at most `requested`, whose predicted peak fits `budget` on every
-    /// layer of `names` (nil: all) of `model`; throws, naming the smallest budget that would
+    /// layer of `work` (each with its own `Work`); throws, naming the smallest budget that would
     /// work (with one token per block) and the layer that needs it, when none does.
-    public static func blockSize(_ work: Work, model: CheckpointReader, layers names: [String]?, budget: Int,
-                                 requested: Int) throws -> Int {
-        let selected = try model.selectLayers(names)
+    public static func blockSize(_ work: [(layer: LayerConfig, work: Work)], budget: Int, requested: Int) throws -> Int {
         var block = requested
-        for c in model.layers where selected.contains(c.name) {
-            let least = peakBytes(work, layer: c, blockSize: 1)
+        for (c, w) in work {
+            let least = peakBytes(w, layer: c, blockSize: 1)
             guard least <= budget else {
                 throw SMoEError.setting(.maxMemory, "\(gib(budget)) is too little: layer \(c.name) needs at least \(gib(least)) (predicted peak of this stage on a \(c.numExperts) × \(c.dModel) × \(c.dFF) layer, docs/ALGORITHM.md \"Scale\")")
             }
@@ -51,6 +70,13 @@ public enum MemoryModel {
             block = min(block, max(1, Int(Double(budget - least) / perToken) + 1))
         }
         return block
+    }
+
+    /// `blockSize` with one `work` for every layer of `names` (nil: all) of `model`.
+    public static func blockSize(_ work: Work, model: CheckpointReader, layers names: [String]?, budget: Int,
+                                 requested: Int) throws -> Int {
+        let selected = try model.selectLayers(names)
+        return try blockSize(model.layers.filter { selected.contains($0.name) }.map { ($0, work) }, budget: budget, requested: requested)
     }
 
     static func gib(_ b: Int) -> String { String(format: "%.2f GiB", Double(b) / 1_073_741_824) }

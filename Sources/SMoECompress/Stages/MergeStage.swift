@@ -39,6 +39,13 @@ public struct MergeSettings: Sendable {
     /// fixtures; README, "A compact model for the serving stack"); true needs the compact layout.
     public var compactRefit: Bool? = nil
 
+    /// A memory budget in bytes: once the groupings are planned, the calibration block is
+    /// lowered so that every merged layer's predicted peak (`MemoryModel`, with its planned
+    /// largest group) fits, or the stage stops naming the smallest budget that would work.
+    public var maxMemory: Int? = nil
+    /// Whether the merged experts are factored after (compress --rank): the budget covers that.
+    public var factoredAfter = false
+
     /// Whether the experts of the compact layers are refitted.
     public var refitsCompactExperts: Bool { router == .compact && (compactRefit ?? true) }
 
@@ -160,6 +167,16 @@ public struct MergeStage: LayerStage {
                                                    calibration: calibration, tokens: settings.tokens, progress: progress)
         let groupings = MergeStage.plan(inputs, settings: settings)
         try settings.validateCompact(groupings, model: model)
+        var settings = settings
+        if let budget = settings.maxMemory {
+            let work = model.layers.compactMap { c in
+                groupings[c.name].map { g in
+                    (c, MemoryModel.Work.merge(groups: g.groups.count, largestGroup: g.groups.map(\.count).max(),
+                                               outputAware: settings.merging.method != .frequency, lowRank: settings.factoredAfter))
+                }
+            }
+            settings.tokens.blockSize = try MemoryModel.blockSize(work, budget: budget, requested: settings.tokens.blockSize)
+        }
         self.settings = settings
         self.layers = names
         self.calibration = calibration
@@ -167,13 +184,20 @@ public struct MergeStage: LayerStage {
     }
 
     public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
-        let plan = plans[layer.name]!
-        return try merge(layer, grouping: plan.grouping, frequency: plan.frequency, progress: progress)
+        try process(source: LayerSource(layer), progress: progress)
+    }
+
+    /// The loop hands merging the layer's source: a group's experts are read when it is merged.
+    public var streamsExperts: Bool { true }
+
+    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
+        let plan = plans[source.name]!
+        return try merge(source, grouping: plan.grouping, frequency: plan.frequency, progress: progress)
     }
 
     /// Merges `layer` with a grouping decided elsewhere (a size plan), as `process` does with its
     /// own: merge, then (with the compact router) fit the router and refit the experts.
-    public func merge(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double],
+    public func merge(_ layer: LayerSource, grouping: LayerGrouping, frequency: [Double],
                       progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
         var settings = self.settings
         settings.groups = grouping.groups.count
@@ -237,6 +261,13 @@ public struct MergeStage: LayerStage {
         if layer.experts.contains(where: { $0.namedMatrices.contains { $0.op.isFactored } }) {
             throw SMoEError("\(layer.name): \(factoredMessage)")
         }
+        return try apply(LayerSource(layer), grouping: grouping, frequency: frequency, settings: settings, tokens: tokens,
+                         progress: progress)
+    }
+
+    /// `apply` reading the experts from `layer` one group at a time (dense: `checkDense`).
+    public static func apply(_ layer: LayerSource, grouping: LayerGrouping, frequency: [Double], settings: MergeSettings,
+                             tokens: TokenBlocks?, progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: LayerMergeReport) {
         let (merged, groups) = try Merging.mergeLayer(layer, grouping: grouping, frequency: frequency, options: settings.merging,
                                                       tokens: tokens, progress: progress)
         return (merged, LayerMergeReport(name: layer.name, grouping: grouping, groups: groups))
@@ -278,8 +309,10 @@ extension MergeStage {
             guard let calib = calibration else {
                 throw SMoEError.setting(.calibration, "is needed: \(stats.map { "\($0.path) has no \(base.rawValue) similarity for \(name)" } ?? "no {stats} given")")
             }
-            let st = try Statistics.compute(layer: try model.readLayer(name), calibration: calib, bases: [base],
-                                            tokens: tokens, progress: progress)
+            // Router-logit and feature statistics need the router only; weight and expert-output
+            // similarities read the experts (the whole layer).
+            let layer = base.needsExperts ? try model.readLayer(name) : try model.layerSource(name).header
+            let st = try Statistics.compute(layer: layer, calibration: calib, bases: [base], tokens: tokens, progress: progress)
             return (name, GroupingInput(frequency: st.frequency, similarity: st.similarity[base]!.values))
         }
     }

@@ -76,42 +76,44 @@ public enum Merging {
         var alignedCosine: Double
     }
 
-    static func prepare(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double], align: Bool,
-                        progress: ProgressCallback?) throws -> [PreparedGroup] {
-        let e = layer.config.numExperts
-        guard frequency.count == e else { throw SMoEError("\(layer.name): frequency has \(frequency.count) entries for \(e) slots") }
-        guard grouping.slotToGroup.count == e, !grouping.slotToGroup.contains(-1) else {
-            throw SMoEError("\(layer.name): the grouping does not cover the \(e) slots exactly once")
-        }
-        let n = grouping.groups.count
-        let box = ResultBox<Result<PreparedGroup, Error>>(count: n)
-        let saved = BLAS.threads
-        BLAS.setThreads(1)
-        DispatchQueue.concurrentPerform(iterations: n) { gi in
-            box.set(gi, Result {
-                let slots = grouping.groups[gi], dom = grouping.dominant[gi]
-                let members = storedMembers(layer, slots: slots, dominant: dom, frequency: frequency)
-                let reference = layer.experts[members[0].stored]
-                var aligned = [reference]
-                var cos = 0.0
-                for m in members.dropFirst() {
-                    let ex = layer.experts[m.stored]
-                    if align {
-                        let perm = try Alignment.permutation(reference: reference, ex).perm
-                        cos += try Alignment.meanNeuronCosine(reference, ex, perm)
-                        aligned.append(try Alignment.permute(ex, perm))
-                    } else {
-                        cos += try Alignment.meanNeuronCosine(reference, ex, Array(0..<layer.config.dFF))
-                        aligned.append(ex)
-                    }
+    /// Reads group `gi`'s stored experts from `source` and aligns each to the dominant one.
+    /// Members are aligned in parallel (one BLAS thread each) when there are several; a single
+    /// pair uses BLAS's threads.
+    static func prepareGroup(_ source: LayerSource, grouping: LayerGrouping, group gi: Int, frequency: [Double],
+                             align: Bool) throws -> PreparedGroup {
+        let slots = grouping.groups[gi], dom = grouping.dominant[gi]
+        let members = storedMembers(source.header, slots: slots, dominant: dom, frequency: frequency)
+        let reference = try source.expert(members[0].stored)
+        let others = Array(members.dropFirst())
+        let box = ResultBox<Result<(Expert, Double), Error>>(count: others.count)
+        let work: @Sendable (Int) -> Void = { k in
+            box.set(k, Result {
+                let ex = try source.expert(others[k].stored)
+                guard align else {
+                    return (ex, try Alignment.meanNeuronCosine(reference, ex, Array(0..<source.config.dFF)))
                 }
-                return PreparedGroup(slots: slots, dominant: dom, stored: members.map(\.stored), weights: members.map(\.weight),
-                                     aligned: aligned, alignedCosine: members.count > 1 ? cos / Double(members.count - 1) : 1)
+                let perm = try Alignment.permutation(reference: reference, ex).perm
+                let cos = try Alignment.meanNeuronCosine(reference, ex, perm)
+                return (try Alignment.permute(ex, perm), cos)
             })
-            progress?("aligning \(layer.name)", box.completed, n)
         }
-        BLAS.setThreads(saved)
-        return try (0..<n).map { try box.values[$0]!.get() }
+        if others.count > 1 {
+            let saved = BLAS.threads
+            BLAS.setThreads(1)
+            DispatchQueue.concurrentPerform(iterations: others.count, execute: work)
+            BLAS.setThreads(saved)
+        } else {
+            for k in others.indices { work(k) }
+        }
+        var aligned = [reference]
+        var cos = 0.0
+        for k in others.indices {
+            let (e, c) = try box.values[k]!.get()
+            aligned.append(e)
+            cos += c
+        }
+        return PreparedGroup(slots: slots, dominant: dom, stored: members.map(\.stored), weights: members.map(\.weight),
+                             aligned: aligned, alignedCosine: members.count > 1 ? cos / Double(members.count - 1) : 1)
     }
 
     /// Merges every group of `layer` into one expert after aligning each member to the group's
@@ -121,28 +123,43 @@ public enum Merging {
     public static func mergeLayer(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double],
                                   options: MergeOptions = MergeOptions(), tokens: TokenBlocks? = nil,
                                   progress: ProgressCallback? = nil) throws -> (layer: MoELayer, groups: [MergedGroup]) {
-        let prepared = try prepare(layer, grouping: grouping, frequency: frequency, align: options.align, progress: progress)
+        try mergeLayer(LayerSource(layer), grouping: grouping, frequency: frequency, options: options, tokens: tokens,
+                       progress: progress)
+    }
+
+    /// `mergeLayer` reading the experts from `source` one group at a time: a group's members are
+    /// read, aligned and merged, and only the merged experts stay in memory.
+    public static func mergeLayer(_ source: LayerSource, grouping: LayerGrouping, frequency: [Double],
+                                  options: MergeOptions = MergeOptions(), tokens: TokenBlocks? = nil,
+                                  progress: ProgressCallback? = nil) throws -> (layer: MoELayer, groups: [MergedGroup]) {
+        let e = source.config.numExperts
+        guard frequency.count == e else { throw SMoEError("\(source.name): frequency has \(frequency.count) entries for \(e) slots") }
+        guard grouping.slotToGroup.count == e, !grouping.slotToGroup.contains(-1) else {
+            throw SMoEError("\(source.name): the grouping does not cover the \(e) slots exactly once")
+        }
+        if options.method != .frequency && tokens == nil {
+            throw SMoEError.setting(.mergeMethod, "\(options.method.rawValue) needs calibration tokens ({calibration})")
+        }
         var experts: [Expert] = []
         var reports: [MergedGroup] = []
-        switch options.method {
-        case .frequency:
-            for p in prepared {
-                let r = MergedGroup(dominant: p.dominant, members: p.slots, frequency: p.slots.map { frequency[$0] },
-                                    how: p.stored.count == 1 ? "copied" : (p.weights.reduce(0, +) > 0 ? "weighted" : "mean"),
-                                    alignedCosine: p.alignedCosine)
+        let n = grouping.groups.count
+        for gi in 0..<n {
+            let p = try prepareGroup(source, grouping: grouping, group: gi, frequency: frequency, align: options.align)
+            switch options.method {
+            case .frequency:
+                reports.append(MergedGroup(dominant: p.dominant, members: p.slots, frequency: p.slots.map { frequency[$0] },
+                                           how: p.stored.count == 1 ? "copied" : (p.weights.reduce(0, +) > 0 ? "weighted" : "mean"),
+                                           alignedCosine: p.alignedCosine))
                 experts.append(p.stored.count == 1 ? p.aligned[0] : try weightedAverage(p.aligned, weights: p.weights))
+            case .regmean, .regmeanRefit:
+                let (m, r) = try OutputAwareMerge.mergeGroup(source, p, frequency: frequency, options: options, tokens: tokens!)
+                experts.append(m)
                 reports.append(r)
             }
-        case .regmean, .regmeanRefit:
-            guard let tokens else {
-                throw SMoEError.setting(.mergeMethod, "\(options.method.rawValue) needs calibration tokens ({calibration})")
-            }
-            (experts, reports) = try OutputAwareMerge.merge(layer, prepared: prepared, frequency: frequency, options: options,
-                                                            tokens: tokens, progress: progress)
+            progress?("merging \(source.name)", gi + 1, n)
         }
-        var out = layer
+        var out = source.header
         out.experts = experts
-        let e = layer.config.numExperts
         let map = grouping.slotToGroup
         out.expertMap = experts.count == e && map == Array(0..<e) ? nil : map
         return (out, reports)

@@ -14,17 +14,27 @@ enum OutputAwareMerge {
     }
 
     /// Each stored expert's tokens (indices into the block) and routing weights, per block.
-    static func dispatch(_ layer: MoELayer, _ x: Matrix) -> [(tokens: [Int], weights: [Float])] {
+    static func dispatch(_ layer: LayerSource, _ x: Matrix) -> [(tokens: [Int], weights: [Float])] {
         layer.dispatch(layer.route(x))
     }
 
-    /// The RegMean system of one matrix kind of one group, summed member by member so that only
-    /// one member's Gram is in memory at a time: S = Σ G̃_i and R = Σ G̃_i W_iᵀ, with
-    /// G̃ = α·G + (1−α)·diag(G); W_i [q, p], G_i [p, p].
+    /// The RegMean system of one matrix kind of one group: S = Σ G̃_i and R = Σ G̃_i W_iᵀ, with
+    /// G̃ = α·G + (1−α)·diag(G); W_i [q, p], G_i [p, p]. Two ways to fill it, both float64:
+    /// - `add(gram:weight:alpha:)` folds in one member's whole Gram (the input side, p = d_model);
+    /// - `addTokens` and `endMember` stream a member's tokens straight into S and R, so no
+    ///   member's Gram is ever held (the down side, p = d_ff: 1.6 GB per Gram at Mixtral's 14336).
+    ///   S then holds Σ G_i, and `solve` applies α to its off-diagonal once (diag G̃ = diag G);
+    ///   G_i W_iᵀ = Σ_t w_t h_t (W_i h_t)ᵀ is accumulated from the member's own products W_i h_t.
     struct RegMeanSystem {
         let p: Int, q: Int
         var sum: [Double]
         var rhs: [Double]
+        /// S holds Σ G_i (tokens streamed in), not yet Σ G̃_i.
+        private(set) var streamed = false
+        /// diag G_i of the member being streamed.
+        private var memberDiagonal: [Double] = []
+        /// The α of the streamed members.
+        private var alpha = 1.0
 
         init(inputs p: Int, outputs q: Int) {
             self.p = p
@@ -35,6 +45,7 @@ enum OutputAwareMerge {
 
         /// Adds one member; `gram` is scaled to G̃ in place.
         mutating func add(gram: inout [Double], weight w: Matrix, alpha: Double) {
+            precondition(!streamed)
             for i in 0..<p { for j in 0..<p where i != j { gram[i * p + j] *= alpha } }
             for k in 0..<(p * p) { sum[k] += gram[k] }
             // rhs += G̃ · Wᵀ  ([p, p] · [p, q])
@@ -42,11 +53,54 @@ enum OutputAwareMerge {
             BLAS.dgemmAccumulate(m: p, n: q, k: p, a: gram, transA: false, lda: p, b: wd, transB: true, ldb: p, into: &rhs)
         }
 
+        /// Adds a block of one member's inputs h [n, p] with routing weights w, given the
+        /// member's weights as float64 (`wd`, W [q, p] row-major): S += Σ w h hᵀ,
+        /// R += α Σ w h (W h)ᵀ, diag G_i += Σ w h².
+        mutating func addTokens(_ h: Matrix, weights: [Float], member wd: [Double], alpha: Double) {
+            let n = h.rows
+            guard n > 0 else { return }
+            if memberDiagonal.isEmpty { memberDiagonal = [Double](repeating: 0, count: p) }
+            streamed = true
+            self.alpha = alpha
+            var hd = [Double](repeating: 0, count: n * p)   // w·h, float64
+            var hp = [Double](repeating: 0, count: n * p)   // h, float64
+            for t in 0..<n {
+                let wt = Double(weights[t])
+                for j in 0..<p {
+                    let v = Double(h.data[t * p + j])
+                    hp[t * p + j] = v
+                    hd[t * p + j] = wt * v
+                    memberDiagonal[j] += wt * v * v
+                }
+            }
+            BLAS.dgemmAccumulate(m: p, n: p, k: n, a: hd, transA: true, lda: p, b: hp, transB: false, ldb: p, into: &sum)
+            // (W h) for every token: [n, q] = h [n, p] · Wᵀ
+            var wh = [Double](repeating: 0, count: n * q)
+            BLAS.dgemmAccumulate(m: n, n: q, k: p, a: hp, transA: false, lda: p, b: wd, transB: true, ldb: p, into: &wh)
+            BLAS.dgemmAccumulate(m: p, n: q, k: n, alpha: alpha, a: hd, transA: true, lda: p, b: wh, transB: false, ldb: q, into: &rhs)
+        }
+
+        /// Ends the member whose tokens were streamed: R += (1−α) diag(G_i) W_iᵀ.
+        mutating func endMember(member wd: [Double], alpha: Double) {
+            guard !memberDiagonal.isEmpty else { return }
+            for i in 0..<p {
+                let s = (1 - alpha) * memberDiagonal[i]
+                if s != 0 { for j in 0..<q { rhs[i * q + j] += s * wd[j * p + i] } }
+            }
+            memberDiagonal = []
+        }
+
         /// (S + λ·mean(diag S) I)⁻¹ (R + λ·mean(diag S)·W₀ᵀ). The ridge pulls towards `prior` (the
         /// frequency-weighted average) rather than towards zero, so identical members are
-        /// reproduced exactly whatever λ.
-        func solve(ridge: Double, prior: Matrix?) throws -> (w: Matrix, method: SymmetricSolver.Method, conditionEstimate: Double) {
-            var sum = self.sum, rhs = self.rhs
+        /// reproduced exactly whatever λ. Solved in place: the system is emptied.
+        mutating func solve(ridge: Double, prior: Matrix?) throws -> (w: Matrix, method: SymmetricSolver.Method, conditionEstimate: Double) {
+            var sum: [Double] = [], rhs: [Double] = []
+            swap(&sum, &self.sum)
+            swap(&rhs, &self.rhs)
+            if streamed {
+                // Σ G̃_i = α·Σ G_i off the diagonal, Σ G_i on it.
+                for i in 0..<p { for j in 0..<p where i != j { sum[i * p + j] *= alpha } }
+            }
             var meanDiag = 0.0
             for i in 0..<p { meanDiag += sum[i * p + i] }
             meanDiag /= Double(max(p, 1))
@@ -55,9 +109,9 @@ enum OutputAwareMerge {
             if let w0 = prior {
                 for i in 0..<p { for j in 0..<q { rhs[i * q + j] += lambda * Double(w0.data[j * p + i]) } }
             }
-            let (y, method, estimate) = try SymmetricSolver.solve(sum, rhs, n: p, m: q)  // Y [p, q] = W*ᵀ
+            let (method, estimate) = try SymmetricSolver.solveInPlace(&sum, &rhs, n: p, m: q)  // rhs: [p, q] = W*ᵀ
             var w = Matrix(rows: q, cols: p)
-            for i in 0..<p { for j in 0..<q { w.data[j * p + i] = Float(y[i * q + j]) } }
+            for i in 0..<p { for j in 0..<q { w.data[j * p + i] = Float(rhs[i * q + j]) } }
             return (w, method, estimate)
         }
     }
@@ -68,26 +122,12 @@ enum OutputAwareMerge {
                      : "\(what): \(method.rawValue) (not positive definite)"
     }
 
-    /// Merges every group (one at a time, to bound memory: ALGORITHM.md §3b, "Memory").
-    static func merge(_ layer: MoELayer, prepared: [Merging.PreparedGroup], frequency: [Double], options: MergeOptions,
-                      tokens: TokenBlocks, progress: ProgressCallback?) throws -> ([Expert], [MergedGroup]) {
-        var experts: [Expert] = []
-        var reports: [MergedGroup] = []
-        for (gi, p) in prepared.enumerated() {
-            let (e, r) = try mergeGroup(layer, p, frequency: frequency, options: options, tokens: tokens)
-            experts.append(e)
-            reports.append(r)
-            progress?("regmean \(layer.name)", gi + 1, prepared.count)
-        }
-        return (experts, reports)
-    }
-
-    /// One group: a token pass per member accumulates that member's Grams (inputs, and its own
-    /// intermediate activations) and folds them into the group's RegMean systems, so one member's
-    /// Grams are in memory at a time; then the solves; then, for regmean+refit, one more pass
-    /// for the refit of `down`. Float64 throughout; the same sums in the same order as when all
-    /// members were accumulated in one pass, so the result is the same to the bit.
-    static func mergeGroup(_ layer: MoELayer, _ p: Merging.PreparedGroup, frequency: [Double], options: MergeOptions,
+    /// One group: a token pass per member accumulates that member's input Gram and folds it into
+    /// the up (and gate) systems, which are then solved; a second pass per member streams its
+    /// intermediate activations into the down system, which is solved next; then, for
+    /// regmean+refit, one more pass refits `down`. Only one member's input Gram (d_model²) and one
+    /// system at a time are held (ALGORITHM.md §3b, "Memory"), all float64.
+    static func mergeGroup(_ layer: LayerSource, _ p: Merging.PreparedGroup, frequency: [Double], options: MergeOptions,
                            tokens: TokenBlocks) throws -> (Expert, MergedGroup) {
         let c = layer.config
         let d = c.dModel, f = c.dFF
@@ -97,7 +137,6 @@ enum OutputAwareMerge {
         if p.stored.count == 1 { return (p.aligned[0], report) }
         var up = RegMeanSystem(inputs: d, outputs: f)
         var gate = c.expertType == .glu ? RegMeanSystem(inputs: d, outputs: f) : nil
-        var down = RegMeanSystem(inputs: f, outputs: d)
         // Distinct tokens routed to at least one member (a token routed to two members adds one
         // row, not two, to the rank of the summed input Gram), over every block.
         var seen: [Bool] = []
@@ -105,7 +144,6 @@ enum OutputAwareMerge {
         var memberTokens = [Int](repeating: 0, count: p.stored.count)
         for (k, s) in p.stored.enumerated() {
             var gramX = [Double](repeating: 0, count: d * d)
-            var gramH = [Double](repeating: 0, count: f * f)
             var offset = 0
             try tokens { x in
                 if seen.count < offset + x.rows { seen += [Bool](repeating: false, count: offset + x.rows - seen.count) }
@@ -115,8 +153,6 @@ enum OutputAwareMerge {
                     let xs = x.gatherRows(disp.tokens)
                     memberTokens[k] += xs.rows
                     accumulateWeightedCross(xs, xs, weights: disp.weights, into: &gramX)
-                    let h = p.aligned[k].hidden(xs, activation: c.activation)
-                    accumulateWeightedCross(h, h, weights: disp.weights, into: &gramH)
                 }
                 offset += x.rows
             }
@@ -126,7 +162,6 @@ enum OutputAwareMerge {
             var gx2 = gate != nil ? gramX : []  // the gate's copy of the input Gram
             up.add(gram: &gramX, weight: p.aligned[k].up.dense(), alpha: options.alpha)
             if gate != nil { gate!.add(gram: &gx2, weight: p.aligned[k].gate!.dense(), alpha: options.alpha) }
-            down.add(gram: &gramH, weight: p.aligned[k].down.dense(), alpha: options.alpha)
         }
         let used = memberTokens.indices.filter { memberTokens[$0] > 0 }
         if used.isEmpty {
@@ -140,14 +175,32 @@ enum OutputAwareMerge {
             return (try Merging.weightedAverage(p.aligned, weights: p.weights), report)
         }
         let prior = try Merging.weightedAverage(p.aligned, weights: p.weights)
-        func solve(_ name: String, _ system: RegMeanSystem) throws -> Matrix {
+        func solve(_ name: String, _ system: inout RegMeanSystem) throws -> Matrix {
             let (w, method, estimate) = try system.solve(ridge: options.ridge, prior: prior[matrix: name]!.dense())
             if method != .cholesky { report.notes.append(solverNote(name, method, estimate)) }
             return w
         }
-        let upW = try solve("up", up)
-        let gateW = try gate.map { try solve("gate", $0) }
-        let downW = try solve("down", down)
+        let upW = try solve("up", &up)
+        var gateW: Matrix? = nil
+        if var g = gate {
+            gate = nil
+            gateW = try solve("gate", &g)
+        }
+        // The down system, streamed member by member (the members' own activations).
+        var down = RegMeanSystem(inputs: f, outputs: d)
+        for k in used {
+            let s = p.stored[k]
+            let member = p.aligned[k]
+            let wd = member.down.dense().data.map(Double.init)  // down [d, f], float64
+            try tokens { x in
+                let disp = dispatch(layer, x)[s]
+                guard !disp.tokens.isEmpty else { return }
+                let h = member.hidden(x.gatherRows(disp.tokens), activation: c.activation)
+                down.addTokens(h, weights: disp.weights, member: wd, alpha: options.alpha)
+            }
+            down.endMember(member: wd, alpha: options.alpha)
+        }
+        let downW = try solve("down", &down)
         // Biases: usage-weighted average of the members that saw tokens.
         let avg = try Merging.weightedAverage(used.map { p.aligned[$0] }, weights: used.map { Double(memberTokens[$0]) })
         var expert = Expert(up: .dense(upW), gate: gateW.map { .dense($0) }, down: .dense(downW),
@@ -162,7 +215,7 @@ enum OutputAwareMerge {
     /// Refits `down` (and its bias) so the merged expert reproduces its members' weighted
     /// outputs on the group's tokens: A = Σ s h* h*ᵀ, B = Σ h* (Σ_i w_i y_i)ᵀ (h* with a 1 appended
     /// when the expert has a down bias), ridge towards the RegMean down.
-    static func refitDown(_ expert: inout Expert, _ layer: MoELayer, _ p: Merging.PreparedGroup, options: MergeOptions,
+    static func refitDown(_ expert: inout Expert, _ layer: LayerSource, _ p: Merging.PreparedGroup, options: MergeOptions,
                           tokens: TokenBlocks, report: inout MergedGroup) throws {
         let c = layer.config
         let d = c.dModel, f = c.dFF

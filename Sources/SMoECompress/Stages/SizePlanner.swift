@@ -173,7 +173,7 @@ public enum SizePlanner {
             }
             func heldOutError(_ layer: MoELayer) throws -> Double {
                 var acc = try EvaluationAccumulator(original: original, compressed: layer)
-                for x in held { acc.add(x) }
+                for x in held { try acc.add(x) }
                 return acc.result(bytesBefore: 0, bytesAfter: 0).relativeError
             }
             let E = original.config.numExperts

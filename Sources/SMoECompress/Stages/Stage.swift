@@ -19,6 +19,11 @@ public protocol LayerStage {
     var layers: [String] { get }
     /// Computes one selected layer.
     func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: Output, report: Report)
+    /// Whether the stage reads a computed layer's experts itself, a few at a time, through
+    /// `process(source:)`; otherwise the loop reads the layer whole and calls `process`.
+    var streamsExperts: Bool { get }
+    /// Computes one selected layer from its source (by default: the layer read whole, `process`).
+    func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: Output, report: Report)
     /// What a layer the run leaves alone becomes in the output: the layer itself for a
     /// checkpoint (every layer is written), nil where the output holds only computed layers.
     func unchanged(_ layer: MoELayer) -> Output?
@@ -33,6 +38,10 @@ public protocol LayerStage {
 
 extension LayerStage {
     public var settingsRecord: JSONValue { historyEntry([]) }
+    public var streamsExperts: Bool { false }
+    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: Output, report: Report) {
+        try process(try source.whole(), progress: progress)
+    }
 }
 
 extension LayerStage where Output == MoELayer {
@@ -113,14 +122,19 @@ extension LayerStage {
             let computed = selected.contains(c.name)
             guard computed || (keepsOtherLayers && shard == nil) else { continue }
             let start = DispatchTime.now().uptimeNanoseconds
-            let layer = try model.readLayer(c.name)
             if computed {
-                // A damaged or hand-edited file can hold NaN or Inf that reading accepts; no stage
-                // computes on them.
-                if let what = layer.firstNonFinite { throw SMoEError("\(c.name): \(what) holds NaN or Inf") }
                 let (output, report): (Output, Report)
                 do {
-                    (output, report) = try process(layer, progress: progress.step)
+                    if streamsExperts {
+                        // The reader refuses NaN and Inf in each part as it reads it.
+                        (output, report) = try process(source: try model.layerSource(c.name), progress: progress.step)
+                    } else {
+                        let layer = try model.readLayer(c.name)
+                        // A damaged or hand-edited file can hold NaN or Inf that reading accepts;
+                        // no stage computes on them.
+                        if let what = layer.firstNonFinite { throw SMoEError("\(c.name): \(what) holds NaN or Inf") }
+                        (output, report) = try process(layer, progress: progress.step)
+                    }
                 } catch let e as SMoEError {
                     throw e.naming(c.name)
                 }
@@ -131,7 +145,7 @@ extension LayerStage {
                 }
                 try sink(output)
                 reports.append(report)
-            } else if let output = unchanged(layer) {
+            } else if let output = unchanged(try model.readLayer(c.name)) {
                 try sink(output)
             }
             let done = FinishedLayer(stage: name, name: c.name, index: i, count: model.layers.count, computed: computed,

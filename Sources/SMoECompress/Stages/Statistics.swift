@@ -191,6 +191,14 @@ public struct StatisticsStage: LayerStage {
         return (s, s)
     }
 
+    /// Without weight or expert-output similarity only the router is needed: the experts are
+    /// not read at all.
+    public var streamsExperts: Bool { !bases.contains(where: \.needsExperts) }
+
+    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: LayerStatistics, report: LayerStatistics) {
+        try process(streamsExperts ? source.header : try source.whole(), progress: progress)
+    }
+
     /// A statistics file holds the computed layers only.
     public func unchanged(_ layer: MoELayer) -> LayerStatistics? { nil }
     public var keepsOtherLayers: Bool { false }

@@ -51,22 +51,32 @@ public struct Whitening: Sendable {
 
     /// Whitening of `gram`; nil when the Gram holds no energy (an expert no token reached): the
     /// output objective then says nothing about the matrix, and it is factored by weight.
-    public init?(_ gram: InputGram, relativeRidge: Double = Whitening.defaultRelativeRidge) throws {
+    /// The Gram's storage becomes the factor's (no second n² copy: down's Gram is 1.6 GB at
+    /// d_ff = 14336), so pass a Gram no one else holds.
+    public init?(_ gram: consuming InputGram, relativeRidge: Double = Whitening.defaultRelativeRidge) throws {
         let n = gram.n
-        let meanDiag = (0..<n).reduce(0.0) { $0 + gram.gram[$1 * n + $1] } / Double(max(n, 1))
+        var a: [Double] = []
+        swap(&a, &gram.gram)
+        let diagonal = (0..<n).map { a[$0 * n + $0] }
+        let meanDiag = diagonal.reduce(0.0, +) / Double(max(n, 1))
         guard n > 0, meanDiag > 0, meanDiag.isFinite else { return nil }
-        var a = gram.gram
         let lambda = relativeRidge * meanDiag
         for i in 0..<n { a[i * n + i] += lambda }
-        var info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, CChar(UInt8(ascii: "L")), Int32(n), &a, Int32(n))
+        // The row-major lower triangle is the column-major upper one: LAPACKE then factors the
+        // buffer where it is instead of through a transposed copy.
+        let lower = CChar(UInt8(ascii: "U"))
+        var info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, lower, Int32(n), &a, Int32(n))
         var ridge = lambda
         // Not numerically positive definite (a zero ridge on a rank-deficient Gram): retry with
         // the smallest ridge that float64 Cholesky accepts reliably, 1e-10 of the mean diagonal.
+        // dpotrf wrote only the lower triangle: the Gram is rebuilt from the upper one.
         if info > 0 {
-            a = gram.gram
             ridge = max(lambda, 1e-10 * meanDiag)
-            for i in 0..<n { a[i * n + i] += ridge }
-            info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, CChar(UInt8(ascii: "L")), Int32(n), &a, Int32(n))
+            for i in 0..<n {
+                a[i * n + i] = diagonal[i] + ridge
+                for j in 0..<i { a[i * n + j] = a[j * n + i] }
+            }
+            info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, lower, Int32(n), &a, Int32(n))
         }
         if info != 0 { throw LinearAlgebraError.lapack(routine: "dpotrf", info: info) }
         for i in 0..<n { for j in (i + 1)..<max(n, i + 1) { a[i * n + j] = 0 } }
@@ -105,17 +115,28 @@ extension LowRankStage {
     /// already factored ones when the caller factored them first), over the tokens the layer
     /// routes to it. An expert shared by several slots gets the tokens of all of them.
     public static func inputGrams(_ layer: MoELayer, tokens: TokenBlocks, hidden: Bool) throws -> [InputGram] {
-        let G = layer.numStored, n = hidden ? layer.config.dFF : layer.config.dModel
-        var grams = [[Double]](repeating: [Double](repeating: 0, count: n * n), count: G)
-        var counts = [Int](repeating: 0, count: G)
+        try (0..<layer.numStored).map { try inputGram(layer, expert: $0, tokens: tokens, hidden: hidden) }
+    }
+
+    /// `inputGrams` of stored expert `g` alone (one token pass; the same sums in the same order).
+    public static func inputGram(_ layer: MoELayer, expert g: Int, tokens: TokenBlocks, hidden: Bool) throws -> InputGram {
+        try inputGram(LayerSource(layer), expert: layer.experts[g], stored: g, tokens: tokens, hidden: hidden)
+    }
+
+    /// The Gram of `expert` (stored expert `g` of `layer`, as it stands) over the tokens the
+    /// layer routes to it.
+    static func inputGram(_ layer: LayerSource, expert: Expert, stored g: Int, tokens: TokenBlocks, hidden: Bool) throws -> InputGram {
+        let n = hidden ? layer.config.dFF : layer.config.dModel
+        var gram = [Double](repeating: 0, count: n * n)
+        var count = 0
         try tokens { x in
-            for (g, disp) in layer.dispatch(layer.route(x)).enumerated() where !disp.tokens.isEmpty {
-                let xg = x.gatherRows(disp.tokens)
-                let input = hidden ? layer.experts[g].hidden(xg, activation: layer.config.activation) : xg
-                counts[g] += disp.tokens.count
-                accumulateWeightedCross(input, input, weights: disp.weights.map { $0 * $0 }, into: &grams[g])
-            }
+            let disp = layer.dispatch(layer.route(x))[g]
+            guard !disp.tokens.isEmpty else { return }
+            let xg = x.gatherRows(disp.tokens)
+            let input = hidden ? expert.hidden(xg, activation: layer.config.activation) : xg
+            count += disp.tokens.count
+            accumulateWeightedCross(input, input, weights: disp.weights.map { $0 * $0 }, into: &gram)
         }
-        return (0..<G).map { InputGram(n: n, gram: grams[$0], tokens: counts[$0]) }
+        return InputGram(n: n, gram: gram, tokens: count)
     }
 }

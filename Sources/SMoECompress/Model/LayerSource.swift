@@ -1,0 +1,91 @@
+/// A MoE layer whose stored experts are read when needed, one at a time: the router, the slot
+/// map and the shapes are in memory (`header`, a `MoELayer` holding no experts), the experts
+/// come from a checkpoint (`CheckpointReader.layerSource`) or from a layer in memory. A stage
+/// that works on one group of experts at a time holds only that group (docs/ALGORITHM.md,
+/// "Scale"): one Mixtral-8x7B layer is 5.6 GB in float32.
+public struct LayerSource: @unchecked Sendable {
+    /// The layer without its experts (`experts` is empty): config, router, bias, expert map.
+    public let header: MoELayer
+    /// Stored experts G.
+    public let numStored: Int
+    /// `MoELayer.expertParameterCount` and `expertFlopsPerToken` of the whole layer (from the
+    /// shapes: no expert is read for them).
+    public let expertParameterCount: Int
+    public let expertFlopsPerToken: Double
+    /// The whole layer when it is already in memory.
+    let inMemory: MoELayer?
+    private let load: (Int) throws -> Expert
+
+    /// A source over `layer`, already in memory.
+    public init(_ layer: MoELayer) {
+        var h = layer
+        h.experts = []
+        header = h
+        numStored = layer.numStored
+        expertParameterCount = layer.expertParameterCount
+        expertFlopsPerToken = layer.expertFlopsPerToken
+        inMemory = layer
+        load = { layer.experts[$0] }
+    }
+
+    /// A source reading expert `i` with `load(i)` (validated by the caller); `parameters[i]` and
+    /// `flops[i]` are expert i's `parameterCount` and `flopsPerToken`.
+    init(header: MoELayer, parameters: [Int], flops: [Int], load: @escaping (Int) throws -> Expert) {
+        precondition(header.experts.isEmpty && parameters.count == flops.count)
+        self.header = header
+        numStored = parameters.count
+        expertParameterCount = parameters.reduce(0, +)
+        expertFlopsPerToken = MoELayer.flopsPerToken(config: header.config, perStored: flops) { header.storedIndex(slot: $0) }
+        inMemory = nil
+        self.load = load
+    }
+
+    public var config: LayerConfig { header.config }
+    public var name: String { header.name }
+
+    /// Stored expert `i` (read from the file each time for a checkpoint source).
+    public func expert(_ i: Int) throws -> Expert {
+        precondition(i >= 0 && i < numStored, "stored expert \(i) outside 0..<\(numStored)")
+        return try load(i)
+    }
+
+    /// The whole layer in memory (every expert read).
+    public func whole() throws -> MoELayer {
+        if let l = inMemory { return l }
+        var l = header
+        l.experts = try (0..<numStored).map(expert)
+        return l
+    }
+
+    public func route(_ x: Matrix) -> Routing { header.route(x) }
+
+    /// For each stored expert, its tokens and summed weights (`MoELayer.dispatch`).
+    public func dispatch(_ routing: Routing) -> [(tokens: [Int], weights: [Float])] {
+        header.dispatch(routing, stored: numStored)
+    }
+
+    /// The layer's output for a token block, as `MoELayer.forward` computes it (the same sums in
+    /// the same order), reading each routed expert in turn.
+    public func forward(_ x: Matrix, routing: Routing) throws -> Matrix {
+        if let l = inMemory { return l.forward(x, routing: routing) }
+        return try MoELayer.forward(x, routing: routing, dispatch: dispatch(routing), config: config, expert: expert)
+    }
+}
+
+extension MoELayer {
+    /// The weighted sum of the dispatched experts' outputs for a token block: each expert's
+    /// tokens gathered, run batched, scattered back (stored-expert order).
+    static func forward(_ x: Matrix, routing: Routing, dispatch: [(tokens: [Int], weights: [Float])], config: LayerConfig,
+                        expert: (Int) throws -> Expert) rethrows -> Matrix {
+        var y = Matrix(rows: x.rows, cols: config.dModel)
+        let dm = config.dModel
+        for (g, d) in dispatch.enumerated() where !d.tokens.isEmpty {
+            let yg = try expert(g).forward(x.gatherRows(d.tokens), activation: config.activation)
+            for (r, t) in d.tokens.enumerated() {
+                let w = d.weights[r]
+                for j in 0..<dm { y.data[t * dm + j] += w * yg.data[r * dm + j] }
+            }
+        }
+        return y
+    }
+}

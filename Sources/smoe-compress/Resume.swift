@@ -1,0 +1,79 @@
+import ArgumentParser
+import Foundation
+import SMoECompress
+
+/// `--resume` of `merge`, `lowrank` and `compress`: every run keeps each layer it finishes in
+/// `<output>.resume/` (removed once the output is written); after an interruption the same
+/// command with `--resume` reuses those layers when the inputs, every setting and the tool
+/// version match, and otherwise says what differs and starts over (docs/FORMAT.md §6).
+struct ResumeOptions: ParsableArguments {
+    @Flag(help: "Continue an interrupted run of this same command: reuse the layers it finished (kept in OUTPUT.resume/) when the inputs, every setting and the tool version match; otherwise say what differs and start over.")
+    var resume = false
+
+    /// Opens the work directory of a run of `stage` writing `output` (after the stage was made,
+    /// so bad settings leave nothing behind) and says on stderr what it found.
+    func open<S: LayerStage>(_ stage: S, model: CheckpointReader, inputs: [ResumeInput], writer: CheckpointWriter,
+                             output: OutputOptions) throws -> ResumeWork {
+        let work = try ResumeWork(output: output.output, stage: stage, model: model,
+                                  inputs: [ResumeInput(role: "model", path: model.path)] + inputs,
+                                  options: writer.options, shard: try output.shardValue(), resume: resume)
+        let dir = work.directory
+        switch work.start {
+        case .fresh: break
+        case .replacedLeftover(let n):
+            printNote("removed \(dir): \(n) finished layer\(n == 1 ? "" : "s") of an interrupted run (the same command with --resume would have reused them)")
+        case .nothingToResume:
+            printNote("--resume: no finished layers of an interrupted run in \(dir); running from the start")
+        case .startedOver(let reason):
+            printNote("--resume: starting over, the interrupted run in \(dir) differs: \(reason)")
+        case .resuming(let layers):
+            printNote("--resume: reusing \(layers.count) finished layer\(layers.count == 1 ? "" : "s") from \(dir)")
+        }
+        return work
+    }
+}
+
+extension ResumeWork {
+    /// Runs `body` (the stage run and the output's commit); then removes the work directory, or,
+    /// when `body` fails, keeps it if it holds finished layers and says so.
+    func running<T>(_ body: () throws -> T) throws -> T {
+        let value: T
+        do {
+            value = try body()
+        } catch {
+            let kept = close()
+            if kept > 0 {
+                printNote("kept \(kept) finished layer\(kept == 1 ? "" : "s") in \(directory): the same command with --resume continues from them")
+            }
+            throw error
+        }
+        finish()
+        return value
+    }
+}
+
+/// Reports (and removes, when their process is gone) temporary files an earlier run left for
+/// `output`: a run killed by SIGKILL, power loss or the out-of-memory killer cannot remove its own.
+func reportLeftoverTemporaryFiles(_ output: String) {
+    for f in AtomicOutput.leftovers(of: output) {
+        if f.running {
+            printNote("\(f.path) is being written by a running smoe-compress (pid \(f.pid)); left alone")
+        } else {
+            printNote("removed \(f.path), left by an interrupted run (pid \(f.pid), no longer running)")
+        }
+    }
+}
+
+func printNote(_ text: String) { FileHandle.standardError.write(Data("note: \(text)\n".utf8)) }
+
+/// The line (table mode) or JSON key (`--json`) a command adds for layers reused from an
+/// interrupted run: their figures were printed by that run, not this one.
+func reusedLine(_ reused: [String], work: ResumeWork?) -> String? {
+    guard !reused.isEmpty else { return nil }
+    return "reused \(reused.count) finished layer\(reused.count == 1 ? "" : "s") from \(work?.directory ?? "the work directory") (computed by the interrupted run; not in the figures above): \(reused.joined(separator: ", "))"
+}
+
+func reusedJSON(_ reused: [String], work: ResumeWork?) -> [(String, JSONValue)] {
+    guard !reused.isEmpty else { return [] }
+    return [("reused", .object([("work_dir", .string(work?.directory ?? "")), ("layers", JSONValue(reused))]))]
+}

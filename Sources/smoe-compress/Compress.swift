@@ -81,7 +81,7 @@ struct Compress: ParsableCommand {
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
         let result = try work.running {
             let result = try namingFile(model, inputs: inputs) {
-                try stage.run(model: reader, shard: shard, resume: work.hook(into: writer), progress: progress.stage) { try writer.write($0) }
+                try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { try writer.write($0) }
             }
             progress.finish()
             try output.commit(writer, stage: stage, result: result, model: reader)

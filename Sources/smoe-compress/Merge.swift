@@ -90,7 +90,7 @@ struct Merge: ParsableCommand {
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
         let result = try work.running {
             let result = try namingFile(model, inputs: inputs) {
-                try stage.run(model: reader, shard: shard, resume: work.hook(into: writer), progress: progress.stage) { layer in
+                try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { layer in
                     try writer.write(layer)
                     after += layer.expertBytes(floatBytes: floatBytes)
                 }

@@ -34,6 +34,23 @@ struct ResumeOptions: ParsableArguments {
 }
 
 extension ResumeWork {
+    /// The per-layer loop's hook for a run writing into `writer` (`hook(into:)`). For tests,
+    /// `SMOE_KILL_AFTER_SAVED_LAYERS=N` makes the process kill itself (SIGKILL, as the
+    /// out-of-memory killer would) right after saving its N-th finished layer: an interruption at
+    /// a known point.
+    func stageHook(into writer: CheckpointWriter) -> LayerResume<MoELayer> {
+        var hook = hook(into: writer)
+        guard let n = ProcessInfo.processInfo.environment["SMOE_KILL_AFTER_SAVED_LAYERS"].flatMap(Int.init), n > 0 else { return hook }
+        let save = hook.save
+        var saved = 0
+        hook.save = { name, layer, entry in
+            try save(name, layer, entry)
+            saved += 1
+            if saved == n { kill(getpid(), SIGKILL) }
+        }
+        return hook
+    }
+
     /// Runs `body` (the stage run and the output's commit); then removes the work directory, or,
     /// when `body` fails, keeps it if it holds finished layers and says so.
     func running<T>(_ body: () throws -> T) throws -> T {

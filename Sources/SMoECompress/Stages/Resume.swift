@@ -27,17 +27,21 @@ public struct LayerResume<Output> {
 
 // MARK: history entries from one-layer entries
 
-/// The history entry of a run from its layers' one-layer entries: objects key by key, every
-/// `layers` array concatenated in order, every other value equal in all entries (and the value
-/// of `empty`, the entry of a run without layers, when there are none). Throws where the entries
-/// disagree: a stage whose entry aggregates over layers combines that part itself.
+/// The history entry of a run from its layers' one-layer entries, following `empty` (the entry
+/// of a run that computed no layer): where `empty` holds an empty array (the per-layer results,
+/// e.g. `layers`), the entries' arrays are concatenated in order; objects are combined key by
+/// key; every other value must be equal in all entries. Throws where they disagree: a stage whose
+/// entry aggregates over layers (compress's `mean_relative_error`) combines that part itself.
 func combineLayerEntries(_ entries: [JSONValue], empty: JSONValue) throws -> JSONValue {
-    guard let first = entries.first else { return empty }
-    func combine(_ values: [JSONValue], key: String, path: String) throws -> JSONValue {
-        if key == "layers", case .array = values[0] {
+    guard !entries.isEmpty else { return empty }
+    func combine(_ values: [JSONValue], template: JSONValue?, path: String) throws -> JSONValue {
+        func fail(_ why: String) -> SMoEError {
+            SMoEError("cannot combine the layers' history entries at \(path.isEmpty ? "the top" : path): \(why)")
+        }
+        if case .array(let t)? = template, t.isEmpty {
             var all: [JSONValue] = []
             for v in values {
-                guard let a = v.arrayValue else { throw SMoEError("cannot combine the layers' history entries at \(path): not all arrays") }
+                guard let a = v.arrayValue else { throw fail("not all arrays") }
                 all += a
             }
             return .array(all)
@@ -47,22 +51,18 @@ func combineLayerEntries(_ entries: [JSONValue], empty: JSONValue) throws -> JSO
             var out: [(String, JSONValue)] = []
             for k in keys {
                 let vs = try values.map { v -> JSONValue in
-                    guard case .object(let o) = v, o.map(\.0) == keys, let x = v[k] else {
-                        throw SMoEError("cannot combine the layers' history entries at \(path): their keys differ")
-                    }
+                    guard case .object(let o) = v, o.map(\.0) == keys, let x = v[k] else { throw fail("their keys differ") }
                     return x
                 }
-                out.append((k, try combine(vs, key: k, path: path.isEmpty ? k : path + "." + k)))
+                out.append((k, try combine(vs, template: template?[k], path: path.isEmpty ? k : path + "." + k)))
             }
             return .object(out)
         }
         let text = values[0].serializedExactly()
-        guard values.allSatisfy({ $0.serializedExactly() == text }) else {
-            throw SMoEError("cannot combine the layers' history entries at \(path): the layers' values differ")
-        }
+        guard values.allSatisfy({ $0.serializedExactly() == text }) else { throw fail("the layers' values differ") }
         return values[0]
     }
-    return try combine(entries, key: "", path: "")
+    return try combine(entries, template: empty, path: "")
 }
 
 extension JSONValue {
@@ -388,13 +388,28 @@ public final class ResumeWork: @unchecked Sendable {
             return "it had \(y["role"]?.stringValue ?? "?") \(y["path"]?.stringValue ?? "")"
         }
         if old["model_fingerprint"] != new["model_fingerprint"] { return "the model's fingerprint differs" }
-        let s = old["settings"]?.serializedExactly() ?? "", t = new["settings"]?.serializedExactly() ?? ""
-        if s != t { return "the settings differ: " + ShardAssembly.settingsDifference(s, t) }
+        if let d = firstDifference(old["settings"] ?? .null, new["settings"] ?? .null, path: "") {
+            return "the settings differ: \(d.path.isEmpty ? "settings" : d.path) was \(d.then), now \(d.now)"
+        }
         if old["blas"]?.serializedExactly() != new["blas"]?.serializedExactly() {
             func text(_ v: JSONValue?) -> String { "\(v?["core"]?.stringValue ?? "?") kernels, \(v?["threads"]?.intValue ?? 0) threads" }
             return "OpenBLAS ran \(text(old["blas"])) then, \(text(new["blas"])) now (results could differ in the last bits)"
         }
         return nil
+    }
+
+    /// The first place two settings records differ (dotted path, the record's `settings.` level
+    /// left out), with both values as JSON text.
+    static func firstDifference(_ x: JSONValue, _ y: JSONValue, path: String) -> (path: String, then: String, now: String)? {
+        if case .object(let kx) = x, case .object(let ky) = y {
+            for key in kx.map(\.0) + ky.map(\.0).filter({ k in !kx.contains { $0.0 == k } }) {
+                let sub = path.isEmpty && key == "settings" ? "" : (path.isEmpty ? key : path + "." + key)
+                if let d = firstDifference(x[key] ?? .null, y[key] ?? .null, path: sub) { return d }
+            }
+            return nil
+        }
+        let a = x.serializedExactly(), b = y.serializedExactly()
+        return a == b ? nil : (path, a, b)
     }
 
     static func writeAtomically(_ path: String, _ text: String) throws {

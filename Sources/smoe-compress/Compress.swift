@@ -79,7 +79,7 @@ struct Compress: ParsableCommand {
                               storage: storage, shard: shard, progress: progress.callback)
         }
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
-        let result = try work.running {
+        let result = try work.running(writer) {
             let result = try namingFile(model, inputs: inputs) {
                 try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { try writer.write($0) }
             }

@@ -88,7 +88,7 @@ struct Lowrank: ParsableCommand {
         }
         let work = try resumeOptions.open(stage, model: reader, inputs: calib.map { [ResumeInput(role: "--calib", path: $0)] } ?? [],
                                           writer: writer, output: output)
-        let result = try work.running {
+        let result = try work.running(writer) {
             let result = try namingFile(model, inputs: inputs) {
                 try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { try writer.write($0) }
             }

@@ -88,7 +88,7 @@ struct Merge: ParsableCommand {
         }
         let resumeInputs = [("--calib", calib), ("--stats", mergeOptions.stats)].compactMap { r, p in p.map { ResumeInput(role: r, path: $0) } }
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
-        let result = try work.running {
+        let result = try work.running(writer) {
             let result = try namingFile(model, inputs: inputs) {
                 try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { layer in
                     try writer.write(layer)

@@ -51,14 +51,20 @@ extension ResumeWork {
         return hook
     }
 
-    /// Runs `body` (the stage run and the output's commit); then removes the work directory, or,
-    /// when `body` fails, keeps it if it holds finished layers and says so.
-    func running<T>(_ body: () throws -> T) throws -> T {
+    /// Runs `body` (the stage run and the output's commit); then removes the work directory. When
+    /// `body` fails writing (the error names the output, its temporary file or the work directory:
+    /// a full disk, a lost mount), the finished layers are kept, as after a kill, and it says so;
+    /// any other failure (bad data, a layer that overflows) would recur on a resume, so nothing
+    /// is left behind.
+    func running<T>(_ writer: CheckpointWriter, _ body: () throws -> T) throws -> T {
         let value: T
         do {
             value = try body()
         } catch {
-            let kept = close()
+            let text = (error as? SMoEError).map(errorLine) ?? "\(error)"
+            let writing = text.contains(writer.output.destination + ":") || text.contains(writer.output.temporaryPath)
+                || text.contains(directory)
+            let kept = close(keeping: writing)
             if kept > 0 {
                 printNote("kept \(kept) finished layer\(kept == 1 ? "" : "s") in \(directory): the same command with --resume continues from them")
             }

@@ -142,6 +142,33 @@ final class ResumeTests: XCTestCase {
         }
     }
 
+    /// A run that fails writing (here a file size limit, as a full disk would) keeps its finished
+    /// layers and says so; --resume then reuses every layer and writes the uninterrupted file.
+    func testWriteFailureKeepsFinishedLayers() throws {
+        let dir = temporaryDirectory(self)
+        let args = ["compress", mixtral, "--calib", mixtralCalib, "--groups", "4", "--rank", "16", "--quiet"]
+        _ = try cli(args + ["-o", dir + "/full.h5"])
+        let out = dir + "/out.h5"
+        let exe = productsDirectory.appendingPathComponent("smoe-compress").path
+        let limited = Process()
+        limited.executableURL = URL(fileURLWithPath: "/bin/bash")
+        // 400 KiB per file: each part fits, the whole output (680 KB) does not.
+        limited.arguments = ["-c", "ulimit -f 400; trap '' XFSZ; exec \"$0\" \"$@\" 2>\"$SMOE_ERR\"", exe] + args + ["-o", out]
+        var env = ProcessInfo.processInfo.environment
+        env["OPENBLAS_CORETYPE"] = env["OPENBLAS_CORETYPE"] ?? BLAS.coreName
+        env["SMOE_ERR"] = dir + "/err.txt"
+        limited.environment = env
+        try limited.run()
+        limited.waitUntilExit()
+        let err = try String(contentsOfFile: dir + "/err.txt", encoding: .utf8)
+        XCTAssertEqual(limited.terminationStatus, 1, err)
+        XCTAssertTrue(err.contains("note: kept 4 finished layers in \(ResumeWork.directory(for: out))"), err)
+        XCTAssertTrue(err.hasSuffix("error: \(out): cannot be written completely (disk full?)\n"), err)
+        let r = try cli(args + ["-o", out, "--resume"])
+        XCTAssertTrue(r.stderr.contains("reusing 4 finished layers"), r.stderr)
+        try assertIdentical(dir + "/full.h5", out)
+    }
+
     /// A sharded run resumes per shard: the shard file equals the uninterrupted shard's.
     func testShardResumes() throws {
         let dir = temporaryDirectory(self)
@@ -186,8 +213,8 @@ final class ResumeTests: XCTestCase {
     }
 
     /// Failures: bad settings leave nothing behind; a work directory held by a live run, or a path
-    /// taken by something else, is one error line naming it; a failure after finished layers
-    /// keeps them and says so.
+    /// taken by something else, is one error line naming it; a failure that would recur on a
+    /// resume (bad data in a later layer) leaves nothing either, though layers were finished.
     func testErrorsAndWhatFailuresLeave() throws {
         let dir = temporaryDirectory(self)
         let out = dir + "/out.h5"
@@ -216,13 +243,16 @@ final class ResumeTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("error: \(ResumeWork.directory(for: out)): is in use by another smoe-compress run"), r.stderr)
         XCTAssertEqual(parts(out).count, 1)
 
-        // A failure after finished layers (a NaN in the third layer) keeps them and says so.
+        // A failure after finished layers (a NaN in the third layer): nothing kept.
         let bad = dir + "/bad.h5"
         try FileManager.default.copyItem(atPath: switchModel, toPath: bad)
         try poison(bad, layer: "decoder.block.1.layer.2.mlp")
         r = try runCLI(["lowrank", bad, "--rank", "4", "-o", dir + "/bad.out.h5"])
         XCTAssertEqual(r.status, 1)
-        XCTAssertTrue(r.stderr.contains("note: kept 2 finished layers in \(dir)/bad.out.h5.resume"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("lowrank: layer 2/4"), r.stderr)
+        XCTAssertFalse(r.stderr.contains("note:"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/bad.out.h5.resume"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/bad.out.h5"))
         XCTAssertTrue(r.stderr.hasSuffix("error: \(bad): /moe_layers/decoder.block.1.layer.2.mlp/experts/up: contains NaN at flat index 0\n"), r.stderr)
     }
 

@@ -300,11 +300,11 @@ public final class ResumeWork: @unchecked Sendable {
         ResumeWork.syncDirectory(URL(fileURLWithPath: directory).deletingLastPathComponent().path)
     }
 
-    /// After a failed run: keeps the directory when it holds finished layers (a later `--resume`
-    /// reuses them) and returns their number; otherwise removes it and returns 0.
+    /// After a failed run: with `keeping`, keeps the directory when it holds finished layers (a
+    /// later `--resume` reuses them) and returns their number; otherwise removes it and returns 0.
     @discardableResult
-    public func close() -> Int {
-        let n = parts.count
+    public func close(keeping: Bool = true) -> Int {
+        let n = keeping ? parts.count : 0
         reusable.removeAll()
         if n == 0 { finish() } else if lockFD >= 0 { Foundation.close(lockFD); lockFD = -1 }
         return n

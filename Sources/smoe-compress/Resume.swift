@@ -21,7 +21,7 @@ struct ResumeOptions: ParsableArguments {
         switch work.start {
         case .fresh: break
         case .replacedLeftover(let n):
-            printNote("removed \(dir): \(n) finished layer\(n == 1 ? "" : "s") of an interrupted run (the same command with --resume would have reused them)")
+            printNote("removed \(dir): \(n) finished layer\(n == 1 ? "" : "s") of an interrupted run (the same command with --resume would have reused \(n == 1 ? "it" : "them"))")
         case .nothingToResume:
             printNote("--resume: no finished layers of an interrupted run in \(dir); running from the start")
         case .startedOver(let reason):

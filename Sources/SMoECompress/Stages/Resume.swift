@@ -165,11 +165,12 @@ public final class ResumeWork: @unchecked Sendable {
     private var reusable: [String: H5File] = [:]
 
     /// The work directory of `output`: `<output>.resume` beside it (a long name: `.smoe-<hash>.resume`).
+    /// The path keeps the output's form (relative or absolute), for messages.
     public static func directory(for output: String) -> String {
-        let url = URL(fileURLWithPath: output)
-        var name = url.lastPathComponent + ".resume"
-        if name.utf8.count > 255 { name = ".smoe-" + stableHash(url.lastPathComponent) + ".resume" }
-        return url.deletingLastPathComponent().path + "/" + name
+        let (folder, base) = splitOutputPath(output)
+        var name = base + ".resume"
+        if name.utf8.count > 255 { name = ".smoe-" + stableHash(base) + ".resume" }
+        return folder + name
     }
 
     /// Opens (or makes) the work directory of a run of `stage` on `model` writing `output` with
@@ -215,7 +216,10 @@ public final class ResumeWork: @unchecked Sendable {
         if let foreign = names.first(where: { !ResumeWork.isOurs($0) }) {
             throw SMoEError.file(directory, "holds \(foreign), which smoe-compress did not write: move it away (the directory keeps the finished layers of \(output))")
         }
-        lockFD = try ResumeWork.lock(directory)
+        do { lockFD = try ResumeWork.lock(directory) } catch {
+            if !existed { rmdir(directory) }
+            throw error
+        }
         // Temporary files here belong to a dead process: the lock is ours.
         for n in names where n.hasPrefix(".") && n.contains(".tmp-") { unlink(directory + "/" + n) }
         let (old, oldText) = ResumeWork.readManifest(directory)
@@ -252,9 +256,14 @@ public final class ResumeWork: @unchecked Sendable {
         if case .resuming = start {} else {
             for n in oldParts { unlink(directory + "/" + n) }
             runID = FNV1a.hex(manifestText)
-            try ResumeWork.writeAtomically(directory + "/" + ResumeWork.manifestName, manifestText)
         }
         self.runID = runID
+        if case .resuming = start {} else {
+            do { try ResumeWork.writeAtomically(directory + "/" + ResumeWork.manifestName, manifestText) } catch {
+                finish()
+                throw error
+            }
+        }
     }
 
     deinit { if lockFD >= 0 { Foundation.close(lockFD) } }

@@ -57,6 +57,13 @@ public final class AtomicOutput: @unchecked Sendable {
     deinit { discard() }
 }
 
+/// An output path as its folder, as given and ending in `/` (empty for the current folder), and
+/// its file name: `runs/out.h5` → (`runs/`, `out.h5`).
+func splitOutputPath(_ path: String) -> (folder: String, name: String) {
+    guard let slash = path.lastIndex(of: "/") else { return ("", path) }
+    return (String(path[...slash]), String(path[path.index(after: slash)...]))
+}
+
 /// 64-bit FNV-1a of `s`, in hex (stable across runs, unlike `hashValue`).
 func stableHash(_ s: String) -> String {
     var h: UInt64 = 0xcbf2_9ce4_8422_2325
@@ -167,15 +174,14 @@ extension AtomicOutput {
     /// this process makes its own). A file whose process is gone is removed unless `remove` is
     /// false; one whose process still runs smoe-compress is left alone. Reported either way.
     public static func leftovers(of destination: String, remove: Bool = true) -> [LeftoverTemporaryFile] {
-        let url = URL(fileURLWithPath: destination)
-        let dir = url.deletingLastPathComponent().path
-        let prefixes = ["." + url.lastPathComponent + ".tmp-", ".smoe-" + stableHash(url.lastPathComponent) + ".tmp-"]
+        let (folder, base) = splitOutputPath(destination)
+        let prefixes = ["." + base + ".tmp-", ".smoe-" + stableHash(base) + ".tmp-"]
         var out: [LeftoverTemporaryFile] = []
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: folder.isEmpty ? "." : folder)) ?? [] {
             guard let prefix = prefixes.first(where: name.hasPrefix) else { continue }
             let rest = name.dropFirst(prefix.count).split(separator: "-", maxSplits: 1)
             guard rest.count == 2, let pid = Int32(rest[0]), pid > 0 else { continue }
-            let path = dir + "/" + name
+            let path = folder + name
             var st = stat()
             guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
             let running = pid != getpid() && isRunningSMoECompress(pid)

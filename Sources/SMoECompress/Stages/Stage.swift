@@ -130,51 +130,54 @@ extension LayerStage {
         let reusable = selected.intersection(resume?.finished ?? [])
         let runStart = DispatchTime.now().uptimeNanoseconds
         func since(_ t: UInt64) -> Double { Double(DispatchTime.now().uptimeNanoseconds - t) / 1e9 }
+        func finish(_ i: Int, _ name: String, computed: Bool, reused: Bool, start: UInt64) {
+            var done = FinishedLayer(stage: self.name, name: name, index: i, count: model.layers.count, computed: computed,
+                                     seconds: since(start), computedSoFar: reports.count,
+                                     computedTotal: selected.count - reusable.count, elapsed: since(runStart),
+                                     peakRSSBytes: peakResidentBytes())
+            done.reused = reused
+            finished.append(done)
+            progress.layerFinished?(done)
+        }
         for (i, c) in model.layers.enumerated() {
             let computed = selected.contains(c.name)
             guard computed || (keepsOtherLayers && shard == nil) else { continue }
             let start = DispatchTime.now().uptimeNanoseconds
-            var wasReused = false
             if let resume, reusable.contains(c.name) {
+                // Finished by an interrupted run: neither read nor computed.
                 entries.append(try resume.reuse(c.name))
                 reused.append(c.name)
-                wasReused = true
-            } else {
-                let layer = try model.readLayer(c.name)
-                if computed {
-                    // A damaged or hand-edited file can hold NaN or Inf that reading accepts; no stage
-                    // computes on them.
-                    if let what = layer.firstNonFinite { throw SMoEError("\(c.name): \(what) holds NaN or Inf") }
-                    let (output, report): (Output, Report)
-                    do {
-                        (output, report) = try process(layer, progress: progress.step)
-                    } catch let e as SMoEError {
-                        throw e.naming(c.name)
-                    }
-                    // Nothing non-finite is written or reported (a finite input can still overflow
-                    // float32 on the way).
-                    if let checked = output as? FiniteChecked, let what = checked.firstNonFinite {
-                        throw SMoEError("\(c.name): \(name) produced NaN or Inf in \(what) (do the weights overflow float32?)")
-                    }
-                    if let resume {
-                        // Durable before the output moves on: a run killed from here on keeps it.
-                        let entry = historyEntry([report])
-                        try resume.save(c.name, output, entry)
-                        entries.append(entry)
-                    }
-                    try sink(output)
-                    reports.append(report)
-                } else if let output = unchanged(layer) {
-                    try sink(output)
-                }
+                finish(i, c.name, computed: true, reused: true, start: start)
+                continue
             }
-            var done = FinishedLayer(stage: name, name: c.name, index: i, count: model.layers.count, computed: computed,
-                                     seconds: since(start), computedSoFar: reports.count,
-                                     computedTotal: selected.count - reusable.count, elapsed: since(runStart),
-                                     peakRSSBytes: peakResidentBytes())
-            done.reused = wasReused
-            finished.append(done)
-            progress.layerFinished?(done)
+            let layer = try model.readLayer(c.name)
+            if computed {
+                // A damaged or hand-edited file can hold NaN or Inf that reading accepts; no stage
+                // computes on them.
+                if let what = layer.firstNonFinite { throw SMoEError("\(c.name): \(what) holds NaN or Inf") }
+                let (output, report): (Output, Report)
+                do {
+                    (output, report) = try process(layer, progress: progress.step)
+                } catch let e as SMoEError {
+                    throw e.naming(c.name)
+                }
+                // Nothing non-finite is written or reported (a finite input can still overflow
+                // float32 on the way).
+                if let checked = output as? FiniteChecked, let what = checked.firstNonFinite {
+                    throw SMoEError("\(c.name): \(name) produced NaN or Inf in \(what) (do the weights overflow float32?)")
+                }
+                if let resume {
+                    // Durable before the output moves on: a run killed from here on keeps the layer.
+                    let entry = historyEntry([report])
+                    try resume.save(c.name, output, entry)
+                    entries.append(entry)
+                }
+                try sink(output)
+                reports.append(report)
+            } else if let output = unchanged(layer) {
+                try sink(output)
+            }
+            finish(i, c.name, computed: computed, reused: false, start: start)
         }
         let history = reused.isEmpty ? historyEntry(reports) : try historyEntry(combining: entries)
         return StageResult(reports: reports, layers: finished, history: history, reused: reused)

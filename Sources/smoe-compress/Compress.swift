@@ -29,9 +29,11 @@ struct Compress: ParsableCommand {
     @OptionGroup var mergeOptions: MergeOptionGroup
     @OptionGroup var lowrank: LowRankOptionGroup
     @OptionGroup var output: OutputOptions
+    @OptionGroup var resumeOptions: ResumeOptions
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
+        if planOnly && resumeOptions.resume { throw ValidationError("--plan-only writes nothing: give no --resume") }
         if targetSize == nil {
             if mergeOptions.groups == nil { throw ValidationError("give --groups, or --target-size") }
             if planOnly || uniformGroups { throw ValidationError("--plan-only and --uniform-groups need --target-size") }
@@ -70,17 +72,29 @@ struct Compress: ParsableCommand {
         }
         let writer = try output.writer(from: reader, stage: "compress", inputs: inputs)
         let shard = try output.shardValue()
-        let (stage, result) = try namingFile(model, inputs: inputs) {
-            let stage = try CompressStage(model: reader, calibration: try CalibrationReader(calib),
-                                          evaluation: try evalCalib.map(CalibrationReader.init),
-                                          stats: try mergeOptions.stats.map(StatsReader.init), settings: settings,
-                                          storage: storage, shard: shard, progress: progress.callback)
-            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
+        let stage = try namingFile(model, inputs: inputs) {
+            try CompressStage(model: reader, calibration: try CalibrationReader(calib),
+                              evaluation: try evalCalib.map(CalibrationReader.init),
+                              stats: try mergeOptions.stats.map(StatsReader.init), settings: settings,
+                              storage: storage, shard: shard, progress: progress.callback)
         }
-        progress.finish()
-        try output.commit(writer, stage: stage, result: result, model: reader)
+        let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
+        let result = try work.running(writer) {
+            let result = try namingFile(model, inputs: inputs) {
+                try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { try writer.write($0) }
+            }
+            progress.finish()
+            try output.commit(writer, stage: stage, result: result, model: reader)
+            return result
+        }
         if let plan = stage.plan, !global.json { renderPlan(plan) }
-        render(stage.report(result.reports), plan: stage.plan, timing: result.layers)
+        render(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work)
+    }
+
+    /// The input files a resumed run must find unchanged.
+    var resumeInputs: [ResumeInput] {
+        [ResumeInput(role: "--calib", path: calib)] + [("--eval-calib", evalCalib), ("--stats", mergeOptions.stats)]
+            .compactMap { r, p in p.map { ResumeInput(role: r, path: $0) } }
     }
 
     func renderPlan(_ plan: SizePlan) {
@@ -93,12 +107,14 @@ struct Compress: ParsableCommand {
         print("planned: \(formatBytes(plan.bytesOriginal)) → \(formatBytes(plan.bytes)), mean estimated error \(fixed(plan.meanEstimatedError, 4))")
     }
 
-    func render(_ report: CompressReport, plan stagePlan: SizePlan? = nil, timing: [FinishedLayer]) {
+    func render(_ report: CompressReport, plan stagePlan: SizePlan? = nil, timing: [FinishedLayer], reused: [String] = [],
+                work: ResumeWork? = nil) {
         printMergeWarnings(report.layers.compactMap(\.merge))
         if global.json {
             var kv: [(String, JSONValue)] = [("model", .string(model)), ("output", .string(output.output)), ("report", report.json),
                                              timingJSON(timing)]
             if let p = stagePlan { kv.append(("plan", p.json)) }
+            kv += reusedJSON(reused, work: work)
             return printJSON(.object(kv))
         }
         var t = Table(["layer", "groups", "rank", "bytes original", "merged", "final", "error merged", "error final", "cosine"])
@@ -115,6 +131,7 @@ struct Compress: ParsableCommand {
               + "\(fixed(report.evaluation.meanRelativeError, 4)) final)")
         print("expert bytes: \(formatBytes(report.bytesOriginal)) → \(formatBytes(report.bytesMerged)) merged → "
               + "\(formatBytes(report.bytesFinal)) final (\(fixed(report.ratio, 2))× smaller)")
+        if let line = reusedLine(reused, work: work) { print(line) }
         print("wrote \(output.output)")
     }
 }

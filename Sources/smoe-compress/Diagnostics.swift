@@ -122,7 +122,7 @@ struct Progress {
     /// A stage run's progress: steps within a layer, and each finished layer.
     var stage: StageProgress {
         StageProgress(step: callback) { done in
-            guard done.computed, enabled || perLayerLines else { return }
+            guard done.computed, !done.reused, enabled || perLayerLines else { return }
             let left = done.estimatedSecondsLeft.map { ", about \(duration($0)) left" } ?? ""
             let line = "\(done.stage): layer \(done.computedSoFar)/\(done.computedTotal) \(done.name) done in \(duration(done.seconds))"
                 + " (elapsed \(duration(done.elapsed))\(left), peak memory \(formatBytes(done.peakRSSBytes)))"

@@ -68,6 +68,7 @@ struct Lowrank: ParsableCommand {
     @OptionGroup var tokens: TokenOptions
     @OptionGroup var lowrank: LowRankOptionGroup
     @OptionGroup var output: OutputOptions
+    @OptionGroup var resumeOptions: ResumeOptions
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
@@ -81,17 +82,25 @@ struct Lowrank: ParsableCommand {
         let options = lowrank.options(floatBytes: output.writeOptions(for: reader).dtype.byteSize)!
         let progress = global.progress
         let shard = try output.shardValue()
-        let (stage, result) = try namingFile(model, inputs: inputs) {
-            let stage = try LowRankStage(model: reader, calibration: try calib.map(CalibrationReader.init), options: options,
-                                         tokens: try tokens.settings(.lowRank, model: reader, layers: layers.names), layers: layers.names)
-            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
+        let stage = try namingFile(model, inputs: inputs) {
+            try LowRankStage(model: reader, calibration: try calib.map(CalibrationReader.init), options: options,
+                             tokens: try tokens.settings(.lowRank, model: reader, layers: layers.names), layers: layers.names)
         }
-        progress.finish()
-        try output.commit(writer, stage: stage, result: result, model: reader)
+        let work = try resumeOptions.open(stage, model: reader, inputs: calib.map { [ResumeInput(role: "--calib", path: $0)] } ?? [],
+                                          writer: writer, output: output)
+        let result = try work.running(writer) {
+            let result = try namingFile(model, inputs: inputs) {
+                try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { try writer.write($0) }
+            }
+            progress.finish()
+            try output.commit(writer, stage: stage, result: result, model: reader)
+            return result
+        }
         if shard != nil {
             // A shard file is no checkpoint: its computed layers' figures only.
             return render(result.reports, fileBefore: result.reports.reduce(0) { $0 + $1.bytesBefore },
-                          fileAfter: result.reports.reduce(0) { $0 + $1.bytesAfter }, timing: result.layers)
+                          fileAfter: result.reports.reduce(0) { $0 + $1.bytesAfter }, timing: result.layers,
+                          reused: result.reused, work: work)
         }
         let written = try CheckpointReader(output.output)
         var fileBefore = 0, fileAfter = 0
@@ -99,10 +108,11 @@ struct Lowrank: ParsableCommand {
             fileBefore += try reader.summary(c.name).expertFileBytes
             fileAfter += try written.summary(c.name).expertFileBytes
         }
-        render(result.reports, fileBefore: fileBefore, fileAfter: fileAfter, timing: result.layers)
+        render(result.reports, fileBefore: fileBefore, fileAfter: fileAfter, timing: result.layers, reused: result.reused, work: work)
     }
 
-    func render(_ reports: [LayerLowRankReport], fileBefore: Int, fileAfter: Int, timing: [FinishedLayer]) {
+    func render(_ reports: [LayerLowRankReport], fileBefore: Int, fileAfter: Int, timing: [FinishedLayer],
+                reused: [String] = [], work: ResumeWork? = nil) {
         let before = reports.reduce(0) { $0 + $1.bytesBefore }, after = reports.reduce(0) { $0 + $1.bytesAfter }
         let kept = reports.reduce(0) { $0 + $1.matrices.filter(\.keptDense).count }
         let count = reports.reduce(0) { $0 + $1.matrices.count }
@@ -112,7 +122,7 @@ struct Lowrank: ParsableCommand {
                 ("layers", .array(reports.map(\.json))), ("matrix_bytes_before", .int(before)), ("matrix_bytes_after", .int(after)),
                 ("kept_dense", .int(kept)), ("expert_bytes_before", .int(fileBefore)), ("expert_bytes_after", .int(fileAfter)),
                 timingJSON(timing),
-            ]))
+            ] + reusedJSON(reused, work: work)))
         }
         for r in reports {
             var t = Table(["expert", "matrix", "shape", "rank", "nnz", "rel error", "bytes before", "bytes after", "svd", "note"])
@@ -126,6 +136,7 @@ struct Lowrank: ParsableCommand {
         }
         let whitened = reports.contains { $0.matrices.contains(where: \.whitened) }
         let aware = calib != nil ? (whitened ? ", whitened for the output error" : ", activation-aware sparse ranking") : ""
+        if let line = reusedLine(reused, work: work) { print(line) }
         print("matrices: \(count - kept) of \(count) factored\(kept > 0 ? ", \(kept) kept dense (factored form not smaller)" : ""), \(formatBytes(before)) → \(formatBytes(after)) (\(ratio(before, after)))\(aware)")
         print("wrote \(output.output): expert bytes \(formatBytes(fileBefore)) → \(formatBytes(fileAfter)) (\(ratio(fileBefore, fileAfter)))")
     }

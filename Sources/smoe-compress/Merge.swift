@@ -66,6 +66,7 @@ struct Merge: ParsableCommand {
     @Option(help: "Calibration capture (needed unless --stats is given with --merge-method frequency).") var calib: String?
     @OptionGroup var mergeOptions: MergeOptionGroup
     @OptionGroup var output: OutputOptions
+    @OptionGroup var resumeOptions: ResumeOptions
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
@@ -80,25 +81,38 @@ struct Merge: ParsableCommand {
         let floatBytes = output.writeOptions(for: reader).dtype.byteSize
         var after = 0  // expert bytes of every layer as stored in the output
         let shard = try output.shardValue()
-        let (stage, result) = try namingFile(model, inputs: inputs) {
-            let stage = try MergeStage(model: reader, calibration: try calib.map(CalibrationReader.init),
-                                       stats: try mergeOptions.stats.map(StatsReader.init), settings: try mergeOptions.settings(fitting: reader),
-                                       shard: shard, progress: progress.callback)
-            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { layer in
-                try writer.write(layer)
-                after += layer.expertBytes(floatBytes: floatBytes)
-            })
+        let stage = try namingFile(model, inputs: inputs) {
+            try MergeStage(model: reader, calibration: try calib.map(CalibrationReader.init),
+                           stats: try mergeOptions.stats.map(StatsReader.init), settings: try mergeOptions.settings(fitting: reader),
+                           shard: shard, progress: progress.callback)
         }
-        progress.finish()
-        try output.commit(writer, stage: stage, result: result, model: reader)
+        let resumeInputs = [("--calib", calib), ("--stats", mergeOptions.stats)].compactMap { r, p in p.map { ResumeInput(role: r, path: $0) } }
+        let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
+        let result = try work.running(writer) {
+            let result = try namingFile(model, inputs: inputs) {
+                try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { layer in
+                    try writer.write(layer)
+                    after += layer.expertBytes(floatBytes: floatBytes)
+                }
+            }
+            progress.finish()
+            try output.commit(writer, stage: stage, result: result, model: reader)
+            return result
+        }
+        if !result.reused.isEmpty {
+            // Reused layers went to the output without passing through this run: as written.
+            let written = try CheckpointReader(output.output)
+            for name in result.reused { after += try written.readLayer(name).expertBytes(floatBytes: floatBytes) }
+        }
         printMergeWarnings(result.reports)
         let written = Set(result.layers.map(\.name))
         let before = try reader.layers.filter { written.contains($0.name) }
             .reduce(0) { $0 + (try reader.summary($1.name).expertFileBytes) }
-        render(result.reports, expertBytes: (before, after), timing: result.layers)
+        render(result.reports, expertBytes: (before, after), timing: result.layers, reused: result.reused, work: work)
     }
 
-    func render(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int), timing: [FinishedLayer]) {
+    func render(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int), timing: [FinishedLayer],
+                reused: [String] = [], work: ResumeWork? = nil) {
         let settings = mergeOptions.settings
         let (before, after) = expertBytes
         if global.json {
@@ -106,7 +120,7 @@ struct Merge: ParsableCommand {
                 ("output", .string(output.output)), ("merge_method", .string(settings.merging.method.rawValue)),
                 ("similarity", .string(settings.similarityBase.rawValue)), ("layers", .array(reports.map(\.json))),
                 ("expert_bytes_before", .int(before)), ("expert_bytes_after", .int(after)), timingJSON(timing),
-            ]))
+            ] + reusedJSON(reused, work: work)))
         }
         for r in reports {
             print("\(r.name): \(r.groups.count) groups")
@@ -120,6 +134,7 @@ struct Merge: ParsableCommand {
             }
             if let c = r.compact { print(compactRouterLine(c)) }
         }
+        if let line = reusedLine(reused, work: work) { print(line) }
         print("wrote \(output.output): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(settings.merging.method.rawValue) merge")
     }
 }

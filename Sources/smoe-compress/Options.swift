@@ -111,6 +111,7 @@ struct OutputOptions: ParsableArguments {
     /// the inputs.
     func writer(from source: CheckpointReader, stage: String, inputs: [String]) throws -> CheckpointWriter {
         try ensureOutputDiffers(output, from: [source.path] + inputs)
+        reportLeftoverTemporaryFiles(output)
         let entry = JSONValue.object([("stage", .string(stage))])
         if try shardValue() != nil {
             return try CheckpointWriter(destination: output, shardOf: source, entry: entry, options: writeOptions(for: source))

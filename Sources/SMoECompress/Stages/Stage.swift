@@ -6,8 +6,7 @@ import Foundation
 /// layer to a sink, and returns the per-layer reports and the run's one history entry.
 ///
 /// The per-layer loop is written once, in `run`, for every stage: what later work needs from it
-/// (progress per finished layer, per-layer time, and in time resume, shards and memory budgets)
-/// goes there.
+/// (progress per finished layer, per-layer time, shards, resume, memory budgets) goes there.
 public protocol LayerStage {
     /// What a finished layer becomes: a layer for checkpoint stages, statistics for `stats`.
     associatedtype Output
@@ -34,6 +33,11 @@ public protocol LayerStage {
     /// Every setting that decides what the run writes, as JSON (by default the history entry
     /// of a run that computed no layer); shards of one run must agree on it (docs/FORMAT.md §5).
     var settingsRecord: JSONValue { get }
+    /// The history entry of a run from the one-layer entries of its layers (`historyEntry([r])`
+    /// of each report, in index order): what a resumed run records, holding reports only for the
+    /// layers it computed itself. Must equal `historyEntry(reports)` (`Stages/Resume.swift`; by
+    /// default every `layers` array is concatenated and all else must agree).
+    func historyEntry(combining layerEntries: [JSONValue]) throws -> JSONValue
 }
 
 extension LayerStage {
@@ -41,6 +45,9 @@ extension LayerStage {
     public var streamsExperts: Bool { false }
     public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: Output, report: Report) {
         try process(try source.whole(), progress: progress)
+    }
+    public func historyEntry(combining layerEntries: [JSONValue]) throws -> JSONValue {
+        try combineLayerEntries(layerEntries, empty: historyEntry([]))
     }
 }
 
@@ -58,9 +65,12 @@ public struct FinishedLayer: Sendable {
     public var count: Int
     /// False when the run copied the layer unchanged.
     public var computed: Bool
+    /// True when the layer was not computed again but reused, finished, from an interrupted run
+    /// (`--resume`); `computed` is then true as well (it is one of the run's layers).
+    public var reused: Bool = false
     /// Wall time of the layer (read, compute, sink).
     public var seconds: Double
-    /// Selected layers computed so far (this one included) and in all.
+    /// Selected layers computed so far (this one included) and in all, reused layers not counted.
     public var computedSoFar: Int
     public var computedTotal: Int
     /// Wall time since the run started.
@@ -74,8 +84,9 @@ public struct FinishedLayer: Sendable {
     }
 
     public var json: JSONValue {
-        .object([("name", .string(name)), ("computed", .bool(computed)), ("seconds", .double(seconds)),
-                 ("peak_rss_bytes", .int(peakRSSBytes))])
+        var kv: [(String, JSONValue)] = [("name", .string(name)), ("computed", .bool(computed))]
+        if reused { kv.append(("reused", .bool(true))) }
+        return .object(kv + [("seconds", .double(seconds)), ("peak_rss_bytes", .int(peakRSSBytes))])
     }
 }
 
@@ -89,9 +100,12 @@ public func peakResidentBytes() -> Int {
 /// What a run of a stage returns.
 public struct StageResult<Report> {
     public var reports: [Report]
-    /// Every layer the run handed to its sink, in index order.
+    /// Every layer the run handed to its sink or reused, in index order.
     public var layers: [FinishedLayer]
     public var history: JSONValue
+    /// The layers reused from an interrupted run (`LayerResume`), in index order; their reports
+    /// are not in `reports`.
+    public var reused: [String] = []
 }
 
 /// How a run reports progress: `step` within a layer (label, done, total), and once per
@@ -110,18 +124,41 @@ extension LayerStage {
     /// Runs the stage over `model`: every layer in index order, each handed to `sink` when
     /// finished (one layer in memory at a time). With `shard`, only the selected layers of that
     /// shard (`CheckpointReader.shardLayers`) are computed and handed on, and no other layer.
-    public func run(model: CheckpointReader, shard: Shard? = nil, progress: StageProgress = StageProgress(),
-                    sink: (Output) throws -> Void) throws -> StageResult<Report> {
+    /// With `resume`, a selected layer it holds finished is reused in its place (handed to the
+    /// output by `resume.reuse`, not read or computed), and every layer computed is saved with
+    /// `resume.save` as soon as it is finished; the history entry is then combined from the
+    /// layers' one-layer entries (`historyEntry(combining:)`), as the uninterrupted run records it.
+    public func run(model: CheckpointReader, shard: Shard? = nil, resume: LayerResume<Output>? = nil,
+                    progress: StageProgress = StageProgress(), sink: (Output) throws -> Void) throws -> StageResult<Report> {
         var reports: [Report] = []
         var finished: [FinishedLayer] = []
+        var entries: [JSONValue] = []  // one-layer history entries, in index order (with `resume`)
+        var reused: [String] = []
         var selected = Set(layers)
         if let shard { selected.formIntersection(try model.shardLayers(shard)) }
+        let reusable = selected.intersection(resume?.finished ?? [])
         let runStart = DispatchTime.now().uptimeNanoseconds
         func since(_ t: UInt64) -> Double { Double(DispatchTime.now().uptimeNanoseconds - t) / 1e9 }
+        func finish(_ i: Int, _ name: String, computed: Bool, reused: Bool, start: UInt64) {
+            var done = FinishedLayer(stage: self.name, name: name, index: i, count: model.layers.count, computed: computed,
+                                     seconds: since(start), computedSoFar: reports.count,
+                                     computedTotal: selected.count - reusable.count, elapsed: since(runStart),
+                                     peakRSSBytes: peakResidentBytes())
+            done.reused = reused
+            finished.append(done)
+            progress.layerFinished?(done)
+        }
         for (i, c) in model.layers.enumerated() {
             let computed = selected.contains(c.name)
             guard computed || (keepsOtherLayers && shard == nil) else { continue }
             let start = DispatchTime.now().uptimeNanoseconds
+            if let resume, reusable.contains(c.name) {
+                // Finished by an interrupted run: neither read nor computed.
+                entries.append(try resume.reuse(c.name))
+                reused.append(c.name)
+                finish(i, c.name, computed: true, reused: true, start: start)
+                continue
+            }
             if computed {
                 let (output, report): (Output, Report)
                 do {
@@ -143,18 +180,21 @@ extension LayerStage {
                 if let checked = output as? FiniteChecked, let what = checked.firstNonFinite {
                     throw SMoEError("\(c.name): \(name) produced NaN or Inf in \(what) (do the weights overflow float32?)")
                 }
+                if let resume {
+                    // Durable before the output moves on: a run killed from here on keeps the layer.
+                    let entry = historyEntry([report])
+                    try resume.save(c.name, output, entry)
+                    entries.append(entry)
+                }
                 try sink(output)
                 reports.append(report)
             } else if let output = unchanged(try model.readLayer(c.name)) {
                 try sink(output)
             }
-            let done = FinishedLayer(stage: name, name: c.name, index: i, count: model.layers.count, computed: computed,
-                                     seconds: since(start), computedSoFar: reports.count, computedTotal: selected.count,
-                                     elapsed: since(runStart), peakRSSBytes: peakResidentBytes())
-            finished.append(done)
-            progress.layerFinished?(done)
+            finish(i, c.name, computed: computed, reused: false, start: start)
         }
-        return StageResult(reports: reports, layers: finished, history: historyEntry(reports))
+        let history = reused.isEmpty ? historyEntry(reports) : try historyEntry(combining: entries)
+        return StageResult(reports: reports, layers: finished, history: history, reused: reused)
     }
 }
 

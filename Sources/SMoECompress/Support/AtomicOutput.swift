@@ -57,6 +57,13 @@ public final class AtomicOutput: @unchecked Sendable {
     deinit { discard() }
 }
 
+/// An output path as its folder, as given and ending in `/` (empty for the current folder), and
+/// its file name: `runs/out.h5` → (`runs/`, `out.h5`).
+func splitOutputPath(_ path: String) -> (folder: String, name: String) {
+    guard let slash = path.lastIndex(of: "/") else { return ("", path) }
+    return (String(path[...slash]), String(path[path.index(after: slash)...]))
+}
+
 /// 64-bit FNV-1a of `s`, in hex (stable across runs, unlike `hashValue`).
 func stableHash(_ s: String) -> String {
     var h: UInt64 = 0xcbf2_9ce4_8422_2325
@@ -151,4 +158,45 @@ public func requireRegularFile(_ path: String) throws {
     guard stat(path, &st) == 0 else { throw SMoEError.file(path, "no such file") }
     if (st.st_mode & S_IFMT) == S_IFDIR { throw SMoEError.file(path, "is a directory, not a file") }
     guard (st.st_mode & S_IFMT) == S_IFREG else { throw SMoEError.file(path, "is not a regular file (a FIFO, socket or device is not read)") }
+}
+
+/// A temporary file that an earlier process left for an output (`AtomicOutput`'s
+/// `.<name>.tmp-<pid>-<salt>`, e.g. after `kill -9`, power loss or the out-of-memory killer).
+public struct LeftoverTemporaryFile: Sendable {
+    public var path: String
+    public var pid: Int32
+    /// Whether the process that wrote it is still running (then it is left alone).
+    public var running: Bool
+}
+
+extension AtomicOutput {
+    /// The temporary files of `destination` in its folder written by other processes (call before
+    /// this process makes its own). A file whose process is gone is removed unless `remove` is
+    /// false; one whose process still runs smoe-compress is left alone. Reported either way.
+    public static func leftovers(of destination: String, remove: Bool = true) -> [LeftoverTemporaryFile] {
+        let (folder, base) = splitOutputPath(destination)
+        let prefixes = ["." + base + ".tmp-", ".smoe-" + stableHash(base) + ".tmp-"]
+        var out: [LeftoverTemporaryFile] = []
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: folder.isEmpty ? "." : folder)) ?? [] {
+            guard let prefix = prefixes.first(where: name.hasPrefix) else { continue }
+            let rest = name.dropFirst(prefix.count).split(separator: "-", maxSplits: 1)
+            guard rest.count == 2, let pid = Int32(rest[0]), pid > 0 else { continue }
+            let path = folder + name
+            var st = stat()
+            guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { continue }
+            let running = pid != getpid() && isRunningSMoECompress(pid)
+            if !running && remove { unlink(path) }
+            out.append(LeftoverTemporaryFile(path: path, pid: pid, running: running))
+        }
+        return out.sorted { $0.path < $1.path }
+    }
+
+    /// Whether process `pid` exists and runs this tool (a reused pid of another program does not
+    /// count); when /proc does not say, any existing process counts.
+    static func isRunningSMoECompress(_ pid: Int32) -> Bool {
+        guard kill(pid, 0) == 0 || errno == EPERM else { return false }
+        guard let comm = try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8) else { return true }
+        let mine = (try? String(contentsOfFile: "/proc/self/comm", encoding: .utf8)) ?? "smoe-compress"
+        return comm.trimmingCharacters(in: .whitespacesAndNewlines) == mine.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
 }

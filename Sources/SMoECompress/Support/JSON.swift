@@ -56,7 +56,16 @@ public indirect enum JSONValue: Sendable, Equatable {
         return out
     }
 
-    private func write(into out: inout String, pretty: Bool, indent: Int) {
+    /// JSON text in which every finite double is written in its shortest form that parses
+    /// back to the same bits (`serialized` keeps 9 significant digits), always with a `.` or an
+    /// exponent, so `parse` returns an equal value (resume part files keep history pieces so).
+    public func serializedExactly(pretty: Bool = false) -> String {
+        var out = ""
+        write(into: &out, pretty: pretty, indent: 0, exact: true)
+        return out
+    }
+
+    private func write(into out: inout String, pretty: Bool, indent: Int, exact: Bool = false) {
         let nl = pretty ? "\n" : ""
         let pad = pretty ? String(repeating: "  ", count: indent + 1) : ""
         let endPad = pretty ? String(repeating: "  ", count: indent) : ""
@@ -65,7 +74,7 @@ public indirect enum JSONValue: Sendable, Equatable {
         case .bool(let b): out += b ? "true" : "false"
         case .int(let i): out += String(i)
         case .double(let d):
-            if !d.isFinite { out += "null" } else if d == d.rounded(), abs(d) < 1e15 { out += String(format: "%.1f", d) } else {
+            if exact && d.isFinite { out += "\(d)" } else if !d.isFinite { out += "null" } else if d == d.rounded(), abs(d) < 1e15 { out += String(format: "%.1f", d) } else {
                 out += String(format: "%.9g", d)
             }
         case .string(let s): out += Self.quote(s)
@@ -77,14 +86,14 @@ public indirect enum JSONValue: Sendable, Equatable {
                 out += "["
                 for (i, v) in a.enumerated() {
                     if i > 0 { out += pretty ? ", " : "," }
-                    v.write(into: &out, pretty: false, indent: 0)
+                    v.write(into: &out, pretty: false, indent: 0, exact: exact)
                 }
                 out += "]"
             } else {
                 out += "[" + nl
                 for (i, v) in a.enumerated() {
                     out += pad
-                    v.write(into: &out, pretty: pretty, indent: indent + 1)
+                    v.write(into: &out, pretty: pretty, indent: indent + 1, exact: exact)
                     out += (i < a.count - 1 ? "," : "") + nl
                 }
                 out += endPad + "]"
@@ -94,7 +103,7 @@ public indirect enum JSONValue: Sendable, Equatable {
             out += "{" + nl
             for (i, (k, v)) in kv.enumerated() {
                 out += pad + Self.quote(k) + (pretty ? ": " : ":")
-                v.write(into: &out, pretty: pretty, indent: indent + 1)
+                v.write(into: &out, pretty: pretty, indent: indent + 1, exact: exact)
                 out += (i < kv.count - 1 ? "," : "") + nl
             }
             out += endPad + "}"

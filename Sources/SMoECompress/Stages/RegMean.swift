@@ -122,7 +122,8 @@ enum OutputAwareMerge {
                      : "\(what): \(method.rawValue) (not positive definite)"
     }
 
-    /// One group: a token pass per member accumulates that member's input Gram and folds it into
+    /// One group: a routing pass decides whether it has the tokens for RegMean; then a token pass
+    /// per member accumulates that member's input Gram and folds it into
     /// the up (and gate) systems, which are then solved; a second pass per member streams its
     /// intermediate activations into the down system, which is solved next; then, for
     /// regmean+refit, one more pass refits `down`. Only one member's input Gram (d_model²) and one
@@ -135,33 +136,21 @@ enum OutputAwareMerge {
         var report = MergedGroup(dominant: p.dominant, members: p.slots, frequency: p.slots.map { frequency[$0] },
                                  how: "copied", alignedCosine: p.alignedCosine)
         if p.stored.count == 1 { return (p.aligned[0], report) }
-        var up = RegMeanSystem(inputs: d, outputs: f)
-        var gate = c.expertType == .glu ? RegMeanSystem(inputs: d, outputs: f) : nil
-        // Distinct tokens routed to at least one member (a token routed to two members adds one
-        // row, not two, to the rank of the summed input Gram), over every block.
+        // A routing pass first: the tokens each member gets and the distinct tokens routed to at
+        // least one member (a token routed to two members adds one row, not two, to the rank of
+        // the summed input Gram). A group that falls back costs no Gram.
         var seen: [Bool] = []
         var distinct = 0
         var memberTokens = [Int](repeating: 0, count: p.stored.count)
-        for (k, s) in p.stored.enumerated() {
-            var gramX = [Double](repeating: 0, count: d * d)
-            var offset = 0
-            try tokens { x in
-                if seen.count < offset + x.rows { seen += [Bool](repeating: false, count: offset + x.rows - seen.count) }
-                let disp = dispatch(layer, x)[s]
-                if !disp.tokens.isEmpty {
-                    for t in disp.tokens where !seen[offset + t] { seen[offset + t] = true; distinct += 1 }
-                    let xs = x.gatherRows(disp.tokens)
-                    memberTokens[k] += xs.rows
-                    accumulateWeightedCross(xs, xs, weights: disp.weights, into: &gramX)
-                }
-                offset += x.rows
+        var offset = 0
+        try tokens { x in
+            seen += [Bool](repeating: false, count: x.rows)
+            let disp = dispatch(layer, x)
+            for (k, s) in p.stored.enumerated() {
+                memberTokens[k] += disp[s].tokens.count
+                for t in disp[s].tokens where !seen[offset + t] { seen[offset + t] = true; distinct += 1 }
             }
-            // Members without tokens drop out of the sums (their Grams are zero: adding them
-            // would change nothing, but skipping keeps the sums' terms exactly the used ones).
-            guard memberTokens[k] > 0 else { continue }
-            var gx2 = gate != nil ? gramX : []  // the gate's copy of the input Gram
-            up.add(gram: &gramX, weight: p.aligned[k].up.dense(), alpha: options.alpha)
-            if gate != nil { gate!.add(gram: &gx2, weight: p.aligned[k].gate!.dense(), alpha: options.alpha) }
+            offset += x.rows
         }
         let used = memberTokens.indices.filter { memberTokens[$0] > 0 }
         if used.isEmpty {
@@ -173,6 +162,23 @@ enum OutputAwareMerge {
             report.how = "weighted"
             report.warning = "only \(distinct) routed tokens (< \(minTokens)): fell back to the frequency-weighted average"
             return (try Merging.weightedAverage(p.aligned, weights: p.weights), report)
+        }
+        var up = RegMeanSystem(inputs: d, outputs: f)
+        var gate = c.expertType == .glu ? RegMeanSystem(inputs: d, outputs: f) : nil
+        // Members without tokens drop out of the sums (their Grams are zero: adding them would
+        // change nothing, but skipping keeps the sums' terms exactly the used ones).
+        for k in used {
+            let s = p.stored[k]
+            var gramX = [Double](repeating: 0, count: d * d)
+            try tokens { x in
+                let disp = dispatch(layer, x)[s]
+                guard !disp.tokens.isEmpty else { return }
+                let xs = x.gatherRows(disp.tokens)
+                accumulateWeightedCross(xs, xs, weights: disp.weights, into: &gramX)
+            }
+            var gx2 = gate != nil ? gramX : []  // the gate's copy of the input Gram
+            up.add(gram: &gramX, weight: p.aligned[k].up.dense(), alpha: options.alpha)
+            if gate != nil { gate!.add(gram: &gx2, weight: p.aligned[k].gate!.dense(), alpha: options.alpha) }
         }
         let prior = try Merging.weightedAverage(p.aligned, weights: p.weights)
         func solve(_ name: String, _ system: inout RegMeanSystem) throws -> Matrix {

@@ -79,14 +79,8 @@ struct Compress: ParsableCommand {
                               storage: storage, shard: shard, progress: progress.callback)
         }
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
-        let result = try work.running(writer) {
-            let result = try namingFile(model, inputs: inputs) {
-                try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { try writer.write($0) }
-            }
-            progress.finish()
-            try output.commit(writer, stage: stage, result: result, model: reader)
-            return result
-        }
+        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
+                                  progress: progress)
         if let plan = stage.plan, !global.json { renderPlan(plan) }
         render(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work)
     }

@@ -88,14 +88,8 @@ struct Lowrank: ParsableCommand {
         }
         let work = try resumeOptions.open(stage, model: reader, inputs: calib.map { [ResumeInput(role: "--calib", path: $0)] } ?? [],
                                           writer: writer, output: output)
-        let result = try work.running(writer) {
-            let result = try namingFile(model, inputs: inputs) {
-                try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { try writer.write($0) }
-            }
-            progress.finish()
-            try output.commit(writer, stage: stage, result: result, model: reader)
-            return result
-        }
+        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
+                                  progress: progress)
         if shard != nil {
             // A shard file is no checkpoint: its computed layers' figures only.
             return render(result.reports, fileBefore: result.reports.reduce(0) { $0 + $1.bytesBefore },

@@ -88,21 +88,12 @@ struct Merge: ParsableCommand {
         }
         let resumeInputs = [("--calib", calib), ("--stats", mergeOptions.stats)].compactMap { r, p in p.map { ResumeInput(role: r, path: $0) } }
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
-        let result = try work.running(writer) {
-            let result = try namingFile(model, inputs: inputs) {
-                try stage.run(model: reader, shard: shard, resume: work.stageHook(into: writer), progress: progress.stage) { layer in
-                    try writer.write(layer)
-                    after += layer.expertBytes(floatBytes: floatBytes)
-                }
-            }
-            progress.finish()
-            try output.commit(writer, stage: stage, result: result, model: reader)
-            return result
-        }
+        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
+                                  progress: progress) { after += $0.expertBytes(floatBytes: floatBytes) }
         if !result.reused.isEmpty {
             // Reused layers went to the output without passing through this run: as written.
             let written = try CheckpointReader(output.output)
-            for name in result.reused { after += try written.readLayer(name).expertBytes(floatBytes: floatBytes) }
+            for name in result.reused { after += try written.summary(name).expertParameters * floatBytes }
         }
         printMergeWarnings(result.reports)
         let written = Set(result.layers.map(\.name))

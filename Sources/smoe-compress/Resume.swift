@@ -51,6 +51,25 @@ extension ResumeWork {
         return hook
     }
 
+    /// The run-and-commit of every resumable command: `stage` over `model` into `writer` (each
+    /// finished layer also handed to `written`), resuming what this work directory holds, errors
+    /// naming `path` or one of `inputs`; then the output's commit (`running`).
+    func run<S: LayerStage>(_ stage: S, model: CheckpointReader, path: String, inputs: [String], shard: Shard?,
+                            writer: CheckpointWriter, output: OutputOptions, progress: Progress,
+                            written: (MoELayer) -> Void = { _ in }) throws -> StageResult<S.Report> where S.Output == MoELayer {
+        try running(writer) {
+            let result = try namingFile(path, inputs: inputs) {
+                try stage.run(model: model, shard: shard, resume: stageHook(into: writer), progress: progress.stage) { layer in
+                    try writer.write(layer)
+                    written(layer)
+                }
+            }
+            progress.finish()
+            try output.commit(writer, stage: stage, result: result, model: model)
+            return result
+        }
+    }
+
     /// Runs `body` (the stage run and the output's commit); then removes the work directory. When
     /// `body` fails writing (the error names the output, its temporary file or the work directory:
     /// a full disk, a lost mount), the finished layers are kept, as after a kill, and it says so;

@@ -23,6 +23,10 @@ public enum LinearAlgebraError: Error, CustomStringConvertible {
 extension Matrix {
     /// Thin SVD through LAPACK `sgesdd` (divide and conquer, jobz = 'S').
     /// Accuracy: reconstruction error about 1e-6 relative for well-scaled float32 inputs.
+    /// The row-major buffer is handed to LAPACK as what it is in column-major order, Aᵀ (n × m):
+    /// Aᵀ = U′·Σ·V′ᵀ gives A = V′·Σ·U′ᵀ, and LAPACK's column-major V′ᵀ [p, m] and U′ [n, p] are,
+    /// read row-major, exactly U [m, p] and Vᵀ [p, n]. So LAPACKE makes no transposed copies of
+    /// A, U and Vᵀ (a 14336 × 4096 matrix's are 235 MB each, and about a tenth of the time).
     public func thinSVD() throws -> SVDResult {
         let m = rows, n = cols, p = Swift.min(m, n)
         if p == 0 {
@@ -31,11 +35,11 @@ extension Matrix {
         guard allFinite else { throw LinearAlgebraError.nonFinite("matrix given to SVD") }
         var a = data
         var s = [Float](repeating: 0, count: p)
-        var u = [Float](repeating: 0, count: m * p)
-        var vt = [Float](repeating: 0, count: p * n)
+        var u = [Float](repeating: 0, count: m * p)   // = V′ᵀ, column-major [p, m]
+        var vt = [Float](repeating: 0, count: p * n)  // = U′, column-major [n, p]
         let info = LAPACKE_sgesdd(
-            LAPACK_ROW_MAJOR, CChar(UInt8(ascii: "S")), Int32(m), Int32(n), &a, Int32(n),
-            &s, &u, Int32(p), &vt, Int32(n))
+            LAPACK_COL_MAJOR, CChar(UInt8(ascii: "S")), Int32(n), Int32(m), &a, Int32(n),
+            &s, &vt, Int32(n), &u, Int32(p))
         if info != 0 { throw LinearAlgebraError.lapack(routine: "sgesdd", info: info) }
         return SVDResult(u: Matrix(rows: m, cols: p, data: u), s: s, vt: Matrix(rows: p, cols: n, data: vt))
     }

@@ -27,6 +27,12 @@ public struct MergedGroup: Sendable {
     }
 }
 
+/// A group's members as read, dropped one by one once aligned.
+private final class Originals: @unchecked Sendable {
+    var experts: [Expert?]
+    init(_ experts: [Expert]) { self.experts = experts }
+}
+
 /// Merging a layer's groups into single experts (ALGORITHM.md §3).
 public enum Merging {
     /// Σ w_i E_i / Σ w_i over every matrix and bias (experts must be dense and already aligned).
@@ -83,33 +89,36 @@ public enum Merging {
                              align: Bool) throws -> PreparedGroup {
         let slots = grouping.groups[gi], dom = grouping.dominant[gi]
         let members = storedMembers(source.header, slots: slots, dominant: dom, frequency: frequency)
+        // Read here, one after the other: HDF5 calls are not made from the parallel workers.
         let reference = try source.expert(members[0].stored)
-        let others = Array(members.dropFirst())
-        let box = ResultBox<Result<(Expert, Double), Error>>(count: others.count)
+        let others = Originals(try members.dropFirst().map { try source.expert($0.stored) })
+        let n = others.experts.count
+        // The permutations (and cosines) first; then each member is permuted and its original
+        // dropped, so one extra copy of an expert is held at a time.
+        let box = ResultBox<Result<(perm: [Int]?, cosine: Double), Error>>(count: n)
         let work: @Sendable (Int) -> Void = { k in
             box.set(k, Result {
-                let ex = try source.expert(others[k].stored)
-                guard align else {
-                    return (ex, try Alignment.meanNeuronCosine(reference, ex, Array(0..<source.config.dFF)))
-                }
+                let ex = others.experts[k]!
+                guard align else { return (nil, try Alignment.meanNeuronCosine(reference, ex, Array(0..<source.config.dFF))) }
                 let perm = try Alignment.permutation(reference: reference, ex).perm
-                let cos = try Alignment.meanNeuronCosine(reference, ex, perm)
-                return (try Alignment.permute(ex, perm), cos)
+                return (perm, try Alignment.meanNeuronCosine(reference, ex, perm))
             })
         }
-        if others.count > 1 {
+        if n > 1 {
             let saved = BLAS.threads
             BLAS.setThreads(1)
-            DispatchQueue.concurrentPerform(iterations: others.count, execute: work)
+            DispatchQueue.concurrentPerform(iterations: n, execute: work)
             BLAS.setThreads(saved)
         } else {
-            for k in others.indices { work(k) }
+            for k in 0..<n { work(k) }
         }
         var aligned = [reference]
         var cos = 0.0
-        for k in others.indices {
-            let (e, c) = try box.values[k]!.get()
-            aligned.append(e)
+        for k in 0..<n {
+            let (perm, c) = try box.values[k]!.get()
+            let ex = others.experts[k]!
+            others.experts[k] = nil
+            aligned.append(try perm.map { try Alignment.permute(ex, $0) } ?? ex)
             cos += c
         }
         return PreparedGroup(slots: slots, dominant: dom, stored: members.map(\.stored), weights: members.map(\.weight),

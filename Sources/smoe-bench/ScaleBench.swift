@@ -149,7 +149,7 @@ struct ScaleMemoryModel {
         switch stage {
         case "synth": return MemoryModel.base + 3 * dModel * dFF * 4 + tokens * (dModel + dFF) * 4
         case "stats": work = .statistics(readsExperts: false)
-        case "align": work = .alignment
+        case "align": work = .alignment(workers: ProcessInfo.processInfo.activeProcessorCount)
         case "merge-frequency": work = .merge(groups: groups, largestGroup: largest, outputAware: false, lowRank: false)
         case "merge-regmean+refit", "compress": work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: false)
         case _ where stage.hasPrefix("lowrank-"): work = .lowRank

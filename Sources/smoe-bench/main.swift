@@ -18,21 +18,27 @@ func printRow(_ s: String) {
     fflush(nil)
 }
 
-let benchmarks: [(name: String, summary: String, run: ([String]) throws -> Void)] = [
-    ("assignment", "linear assignment solver vs SciPy on weight-matching cost matrices", assignmentBench),
-    ("lowrank", "exact vs randomized SVD for low-rank compression", lowRankBench),
-    ("merge", "merge time per method on a Switch-base-shaped layer", mergeBench),
-    ("scale", "wall time and peak RSS per smoe-compress stage on one Mixtral-8x7B-shaped layer (subprocesses)", scaleBench),
-    ("fidelity", "held-out error at 50 % / 25 % of the expert bytes: uniform (groups, rank) grid against --target-size", fidelityBench),
+let benchmarks: [(name: String, summary: String, options: String, run: ([String]) throws -> Void)] = [
+    ("assignment", "linear assignment solver vs SciPy on weight-matching cost matrices",
+     "--sizes F,F,… --seed N --other-size N --minimize --no-scipy", assignmentBench),
+    ("lowrank", "exact vs randomized SVD for low-rank compression", "--quick", lowRankBench),
+    ("merge", "merge time per method on a Switch-base-shaped layer", "--experts N --groups N --d-model N --d-ff N --tokens N",
+     mergeBench),
+    ("scale", "wall time and peak RSS per smoe-compress stage on one Mixtral-8x7B-shaped layer (subprocesses)",
+     "--d-model N --d-ff N --experts N --tokens N --groups N --rank N --stages S,S,… --max-rss GiB --binary PATH --dir DIR --keep --json",
+     scaleBench),
+    ("fidelity", "held-out error at 50 % / 25 % of the expert bytes: uniform (groups, rank) grid against --target-size",
+     "--fixtures DIR --fractions X,X,… --ranks R,R,…", fidelityBench),
 ]
 
 let args = Array(CommandLine.arguments.dropFirst())
 print("smoe-bench \(smoeCompressVersion) — BLAS core \(BLAS.coreName), \(BLAS.threads) threads, "
       + "OPENBLAS_CORETYPE=\(ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] ?? "unset")")
-guard let which = args.first, which == "all" || benchmarks.contains(where: { $0.name == which }) else {
+let asksHelp = args.contains("--help") || args.contains("-h")
+guard !asksHelp, let which = args.first, which == "all" || benchmarks.contains(where: { $0.name == which }) else {
     print("usage: smoe-bench all|" + benchmarks.map(\.name).joined(separator: "|") + " [options]")
-    for b in benchmarks { print("  \(b.name): \(b.summary)") }
-    exit(2)
+    for b in benchmarks { print("  \(b.name): \(b.summary)\n      options: \(b.options)") }
+    exit(asksHelp ? 0 : 2)
 }
 do {
     // `all` leaves out `scale` (minutes and GiB per stage; run it by name or with `make bench-scale`).

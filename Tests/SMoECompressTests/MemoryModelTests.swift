@@ -35,6 +35,18 @@ final class MemoryModelTests: XCTestCase {
         XCTAssertLessThan(MemoryModel.peakBytes(pairs, layer: c, blockSize: 1), least)
     }
 
+    /// The alignment term at the Mixtral-8x7B shape, by hand: the reference and, per worker, an
+    /// expert and its d_ff² cost matrix; no calibration block; never more workers than experts
+    /// to align.
+    func testAlignmentPeakKnownAnswer() {
+        let c = LayerConfig(name: "mx", index: 0, numExperts: 8, topK: 2, dModel: 4096, dFF: 14336, expertType: .glu,
+                            activation: .silu, routerType: .softmax_topk_norm)
+        let e = 3 * 4096 * 14336 * 4, cost = 4 * 14336 * 14336
+        XCTAssertEqual(MemoryModel.peakBytes(.alignment(workers: 2), layer: c, blockSize: 4096), MemoryModel.base + e + 2 * (e + cost))
+        XCTAssertEqual(MemoryModel.peakBytes(.alignment(workers: 1), layer: c, blockSize: 1), MemoryModel.base + 2 * e + cost)
+        XCTAssertEqual(MemoryModel.peakBytes(.alignment(workers: 64), layer: c, blockSize: 1), MemoryModel.base + e + 7 * (e + cost))
+    }
+
     /// The merge stage fits the block to its planned groupings: the budget that leaves room for
     /// 100 more tokens than one, with the planned largest group, gives a block of 101.
     func testMergeStageFitsTheBlockToItsPlan() throws {

@@ -104,6 +104,65 @@ final class StreamingTests: XCTestCase {
         }
     }
 
+    /// align reads the reference and every other expert once to align the layer and once more
+    /// as the writer stores it, never the layer whole; the file holds what the in-memory
+    /// alignment computes, to the bit, for both kinds of parallelism.
+    func testAlignStreamsTheLayerAndWritesItExpertByExpert() throws {
+        let dir = temporaryDirectory(self)
+        let model = try CheckpointReader(fixture("trained-mixtral.h5"))
+        for parallelism in Alignment.Parallelism.allCases {
+            for c in model.layers {
+                let layer = try model.readLayer(c.name)
+                let (expected, expectedReport) = try Alignment.alignLayer(layer, reference: 2, parallelism: parallelism)
+                let (source, counter) = countingSource(layer)
+                let (aligned, report) = try Alignment.alignLayer(source, reference: 2, parallelism: parallelism)
+                XCTAssertEqual(counter.reads, [Int](repeating: 1, count: layer.numStored), "\(c.name): aligning reads each expert once")
+                XCTAssertEqual(counter.order.first, 2, "\(c.name): the reference is read first")
+                // The same permutations and cosines (the timings differ).
+                XCTAssertEqual(report.experts.map(\.permutation), expectedReport.experts.map(\.permutation), "\(c.name) \(parallelism)")
+                XCTAssertEqual(report.experts.map { [$0.cosineBefore, $0.cosineAfter] },
+                               expectedReport.experts.map { [$0.cosineBefore, $0.cosineAfter] }, "\(c.name) \(parallelism)")
+                let path = dir + "/aligned-\(parallelism)-\(c.index).h5"
+                let w = try CheckpointWriter(destination: path, derivedFrom: model, entry: ["stage": "test"])
+                try w.write(aligned)
+                try w.commit()
+                XCTAssertEqual(counter.reads, [Int](repeating: 2, count: layer.numStored), "\(c.name): writing reads each expert once more")
+                XCTAssertEqual(Array(counter.order.suffix(layer.numStored)), Array(0..<layer.numStored), "\(c.name): written in order")
+                XCTAssertEqual(try CheckpointReader(path).readLayer(c.name), expected, "\(c.name) \(parallelism)")
+            }
+        }
+    }
+
+    /// The writer's expert-by-expert path stores what the whole-layer path stores: biases (an
+    /// expert without one gets zeros when another has one), an expert map, both expert types; a
+    /// factored layer is read whole and written so.
+    func testWritingFromASourceEqualsWritingTheLayer() throws {
+        let dir = temporaryDirectory(self)
+        var rng = SplitMix64(seed: 52)
+        var layers: [MoELayer] = []
+        for type in ExpertType.allCases {
+            var l = randomLayer(&rng, type: type, router: .softmax_topk, E: 5, G: 3, k: 1, biases: true)
+            l.experts[1].upBias = nil
+            l.experts[2].downBias = nil
+            layers.append(l)
+        }
+        var factored = randomLayer(&rng, type: .mlp, router: .softmax_topk, E: 3, k: 1)
+        for g in 0..<3 { factored.experts[g].up = .factored(LowRankSparse(u: randomMatrix(20, 4, &rng), v: randomMatrix(4, 12, &rng),
+                                                                          s: .empty(rows: 20, cols: 12))) }
+        layers.append(factored)
+        for (n, layer) in layers.enumerated() {
+            let (source, counter) = countingSource(layer)
+            let a = dir + "/source-\(n).h5", b = dir + "/whole-\(n).h5"
+            for (path, write) in [(a, { (w: CheckpointWriter) in try w.write(source) }), (b, { try $0.write(layer) })] {
+                let w = try CheckpointWriter(destination: path, architecture: "test", history: [], entry: ["stage": "test"])
+                _ = try write(w)
+                try w.commit()
+            }
+            XCTAssertEqual(try CheckpointReader(a).readLayer(layer.name), try CheckpointReader(b).readLayer(layer.name), "layer \(n)")
+            XCTAssertEqual(counter.reads.max(), n < 2 ? 1 : 2, "layer \(n): a dense layer is read once; the factored one's first expert twice")
+        }
+    }
+
     /// The in-place solve (no copy of the system) is the copying one, also on the fallback path
     /// (the system is rebuilt from the triangle Cholesky leaves alone).
     func testInPlaceSolveOnBothPaths() throws {

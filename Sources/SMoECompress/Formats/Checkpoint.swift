@@ -521,21 +521,56 @@ public final class CheckpointWriter: @unchecked Sendable {
                 }
             }
         }
-        if layer.experts.contains(where: { $0.upBias != nil }) {
-            let v = layer.experts.flatMap { $0.upBias ?? [Float](repeating: 0, count: c.dFF) }
-            try eg.write("up_bias", floats: v, shape: [G, c.dFF], as: dt, chunk: [1, c.dFF])
+        try finishLayer(g, c, upBiases: layer.experts.map(\.upBias), downBiases: layer.experts.map(\.downBias),
+                        expertMap: layer.expertMap)
+        return g
+    }
+
+    /// Writes a layer whose experts are read from `source` one at a time, each read once: the
+    /// same layer as `write(source.whole())` without the whole layer in memory (docs/ALGORITHM.md
+    /// "Scale"). A layer whose experts are factored (small) is read whole and written so.
+    @discardableResult
+    public func write(_ source: LayerSource) throws -> H5Group {
+        if let layer = source.inMemory { return try write(layer) }
+        let c = source.config, G = source.numStored
+        var next: Expert? = G > 0 ? try source.expert(0) : nil
+        if let e = next, e.namedMatrices.contains(where: { $0.op.isFactored }) { return try write(try source.whole()) }
+        let pending = try beginDenseExperts(named: c.name, count: G, dModel: c.dModel, dFF: c.dFF, gated: c.expertType == .glu)
+        var upBiases: [[Float]?] = [], downBiases: [[Float]?] = []
+        for i in 0..<G {
+            let e = try next ?? source.expert(i)
+            next = nil
+            if let m = e.namedMatrices.first(where: { $0.op.isFactored }) {
+                throw SMoEError.dataset(output.destination, pending.group.path, "stored expert \(i)'s \(m.name) is factored, expert 0's are dense")
+            }
+            try pending.write(e)
+            upBiases.append(e.upBias)
+            downBiases.append(e.downBias)
         }
-        if layer.experts.contains(where: { $0.downBias != nil }) {
-            let v = layer.experts.flatMap { $0.downBias ?? [Float](repeating: 0, count: c.dModel) }
-            try eg.write("down_bias", floats: v, shape: [G, c.dModel], as: dt, chunk: [1, c.dModel])
+        let g = pending.group
+        try writeHeader(g, c, router: source.header.router, bias: source.header.routerBias)
+        try finishLayer(g, c, upBiases: upBiases, downBiases: downBiases, expertMap: source.header.expertMap)
+        return g
+    }
+
+    /// A layer's biases (zeros for an expert without one, when another has one) and expert map.
+    private func finishLayer(_ g: H5Group, _ c: LayerConfig, upBiases: [[Float]?], downBiases: [[Float]?],
+                             expertMap: [Int]?) throws {
+        let G = upBiases.count, dt = options.dtype
+        if upBiases.contains(where: { $0 != nil }) {
+            let v = upBiases.flatMap { $0 ?? [Float](repeating: 0, count: c.dFF) }
+            try g.write("experts/up_bias", floats: v, shape: [G, c.dFF], as: dt, chunk: [1, c.dFF])
         }
-        if let m = layer.expertMap {
+        if downBiases.contains(where: { $0 != nil }) {
+            let v = downBiases.flatMap { $0 ?? [Float](repeating: 0, count: c.dModel) }
+            try g.write("experts/down_bias", floats: v, shape: [G, c.dModel], as: dt, chunk: [1, c.dModel])
+        }
+        if let m = expertMap {
             try g.write("expert_map", ints: m, shape: [c.numExperts], as: .i32)
         } else if G != c.numExperts {
             throw SMoEError.dataset(output.destination, g.path, "stores \(G) experts for \(c.numExperts) slots without an expert_map")
         }
         file.flush()
-        return g
     }
 
     /// Writes the history, closes and renames the file into place.

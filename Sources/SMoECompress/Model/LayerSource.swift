@@ -40,6 +40,25 @@ public struct LayerSource: @unchecked Sendable {
         self.load = load
     }
 
+    private init(header: MoELayer, numStored: Int, parameters: Int, flops: Double, load: @escaping (Int) throws -> Expert) {
+        self.header = header
+        self.numStored = numStored
+        expertParameterCount = parameters
+        expertFlopsPerToken = flops
+        inMemory = nil
+        self.load = load
+    }
+
+    /// The same layer with each stored expert passed through `transform(i, expert)` when it is
+    /// read (each time; nothing is kept). `transform` must keep the expert's shapes, parameter
+    /// count and FLOPs (a hidden-neuron permutation does): a stage's output layer that the
+    /// writer stores expert by expert (`CheckpointWriter.write(_: LayerSource)`).
+    public func mappingExperts(_ transform: @escaping (Int, Expert) throws -> Expert) -> LayerSource {
+        let load = self.load
+        return LayerSource(header: header, numStored: numStored, parameters: expertParameterCount,
+                           flops: expertFlopsPerToken) { i in try transform(i, try load(i)) }
+    }
+
     public var config: LayerConfig { header.config }
     public var name: String { header.name }
 

@@ -134,51 +134,73 @@ public enum Alignment {
     /// computes the same function (up to float rounding).
     public static func alignLayer(_ layer: MoELayer, reference: Int, parallelism: Parallelism = .pairs,
                                   progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: LayerAlignment) {
-        guard reference >= 0, reference < layer.experts.count else {
-            throw SMoEError.setting(.reference, "\(reference) is outside the \(layer.experts.count) stored experts of \(layer.name)")
+        let (aligned, report) = try alignLayer(LayerSource(layer), reference: reference, parallelism: parallelism, progress: progress)
+        return (try aligned.whole(), report)
+    }
+
+    /// Aligns every stored expert of `source` to stored expert `reference`, a few experts at a
+    /// time (docs/ALGORITHM.md "Scale"): the reference stays in memory, the others are read in
+    /// batches of one per core (`.pairs`: aligned in parallel, one BLAS thread each) or one by
+    /// one (`.blas`), and only their permutations are kept. The aligned layer is returned as a
+    /// source that reads each expert again and permutes it when asked for it, so the writer
+    /// stores it expert by expert; it computes the same function (up to float rounding). The
+    /// permutations and reports do not depend on the batching.
+    public static func alignLayer(_ source: LayerSource, reference: Int, parallelism: Parallelism = .pairs,
+                                  progress: ProgressCallback? = nil) throws -> (layer: LayerSource, report: LayerAlignment) {
+        let n = source.numStored, name = source.name
+        guard reference >= 0, reference < n else {
+            throw SMoEError.setting(.reference, "\(reference) is outside the \(n) stored experts of \(name)")
         }
-        let ref = layer.experts[reference]
-        _ = try denseMatrices(ref, "\(layer.name) expert \(reference)")
-        let n = layer.experts.count
-        let box = ResultBox<Result<(Expert, ExpertAlignment, Double, Double), Error>>(count: n)
-        let work: @Sendable (Int) -> Void = { g in
-            box.set(g, Result {
-              do {
-                let e = layer.experts[g]
-                if g == reference {
-                    let id = Array(0..<layer.config.dFF)
-                    return (e, ExpertAlignment(slot: g, permutation: id, cosineBefore: 1, cosineAfter: 1), 0, 0)
-                }
-                let (perm, tp, ts) = try permutation(reference: ref, e)
-                let before = try meanNeuronCosine(ref, e, Array(0..<perm.count))
-                let after = try meanNeuronCosine(ref, e, perm)
-                return (try permute(e, perm), ExpertAlignment(slot: g, permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)
-              } catch let err as SMoEError {
-                throw SMoEError("\(layer.name): stored expert \(g): \(err.message)")
-              }
-            })
-            progress?("aligning \(layer.name)", box.completed, n)
+        let ref = try source.expert(reference)
+        _ = try denseMatrices(ref, "\(name) expert \(reference)")
+        let identity = Array(0..<source.config.dFF)
+        var reports = [ExpertAlignment?](repeating: nil, count: n)
+        reports[reference] = ExpertAlignment(slot: reference, permutation: identity, cosineBefore: 1, cosineAfter: 1)
+        var productSeconds = 0.0, solverSeconds = 0.0
+        let others = (0..<n).filter { $0 != reference }
+        let width = parallelism == .pairs ? max(1, ProcessInfo.processInfo.activeProcessorCount) : 1
+        var done = 1
+        progress?("aligning \(name)", done, n)
+        for first in stride(from: 0, to: others.count, by: width) {
+            let slots = Array(others[first..<min(first + width, others.count)])
+            // Read here, one after the other: HDF5 calls are not made from the parallel workers.
+            let batch = try slots.map { try source.expert($0) }
+            let box = ResultBox<Result<(ExpertAlignment, Double, Double), Error>>(count: slots.count)
+            let work: @Sendable (Int) -> Void = { k in
+                box.set(k, Result {
+                    do {
+                        let e = batch[k]
+                        let (perm, tp, ts) = try permutation(reference: ref, e)
+                        let before = try meanNeuronCosine(ref, e, identity)
+                        let after = try meanNeuronCosine(ref, e, perm)
+                        return (ExpertAlignment(slot: slots[k], permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)
+                    } catch let err as SMoEError {
+                        throw SMoEError("\(name): stored expert \(slots[k]): \(err.message)")
+                    }
+                })
+            }
+            if slots.count > 1 {
+                let saved = BLAS.threads
+                BLAS.setThreads(1)
+                DispatchQueue.concurrentPerform(iterations: slots.count, execute: work)
+                BLAS.setThreads(saved)
+            } else {
+                work(0)
+            }
+            for k in slots.indices {
+                let (r, tp, ts) = try box.values[k]!.get()
+                reports[slots[k]] = r
+                productSeconds += tp
+                solverSeconds += ts
+            }
+            done += slots.count
+            progress?("aligning \(name)", done, n)
         }
-        switch parallelism {
-        case .pairs:
-            let saved = BLAS.threads
-            BLAS.setThreads(1)
-            DispatchQueue.concurrentPerform(iterations: n, execute: work)
-            BLAS.setThreads(saved)
-        case .blas:
-            for g in 0..<n { work(g) }
-        }
-        var out = layer
-        var reports: [ExpertAlignment] = []
-        var tp = 0.0, ts = 0.0
-        for g in 0..<n {
-            let (e, r, p, s) = try box.values[g]!.get()
-            out.experts[g] = e
-            reports.append(r)
-            tp += p
-            ts += s
-        }
-        return (out, LayerAlignment(name: layer.name, reference: reference, experts: reports, productSeconds: tp, solverSeconds: ts))
+        let report = LayerAlignment(name: name, reference: reference, experts: reports.map { $0! },
+                                    productSeconds: productSeconds, solverSeconds: solverSeconds)
+        let perms = report.experts.map(\.permutation)
+        let aligned = source.mappingExperts { i, e in i == reference ? e : try permute(e, perms[i]) }
+        return (aligned, report)
     }
 }
 
@@ -234,15 +256,25 @@ public struct AlignStage: LayerStage {
         self.parallelism = parallelism
     }
 
-    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerAlignment) {
+    /// Experts are read a batch at a time, and the aligned layer is written expert by expert.
+    public var streamsExperts: Bool { true }
+
+    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: LayerSource, report: LayerAlignment) {
         let ref: Int
         switch reference {
         case .stored(let n): ref = n
-        case .mostUsed: ref = layer.storedIndex(slot: Grouping.byUsage(try stats!.frequency(layer.name))[0])
+        case .mostUsed: ref = source.header.storedIndex(slot: Grouping.byUsage(try stats!.frequency(source.name))[0])
         }
-        let (aligned, report) = try Alignment.alignLayer(layer, reference: ref, parallelism: parallelism, progress: progress)
+        let (aligned, report) = try Alignment.alignLayer(source, reference: ref, parallelism: parallelism, progress: progress)
         return (aligned, report)
     }
+
+    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: LayerSource, report: LayerAlignment) {
+        try process(source: LayerSource(layer), progress: progress)
+    }
+
+    public func unchanged(_ layer: MoELayer) -> LayerSource? { LayerSource(layer) }
+    public var keepsOtherLayers: Bool { true }
 
     public func historyEntry(_ reports: [LayerAlignment]) -> JSONValue {
         let ref: String

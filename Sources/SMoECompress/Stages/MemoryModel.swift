@@ -10,8 +10,9 @@ public enum MemoryModel {
         /// `stats`: one block of activations; the whole layer too when a similarity reads the
         /// experts (weight, expert-output).
         case statistics(readsExperts: Bool)
-        /// `align`: the layer, the aligned experts and one cost matrix.
-        case alignment
+        /// `align` with `workers` experts aligned at once (`.pairs`: one per core; `.blas`: 1): the
+        /// reference, and per worker an expert and its cost matrix.
+        case alignment(workers: Int)
         /// `merge` and `compress`: into `groups` experts, the largest group holding
         /// `largestGroup` stored experts (nil: the worst case E − G + 1), output-aware (RegMean)
         /// or by frequency, and factored after (`compress --rank`).
@@ -27,7 +28,9 @@ public enum MemoryModel {
     ///
     /// With e the bytes of one expert in float32 (3·d·f·4 for GLU), L = E·e, X = block·(d + f)·4:
     /// - statistics: X (+ 1.3·L reading the experts);
-    /// - alignment: 1.85·L + X;
+    /// - alignment: e + w·(e + max(4·f², 2·d·f·4)) with w workers (an expert, then the larger of
+    ///   its cost matrix and the two transposed downs of the cosine), or 2·e while writing (an
+    ///   expert read and its permuted copy), whichever is larger; no calibration block;
     /// - merge: the G − 1 experts merged before the last group, the last group's m members and
     ///   one more expert (the permuted copy of a member while aligning, or the frequency-weighted
     ///   prior of RegMean's ridge), plus the larger of aligning's cost matrix 4·f² and RegMean's
@@ -44,7 +47,9 @@ public enum MemoryModel {
         let bytes: Double
         switch work {
         case .statistics(let readsExperts): bytes = (readsExperts ? 1.3 * layer : 0) + block
-        case .alignment: bytes = 1.85 * layer + block
+        case .alignment(let workers):
+            let w = Double(max(1, min(workers, c.numExperts - 1)))
+            bytes = max(e + w * (e + max(4 * f * f, 8 * d * f)), 2 * e)
         case .merge(let groups, let largest, let outputAware, let lowRank):
             let g = Double(min(max(groups, 1), c.numExperts))
             let m = Double(largest ?? (c.numExperts - Int(g) + 1))

@@ -152,7 +152,8 @@ struct ScaleMemoryModel {
         case "align": work = .alignment(workers: ProcessInfo.processInfo.activeProcessorCount)
         case "merge-frequency": work = .merge(groups: groups, largestGroup: largest, outputAware: false, lowRank: false)
         case "merge-regmean+refit", "compress": work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: false)
-        case _ where stage.hasPrefix("lowrank-"): work = .lowRank
+        case _ where stage.hasPrefix("lowrank-"):
+            work = .lowRank(streams: true, rank: Int(stage.dropFirst("lowrank-".count)), sparsity: 0)
         default: work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: true)
         }
         return MemoryModel.peakBytes(work, layer: config, blockSize: tokens)

@@ -84,7 +84,7 @@ struct Lowrank: ParsableCommand {
         let shard = try output.shardValue()
         let stage = try namingFile(model, inputs: inputs) {
             try LowRankStage(model: reader, calibration: try calib.map(CalibrationReader.init), options: options,
-                             tokens: try tokens.settings(.lowRank, model: reader, layers: layers.names), layers: layers.names)
+                             tokens: try tokens.settings(options.memoryWork(hasTokens: calib != nil), model: reader, layers: layers.names), layers: layers.names)
         }
         let work = try resumeOptions.open(stage, model: reader, inputs: calib.map { [ResumeInput(role: "--calib", path: $0)] } ?? [],
                                           writer: writer, output: output)

@@ -47,6 +47,35 @@ final class MemoryModelTests: XCTestCase {
         XCTAssertEqual(MemoryModel.peakBytes(.alignment(workers: 64), layer: c, blockSize: 1), MemoryModel.base + e + 7 * (e + cost))
     }
 
+    /// The low-rank term at the Mixtral-8x7B shape, by hand: streaming holds one expert, else the
+    /// layer; the factors of rank r (and sparse entries) are counted, at most the layer's size;
+    /// with no known rank (an energy rule) they count as the layer.
+    func testLowRankPeakKnownAnswer() {
+        let d = 4096, f = 14336
+        let c = LayerConfig(name: "mx", index: 0, numExperts: 8, topK: 2, dModel: d, dFF: f, expertType: .glu,
+                            activation: .silu, routerType: .softmax_topk_norm)
+        let e = 3 * d * f * 4, layer = 8 * e, work = 12 * f * f + 12 * d * f, block = 4096 * (d + f) * 4
+        let factors = 8 * 3 * (d + f) * 1024 * 4
+        func peak(_ w: MemoryModel.Work) -> Int { MemoryModel.peakBytes(w, layer: c, blockSize: 4096) }
+        XCTAssertEqual(peak(.lowRank(streams: true, rank: 1024, sparsity: 0)), MemoryModel.base + e + factors + work + block)
+        XCTAssertEqual(peak(.lowRank(streams: false, rank: 1024, sparsity: 0)), MemoryModel.base + layer + factors + work + block)
+        // An eighth of the entries sparse: 8 bytes each (value, index).
+        XCTAssertEqual(peak(.lowRank(streams: true, rank: 1024, sparsity: 0.125)),
+                       MemoryModel.base + e + factors + 8 * 3 * d * f + work + block)
+        XCTAssertEqual(peak(.lowRank(streams: true, rank: 1024, sparsity: 0.5)), MemoryModel.base + e + layer + work + block)
+        XCTAssertEqual(peak(.lowRank(streams: true, rank: nil, sparsity: 0)), MemoryModel.base + e + layer + work + block)
+        XCTAssertEqual(peak(.lowRank(streams: true, rank: 4096, sparsity: 0)), MemoryModel.base + e + layer + work + block)
+        // The options say which: a fixed rank (or a larger per-matrix override), streaming unless
+        // the weight objective has calibration tokens.
+        var o = LowRankOptions(rank: .fixed(1024))
+        XCTAssertEqual(o.memoryWork(hasTokens: true), .lowRank(streams: true, rank: 1024, sparsity: 0))
+        o.ranks = ["down.3": 2048]
+        o.objective = .weight
+        XCTAssertEqual(o.memoryWork(hasTokens: true), .lowRank(streams: false, rank: 2048, sparsity: 0))
+        XCTAssertEqual(o.memoryWork(hasTokens: false), .lowRank(streams: true, rank: 2048, sparsity: 0))
+        XCTAssertEqual(LowRankOptions(rank: .energy(0.9)).memoryWork(hasTokens: false), .lowRank(streams: true, rank: nil, sparsity: 0))
+    }
+
     /// The merge stage fits the block to its planned groupings: the budget that leaves room for
     /// 100 more tokens than one, with the planned largest group, gives a block of 101.
     func testMergeStageFitsTheBlockToItsPlan() throws {
@@ -76,6 +105,14 @@ final class MemoryModelTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/x.h5"))
         let ok = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--max-memory", "8GiB", "-o", dir + "/m.h5", "--json", "--quiet"])
         XCTAssertEqual(ok.status, 0, ok.stderr)
+        // lowrank: refused below its predicted peak, naming it; run within it.
+        let need = MemoryModel.peakBytes(LowRankOptions(rank: .fixed(8)).memoryWork(hasTokens: true),
+                                         layer: try CheckpointReader(m).layers[0], blockSize: 1)
+        let tight = try runCLI(["lowrank", m, "--calib", c, "--rank", "8", "--max-memory", "\(need - 1)", "-o", dir + "/l.h5", "--quiet"])
+        XCTAssertEqual(tight.status, 1)
+        XCTAssertTrue(tight.stderr.contains("needs at least \(MemoryModel.gib(need))"), tight.stderr)
+        let fits = try runCLI(["lowrank", m, "--calib", c, "--rank", "8", "--max-memory", "\(need + 64 * 4096)", "-o", dir + "/l.h5", "--quiet"])
+        XCTAssertEqual(fits.status, 0, fits.stderr)
         let bad = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--max-memory", "lots", "-o", dir + "/y.h5", "--quiet"])
         XCTAssertTrue(bad.stderr.hasPrefix("error: --max-memory: 'lots' is not a size"), bad.stderr)
     }

@@ -76,6 +76,17 @@ public struct LowRankOptions: Sendable {
         self.objective = objective
     }
 
+    /// The largest rank any matrix can get (nil with an energy rule: not known before the SVD).
+    public var largestRank: Int? {
+        guard case .fixed(let r) = rank else { return nil }
+        return max(r, ranks.values.max() ?? 0)
+    }
+
+    /// What `lowrank` needs in memory per layer (`MemoryModel`), with or without calibration.
+    public func memoryWork(hasTokens: Bool) -> MemoryModel.Work {
+        .lowRank(streams: !hasTokens || objective(hasTokens: true) == .output, rank: largestRank, sparsity: sparsity)
+    }
+
     /// The objective in force: the one asked for, else output when calibration tokens exist.
     public func objective(hasTokens: Bool) -> LowRankObjective { objective ?? (hasTokens ? .output : .weight) }
 

@@ -17,8 +17,11 @@ public enum MemoryModel {
         /// `largestGroup` stored experts (nil: the worst case E − G + 1), output-aware (RegMean)
         /// or by frequency, and factored after (`compress --rank`).
         case merge(groups: Int, largestGroup: Int?, outputAware: Bool, lowRank: Bool)
-        /// `lowrank`: the layer, its factors and one matrix's whitening and SVD.
-        case lowRank
+        /// `lowrank`: the experts read one at a time (`streams`: output objective or no tokens) or
+        /// the layer whole; the factors it keeps, of at most `rank` per matrix plus a `sparsity`
+        /// fraction of sparse entries (rank nil: as large as the layer); one matrix's whitening
+        /// and SVD.
+        case lowRank(streams: Bool, rank: Int?, sparsity: Double)
     }
 
     /// The process itself (code, libraries, buffers).
@@ -37,7 +40,8 @@ public enum MemoryModel {
     ///   one streamed system 8·(f² + 2·d·f) (the down system and the member's down in float64),
     ///   plus X; with low rank, at least the G merged experts and one matrix's whitening and SVD,
     ///   12·f² + 12·d·f;
-    /// - lowrank: L + 12·f² + 12·d·f + X.
+    /// - lowrank: e (streaming) or L, plus the factors F = min(L, E·Σ_m((out + in)·r·4 +
+    ///   s·out·in·8)), plus 12·f² + 12·d·f + X.
     public static func peakBytes(_ work: Work, layer c: LayerConfig, blockSize: Int) -> Int {
         let d = Double(c.dModel), f = Double(c.dFF), experts = Double(c.numExperts)
         let e = (c.expertType == .glu ? 3 : 2) * d * f * 4
@@ -56,7 +60,10 @@ public enum MemoryModel {
             let solve = outputAware ? max(4 * f * f, 8 * (f * f + 2 * d * f)) : 4 * f * f
             let merging = (g - 1) * e + m * e + e + solve + block
             bytes = lowRank ? max(merging, g * e + lowRankWork + block) : merging
-        case .lowRank: bytes = layer + lowRankWork + block
+        case .lowRank(let streams, let rank, let sparsity):
+            let shapes = c.expertType == .glu ? 3.0 : 2.0
+            let factors = rank.map { experts * shapes * ((d + f) * Double($0) * 4 + sparsity * d * f * 8) } ?? layer
+            bytes = (streams ? e : layer) + min(layer, factors) + lowRankWork + block
         }
         return base + Int(min(bytes, 9e18))
     }

@@ -156,6 +156,6 @@ struct ScaleMemoryModel {
             work = .lowRank(streams: true, rank: Int(stage.dropFirst("lowrank-".count)), sparsity: 0)
         default: work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: true)
         }
-        return MemoryModel.peakBytes(work, layer: config, blockSize: tokens)
+        return MemoryModel.peakBytes(work, layer: config, blockSize: min(tokens, TokenSettings.defaultBlockSize))
     }
 }

@@ -10,11 +10,10 @@ final class MemoryModelTests: XCTestCase {
         let c = model.layers[0]
         let regmean = MemoryModel.Work.merge(groups: 4, largestGroup: nil, outputAware: true, lowRank: false)
         let least = MemoryModel.peakBytes(regmean, layer: c, blockSize: 1)
-        let perToken = (c.dModel + c.dFF) * 4
         // Ample: the requested block stands.
         XCTAssertEqual(try MemoryModel.blockSize(regmean, model: model, layers: nil, budget: 1 << 40, requested: 4096), 4096)
         // Room for exactly 100 more tokens than one: a block of 101, and its peak fits.
-        let budget = least + 100 * perToken
+        let budget = MemoryModel.peakBytes(regmean, layer: c, blockSize: 101)
         let block = try MemoryModel.blockSize(regmean, model: model, layers: nil, budget: budget, requested: 4096)
         XCTAssertEqual(block, 101)
         XCTAssertLessThanOrEqual(MemoryModel.peakBytes(regmean, layer: c, blockSize: block), budget)
@@ -45,6 +44,22 @@ final class MemoryModelTests: XCTestCase {
         XCTAssertEqual(MemoryModel.peakBytes(.alignment(workers: 2), layer: c, blockSize: 4096), MemoryModel.base + e + 2 * (e + cost))
         XCTAssertEqual(MemoryModel.peakBytes(.alignment(workers: 1), layer: c, blockSize: 1), MemoryModel.base + 2 * e + cost)
         XCTAssertEqual(MemoryModel.peakBytes(.alignment(workers: 64), layer: c, blockSize: 1), MemoryModel.base + e + 7 * (e + cost))
+    }
+
+    /// The merge terms at the Mixtral-8x7B shape, by hand (G = 4, largest group 2): RegMean's
+    /// tokens cost a member's up, gate and hidden activations per block token and float64 copies
+    /// of at most `float64ChunkRows` of them; merging by frequency costs one block.
+    func testMergePeakKnownAnswer() {
+        let d = 4096, f = 14336
+        let c = LayerConfig(name: "mx", index: 0, numExperts: 8, topK: 2, dModel: d, dFF: f, expertType: .glu,
+                            activation: .silu, routerType: .softmax_topk_norm)
+        let e = 3 * d * f * 4, experts = 3 * e + 2 * e + e
+        func peak(_ outputAware: Bool, _ block: Int) -> Int {
+            MemoryModel.peakBytes(.merge(groups: 4, largestGroup: 2, outputAware: outputAware, lowRank: false), layer: c, blockSize: block)
+        }
+        XCTAssertEqual(peak(true, 4096), MemoryModel.base + experts + 8 * (f * f + 2 * d * f) + 4096 * (d + 3 * f) * 4 + 1024 * (16 * f + 8 * d))
+        XCTAssertEqual(peak(true, 100), MemoryModel.base + experts + 8 * (f * f + 2 * d * f) + 100 * (d + 3 * f) * 4 + 100 * (16 * f + 8 * d))
+        XCTAssertEqual(peak(false, 4096), MemoryModel.base + experts + 4 * f * f + 4096 * (d + f) * 4)
     }
 
     /// The low-rank term at the Mixtral-8x7B shape, by hand: streaming holds one expert, else the
@@ -87,7 +102,7 @@ final class MemoryModelTests: XCTestCase {
         let work = model.layers.map { ($0, MemoryModel.Work.merge(groups: 4, largestGroup: largest[$0.name], outputAware: true, lowRank: false)) }
         let least = work.map { MemoryModel.peakBytes($0.1, layer: $0.0, blockSize: 1) }.max()!
         var settings = MergeSettings(groups: 4)
-        settings.maxMemory = least + 100 * (model.layers[0].dModel + model.layers[0].dFF) * 4
+        settings.maxMemory = work.map { MemoryModel.peakBytes($0.1, layer: $0.0, blockSize: 101) }.max()!
         XCTAssertEqual(try MergeStage(model: model, calibration: calib, stats: nil, settings: settings).settings.tokens.blockSize, 101)
         settings.maxMemory = least - 1
         XCTAssertThrowsError(try MergeStage(model: model, calibration: calib, stats: nil, settings: settings)) { e in

@@ -253,6 +253,51 @@ final class RegMeanTests: XCTestCase {
         XCTAssertEqual(z.x, [Double](repeating: 0, count: n * m), "zero matrix")
     }
 
+    /// Blocks longer than `float64ChunkRows` are converted to float64 a chunk at a time: the
+    /// streamed down system over 2500-token blocks equals the Gram-form system of the same
+    /// members (float64 rounding), and so does the plain cross accumulation against a direct sum.
+    func testChunkedFloat64AccumulationEqualsTheGramForm() throws {
+        var rng = SplitMix64(seed: 36)
+        let n = 2 * float64ChunkRows + 452, p = 7, q = 5
+        let h = [randomMatrix(n, p, &rng), randomMatrix(n, p, &rng)]
+        let w = [randomMatrix(q, p, &rng), randomMatrix(q, p, &rng)]
+        let weights = (0..<2).map { _ in (0..<n).map { _ in Float(rng.nextDouble()) } }
+        var streamed = OutputAwareMerge.RegMeanSystem(inputs: p, outputs: q)
+        var grams: [[Double]] = []
+        for k in 0..<2 {
+            let wd = w[k].data.map(Double.init)
+            streamed.addTokens(h[k], weights: weights[k], member: wd, alpha: 0.9)
+            streamed.endMember(member: wd, alpha: 0.9)
+            // The member's Gram by a direct float64 sum.
+            var g = [Double](repeating: 0, count: p * p)
+            for t in 0..<n { for i in 0..<p { for j in 0..<p {
+                g[i * p + j] += Double(weights[k][t]) * Double(h[k][t, i]) * Double(h[k][t, j])
+            } } }
+            var viaBLAS = [Double](repeating: 0, count: p * p)
+            accumulateWeightedCross(h[k], h[k], weights: weights[k], into: &viaBLAS)
+            for i in 0..<(p * p) { XCTAssertEqual(viaBLAS[i], g[i], accuracy: 1e-10 * max(1, abs(g[i])), "Gram entry \(i)") }
+            grams.append(g)
+        }
+        let (a, _, _) = try streamed.solve(ridge: 1e-3, prior: w[0])
+        let (b, _, _) = try OutputAwareMerge.regmeanSolve(grams, w, alpha: 0.9, ridge: 1e-3, prior: w[0])
+        XCTAssertLessThan(relativeError(a, b), 1e-6, "streamed in chunks vs Gram form")
+    }
+
+    /// RegMean's prior is averaged one matrix at a time: the same bits as the whole average.
+    func testOneMatrixAverageIsTheWholeAverage() throws {
+        var rng = SplitMix64(seed: 37)
+        let layer = randomLayer(&rng, type: .glu, router: .softmax_topk_norm, E: 3, k: 2, biases: true)
+        for weights in [[0.5, 0.3, 0.2], [0, 0, 0]] {
+            let whole = try Merging.weightedAverage(layer.experts, weights: weights)
+            for name in ["up", "gate", "down"] {
+                XCTAssertEqual(try Merging.weightedAverage(name, of: layer.experts, weights: weights), whole[matrix: name]!.dense(), name)
+            }
+            let b = Merging.weightedBiases(layer.experts, weights: weights)
+            XCTAssertEqual(b.up, whole.upBias)
+            XCTAssertEqual(b.down, whole.downBias)
+        }
+    }
+
     // MARK: Edge cases of the merge
 
     /// The stored experts of a group aligned to its dominant (what the merge does before solving).

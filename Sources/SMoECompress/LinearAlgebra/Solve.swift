@@ -92,17 +92,27 @@ public enum SymmetricSolver {
     }
 }
 
+/// Rows of a token block converted to float64 at a time by the accumulations below: the
+/// float64 copies of a block then take at most this many rows (at d_ff = 14336, 1024 rows are
+/// 117 MB a copy instead of 470 MB for a 4096-token block; docs/ALGORITHM.md "Scale"). dgemm
+/// splits its inner dimension into panels of a few hundred anyway, so the chunks cost no speed.
+public let float64ChunkRows = 1024
+
 /// Float64 accumulation of `A += Xᵀ · diag(w) · Y` for token blocks (X [n, p], Y [n, q]),
-/// through BLAS dgemm on a weighted copy.
+/// through BLAS dgemm on weighted float64 copies of at most `float64ChunkRows` rows at a time.
 public func accumulateWeightedCross(_ x: Matrix, _ y: Matrix, weights: [Float]?, into a: inout [Double]) {
     precondition(x.rows == y.rows && a.count == x.cols * y.cols)
     let n = x.rows, p = x.cols, q = y.cols
-    if n == 0 { return }
-    var xd = [Double](repeating: 0, count: n * p)
-    for t in 0..<n {
-        let w = Double(weights?[t] ?? 1)
-        for j in 0..<p { xd[t * p + j] = w * Double(x.data[t * p + j]) }
+    for start in stride(from: 0, to: n, by: float64ChunkRows) {
+        let rows = min(float64ChunkRows, n - start)
+        var xd = [Double](repeating: 0, count: rows * p)
+        var yd = [Double](repeating: 0, count: rows * q)
+        for r in 0..<rows {
+            let t = start + r
+            let w = Double(weights?[t] ?? 1)
+            for j in 0..<p { xd[r * p + j] = w * Double(x.data[t * p + j]) }
+            for j in 0..<q { yd[r * q + j] = Double(y.data[t * q + j]) }
+        }
+        BLAS.dgemmAccumulate(m: p, n: q, k: rows, a: xd, transA: true, lda: p, b: yd, transB: false, ldb: q, into: &a)
     }
-    let yd = y.data.map(Double.init)
-    BLAS.dgemmAccumulate(m: p, n: q, k: n, a: xd, transA: true, lda: p, b: yd, transB: false, ldb: q, into: &a)
 }

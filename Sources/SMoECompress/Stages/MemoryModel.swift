@@ -38,8 +38,10 @@ public enum MemoryModel {
     ///   one more expert (the permuted copy of a member while aligning, or the frequency-weighted
     ///   prior of RegMean's ridge), plus the larger of aligning's cost matrix 4·f² and RegMean's
     ///   one streamed system 8·(f² + 2·d·f) (the down system and the member's down in float64),
-    ///   plus X; with low rank, at least the G merged experts and one matrix's whitening and SVD,
-    ///   12·f² + 12·d·f;
+    ///   plus X; output-aware, X is block·(d + 3·f)·4 + min(block, 1024)·(16·f + 8·d) (a
+    ///   member's up, gate and hidden activations on its tokens, and the float64 copies of
+    ///   `float64ChunkRows` of them); with low rank, at least the G merged experts and one
+    ///   matrix's whitening and SVD, 12·f² + 12·d·f;
     /// - lowrank: e (streaming) or L, plus the factors F = min(L, E·Σ_m((out + in)·r·4 +
     ///   s·out·in·8)), plus 12·f² + 12·d·f + X.
     public static func peakBytes(_ work: Work, layer c: LayerConfig, blockSize: Int) -> Int {
@@ -58,7 +60,9 @@ public enum MemoryModel {
             let g = Double(min(max(groups, 1), c.numExperts))
             let m = Double(largest ?? (c.numExperts - Int(g) + 1))
             let solve = outputAware ? max(4 * f * f, 8 * (f * f + 2 * d * f)) : 4 * f * f
-            let merging = (g - 1) * e + m * e + e + solve + block
+            let chunk = Double(min(blockSize, float64ChunkRows))
+            let tokens = outputAware ? Double(blockSize) * (d + 3 * f) * 4 + chunk * (16 * f + 8 * d) : block
+            let merging = (g - 1) * e + m * e + e + solve + tokens
             bytes = lowRank ? max(merging, g * e + lowRankWork + block) : merging
         case .lowRank(let streams, let rank, let sparsity):
             let shapes = c.expertType == .glu ? 3.0 : 2.0
@@ -78,8 +82,16 @@ public enum MemoryModel {
             guard least <= budget else {
                 throw SMoEError.setting(.maxMemory, "\(gib(budget)) is too little: layer \(c.name) needs at least \(gib(least)) (predicted peak of this stage on a \(c.numExperts) × \(c.dModel) × \(c.dFF) layer, docs/ALGORITHM.md \"Scale\")")
             }
-            let perToken = Double(c.dModel + c.dFF) * 4
-            block = min(block, max(1, Int(Double(budget - least) / perToken) + 1))
+            // The predicted peak grows with the block (not always linearly: RegMean's float64
+            // copies stop growing at `float64ChunkRows`), so the largest block that fits is found
+            // by bisection between 1 (fits) and the block asked for.
+            guard peakBytes(w, layer: c, blockSize: block) > budget else { continue }
+            var (fits, over) = (1, block)
+            while over - fits > 1 {
+                let mid = fits + (over - fits) / 2
+                if peakBytes(w, layer: c, blockSize: mid) <= budget { fits = mid } else { over = mid }
+            }
+            block = fits
         }
         return block
     }

@@ -38,15 +38,43 @@ public enum Merging {
     /// Σ w_i E_i / Σ w_i over every matrix and bias (experts must be dense and already aligned).
     /// When all weights are zero the plain mean is used.
     public static func weightedAverage(_ experts: [Expert], weights: [Double]) throws -> Expert {
-        precondition(!experts.isEmpty && experts.count == weights.count)
+        let gate: Matrix? = experts[0].gate != nil ? try weightedAverage("gate", of: experts, weights: weights) : nil
+        let biases = weightedBiases(experts, weights: weights)
+        return Expert(up: .dense(try weightedAverage("up", of: experts, weights: weights)), gate: gate.map { .dense($0) },
+                      down: .dense(try weightedAverage("down", of: experts, weights: weights)),
+                      upBias: biases.up, downBias: biases.down)
+    }
+
+    /// The normalised float32 weights of `weightedAverage` (the plain mean when all are zero).
+    private static func normalised(_ weights: [Double]) -> [Float] {
         let total = weights.reduce(0, +)
-        let w: [Float] = total > 0 ? weights.map { Float($0 / total) } : weights.map { _ in 1 / Float(experts.count) }
-        let mats = try experts.map { try Alignment.denseMatrices($0, "merge member") }
-        func avg(_ pick: ((up: Matrix, gate: Matrix?, down: Matrix)) -> Matrix) -> Matrix {
-            var out = Matrix(rows: pick(mats[0]).rows, cols: pick(mats[0]).cols)
-            for (m, wi) in zip(mats, w) where wi != 0 { out.addScaled(pick(m), wi) }
-            return out
+        return total > 0 ? weights.map { Float($0 / total) } : weights.map { _ in 1 / Float(weights.count) }
+    }
+
+    /// One matrix (`up`, `gate` or `down`) of `weightedAverage`, the same bits, without
+    /// averaging the others (RegMean's ridge prior needs one matrix at a time).
+    public static func weightedAverage(_ matrix: String, of experts: [Expert], weights: [Double]) throws -> Matrix {
+        precondition(!experts.isEmpty && experts.count == weights.count)
+        let w = normalised(weights)
+        let mats = try experts.map { e -> Matrix in
+            let m = try Alignment.denseMatrices(e, "merge member")
+            switch matrix {
+            case "up": return m.up
+            case "down": return m.down
+            default:
+                guard let g = m.gate else { throw SMoEError("merge member: the expert has no \(matrix) matrix") }
+                return g
+            }
         }
+        var out = Matrix(rows: mats[0].rows, cols: mats[0].cols)
+        for (m, wi) in zip(mats, w) where wi != 0 { out.addScaled(m, wi) }
+        return out
+    }
+
+    /// The biases of `weightedAverage` alone.
+    public static func weightedBiases(_ experts: [Expert], weights: [Double]) -> (up: [Float]?, down: [Float]?) {
+        precondition(!experts.isEmpty && experts.count == weights.count)
+        let w = normalised(weights)
         func avgVec(_ pick: (Expert) -> [Float]?) -> [Float]? {
             guard experts.contains(where: { pick($0) != nil }) else { return nil }
             let n = experts.compactMap(pick).first!.count
@@ -54,9 +82,7 @@ public enum Merging {
             for (e, wi) in zip(experts, w) { if let v = pick(e) { for i in 0..<n { out[i] += wi * v[i] } } }
             return out
         }
-        let gate: Matrix? = mats[0].gate != nil ? avg { $0.gate! } : nil
-        return Expert(up: avg { $0.up }, gate: gate, down: avg { $0.down },
-                      upBias: avgVec { $0.upBias }, downBias: avgVec { $0.downBias })
+        return (avgVec { $0.upBias }, avgVec { $0.downBias })
     }
 
     /// The stored experts behind a group's slots, with their summed frequencies (slots of an

@@ -62,22 +62,27 @@ enum OutputAwareMerge {
             if memberDiagonal.isEmpty { memberDiagonal = [Double](repeating: 0, count: p) }
             streamed = true
             self.alpha = alpha
-            var hd = [Double](repeating: 0, count: n * p)   // w·h, float64
-            var hp = [Double](repeating: 0, count: n * p)   // h, float64
-            for t in 0..<n {
-                let wt = Double(weights[t])
-                for j in 0..<p {
-                    let v = Double(h.data[t * p + j])
-                    hp[t * p + j] = v
-                    hd[t * p + j] = wt * v
-                    memberDiagonal[j] += wt * v * v
+            // In chunks of rows, so the float64 copies stay small (`float64ChunkRows`).
+            for start in stride(from: 0, to: n, by: float64ChunkRows) {
+                let rows = min(float64ChunkRows, n - start)
+                var hd = [Double](repeating: 0, count: rows * p)   // w·h, float64
+                var hp = [Double](repeating: 0, count: rows * p)   // h, float64
+                for r in 0..<rows {
+                    let t = start + r
+                    let wt = Double(weights[t])
+                    for j in 0..<p {
+                        let v = Double(h.data[t * p + j])
+                        hp[r * p + j] = v
+                        hd[r * p + j] = wt * v
+                        memberDiagonal[j] += wt * v * v
+                    }
                 }
+                BLAS.dgemmAccumulate(m: p, n: p, k: rows, a: hd, transA: true, lda: p, b: hp, transB: false, ldb: p, into: &sum)
+                // (W h) for every token: [rows, q] = h [rows, p] · Wᵀ
+                var wh = [Double](repeating: 0, count: rows * q)
+                BLAS.dgemmAccumulate(m: rows, n: q, k: p, a: hp, transA: false, lda: p, b: wd, transB: true, ldb: p, into: &wh)
+                BLAS.dgemmAccumulate(m: p, n: q, k: rows, alpha: alpha, a: hd, transA: true, lda: p, b: wh, transB: false, ldb: q, into: &rhs)
             }
-            BLAS.dgemmAccumulate(m: p, n: p, k: n, a: hd, transA: true, lda: p, b: hp, transB: false, ldb: p, into: &sum)
-            // (W h) for every token: [n, q] = h [n, p] · Wᵀ
-            var wh = [Double](repeating: 0, count: n * q)
-            BLAS.dgemmAccumulate(m: n, n: q, k: p, a: hp, transA: false, lda: p, b: wd, transB: true, ldb: p, into: &wh)
-            BLAS.dgemmAccumulate(m: p, n: q, k: n, alpha: alpha, a: hd, transA: true, lda: p, b: wh, transB: false, ldb: q, into: &rhs)
         }
 
         /// Ends the member whose tokens were streamed: R += (1−α) diag(G_i) W_iᵀ.
@@ -180,9 +185,11 @@ enum OutputAwareMerge {
             up.add(gram: &gramX, weight: p.aligned[k].up.dense(), alpha: options.alpha)
             if gate != nil { gate!.add(gram: &gx2, weight: p.aligned[k].gate!.dense(), alpha: options.alpha) }
         }
-        let prior = try Merging.weightedAverage(p.aligned, weights: p.weights)
+        // The ridge prior, the frequency-weighted average, one matrix at a time (one expert's
+        // worth of memory less than the whole average while the down system is streamed).
         func solve(_ name: String, _ system: inout RegMeanSystem) throws -> Matrix {
-            let (w, method, estimate) = try system.solve(ridge: options.ridge, prior: prior[matrix: name]!.dense())
+            let prior = try Merging.weightedAverage(name, of: p.aligned, weights: p.weights)
+            let (w, method, estimate) = try system.solve(ridge: options.ridge, prior: prior)
             if method != .cholesky { report.notes.append(solverNote(name, method, estimate)) }
             return w
         }
@@ -208,9 +215,9 @@ enum OutputAwareMerge {
         }
         let downW = try solve("down", &down)
         // Biases: usage-weighted average of the members that saw tokens.
-        let avg = try Merging.weightedAverage(used.map { p.aligned[$0] }, weights: used.map { Double(memberTokens[$0]) })
+        let biases = Merging.weightedBiases(used.map { p.aligned[$0] }, weights: used.map { Double(memberTokens[$0]) })
         var expert = Expert(up: .dense(upW), gate: gateW.map { .dense($0) }, down: .dense(downW),
-                            upBias: avg.upBias, downBias: avg.downBias)
+                            upBias: biases.up, downBias: biases.down)
         report.how = "regmean"
         guard options.method == .regmeanRefit else { return (expert, report) }
         try refitDown(&expert, layer, p, options: options, tokens: tokens, report: &report)

@@ -1,4 +1,6 @@
 import CLinAlg
+import Dispatch
+import Foundation
 
 /// Matrix products through OpenBLAS `cblas_sgemm` / `cblas_dgemm`.
 public enum BLAS {
@@ -69,6 +71,20 @@ public enum BLAS {
 
     /// Sets the number of OpenBLAS threads (1 when the caller parallelises itself).
     public static func setThreads(_ n: Int) { openblas_set_num_threads(Int32(n)) }
+
+    /// `work(i)` for i in 0..<n, results in index order: several items run in parallel with
+    /// one BLAS thread each (the cores go to the items), a single one on this thread with BLAS's
+    /// own threads. `work` must make no HDF5 call (read the inputs first, on this thread); the
+    /// first failure in index order is thrown.
+    public static func perform<T: Sendable>(_ n: Int, _ work: @Sendable (Int) throws -> T) throws -> [T] {
+        guard n > 1 else { return try (0..<n).map(work) }
+        let slots = ResultSlots<T>(count: n)
+        let saved = threads
+        setThreads(1)
+        DispatchQueue.concurrentPerform(iterations: n) { i in slots.set(i, Result { try work(i) }) }
+        setThreads(saved)
+        return try slots.values.map { try $0!.get() }
+    }
     public static var threads: Int { Int(openblas_get_num_threads()) }
     /// The OpenBLAS kernel in use (e.g. "Haswell"), for benchmark reports.
     public static var coreName: String { String(cString: openblas_get_corename()) }
@@ -94,3 +110,17 @@ public enum BLAS {
 
 /// Matrix product shorthand: `a * b` is `BLAS.matmul(a, b)`.
 public func * (a: Matrix, b: Matrix) -> Matrix { BLAS.matmul(a, b) }
+
+/// `BLAS.perform`'s results, each set once by its worker.
+private final class ResultSlots<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private(set) var values: [Result<T, Error>?]
+
+    init(count: Int) { values = .init(repeating: nil, count: count) }
+
+    func set(_ i: Int, _ v: Result<T, Error>) {
+        lock.lock()
+        values[i] = v
+        lock.unlock()
+    }
+}

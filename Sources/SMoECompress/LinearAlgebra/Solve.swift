@@ -51,9 +51,8 @@ public enum SymmetricSolver {
         guard a.allSatisfy({ $0.isFinite }), b.allSatisfy({ $0.isFinite }) else {
             throw LinearAlgebraError.nonFinite("system matrix")
         }
-        // Column-major upper triangle = row-major lower triangle: the one the factorisation reads.
-        let upper = CChar(UInt8(ascii: "U"))
-        // ‖A‖₁ of the symmetric matrix defined by that triangle.
+        // ‖A‖₁ of the symmetric matrix defined by the row-major lower triangle (the one the
+        // factorisation reads).
         var anorm = 0.0
         for j in 0..<n {
             var s = 0.0
@@ -61,11 +60,11 @@ public enum SymmetricSolver {
             anorm = max(anorm, s)
         }
         let diagonal = (0..<n).map { a[$0 * n + $0] }
-        let info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, upper, Int32(n), &a, Int32(n))
+        let info = choleskyLowerInPlace(&a, n: n)
         if info < 0 { throw LinearAlgebraError.lapack(routine: "dpotrf", info: info) }
         var estimate = 0.0
         if info == 0 {
-            let infoc = LAPACKE_dpocon(LAPACK_COL_MAJOR, upper, Int32(n), a, Int32(n), anorm, &estimate)
+            let infoc = LAPACKE_dpocon(LAPACK_COL_MAJOR, rowMajorLower, Int32(n), a, Int32(n), anorm, &estimate)
             if infoc != 0 { throw LinearAlgebraError.lapack(routine: "dpocon", info: infoc) }
             if estimate >= rcond {
                 // L·Y = B, then Lᵀ·X = Y (L: the row-major lower triangle).
@@ -80,15 +79,33 @@ public enum SymmetricSolver {
                 return (.cholesky, estimate)
             }
         }
-        for i in 0..<n {
-            a[i * n + i] = diagonal[i]
-            for j in 0..<i { a[i * n + j] = a[j * n + i] }
-        }
+        restoreLower(&a, n: n, diagonal: diagonal)
         var s = [Double](repeating: 0, count: n)
         var rank: Int32 = 0
         let info2 = LAPACKE_dgelsd(LAPACK_ROW_MAJOR, Int32(n), Int32(n), Int32(m), &a, Int32(n), &b, Int32(m), &s, rcond, &rank)
         if info2 != 0 { throw LinearAlgebraError.lapack(routine: "dgelsd", info: info2) }
         return (.leastSquares, estimate)
+    }
+
+    /// The LAPACK `uplo` of a row-major symmetric matrix's lower triangle handed over as
+    /// column-major (where it is the upper one).
+    static let rowMajorLower = CChar(UInt8(ascii: "U"))
+
+    /// Cholesky A = L·Lᵀ of the symmetric row-major `a` in place (dpotrf's info: > 0 when A is
+    /// not positive definite). The buffer is handed to LAPACK as the column-major matrix it also
+    /// is, so LAPACKE makes no transposed copy: L fills the row-major lower triangle, diagonal
+    /// included; the strict upper triangle is left as it was (`restoreLower`).
+    static func choleskyLowerInPlace(_ a: inout [Double], n: Int) -> Int32 {
+        LAPACKE_dpotrf(LAPACK_COL_MAJOR, rowMajorLower, Int32(n), &a, Int32(n))
+    }
+
+    /// A again after `choleskyLowerInPlace`: the lower triangle from the untouched upper one and
+    /// the diagonal from `diagonal` (saved before factoring).
+    static func restoreLower(_ a: inout [Double], n: Int, diagonal: [Double]) {
+        for i in 0..<n {
+            a[i * n + i] = diagonal[i]
+            for j in 0..<i { a[i * n + j] = a[j * n + i] }
+        }
     }
 }
 

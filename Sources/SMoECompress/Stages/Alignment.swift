@@ -165,30 +165,18 @@ public enum Alignment {
             let slots = Array(others[first..<min(first + width, others.count)])
             // Read here, one after the other: HDF5 calls are not made from the parallel workers.
             let batch = try slots.map { try source.expert($0) }
-            let box = ResultBox<Result<(ExpertAlignment, Double, Double), Error>>(count: slots.count)
-            let work: @Sendable (Int) -> Void = { k in
-                box.set(k, Result {
-                    do {
-                        let e = batch[k]
-                        let (perm, tp, ts) = try permutation(reference: ref, e)
-                        let before = try meanNeuronCosine(ref, e, identity)
-                        let after = try meanNeuronCosine(ref, e, perm)
-                        return (ExpertAlignment(slot: slots[k], permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)
-                    } catch let err as SMoEError {
-                        throw SMoEError("\(name): stored expert \(slots[k]): \(err.message)")
-                    }
-                })
+            let results = try BLAS.perform(slots.count) { k in
+                do {
+                    let e = batch[k]
+                    let (perm, tp, ts) = try permutation(reference: ref, e)
+                    let before = try meanNeuronCosine(ref, e, identity)
+                    let after = try meanNeuronCosine(ref, e, perm)
+                    return (ExpertAlignment(slot: slots[k], permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)
+                } catch let err as SMoEError {
+                    throw SMoEError("\(name): stored expert \(slots[k]): \(err.message)")
+                }
             }
-            if slots.count > 1 {
-                let saved = BLAS.threads
-                BLAS.setThreads(1)
-                DispatchQueue.concurrentPerform(iterations: slots.count, execute: work)
-                BLAS.setThreads(saved)
-            } else {
-                work(0)
-            }
-            for k in slots.indices {
-                let (r, tp, ts) = try box.values[k]!.get()
+            for (k, (r, tp, ts)) in results.enumerated() {
                 reports[slots[k]] = r
                 productSeconds += tp
                 solverSeconds += ts
@@ -201,28 +189,6 @@ public enum Alignment {
         let perms = report.experts.map(\.permutation)
         let aligned = source.mappingExperts { i, e in i == reference ? e : try permute(e, perms[i]) }
         return (aligned, report)
-    }
-}
-
-/// A fixed-size, lock-protected result array for concurrentPerform.
-final class ResultBox<T>: @unchecked Sendable {
-    private let lock = NSLock()
-    private(set) var values: [T?]
-    private var done = 0
-
-    var completed: Int {
-        lock.lock()
-        defer { lock.unlock() }
-        return done
-    }
-
-    init(count: Int) { values = [T?](repeating: nil, count: count) }
-
-    func set(_ i: Int, _ v: T) {
-        lock.lock()
-        values[i] = v
-        done += 1
-        lock.unlock()
     }
 }
 

@@ -1,5 +1,3 @@
-import Dispatch
-
 /// How one group was merged.
 public struct MergedGroup: Sendable {
     public var dominant: Int
@@ -121,27 +119,15 @@ public enum Merging {
         let n = others.experts.count
         // The permutations (and cosines) first; then each member is permuted and its original
         // dropped, so one extra copy of an expert is held at a time.
-        let box = ResultBox<Result<(perm: [Int]?, cosine: Double), Error>>(count: n)
-        let work: @Sendable (Int) -> Void = { k in
-            box.set(k, Result {
-                let ex = others.experts[k]!
-                guard align else { return (nil, try Alignment.meanNeuronCosine(reference, ex, Array(0..<source.config.dFF))) }
-                let perm = try Alignment.permutation(reference: reference, ex).perm
-                return (perm, try Alignment.meanNeuronCosine(reference, ex, perm))
-            })
-        }
-        if n > 1 {
-            let saved = BLAS.threads
-            BLAS.setThreads(1)
-            DispatchQueue.concurrentPerform(iterations: n, execute: work)
-            BLAS.setThreads(saved)
-        } else {
-            for k in 0..<n { work(k) }
+        let found = try BLAS.perform(n) { k -> (perm: [Int]?, cosine: Double) in
+            let ex = others.experts[k]!
+            guard align else { return (nil, try Alignment.meanNeuronCosine(reference, ex, Array(0..<source.config.dFF))) }
+            let perm = try Alignment.permutation(reference: reference, ex).perm
+            return (perm, try Alignment.meanNeuronCosine(reference, ex, perm))
         }
         var aligned = [reference]
         var cos = 0.0
-        for k in 0..<n {
-            let (perm, c) = try box.values[k]!.get()
+        for (k, (perm, c)) in found.enumerated() {
             let ex = others.experts[k]!
             others.experts[k] = nil
             aligned.append(try perm.map { try Alignment.permute(ex, $0) } ?? ex)

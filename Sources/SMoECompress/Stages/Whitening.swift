@@ -62,21 +62,16 @@ public struct Whitening: Sendable {
         guard n > 0, meanDiag > 0, meanDiag.isFinite else { return nil }
         let lambda = relativeRidge * meanDiag
         for i in 0..<n { a[i * n + i] += lambda }
-        // The row-major lower triangle is the column-major upper one: LAPACKE then factors the
-        // buffer where it is instead of through a transposed copy.
-        let lower = CChar(UInt8(ascii: "U"))
-        var info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, lower, Int32(n), &a, Int32(n))
+        // In place, without LAPACKE's transposed copy.
+        var info = SymmetricSolver.choleskyLowerInPlace(&a, n: n)
         var ridge = lambda
         // Not numerically positive definite (a zero ridge on a rank-deficient Gram): retry with
-        // the smallest ridge that float64 Cholesky accepts reliably, 1e-10 of the mean diagonal.
-        // dpotrf wrote only the lower triangle: the Gram is rebuilt from the upper one.
+        // the smallest ridge that float64 Cholesky accepts reliably, 1e-10 of the mean diagonal,
+        // on the Gram rebuilt from the triangle the factorisation left alone.
         if info > 0 {
             ridge = max(lambda, 1e-10 * meanDiag)
-            for i in 0..<n {
-                a[i * n + i] = diagonal[i] + ridge
-                for j in 0..<i { a[i * n + j] = a[j * n + i] }
-            }
-            info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, lower, Int32(n), &a, Int32(n))
+            SymmetricSolver.restoreLower(&a, n: n, diagonal: diagonal.map { $0 + ridge })
+            info = SymmetricSolver.choleskyLowerInPlace(&a, n: n)
         }
         if info != 0 { throw LinearAlgebraError.lapack(routine: "dpotrf", info: info) }
         for i in 0..<n { for j in (i + 1)..<max(n, i + 1) { a[i * n + j] = 0 } }

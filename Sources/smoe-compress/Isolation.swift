@@ -2,7 +2,7 @@ import Foundation
 import SMoECompress
 
 /// The hidden subcommand the tool re-executes itself with to walk an input's HDF5 metadata in a
-/// child process (docs/ARCHITECTURE.md, "Damaged input").
+/// child process (docs/FORMAT.md, "Damaged input").
 let checkInputCommand = "__check-input"
 
 /// Child side: walks `path`, writing one byte to fd 3 per object (the heartbeat); exits 0, or 1

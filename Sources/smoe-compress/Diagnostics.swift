@@ -55,13 +55,13 @@ func errorLine(_ e: SMoEError) -> String { "error: " + e.rendered(naming: flag(f
 
 func printWarning(_ text: String) { FileHandle.standardError.write(Data("warning: \(text)\n".utf8)) }
 
-/// Runs `body`; a library error that names none of the input files (nor a setting) is prefixed
-/// with `primary`, so every error line says which file it is about.
+/// Runs `body`; a library error that names none of the input files, nor a file inside one (nor
+/// a setting), is prefixed with `primary`, so every error line says which file it is about.
 func namingFile<T>(_ primary: String, inputs: [String] = [], _ body: () throws -> T) throws -> T {
     do {
         return try body()
     } catch let e as SMoEError {
-        throw e.naming(primary, unlessItNames: inputs)
+        throw e.naming(file: primary, unlessItNames: inputs)
     }
 }
 

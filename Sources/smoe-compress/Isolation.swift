@@ -85,7 +85,8 @@ let inputCheckStallSeconds: Double = {
     if code == 0 { return }
     let line = String(decoding: errText, as: UTF8.self).split(whereSeparator: \.isNewline)
         .first(where: { $0.hasPrefix("error: ") }).map { String($0.dropFirst(7)) }
-    throw SMoEError(line ?? "\(path): could not be checked (checker exited with status \(code))")
+    // The child checked `path` alone: its error line is about that file.
+    throw SMoEError(line ?? "\(path): could not be checked (checker exited with status \(code))", file: path)
 }
 
 private func cloexecPipe(_ fds: inout [Int32]) -> Bool {

@@ -25,7 +25,7 @@ public struct ShardAssembly {
         for path in paths {
             do {
                 let s: ShardFile
-                do { s = try ShardFile(path) } catch let e as SMoEError { throw e.naming(path) }
+                do { s = try ShardFile(path) } catch let e as SMoEError { throw e.naming(file: path) }
                 let h = s.header
                 guard h.modelFingerprint == fingerprint else {
                     throw SMoEError.file(path, "is a shard of another model (\(h.model), fingerprint \(h.modelFingerprint)), not of \(model.path) (fingerprint \(fingerprint))")
@@ -62,7 +62,8 @@ public struct ShardAssembly {
             let which = absent.map { "\($0)/\(count)" }.joined(separator: ", ")
             problems.append(SMoEError("missing shard\(absent.count == 1 ? "" : "s") \(which) of \(model.path)"
                 + (missing.isEmpty ? "" : " (layers \(missing.joined(separator: ", ")))")
-                + ": give \(absent.count == 1 ? "it" : "them"), or {allow-partial} to \(first.header.kind == "smoe-stats" ? "leave those layers out" : "copy those layers unchanged")"))
+                + ": give \(absent.count == 1 ? "it" : "them"), or {allow-partial} to \(first.header.kind == "smoe-stats" ? "leave those layers out" : "copy those layers unchanged")",
+                file: model.path))
         }
         guard problems.isEmpty else { return (nil, problems) }
         let ordered = good.sorted { $0.header.shard.index < $1.header.shard.index }

@@ -119,7 +119,8 @@ public struct EvaluationAccumulator: Sendable {
                                      : " (the recorded groups do not map its \(a.numExperts) slots onto \(b.numExperts))")
                 : ""
             throw SMoEError("layer \(a.name): the compressed layer has E=\(b.numExperts), k=\(b.topK), d_model=\(b.dModel) "
-                            + "but the original has E=\(a.numExperts), k=\(a.topK), d_model=\(a.dModel): not the same model" + hint)
+                            + "but the original has E=\(a.numExperts), k=\(a.topK), d_model=\(a.dModel): not the same model" + hint,
+                            layer: a.name)
         }
         self.original = original
         self.compressed = compressed
@@ -239,8 +240,9 @@ public enum Evaluation {
                                  bytesBefore: try original.summary(n).expertFileBytes,
                                  bytesAfter: try compressed.summary(n).expertFileBytes,
                                  tokens: tokens, slotGroups: compressed.compactGroups(n), progress: progress)
-            } catch let err as SMoEError where !err.message.contains(compressed.path) && err.message.hasPrefix("layer ") {
-                throw SMoEError.file(compressed.path, err.message)
+            } catch let err as SMoEError where err.file == nil && err.layer != nil {
+                // The layers do not match (`EvaluationAccumulator`): the compressed file is at fault.
+                throw err.prefixed(compressed.path, file: compressed.path)
             }
             guard e.relativeError.isFinite, e.meanCosine.isFinite else {
                 throw SMoEError.dataset(compressed.path, n, "the output error is not finite: the layer's outputs overflow float32 or hold NaN")

@@ -259,7 +259,7 @@ public struct MergeStage: LayerStage {
     public static func apply(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double], settings: MergeSettings,
                              tokens: TokenBlocks?, progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: LayerMergeReport) {
         if layer.experts.contains(where: { $0.namedMatrices.contains { $0.op.isFactored } }) {
-            throw SMoEError("\(layer.name): \(factoredMessage)")
+            throw SMoEError.layer(layer.name, factoredMessage)
         }
         return try apply(LayerSource(layer), grouping: grouping, frequency: frequency, settings: settings, tokens: tokens,
                          progress: progress)

@@ -317,3 +317,36 @@ extension MergeStage {
         }
     }
 }
+
+// MARK: sharded runs
+
+extension MergeStage {
+    /// The settings, the tokens and, for adaptive grouping, the global plan (every layer's
+    /// groups), so shards that planned differently (other statistics) do not assemble.
+    public var settingsRecord: JSONValue {
+        var extra: [(String, JSONValue)] = [("tokens", settings.tokens.record)]
+        if settings.adaptive {
+            extra.append(("plan", .object(layers.compactMap { n in
+                plans[n].map { (n, .array($0.grouping.groups.map { JSONValue($0) })) }
+            })))
+        }
+        return historyEntry([]).adding(extra)
+    }
+}
+
+extension MergeStage {
+    /// The layers a merge plans: all selected ones, or with a shard and uniform grouping only
+    /// the shard's; adaptive grouping with a shard needs a statistics file of every layer.
+    static func plannedLayers(_ names: [String], model: CheckpointReader, shard: Shard?, adaptive: Bool,
+                              stats: StatsReader?) throws -> [String] {
+        guard let shard else { return names }
+        if adaptive {
+            guard stats != nil else {
+                throw SMoEError.setting(.stats, "is needed with {adaptive} and {shard}: the global plan is made from the statistics of every layer (run stats first)")
+            }
+            return names
+        }
+        let mine = Set(try model.shardLayers(shard))
+        return names.filter(mine.contains)
+    }
+}

@@ -35,7 +35,7 @@ public protocol LayerStage {
     var settingsRecord: JSONValue { get }
     /// The history entry of a run from the one-layer entries of its layers (`historyEntry([r])`
     /// of each report, in index order): what a resumed run records, holding reports only for the
-    /// layers it computed itself. Must equal `historyEntry(reports)` (`Stages/Resume.swift`; by
+    /// layers it computed itself. Must equal `historyEntry(reports)` (`Run/Resume.swift`; by
     /// default every `layers` array is concatenated and all else must agree).
     func historyEntry(combining layerEntries: [JSONValue]) throws -> JSONValue
 }
@@ -198,23 +198,6 @@ extension LayerStage {
     }
 }
 
-/// Which calibration tokens a stage reads: blocks of `blockSize` tokens, at most `maxTokens`
-/// per layer.
-public struct TokenSettings: Sendable, Equatable {
-    public static let defaultBlockSize = 4096
-    public var blockSize: Int
-    public var maxTokens: Int?
-
-    public init(blockSize: Int = TokenSettings.defaultBlockSize, maxTokens: Int? = nil) {
-        self.blockSize = blockSize
-        self.maxTokens = maxTokens
-    }
-
-    public func validate() throws {
-        guard blockSize >= 1 else { throw SMoEError.setting(.blockSize, "must be at least 1, not \(blockSize)") }
-        if let m = maxTokens, m < 1 { throw SMoEError.setting(.maxTokens, "must be at least 1, not \(m)") }
-    }
-}
 
 extension CheckpointReader {
     /// The MoE layers named by `names` (nil: all), in index order; an unknown or empty name is

@@ -283,3 +283,11 @@ extension JSONValue {
     public init(_ a: [Double]) { self = .array(a.map { .double($0) }) }
     public init(_ a: [String]) { self = .array(a.map { .string($0) }) }
 }
+
+extension JSONValue {
+    /// An object with `extra` keys appended (other values unchanged).
+    func adding(_ extra: [(String, JSONValue)]) -> JSONValue {
+        guard case .object(let kv) = self else { return self }
+        return .object(kv + extra)
+    }
+}

@@ -165,51 +165,6 @@ public struct StatisticsAccumulator: Sendable {
     }
 }
 
-/// The routing-statistics stage (`stats`): per selected layer, usage and the similarity bases
-/// asked for, over the layer's calibration tokens streamed in blocks.
-public struct StatisticsStage: LayerStage {
-    public let name = "stats"
-    public let layers: [String]
-    public let calibration: CalibrationReader
-    public let bases: Set<SimilarityBase>
-    public let tokens: TokenSettings
-
-    /// Checks the settings and that the capture has every selected layer of `model`.
-    public init(model: CheckpointReader, calibration: CalibrationReader, bases: Set<SimilarityBase> = [.routerLogits],
-                tokens: TokenSettings = TokenSettings(), layers: [String]? = nil) throws {
-        try tokens.validate()
-        self.layers = try model.selectLayers(layers)
-        // Without a selection the capture must hold no layer the model lacks either.
-        try calibration.checkMatches(model, layers: layers == nil ? nil : self.layers)
-        self.calibration = calibration
-        self.bases = bases
-        self.tokens = tokens
-    }
-
-    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: LayerStatistics, report: LayerStatistics) {
-        let s = try Statistics.compute(layer: layer, calibration: calibration, bases: bases, tokens: tokens, progress: progress)
-        return (s, s)
-    }
-
-    /// Without weight or expert-output similarity only the router is needed: the experts are
-    /// not read at all.
-    public var streamsExperts: Bool { !bases.contains(where: \.needsExperts) }
-
-    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: LayerStatistics, report: LayerStatistics) {
-        try process(streamsExperts ? source.header : try source.whole(), progress: progress)
-    }
-
-    /// A statistics file holds the computed layers only.
-    public func unchanged(_ layer: MoELayer) -> LayerStatistics? { nil }
-    public var keepsOtherLayers: Bool { false }
-
-    public func historyEntry(_ reports: [LayerStatistics]) -> JSONValue {
-        .object([("stage", .string(name)), ("tool", .string("smoe-compress \(smoeCompressVersion)")),
-                 ("calibration", .string(calibration.path)), ("similarity", JSONValue(bases.sorted().map(\.rawValue))),
-                 ("layers", JSONValue(reports.map(\.name)))])
-    }
-}
-
 /// Routing statistics of single layers, and the similarity computations behind them.
 public enum Statistics {
     /// Statistics of one layer over the calibration capture of the layer of the same name,

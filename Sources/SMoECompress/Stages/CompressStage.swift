@@ -231,3 +231,34 @@ public struct CompressStage: LayerStage {
         return .object(kv)
     }
 }
+
+// MARK: what shards of one run must agree on
+
+extension CompressStage {
+    public var settingsRecord: JSONValue {
+        var kv: [(String, JSONValue)] = [("stage", .string(name)), ("merge", merge.settingsRecord),
+                                         ("activation_aware", .bool(settings.activationAware)),
+                                         ("evaluation_tokens", .string(evaluation.path)), ("storage", .string(storage.rawValue))]
+        if let l = settings.lowRank { kv.append(("lowrank", .object(l.historyJSON))) }
+        return .object(kv)
+    }
+}
+
+// MARK: resumed runs
+
+extension CompressStage {
+    /// As the default, and `mean_relative_error` the mean of the layers' errors (summed in index
+    /// order, as `ModelEvaluation.meanRelativeError`: a one-layer entry holds its layer's error).
+    public func historyEntry(combining layerEntries: [JSONValue]) throws -> JSONValue {
+        let errors = try layerEntries.map { e -> Double in
+            guard let x = e["mean_relative_error"]?.doubleValue else {
+                throw SMoEError("cannot combine the layers' history entries: one has no mean_relative_error")
+            }
+            return x
+        }
+        let combined = try combineLayerEntries(layerEntries.map { $0.replacing("mean_relative_error", with: .double(0)) },
+                                               empty: historyEntry([]))
+        let mean = errors.isEmpty ? 0 : errors.reduce(0) { $0 + $1 } / Double(errors.count)
+        return combined.replacing("mean_relative_error", with: .double(mean))
+    }
+}

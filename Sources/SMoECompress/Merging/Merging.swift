@@ -226,13 +226,3 @@ public struct MergeOptions: Sendable {
         if !(refitRidge >= 0 && refitRidge.isFinite) { throw SMoEError.setting(.refitRidge, "must be a finite number ≥ 0") }
     }
 }
-
-/// A source of calibration token blocks: calls its argument once per block [n, d_model].
-public typealias TokenBlocks = ((Matrix) throws -> Void) throws -> Void
-
-extension CalibrationReader {
-    /// The layer's tokens as a `TokenBlocks` source.
-    public func tokenBlocks(_ layer: String, _ tokens: TokenSettings = TokenSettings()) -> TokenBlocks {
-        { body in try self.forEachBlock(layer, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { _, x in try body(x) } }
-    }
-}

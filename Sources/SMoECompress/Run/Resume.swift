@@ -73,23 +73,6 @@ extension JSONValue {
     }
 }
 
-extension CompressStage {
-    /// As the default, and `mean_relative_error` the mean of the layers' errors (summed in index
-    /// order, as `ModelEvaluation.meanRelativeError`: a one-layer entry holds its layer's error).
-    public func historyEntry(combining layerEntries: [JSONValue]) throws -> JSONValue {
-        let errors = try layerEntries.map { e -> Double in
-            guard let x = e["mean_relative_error"]?.doubleValue else {
-                throw SMoEError("cannot combine the layers' history entries: one has no mean_relative_error")
-            }
-            return x
-        }
-        let combined = try combineLayerEntries(layerEntries.map { $0.replacing("mean_relative_error", with: .double(0)) },
-                                               empty: historyEntry([]))
-        let mean = errors.isEmpty ? 0 : errors.reduce(0) { $0 + $1 } / Double(errors.count)
-        return combined.replacing("mean_relative_error", with: .double(mean))
-    }
-}
-
 // MARK: the work directory
 
 /// An input file as a resumable run records it: which option gave it, its path, size,

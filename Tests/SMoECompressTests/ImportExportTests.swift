@@ -604,6 +604,54 @@ final class ImportExportTests: XCTestCase {
         XCTAssertEqual(try JSONValue.parse(toEmpty.stdout)["tensors"]?.intValue, tensors.count)
     }
 
+    /// Qwen3-MoE's expert count is `num_experts` in transformers 4.x folders and
+    /// `num_local_experts` in 5.x ones (issue 24): import reads either (both must agree), and a
+    /// compact export updates every key present, so no stale count is left beside the new one.
+    func testExpertCountKeysOfTransformers4And5() throws {
+        let dir = temporaryDirectory(self)
+        let (tensors, base) = fakeModel(.qwen3Fused, dtype: .F32, seed: 5)
+        let forms: [(String, [String])] = [("v4", ["num_experts"]), ("v5", ["num_local_experts"]),
+                                           ("both", ["num_experts", "num_local_experts"]), ("none", [])]
+        var rng = SplitMix64(seed: 6)
+        let calib = dir + "/calib.h5"
+        let cw = try CalibrationWriter(destination: calib, source: "test")
+        for (i, name) in FakeFamily.qwen3Fused.moeLayers.enumerated() {
+            try cw.write(layer: name, index: i, hiddenStates: randomMatrix(128, fakeH, &rng))
+        }
+        try cw.commit()
+        for (form, keys) in forms {
+            var config = base.filter { $0.0 != "num_experts" }
+            for k in keys { config.append((k, .int(fakeE))) }
+            let src = dir + "/\(form)", h5 = dir + "/\(form).h5", compact = dir + "/\(form).compact.h5"
+            try writeFakeModel(src, tensors, config: config)
+            let imported = try HFImport.run(directory: src, output: h5)
+            XCTAssertEqual(imported.plan.config.numExperts, keys.isEmpty ? nil : fakeE, form)
+            let m = try runCLI(["merge", h5, "--calib", calib, "--groups", "2", "--router", "compact", "-o", compact, "--quiet"])
+            XCTAssertEqual(m.status, 0, m.stderr)
+            let r = try HFExport.run(checkpoint: compact, outputDirectory: dir + "/\(form).out")
+            let text = try String(contentsOfFile: dir + "/\(form).out/config.json", encoding: .utf8)
+            let out = try JSONValue.parse(text)
+            for k in keys.isEmpty ? ["num_local_experts"] : keys { XCTAssertEqual(out[k]?.intValue, 2, "\(form) \(k)") }
+            for k in ["num_experts", "num_local_experts"] where !keys.contains(k) && !keys.isEmpty { XCTAssertNil(out[k], "\(form) \(k)") }
+            XCTAssertEqual(r.expertCount?.to, 2, form)
+            // The unmodified import keeps config.json byte for byte.
+            try HFExport.run(checkpoint: h5, outputDirectory: dir + "/\(form).same")
+            if !keys.isEmpty {
+                XCTAssertEqual(try String(contentsOfFile: dir + "/\(form).same/config.json", encoding: .utf8),
+                               try String(contentsOfFile: src + "/config.json", encoding: .utf8), form)
+            }
+        }
+        // Two names that disagree: one error naming the file and both keys.
+        var config = base.filter { $0.0 != "num_experts" }
+        config += [("num_experts", .int(fakeE)), ("num_local_experts", .int(8))]
+        try writeFakeModel(dir + "/disagree", tensors, config: config)
+        XCTAssertThrowsError(try HFImport.run(directory: dir + "/disagree", output: dir + "/disagree.h5")) { e in
+            let m = (e as? SMoEError)?.message ?? "\(e)"
+            XCTAssertTrue(m.hasPrefix(dir + "/disagree/config.json: num_experts: is 4 but num_local_experts is 8"), m)
+            XCTAssertFalse(m.contains("\n"))
+        }
+    }
+
     /// An independent check: a model written by python's safetensors, imported and exported,
     /// reads back in python with identical tensors.
     func testPythonWrittenModelRoundTrips() throws {

@@ -90,12 +90,17 @@ public enum HFExport {
         var config: String
         if let source = reader.sourceConfig {
             config = source
+            // Every expert-count key present is updated (transformers 4.x and 5.x names differ,
+            // and 5.x refuses a folder whose names disagree); none present: transformers 5's name.
             let parsed = try? JSONValue.parse(source)
-            let given = parsed?[fam.numExpertsKey]?.intValue
-            if given != count, case .object(var kv)? = parsed {
-                if let i = kv.firstIndex(where: { $0.0 == fam.numExpertsKey }) { kv[i].1 = .int(count) } else { kv.append((fam.numExpertsKey, .int(count))) }
+            let present = fam.numExpertsKeys.filter { parsed?[$0] != nil }
+            let key = present.first ?? fam.numExpertsKey
+            let given = parsed?[key]?.intValue
+            if present.isEmpty || present.contains(where: { parsed?[$0]?.intValue != count }), case .object(var kv)? = parsed {
+                if present.isEmpty { kv.append((fam.numExpertsKey, .int(count))) }
+                for i in kv.indices where present.contains(kv[i].0) { kv[i].1 = .int(count) }
                 config = JSONValue.object(kv).serialized(pretty: true) + "\n"
-                expertCount = (fam.numExpertsKey, given, count)
+                expertCount = (present.isEmpty ? key : present.joined(separator: ", "), given, count)
             }
         } else {
             let (text, guessed) = try synthesiseConfig(reader, family: fam, dtype: expertDT)

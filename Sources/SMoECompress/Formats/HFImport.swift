@@ -54,7 +54,16 @@ public struct SourceModelConfig: Sendable {
         case .normalisedIf(let key): routerType = try config.bool(key, default: false) ? .softmax_topk_norm : .softmax_topk
         }
         let act = try config.string(family.activationKey) ?? family.defaultActivation
-        return SourceModelConfig(family: family, numExperts: try config.count(family.numExpertsKey), topK: topK,
+        // The expert count under every name transformers 4.x and 5.x write: all present must agree.
+        var numExperts: (key: String, value: Int)? = nil
+        for key in family.numExpertsKeys {
+            guard let n = try config.count(key) else { continue }
+            if let first = numExperts, first.value != n {
+                throw SMoEError.dataset(path, key, "is \(n) but \(first.key) is \(first.value): two expert counts (transformers reads both names as one setting)")
+            }
+            numExperts = numExperts ?? (key, n)
+        }
+        return SourceModelConfig(family: family, numExperts: numExperts?.value, topK: topK,
                                  activation: try activation(act, path: path, key: family.activationKey),
                                  routerType: routerType, text: text)
     }

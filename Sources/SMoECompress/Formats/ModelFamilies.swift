@@ -59,8 +59,12 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     /// expert's gate rows then its up rows) and `down` ([E, H, I]), with or without `.weight`;
     /// empty when the family has no fused layout.
     public let fusedNames: [String: String]
-    /// config.json key of the number of routed experts per layer (checked against the router).
+    /// config.json key of the number of routed experts per layer (checked against the router):
+    /// the name transformers 5 writes ...
     public let numExpertsKey: String
+    /// ... and the other names of the same value (transformers 4.x writes, `attribute_map`
+    /// aliases): import reads every one present (they must agree), export updates every one present.
+    public let numExpertsAliases: [String]
     public let topK: TopKRule
     /// config.json key of the expert activation, and its value when the key is absent.
     public let activationKey: String
@@ -85,7 +89,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
          routerSuffix: String = "gate.weight", routerType: RouterTypeRule, expertType: ExpertType = .glu,
          expertPrefix: String = "", matrixNames: [String: String] = ["gate": "gate_proj", "up": "up_proj", "down": "down_proj"],
          fusedNames: [String: String] = ["gate_up": "gate_up_proj", "down": "down_proj"], numExpertsKey: String,
-         topK: TopKRule = .key("num_experts_per_tok"), activationKey: String = "hidden_act", defaultActivation: String = "silu",
+         numExpertsAliases: [String] = [], topK: TopKRule = .key("num_experts_per_tok"), activationKey: String = "hidden_act", defaultActivation: String = "silu",
          requirements: [ConfigRequirement] = [], transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false) {
         self.rawValue = rawValue
         self.displayName = displayName
@@ -99,6 +103,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         self.matrixNames = matrixNames
         self.fusedNames = fusedNames
         self.numExpertsKey = numExpertsKey
+        self.numExpertsAliases = numExpertsAliases
         self.topK = topK
         self.activationKey = activationKey
         self.defaultActivation = defaultActivation
@@ -116,7 +121,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         "mixtral", "Mixtral", modelTypes: ["mixtral"], architectures: ["MixtralForCausalLM"],
         block: [.word(["model"]), .word(["layers"]), .index("L"), .word(["block_sparse_moe", "mlp"])],
         routerType: .fixed(.softmax_topk_norm), matrixNames: ["gate": "w1", "up": "w3", "down": "w2"],
-        numExpertsKey: "num_local_experts")
+        numExpertsKey: "num_local_experts", numExpertsAliases: ["num_experts"])
     public static let switchTransformers = ModelFamily(
         "switch-transformers", "SwitchTransformers", modelTypes: ["switch_transformers"],
         architectures: ["SwitchTransformersForConditionalGeneration", "SwitchTransformersEncoderModel", "SwitchTransformersModel"],
@@ -128,22 +133,26 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     public static let qwen2MoE = ModelFamily(
         "qwen2-moe", "Qwen1.5/Qwen2-MoE", modelTypes: ["qwen2_moe"], architectures: ["Qwen2MoeForCausalLM"], block: decoderMLP,
         routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_experts")
+    /// transformers 4.x writes `num_experts`, 5.x `num_local_experts`.
     public static let qwen3MoE = ModelFamily(
         "qwen3-moe", "Qwen3-MoE", modelTypes: ["qwen3_moe"], architectures: ["Qwen3MoeForCausalLM"], block: decoderMLP,
-        routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_experts")
+        routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_local_experts", numExpertsAliases: ["num_experts"])
     public static let olmoe = ModelFamily(
         "olmoe", "OLMoE", modelTypes: ["olmoe"], architectures: ["OlmoeForCausalLM"], block: decoderMLP,
-        routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_experts")
+        routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_experts", numExpertsAliases: ["num_local_experts"])
     /// Only plain softmax top-k routing maps onto the tool's router types.
     public static let deepseek = ModelFamily(
         "deepseek", "DeepSeek-MoE/V2/V3", modelTypes: ["deepseek", "deepseek_v2", "deepseek_v3"],
         architectures: ["DeepseekForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"], block: decoderMLP,
         routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "n_routed_experts",
-        requirements: [.string(key: "scoring_func", equals: "softmax"), .string(key: "topk_method", equals: "greedy"),
+        numExpertsAliases: ["num_local_experts", "num_experts"], requirements: [.string(key: "scoring_func", equals: "softmax"), .string(key: "topk_method", equals: "greedy"),
                        .number(key: "routed_scaling_factor", equals: 1)])
 
     /// Every family `import` and `export` understand.
     public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek]
+
+    /// Every config.json key that may hold the expert count, transformers 5's name first.
+    public var numExpertsKeys: [String] { [numExpertsKey] + numExpertsAliases }
 
     /// The family a config.json names: `model_type` decides when present, `architectures` only
     /// when it is absent.
@@ -213,7 +222,8 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     /// reads (a test keeps the file equal to this).
     public static var tableJSON: JSONValue {
         func rules(_ f: ModelFamily) -> [(String, JSONValue)] {
-            var out: [(String, JSONValue)] = [("num_experts_key", .string(f.numExpertsKey))]
+            var out: [(String, JSONValue)] = [("num_experts_key", .string(f.numExpertsKey)),
+                                              ("num_experts_aliases", JSONValue(f.numExpertsAliases))]
             switch f.topK {
             case .key(let k): out.append(("top_k_key", .string(k)))
             case .fixed(let k): out.append(("top_k", .int(k)))

@@ -39,7 +39,7 @@ goes through the layer, and the layer is freed; each weight is read once. The la
 (attention masks, rotary embeddings, Switch's position biases) are those the model's own forward
 builds: the stack's forward runs once per batch with its layers stubbed out to record them. Peak
 memory is about max(stem, 2 x the largest layer) + the hidden states of the calibration tokens
-(printed before the capture starts; see --help). Both modes give the same file to the bit.
+(printed before the capture starts; see --help). Both modes record the same rows to the bit.
 
 Sequential calibration: `--reference ORIGINAL_MODEL_DIR` (layer-wise) runs the given model (for
 example an exported, partly compressed one) and the original side by side, layer by layer, on
@@ -638,15 +638,26 @@ class LayerwiseModel:
 
 
 def memory_estimate(ckpt, runner, batches, d_model, dtype_bytes, copies):
-    """Peak memory of a layer-wise capture (README "Real models"): the runtime, the larger of the
+    """Peak memory of a layer-wise capture (README "Real models"): the runtime; the larger of the
     stem and twice the largest decoder layer (a layer's tensors as read plus their fused copy while
-    transformers converts them), and the hidden states of every calibration sequence."""
+    transformers converts them; the sum for an encoder-decoder model, whose embeddings stay until
+    the decoder starts); the hidden states of every calibration sequence (`copies` sets of them);
+    for an encoder-decoder model also the T5 position biases the first layer hands on (self- and
+    cross-attention, heads x seq_len per token)."""
     layer = max(sum(ckpt.tensors[k][3] for k in keys) for keys in runner.layer_keys) * dtype_bytes
     stem = sum(ckpt.tensors[k][3] for k in runner.stem_keys) * dtype_bytes
     rows = sum(b["inp"].numel() for b in batches)
     acts = rows * d_model * dtype_bytes * copies
-    return {"runtime": RUNTIME_BYTES, "layer": layer, "stem": stem, "activations": acts,
-            "total": RUNTIME_BYTES + max(stem, 2 * layer) + acts}
+    weights = max(stem, 2 * layer)
+    if runner.family["encoder_decoder"]:
+        weights = stem + 2 * layer
+        heads = getattr(runner.model.config, "num_heads", 1)
+        acts += sum(b["inp"].numel() * b["inp"].shape[1] for b in batches) * heads * dtype_bytes * copies
+    how = f"{'' if runner.family['encoder_decoder'] else 'max('}stem {gib(stem)}" \
+          f"{' + ' if runner.family['encoder_decoder'] else ', '}2 × largest layer {gib(layer)}" \
+          f"{'' if runner.family['encoder_decoder'] else ')'}"
+    return {"runtime": RUNTIME_BYTES, "layer": layer, "stem": stem, "activations": acts, "how": how,
+            "total": RUNTIME_BYTES + weights + acts}
 
 
 def parse_args(argv):
@@ -695,8 +706,9 @@ memory: the whole-model mode loads every weight (about the checkpoint's size in 
 --layerwise (the default above {LAYERWISE_ABOVE // 2**30} GiB of safetensors) keeps at most one decoder layer:
   peak ≈ {RUNTIME_BYTES / 2**30:.1f} GiB + max(stem, 2 × largest layer) + tokens_padded × d_model × b × k
 with the layer and stem (embeddings, norms) in the compute dtype of b bytes per value, tokens_padded the
-calibration tokens rounded up to whole batches of --seq-len, and k = 1 (2 for an encoder-decoder model,
-twice that with --reference). The estimate is printed before the capture starts.
+calibration tokens padded to whole batches, and k = 1 (2 for an encoder-decoder model, twice that with
+--reference). Switch adds its embeddings to the layer term and its position biases (2 × heads × seq_len
+values per token) to the activations. The estimate is printed before the capture starts.
 """
 
 
@@ -852,8 +864,8 @@ def capture_layerwise(args, family, layers, ckpt, root, batches, dtype, state):
         r = memory_estimate(ref.ckpt, ref, batches, d_model, dtype_bytes, copies)
         est["total"] = max(est["total"], r["total"])
     print(f"layer-wise capture: {len(main_.units)} decoder layers, each read once; estimated peak memory "
-          f"{gib(est['total'])} = runtime {gib(est['runtime'])} + max(stem {gib(est['stem'])}, 2 × largest layer "
-          f"{gib(est['layer'])}) + activations {gib(est['activations'])} (weights on disk {gib(ckpt.file_bytes())})",
+          f"{gib(est['total'])} = runtime {gib(est['runtime'])} + {est['how']} + activations {gib(est['activations'])} "
+          f"(weights on disk {gib(ckpt.file_bytes())})",
           file=sys.stderr)
     blocks = main_.blocks_by_unit(layers)
     ref_blocks = ref.blocks_by_unit(layers) if ref is not None else {}

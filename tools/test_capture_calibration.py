@@ -326,3 +326,14 @@ def test_layerwise_damaged_checkpoint_is_one_error_line(tiny_models, tmp_path):
     r = run_script(tmp_path / "m", "-o", tmp_path / "c.h5", "--text", text, "--tokens", "20", "--layerwise")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("error: ") and "model.safetensors" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@needs_capture_deps
+def test_memory_benchmark_runs_on_a_tiny_model(tmp_path):
+    """tools/bench_capture_memory.py end to end at a tiny size (the real run is d_model 4096, by hand)."""
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_capture_memory.py"), "--dir", str(tmp_path), "--d-model", "64",
+                        "--d-ff", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--vocab", "256",
+                        "--tokens", "32", "--seq-len", "16"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "peak RSS" in r.stdout and "estimated peak memory" in r.stdout and "cpu: " in r.stdout, r.stdout
+    assert list(tmp_path.iterdir()) == []  # the model is deleted

@@ -68,6 +68,7 @@ struct Merge: ParsableCommand {
     @OptionGroup var output: OutputOptions
     @OptionGroup var resumeOptions: ResumeOptions
     @OptionGroup var global: GlobalOptions
+    @OptionGroup var reportOptions: ReportOptions
 
     func validate() throws {
         if mergeOptions.groups == nil { throw ValidationError("Missing expected argument '--groups <groups>'") }
@@ -75,6 +76,7 @@ struct Merge: ParsableCommand {
 
     func run() throws {
         let inputs = [calib, mergeOptions.stats].compactMap { $0 }
+        try reportOptions.check(against: [model, output.output] + inputs)
         let reader = try CheckpointReader(model)
         let writer = try output.writer(from: reader, stage: "merge", inputs: inputs)
         let progress = global.progress
@@ -99,20 +101,28 @@ struct Merge: ParsableCommand {
         let written = Set(result.layers.map(\.name))
         let before = try reader.layers.filter { written.contains($0.name) }
             .reduce(0) { $0 + (try reader.summary($1.name).expertFileBytes) }
-        render(result.reports, expertBytes: (before, after), timing: result.layers, reused: result.reused, work: work)
+        try reportOptions.write(document(result.reports, expertBytes: (before, after), timing: result.layers, reused: result.reused, work: work,
+                                         record: stage.settingsRecord))
+        render(result.reports, expertBytes: (before, after), timing: result.layers, reused: result.reused, work: work,
+               record: stage.settingsRecord)
+    }
+
+    /// The `--json` document (the report's source).
+    func document(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int), timing: [FinishedLayer],
+                  reused: [String] = [], work: ResumeWork? = nil, record: JSONValue? = nil) -> JSONValue {
+        let settings = mergeOptions.settings
+        return .object([
+            ("output", .string(output.output)), ("merge_method", .string(settings.merging.method.rawValue)),
+            ("similarity", .string(settings.similarityBase.rawValue)), ("layers", .array(reports.map(\.json))),
+            ("expert_bytes_before", .int(expertBytes.before)), ("expert_bytes_after", .int(expertBytes.after)), timingJSON(timing),
+        ] + (record.map { [("settings", $0)] } ?? []) + reusedJSON(reused, work: work))
     }
 
     func render(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int), timing: [FinishedLayer],
-                reused: [String] = [], work: ResumeWork? = nil) {
+                reused: [String] = [], work: ResumeWork? = nil, record: JSONValue? = nil) {
         let settings = mergeOptions.settings
         let (before, after) = expertBytes
-        if global.json {
-            return printJSON(.object([
-                ("output", .string(output.output)), ("merge_method", .string(settings.merging.method.rawValue)),
-                ("similarity", .string(settings.similarityBase.rawValue)), ("layers", .array(reports.map(\.json))),
-                ("expert_bytes_before", .int(before)), ("expert_bytes_after", .int(after)), timingJSON(timing),
-            ] + reusedJSON(reused, work: work)))
-        }
+        if global.json { return printJSON(document(reports, expertBytes: expertBytes, timing: timing, reused: reused, work: work, record: record)) }
         for r in reports {
             print("\(r.name): \(r.groups.count) groups")
             for g in r.groups {

@@ -161,6 +161,7 @@ public struct CompressStage: LayerStage {
         var (merged, mergeReport) = try layerPlan.map {
             try merge.merge(original, grouping: $0.grouping, frequency: $0.frequency, progress: progress)
         } ?? merge.process(source: original, progress: progress)
+        if let p = layerPlan, !p.similarity.isEmpty { mergeReport.similarity = (merge.settings.similarityBase.rawValue, p.similarity) }
         let mergedLayer = merged.roundedForStorage(storage)
         var final = mergedLayer
         var lowRankReport: LayerLowRankReport? = nil

@@ -115,11 +115,18 @@ public struct LayerMergeReport: Sendable {
     public var groups: [MergedGroup]
     /// The router fit, when the layer was made compact.
     public var compact: CompactRouterReport? = nil
+    /// The similarity the grouping used (row-major E×E, by base name), when the stage had it.
+    public var similarity: (base: String, values: [Double])? = nil
 
     public var json: JSONValue {
         var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .int(groups.count)),
                                          ("expert_map", JSONValue(grouping.slotToGroup)), ("members", .array(groups.map(\.json)))]
         if let c = compact { kv.append(("compact_router", c.json)) }
+        if let (base, m) = similarity {
+            let e = Int(Double(m.count).squareRoot())
+            kv.append(("similarity", .object([("base", .string(base)),
+                                              ("matrix", .array((0..<e).map { JSONValue(Array(m[($0 * e)..<($0 * e + e)])) }))])))
+        }
         return .object(kv)
     }
 
@@ -146,6 +153,8 @@ public struct MergeStage: LayerStage {
     public let calibration: CalibrationReader?
     /// Each merged layer's grouping and slot usage.
     public let plans: [String: (grouping: LayerGrouping, frequency: [Double])]
+    /// Each planned layer's grouping similarity (row-major E×E), for the reports.
+    public let similarities: [String: [Double]]
 
     /// Validates the settings against the inputs and plans the groupings (statistics from
     /// `stats` where it has them, else computed on the calibration tokens). With `shard`, a
@@ -181,6 +190,7 @@ public struct MergeStage: LayerStage {
         self.layers = names
         self.calibration = calibration
         self.plans = Dictionary(uniqueKeysWithValues: inputs.map { ($0.name, (groupings[$0.name]!, $0.input.frequency)) })
+        self.similarities = Dictionary(uniqueKeysWithValues: inputs.map { ($0.name, $0.input.similarity) })
     }
 
     public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
@@ -192,7 +202,9 @@ public struct MergeStage: LayerStage {
 
     public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
         let plan = plans[source.name]!
-        return try merge(source, grouping: plan.grouping, frequency: plan.frequency, progress: progress)
+        var result = try merge(source, grouping: plan.grouping, frequency: plan.frequency, progress: progress)
+        result.report.similarity = similarities[source.name].map { (settings.similarityBase.rawValue, $0) }
+        return result
     }
 
     /// Merges `layer` with a grouping decided elsewhere (a size plan), as `process` does with its

@@ -22,6 +22,7 @@ func flag(for setting: Setting) -> String {
     case .refitRidge: return "--refit-ridge"
     case .router: return "--router"
     case .compactRefit: return "--compact-refit"
+    case .prune: return "--prune"
     case .family: return "--family"
     case .rank: return "--rank"
     case .energy: return "--energy"

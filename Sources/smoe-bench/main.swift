@@ -29,6 +29,8 @@ let benchmarks: [(name: String, summary: String, options: String, run: ([String]
      scaleBench),
     ("fidelity", "held-out error at 50 % / 25 % of the expert bytes: merge or prune, and the uniform (groups, rank) grid against --target-size",
      "--fixtures DIR --fractions X,X,… --ranks R,R,… --merge-or-prune", fidelityBench),
+    ("regmean-tokens", "RegMean's fallback rule against always solving, per calibration token count (fixtures and a 64-expert layer)",
+     "--fixtures DIR", regmeanTokensBench),
 ]
 
 let args = Array(CommandLine.arguments.dropFirst())

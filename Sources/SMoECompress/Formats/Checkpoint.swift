@@ -369,6 +369,14 @@ public struct WriteOptions: Sendable {
         self.dtype = dtype
         self.gzip = gzip
     }
+
+    /// Checks the options once (`CheckpointWriter` does, before it creates anything).
+    public func validate() throws {
+        guard dtype == .f32 || dtype == .f16 || dtype == .bf16 else {
+            throw SMoEError.setting(.storage, "must be f32, f16 or bf16")
+        }
+        if let g = gzip, !(0...9).contains(g) { throw SMoEError.setting(.gzip, "must be in 0...9") }
+    }
 }
 
 /// Writes an smoe-checkpoint to a temporary file, renamed into place by `commit()`.
@@ -383,9 +391,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     ///   - history: the source's history; `entry` is appended to it.
     public init(destination: String, architecture: String, history: [JSONValue], entry: JSONValue,
                 sourceConfig: String? = nil, options: WriteOptions = WriteOptions()) throws {
-        guard options.dtype == .f32 || options.dtype == .f16 || options.dtype == .bf16 else {
-            throw SMoEError.setting(.storage, "must be f32, f16 or bf16")
-        }
+        try options.validate()
         output = try AtomicOutput(destination: destination)
         file = try H5File.create(output.temporaryPath)
         self.options = options

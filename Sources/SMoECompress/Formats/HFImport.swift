@@ -399,24 +399,18 @@ public enum HFImport {
     /// The stored float type of routers and experts for `--dtype` (auto: float16 stays float16 and
     /// bfloat16 stays bfloat16 when router and experts share that type; anything else becomes
     /// float32, which holds bfloat16 and float16 exactly).
-    public static func storage(for dtype: String, source: SafetensorsDType, router: SafetensorsDType = .F16) throws -> StorageType {
-        switch dtype {
-        case "f32": return .f32
-        case "f16": return .f16
-        case "bf16": return .bf16
-        case "auto": return source == router && source == .F16 ? .f16 : (source == router && source == .BF16 ? .bf16 : .f32)
-        default: throw SMoEError.setting(.storage, "must be auto, f32, f16 or bf16, not '\(dtype)'")
-        }
+    public static func storage(for dtype: StorageChoice, source: SafetensorsDType, router: SafetensorsDType = .F16) -> StorageType {
+        dtype.resolved(keeping: source != router ? nil : source == .F16 ? .f16 : source == .BF16 ? .bf16 : nil)
     }
 
     /// Imports `directory` into the checkpoint `output`, one tensor / one MoE layer at a time.
     @discardableResult
-    public static func run(directory: String, output: String, dtype: String = "auto",
+    public static func run(directory: String, output: String, dtype: StorageChoice = .auto,
                            progress: ProgressCallback? = nil) throws -> ImportReport {
         let model = try SafetensorsModel(directory)
         try ensureOutputDiffers(output, from: model.files.map(\.path) + [directory + "/config.json"] + (model.indexPath.map { [$0] } ?? []))
         let plan = try plan(directory, model: model)
-        let stored = try storage(for: dtype, source: plan.expertDType, router: plan.routerDType)
+        let stored = storage(for: dtype, source: plan.expertDType, router: plan.routerDType)
         var entry: [(String, JSONValue)] = [
             ("stage", "import"), ("source", .string(directory)), ("family", .string(plan.config.family.rawValue)),
             ("layout", .string(plan.layout.rawValue)),

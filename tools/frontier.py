@@ -93,6 +93,9 @@ class Runner:
         checkpoint, report = self.compress(name, tag, options)
         if checkpoint is None:
             return {"tag": tag, "kind": kind, "options": options, "error": report["error"]}
+        if not report.get("expert_bytes_original"):
+            # compress --resume reports only the layers it computed: measure with `eval` instead
+            return {"tag": tag, "kind": kind, "options": options, "error": "compress report lists no layers (a --resume run?)"}
         loss = self.loss(name, tag, checkpoint)
         return {
             "tag": tag, "kind": kind, "options": options,

@@ -17,10 +17,28 @@ final class ForwardTests: XCTestCase {
             let mx = z.max()!
             let p = z.map { Foundation.exp($0 - mx) }
             let den = p.reduce(0, +)
-            let order = (0..<c.numExperts).sorted { z[$0] != z[$1] ? z[$0] > z[$1] : $0 < $1 }
+            // Scores, choice scores (+ selection bias), eligible groups (sum of the two best).
+            let score: [Double]
+            switch c.routerType {
+            case .softmax_topk, .softmax_topk_norm: score = p.map { $0 / den }
+            case .sigmoid_topk, .sigmoid_topk_norm: score = z.map { 1 / (1 + Foundation.exp(-$0)) }
+            case .topk_softmax: score = z
+            }
+            let choice = (0..<c.numExperts).map { score[$0] + Double(layer.selectionBias?[$0] ?? 0) }
+            let size = c.numExperts / c.numGroups
+            let groupScore = (0..<c.numGroups).map { g in choice[(g * size)..<((g + 1) * size)].sorted(by: >).prefix(2).reduce(0, +) }
+            let keep = Set((0..<c.numGroups).sorted { groupScore[$0] != groupScore[$1] ? groupScore[$0] > groupScore[$1] : $0 < $1 }
+                .prefix(c.topKGroups))
+            let order = (0..<c.numExperts).filter { c.numGroups == 1 || keep.contains($0 / size) }
+                .sorted { choice[$0] != choice[$1] ? choice[$0] > choice[$1] : $0 < $1 }
             let chosen = Array(order.prefix(c.topK))
-            var w = chosen.map { p[$0] / den }
-            if c.routerType == .softmax_topk_norm { let s = w.reduce(0, +); w = w.map { $0 / s } }
+            var w = chosen.map { score[$0] }
+            if c.routerType == .topk_softmax {
+                let m = w.max()!
+                w = w.map { Foundation.exp($0 - m) }
+            }
+            if [.softmax_topk_norm, .sigmoid_topk_norm, .topk_softmax].contains(c.routerType) { let s = w.reduce(0, +); w = w.map { $0 / s } }
+            w = w.map { $0 * Double(c.routedScalingFactor) }
             // Sum weights per stored expert, run each once.
             var perStored: [Int: Double] = [:]
             for (r, e) in chosen.enumerated() { perStored[layer.storedIndex(slot: e), default: 0] += w[r] }
@@ -57,7 +75,14 @@ final class ForwardTests: XCTestCase {
                     for (G, biases) in [(6, false), (3, true)] {
                         seed += 1
                         var rng = SplitMix64(seed: seed)
-                        let layer = randomLayer(&rng, type: type, router: router, activation: act, E: 6, G: G, k: 2, biases: biases)
+                        var layer = randomLayer(&rng, type: type, router: router, activation: act, E: 6, G: G, k: 2, biases: biases)
+                        if router == .sigmoid_topk || router == .sigmoid_topk_norm {
+                            // DeepSeek-V3's form: selection bias, 3 groups of 2 with 2 eligible, scaled.
+                            layer.selectionBias = (0..<6).map { _ in Float(rng.nextGaussian()) * 0.2 }
+                            layer.config.numGroups = biases ? 3 : 1
+                            layer.config.topKGroups = biases ? 2 : 1
+                            layer.config.routedScalingFactor = 2.5
+                        }
                         let x = randomMatrix(40, layer.config.dModel, &rng)
                         let err = relativeError(layer.forward(x), referenceForward(layer, x))
                         XCTAssertLessThan(err, 1e-5, "seed \(seed): \(type) \(router) \(act) G=\(G) biases=\(biases)")

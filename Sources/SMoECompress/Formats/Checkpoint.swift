@@ -109,17 +109,23 @@ public final class CheckpointReader: @unchecked Sendable {
             }
             return v
         }
+        // Routing extensions (absent in older files: no groups, no scaling).
+        let groups = g.hasAttribute("n_group") ? try g.intAttribute("n_group") : 1
+        let topKGroups = g.hasAttribute("topk_group") ? try g.intAttribute("topk_group") : 1
+        let scaling = g.hasAttribute("routed_scaling_factor") ? Float(try g.doubleAttribute("routed_scaling_factor")) : 1
         let c = LayerConfig(
             name: name, index: try g.intAttribute("index"), numExperts: try g.intAttribute("num_experts"),
             topK: try g.intAttribute("top_k"), dModel: try g.intAttribute("d_model"), dFF: try g.intAttribute("d_ff"),
             expertType: try enumAttr("expert_type", ExpertType.self),
             activation: try enumAttr("activation", Activation.self),
-            routerType: try enumAttr("router_type", RouterType.self))
+            routerType: try enumAttr("router_type", RouterType.self),
+            numGroups: groups, topKGroups: topKGroups, routedScalingFactor: scaling)
         let bad: String? =
             c.numExperts < 1 ? "num_experts must be at least 1"
             : (c.topK < 1 || c.topK > c.numExperts) ? "top_k \(c.topK) outside 1...\(c.numExperts)"
             : (c.dModel < 1 || c.dFF < 1) ? "d_model and d_ff must be positive"
-            : checkedProduct([c.numExperts, c.dModel, c.dFF, 3 * 8]) == nil ? "num_experts × d_model × d_ff overflows (damaged file?)" : nil
+            : checkedProduct([c.numExperts, c.dModel, c.dFF, 3 * 8]) == nil ? "num_experts × d_model × d_ff overflows (damaged file?)"
+            : c.routingProblem
         if let b = bad { throw SMoEError.dataset(g.file.path, g.path, b) }
         return c
     }
@@ -249,6 +255,13 @@ public final class CheckpointReader: @unchecked Sendable {
             routerBias = try bd.readFloats()
             try finite(routerBias!, bd)
         }
+        var selectionBias: [Float]? = nil
+        if g.isDataset("router/selection_bias") {
+            let bd = try g.openDataset("router/selection_bias")
+            try check(bd, [c.numExperts])
+            selectionBias = try bd.readFloats()
+            try finite(selectionBias!, bd)
+        }
         let eg = try g.openGroup("experts")
         let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
         var dense: [String: H5Dataset] = [:]
@@ -312,7 +325,7 @@ public final class CheckpointReader: @unchecked Sendable {
         } else if gCount != c.numExperts {
             throw SMoEError.dataset(file, g.path + "/expert_map", "missing, but the layer stores \(gCount) experts for \(c.numExperts) router slots")
         }
-        let header = MoELayer(config: c, router: router, routerBias: routerBias, experts: [], expertMap: expertMap)
+        let header = MoELayer(config: c, router: router, routerBias: routerBias, selectionBias: selectionBias, experts: [], expertMap: expertMap)
         // Each expert's parameters and FLOPs per token, from the shapes (as Expert computes them).
         var parameters = [Int](repeating: (ub != nil ? c.dFF : 0) + (db != nil ? c.dModel : 0), count: gCount)
         var flops = [Int](repeating: 0, count: gCount)
@@ -414,7 +427,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     public var root: H5Group { file.root }
 
     /// A layer's attributes and router (FORMAT.md §1).
-    private func writeHeader(_ g: H5Group, _ c: LayerConfig, router: Matrix, bias: [Float]?) throws {
+    private func writeHeader(_ g: H5Group, _ c: LayerConfig, router: Matrix, bias: [Float]?, selectionBias: [Float]?) throws {
         try g.setAttribute("index", c.index)
         try g.setAttribute("num_experts", c.numExperts)
         try g.setAttribute("top_k", c.topK)
@@ -423,8 +436,17 @@ public final class CheckpointWriter: @unchecked Sendable {
         try g.setAttribute("expert_type", c.expertType.rawValue)
         try g.setAttribute("activation", c.activation.rawValue)
         try g.setAttribute("router_type", c.routerType.rawValue)
+        // Routing extensions, written only when they differ from the plain routing (so files of
+        // the original router types are unchanged).
+        if c.numGroups != 1 || c.topKGroups != 1 {
+            try g.setAttribute("n_group", c.numGroups)
+            try g.setAttribute("topk_group", c.topKGroups)
+        }
+        if c.routedScalingFactor != 1 { try g.setAttribute("routed_scaling_factor", Double(c.routedScalingFactor)) }
         try g.write("router/weight", floats: router.data, shape: [c.numExperts, c.dModel], as: options.dtype)
         if let b = bias { try g.write("router/bias", floats: b, shape: [c.numExperts], as: options.dtype) }
+        // float32 always: the selection bias decides the top-k and is float32 in the source models.
+        if let b = selectionBias { try g.write("router/selection_bias", floats: b, shape: [c.numExperts], as: .f32) }
     }
 
     /// Dense experts of a layer written one at a time, in order, and readable back as stored:
@@ -475,11 +497,11 @@ public final class CheckpointWriter: @unchecked Sendable {
 
     /// Completes a layer begun with `beginDenseExperts`: its attributes and router.
     public func finishDenseLayer(_ pending: PendingDenseExperts, config c: LayerConfig, router: Matrix,
-                                 bias: [Float]? = nil) throws -> H5Group {
+                                 bias: [Float]? = nil, selectionBias: [Float]? = nil) throws -> H5Group {
         guard pending.written == pending.count, c.numExperts == pending.count else {
             throw SMoEError.dataset(output.destination, pending.group.path, "\(pending.written) of \(pending.count) experts written for \(c.numExperts) slots")
         }
-        try writeHeader(pending.group, c, router: router, bias: bias)
+        try writeHeader(pending.group, c, router: router, bias: bias, selectionBias: selectionBias)
         file.flush()
         return pending.group
     }
@@ -489,7 +511,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     public func write(_ layer: MoELayer) throws -> H5Group {
         let c = layer.config
         let g = try layersGroup.createGroup(c.name)
-        try writeHeader(g, c, router: layer.router, bias: layer.routerBias)
+        try writeHeader(g, c, router: layer.router, bias: layer.routerBias, selectionBias: layer.selectionBias)
         let dt = options.dtype
         let G = layer.experts.count
         let eg = try g.createGroup("experts")
@@ -548,7 +570,7 @@ public final class CheckpointWriter: @unchecked Sendable {
             downBiases.append(e.downBias)
         }
         let g = pending.group
-        try writeHeader(g, c, router: source.header.router, bias: source.header.routerBias)
+        try writeHeader(g, c, router: source.header.router, bias: source.header.routerBias, selectionBias: source.header.selectionBias)
         try finishLayer(g, c, upBiases: upBiases, downBiases: downBiases, expertMap: source.header.expertMap)
         return g
     }

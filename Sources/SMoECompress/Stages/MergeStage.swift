@@ -86,6 +86,11 @@ public struct MergeSettings: Sendable {
             if !left.isEmpty {
                 throw SMoEError.setting(.router, "compact needs every MoE layer merged (a Hugging Face config holds one expert count), but {layers} leaves \(left.joined(separator: ", ")) with their experts")
             }
+            if let c = model.layers.first(where: { !$0.isPlainSoftmaxRouting }) {
+                let how = "\(c.routerType.rawValue)" + (c.numGroups > 1 ? ", \(c.numGroups) expert groups" : "")
+                    + (c.routedScalingFactor != 1 ? ", routed scaling \(c.routedScalingFactor)" : "")
+                throw SMoEError.setting(.router, "compact fits softmax routers only, but \(model.architecture) layer \(c.name) routes by \(how); merge with the default {router} slots")
+            }
             if !adaptive, let c = model.layers.first(where: { $0.topK > groups }) {
                 throw SMoEError.setting(.router, "compact needs top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")
             }

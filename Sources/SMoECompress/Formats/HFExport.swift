@@ -46,6 +46,7 @@ public enum HFExport {
     private enum Source {
         case dense(String)  // path below /dense
         case router(String)
+        case selectionBias(String)
         case expert(layer: String, slot: Int, role: String)
         case fused(layer: String, part: String)
     }
@@ -107,6 +108,7 @@ public enum HFExport {
             config = text
             guesses = guessed
         }
+        let biasDT = entry?["selection_bias_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)) ?? .F32
         let suffix = entry?["fused_suffix"]?.stringValue ?? ".weight"
         var metadata: [(String, String)] = []
         if case .object(let kv)? = entry?["metadata"] { metadata = kv.compactMap { k, v in v.stringValue.map { (k, $0) } } }
@@ -126,6 +128,7 @@ public enum HFExport {
             if s.hasExpertMap || s.numStored != c.numExperts { merged.append(c.name) }
             if s.isCompressed { factored.append(c.name) }
             items.append(("\(c.name).\(fam.routerSuffix)", .router(c.name)))
+            if let b = fam.selectionBiasSuffix { items.append(("\(c.name).\(b)", .selectionBias(c.name))) }
             switch layout {
             case .perExpert:
                 for e in 0..<c.numExperts {
@@ -171,8 +174,19 @@ public enum HFExport {
                 let d = try dense!.openDataset(p)
                 guard let t = d.rawElementType else { throw SMoEError.dataset(checkpoint, d.path, "element type cannot be written to safetensors") }
                 try writer.add(name, dtype: SafetensorsDType(t), shape: d.shape, bytes: try d.readRaw())
+            case .selectionBias(let l):
+                let m = try layer(l)
+                // A layer without one routes as with zeros (transformers' initial value).
+                let b = m.selectionBias ?? [Float](repeating: 0, count: m.config.numExperts)
+                try writer.add(name, dtype: biasDT, shape: [m.config.numExperts], bytes: biasDT.encode(b))
             case .router(let l):
                 let m = try layer(l)
+                if m.selectionBias != nil && fam.selectionBiasSuffix == nil {
+                    throw SMoEError.dataset(checkpoint, "/moe_layers/\(l)/router/selection_bias", "\(fam.rawValue) checkpoints have no place for a selection bias")
+                }
+                if !m.config.isPlainSoftmaxRouting && fam.selectionBiasSuffix == nil {
+                    throw SMoEError.dataset(checkpoint, "/moe_layers/\(l)", "routes by \(m.config.routerType.rawValue) with groups or scaling, which \(fam.rawValue) does not compute")
+                }
                 try writer.add(name, dtype: routerDT, shape: [m.config.numExperts, m.config.dModel], bytes: routerDT.encode(m.router.data))
             case .expert(let l, let slot, let role):
                 let m = try layer(l)

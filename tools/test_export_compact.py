@@ -26,6 +26,9 @@ from optional_deps import needs_all as needs_transformers
 REPO = pathlib.Path(__file__).resolve().parent.parent
 EXE = REPO / ".build" / "debug" / "smoe-compress"
 CASES = [("trained-mixtral", "MixtralForCausalLM"), ("trained-switch", "SwitchTransformersForConditionalGeneration")]
+# How each compact checkpoint is made: a merge with the fitted compact router, and REAP pruning
+# (kept router rows, refitted experts): both must export as a stock model with 4 experts.
+VARIANTS = {"merge": ("--router", "compact"), "prune": ("--prune", "reap")}
 
 
 def run(*args):
@@ -36,17 +39,18 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """{fixture: (compact checkpoint, compact folder, original folder)}."""
+    """{(fixture, variant): (compact checkpoint, compact folder, original folder)}."""
     if not EXE.exists():
         pytest.skip("smoe-compress is not built (swift build)")
     out = {}
     for name, _ in CASES:
         d = tmp_path_factory.mktemp(name)
         fx = REPO / "Fixtures"
-        run("merge", fx / f"{name}.h5", "--calib", fx / f"{name}.calib.h5", "--groups", 4, "--router", "compact", "-o", d / "c.h5")
-        run("export", d / "c.h5", "-o", d / "compact")
         run("export", fx / f"{name}.h5", "-o", d / "original")
-        out[name] = (d / "c.h5", d / "compact", d / "original")
+        for variant, flags in VARIANTS.items():
+            run("merge", fx / f"{name}.h5", "--calib", fx / f"{name}.calib.h5", "--groups", 4, *flags, "-o", d / f"{variant}.h5")
+            run("export", d / f"{variant}.h5", "-o", d / variant)
+            out[name, variant] = (d / f"{variant}.h5", d / variant, d / "original")
     return out
 
 
@@ -60,9 +64,10 @@ def expert_bytes(folder):
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header(folder).items() if ".experts." in k)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_compact_export_halves_the_expert_tensors(exported, name):
-    _, compact, original = exported[name]
+def test_compact_export_halves_the_expert_tensors(exported, name, variant):
+    _, compact, original = exported[name, variant]
     assert 2 * expert_bytes(compact) == expert_bytes(original)
     config = json.loads((compact / "config.json").read_text())
     assert config.get("num_local_experts", config.get("num_experts")) == 4
@@ -71,9 +76,10 @@ def test_compact_export_halves_the_expert_tensors(exported, name):
 
 
 @needs_transformers
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name,cls", CASES)
-def test_transformers_loads_compact_folder_and_matches_the_tool(exported, tmp_path, name, cls):
-    checkpoint, compact, _ = exported[name]
+def test_transformers_loads_compact_folder_and_matches_the_tool(exported, tmp_path, name, cls, variant):
+    checkpoint, compact, _ = exported[name, variant]
     model = getattr(transformers, cls).from_pretrained(str(compact), dtype=torch.float32).eval()
     blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith(("SparseMoeBlock", "SparseMLP"))]
     layers = []

@@ -6,7 +6,9 @@ import SMoECompress
 /// for F = 0.5 and 0.25, every figure the mean relative layer output error on the held-out
 /// capture (`.heldout.h5`; calibration on `.calib.h5`). Also the low-rank objective (weight SVD
 /// against whitened at three ridges) at merge 4 + rank 16 and 32.
-/// Options: `--fixtures DIR` (default: Fixtures), `--fractions 0.5,0.25`, `--ranks 4,8,...`.
+/// First the "merge or prune?" rows (`MergeOrPrune.swift`).
+/// Options: `--fixtures DIR` (default: Fixtures), `--fractions 0.5,0.25`, `--ranks 4,8,...`,
+/// `--merge-or-prune` (those rows only).
 func fidelityBench(_ args: [String]) throws {
     func value(_ name: String) -> String? {
         guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
@@ -28,6 +30,8 @@ func fidelityBench(_ args: [String]) throws {
         }
         let experts = model.layers.map(\.numExperts).max() ?? 1
         print("\n\(name) (held-out mean layer output error; expert bytes as stored, float16)")
+        try mergeOrPruneRows(model: model, calib: calib, heldout: heldout, storage: storage)
+        if args.contains("--merge-or-prune") { continue }
         // The low-rank objective.
         for r in [16, 32] {
             var row = "  merge 4 + rank \(r):"

@@ -27,8 +27,8 @@ let benchmarks: [(name: String, summary: String, options: String, run: ([String]
     ("scale", "wall time and peak RSS per smoe-compress stage on one Mixtral-8x7B-shaped layer (subprocesses)",
      "--d-model N --d-ff N --experts N --tokens N --groups N --rank N --stages S,S,… --max-rss GiB --binary PATH --dir DIR --keep --json",
      scaleBench),
-    ("fidelity", "held-out error at 50 % / 25 % of the expert bytes: uniform (groups, rank) grid against --target-size",
-     "--fixtures DIR --fractions X,X,… --ranks R,R,…", fidelityBench),
+    ("fidelity", "held-out error at 50 % / 25 % of the expert bytes: merge or prune, and the uniform (groups, rank) grid against --target-size",
+     "--fixtures DIR --fractions X,X,… --ranks R,R,… --merge-or-prune", fidelityBench),
 ]
 
 let args = Array(CommandLine.arguments.dropFirst())

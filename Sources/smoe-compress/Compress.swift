@@ -31,6 +31,7 @@ struct Compress: ParsableCommand {
     @OptionGroup var output: OutputOptions
     @OptionGroup var resumeOptions: ResumeOptions
     @OptionGroup var global: GlobalOptions
+    @OptionGroup var reportOptions: ReportOptions
 
     func validate() throws {
         if planOnly && resumeOptions.resume { throw ValidationError("--plan-only writes nothing: give no --resume") }
@@ -54,6 +55,7 @@ struct Compress: ParsableCommand {
 
     func run() throws {
         let inputs = [calib] + [evalCalib, mergeOptions.stats].compactMap { $0 }
+        try reportOptions.check(against: [model, output.output] + inputs)
         let reader = try CheckpointReader(model)
         let storage = output.writeOptions(for: reader).dtype
         var settings = CompressSettings(merge: try namingFile(model) { try mergeOptions.settings(fitting: reader) }, lowRank: lowrank.options(floatBytes: storage.byteSize),
@@ -68,7 +70,9 @@ struct Compress: ParsableCommand {
                                      storage: storage, progress: progress.callback)
             }
             progress.finish()
-            return global.json ? printJSON(.object([("model", .string(model)), ("plan", plan.json)])) : renderPlan(plan)
+            let document = JSONValue.object([("model", .string(model)), ("plan", plan.json)])
+            try reportOptions.write(document)
+            return global.json ? printJSON(document) : renderPlan(plan)
         }
         let writer = try output.writer(from: reader, stage: "compress", inputs: inputs)
         let shard = try output.shardValue()
@@ -81,8 +85,11 @@ struct Compress: ParsableCommand {
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
         let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
                                   progress: progress)
+        try reportOptions.write(document(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work,
+                                         settings: stage.settingsRecord))
         if let plan = stage.plan, !global.json { renderPlan(plan) }
-        render(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work)
+        render(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work,
+               settings: stage.settingsRecord)
     }
 
     /// The input files a resumed run must find unchanged.
@@ -101,16 +108,21 @@ struct Compress: ParsableCommand {
         print("planned: \(formatBytes(plan.bytesOriginal)) → \(formatBytes(plan.bytes)), mean estimated error \(fixed(plan.meanEstimatedError, 4))")
     }
 
+    /// The `--json` document (the report's source).
+    func document(_ report: CompressReport, plan stagePlan: SizePlan?, timing: [FinishedLayer], reused: [String] = [],
+                  work: ResumeWork? = nil, settings: JSONValue? = nil) -> JSONValue {
+        var kv: [(String, JSONValue)] = [("model", .string(model)), ("output", .string(output.output)), ("report", report.json),
+                                         timingJSON(timing)]
+        if let p = stagePlan { kv.append(("plan", p.json)) }
+        if let s = settings { kv.append(("settings", s)) }
+        kv += reusedJSON(reused, work: work)
+        return .object(kv)
+    }
+
     func render(_ report: CompressReport, plan stagePlan: SizePlan? = nil, timing: [FinishedLayer], reused: [String] = [],
-                work: ResumeWork? = nil) {
+                work: ResumeWork? = nil, settings: JSONValue? = nil) {
         printMergeWarnings(report.layers.compactMap(\.merge))
-        if global.json {
-            var kv: [(String, JSONValue)] = [("model", .string(model)), ("output", .string(output.output)), ("report", report.json),
-                                             timingJSON(timing)]
-            if let p = stagePlan { kv.append(("plan", p.json)) }
-            kv += reusedJSON(reused, work: work)
-            return printJSON(.object(kv))
-        }
+        if global.json { return printJSON(document(report, plan: stagePlan, timing: timing, reused: reused, work: work, settings: settings)) }
         var t = Table(["layer", "groups", "rank", "bytes original", "merged", "final", "error merged", "error final", "cosine"])
         for l in report.layers {
             let ranks = l.lowRank.map { rankRange($0.matrices.filter { !$0.keptDense }.map(\.rank)) } ?? "-"

@@ -22,6 +22,7 @@ func flag(for setting: Setting) -> String {
     case .refitRidge: return "--refit-ridge"
     case .router: return "--router"
     case .compactRefit: return "--compact-refit"
+    case .prune: return "--prune"
     case .family: return "--family"
     case .rank: return "--rank"
     case .energy: return "--energy"
@@ -55,13 +56,13 @@ func errorLine(_ e: SMoEError) -> String { "error: " + e.rendered(naming: flag(f
 
 func printWarning(_ text: String) { FileHandle.standardError.write(Data("warning: \(text)\n".utf8)) }
 
-/// Runs `body`; a library error that names none of the input files (nor a setting) is prefixed
-/// with `primary`, so every error line says which file it is about.
+/// Runs `body`; a library error that names none of the input files, nor a file inside one (nor
+/// a setting), is prefixed with `primary`, so every error line says which file it is about.
 func namingFile<T>(_ primary: String, inputs: [String] = [], _ body: () throws -> T) throws -> T {
     do {
         return try body()
     } catch let e as SMoEError {
-        throw e.naming(primary, unlessItNames: inputs)
+        throw e.naming(file: primary, unlessItNames: inputs)
     }
 }
 

@@ -19,8 +19,10 @@ struct Eval: ParsableCommand {
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
     @OptionGroup var global: GlobalOptions
+    @OptionGroup var reportOptions: ReportOptions
 
     func run() throws {
+        try reportOptions.check(against: [original, compressed, calib])
         let a = try CheckpointReader(original), b = try CheckpointReader(compressed)
         let capture = try CalibrationReader(calib)
         let progress = global.progress
@@ -30,10 +32,10 @@ struct Eval: ParsableCommand {
         }
         progress.finish()
         defer { warnIfCaptureIsForeign(result) }
-        if global.json {
-            return printJSON(.object([("original", .string(original)), ("compressed", .string(compressed)),
-                                      ("calibration", .string(calib)), ("evaluation", result.json)]))
-        }
+        let document = JSONValue.object([("original", .string(original)), ("compressed", .string(compressed)),
+                                         ("calibration", .string(calib)), ("evaluation", result.json)])
+        try reportOptions.write(document)
+        if global.json { return printJSON(document) }
         print("\(compressed) against \(original) on \(calib)")
         print(renderEvaluation(result))
     }

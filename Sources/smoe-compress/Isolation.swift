@@ -2,7 +2,7 @@ import Foundation
 import SMoECompress
 
 /// The hidden subcommand the tool re-executes itself with to walk an input's HDF5 metadata in a
-/// child process (docs/ARCHITECTURE.md, "Damaged input").
+/// child process (docs/FORMAT.md, "Damaged input").
 let checkInputCommand = "__check-input"
 
 /// Child side: walks `path`, writing one byte to fd 3 per object (the heartbeat); exits 0, or 1
@@ -85,7 +85,8 @@ let inputCheckStallSeconds: Double = {
     if code == 0 { return }
     let line = String(decoding: errText, as: UTF8.self).split(whereSeparator: \.isNewline)
         .first(where: { $0.hasPrefix("error: ") }).map { String($0.dropFirst(7)) }
-    throw SMoEError(line ?? "\(path): could not be checked (checker exited with status \(code))")
+    // The child checked `path` alone: its error line is about that file.
+    throw SMoEError(line ?? "\(path): could not be checked (checker exited with status \(code))", file: path)
 }
 
 private func cloexecPipe(_ fds: inout [Int32]) -> Bool {

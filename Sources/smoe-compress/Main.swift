@@ -10,7 +10,7 @@ struct SMoECompressCommand: ParsableCommand {
         version: smoeCompressVersion,
         subcommands: [
             Inspect.self, Synth.self, Import.self, Stats.self, Align.self, Merge.self, Lowrank.self,
-            Compress.self, Expand.self, Eval.self, Export.self, Plan.self, Assemble.self,
+            Compress.self, Expand.self, Eval.self, Export.self, Plan.self, Assemble.self, Report.self,
         ])
 
     /// Runs the command line; library errors become one `error:` line and exit status 1.

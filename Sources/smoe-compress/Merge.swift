@@ -40,6 +40,9 @@ struct MergeOptionGroup: ParsableArguments {
     @Flag(inversion: .prefixedNo, help: "With --router compact: after the router fit, refit each expert's down projection (and bias) by ridge least squares (--refit-ridge) to the original layer's output under the compact routing. Default: on with --router compact.")
     var compactRefit: Bool? = nil
 
+    @Option(help: "Prune instead of merging: keep the --groups experts of largest saliency on the calibration tokens with their router rows (reap: mean routing weight × output norm over the routed tokens; frequency: summed routing weight). The layer becomes compact (G experts, no expert_map); the kept experts are refitted unless --no-compact-refit.")
+    var prune: PruneMethod?
+
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
 
@@ -47,7 +50,7 @@ struct MergeOptionGroup: ParsableArguments {
         MergeSettings(groups: groups ?? 0, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
                       merging: MergeOptions(method: mergeMethod, align: !noAlign, alpha: regmeanAlpha, ridge: regmeanRidge,
                                             refitRidge: refitRidge),
-                      tokens: tokens.settings, router: router, compactRefit: compactRefit)
+                      tokens: tokens.settings, router: router, compactRefit: compactRefit, prune: prune)
     }
 
     /// The settings with --max-memory, which the stage applies to its planned groupings.
@@ -68,6 +71,7 @@ struct Merge: ParsableCommand {
     @OptionGroup var output: OutputOptions
     @OptionGroup var resumeOptions: ResumeOptions
     @OptionGroup var global: GlobalOptions
+    @OptionGroup var reportOptions: ReportOptions
 
     func validate() throws {
         if mergeOptions.groups == nil { throw ValidationError("Missing expected argument '--groups <groups>'") }
@@ -75,6 +79,7 @@ struct Merge: ParsableCommand {
 
     func run() throws {
         let inputs = [calib, mergeOptions.stats].compactMap { $0 }
+        try reportOptions.check(against: [model, output.output] + inputs)
         let reader = try CheckpointReader(model)
         let writer = try output.writer(from: reader, stage: "merge", inputs: inputs)
         let progress = global.progress
@@ -99,21 +104,33 @@ struct Merge: ParsableCommand {
         let written = Set(result.layers.map(\.name))
         let before = try reader.layers.filter { written.contains($0.name) }
             .reduce(0) { $0 + (try reader.summary($1.name).expertFileBytes) }
-        render(result.reports, expertBytes: (before, after), timing: result.layers, reused: result.reused, work: work)
+        try reportOptions.write(document(result.reports, expertBytes: (before, after), timing: result.layers, reused: result.reused, work: work,
+                                         record: stage.settingsRecord))
+        render(result.reports, expertBytes: (before, after), timing: result.layers, reused: result.reused, work: work,
+               record: stage.settingsRecord)
+    }
+
+    /// The `--json` document (the report's source).
+    func document(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int), timing: [FinishedLayer],
+                  reused: [String] = [], work: ResumeWork? = nil, record: JSONValue? = nil) -> JSONValue {
+        let settings = mergeOptions.settings
+        return .object([
+            ("output", .string(output.output)), ("merge_method", .string(settings.merging.method.rawValue)),
+            ("similarity", .string(settings.similarityBase.rawValue)), ("layers", .array(reports.map(\.json))),
+            ("expert_bytes_before", .int(expertBytes.before)), ("expert_bytes_after", .int(expertBytes.after)), timingJSON(timing),
+        ] + (record.map { [("settings", $0)] } ?? []) + reusedJSON(reused, work: work))
     }
 
     func render(_ reports: [LayerMergeReport], expertBytes: (before: Int, after: Int), timing: [FinishedLayer],
-                reused: [String] = [], work: ResumeWork? = nil) {
+                reused: [String] = [], work: ResumeWork? = nil, record: JSONValue? = nil) {
         let settings = mergeOptions.settings
         let (before, after) = expertBytes
-        if global.json {
-            return printJSON(.object([
-                ("output", .string(output.output)), ("merge_method", .string(settings.merging.method.rawValue)),
-                ("similarity", .string(settings.similarityBase.rawValue)), ("layers", .array(reports.map(\.json))),
-                ("expert_bytes_before", .int(before)), ("expert_bytes_after", .int(after)), timingJSON(timing),
-            ] + reusedJSON(reused, work: work)))
-        }
+        if global.json { return printJSON(document(reports, expertBytes: expertBytes, timing: timing, reused: reused, work: work, record: record)) }
         for r in reports {
+            if let p = r.prune {
+                print(pruneLine(r.name, p))
+                continue
+            }
             print("\(r.name): \(r.groups.count) groups")
             for g in r.groups {
                 let members = zip(g.members, g.frequency).map { "\($0)(\(String(format: "%.1f%%", 100 * $1)))" }.joined(separator: " ")
@@ -126,7 +143,8 @@ struct Merge: ParsableCommand {
             if let c = r.compact { print(compactRouterLine(c)) }
         }
         if let line = reusedLine(reused, work: work) { print(line) }
-        print("wrote \(output.output): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(settings.merging.method.rawValue) merge")
+        let how = settings.prune.map { "\($0.rawValue) pruning" } ?? "\(settings.merging.method.rawValue) merge"
+        print("wrote \(output.output): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(how)")
     }
 }
 
@@ -140,6 +158,17 @@ func printMergeWarnings(_ reports: [LayerMergeReport]) {
             printWarning("\(r.name): group of expert \(g.dominant) [\(g.members.map(String.init).joined(separator: " "))]: \(w)")
         }
     }
+}
+
+/// A pruned layer: the kept and dropped slots with their saliencies, and the refit.
+func pruneLine(_ name: String, _ p: PruneReport) -> String {
+    func list(_ slots: [Int]) -> String { slots.map { "\($0)(\(String(format: "%.4g", p.saliency[$0])))" }.joined(separator: " ") }
+    var line = "\(name): kept \(p.kept.count) of \(p.saliency.count) experts by \(p.method.rawValue) saliency: kept [\(list(p.kept))], dropped [\(list(p.dropped))]"
+    if let r = p.refit {
+        line += "\n  experts refitted: calibration output error \(fixed(r.before, 4)) → \(fixed(r.after, 4))"
+        if !r.notes.isEmpty { line += " [" + r.notes.joined(separator: "; ") + "]" }
+    }
+    return line
 }
 
 /// One line on a layer's compact router fit: cross-entropy and top-k group agreement of the

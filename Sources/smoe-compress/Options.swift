@@ -134,6 +134,7 @@ extension MergeMethod: ExpressibleByArgument {}
 extension SimilarityBase: ExpressibleByArgument {}
 extension SparseStructure: ExpressibleByArgument {}
 extension SVDMethod: ExpressibleByArgument {}
+extension PruneMethod: ExpressibleByArgument {}
 extension Alignment.Parallelism: ExpressibleByArgument {}
 extension ExpertType: ExpressibleByArgument {}
 extension Activation: ExpressibleByArgument {}

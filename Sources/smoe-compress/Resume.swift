@@ -71,8 +71,8 @@ extension ResumeWork {
     }
 
     /// Runs `body` (the stage run and the output's commit); then removes the work directory. When
-    /// `body` fails writing (the error names the output, its temporary file or the work directory:
-    /// a full disk, a lost mount), the finished layers are kept, as after a kill, and it says so;
+    /// `body` fails writing (an `.output` error: about the output, its temporary file or the work
+    /// directory: a full disk, a lost mount), the finished layers are kept, as after a kill, and it says so;
     /// any other failure (bad data, a layer that overflows) would recur on a resume, so nothing
     /// is left behind.
     func running<T>(_ writer: CheckpointWriter, _ body: () throws -> T) throws -> T {
@@ -80,10 +80,7 @@ extension ResumeWork {
         do {
             value = try body()
         } catch {
-            let text = (error as? SMoEError).map(errorLine) ?? "\(error)"
-            let writing = text.contains(writer.output.destination + ":") || text.contains(writer.output.temporaryPath)
-                || text.contains(directory)
-            let kept = close(keeping: writing)
+            let kept = close(keeping: (error as? SMoEError)?.kind == .output)
             if kept > 0 {
                 printNote("kept \(kept) finished layer\(kept == 1 ? "" : "s") in \(directory): the same command with --resume continues from them")
             }

@@ -33,10 +33,12 @@ struct Stats: ParsableCommand {
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
     @OptionGroup var global: GlobalOptions
+    @OptionGroup var reportOptions: ReportOptions
 
     func run() throws {
         let bases = try SimilarityBase.parseList(similarity)
         try ensureOutputDiffers(output, from: [model, calib])
+        try reportOptions.check(against: [model, calib, output])
         let reader = try CheckpointReader(model)
         let stage = try StatisticsStage(model: reader, calibration: try CalibrationReader(calib), bases: Set(bases),
                                         tokens: try tokens.settings(.statistics(readsExperts: bases.contains(where: \.needsExperts)), model: reader, layers: layers.names), layers: layers.names)
@@ -50,17 +52,22 @@ struct Stats: ParsableCommand {
         }
         progress.finish()
         if let shard { try writer.commit(shard: shard, of: stage, result: result, model: reader) } else { try writer.commit() }
+        // The report draws the similarity matrices too (`--json` leaves them out: E² numbers a layer).
+        try reportOptions.write(document(result.reports, bases: bases, timing: result.layers, matrices: true))
         render(result.reports, bases: bases, timing: result.layers)
     }
 
+    /// The `--json` document (the report's source).
+    func document(_ layers: [LayerStatistics], bases: [SimilarityBase], timing: [FinishedLayer], matrices: Bool = false) -> JSONValue {
+        .object([
+            ("model", .string(model)), ("calibration", .string(calib)), ("output", .string(output)),
+            ("similarity", JSONValue(bases.map(\.rawValue))),
+            ("layers", .array(layers.map { Inspection.statsLayer($0, matrices: matrices) })), timingJSON(timing),
+        ])
+    }
+
     func render(_ layers: [LayerStatistics], bases: [SimilarityBase], timing: [FinishedLayer]) {
-        if global.json {
-            return printJSON(.object([
-                ("model", .string(model)), ("calibration", .string(calib)), ("output", .string(output)),
-                ("similarity", JSONValue(bases.map(\.rawValue))),
-                ("layers", .array(layers.map { Inspection.statsLayer($0) })), timingJSON(timing),
-            ]))
-        }
+        if global.json { return printJSON(document(layers, bases: bases, timing: timing)) }
         print("wrote \(output): \(layers.count) MoE layers, similarity \(bases.map(\.rawValue).joined(separator: ", "))")
         for s in layers { printUsage(s) }
     }

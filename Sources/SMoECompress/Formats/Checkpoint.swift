@@ -499,7 +499,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     public func finishDenseLayer(_ pending: PendingDenseExperts, config c: LayerConfig, router: Matrix,
                                  bias: [Float]? = nil, selectionBias: [Float]? = nil) throws -> H5Group {
         guard pending.written == pending.count, c.numExperts == pending.count else {
-            throw SMoEError.dataset(output.destination, pending.group.path, "\(pending.written) of \(pending.count) experts written for \(c.numExperts) slots")
+            throw SMoEError.output(output.destination, pending.group.path, "\(pending.written) of \(pending.count) experts written for \(c.numExperts) slots")
         }
         try writeHeader(pending.group, c, router: router, bias: bias, selectionBias: selectionBias)
         file.flush()
@@ -563,7 +563,7 @@ public final class CheckpointWriter: @unchecked Sendable {
             let e = try next ?? source.expert(i)
             next = nil
             if let m = e.namedMatrices.first(where: { $0.op.isFactored }) {
-                throw SMoEError.dataset(output.destination, pending.group.path, "stored expert \(i)'s \(m.name) is factored, expert 0's are dense")
+                throw SMoEError.output(output.destination, pending.group.path, "stored expert \(i)'s \(m.name) is factored, expert 0's are dense")
             }
             try pending.write(e)
             upBiases.append(e.upBias)
@@ -590,7 +590,7 @@ public final class CheckpointWriter: @unchecked Sendable {
         if let m = expertMap {
             try g.write("expert_map", ints: m, shape: [c.numExperts], as: .i32)
         } else if G != c.numExperts {
-            throw SMoEError.dataset(output.destination, g.path, "stores \(G) experts for \(c.numExperts) slots without an expert_map")
+            throw SMoEError.output(output.destination, g.path, "stores \(G) experts for \(c.numExperts) slots without an expert_map")
         }
         file.flush()
     }

@@ -20,11 +20,19 @@ public enum StorageType: String, Sendable, CaseIterable {
 public final class H5File: @unchecked Sendable {
     public let path: String
     let id: hid_t
+    /// Created or opened for writing: an output of the run, so its errors are `.output`.
+    let writable: Bool
     private var open = true
 
-    private init(path: String, id: hid_t) {
+    private init(path: String, id: hid_t, writable: Bool) {
         self.path = path
         self.id = id
+        self.writable = writable
+    }
+
+    /// An error about `object` in this file (`.output` when the file is written).
+    func error(_ object: String, _ what: String) -> SMoEError {
+        SMoEError.dataset(path, object, what, kind: writable ? .output : .input)
     }
 
     /// File access list with close degree STRONG: closing the file closes every object still
@@ -59,15 +67,15 @@ public final class H5File: @unchecked Sendable {
         if H5Fis_hdf5(path) <= 0 { throw SMoEError.file(path, "not an HDF5 file") }
         let id = H5Fopen(path, writable ? smoe_F_ACC_RDWR() : smoe_F_ACC_RDONLY(), strongClose)
         if id < 0 { throw SMoEError.file(path, "cannot be opened as HDF5 (damaged or truncated?)") }
-        return H5File(path: path, id: id)
+        return H5File(path: path, id: id, writable: writable)
     }
 
     /// Creates (truncating) a file.
     public static func create(_ path: String) throws -> H5File {
         _ = silenced
         let id = H5Fcreate(path, smoe_F_ACC_TRUNC(), hid_t(H5P_DEFAULT), strongClose)
-        if id < 0 { throw SMoEError.file(path, "cannot be created") }
-        return H5File(path: path, id: id)
+        if id < 0 { throw SMoEError.file(path, "cannot be created", kind: .output) }
+        return H5File(path: path, id: id, writable: true)
     }
 
     public func close() {
@@ -84,7 +92,7 @@ public final class H5File: @unchecked Sendable {
         let flushed = H5Fflush(id, H5F_SCOPE_GLOBAL)
         let closed = H5Fclose(id)
         open = false
-        if flushed < 0 || closed < 0 { throw SMoEError.file(path, "cannot be written completely (disk full?)") }
+        if flushed < 0 || closed < 0 { throw SMoEError.file(path, "cannot be written completely (disk full?)", kind: .output) }
     }
 
     deinit { close() }
@@ -98,7 +106,7 @@ public final class H5File: @unchecked Sendable {
         defer { H5Pclose(lcpl) }
         H5Pset_create_intermediate_group(lcpl, 1)
         if H5Ocopy(from.id, source, id, destination, hid_t(H5P_DEFAULT), lcpl) < 0 {
-            throw SMoEError.dataset(from.path, source, "could not be copied to \(path)")
+            throw SMoEError.dataset(from.path, source, "could not be copied to \(path)", kind: .output)
         }
     }
 
@@ -111,7 +119,7 @@ extension AtomicOutput {
     func commit(closing file: H5File) throws {
         do { try file.closeChecked() } catch {
             discard()
-            throw SMoEError.file(destination, "cannot be written completely (disk full?)")
+            throw SMoEError.file(destination, "cannot be written completely (disk full?)", kind: .output)
         }
         try commit()
     }
@@ -132,9 +140,9 @@ public class H5Object: @unchecked Sendable {
 
     deinit { if id >= 0 { H5Oclose(id) } }
 
-    func fail(_ what: String) -> SMoEError { SMoEError.dataset(file.path, path, what) }
+    func fail(_ what: String) -> SMoEError { file.error(path, what) }
     func failAttr(_ name: String, _ what: String) -> SMoEError {
-        SMoEError.dataset(file.path, "\(path == "/" ? "" : path)@\(name)", what)
+        file.error("\(path == "/" ? "" : path)@\(name)", what)
     }
 
     public func hasAttribute(_ name: String) -> Bool { H5Aexists(id, name) > 0 }
@@ -309,10 +317,10 @@ public final class H5Group: H5Object, @unchecked Sendable {
     public func isDataset(_ name: String) -> Bool { kind(name) == .dataset }
 
     public func openGroup(_ name: String) throws -> H5Group {
-        guard let k = kind(name) else { throw SMoEError.dataset(file.path, childPath(name), "missing group") }
-        guard k == .group else { throw SMoEError.dataset(file.path, childPath(name), "is not a group") }
+        guard let k = kind(name) else { throw file.error(childPath(name), "missing group") }
+        guard k == .group else { throw file.error(childPath(name), "is not a group") }
         let g = H5Gopen2(id, name, hid_t(H5P_DEFAULT))
-        if g < 0 { throw SMoEError.dataset(file.path, childPath(name), "cannot open group") }
+        if g < 0 { throw file.error(childPath(name), "cannot open group") }
         return H5Group(file: file, id: g, path: childPath(name))
     }
 
@@ -322,13 +330,13 @@ public final class H5Group: H5Object, @unchecked Sendable {
         defer { H5Pclose(lcpl) }
         H5Pset_create_intermediate_group(lcpl, 1)
         let g = H5Gcreate2(id, name, lcpl, hid_t(H5P_DEFAULT), hid_t(H5P_DEFAULT))
-        if g < 0 { throw SMoEError.dataset(file.path, childPath(name), "cannot create group") }
+        if g < 0 { throw file.error(childPath(name), "cannot create group") }
         return H5Group(file: file, id: g, path: childPath(name))
     }
 
     /// Removes the link `name` (the object's space is not reclaimed until the file is rewritten).
     public func delete(_ name: String) throws {
-        if H5Ldelete(id, name, hid_t(H5P_DEFAULT)) < 0 { throw SMoEError.dataset(file.path, childPath(name), "cannot delete") }
+        if H5Ldelete(id, name, hid_t(H5P_DEFAULT)) < 0 { throw file.error(childPath(name), "cannot delete") }
     }
 
     /// Removes attribute `name` when present.
@@ -352,10 +360,10 @@ public final class H5Group: H5Object, @unchecked Sendable {
     }
 
     public func openDataset(_ name: String) throws -> H5Dataset {
-        guard let k = kind(name) else { throw SMoEError.dataset(file.path, childPath(name), "missing dataset") }
-        guard k == .dataset else { throw SMoEError.dataset(file.path, childPath(name), "is not a dataset") }
+        guard let k = kind(name) else { throw file.error(childPath(name), "missing dataset") }
+        guard k == .dataset else { throw file.error(childPath(name), "is not a dataset") }
         let d = H5Dopen2(id, name, hid_t(H5P_DEFAULT))
-        if d < 0 { throw SMoEError.dataset(file.path, childPath(name), "cannot open dataset") }
+        if d < 0 { throw file.error(childPath(name), "cannot open dataset") }
         return H5Dataset(file: file, id: d, path: childPath(name))
     }
 
@@ -383,7 +391,7 @@ public final class H5Group: H5Object, @unchecked Sendable {
         let ftype = H5Dataset.fileType(type)
         defer { H5Tclose(ftype) }
         let d = H5Dcreate2(id, name, ftype, space, lcpl, dcpl, hid_t(H5P_DEFAULT))
-        if d < 0 { throw SMoEError.dataset(file.path, childPath(name), "cannot create dataset") }
+        if d < 0 { throw file.error(childPath(name), "cannot create dataset") }
         let ds = H5Dataset(file: file, id: d, path: childPath(name))
         if type == .bf16 {
             try ds.setAttribute("dtype", "bfloat16")
@@ -693,7 +701,7 @@ extension H5Group {
         let pathName = path == "/" ? "/" + name : path + "/" + name
         let count = shape.reduce(1, *)
         guard bytes.count == count * type.byteSize else {
-            throw SMoEError.dataset(file.path, pathName, "writing \(bytes.count) bytes into \(count) elements of \(type.rawValue)")
+            throw file.error(pathName, "writing \(bytes.count) bytes into \(count) elements of \(type.rawValue)")
         }
         let space = shape.isEmpty ? H5Screate(H5S_SCALAR) : H5Screate_simple(Int32(shape.count), shape.map { hsize_t($0) }, nil)
         defer { H5Sclose(space) }
@@ -703,11 +711,11 @@ extension H5Group {
         let t = type.h5Type()
         defer { H5Tclose(t) }
         let d = H5Dcreate2(id, name, t, space, lcpl, hid_t(H5P_DEFAULT), hid_t(H5P_DEFAULT))
-        if d < 0 { throw SMoEError.dataset(file.path, pathName, "cannot create dataset") }
+        if d < 0 { throw file.error(pathName, "cannot create dataset") }
         let ds = H5Dataset(file: file, id: d, path: pathName)
         if let tag = type.tag { try ds.setAttribute("dtype", tag) }
         if count > 0, H5Dwrite(d, t, H5S_ALL, H5S_ALL, hid_t(H5P_DEFAULT), bytes.baseAddress) < 0 {
-            throw SMoEError.dataset(file.path, pathName, "cannot be written")
+            throw file.error(pathName, "cannot be written")
         }
         return ds
     }

@@ -1,7 +1,7 @@
 import CHDF5
 import Foundation
 
-/// Defence against damaged HDF5 input (docs/ARCHITECTURE.md, "Damaged input").
+/// Defence against damaged HDF5 input (docs/FORMAT.md, "Damaged input").
 ///
 /// libhdf5 follows the pointers in a file's metadata (object headers, B-trees, local and global
 /// heaps) without bounding them, so a damaged file can crash it or make it loop however carefully

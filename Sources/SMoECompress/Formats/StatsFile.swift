@@ -173,7 +173,7 @@ public final class StatsReader: @unchecked Sendable {
         let i = try info(name)
         guard i.bases.contains(base) else {
             throw SMoEError.dataset(path, "/moe_layers/\(name)/similarity/\(base.rawValue)",
-                                    "missing (the file has \(i.bases.isEmpty ? "no similarity" : i.bases.map(\.rawValue).joined(separator: ", ")); rerun stats with --similarity \(base.rawValue))")
+                                    "missing (the file has \(i.bases.isEmpty ? "no similarity" : i.bases.map(\.rawValue).joined(separator: ", ")); rerun stats with {similarity} \(base.rawValue))")
         }
         let d = try group(name).openDataset("similarity/\(base.rawValue)")
         let v = try d.readDoubles()

@@ -247,7 +247,7 @@ extension LowRankStage {
                                      progress: ProgressCallback? = nil) throws -> (MoELayer, LayerLowRankReport) {
         let G = source.numStored, c = source.config
         if let n = inputNorms, n.count != G {
-            throw SMoEError("layer \(source.name): \(n.count) input norms for \(G) stored experts")
+            throw SMoEError("layer \(source.name): \(n.count) input norms for \(G) stored experts", layer: source.name)
         }
         // The matrices decided so far, per stored expert (the others are the source's).
         var decided = [[String: LinearOp]](repeating: [:], count: G)
@@ -267,7 +267,7 @@ extension LowRankStage {
                 let label = "layer \(source.name) expert \(g) \(m.rawValue)"
                 let expert = try current(g)
                 guard let op = expert[matrix: m.rawValue] else { continue }
-                guard case .dense(let w) = op else { throw SMoEError("\(label) is already factored; run expand first") }
+                guard case .dense(let w) = op else { throw SMoEError("\(label) is already factored; run expand first", layer: source.name) }
                 var o = options
                 o.seed = options.seed &+ UInt64(g &* 3 &+ (ExpertMatrixName.allCases.firstIndex(of: m)!)) &* 0x9E37_79B9_7F4A_7C15
                 // One expert's Gram at a time (down's is d_ff² float64: 1.6 GB at Mixtral's 14336);
@@ -279,8 +279,13 @@ extension LowRankStage {
                     norms = gram.columnNorms
                     whitening = try Whitening(gram, relativeRidge: options.whiteningRidge)
                 }
-                var (newOp, rep) = try factor(w, options: o, inputNorms: norms, whitening: whitening,
+                var (newOp, rep): (LinearOp, MatrixLowRankReport)
+                do {
+                    (newOp, rep) = try factor(w, options: o, inputNorms: norms, whitening: whitening,
                                               rank: options.ranks[LowRankOptions.rankKey(m, expert: g)], name: label)
+                } catch let e as SMoEError {
+                    throw e.about(layer: source.name)  // `label` names the layer
+                }
                 rep.matrix = m.rawValue
                 rep.expert = g
                 ops.append(newOp)

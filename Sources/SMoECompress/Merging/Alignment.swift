@@ -47,14 +47,14 @@ public struct LayerAlignment: Sendable {
 /// Hidden-neuron permutation alignment (ALGORITHM.md §2): weight matching by an exact linear
 /// assignment on C = up_a·up_bᵀ + down_aᵀ·down_b (+ gate_a·gate_bᵀ).
 public enum Alignment {
-    static func denseMatrices(_ e: Expert, _ what: String) throws -> (up: Matrix, gate: Matrix?, down: Matrix) {
+    static func denseMatrices(_ e: Expert, _ what: String, layer: String? = nil) throws -> (up: Matrix, gate: Matrix?, down: Matrix) {
         guard case .dense(let up) = e.up, case .dense(let down) = e.down else {
-            throw SMoEError("\(what): alignment needs dense experts, but this one is factored (run align/merge before lowrank, or expand first)")
+            throw SMoEError("\(what): alignment needs dense experts, but this one is factored (run align/merge before lowrank, or expand first)", layer: layer)
         }
         var gate: Matrix? = nil
         if let g = e.gate {
             guard case .dense(let gm) = g else {
-                throw SMoEError("\(what): alignment needs dense experts, but this one is factored")
+                throw SMoEError("\(what): alignment needs dense experts, but this one is factored", layer: layer)
             }
             gate = gm
         }
@@ -152,7 +152,7 @@ public enum Alignment {
             throw SMoEError.setting(.reference, "\(reference) is outside the \(n) stored experts of \(name)")
         }
         let ref = try source.expert(reference)
-        _ = try denseMatrices(ref, "\(name) expert \(reference)")
+        _ = try denseMatrices(ref, "\(name) expert \(reference)", layer: name)
         let identity = Array(0..<source.config.dFF)
         var reports = [ExpertAlignment?](repeating: nil, count: n)
         reports[reference] = ExpertAlignment(slot: reference, permutation: identity, cosineBefore: 1, cosineAfter: 1)
@@ -173,7 +173,7 @@ public enum Alignment {
                     let after = try meanNeuronCosine(ref, e, perm)
                     return (ExpertAlignment(slot: slots[k], permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)
                 } catch let err as SMoEError {
-                    throw SMoEError("\(name): stored expert \(slots[k]): \(err.message)")
+                    throw SMoEError("\(name): stored expert \(slots[k]): \(err.message)", file: err.file, layer: name, kind: err.kind)
                 }
             }
             for (k, (r, tp, ts)) in results.enumerated() {

@@ -95,7 +95,7 @@ public enum CompactRouter {
         }
         let groups = groups(of: merged)
         if let empty = groups.firstIndex(where: \.isEmpty) {
-            throw SMoEError("\(merged.name): stored expert \(empty) has no router slot, so it has no router row to fit")
+            throw SMoEError.layer(merged.name, "stored expert \(empty) has no router slot, so it has no router row to fit")
         }
         let start = groups.map { slots in slots.max { frequency[$0] < frequency[$1] || (frequency[$0] == frequency[$1] && $0 > $1) }! }
         let data = try FitData(layer: merged, groups: groups, tokens: tokens)
@@ -174,7 +174,7 @@ public enum CompactRouter {
                 blocks.append((x, p, rows))
                 n += rows
             }
-            guard n > 0 else { throw SMoEError("\(layer.name): the compact router fit has no calibration tokens") }
+            guard n > 0 else { throw SMoEError.layer(layer.name, "the compact router fit has no calibration tokens") }
             self.blocks = blocks
             self.tokens = n
             self.entropy = h / Double(n)

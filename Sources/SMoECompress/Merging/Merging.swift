@@ -154,9 +154,9 @@ public enum Merging {
                                   options: MergeOptions = MergeOptions(), tokens: TokenBlocks? = nil,
                                   progress: ProgressCallback? = nil) throws -> (layer: MoELayer, groups: [MergedGroup]) {
         let e = source.config.numExperts
-        guard frequency.count == e else { throw SMoEError("\(source.name): frequency has \(frequency.count) entries for \(e) slots") }
+        guard frequency.count == e else { throw SMoEError.layer(source.name, "frequency has \(frequency.count) entries for \(e) slots") }
         guard grouping.slotToGroup.count == e, !grouping.slotToGroup.contains(-1) else {
-            throw SMoEError("\(source.name): the grouping does not cover the \(e) slots exactly once")
+            throw SMoEError.layer(source.name, "the grouping does not cover the \(e) slots exactly once")
         }
         if options.method != .frequency && tokens == nil {
             throw SMoEError.setting(.mergeMethod, "\(options.method.rawValue) needs calibration tokens ({calibration})")

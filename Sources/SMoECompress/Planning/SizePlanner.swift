@@ -81,6 +81,8 @@ public struct LayerPlan: Sendable, Equatable {
     public var bytesOriginal: Int
     /// Relative layer output error on the held-apart tokens.
     public var estimatedError: Double
+    /// The similarity the grouping used (row-major E×E), for the reports.
+    public var similarity: [Double] = []
 
     /// "dense", "12" or "8-31".
     public var rankSummary: String { rankRange(Array(ranks.values)) }
@@ -224,7 +226,7 @@ public enum SizePlanner {
         let layers = zip(inputs, zip(perLayer, zip(chosen, originals))).map { inp, rest in
             let o = rest.0[rest.1.0]
             return LayerPlan(name: inp.name, groups: o.groups, grouping: o.grouping, frequency: inp.input.frequency, ranks: o.ranks,
-                             bytes: o.bytes, bytesOriginal: rest.1.1, estimatedError: o.error)
+                             bytes: o.bytes, bytesOriginal: rest.1.1, estimatedError: o.error, similarity: inp.input.similarity)
         }
         return SizePlan(layers: layers, budget: budget, settings: settings)
     }

@@ -187,17 +187,17 @@ public final class ResumeWork: @unchecked Sendable {
         var isDir: ObjCBool = false
         let existed = fm.fileExists(atPath: directory, isDirectory: &isDir)
         if existed && !isDir.boolValue {
-            throw SMoEError.file(directory, "exists and is not a work directory of smoe-compress (it would hold the finished layers of \(output)): move it away")
+            throw SMoEError.file(directory, "exists and is not a work directory of smoe-compress (it would hold the finished layers of \(output)): move it away", kind: .output)
         }
         if !existed {
             guard mkdir(directory, 0o755) == 0 else {
-                throw SMoEError.file(directory, "cannot make the work directory: \(String(cString: strerror(errno)))")
+                throw SMoEError.file(directory, "cannot make the work directory: \(String(cString: strerror(errno)))", kind: .output)
             }
         }
         // Only a directory this tool made is ever emptied.
         let names = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
         if let foreign = names.first(where: { !ResumeWork.isOurs($0) }) {
-            throw SMoEError.file(directory, "holds \(foreign), which smoe-compress did not write: move it away (the directory keeps the finished layers of \(output))")
+            throw SMoEError.file(directory, "holds \(foreign), which smoe-compress did not write: move it away (the directory keeps the finished layers of \(output))", kind: .output)
         }
         do { lockFD = try ResumeWork.lock(directory) } catch {
             if !existed { rmdir(directory) }
@@ -255,10 +255,15 @@ public final class ResumeWork: @unchecked Sendable {
     /// their part files (HDF5 object copy), finished layers saved as part files.
     public func hook(into writer: CheckpointWriter) -> LayerResume<MoELayer> {
         LayerResume(finished: Set(reusable.keys), reuse: { [self] name in
-            guard let file = reusable.removeValue(forKey: name) else { throw SMoEError.file(directory, "holds no finished layer \(name)") }
-            try writer.file.copyObject(from: file, "/moe_layers/\(name)", to: "/moe_layers/\(name)")
-            let text = try file.root.stringAttribute("entry")
-            do { return try JSONValue.parse(text) } catch { throw SMoEError.dataset(parts[name] ?? directory, "/@entry", "is not JSON") }
+            // Every failure here is about the work directory (its part files) or the output.
+            do {
+                guard let file = reusable.removeValue(forKey: name) else { throw SMoEError.file(directory, "holds no finished layer \(name)", kind: .output) }
+                try writer.file.copyObject(from: file, "/moe_layers/\(name)", to: "/moe_layers/\(name)")
+                let text = try file.root.stringAttribute("entry")
+                do { return try JSONValue.parse(text) } catch { throw SMoEError.dataset(parts[name] ?? directory, "/@entry", "is not JSON") }
+            } catch let e as SMoEError {
+                throw e.of(kind: .output)
+            }
         }, save: { [self] name, layer, entry in
             try save(name, layer: layer, entry: entry)
         })
@@ -269,7 +274,7 @@ public final class ResumeWork: @unchecked Sendable {
 
     /// Writes a finished layer's part file: temporary file, fsync, rename, fsync of the directory.
     func save(_ name: String, layer: MoELayer, entry: JSONValue) throws {
-        guard let i = layerIndex[name] else { throw SMoEError("\(name): not a layer of the model") }
+        guard let i = layerIndex[name] else { throw SMoEError.layer(name, "not a layer of the model") }
         let path = directory + "/" + ResumeWork.partName(i)
         let w = try CheckpointWriter(destination: path, architecture: architecture, history: [], entry: entry, options: options)
         try w.root.setAttribute("format", ResumeWork.partFormat)
@@ -322,13 +327,13 @@ public final class ResumeWork: @unchecked Sendable {
     static func lock(_ directory: String) throws -> Int32 {
         let path = directory + "/" + lockName
         let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw SMoEError.file(directory, "cannot lock the work directory: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw SMoEError.file(directory, "cannot lock the work directory: \(String(cString: strerror(errno)))", kind: .output) }
         if flock(fd, LOCK_EX | LOCK_NB) != 0 {
             var buf = [UInt8](repeating: 0, count: 32)
             let n = pread(fd, &buf, 32, 0)
             Foundation.close(fd)
             let pid = n > 0 ? String(decoding: buf.prefix(n), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : "?"
-            throw SMoEError.file(directory, "is in use by another smoe-compress run (pid \(pid)) writing the same output: wait for it or stop it")
+            throw SMoEError.file(directory, "is in use by another smoe-compress run (pid \(pid)) writing the same output: wait for it or stop it", kind: .output)
         }
         let text = Array("\(getpid())\n".utf8)
         _ = ftruncate(fd, 0)
@@ -408,14 +413,14 @@ public final class ResumeWork: @unchecked Sendable {
         let tmp = URL(fileURLWithPath: path).deletingLastPathComponent().path + "/."
             + URL(fileURLWithPath: path).lastPathComponent + ".tmp-\(getpid())"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw SMoEError.file(path, "cannot write: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw SMoEError.file(path, "cannot write: \(String(cString: strerror(errno)))", kind: .output) }
         let bytes = Array(text.utf8)
         let ok = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) } == bytes.count && fsync(fd) == 0
         let err = String(cString: strerror(errno))
         Foundation.close(fd)
         guard ok, rename(tmp, path) == 0 else {
             unlink(tmp)
-            throw SMoEError.file(path, "cannot write: \(err)")
+            throw SMoEError.file(path, "cannot write: \(err)", kind: .output)
         }
         syncDirectory(URL(fileURLWithPath: path).deletingLastPathComponent().path)
     }

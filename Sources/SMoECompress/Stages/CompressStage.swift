@@ -25,6 +25,9 @@ public struct CompressSettings: Sendable {
         if activationAware && (lowRank?.sparsity ?? 0) == 0 {
             throw SMoEError.setting(.activationAware, "ranks sparse entries: give {sparsity} > 0 (and {rank} or {energy}) too")
         }
+        if merge.prune != nil && target != nil {
+            throw SMoEError.setting(.prune, "with {target-size} is not planned yet: give {groups} (and {rank})")
+        }
     }
 }
 
@@ -161,6 +164,7 @@ public struct CompressStage: LayerStage {
         var (merged, mergeReport) = try layerPlan.map {
             try merge.merge(original, grouping: $0.grouping, frequency: $0.frequency, progress: progress)
         } ?? merge.process(source: original, progress: progress)
+        if let p = layerPlan, !p.similarity.isEmpty { mergeReport.similarity = (merge.settings.similarityBase.rawValue, p.similarity) }
         let mergedLayer = merged.roundedForStorage(storage)
         var final = mergedLayer
         var lowRankReport: LayerLowRankReport? = nil
@@ -177,7 +181,7 @@ public struct CompressStage: LayerStage {
             final = final.roundedForStorage(storage)
         }
         // Both steps measured against the original on the same tokens, one block at a time.
-        let groups = mergeReport.compact?.slotToGroup
+        let groups = mergeReport.compactSlots
         var accMerged = try EvaluationAccumulator(original: original, compressed: mergedLayer, slotGroups: groups)
         var accFinal = try EvaluationAccumulator(original: original, compressed: final, slotGroups: groups)
         if let fit = mergeReport.compact {

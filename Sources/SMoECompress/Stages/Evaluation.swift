@@ -112,14 +112,16 @@ public struct EvaluationAccumulator: Sendable {
 
     public init(original: LayerSource, compressed: MoELayer, slotGroups: [Int]? = nil) throws {
         let a = original.config, b = compressed.config
-        let groupsFit = slotGroups.map { m in m.count == a.numExperts && m.allSatisfy { (0..<b.numExperts).contains($0) } } ?? false
+        // −1: a slot pruned away (no expert of the compressed layer stands for it).
+        let groupsFit = slotGroups.map { m in m.count == a.numExperts && m.allSatisfy { $0 == -1 || (0..<b.numExperts).contains($0) } } ?? false
         guard a.numExperts == b.numExperts || groupsFit, a.topK == b.topK, a.dModel == b.dModel else {
             let hint = a.numExperts != b.numExperts && a.topK == b.topK && a.dModel == b.dModel
                 ? (slotGroups == nil ? " (a compact layer is compared through the groups its merge history records, and there are none)"
                                      : " (the recorded groups do not map its \(a.numExperts) slots onto \(b.numExperts))")
                 : ""
             throw SMoEError("layer \(a.name): the compressed layer has E=\(b.numExperts), k=\(b.topK), d_model=\(b.dModel) "
-                            + "but the original has E=\(a.numExperts), k=\(a.topK), d_model=\(a.dModel): not the same model" + hint)
+                            + "but the original has E=\(a.numExperts), k=\(a.topK), d_model=\(a.dModel): not the same model" + hint,
+                            layer: a.name)
         }
         self.original = original
         self.compressed = compressed
@@ -154,7 +156,7 @@ public struct EvaluationAccumulator: Sendable {
                 let z = r0.logits.data[(t * e)..<((t + 1) * e)].map(Double.init)
                 let mx = z.max() ?? 0
                 var p = [Double](repeating: 0, count: compressed.config.numExperts)
-                for (s, v) in z.enumerated() { p[m[s]] += Foundation.exp(v - mx) }
+                for (s, v) in z.enumerated() where m[s] >= 0 { p[m[s]] += Foundation.exp(v - mx) }
                 let chosen = Set(CompactRouter.topK(p[...], k)), chosen1 = Set(r1.slots[(t * k)..<((t + 1) * k)])
                 overlap += chosen.intersection(chosen1).count
                 if chosen == chosen1 { agree += 1 }
@@ -239,8 +241,9 @@ public enum Evaluation {
                                  bytesBefore: try original.summary(n).expertFileBytes,
                                  bytesAfter: try compressed.summary(n).expertFileBytes,
                                  tokens: tokens, slotGroups: compressed.compactGroups(n), progress: progress)
-            } catch let err as SMoEError where !err.message.contains(compressed.path) && err.message.hasPrefix("layer ") {
-                throw SMoEError.file(compressed.path, err.message)
+            } catch let err as SMoEError where err.file == nil && err.layer != nil {
+                // The layers do not match (`EvaluationAccumulator`): the compressed file is at fault.
+                throw err.prefixed(compressed.path, file: compressed.path)
             }
             guard e.relativeError.isFinite, e.meanCosine.isFinite else {
                 throw SMoEError.dataset(compressed.path, n, "the output error is not finite: the layer's outputs overflow float32 or hold NaN")
@@ -263,9 +266,11 @@ extension CheckpointReader {
                   let record = layers.first(where: { $0["name"]?.stringValue == layer }) else { continue }
             guard merge["router"]?.stringValue == RouterLayout.compact.rawValue,
                   let groups = record["groups"]?.arrayValue?.map({ $0.arrayValue?.compactMap(\.intValue) ?? [] }) else { return nil }
-            var map = [Int](repeating: -1, count: groups.reduce(0) { $0 + $1.count })
+            // A pruned layer records its kept slots as single groups and its dropped slots (−1).
+            let pruned = record["pruned"]?.arrayValue?.compactMap(\.intValue) ?? []
+            var map = [Int](repeating: -1, count: groups.reduce(0) { $0 + $1.count } + pruned.count)
             for (g, slots) in groups.enumerated() { for s in slots where map.indices.contains(s) { map[s] = g } }
-            return map.contains(-1) ? nil : map
+            return map.indices.allSatisfy({ map[$0] >= 0 || pruned.contains($0) }) ? map : nil
         }
         return nil
     }

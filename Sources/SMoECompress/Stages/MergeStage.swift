@@ -38,6 +38,10 @@ public struct MergeSettings: Sendable {
     /// with the compact layout (it lowers the mean held-out layer error on both bundled trained
     /// fixtures; README, "A compact model for the serving stack"); true needs the compact layout.
     public var compactRefit: Bool? = nil
+    /// Prune instead of merging (ALGORITHM.md §3c): keep the `groups` experts of largest
+    /// saliency with their router rows, a compact layer by construction (the layout is then
+    /// `compact`, and the refit of the kept experts is on unless `compactRefit` is false).
+    public var prune: PruneMethod? = nil
 
     /// A memory budget in bytes: once the groupings are planned, the calibration block is
     /// lowered so that every merged layer's predicted peak (`MemoryModel`, with its planned
@@ -51,8 +55,11 @@ public struct MergeSettings: Sendable {
 
     public init(groups: Int, adaptive: Bool = false, grouping: GroupingMethod = .dominant, similarity: SimilarityBase? = nil,
                 layers: [String]? = nil, merging: MergeOptions = MergeOptions(method: .regmeanRefit),
-                tokens: TokenSettings = TokenSettings(), router: RouterLayout = .slots, compactRefit: Bool? = nil) {
-        self.router = router
+                tokens: TokenSettings = TokenSettings(), router: RouterLayout = .slots, compactRefit: Bool? = nil,
+                prune: PruneMethod? = nil) {
+        // A pruned layer is compact by construction.
+        self.router = prune != nil ? .compact : router
+        self.prune = prune
         self.compactRefit = compactRefit
         self.groups = groups
         self.adaptive = adaptive
@@ -68,6 +75,9 @@ public struct MergeSettings: Sendable {
 
     /// Checks every setting against the model, once; returns the merged layers in index order.
     public func validate(for model: CheckpointReader) throws -> [String] {
+        if prune != nil {
+            if adaptive { throw SMoEError.setting(.prune, "keeps the same number of experts in every layer (a Hugging Face config holds one expert count): drop {adaptive}") }
+        }
         try merging.validate()
         try tokens.validate()
         let names = try model.selectLayers(layers)
@@ -92,7 +102,7 @@ public struct MergeSettings: Sendable {
                 throw SMoEError.setting(.router, "compact fits softmax routers only, but \(model.architecture) layer \(c.name) routes by \(how); merge with the default {router} slots")
             }
             if !adaptive, let c = model.layers.first(where: { $0.topK > groups }) {
-                throw SMoEError.setting(.router, "compact needs top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")
+                throw SMoEError.setting(prune != nil ? .prune : .router, "\(prune != nil ? "keeps" : "compact needs") top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")
             }
         }
         return names
@@ -120,11 +130,26 @@ public struct LayerMergeReport: Sendable {
     public var groups: [MergedGroup]
     /// The router fit, when the layer was made compact.
     public var compact: CompactRouterReport? = nil
+    /// The similarity the grouping used (row-major E×E, by base name), when the stage had it.
+    public var similarity: (base: String, values: [Double])? = nil
+    /// What pruning kept and dropped, when the layer was pruned (`grouping` then holds the kept
+    /// slots as single groups, and `groups` is empty).
+    public var prune: PruneReport? = nil
+
+    /// Original slot → expert of a compact (fitted or pruned) layer, −1 for a pruned slot; nil
+    /// for a layer that keeps its E router slots.
+    public var compactSlots: [Int]? { prune?.slotToExpert ?? compact?.slotToGroup }
 
     public var json: JSONValue {
-        var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .int(groups.count)),
-                                         ("expert_map", JSONValue(grouping.slotToGroup)), ("members", .array(groups.map(\.json)))]
+        var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .int(grouping.groups.count))]
+        if prune == nil { kv += [("expert_map", JSONValue(grouping.slotToGroup)), ("members", .array(groups.map(\.json)))] }
         if let c = compact { kv.append(("compact_router", c.json)) }
+        if let (base, m) = similarity {
+            let e = Int(Double(m.count).squareRoot())
+            kv.append(("similarity", .object([("base", .string(base)),
+                                              ("matrix", .array((0..<e).map { JSONValue(Array(m[($0 * e)..<($0 * e + e)])) }))])))
+        }
+        if let p = prune { kv.append(("prune", p.json)) }
         return .object(kv)
     }
 
@@ -134,9 +159,12 @@ public struct LayerMergeReport: Sendable {
                                          ("dominant", JSONValue(grouping.dominant))]
         if let c = compact {
             kv += [("router_cross_entropy", .double(c.fitted.crossEntropy)), ("router_top_k_agreement", .double(c.fitted.topKAgreement))]
-            if let r = c.refit {
-                kv += [("refit_calibration_error_before", .double(r.before)), ("refit_calibration_error_after", .double(r.after))]
-            }
+        }
+        if let p = prune {
+            kv += [("pruned", JSONValue(p.dropped)), ("saliency", JSONValue(p.saliency))]
+        }
+        if let r = compact?.refit ?? prune?.refit {
+            kv += [("refit_calibration_error_before", .double(r.before)), ("refit_calibration_error_after", .double(r.after))]
         }
         return .object(kv)
     }
@@ -151,6 +179,8 @@ public struct MergeStage: LayerStage {
     public let calibration: CalibrationReader?
     /// Each merged layer's grouping and slot usage.
     public let plans: [String: (grouping: LayerGrouping, frequency: [Double])]
+    /// Each planned layer's grouping similarity (row-major E×E), for the reports.
+    public let similarities: [String: [Double]]
 
     /// Validates the settings against the inputs and plans the groupings (statistics from
     /// `stats` where it has them, else computed on the calibration tokens). With `shard`, a
@@ -158,21 +188,40 @@ public struct MergeStage: LayerStage {
     /// (one global budget), from `stats`, which it then needs.
     public init(model: CheckpointReader, calibration: CalibrationReader?, stats: StatsReader?, settings: MergeSettings,
                 shard: Shard? = nil, progress: ProgressCallback? = nil) throws {
+        var settings = settings
+        if settings.prune != nil { settings.router = .compact }
         let names = try settings.validate(for: model)
         try MergeStage.checkDense(model: model, layers: names)
         if let c = calibration { try c.checkMatches(model, layers: names) }
+        if let p = settings.prune, calibration == nil {
+            throw SMoEError.setting(.prune, "\(p.rawValue) ranks the experts on calibration tokens ({calibration})")
+        }
         if settings.merging.method != .frequency && calibration == nil {
             throw SMoEError.setting(.mergeMethod, "\(settings.merging.method.rawValue) needs calibration tokens ({calibration})")
         }
         if settings.router == .compact && calibration == nil {
             throw SMoEError.setting(.router, "compact fits the router on calibration tokens ({calibration})")
         }
+        guard settings.prune == nil else {
+            // Pruning plans nothing up front: each layer ranks its own experts as it is reached.
+            if let budget = settings.maxMemory {
+                let work = model.layers.filter { names.contains($0.name) }.map {
+                    ($0, MemoryModel.Work.merge(groups: settings.groups, largestGroup: 1, outputAware: true, lowRank: settings.factoredAfter))
+                }
+                settings.tokens.blockSize = try MemoryModel.blockSize(work, budget: budget, requested: settings.tokens.blockSize)
+            }
+            self.settings = settings
+            self.layers = names
+            self.calibration = calibration
+            self.plans = [:]
+            self.similarities = [:]
+            return
+        }
         let planned = try MergeStage.plannedLayers(names, model: model, shard: shard, adaptive: settings.adaptive, stats: stats)
         let inputs = try MergeStage.groupingInputs(model: model, layers: planned, base: settings.similarityBase, stats: stats,
                                                    calibration: calibration, tokens: settings.tokens, progress: progress)
         let groupings = MergeStage.plan(inputs, settings: settings)
         try settings.validateCompact(groupings, model: model)
-        var settings = settings
         if let budget = settings.maxMemory {
             let work = model.layers.compactMap { c in
                 groupings[c.name].map { g in
@@ -186,6 +235,7 @@ public struct MergeStage: LayerStage {
         self.layers = names
         self.calibration = calibration
         self.plans = Dictionary(uniqueKeysWithValues: inputs.map { ($0.name, (groupings[$0.name]!, $0.input.frequency)) })
+        self.similarities = Dictionary(uniqueKeysWithValues: inputs.map { ($0.name, $0.input.similarity) })
     }
 
     public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
@@ -196,8 +246,11 @@ public struct MergeStage: LayerStage {
     public var streamsExperts: Bool { true }
 
     public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
+        if let method = settings.prune { return try prune(source, method: method, progress: progress) }
         let plan = plans[source.name]!
-        return try merge(source, grouping: plan.grouping, frequency: plan.frequency, progress: progress)
+        var result = try merge(source, grouping: plan.grouping, frequency: plan.frequency, progress: progress)
+        result.report.similarity = similarities[source.name].map { (settings.similarityBase.rawValue, $0) }
+        return result
     }
 
     /// Merges `layer` with a grouping decided elsewhere (a size plan), as `process` does with its
@@ -220,6 +273,22 @@ public struct MergeStage: LayerStage {
             }
         }
         return (merged, report)
+    }
+
+    /// Prunes `layer` to the `settings.groups` experts of largest saliency, then (unless
+    /// `compactRefit` is false) refits the kept experts under the pruned routing.
+    public func prune(_ layer: LayerSource, method: PruneMethod, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
+        let tokens = calibration!.tokenBlocks(layer.name, settings.tokens)
+        let (saliency, counts) = try Pruning.saliency(layer, method: method, tokens: tokens, progress: progress)
+        let kept = Pruning.keep(saliency, groups: settings.groups)
+        var report = PruneReport(method: method, saliency: saliency, tokens: counts, kept: kept)
+        var pruned = try Pruning.pruned(layer, kept: kept)
+        if settings.refitsCompactExperts {
+            (pruned, report.refit) = try CompactRefit.refit(pruned, original: layer, slotGroups: report.slotToExpert, tokens: tokens,
+                                                            ridge: settings.merging.refitRidge, progress: progress)
+        }
+        return (pruned, LayerMergeReport(name: layer.name, grouping: LayerGrouping(groups: kept.map { [$0] }, dominant: kept),
+                                         groups: [], prune: report))
     }
 
     public func historyEntry(_ reports: [LayerMergeReport]) -> JSONValue {
@@ -264,7 +333,7 @@ public struct MergeStage: LayerStage {
     public static func apply(_ layer: MoELayer, grouping: LayerGrouping, frequency: [Double], settings: MergeSettings,
                              tokens: TokenBlocks?, progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: LayerMergeReport) {
         if layer.experts.contains(where: { $0.namedMatrices.contains { $0.op.isFactored } }) {
-            throw SMoEError("\(layer.name): \(factoredMessage)")
+            throw SMoEError.layer(layer.name, factoredMessage)
         }
         return try apply(LayerSource(layer), grouping: grouping, frequency: frequency, settings: settings, tokens: tokens,
                          progress: progress)
@@ -291,6 +360,7 @@ public struct MergeStage: LayerStage {
             kv.append(("regmean_ridge", .double(settings.merging.ridge)))
             if settings.merging.method == .regmeanRefit { kv.append(("refit_ridge", .double(settings.merging.refitRidge))) }
         }
+        if let p = settings.prune { kv.append(("prune", .string(p.rawValue))) }
         if let c = calibration { kv.append(("calibration", .string(c))) }
         if settings.router == .compact { kv.append(("router", .string(settings.router.rawValue))) }
         if settings.router == .compact { kv.append(("compact_refit", .bool(settings.refitsCompactExperts))) }

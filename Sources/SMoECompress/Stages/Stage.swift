@@ -169,16 +169,16 @@ extension LayerStage {
                         let layer = try model.readLayer(c.name)
                         // A damaged or hand-edited file can hold NaN or Inf that reading accepts;
                         // no stage computes on them.
-                        if let what = layer.firstNonFinite { throw SMoEError("\(c.name): \(what) holds NaN or Inf") }
+                        if let what = layer.firstNonFinite { throw SMoEError.layer(c.name, "\(what) holds NaN or Inf") }
                         (output, report) = try process(layer, progress: progress.step)
                     }
                 } catch let e as SMoEError {
-                    throw e.naming(c.name)
+                    throw e.naming(layer: c.name)
                 }
                 // Nothing non-finite is written or reported (a finite input can still overflow
                 // float32 on the way).
                 if let checked = output as? FiniteChecked, let what = checked.firstNonFinite {
-                    throw SMoEError("\(c.name): \(name) produced NaN or Inf in \(what) (do the weights overflow float32?)")
+                    throw SMoEError.layer(c.name, "\(name) produced NaN or Inf in \(what) (do the weights overflow float32?)")
                 }
                 if let resume {
                     // Durable before the output moves on: a run killed from here on keeps the layer.

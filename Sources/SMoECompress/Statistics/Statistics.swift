@@ -204,7 +204,7 @@ public enum Statistics {
         var acc = StatisticsAccumulator(layer: layer, bases: bases)
         for b in blocks {
             guard b.cols == layer.config.dModel else {
-                throw SMoEError("tokens: a block has \(b.cols) features, but layer \(layer.name) has d_model \(layer.config.dModel)")
+                throw SMoEError("tokens: a block has \(b.cols) features, but layer \(layer.name) has d_model \(layer.config.dModel)", layer: layer.name)
             }
             acc.add(b)
         }

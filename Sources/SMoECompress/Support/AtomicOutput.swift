@@ -32,13 +32,13 @@ public final class AtomicOutput: @unchecked Sendable {
             let err = String(cString: strerror(errno))
             if fd >= 0 { Foundation.close(fd) }
             discard()
-            throw SMoEError.file(destination, "cannot write: \(err)")
+            throw SMoEError.file(destination, "cannot write: \(err)", kind: .output)
         }
         Foundation.close(fd)
         if rename(temporaryPath, destination) != 0 {
             let err = String(cString: strerror(errno))
             discard()
-            throw SMoEError.file(destination, "cannot write: \(err)")
+            throw SMoEError.file(destination, "cannot write: \(err)", kind: .output)
         }
         done = true
         TemporaryFiles.unregister(slot)

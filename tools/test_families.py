@@ -150,6 +150,9 @@ def test_deepseek_v3(tmp_path):
     report = check_family(tmp_path, "DeepseekV3ForCausalLM", d, groups=16, compact=False)
     assert [l["name"] for l in report["evaluation"]["layers"]] == ["model.layers.1.mlp", "model.layers.2.mlp"]
     refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "deepseek-v3")
+    r = subprocess.run([str(EXE), "merge", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "16",
+                        "--prune", "reap", "-o", str(tmp_path / "p.h5")], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.startswith("error: --prune: drops router slots") and "expert groups" in r.stderr, r.stderr
     with h5py.File(tmp_path / "m.h5", "r") as f:
         g = f["moe_layers/model.layers.1.mlp"]
         assert g.attrs["router_type"] == "sigmoid_topk_norm" and g.attrs["n_group"] == 8 and g.attrs["topk_group"] == 4
@@ -205,3 +208,10 @@ def test_minimax_m2(tmp_path):
     d = save_tiny(tmp_path, "MiniMaxM2ForCausalLM", cfg, init=random_router)
     check_family(tmp_path, "MiniMaxM2ForCausalLM", d, groups=4, compact=False)
     refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "minimax-m2")
+    # Pruning keeps router rows and their correction biases: a standard 8-expert MiniMax-M2.
+    run("merge", tmp_path / "m.h5", "--calib", tmp_path / "calib.h5", "--groups", 8, "--prune", "reap", "-o", tmp_path / "p.h5")
+    run("export", tmp_path / "p.h5", "-o", tmp_path / "pruned")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["num_local_experts"] == 8
+    ids = torch.tensor([list(TEXT[:40].encode())]) % 128
+    assert torch.isfinite(logits("MiniMaxM2ForCausalLM", tmp_path / "pruned", ids)).all()

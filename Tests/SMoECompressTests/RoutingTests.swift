@@ -97,6 +97,22 @@ final class RoutingTests: XCTestCase {
         }
     }
 
+    /// Pruning keeps the kept slots' selection biases (the pruned router chooses among them as the
+    /// original did) and refuses a grouped router, whose groups dropping slots would break.
+    func testPruningKeepsTheKeptSlotsSelectionBiasAndRefusesGroups() throws {
+        var rng = SplitMix64(seed: 12)
+        var layer = randomLayer(&rng, type: .glu, router: .sigmoid_topk_norm, E: 8, k: 2)
+        layer.selectionBias = (0..<8).map { Float($0) }
+        let pruned = try Pruning.pruned(LayerSource(layer), kept: [1, 4, 6])
+        XCTAssertEqual(pruned.selectionBias, [1, 4, 6])
+        XCTAssertEqual(pruned.config.numExperts, 3)
+        layer.config.numGroups = 4
+        layer.config.topKGroups = 2
+        XCTAssertThrowsError(try Pruning.pruned(LayerSource(layer), kept: [1, 4, 6])) { e in
+            XCTAssertTrue("\(e)".contains("expert groups"), "\(e)")
+        }
+    }
+
     func testRoutingProblemsAreNamed() {
         func problem(_ e: Int, _ k: Int, _ g: Int, _ tg: Int, _ type: RouterType = .sigmoid_topk) -> String? {
             LayerConfig(name: "l", index: 0, numExperts: e, topK: k, dModel: 1, dFF: 1, expertType: .glu, activation: .silu,

@@ -215,3 +215,32 @@ def test_minimax_m2(tmp_path):
     assert config["num_local_experts"] == 8
     ids = torch.tensor([list(TEXT[:40].encode())]) % 128
     assert torch.isfinite(logits("MiniMaxM2ForCausalLM", tmp_path / "pruned", ids)).all()
+
+
+def random_gpt_oss(model):
+    """Non-zero router and expert biases (transformers initialises them to zero)."""
+    g = torch.Generator().manual_seed(2)
+    for name, p in model.named_parameters():
+        if name.endswith(("router.bias", "gate_up_proj_bias", "down_proj_bias")):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif name.endswith("router.weight"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif name.endswith("experts.gate_up_proj"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)  # large enough that the clamps at ±7 act
+
+
+@needs_all
+def test_gpt_oss(tmp_path):
+    """GPT-OSS: router bias, top-4 of 32 logits then softmax over the 4; fused input-major
+    gate_up_proj [E, H, 2I] interleaved (even gate, odd up) with biases; clamped SwiGLU."""
+    needs_exe()
+    cfg = transformers.GptOssConfig(
+        **COMMON, num_hidden_layers=2, intermediate_size=24, num_local_experts=32, num_experts_per_tok=4,
+        head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    d = save_tiny(tmp_path, "GptOssForCausalLM", cfg, init=random_gpt_oss)
+    check_family(tmp_path, "GptOssForCausalLM", d, groups=8, compact=False)
+    refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "gpt-oss")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        g = f["moe_layers/model.layers.0.mlp"]
+        assert g.attrs["router_type"] == "topk_softmax" and g.attrs["activation"] == "swiglu_oai"
+        assert "gate_bias" in g["experts"] and "router/bias" in g

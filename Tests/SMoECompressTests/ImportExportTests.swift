@@ -18,7 +18,8 @@ enum FakeFamily: String, CaseIterable {
     /// transformers versions.
     /// `deepseekV3` (fused, 2 groups, selection bias, scaling), `glm4` (per-expert, scaled) and
     /// `minimaxM2` (fused, the block's selection bias) route by sigmoid scores (issue 24).
-    case mixtral, mixtralFused, switchT, qwen2, qwen3Fused, olmoe, olmoeFused, deepseek, deepseekV3, glm4, minimaxM2
+    /// `gptOss`: router bias, fused input-major interleaved experts with biases.
+    case mixtral, mixtralFused, switchT, qwen2, qwen3Fused, olmoe, olmoeFused, deepseek, deepseekV3, glm4, minimaxM2, gptOss
 
     var family: ModelFamily {
         switch self {
@@ -31,6 +32,7 @@ enum FakeFamily: String, CaseIterable {
         case .deepseekV3: return .deepseekV3
         case .glm4: return .glm4MoE
         case .minimaxM2: return .minimaxM2
+        case .gptOss: return .gptOss
         }
     }
 
@@ -42,23 +44,25 @@ enum FakeFamily: String, CaseIterable {
         case .olmoe, .olmoeFused: return ["model.layers.0.mlp", "model.layers.1.mlp"]
         case .deepseek, .glm4: return ["model.layers.1.mlp"]
         case .deepseekV3, .minimaxM2: return ["model.layers.1.mlp", "model.layers.2.mlp"]
+        case .gptOss: return ["model.layers.0.mlp", "model.layers.1.mlp"]
         }
     }
 
-    var fused: Bool { [.mixtralFused, .qwen3Fused, .olmoeFused, .deepseekV3, .minimaxM2].contains(self) }
-    var fusedSuffix: String { [.qwen3Fused, .deepseekV3, .minimaxM2].contains(self) ? "" : ".weight" }
+    var fused: Bool { [.mixtralFused, .qwen3Fused, .olmoeFused, .deepseekV3, .minimaxM2, .gptOss].contains(self) }
+    var fusedSuffix: String { [.qwen3Fused, .deepseekV3, .minimaxM2, .gptOss].contains(self) ? "" : ".weight" }
     var topK: Int { self == .switchT ? 1 : 2 }
     var routerType: RouterType {
         switch self {
         case .deepseekV3, .minimaxM2: return .sigmoid_topk_norm
         case .glm4: return .sigmoid_topk
+        case .gptOss: return .topk_softmax
         default: return [.mixtral, .mixtralFused, .qwen3Fused].contains(self) ? .softmax_topk_norm : .softmax_topk
         }
     }
     /// Expert groups (n_group, topk_group) and the routed scaling factor of the fake configs.
     var groups: (Int, Int) { self == .deepseekV3 ? (2, 1) : (1, 1) }
     var scaling: Float { self == .deepseekV3 ? 2.5 : (self == .glm4 ? 1.5 : 1) }
-    var activation: Activation { self == .switchT ? .relu : .silu }
+    var activation: Activation { self == .switchT ? .relu : (self == .gptOss ? .swiglu_oai : .silu) }
 }
 
 let fakeE = 4, fakeH = 8, fakeI = 6
@@ -85,7 +89,13 @@ func fakeModel(_ kind: FakeFamily, dtype: SafetensorsDType, seed: UInt64 = 1) ->
         add("\(p).\(f.routerSuffix)", [E, H])
         // Selection biases are float32 in these models (transformers keeps them in float32).
         if let b = f.selectionBiasSuffix { add("\(p).\(b)", [E], .F32, scale: 0.3) }
-        if kind.fused {
+        if let b = f.routerBiasSuffix { add("\(p).\(b)", [E]) }
+        if f.fusedInputMajorInterleaved {
+            add("\(p).experts.gate_up_proj", [E, H, 2 * I])
+            add("\(p).experts.gate_up_proj_bias", [E, 2 * I])
+            add("\(p).experts.down_proj", [E, I, H])
+            add("\(p).experts.down_proj_bias", [E, H])
+        } else if kind.fused {
             add("\(p).experts.gate_up_proj\(kind.fusedSuffix)", [E, 2 * I, H])
             add("\(p).experts.down_proj\(kind.fusedSuffix)", [E, H, I])
         } else {
@@ -186,6 +196,15 @@ func fakeModel(_ kind: FakeFamily, dtype: SafetensorsDType, seed: UInt64 = 1) ->
         denseMLP("model.layers.0.mlp")
         moe("model.layers.1.mlp")
         denseMLP("model.layers.1.mlp.shared_experts")
+    case .gptOss:
+        config = [("architectures", ["GptOssForCausalLM"]), ("model_type", "gpt_oss"), ("hidden_size", .int(H)),
+                  ("intermediate_size", .int(I)), ("num_local_experts", .int(E)), ("num_experts_per_tok", 2),
+                  ("swiglu_limit", 7.0), ("hidden_act", "silu")]
+        add("model.embed_tokens.weight", [V, H])
+        for l in 0..<2 {
+            add("model.layers.\(l).self_attn.sinks", [2], .F32)
+            moe("model.layers.\(l).mlp")
+        }
     case .minimaxM2:
         config = [("architectures", ["MiniMaxM2ForCausalLM"]), ("model_type", "minimax_m2"), ("hidden_size", .int(H)),
                   ("intermediate_size", .int(I)), ("num_local_experts", .int(E)), ("num_experts_per_tok", 2), ("hidden_act", "silu")]
@@ -268,7 +287,8 @@ final class ImportExportTests: XCTestCase {
             let dense = Set(try r.file.root.openGroup("dense").datasetPaths())
             let moeNames = Set(tensors.map(\.name).filter { n in
                 kind.moeLayers.contains { n.hasPrefix($0 + ".experts.") || n == $0 + "." + kind.family.routerSuffix
-                                          || n == $0 + "." + (kind.family.selectionBiasSuffix ?? "-") }
+                                          || n == $0 + "." + (kind.family.selectionBiasSuffix ?? "-")
+                                          || n == $0 + "." + (kind.family.routerBiasSuffix ?? "-") }
             })
             XCTAssertEqual(dense, Set(tensors.map(\.name)).subtracting(moeNames), kind.rawValue)
             if kind == .qwen2 {
@@ -287,7 +307,7 @@ final class ImportExportTests: XCTestCase {
         let dir = temporaryDirectory(self)
         var cases: [(FakeFamily, SafetensorsDType, Int)] = FakeFamily.allCases.map { ($0, .BF16, 1) }
         cases += [(.mixtral, .F16, 2), (.mixtral, .F32, 1), (.switchT, .F16, 1), (.qwen3Fused, .F32, 2), (.deepseek, .F16, 3), (.olmoeFused, .F16, 1),
-                  (.deepseekV3, .F16, 2), (.glm4, .F32, 1), (.minimaxM2, .F16, 1)]
+                  (.deepseekV3, .F16, 2), (.glm4, .F32, 1), (.minimaxM2, .F16, 1), (.gptOss, .F32, 2)]
         for (kind, dtype, shards) in cases {
             let label = "\(kind.rawValue)-\(dtype.rawValue)-\(shards)"
             let (tensors, config) = fakeModel(kind, dtype: dtype, seed: UInt64(label.utf8.count))

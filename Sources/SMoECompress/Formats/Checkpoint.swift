@@ -125,6 +125,7 @@ public final class CheckpointReader: @unchecked Sendable {
             : (c.topK < 1 || c.topK > c.numExperts) ? "top_k \(c.topK) outside 1...\(c.numExperts)"
             : (c.dModel < 1 || c.dFF < 1) ? "d_model and d_ff must be positive"
             : checkedProduct([c.numExperts, c.dModel, c.dFF, 3 * 8]) == nil ? "num_experts × d_model × d_ff overflows (damaged file?)"
+            : c.activation == .swiglu_oai && c.expertType != .glu ? "activation swiglu_oai needs glu experts"
             : c.routingProblem
         if let b = bad { throw SMoEError.dataset(g.file.path, g.path, b) }
         return c
@@ -313,6 +314,7 @@ public final class CheckpointReader: @unchecked Sendable {
         }
         let ub = try bias("up_bias", c.dFF)
         let db = try bias("down_bias", c.dModel)
+        let gb = c.expertType == .glu ? try bias("gate_bias", c.dFF) : nil
         var expertMap: [Int]? = nil
         if g.isDataset("expert_map") {
             let d = try g.openDataset("expert_map")
@@ -327,7 +329,7 @@ public final class CheckpointReader: @unchecked Sendable {
         }
         let header = MoELayer(config: c, router: router, routerBias: routerBias, selectionBias: selectionBias, experts: [], expertMap: expertMap)
         // Each expert's parameters and FLOPs per token, from the shapes (as Expert computes them).
-        var parameters = [Int](repeating: (ub != nil ? c.dFF : 0) + (db != nil ? c.dModel : 0), count: gCount)
+        var parameters = [Int](repeating: (ub != nil ? c.dFF : 0) + (db != nil ? c.dModel : 0) + (gb != nil ? c.dFF : 0), count: gCount)
         var flops = [Int](repeating: 0, count: gCount)
         for m in names {
             for e in 0..<gCount {
@@ -345,7 +347,7 @@ public final class CheckpointReader: @unchecked Sendable {
                 try finite(v, d, offset: e * out * inn)
                 return .dense(Matrix(rows: out, cols: inn, data: v))
             }
-            return Expert(up: try op("up")!, gate: try op("gate"), down: try op("down")!, upBias: ub?[e], downBias: db?[e])
+            return Expert(up: try op("up")!, gate: try op("gate"), down: try op("down")!, upBias: ub?[e], downBias: db?[e], gateBias: gb?[e])
         }
     }
 
@@ -544,7 +546,7 @@ public final class CheckpointWriter: @unchecked Sendable {
             }
         }
         try finishLayer(g, c, upBiases: layer.experts.map(\.upBias), downBiases: layer.experts.map(\.downBias),
-                        expertMap: layer.expertMap)
+                        gateBiases: layer.experts.map(\.gateBias), expertMap: layer.expertMap)
         return g
     }
 
@@ -558,7 +560,7 @@ public final class CheckpointWriter: @unchecked Sendable {
         var next: Expert? = G > 0 ? try source.expert(0) : nil
         if let e = next, e.namedMatrices.contains(where: { $0.op.isFactored }) { return try write(try source.whole()) }
         let pending = try beginDenseExperts(named: c.name, count: G, dModel: c.dModel, dFF: c.dFF, gated: c.expertType == .glu)
-        var upBiases: [[Float]?] = [], downBiases: [[Float]?] = []
+        var upBiases: [[Float]?] = [], downBiases: [[Float]?] = [], gateBiases: [[Float]?] = []
         for i in 0..<G {
             let e = try next ?? source.expert(i)
             next = nil
@@ -568,16 +570,17 @@ public final class CheckpointWriter: @unchecked Sendable {
             try pending.write(e)
             upBiases.append(e.upBias)
             downBiases.append(e.downBias)
+            gateBiases.append(e.gateBias)
         }
         let g = pending.group
         try writeHeader(g, c, router: source.header.router, bias: source.header.routerBias, selectionBias: source.header.selectionBias)
-        try finishLayer(g, c, upBiases: upBiases, downBiases: downBiases, expertMap: source.header.expertMap)
+        try finishLayer(g, c, upBiases: upBiases, downBiases: downBiases, gateBiases: gateBiases, expertMap: source.header.expertMap)
         return g
     }
 
     /// A layer's biases (zeros for an expert without one, when another has one) and expert map.
     private func finishLayer(_ g: H5Group, _ c: LayerConfig, upBiases: [[Float]?], downBiases: [[Float]?],
-                             expertMap: [Int]?) throws {
+                             gateBiases: [[Float]?] = [], expertMap: [Int]?) throws {
         let G = upBiases.count, dt = options.dtype
         if upBiases.contains(where: { $0 != nil }) {
             let v = upBiases.flatMap { $0 ?? [Float](repeating: 0, count: c.dFF) }
@@ -586,6 +589,10 @@ public final class CheckpointWriter: @unchecked Sendable {
         if downBiases.contains(where: { $0 != nil }) {
             let v = downBiases.flatMap { $0 ?? [Float](repeating: 0, count: c.dModel) }
             try g.write("experts/down_bias", floats: v, shape: [G, c.dModel], as: dt, chunk: [1, c.dModel])
+        }
+        if gateBiases.contains(where: { $0 != nil }) {
+            let v = gateBiases.flatMap { $0 ?? [Float](repeating: 0, count: c.dFF) }
+            try g.write("experts/gate_bias", floats: v, shape: [G, c.dFF], as: dt, chunk: [1, c.dFF])
         }
         if let m = expertMap {
             try g.write("expert_map", ints: m, shape: [c.numExperts], as: .i32)
@@ -637,7 +644,8 @@ extension MoELayer {
         out.router = m(router)
         out.routerBias = routerBias.map(r)
         out.experts = experts.map { e in
-            Expert(up: op(e.up), gate: e.gate.map(op), down: op(e.down), upBias: e.upBias.map(r), downBias: e.downBias.map(r))
+            Expert(up: op(e.up), gate: e.gate.map(op), down: op(e.down), upBias: e.upBias.map(r), downBias: e.downBias.map(r),
+                   gateBias: e.gateBias.map(r))
         }
         return out
     }

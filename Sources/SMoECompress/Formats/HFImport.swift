@@ -32,6 +32,7 @@ public struct SourceModelConfig: Sendable {
         case "relu": return .relu
         case "gelu": return .gelu
         case "gelu_new", "gelu_pytorch_tanh", "gelu_fast": return .gelu_tanh
+        case "swiglu_oai": return .swiglu_oai
         default: throw SMoEError.dataset(path, key, "activation \"\(name)\" is not supported (silu, relu, gelu, gelu_new, gelu_pytorch_tanh)")
         }
     }
@@ -76,7 +77,7 @@ public struct SourceModelConfig: Sendable {
             guard v > 0, Float(v).isFinite else { throw SMoEError.dataset(path, k.key, "must be a positive number, not \(v)") }
             scaling = Float(v)
         }
-        let act = try config.string(family.activationKey) ?? family.defaultActivation
+        let act = try family.fixedActivation?.rawValue ?? config.string(family.activationKey) ?? family.defaultActivation
         // The expert count under every name transformers 4.x and 5.x write: all present must agree.
         var numExperts: (key: String, value: Int)? = nil
         for key in family.numExpertsKeys {
@@ -183,6 +184,8 @@ public struct SourceMoELayer: Sendable {
     public var router: String
     /// The selection bias tensor (families with one).
     public var selectionBias: String? = nil
+    /// The router bias tensor (families with one).
+    public var routerBias: String? = nil
     /// Per-expert layout: for expert n, matrix role → tensor name.
     public var experts: [[String: String]]
     /// Fused layout: `gate_up` and `down` tensor names.
@@ -259,6 +262,9 @@ public enum HFImport {
 
         var routers: [String: String] = [:]
         var selectionBiases: [String: String] = [:]
+        var routerBiases: [String: String] = [:]
+        let fusedBiasPart = family.fusedInputMajorInterleaved
+            ? Dictionary(uniqueKeysWithValues: family.fusedNames.map { ($1 + "_bias", $0 + "_bias") }) : [:]
         var perExpert: [String: [Int: [String: String]]] = [:]
         var fused: [String: [String: String]] = [:]
         var fusedSuffixes = Set<String>()
@@ -274,7 +280,16 @@ public enum HFImport {
                 routers[prefix] = name
             } else if restText == family.selectionBiasSuffix {
                 selectionBiases[prefix] = name
+            } else if restText == family.routerBiasSuffix {
+                routerBiases[prefix] = name
             } else if rest[0] == "experts" {
+                if rest.count == 2, let part = fusedBiasPart[rest[1]] {
+                    fused[prefix, default: [:]][part] = name
+                    continue
+                }
+                if rest.count == 2, rest[1].hasSuffix("_blocks") || rest[1].hasSuffix("_scales") {
+                    throw SMoEError.dataset(where_(name), name, "MXFP4-quantized experts are not supported (dequantize to bfloat16 first)")
+                }
                 if rest.count <= 3, let part = fusedPart[rest[1]], rest.count == 2 || rest[2] == "weight" {
                     fused[prefix, default: [:]][part] = name
                     fusedSuffixes.insert(rest.count == 3 ? ".weight" : "")
@@ -346,7 +361,35 @@ public enum HFImport {
             let roles = ["up", "gate", "down"].filter { family.matrixNames[$0] != nil }
             var layer = SourceMoELayer(prefix: prefix, router: routerName, selectionBias: selectionBias, experts: [], fused: [:],
                                        layout: .perExpert, numExperts: E, dModel: H, dFF: 0)
-            if let f = fused[prefix] {
+            if let suffix = family.routerBiasSuffix {
+                guard let b = routerBiases[prefix] else { throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix)") }
+                let bi = try model.info(b)
+                guard bi.shape == [E], bi.dtype == ri.dtype else {
+                    throw SMoEError.dataset(where_(b), b, "must be a [\(E)] vector of the router's dtype \(ri.dtype.rawValue), is \(bi.dtype.rawValue) \(bi.shape)")
+                }
+                layer.routerBias = b
+            }
+            if family.fusedInputMajorInterleaved {
+                guard let f = fused[prefix], let gu = f["gate_up"], let dn = f["down"], let gb = f["gate_up_bias"], let db = f["down_bias"] else {
+                    throw SMoEError.file(dir, "\(prefix): \(family.displayName) needs the fused tensors \(["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"].map { "experts." + $0 }.joined(separator: ", "))")
+                }
+                let gi = try model.info(gu), di = try model.info(dn), gbi = try model.info(gb), dbi = try model.info(db)
+                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[1] == H, gi.shape[2] >= 2, gi.shape[2] % 2 == 0 else {
+                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), \(H), 2·d_ff] (\(E) router slots, d_model \(H))")
+                }
+                let I = gi.shape[2] / 2
+                for (n, i, want) in [(dn, di, [E, I, H]), (gb, gbi, [E, 2 * I]), (db, dbi, [E, H])] {
+                    guard i.shape == want else { throw SMoEError.dataset(where_(n), n, "shape \(i.shape) is not \(want)") }
+                    guard i.dtype == gi.dtype, i.dtype.isFloat else {
+                        throw SMoEError.dataset(where_(n), n, "dtype \(i.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
+                    }
+                }
+                expertDTypes.insert(gi.dtype)
+                fusedSuffixes.insert("")
+                layer.fused = f
+                layer.layout = .fused
+                layer.dFF = I
+            } else if let f = fused[prefix] {
                 if let pe = perExpert[prefix], let any = pe.values.first?.values.first {
                     throw SMoEError.dataset(where_(any), any, "per-expert tensor next to fused expert tensors in \(prefix)")
                 }
@@ -432,8 +475,29 @@ public enum HFImport {
             return v
         }
         let router = Matrix(rows: E, cols: H, data: try finite(try model.floats(src.router), src.router))
+        let routerBias = try src.routerBias.map { try finite(try model.floats($0), $0) }
         var experts: [Expert] = []
         switch src.layout {
+        case .fused where c.family.fusedInputMajorInterleaved:
+            // [E, H, 2I] input-major, gate even / up odd along the last axis; [E, I, H]; biases.
+            let gu = try finite(try model.floats(src.fused["gate_up"]!), src.fused["gate_up"]!)
+            let dn = try finite(try model.floats(src.fused["down"]!), src.fused["down"]!)
+            let gb = try finite(try model.floats(src.fused["gate_up_bias"]!), src.fused["gate_up_bias"]!)
+            let db = try finite(try model.floats(src.fused["down_bias"]!), src.fused["down_bias"]!)
+            for e in 0..<E {
+                var gate = Matrix(rows: I, cols: H), up = Matrix(rows: I, cols: H), down = Matrix(rows: H, cols: I)
+                let base = e * H * 2 * I
+                for h in 0..<H {
+                    for i in 0..<I {
+                        gate.data[i * H + h] = gu[base + h * 2 * I + 2 * i]
+                        up.data[i * H + h] = gu[base + h * 2 * I + 2 * i + 1]
+                    }
+                }
+                for i in 0..<I { for h in 0..<H { down.data[h * I + i] = dn[e * I * H + i * H + h] } }
+                let b = Array(gb[(e * 2 * I)..<((e + 1) * 2 * I)])
+                experts.append(Expert(up: up, gate: gate, down: down, upBias: stride(from: 1, to: 2 * I, by: 2).map { b[$0] },
+                                      downBias: Array(db[(e * H)..<((e + 1) * H)]), gateBias: stride(from: 0, to: 2 * I, by: 2).map { b[$0] }))
+            }
         case .perExpert:
             for m in src.experts {
                 func mat(_ role: String) throws -> Matrix? {
@@ -455,7 +519,7 @@ public enum HFImport {
             }
         }
         let bias = try src.selectionBias.map { try finite(try model.floats($0), $0) }
-        return MoELayer(config: config, router: router, selectionBias: bias, experts: experts)
+        return MoELayer(config: config, router: router, routerBias: routerBias, selectionBias: bias, experts: experts)
     }
 
     /// The stored float type of routers and experts for `--dtype` (auto: float16 stays float16 and

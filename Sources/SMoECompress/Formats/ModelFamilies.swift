@@ -92,6 +92,14 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     /// part of the model transformers runs (DeepSeek-V3 / GLM-4.5 multi-token-prediction layers,
     /// `model.layers.61.*`): those go to `/dense` untouched.
     public let layerCountKey: String?
+    /// The router bias relative to the block (`router.bias`, GPT-OSS), required when set.
+    public let routerBiasSuffix: String?
+    /// How the fused tensors hold an expert: `[E, 2I, H]` gate rows then up rows and `[E, H, I]`
+    /// (false), or GPT-OSS's input-major `[E, H, 2I]` with gate and up interleaved along the last
+    /// axis (even gate, odd up), `[E, I, H]`, and biases `<fusedNames[part]>_bias` (true).
+    public let fusedInputMajorInterleaved: Bool
+    /// The expert activation when the family fixes it (GPT-OSS: swiglu_oai; `hidden_act` unread).
+    public let fixedActivation: Activation?
     /// What `tools/capture_calibration.py` loads the model with (a `transformers` class), and
     /// whether it runs an encoder and a decoder (whose inputs are the text shifted right).
     public let transformersClass: String
@@ -114,6 +122,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
          numExpertsAliases: [String] = [], topK: TopKRule = .key("num_experts_per_tok"), activationKey: String = "hidden_act", defaultActivation: String = "silu",
          requirements: [ConfigRequirement] = [], groupKeys: (groups: DefaultedKey, topKGroups: DefaultedKey)? = nil,
          scalingKey: DefaultedKey? = nil, selectionBiasSuffix: String? = nil, layerCountKey: String? = nil,
+         routerBiasSuffix: String? = nil, fusedInputMajorInterleaved: Bool = false, fixedActivation: Activation? = nil,
          transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false) {
         self.rawValue = rawValue
         self.displayName = displayName
@@ -136,6 +145,9 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         self.scalingKey = scalingKey
         self.selectionBiasSuffix = selectionBiasSuffix
         self.layerCountKey = layerCountKey
+        self.routerBiasSuffix = routerBiasSuffix
+        self.fusedInputMajorInterleaved = fusedInputMajorInterleaved
+        self.fixedActivation = fixedActivation
         self.transformersClass = transformersClass
         self.encoderDecoder = encoderDecoder
     }
@@ -205,9 +217,19 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         numExpertsKey: "num_local_experts", numExpertsAliases: ["num_experts"],
         selectionBiasSuffix: "e_score_correction_bias")
 
+    /// GPT-OSS (bfloat16 weights; the MXFP4 `_blocks`/`_scales` form is refused): router with a
+    /// bias, top-k of the logits then softmax over the k; fused input-major experts with gate/up
+    /// interleaved and biases; the clamped SwiGLU (α 1.702, limit 7).
+    public static let gptOss = ModelFamily(
+        "gpt-oss", "GPT-OSS", modelTypes: ["gpt_oss"], architectures: ["GptOssForCausalLM"], block: decoderMLP,
+        routerSuffix: "router.weight", routerType: .fixed(.topk_softmax), numExpertsKey: "num_local_experts",
+        numExpertsAliases: ["num_experts"],
+        requirements: [.number(key: "swiglu_alpha", equals: 1.702), .number(key: "swiglu_limit", equals: 7)],
+        routerBiasSuffix: "router.bias", fusedInputMajorInterleaved: true, fixedActivation: .swiglu_oai)
+
     /// Every family `import` and `export` understand.
     public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek,
-                                            .deepseekV3, .glm4MoE, .minimaxM2]
+                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss]
 
     /// Every config.json key that may hold the expert count, transformers 5's name first.
     public var numExpertsKeys: [String] { [numExpertsKey] + numExpertsAliases }
@@ -305,6 +327,9 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             if let k = f.scalingKey { out.append(("scaling_key", .object([(k.key, .double(k.value))]))) }
             if let b = f.selectionBiasSuffix { out.append(("selection_bias_suffix", .string(b))) }
             if let k = f.layerCountKey { out.append(("layer_count_key", .string(k))) }
+            if let b = f.routerBiasSuffix { out.append(("router_bias_suffix", .string(b))) }
+            if f.fusedInputMajorInterleaved { out.append(("fused_input_major_interleaved", .bool(true))) }
+            if let a = f.fixedActivation { out.append(("fixed_activation", .string(a.rawValue))) }
             out += [("activation_key", .string(f.activationKey)), ("default_activation", .string(f.defaultActivation))]
             out.append(("requirements", .object(f.requirements.map { r in
                 switch r {

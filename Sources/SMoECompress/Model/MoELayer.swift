@@ -9,6 +9,13 @@ public enum ExpertType: String, Sendable, CaseIterable, Codable {
 
 public enum Activation: String, Sendable, CaseIterable, Codable {
     case relu, gelu, gelu_tanh, silu
+    /// GPT-OSS's clamped SwiGLU (glu experts only): act(g) = g′ · σ(α g′) with g′ = min(g, limit),
+    /// and the up value enters as clamp(u, −limit, limit) + 1 (`Expert.hidden`); α = 1.702,
+    /// limit = 7 (transformers' `swiglu_alpha`, `swiglu_limit`; other values are refused on import).
+    case swiglu_oai
+
+    public static let swigluAlpha: Float = 1.702
+    public static let swigluLimit: Float = 7
 
     @inline(__always) public func apply(_ x: Float) -> Float {
         switch self {
@@ -18,6 +25,9 @@ public enum Activation: String, Sendable, CaseIterable, Codable {
             let c: Float = 0.797_884_560_802_865_4  // sqrt(2/pi)
             return 0.5 * x * (1 + tanhf(c * (x + 0.044715 * x * x * x)))
         case .silu: return x / (1 + expf(-x))
+        case .swiglu_oai:
+            let g = min(x, Activation.swigluLimit)
+            return g / (1 + expf(-Activation.swigluAlpha * g))
         }
     }
 
@@ -61,17 +71,22 @@ public struct Expert: Sendable, Equatable {
     public var down: LinearOp  // [d_model, d_ff]
     public var upBias: [Float]?  // [d_ff]
     public var downBias: [Float]?  // [d_model]
+    public var gateBias: [Float]?  // [d_ff], glu only (GPT-OSS)
 
-    public init(up: LinearOp, gate: LinearOp? = nil, down: LinearOp, upBias: [Float]? = nil, downBias: [Float]? = nil) {
+    public init(up: LinearOp, gate: LinearOp? = nil, down: LinearOp, upBias: [Float]? = nil, downBias: [Float]? = nil,
+                gateBias: [Float]? = nil) {
         self.up = up
         self.gate = gate
         self.down = down
         self.upBias = upBias
         self.downBias = downBias
+        self.gateBias = gateBias
     }
 
-    public init(up: Matrix, gate: Matrix? = nil, down: Matrix, upBias: [Float]? = nil, downBias: [Float]? = nil) {
-        self.init(up: .dense(up), gate: gate.map { .dense($0) }, down: .dense(down), upBias: upBias, downBias: downBias)
+    public init(up: Matrix, gate: Matrix? = nil, down: Matrix, upBias: [Float]? = nil, downBias: [Float]? = nil,
+                gateBias: [Float]? = nil) {
+        self.init(up: .dense(up), gate: gate.map { .dense($0) }, down: .dense(down), upBias: upBias, downBias: downBias,
+                  gateBias: gateBias)
     }
 
     /// The named matrices in a fixed order: up, gate (when present), down.
@@ -108,6 +123,11 @@ public struct Expert: Sendable, Equatable {
         if let b = upBias { h.addRowVector(b) }
         if let g = gate {
             var a = g.apply(x)
+            if let b = gateBias { a.addRowVector(b) }
+            if activation == .swiglu_oai {
+                let l = Activation.swigluLimit
+                for i in 0..<h.data.count { h.data[i] = min(max(h.data[i], -l), l) + 1 }
+            }
             activation.apply(inPlace: &a)
             for i in 0..<h.data.count { h.data[i] *= a.data[i] }
         } else {
@@ -124,12 +144,12 @@ public struct Expert: Sendable, Equatable {
     }
 
     public var parameterCount: Int {
-        namedMatrices.reduce(0) { $0 + $1.op.parameterCount } + (upBias?.count ?? 0) + (downBias?.count ?? 0)
+        namedMatrices.reduce(0) { $0 + $1.op.parameterCount } + (upBias?.count ?? 0) + (downBias?.count ?? 0) + (gateBias?.count ?? 0)
     }
 
     public func storedBytes(floatBytes: Int) -> Int {
         namedMatrices.reduce(0) { $0 + $1.op.storedBytes(floatBytes: floatBytes) }
-            + ((upBias?.count ?? 0) + (downBias?.count ?? 0)) * floatBytes
+            + ((upBias?.count ?? 0) + (downBias?.count ?? 0) + (gateBias?.count ?? 0)) * floatBytes
     }
 
     public var flopsPerToken: Int {

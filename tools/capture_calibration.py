@@ -435,6 +435,12 @@ class LayerwiseModel:
             fail(f"--layerwise needs transformers 5 (its weight-conversion loader); this is transformers "
                  f"{transformers.__version__}: upgrade it or use --no-layerwise")
         self.torch, self.dir, self.family, self.ckpt = torch, model_dir, family, ckpt
+        with open(os.path.join(model_dir, "config.json")) as f:
+            quant = json.load(f).get("quantization_config")
+        if quant:
+            fail(f"{os.path.join(model_dir, 'config.json')}: a quantized checkpoint "
+                 f"({quant.get('quant_method', '?') if isinstance(quant, dict) else quant}); --layerwise reads "
+                 f"unquantized safetensors only: dequantize it first (or use --no-layerwise)")
         self.device, self.batches, self.state = device, batches, state
         self._convert = convert_and_load_state_dict_in_model
         os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"  # read a layer's tensors one at a time, not all at once

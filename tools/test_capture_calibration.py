@@ -84,13 +84,14 @@ def test_matches_imported_checkpoint(tiny_mixtral, tmp_path):
     exe = REPO / ".build" / "debug" / "smoe-compress"
     if not exe.exists():
         pytest.skip("smoe-compress is not built")
-    calib = run_capture(tiny_mixtral, "--tokens", "30", "--seq-len", "16")
     h5 = tmp_path / "mixtral.h5"
     r = subprocess.run([str(exe), "import", str(tiny_mixtral / "model"), "-o", str(h5), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([str(exe), "stats", str(h5), "--calib", str(calib), "-o", str(tmp_path / "s.h5"), "--quiet"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    for mode in ("--no-layerwise", "--layerwise"):
+        calib = run_capture(tiny_mixtral, "--tokens", "30", "--seq-len", "16", mode)
+        r = subprocess.run([str(exe), "stats", str(h5), "--calib", str(calib), "-o", str(tmp_path / "s.h5"), "--quiet"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (mode, r.stderr)
 
 
 def test_unsupported_model_fails_with_one_line(tmp_path):
@@ -337,3 +338,46 @@ def test_memory_benchmark_runs_on_a_tiny_model(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "peak RSS" in r.stdout and "estimated peak memory" in r.stdout and "cpu: " in r.stdout, r.stdout
     assert list(tmp_path.iterdir()) == []  # the model is deleted
+
+
+@needs_capture_deps
+def test_layerwise_refuses_a_quantized_checkpoint(tiny_models, tmp_path, capsys):
+    import shutil
+    shutil.copytree(tiny_models("mixtral"), tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        capture_in_process(tmp_path / "m", tmp_path / "c.h5", tiny_models.root / "text.txt", "--layerwise")
+    assert e.value.code == 1
+    assert "error: " in capsys.readouterr().err and not (tmp_path / "c.h5").exists()
+
+
+@needs_capture_deps
+def test_sequential_capture_of_an_exported_merged_model(tiny_models, tmp_path):
+    """import → merge → export, then --reference the original: layer 0 (unchanged input) equals the
+    plain capture, layer 1 has the merged model's inputs and the original's outputs, and
+    `smoe-compress stats` accepts the file against the merged checkpoint."""
+    exe = REPO / ".build" / "debug" / "smoe-compress"
+    if not exe.exists():
+        pytest.skip("smoe-compress is not built")
+    orig, text = tiny_models("mixtral"), tiny_models.root / "text.txt"
+    plain = capture_in_process(orig, tmp_path / "plain.h5", text)
+    for args in (["import", orig, "-o", tmp_path / "m.h5"],
+                 ["merge", tmp_path / "m.h5", "--calib", plain, "--groups", "2", "-o", tmp_path / "merged.h5"],
+                 ["export", tmp_path / "merged.h5", "-o", tmp_path / "exported"],
+                 ):
+        r = subprocess.run([str(exe), *map(str, args), "--quiet"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    seq = capture_in_process(tmp_path / "exported", tmp_path / "seq.h5", text, "--reference", str(orig))
+    a, _, _ = read_capture(plain)
+    b, _, src = read_capture(seq)
+    assert src["targets"] == "reference"
+    first, second = list(a)
+    for k in ("hidden_states", "router_logits", "output"):
+        assert np.array_equal(a[first][k], b[first][k]), k
+    assert not np.array_equal(a[second]["hidden_states"], b[second]["hidden_states"])
+    assert np.array_equal(a[second]["output"], b[second]["output"])
+    r = subprocess.run([str(exe), "stats", str(tmp_path / "merged.h5"), "--calib", str(seq), "-o", str(tmp_path / "s.h5"),
+                        "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -23,6 +23,7 @@ func flag(for setting: Setting) -> String {
     case .router: return "--router"
     case .compactRefit: return "--compact-refit"
     case .prune: return "--prune"
+    case .refitTargets: return "--refit-targets"
     case .family: return "--family"
     case .rank: return "--rank"
     case .energy: return "--energy"

@@ -43,14 +43,19 @@ struct MergeOptionGroup: ParsableArguments {
     @Option(help: "Prune instead of merging: keep the --groups experts of largest saliency on the calibration tokens with their router rows (reap: mean routing weight × output norm over the routed tokens; frequency: summed routing weight). The layer becomes compact (G experts, no expert_map); the kept experts are refitted unless --no-compact-refit.")
     var prune: PruneMethod?
 
+    @Option(help: "What the refits of the experts' down projections aim at: layer (the original layer's output on the capture's inputs) or capture (the outputs stored in the capture: with a capture made by `capture_calibration.py --reference ORIGINAL` on a model whose earlier layers are already compressed, the original model's own outputs, so each layer also undoes the drift before it; with E router slots this adds a refit of the merged experts).")
+    var refitTargets: RefitTargets = .layer
+
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
 
     var settings: MergeSettings {
-        MergeSettings(groups: groups ?? 0, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
+        var s = MergeSettings(groups: groups ?? 0, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
                       merging: MergeOptions(method: mergeMethod, align: !noAlign, alpha: regmeanAlpha, ridge: regmeanRidge,
                                             refitRidge: refitRidge),
                       tokens: tokens.settings, router: router, compactRefit: compactRefit, prune: prune)
+        s.refitTargets = refitTargets
+        return s
     }
 
     /// The settings with --max-memory, which the stage applies to its planned groupings.

@@ -135,6 +135,7 @@ extension SimilarityBase: ExpressibleByArgument {}
 extension SparseStructure: ExpressibleByArgument {}
 extension SVDMethod: ExpressibleByArgument {}
 extension PruneMethod: ExpressibleByArgument {}
+extension RefitTargets: ExpressibleByArgument {}
 extension Alignment.Parallelism: ExpressibleByArgument {}
 extension ExpertType: ExpressibleByArgument {}
 extension Activation: ExpressibleByArgument {}

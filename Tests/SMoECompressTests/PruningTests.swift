@@ -141,3 +141,55 @@ final class PruningTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/x.h5"))
     }
 }
+
+/// `--refit-targets capture` (sequential calibration, ALGORITHM.md §3d).
+final class RefitTargetTests: XCTestCase {
+    /// The known answer: top-1 routing, every expert kept, targets 1.5 × the layer's own output.
+    /// Each token's output is w·E(x), so the refit of each down (no ridge) is exactly 1.5 × the
+    /// down: float32 products and a float64 solve leave 1e-4 relative at most.
+    func testRefitToCapturedTargetsRecoversAScaledDown() throws {
+        var rng = SplitMix64(seed: 41)
+        let layer = randomLayer(&rng, type: .glu, router: .softmax_topk, E: 4, k: 1, d: 8, f: 6)
+        let x = randomMatrix(400, 8, &rng)
+        var y = layer.forward(x)
+        for i in 0..<y.data.count { y.data[i] *= 1.5 }
+        let tokens: TokenBlocks = { body in try body(x) }
+        let targets: TargetBlocks = { body in try body(x.rowBlock(0, 150), y.rowBlock(0, 150)); try body(x.rowBlock(150, 250), y.rowBlock(150, 250)) }
+        let (out, report) = try CompactRefit.refit(layer, original: LayerSource(layer), slotGroups: nil, tokens: tokens, targets: targets, ridge: 0)
+        XCTAssertEqual(report.before, 1.0 / 3.0, accuracy: 1e-5)  // ‖y − 1.5y‖ / ‖1.5y‖
+        XCTAssertLessThan(report.after, 1e-4)
+        for (a, b) in zip(out.experts, layer.experts) {
+            guard case .dense(let da) = a.down, case .dense(let db) = b.down else { return XCTFail("factored") }
+            for i in 0..<da.data.count { XCTAssertEqual(da.data[i], 1.5 * db.data[i], accuracy: 1e-4 * max(1, abs(db.data[i]))) }
+            XCTAssertEqual(a.up, b.up)
+        }
+    }
+
+    /// On a capture of the original model (outputs = the layer's own, to float32 rounding) the
+    /// capture targets give the compact refit of the layer targets, to rounding; E-slot merges
+    /// gain a layer refit recorded in --json and history; errors name the flag.
+    func testCaptureTargetsOnTheFixture() throws {
+        let dir = temporaryDirectory(self)
+        let m = fixture("trained-mixtral.h5"), c = fixture("trained-mixtral.calib.h5")
+        var errors: [Double] = []
+        for targets in ["layer", "capture"] {
+            let r = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--router", "compact", "--refit-targets", targets, "-o", dir + "/\(targets).h5", "--json"])
+            XCTAssertEqual(r.status, 0, r.stderr)
+            let ev = try runCLI(["eval", m, dir + "/\(targets).h5", "--calib", fixture("trained-mixtral.heldout.h5"), "--json"])
+            let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(ev.stdout.utf8)) as? [String: Any])
+            let evaluation = try XCTUnwrap(json["evaluation"] as? [String: Any])
+            errors.append(try XCTUnwrap(evaluation["mean_relative_error"] as? Double))
+        }
+        XCTAssertEqual(errors[0], errors[1], accuracy: 1e-4)
+        let slots = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--refit-targets", "capture", "-o", dir + "/s.h5", "--json"])
+        XCTAssertEqual(slots.status, 0, slots.stderr)
+        let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(slots.stdout.utf8)) as? [String: Any])
+        let layer0 = try XCTUnwrap((json["layers"] as? [[String: Any]])?.first)
+        let refit = try XCTUnwrap(layer0["layer_refit"] as? [String: Any])
+        XCTAssertLessThanOrEqual(try XCTUnwrap(refit["calibration_error_after"] as? Double), try XCTUnwrap(refit["calibration_error_before"] as? Double))
+        let history = try CheckpointReader(dir + "/s.h5").history
+        XCTAssertEqual(history.last?["refit_targets"]?.stringValue, "capture")
+        let bad = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--router", "compact", "--no-compact-refit", "--refit-targets", "capture", "-o", dir + "/x.h5"])
+        XCTAssertEqual(bad.stderr, "error: --refit-targets: capture needs the refit of the compact experts: drop --compact-refit's no\n")
+    }
+}

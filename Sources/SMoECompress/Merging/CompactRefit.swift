@@ -1,3 +1,13 @@
+/// What the refits of the experts' `down` aim at (ALGORITHM.md §3d).
+public enum RefitTargets: String, Sendable, CaseIterable {
+    /// The original layer's output on the calibration inputs.
+    case layer
+    /// The `output` stored in the calibration capture: with a capture whose inputs come from the
+    /// already-compressed layers before (`capture_calibration.py --reference`), the original
+    /// model's own output for the same tokens, so the refit also undoes upstream drift.
+    case capture
+}
+
 /// What the expert refit under the compact routing did to one layer (ALGORITHM.md §3a).
 public struct CompactRefitReport: Sendable, Equatable {
     /// Calibration tokens the compact router sends to each expert (the rows of its refit).
@@ -34,24 +44,48 @@ public enum CompactRefit {
     }
 
     /// `refit` with the original layer's experts read from `original` (for each token block).
-    public static func refit(_ compact: MoELayer, original: LayerSource, slotGroups: [Int], tokens: TokenBlocks, ridge: Double,
+    /// With `targets` (token blocks paired with the outputs to reproduce, e.g. a capture's
+    /// `output` of the original model, taken on the original model's own inputs for the same
+    /// tokens: sequential calibration), those outputs replace the original layer's on `x`, and
+    /// the reported errors are measured against them; `tokens` is then unused. `slotGroups` may
+    /// be nil for a layer that keeps the original's router slots.
+    public static func refit(_ compact: MoELayer, original: LayerSource, slotGroups: [Int]?, tokens: TokenBlocks,
+                             targets: TargetBlocks? = nil, ridge: Double,
                              progress: ProgressCallback? = nil) throws -> (layer: MoELayer, report: CompactRefitReport) {
+        // Token blocks with the outputs to reproduce (nil: the original layer's, computed below
+        // for the tokens each expert receives).
+        func pairs(_ body: (Matrix, Matrix) throws -> Void) throws {
+            if let targets { return try targets(body) }
+            try withoutActuallyEscaping(body) { body in try tokens { x in try body(x, Matrix(rows: 0, cols: 0)) } }
+        }
+        func error(_ layer: MoELayer) throws -> Double {
+            if targets == nil { return try CompactRefit.error(layer, original: original, slotGroups: slotGroups, tokens: tokens) }
+            var errSq = 0.0, refSq = 0.0
+            try pairs { x, y in
+                let y1 = layer.forward(x)
+                for i in 0..<y.data.count {
+                    let a = Double(y.data[i]), b = Double(y1.data[i])
+                    errSq += (b - a) * (b - a); refSq += a * a
+                }
+            }
+            return refSq > 0 ? (errSq / refSq).squareRoot() : (errSq > 0 ? .infinity : 0)
+        }
         let c = compact.config
         let hasBias = compact.experts.contains { $0.downBias != nil }
         let g = compact.numStored
         var layer = compact
         var counts = [Int](repeating: 0, count: g)
         var notes: [String] = []
-        let before = try error(layer, original: original, slotGroups: slotGroups, tokens: tokens)
+        let before = try error(layer)
         for e in 0..<g {
             progress?("refitting the experts of \(c.name)", e, g)
             var stats = OutputAwareMerge.RefitStats(features: c.dFF, outputs: c.dModel, bias: hasBias)
-            try tokens { x in
+            try pairs { x, yAll in
                 let routing = layer.route(x)
                 let disp = layer.dispatch(routing)[e]
                 guard !disp.tokens.isEmpty else { return }
                 let xs = x.gatherRows(disp.tokens)
-                let y = try original.forward(xs, routing: original.route(xs))
+                let y = targets == nil ? try original.forward(xs, routing: original.route(xs)) : yAll.gatherRows(disp.tokens)
                 let current = layer.forward(xs, routing: routing.rows(disp.tokens))
                 let h = layer.experts[e].hidden(xs, activation: c.activation)
                 let own = layer.experts[e].forward(xs, activation: c.activation)
@@ -73,12 +107,12 @@ public enum CompactRefit {
             let (method, estimate) = try stats.solve(into: &layer.experts[e], bias: hasBias, ridge: ridge)
             if method != .cholesky { notes.append(OutputAwareMerge.solverNote("refit of expert \(e)", method, estimate)) }
         }
-        let after = try error(layer, original: original, slotGroups: slotGroups, tokens: tokens)
+        let after = try error(layer)
         return (layer, CompactRefitReport(tokens: counts, before: before, after: after, notes: notes))
     }
 
     /// The compact layer's relative output error against the original on `tokens`.
-    static func error(_ layer: MoELayer, original: LayerSource, slotGroups: [Int], tokens: TokenBlocks) throws -> Double {
+    static func error(_ layer: MoELayer, original: LayerSource, slotGroups: [Int]?, tokens: TokenBlocks) throws -> Double {
         var acc = try EvaluationAccumulator(original: original, compressed: layer, slotGroups: slotGroups)
         try tokens { try acc.add($0) }
         return acc.result(bytesBefore: 0, bytesAfter: 0).relativeError

@@ -42,6 +42,10 @@ public struct MergeSettings: Sendable {
     /// saliency with their router rows, a compact layer by construction (the layout is then
     /// `compact`, and the refit of the kept experts is on unless `compactRefit` is false).
     public var prune: PruneMethod? = nil
+    /// What the refit of the experts' `down` aims at. `.capture` refits every merged layer to the
+    /// capture's stored outputs: the compact (or pruned) layer's expert refit, or for E router
+    /// slots an extra refit of the merged experts under the slot routing (ALGORITHM.md §3d).
+    public var refitTargets: RefitTargets = .layer
 
     /// A memory budget in bytes: once the groupings are planned, the calibration block is
     /// lowered so that every merged layer's predicted peak (`MemoryModel`, with its planned
@@ -75,6 +79,9 @@ public struct MergeSettings: Sendable {
 
     /// Checks every setting against the model, once; returns the merged layers in index order.
     public func validate(for model: CheckpointReader) throws -> [String] {
+        if refitTargets == .capture && router == .compact && compactRefit == false {
+            throw SMoEError.setting(.refitTargets, "capture needs the refit of the compact experts: drop {compact-refit}'s no")
+        }
         if prune != nil {
             if adaptive { throw SMoEError.setting(.prune, "keeps the same number of experts in every layer (a Hugging Face config holds one expert count): drop {adaptive}") }
         }
@@ -139,6 +146,10 @@ public struct LayerMergeReport: Sendable {
     /// slots as single groups, and `groups` is empty).
     public var prune: PruneReport? = nil
 
+    /// The refit of the merged experts under the layer's E router slots to the capture's outputs
+    /// (`RefitTargets.capture` without the compact layout).
+    public var layerRefit: CompactRefitReport? = nil
+
     /// Original slot → expert of a compact (fitted or pruned) layer, −1 for a pruned slot; nil
     /// for a layer that keeps its E router slots.
     public var compactSlots: [Int]? { prune?.slotToExpert ?? compact?.slotToGroup }
@@ -153,6 +164,7 @@ public struct LayerMergeReport: Sendable {
                                               ("matrix", .array((0..<e).map { JSONValue(Array(m[($0 * e)..<($0 * e + e)])) }))])))
         }
         if let p = prune { kv.append(("prune", p.json)) }
+        if let r = layerRefit { kv.append(("layer_refit", r.json)) }
         return .object(kv)
     }
 
@@ -166,7 +178,7 @@ public struct LayerMergeReport: Sendable {
         if let p = prune {
             kv += [("pruned", JSONValue(p.dropped)), ("saliency", JSONValue(p.saliency))]
         }
-        if let r = compact?.refit ?? prune?.refit {
+        if let r = compact?.refit ?? prune?.refit ?? layerRefit {
             kv += [("refit_calibration_error_before", .double(r.before)), ("refit_calibration_error_after", .double(r.after))]
         }
         return .object(kv)
@@ -196,6 +208,14 @@ public struct MergeStage: LayerStage {
         let names = try settings.validate(for: model)
         try MergeStage.checkDense(model: model, layers: names)
         if let c = calibration { try c.checkMatches(model, layers: names) }
+        if settings.refitTargets == .capture {
+            guard let c = calibration else {
+                throw SMoEError.setting(.refitTargets, "capture refits to a capture's outputs ({calibration})")
+            }
+            for name in names where !(try c.info(name).hasOutput) {
+                throw SMoEError.dataset(c.path, "/moe_layers/\(name)/output", "missing: {refit-targets} capture refits to the outputs a capture stores")
+            }
+        }
         if let p = settings.prune, calibration == nil {
             throw SMoEError.setting(.prune, "\(p.rawValue) ranks the experts on calibration tokens ({calibration})")
         }
@@ -272,8 +292,12 @@ public struct MergeStage: LayerStage {
             report.compact = fit
             if settings.refitsCompactExperts {
                 (merged, report.compact!.refit) = try CompactRefit.refit(merged, original: layer, slotGroups: fit.slotToGroup, tokens: tokens,
+                                                                          targets: captureTargets(layer.name),
                                                                           ridge: settings.merging.refitRidge, progress: progress)
             }
+        } else if let targets = captureTargets(layer.name), let tokens {
+            (merged, report.layerRefit) = try CompactRefit.refit(merged, original: layer, slotGroups: nil, tokens: tokens, targets: targets,
+                                                                 ridge: settings.merging.refitRidge, progress: progress)
         }
         return (merged, report)
     }
@@ -288,10 +312,16 @@ public struct MergeStage: LayerStage {
         var pruned = try Pruning.pruned(layer, kept: kept)
         if settings.refitsCompactExperts {
             (pruned, report.refit) = try CompactRefit.refit(pruned, original: layer, slotGroups: report.slotToExpert, tokens: tokens,
-                                                            ridge: settings.merging.refitRidge, progress: progress)
+                                                            targets: captureTargets(layer.name), ridge: settings.merging.refitRidge,
+                                                            progress: progress)
         }
         return (pruned, LayerMergeReport(name: layer.name, grouping: LayerGrouping(groups: kept.map { [$0] }, dominant: kept),
                                          groups: [], prune: report))
+    }
+
+    /// The capture's outputs for `layer`, when the refits aim at them.
+    func captureTargets(_ layer: String) -> TargetBlocks? {
+        settings.refitTargets == .capture ? calibration?.targetBlocks(layer, settings.tokens) : nil
     }
 
     public func historyEntry(_ reports: [LayerMergeReport]) -> JSONValue {
@@ -364,6 +394,7 @@ public struct MergeStage: LayerStage {
             if settings.merging.method == .regmeanRefit { kv.append(("refit_ridge", .double(settings.merging.refitRidge))) }
         }
         if let p = settings.prune { kv.append(("prune", .string(p.rawValue))) }
+        if settings.refitTargets != .layer { kv.append(("refit_targets", .string(settings.refitTargets.rawValue))) }
         if let c = calibration { kv.append(("calibration", .string(c))) }
         if settings.router == .compact { kv.append(("router", .string(settings.router.rawValue))) }
         if settings.router == .compact { kv.append(("compact_refit", .bool(settings.refitsCompactExperts))) }

@@ -27,9 +27,22 @@ extension TokenSettings {
 /// A source of calibration token blocks: calls its argument once per block [n, d_model].
 public typealias TokenBlocks = ((Matrix) throws -> Void) throws -> Void
 
+/// Token blocks paired with the outputs a refit should reproduce for them: calls its argument
+/// once per block with x [n, d_model] and y [n, d_model].
+public typealias TargetBlocks = ((Matrix, Matrix) throws -> Void) throws -> Void
+
 extension CalibrationReader {
     /// The layer's tokens as a `TokenBlocks` source.
     public func tokenBlocks(_ layer: String, _ tokens: TokenSettings = TokenSettings()) -> TokenBlocks {
         { body in try self.forEachBlock(layer, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { _, x in try body(x) } }
+    }
+
+    /// The layer's tokens with their captured `output` rows, as `TargetBlocks`.
+    public func targetBlocks(_ layer: String, _ tokens: TokenSettings = TokenSettings()) -> TargetBlocks {
+        { body in
+            try self.forEachBlock(layer, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in
+                try body(x, try self.output(layer, rows: start..<(start + x.rows)))
+            }
+        }
     }
 }

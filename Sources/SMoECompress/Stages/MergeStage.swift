@@ -105,6 +105,14 @@ public struct MergeSettings: Sendable {
             if !left.isEmpty {
                 throw SMoEError.setting(.router, "compact needs every MoE layer merged (a Hugging Face config holds one expert count), but {layers} leaves \(left.joined(separator: ", ")) with their experts")
             }
+            if prune != nil, let c = model.layers.first(where: { $0.numGroups > 1 }) {
+                throw SMoEError.setting(.prune, "drops router slots, which breaks the \(c.numGroups) expert groups of \(model.architecture) layer \(c.name) (grouped top-k); merge with the default {router} slots")
+            }
+            if prune == nil, let c = model.layers.first(where: { !$0.isPlainSoftmaxRouting }) {
+                let how = "\(c.routerType.rawValue)" + (c.numGroups > 1 ? ", \(c.numGroups) expert groups" : "")
+                    + (c.routedScalingFactor != 1 ? ", routed scaling \(c.routedScalingFactor)" : "")
+                throw SMoEError.setting(.router, "compact fits softmax routers only, but \(model.architecture) layer \(c.name) routes by \(how); merge with the default {router} slots")
+            }
             if !adaptive, let c = model.layers.first(where: { $0.topK > groups }) {
                 throw SMoEError.setting(prune != nil ? .prune : .router, "\(prune != nil ? "keeps" : "compact needs") top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")
             }

@@ -124,10 +124,16 @@ def natural_key(s):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def moe_layers(model_dir, family):
-    """MoE block prefixes in import's order, from the routers in the checkpoint's names."""
+def moe_layers(model_dir, family, config=None):
+    """MoE block prefixes in import's order, from the routers in the checkpoint's names. Blocks
+    numbered at or beyond the family's layer count (DeepSeek-V3 / GLM-4.5 multi-token-prediction
+    layers, which transformers does not run) are not MoE layers, as in import."""
     pat = block_regex(family)
     prefixes = [m.group(1) for m in map(pat.match, tensor_names(model_dir)) if m]
+    count = (config or {}).get(family.get("layer_count_key") or "", None)
+    if isinstance(count, int):
+        index = next(i for i, p in enumerate(family["block"]) if "index" in p)
+        prefixes = [p for p in prefixes if int(p.split(".")[index]) < count]
     if not prefixes:
         fail(f"{model_dir}: no MoE routers found for {family['family']} (tensors named like "
              f"{family['block_pattern']}.{family['router_suffix']})")
@@ -753,8 +759,8 @@ def main(argv=None):
         import transformers
     except ImportError as e:
         fail(f"capture needs the python packages h5py, numpy, torch and transformers: {e}")
-    layers = moe_layers(args.model, family)
-    if args.reference is not None and moe_layers(args.reference, family) != layers:
+    layers = moe_layers(args.model, family, cfg)
+    if args.reference is not None and moe_layers(args.reference, family, cfg) != layers:
         fail(f"--reference {args.reference}: its MoE layers differ from those of {args.model}")
 
     ckpt = Checkpoint(args.model) if args.layerwise is not False else None

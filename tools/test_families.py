@@ -111,3 +111,136 @@ def test_qwen3_moe_saved_by_transformers_5_compact_export_loads(tmp_path):
     check_family(tmp_path, "Qwen3MoeForCausalLM", d, groups=4, expert_count_keys=[k for k in ("num_experts", "num_local_experts") if k in saved])
     config = json.loads((tmp_path / "compact" / "config.json").read_text())
     assert config["num_local_experts"] == 4 and config.get("num_experts", 4) == 4
+
+
+def random_router(model, std=0.5, bias_std=0.05):
+    """Router weights large enough that the choice matters, and a non-zero selection bias."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(torch.randn(b.shape, generator=g) * bias_std)
+
+
+def refuses_compact(tmp, h5, calib, family):
+    r = subprocess.run([str(EXE), "merge", str(h5), "--calib", str(calib), "--groups", "8", "--router", "compact",
+                        "-o", str(tmp / "refused.h5")], capture_output=True, text=True)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --router: compact fits softmax routers only") and family in lines[0], r.stderr
+    assert not (tmp / "refused.h5").exists()
+
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+@needs_all
+def test_deepseek_v3(tmp_path):
+    """64 routed experts, top-8 in 8 groups of which 4 are eligible, non-zero correction bias,
+    scaling 2.5, renormalised; a dense first layer and a shared expert (to /dense)."""
+    needs_exe()
+    cfg = transformers.DeepseekV3Config(
+        **COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=64,
+        num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
+    d = save_tiny(tmp_path, "DeepseekV3ForCausalLM", cfg, init=random_router)
+    report = check_family(tmp_path, "DeepseekV3ForCausalLM", d, groups=16, compact=False)
+    assert [l["name"] for l in report["evaluation"]["layers"]] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "deepseek-v3")
+    r = subprocess.run([str(EXE), "merge", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "16",
+                        "--prune", "reap", "-o", str(tmp_path / "p.h5")], capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.startswith("error: --prune: drops router slots") and "expert groups" in r.stderr, r.stderr
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        g = f["moe_layers/model.layers.1.mlp"]
+        assert g.attrs["router_type"] == "sigmoid_topk_norm" and g.attrs["n_group"] == 8 and g.attrs["topk_group"] == 4
+        assert abs(g.attrs["routed_scaling_factor"] - 2.5) < 1e-12
+        assert np.abs(g["router/selection_bias"][()]).max() > 0
+        assert "model.layers.1.mlp.shared_experts.up_proj.weight" in f["dense"]
+
+
+@needs_all
+def test_deepseek_v3_multi_token_prediction_layer_is_not_a_moe_layer(tmp_path):
+    """A layer numbered num_hidden_layers (DeepSeek-V3's MTP layer 61) is carried to /dense."""
+    needs_exe()
+    cfg = transformers.DeepseekV3Config(
+        **COMMON, num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
+    d = save_tiny(tmp_path, "DeepseekV3ForCausalLM", cfg, init=random_router)
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(d / "model.safetensors"))
+    t.update({k.replace("layers.1.", "layers.2."): v.clone() for k, v in t.items() if k.startswith("model.layers.1.")})
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    calib = capture(tmp_path, d)
+    with h5py.File(calib, "r") as f:
+        assert list(f["moe_layers"]) == ["model.layers.1.mlp"]
+    run("import", d, "-o", tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert list(f["moe_layers"]) == ["model.layers.1.mlp"]
+        assert "model.layers.2.mlp.gate.weight" in f["dense"]
+    run("eval", tmp_path / "m.h5", tmp_path / "m.h5", "--calib", calib)
+
+
+@needs_all
+def test_glm4_moe(tmp_path):
+    """GLM-4.5: the DeepSeek-V3 router; here 32 experts, top-4, 4 groups with 2 eligible."""
+    needs_exe()
+    cfg = transformers.Glm4MoeConfig(
+        **COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=32,
+        num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        norm_topk_prob=True, first_k_dense_replace=1, head_dim=16)
+    d = save_tiny(tmp_path, "Glm4MoeForCausalLM", cfg, init=random_router)
+    check_family(tmp_path, "Glm4MoeForCausalLM", d, groups=8, compact=False)
+    refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "glm4-moe")
+
+
+@needs_all
+def test_minimax_m2(tmp_path):
+    """MiniMax-M2: sigmoid + the block's correction bias, always renormalised; saved under
+    block_sparse_moe with Mixtral's w1/w3/w2 names."""
+    needs_exe()
+    cfg = transformers.MiniMaxM2Config(
+        **COMMON, num_hidden_layers=2, intermediate_size=16, num_local_experts=16, num_experts_per_tok=4,
+        head_dim=16, rotary_dim=8)
+    d = save_tiny(tmp_path, "MiniMaxM2ForCausalLM", cfg, init=random_router)
+    check_family(tmp_path, "MiniMaxM2ForCausalLM", d, groups=4, compact=False)
+    refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "minimax-m2")
+    # Pruning keeps router rows and their correction biases: a standard 8-expert MiniMax-M2.
+    run("merge", tmp_path / "m.h5", "--calib", tmp_path / "calib.h5", "--groups", 8, "--prune", "reap", "-o", tmp_path / "p.h5")
+    run("export", tmp_path / "p.h5", "-o", tmp_path / "pruned")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["num_local_experts"] == 8
+    ids = torch.tensor([list(TEXT[:40].encode())]) % 128
+    assert torch.isfinite(logits("MiniMaxM2ForCausalLM", tmp_path / "pruned", ids)).all()
+
+
+def random_gpt_oss(model):
+    """Non-zero router and expert biases (transformers initialises them to zero)."""
+    g = torch.Generator().manual_seed(2)
+    for name, p in model.named_parameters():
+        if name.endswith(("router.bias", "gate_up_proj_bias", "down_proj_bias")):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif name.endswith("router.weight"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif name.endswith("experts.gate_up_proj"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)  # large enough that the clamps at ±7 act
+
+
+@needs_all
+def test_gpt_oss(tmp_path):
+    """GPT-OSS: router bias, top-4 of 32 logits then softmax over the 4; fused input-major
+    gate_up_proj [E, H, 2I] interleaved (even gate, odd up) with biases; clamped SwiGLU."""
+    needs_exe()
+    cfg = transformers.GptOssConfig(
+        **COMMON, num_hidden_layers=2, intermediate_size=24, num_local_experts=32, num_experts_per_tok=4,
+        head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    d = save_tiny(tmp_path, "GptOssForCausalLM", cfg, init=random_gpt_oss)
+    check_family(tmp_path, "GptOssForCausalLM", d, groups=8, compact=False)
+    refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "gpt-oss")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        g = f["moe_layers/model.layers.0.mlp"]
+        assert g.attrs["router_type"] == "topk_softmax" and g.attrs["activation"] == "swiglu_oai"
+        assert "gate_bias" in g["experts"] and "router/bias" in g

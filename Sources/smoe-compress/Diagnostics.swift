@@ -39,6 +39,7 @@ func flag(for setting: Setting) -> String {
     case .uniformGroups: return "--uniform-groups"
     case .reference: return "--reference"
     case .storage: return "--dtype"
+    case .gzip: return "--gzip"
     case .maxShardSize: return "--max-shard-size"
     case .shard: return "--shard"
     case .shards: return "--shards"

@@ -21,13 +21,16 @@ struct Import: ParsableCommand {
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
-        guard ["auto", "f32", "f16", "bf16"].contains(dtype) else { throw ValidationError("--dtype must be auto, f32, f16 or bf16, not '\(dtype)'") }
+        guard StorageChoice(rawValue: dtype) != nil else { throw ValidationError("--dtype must be auto, f32, f16 or bf16, not '\(dtype)'") }
     }
+
+    /// `--dtype` as the library's type (checked in `validate`).
+    var storage: StorageChoice { StorageChoice(rawValue: dtype)! }
 
     func run() throws {
         let progress = global.progress
         let report = try namingFile(modelDir) {
-            try HFImport.run(directory: modelDir, output: output, dtype: dtype, progress: progress.callback)
+            try HFImport.run(directory: modelDir, output: output, dtype: storage, progress: progress.callback)
         }
         progress.finish()
         if global.json { return printJSON(report.json) }

@@ -50,7 +50,7 @@ struct MergeOptionGroup: ParsableArguments {
     @OptionGroup var tokens: TokenOptions
 
     var settings: MergeSettings {
-        var s = MergeSettings(groups: groups ?? 0, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
+        var s = MergeSettings(groups: groups, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
                       merging: MergeOptions(method: mergeMethod, align: !noAlign, alpha: regmeanAlpha, ridge: regmeanRidge,
                                             refitRidge: refitRidge),
                       tokens: tokens.settings, router: router, compactRefit: compactRefit, prune: prune)

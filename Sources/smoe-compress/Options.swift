@@ -55,6 +55,28 @@ struct TokenOptions: ParsableArguments {
     }
 }
 
+/// `--shard I/N` of every writing stage, declared once: parsed once, when the command line is
+/// read, into a `Shard`; a malformed value is the library's `--shard` error, thrown where the run
+/// first asks for the shard (after the inputs are opened, as before).
+struct ShardOptions: ParsableArguments {
+    @Option(help: "Compute only shard I of N (0-based, as `plan --shards N` splits the layers) and write a shard file holding only those layers, for `assemble`.")
+    var shard: ShardArgument?
+
+    /// The `--shard` of the run, if any.
+    func value() throws -> Shard? { try shard?.parsed.get() }
+}
+
+/// A `--shard` value as parsed: the shard, or why the text is not one.
+struct ShardArgument: ExpressibleByArgument {
+    let parsed: Result<Shard, SMoEError>
+
+    init(argument: String) {
+        do { parsed = .success(try Shard(parsing: argument)) } catch let e as SMoEError { parsed = .failure(e) } catch {
+            parsed = .failure(SMoEError.setting(.shard, "\(error)"))
+        }
+    }
+}
+
 /// A comma-separated list (`a,b,c`); blanks around items are ignored, an empty text is an
 /// empty list (which the library rejects, naming the setting).
 struct CommaList: ExpressibleByArgument {
@@ -67,10 +89,6 @@ struct CommaList: ExpressibleByArgument {
     }
 }
 
-/// The stored float type of an output.
-enum OutputType: String, ExpressibleByArgument, CaseIterable {
-    case auto, f32, f16, bf16
-}
 
 /// Options of commands that write a checkpoint.
 struct OutputOptions: ParsableArguments {
@@ -78,33 +96,27 @@ struct OutputOptions: ParsableArguments {
     var output: String
 
     @Option(help: "Stored float type of weights: f32, f16, bf16, or auto (the input's experts' type when it is float16 or bfloat16, else f32).")
-    var dtype: OutputType = .auto
+    var dtype: StorageChoice = .auto
 
     @Option(help: "gzip level (0-9, with the shuffle filter) for dense expert weight matrices (not factors or biases); off by default.")
     var gzip: Int?
 
-    @Option(help: "Compute only shard I of N (0-based, as `plan --shards N` splits the layers) and write a shard file holding only those layers, for `assemble`.")
-    var shard: String?
+    @OptionGroup var sharding: ShardOptions
 
+    /// The library checks the gzip level (`WriteOptions.validate`); checked here too, before any
+    /// file is opened, as a usage error (`--gzip must be in 0...9`).
     func validate() throws {
-        if let g = gzip, !(0...9).contains(g) { throw ValidationError("--gzip must be in 0...9") }
+        do { try WriteOptions(gzip: gzip).validate() } catch let e as SMoEError where e.setting == .gzip {
+            throw ValidationError("\(flag(for: .gzip)) \(e.detail)")
+        }
     }
 
     /// The `--shard` of the run, if any.
-    func shardValue() throws -> Shard? { try shard.map(Shard.init(parsing:)) }
+    func shardValue() throws -> Shard? { try sharding.value() }
 
     /// Write options for an output derived from `source` (auto keeps float16 and bfloat16).
     func writeOptions(for source: CheckpointReader?) -> WriteOptions {
-        let t: StorageType
-        switch dtype {
-        case .f16: t = .f16
-        case .bf16: t = .bf16
-        case .f32: t = .f32
-        case .auto:
-            let s = try? source?.expertStorage()
-            t = s == .f16 || s == .bf16 ? s! : .f32
-        }
-        return WriteOptions(dtype: t, gzip: gzip)
+        WriteOptions(dtype: dtype.resolved(keeping: try? source?.expertStorage()), gzip: gzip)
     }
 
     /// A checkpoint writer for `source`'s stage output, after checking the output names none of
@@ -141,3 +153,4 @@ extension ExpertType: ExpressibleByArgument {}
 extension Activation: ExpressibleByArgument {}
 extension RouterType: ExpressibleByArgument {}
 extension RouterLayout: ExpressibleByArgument {}
+extension StorageChoice: ExpressibleByArgument {}

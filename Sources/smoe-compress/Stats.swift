@@ -27,8 +27,7 @@ struct Stats: ParsableCommand {
     @Option(help: "Similarity bases: a comma list of router-logits, feature, weight, expert-output, or all.")
     var similarity = "router-logits"
 
-    @Option(help: "Compute only shard I of N (0-based, as `plan --shards N` splits the layers) and write a statistics shard for `assemble`.")
-    var shard: String?
+    @OptionGroup var sharding: ShardOptions
 
     @OptionGroup var layers: LayerOptions
     @OptionGroup var tokens: TokenOptions
@@ -43,7 +42,7 @@ struct Stats: ParsableCommand {
         let stage = try StatisticsStage(model: reader, calibration: try CalibrationReader(calib), bases: Set(bases),
                                         tokens: try tokens.settings(.statistics(readsExperts: bases.contains(where: \.needsExperts)), model: reader, layers: layers.names), layers: layers.names)
         let source = StatsWriter.source(model: model, calibration: calib, bases: bases, maxTokens: tokens.maxTokens)
-        let shard = try self.shard.map(Shard.init(parsing:))
+        let shard = try sharding.value()
         let writer = shard == nil ? try StatsWriter(destination: output, source: source)
             : try StatsWriter(shardDestination: output, source: source)
         let progress = global.progress

@@ -17,10 +17,28 @@ final class ForwardTests: XCTestCase {
             let mx = z.max()!
             let p = z.map { Foundation.exp($0 - mx) }
             let den = p.reduce(0, +)
-            let order = (0..<c.numExperts).sorted { z[$0] != z[$1] ? z[$0] > z[$1] : $0 < $1 }
+            // Scores, choice scores (+ selection bias), eligible groups (sum of the two best).
+            let score: [Double]
+            switch c.routerType {
+            case .softmax_topk, .softmax_topk_norm: score = p.map { $0 / den }
+            case .sigmoid_topk, .sigmoid_topk_norm: score = z.map { 1 / (1 + Foundation.exp(-$0)) }
+            case .topk_softmax: score = z
+            }
+            let choice = (0..<c.numExperts).map { score[$0] + Double(layer.selectionBias?[$0] ?? 0) }
+            let size = c.numExperts / c.numGroups
+            let groupScore = (0..<c.numGroups).map { g in choice[(g * size)..<((g + 1) * size)].sorted(by: >).prefix(2).reduce(0, +) }
+            let keep = Set((0..<c.numGroups).sorted { groupScore[$0] != groupScore[$1] ? groupScore[$0] > groupScore[$1] : $0 < $1 }
+                .prefix(c.topKGroups))
+            let order = (0..<c.numExperts).filter { c.numGroups == 1 || keep.contains($0 / size) }
+                .sorted { choice[$0] != choice[$1] ? choice[$0] > choice[$1] : $0 < $1 }
             let chosen = Array(order.prefix(c.topK))
-            var w = chosen.map { p[$0] / den }
-            if c.routerType == .softmax_topk_norm { let s = w.reduce(0, +); w = w.map { $0 / s } }
+            var w = chosen.map { score[$0] }
+            if c.routerType == .topk_softmax {
+                let m = w.max()!
+                w = w.map { Foundation.exp($0 - m) }
+            }
+            if [.softmax_topk_norm, .sigmoid_topk_norm, .topk_softmax].contains(c.routerType) { let s = w.reduce(0, +); w = w.map { $0 / s } }
+            w = w.map { $0 * Double(c.routedScalingFactor) }
             // Sum weights per stored expert, run each once.
             var perStored: [Int: Double] = [:]
             for (r, e) in chosen.enumerated() { perStored[layer.storedIndex(slot: e), default: 0] += w[r] }
@@ -32,8 +50,10 @@ final class ForwardTests: XCTestCase {
                     var u = Double(ex.upBias?[i] ?? 0)
                     for j in 0..<c.dModel { u += Double(up[i, j]) * Double(x[t, j]) }
                     if let gm = gate {
-                        var a = 0.0
+                        var a = Double(ex.gateBias?[i] ?? 0)
                         for j in 0..<c.dModel { a += Double(gm[i, j]) * Double(x[t, j]) }
+                        // GPT-OSS: up clamped to ±7, plus 1 (the activation clamps the gate).
+                        if c.activation == .swiglu_oai { u = min(max(u, -7), 7) + 1 }
                         h[i] = Double(c.activation.apply(Float(a))) * u
                     } else {
                         h[i] = Double(c.activation.apply(Float(u)))
@@ -53,11 +73,24 @@ final class ForwardTests: XCTestCase {
         var seed: UInt64 = 100
         for type in ExpertType.allCases {
             for router in RouterType.allCases {
-                for act in Activation.allCases {
+                for act in Activation.allCases where !(type == .mlp && act == .swiglu_oai) {
                     for (G, biases) in [(6, false), (3, true)] {
                         seed += 1
                         var rng = SplitMix64(seed: seed)
-                        let layer = randomLayer(&rng, type: type, router: router, activation: act, E: 6, G: G, k: 2, biases: biases)
+                        var layer = randomLayer(&rng, type: type, router: router, activation: act, E: 6, G: G, k: 2, biases: biases)
+                        if biases && type == .glu {
+                            for g in layer.experts.indices { layer.experts[g].gateBias = (0..<layer.config.dFF).map { _ in Float(rng.nextGaussian()) } }
+                        }
+                        if act == .swiglu_oai {  // large enough that the clamps at ±7 act
+                            for g in layer.experts.indices { layer.experts[g].up = .dense(randomMatrix(layer.config.dFF, layer.config.dModel, &rng, scale: 3)) }
+                        }
+                        if router == .sigmoid_topk || router == .sigmoid_topk_norm {
+                            // DeepSeek-V3's form: selection bias, 3 groups of 2 with 2 eligible, scaled.
+                            layer.selectionBias = (0..<6).map { _ in Float(rng.nextGaussian()) * 0.2 }
+                            layer.config.numGroups = biases ? 3 : 1
+                            layer.config.topKGroups = biases ? 2 : 1
+                            layer.config.routedScalingFactor = 2.5
+                        }
                         let x = randomMatrix(40, layer.config.dModel, &rng)
                         let err = relativeError(layer.forward(x), referenceForward(layer, x))
                         XCTAssertLessThan(err, 1e-5, "seed \(seed): \(type) \(router) \(act) G=\(G) biases=\(biases)")
@@ -65,6 +98,18 @@ final class ForwardTests: XCTestCase {
                 }
             }
         }
+    }
+
+    /// GPT-OSS's clamped SwiGLU with its gate bias, worked by hand: gate 10 + 0 → min(·, 7) = 7,
+    /// up 9 → clamp 7, + 1 = 8: h = 8 · 7 · σ(1.702 · 7); gate −3 + 1 = −2, up −9 → −7 + 1 = −6:
+    /// h = −6 · (−2) · σ(−3.404).
+    func testClampedSwiGLUKnownAnswer() {
+        let e = Expert(up: Matrix([[9], [-9]]), gate: Matrix([[10], [-3]]), down: Matrix([[1, 0], [0, 1]]),
+                       upBias: [0, 0], gateBias: [0, 1])
+        let h = e.hidden(Matrix([[1]]), activation: .swiglu_oai)
+        func sigmoid(_ v: Double) -> Double { 1 / (1 + exp(-v)) }
+        XCTAssertEqual(Double(h.data[0]), 8 * 7 * sigmoid(1.702 * 7), accuracy: 1e-5)
+        XCTAssertEqual(Double(h.data[1]), -6 * -2 * sigmoid(-3.404), accuracy: 1e-6)
     }
 
     func testRoutingTiesGoToLowerIndex() {

@@ -16,7 +16,10 @@ enum FakeFamily: String, CaseIterable {
     /// `olmoe` is the layout of the published OLMoE checkpoints (one tensor per expert matrix,
     /// `norm_topk_prob` left to its default, false); `olmoeFused` the fused layout of newer
     /// transformers versions.
-    case mixtral, mixtralFused, switchT, qwen2, qwen3Fused, olmoe, olmoeFused, deepseek
+    /// `deepseekV3` (fused, 2 groups, selection bias, scaling), `glm4` (per-expert, scaled) and
+    /// `minimaxM2` (fused, the block's selection bias) route by sigmoid scores (issue 24).
+    /// `gptOss`: router bias, fused input-major interleaved experts with biases.
+    case mixtral, mixtralFused, switchT, qwen2, qwen3Fused, olmoe, olmoeFused, deepseek, deepseekV3, glm4, minimaxM2, gptOss
 
     var family: ModelFamily {
         switch self {
@@ -26,6 +29,10 @@ enum FakeFamily: String, CaseIterable {
         case .qwen3Fused: return .qwen3MoE
         case .olmoe, .olmoeFused: return .olmoe
         case .deepseek: return .deepseek
+        case .deepseekV3: return .deepseekV3
+        case .glm4: return .glm4MoE
+        case .minimaxM2: return .minimaxM2
+        case .gptOss: return .gptOss
         }
     }
 
@@ -35,15 +42,27 @@ enum FakeFamily: String, CaseIterable {
         case .switchT: return ["encoder.block.1.layer.1.mlp", "decoder.block.1.layer.2.mlp"]
         case .qwen2, .qwen3Fused: return ["model.layers.1.mlp", "model.layers.2.mlp"]
         case .olmoe, .olmoeFused: return ["model.layers.0.mlp", "model.layers.1.mlp"]
-        case .deepseek: return ["model.layers.1.mlp"]
+        case .deepseek, .glm4: return ["model.layers.1.mlp"]
+        case .deepseekV3, .minimaxM2: return ["model.layers.1.mlp", "model.layers.2.mlp"]
+        case .gptOss: return ["model.layers.0.mlp", "model.layers.1.mlp"]
         }
     }
 
-    var fused: Bool { [.mixtralFused, .qwen3Fused, .olmoeFused].contains(self) }
-    var fusedSuffix: String { self == .qwen3Fused ? "" : ".weight" }
+    var fused: Bool { [.mixtralFused, .qwen3Fused, .olmoeFused, .deepseekV3, .minimaxM2, .gptOss].contains(self) }
+    var fusedSuffix: String { [.qwen3Fused, .deepseekV3, .minimaxM2, .gptOss].contains(self) ? "" : ".weight" }
     var topK: Int { self == .switchT ? 1 : 2 }
-    var routerType: RouterType { [.mixtral, .mixtralFused, .qwen3Fused].contains(self) ? .softmax_topk_norm : .softmax_topk }
-    var activation: Activation { self == .switchT ? .relu : .silu }
+    var routerType: RouterType {
+        switch self {
+        case .deepseekV3, .minimaxM2: return .sigmoid_topk_norm
+        case .glm4: return .sigmoid_topk
+        case .gptOss: return .topk_softmax
+        default: return [.mixtral, .mixtralFused, .qwen3Fused].contains(self) ? .softmax_topk_norm : .softmax_topk
+        }
+    }
+    /// Expert groups (n_group, topk_group) and the routed scaling factor of the fake configs.
+    var groups: (Int, Int) { self == .deepseekV3 ? (2, 1) : (1, 1) }
+    var scaling: Float { self == .deepseekV3 ? 2.5 : (self == .glm4 ? 1.5 : 1) }
+    var activation: Activation { self == .switchT ? .relu : (self == .gptOss ? .swiglu_oai : .silu) }
 }
 
 let fakeE = 4, fakeH = 8, fakeI = 6
@@ -68,7 +87,15 @@ func fakeModel(_ kind: FakeFamily, dtype: SafetensorsDType, seed: UInt64 = 1) ->
     let f = kind.family
     func moe(_ p: String) {
         add("\(p).\(f.routerSuffix)", [E, H])
-        if kind.fused {
+        // Selection biases are float32 in these models (transformers keeps them in float32).
+        if let b = f.selectionBiasSuffix { add("\(p).\(b)", [E], .F32, scale: 0.3) }
+        if let b = f.routerBiasSuffix { add("\(p).\(b)", [E]) }
+        if f.fusedInputMajorInterleaved {
+            add("\(p).experts.gate_up_proj", [E, H, 2 * I])
+            add("\(p).experts.gate_up_proj_bias", [E, 2 * I])
+            add("\(p).experts.down_proj", [E, I, H])
+            add("\(p).experts.down_proj_bias", [E, H])
+        } else if kind.fused {
             add("\(p).experts.gate_up_proj\(kind.fusedSuffix)", [E, 2 * I, H])
             add("\(p).experts.down_proj\(kind.fusedSuffix)", [E, H, I])
         } else {
@@ -147,6 +174,45 @@ func fakeModel(_ kind: FakeFamily, dtype: SafetensorsDType, seed: UInt64 = 1) ->
         raw("model.layers.1.flags", [2], .U8)
         raw("model.layers.1.small", [2], .I8)
         raw("model.layers.1.count32", [2], .I32)
+    case .deepseekV3:
+        config = [("architectures", ["DeepseekV3ForCausalLM"]), ("model_type", "deepseek_v3"), ("hidden_size", .int(H)),
+                  ("moe_intermediate_size", .int(I)), ("n_routed_experts", .int(E)), ("n_shared_experts", 1),
+                  ("num_experts_per_tok", 2), ("first_k_dense_replace", 1), ("norm_topk_prob", true), ("n_group", 2),
+                  ("topk_group", 1), ("routed_scaling_factor", 2.5), ("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"),
+                  ("hidden_act", "silu")]
+        add("model.embed_tokens.weight", [V, H])
+        denseMLP("model.layers.0.mlp")
+        for l in 1...2 {
+            add("model.layers.\(l).post_attention_layernorm.weight", [H])
+            moe("model.layers.\(l).mlp")
+            denseMLP("model.layers.\(l).mlp.shared_experts")
+        }
+    case .glm4:
+        config = [("architectures", ["Glm4MoeForCausalLM"]), ("model_type", "glm4_moe"), ("hidden_size", .int(H)),
+                  ("moe_intermediate_size", .int(I)), ("n_routed_experts", .int(E)), ("n_shared_experts", 1),
+                  ("num_experts_per_tok", 2), ("first_k_dense_replace", 1), ("norm_topk_prob", false), ("n_group", 1),
+                  ("topk_group", 1), ("routed_scaling_factor", 1.5), ("hidden_act", "silu")]
+        add("model.embed_tokens.weight", [V, H])
+        denseMLP("model.layers.0.mlp")
+        moe("model.layers.1.mlp")
+        denseMLP("model.layers.1.mlp.shared_experts")
+    case .gptOss:
+        config = [("architectures", ["GptOssForCausalLM"]), ("model_type", "gpt_oss"), ("hidden_size", .int(H)),
+                  ("intermediate_size", .int(I)), ("num_local_experts", .int(E)), ("num_experts_per_tok", 2),
+                  ("swiglu_limit", 7.0), ("hidden_act", "silu")]
+        add("model.embed_tokens.weight", [V, H])
+        for l in 0..<2 {
+            add("model.layers.\(l).self_attn.sinks", [2], .F32)
+            moe("model.layers.\(l).mlp")
+        }
+    case .minimaxM2:
+        config = [("architectures", ["MiniMaxM2ForCausalLM"]), ("model_type", "minimax_m2"), ("hidden_size", .int(H)),
+                  ("intermediate_size", .int(I)), ("num_local_experts", .int(E)), ("num_experts_per_tok", 2), ("hidden_act", "silu")]
+        add("model.embed_tokens.weight", [V, H])
+        for l in 1...2 {
+            add("model.layers.\(l).input_layernorm.weight", [H])
+            moe("model.layers.\(l).mlp")
+        }
     }
     return (out, config)
 }
@@ -211,11 +277,19 @@ final class ImportExportTests: XCTestCase {
                 XCTAssertEqual(c.expertType, kind.family.expertType)
                 XCTAssertEqual(c.activation, kind.activation)
                 XCTAssertEqual(c.routerType, kind.routerType, kind.rawValue)
+                XCTAssertEqual(c.numGroups, kind.groups.0, kind.rawValue)
+                XCTAssertEqual(c.topKGroups, kind.groups.1, kind.rawValue)
+                XCTAssertEqual(c.routedScalingFactor, kind.scaling, kind.rawValue)
+                XCTAssertEqual(try r.readLayer(c.name).selectionBias != nil, kind.family.selectionBiasSuffix != nil, kind.rawValue)
                 XCTAssertEqual(try r.summary(c.name).numStored, fakeE)
             }
             // Everything that is not a router or routed expert is in /dense under its own name.
             let dense = Set(try r.file.root.openGroup("dense").datasetPaths())
-            let moeNames = Set(tensors.map(\.name).filter { n in kind.moeLayers.contains { n.hasPrefix($0 + ".experts.") || n == $0 + "." + kind.family.routerSuffix } })
+            let moeNames = Set(tensors.map(\.name).filter { n in
+                kind.moeLayers.contains { n.hasPrefix($0 + ".experts.") || n == $0 + "." + kind.family.routerSuffix
+                                          || n == $0 + "." + (kind.family.selectionBiasSuffix ?? "-")
+                                          || n == $0 + "." + (kind.family.routerBiasSuffix ?? "-") }
+            })
             XCTAssertEqual(dense, Set(tensors.map(\.name)).subtracting(moeNames), kind.rawValue)
             if kind == .qwen2 {
                 XCTAssertTrue(dense.contains("model.layers.1.mlp.shared_expert_gate.weight"))
@@ -232,7 +306,8 @@ final class ImportExportTests: XCTestCase {
     func testImportExportIsBitExactForEveryFamilyDTypeAndSharding() throws {
         let dir = temporaryDirectory(self)
         var cases: [(FakeFamily, SafetensorsDType, Int)] = FakeFamily.allCases.map { ($0, .BF16, 1) }
-        cases += [(.mixtral, .F16, 2), (.mixtral, .F32, 1), (.switchT, .F16, 1), (.qwen3Fused, .F32, 2), (.deepseek, .F16, 3), (.olmoeFused, .F16, 1)]
+        cases += [(.mixtral, .F16, 2), (.mixtral, .F32, 1), (.switchT, .F16, 1), (.qwen3Fused, .F32, 2), (.deepseek, .F16, 3), (.olmoeFused, .F16, 1),
+                  (.deepseekV3, .F16, 2), (.glm4, .F32, 1), (.minimaxM2, .F16, 1), (.gptOss, .F32, 2)]
         for (kind, dtype, shards) in cases {
             let label = "\(kind.rawValue)-\(dtype.rawValue)-\(shards)"
             let (tensors, config) = fakeModel(kind, dtype: dtype, seed: UInt64(label.utf8.count))
@@ -271,7 +346,8 @@ final class ImportExportTests: XCTestCase {
     func testForwardOfImportedLayerMatchesDirectComputation() throws {
         let dir = temporaryDirectory(self)
         for (kind, dtype) in [(FakeFamily.mixtral, SafetensorsDType.BF16), (.switchT, .F32), (.qwen2, .F16), (.olmoe, .BF16),
-                              (.olmoeFused, .F32), (.qwen3Fused, .BF16), (.deepseek, .F16)] {
+                              (.olmoeFused, .F32), (.qwen3Fused, .BF16), (.deepseek, .F16), (.deepseekV3, .BF16), (.glm4, .F32),
+                              (.minimaxM2, .F16)] {
             let (tensors, config) = fakeModel(kind, dtype: dtype, seed: 99)
             let src = dir + "/\(kind.rawValue)"
             try writeFakeModel(src, tensors, config: config)
@@ -294,6 +370,7 @@ final class ImportExportTests: XCTestCase {
             let x = randomMatrix(n, fakeH, &rng)
             let y = layer.forward(x)
             let W = byName["\(prefix).\(kind.family.routerSuffix)"]!.floats.map(Double.init)
+            let bias = kind.family.selectionBiasSuffix.map { byName["\(prefix).\($0)"]!.floats.map(Double.init) }
             func expert(_ e: Int) -> (gate: [Double]?, up: [Double], down: [Double]) {
                 if kind.fused {
                     let gu = byName["\(prefix).experts.gate_up_proj\(kind.fusedSuffix)"]!.floats.map(Double.init)
@@ -313,10 +390,20 @@ final class ImportExportTests: XCTestCase {
                 let mx = z.max()!
                 let p = z.map { exp($0 - mx) }
                 let s = p.reduce(0, +)
-                let order = (0..<fakeE).sorted { z[$0] != z[$1] ? z[$0] > z[$1] : $0 < $1 }
+                let sigmoid = [RouterType.sigmoid_topk, .sigmoid_topk_norm].contains(kind.routerType)
+                // Scores (softmax or sigmoid), choice = score + selection bias, eligible groups.
+                let score = sigmoid ? z.map { 1 / (1 + exp(-$0)) } : p.map { $0 / s }
+                let choice = (0..<fakeE).map { score[$0] + (bias?[$0] ?? 0) }
+                let size = fakeE / kind.groups.0
+                let groupScore = (0..<kind.groups.0).map { g in choice[(g * size)..<((g + 1) * size)].sorted(by: >).prefix(2).reduce(0, +) }
+                let keep = Set((0..<kind.groups.0).sorted { groupScore[$0] != groupScore[$1] ? groupScore[$0] > groupScore[$1] : $0 < $1 }
+                    .prefix(kind.groups.1))
+                let order = (0..<fakeE).filter { keep.contains($0 / size) }
+                    .sorted { choice[$0] != choice[$1] ? choice[$0] > choice[$1] : $0 < $1 }
                 let chosen = Array(order.prefix(kind.topK))
-                var w = chosen.map { p[$0] / s }
-                if kind.routerType == .softmax_topk_norm { let ws = w.reduce(0, +); w = w.map { $0 / ws } }
+                var w = chosen.map { score[$0] }
+                if kind.routerType == .softmax_topk_norm || kind.routerType == .sigmoid_topk_norm { let ws = w.reduce(0, +); w = w.map { $0 / ws } }
+                w = w.map { $0 * Double(kind.scaling) }
                 var ref = [Double](repeating: 0, count: fakeH)
                 for (e, we) in zip(chosen, w) {
                     let ex = expert(e)

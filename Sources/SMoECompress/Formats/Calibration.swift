@@ -19,14 +19,7 @@ public final class CalibrationReader: @unchecked Sendable {
 
     public init(_ path: String) throws {
         self.path = path
-        file = try openSMoEFile(path, expecting: "smoe-calibration")
-        let root = file.root
-        source = (try? root.stringAttribute("source")) ?? ""
-        guard root.isGroup("moe_layers") else { throw SMoEError.dataset(path, "/moe_layers", "missing group") }
-        let g = try root.openGroup("moe_layers")
-        var infos: [CalibrationLayerInfo] = []
-        for name in try g.childNames() {
-            let lg = try g.openGroup(name)
+        (file, source, layers) = try readLayerGroups(path, expecting: "smoe-calibration", layer: { name, lg in
             let hs = try lg.openDataset("hidden_states")
             guard hs.shape.count == 2 else {
                 throw SMoEError.dataset(path, hs.path, "shape \(hs.shape) is not [N, d_model]")
@@ -45,12 +38,8 @@ public final class CalibrationReader: @unchecked Sendable {
                 guard o.shape == [n, d] else { throw SMoEError.dataset(path, o.path, "shape \(o.shape) is not [\(n), \(d)]") }
                 hasOut = true
             }
-            let index = lg.hasAttribute("index") ? try lg.intAttribute("index") : infos.count
-            infos.append(CalibrationLayerInfo(name: name, index: index, numTokens: n, dModel: d,
-                                              hasRouterLogits: hasLogits, hasOutput: hasOut))
-        }
-        infos.sort { ($0.index, $0.name) < ($1.index, $1.name) }
-        layers = infos
+            return { CalibrationLayerInfo(name: name, index: $0, numTokens: n, dModel: d, hasRouterLogits: hasLogits, hasOutput: hasOut) }
+        }, order: { ($0.index, $0.name) })
     }
 
     public func info(_ name: String) throws -> CalibrationLayerInfo {

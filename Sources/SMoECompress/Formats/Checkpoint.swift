@@ -109,17 +109,24 @@ public final class CheckpointReader: @unchecked Sendable {
             }
             return v
         }
+        // Routing extensions (absent in older files: no groups, no scaling).
+        let groups = g.hasAttribute("n_group") ? try g.intAttribute("n_group") : 1
+        let topKGroups = g.hasAttribute("topk_group") ? try g.intAttribute("topk_group") : 1
+        let scaling = g.hasAttribute("routed_scaling_factor") ? Float(try g.doubleAttribute("routed_scaling_factor")) : 1
         let c = LayerConfig(
             name: name, index: try g.intAttribute("index"), numExperts: try g.intAttribute("num_experts"),
             topK: try g.intAttribute("top_k"), dModel: try g.intAttribute("d_model"), dFF: try g.intAttribute("d_ff"),
             expertType: try enumAttr("expert_type", ExpertType.self),
             activation: try enumAttr("activation", Activation.self),
-            routerType: try enumAttr("router_type", RouterType.self))
+            routerType: try enumAttr("router_type", RouterType.self),
+            numGroups: groups, topKGroups: topKGroups, routedScalingFactor: scaling)
         let bad: String? =
             c.numExperts < 1 ? "num_experts must be at least 1"
             : (c.topK < 1 || c.topK > c.numExperts) ? "top_k \(c.topK) outside 1...\(c.numExperts)"
             : (c.dModel < 1 || c.dFF < 1) ? "d_model and d_ff must be positive"
-            : checkedProduct([c.numExperts, c.dModel, c.dFF, 3 * 8]) == nil ? "num_experts × d_model × d_ff overflows (damaged file?)" : nil
+            : checkedProduct([c.numExperts, c.dModel, c.dFF, 3 * 8]) == nil ? "num_experts × d_model × d_ff overflows (damaged file?)"
+            : c.activation == .swiglu_oai && c.expertType != .glu ? "activation swiglu_oai needs glu experts"
+            : c.routingProblem
         if let b = bad { throw SMoEError.dataset(g.file.path, g.path, b) }
         return c
     }
@@ -249,6 +256,13 @@ public final class CheckpointReader: @unchecked Sendable {
             routerBias = try bd.readFloats()
             try finite(routerBias!, bd)
         }
+        var selectionBias: [Float]? = nil
+        if g.isDataset("router/selection_bias") {
+            let bd = try g.openDataset("router/selection_bias")
+            try check(bd, [c.numExperts])
+            selectionBias = try bd.readFloats()
+            try finite(selectionBias!, bd)
+        }
         let eg = try g.openGroup("experts")
         let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
         var dense: [String: H5Dataset] = [:]
@@ -300,6 +314,7 @@ public final class CheckpointReader: @unchecked Sendable {
         }
         let ub = try bias("up_bias", c.dFF)
         let db = try bias("down_bias", c.dModel)
+        let gb = c.expertType == .glu ? try bias("gate_bias", c.dFF) : nil
         var expertMap: [Int]? = nil
         if g.isDataset("expert_map") {
             let d = try g.openDataset("expert_map")
@@ -312,9 +327,9 @@ public final class CheckpointReader: @unchecked Sendable {
         } else if gCount != c.numExperts {
             throw SMoEError.dataset(file, g.path + "/expert_map", "missing, but the layer stores \(gCount) experts for \(c.numExperts) router slots")
         }
-        let header = MoELayer(config: c, router: router, routerBias: routerBias, experts: [], expertMap: expertMap)
+        let header = MoELayer(config: c, router: router, routerBias: routerBias, selectionBias: selectionBias, experts: [], expertMap: expertMap)
         // Each expert's parameters and FLOPs per token, from the shapes (as Expert computes them).
-        var parameters = [Int](repeating: (ub != nil ? c.dFF : 0) + (db != nil ? c.dModel : 0), count: gCount)
+        var parameters = [Int](repeating: (ub != nil ? c.dFF : 0) + (db != nil ? c.dModel : 0) + (gb != nil ? c.dFF : 0), count: gCount)
         var flops = [Int](repeating: 0, count: gCount)
         for m in names {
             for e in 0..<gCount {
@@ -332,7 +347,7 @@ public final class CheckpointReader: @unchecked Sendable {
                 try finite(v, d, offset: e * out * inn)
                 return .dense(Matrix(rows: out, cols: inn, data: v))
             }
-            return Expert(up: try op("up")!, gate: try op("gate"), down: try op("down")!, upBias: ub?[e], downBias: db?[e])
+            return Expert(up: try op("up")!, gate: try op("gate"), down: try op("down")!, upBias: ub?[e], downBias: db?[e], gateBias: gb?[e])
         }
     }
 
@@ -369,6 +384,14 @@ public struct WriteOptions: Sendable {
         self.dtype = dtype
         self.gzip = gzip
     }
+
+    /// Checks the options once (`CheckpointWriter` does, before it creates anything).
+    public func validate() throws {
+        guard dtype == .f32 || dtype == .f16 || dtype == .bf16 else {
+            throw SMoEError.setting(.storage, "must be f32, f16 or bf16")
+        }
+        if let g = gzip, !(0...9).contains(g) { throw SMoEError.setting(.gzip, "must be in 0...9") }
+    }
 }
 
 /// Writes an smoe-checkpoint to a temporary file, renamed into place by `commit()`.
@@ -383,9 +406,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     ///   - history: the source's history; `entry` is appended to it.
     public init(destination: String, architecture: String, history: [JSONValue], entry: JSONValue,
                 sourceConfig: String? = nil, options: WriteOptions = WriteOptions()) throws {
-        guard options.dtype == .f32 || options.dtype == .f16 || options.dtype == .bf16 else {
-            throw SMoEError.setting(.storage, "must be f32, f16 or bf16")
-        }
+        try options.validate()
         output = try AtomicOutput(destination: destination)
         file = try H5File.create(output.temporaryPath)
         self.options = options
@@ -414,7 +435,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     public var root: H5Group { file.root }
 
     /// A layer's attributes and router (FORMAT.md §1).
-    private func writeHeader(_ g: H5Group, _ c: LayerConfig, router: Matrix, bias: [Float]?) throws {
+    private func writeHeader(_ g: H5Group, _ c: LayerConfig, router: Matrix, bias: [Float]?, selectionBias: [Float]?) throws {
         try g.setAttribute("index", c.index)
         try g.setAttribute("num_experts", c.numExperts)
         try g.setAttribute("top_k", c.topK)
@@ -423,8 +444,17 @@ public final class CheckpointWriter: @unchecked Sendable {
         try g.setAttribute("expert_type", c.expertType.rawValue)
         try g.setAttribute("activation", c.activation.rawValue)
         try g.setAttribute("router_type", c.routerType.rawValue)
+        // Routing extensions, written only when they differ from the plain routing (so files of
+        // the original router types are unchanged).
+        if c.numGroups != 1 || c.topKGroups != 1 {
+            try g.setAttribute("n_group", c.numGroups)
+            try g.setAttribute("topk_group", c.topKGroups)
+        }
+        if c.routedScalingFactor != 1 { try g.setAttribute("routed_scaling_factor", Double(c.routedScalingFactor)) }
         try g.write("router/weight", floats: router.data, shape: [c.numExperts, c.dModel], as: options.dtype)
         if let b = bias { try g.write("router/bias", floats: b, shape: [c.numExperts], as: options.dtype) }
+        // float32 always: the selection bias decides the top-k and is float32 in the source models.
+        if let b = selectionBias { try g.write("router/selection_bias", floats: b, shape: [c.numExperts], as: .f32) }
     }
 
     /// Dense experts of a layer written one at a time, in order, and readable back as stored:
@@ -475,11 +505,11 @@ public final class CheckpointWriter: @unchecked Sendable {
 
     /// Completes a layer begun with `beginDenseExperts`: its attributes and router.
     public func finishDenseLayer(_ pending: PendingDenseExperts, config c: LayerConfig, router: Matrix,
-                                 bias: [Float]? = nil) throws -> H5Group {
+                                 bias: [Float]? = nil, selectionBias: [Float]? = nil) throws -> H5Group {
         guard pending.written == pending.count, c.numExperts == pending.count else {
             throw SMoEError.output(output.destination, pending.group.path, "\(pending.written) of \(pending.count) experts written for \(c.numExperts) slots")
         }
-        try writeHeader(pending.group, c, router: router, bias: bias)
+        try writeHeader(pending.group, c, router: router, bias: bias, selectionBias: selectionBias)
         file.flush()
         return pending.group
     }
@@ -489,7 +519,7 @@ public final class CheckpointWriter: @unchecked Sendable {
     public func write(_ layer: MoELayer) throws -> H5Group {
         let c = layer.config
         let g = try layersGroup.createGroup(c.name)
-        try writeHeader(g, c, router: layer.router, bias: layer.routerBias)
+        try writeHeader(g, c, router: layer.router, bias: layer.routerBias, selectionBias: layer.selectionBias)
         let dt = options.dtype
         let G = layer.experts.count
         let eg = try g.createGroup("experts")
@@ -522,7 +552,7 @@ public final class CheckpointWriter: @unchecked Sendable {
             }
         }
         try finishLayer(g, c, upBiases: layer.experts.map(\.upBias), downBiases: layer.experts.map(\.downBias),
-                        expertMap: layer.expertMap)
+                        gateBiases: layer.experts.map(\.gateBias), expertMap: layer.expertMap)
         return g
     }
 
@@ -536,7 +566,7 @@ public final class CheckpointWriter: @unchecked Sendable {
         var next: Expert? = G > 0 ? try source.expert(0) : nil
         if let e = next, e.namedMatrices.contains(where: { $0.op.isFactored }) { return try write(try source.whole()) }
         let pending = try beginDenseExperts(named: c.name, count: G, dModel: c.dModel, dFF: c.dFF, gated: c.expertType == .glu)
-        var upBiases: [[Float]?] = [], downBiases: [[Float]?] = []
+        var upBiases: [[Float]?] = [], downBiases: [[Float]?] = [], gateBiases: [[Float]?] = []
         for i in 0..<G {
             let e = try next ?? source.expert(i)
             next = nil
@@ -546,16 +576,17 @@ public final class CheckpointWriter: @unchecked Sendable {
             try pending.write(e)
             upBiases.append(e.upBias)
             downBiases.append(e.downBias)
+            gateBiases.append(e.gateBias)
         }
         let g = pending.group
-        try writeHeader(g, c, router: source.header.router, bias: source.header.routerBias)
-        try finishLayer(g, c, upBiases: upBiases, downBiases: downBiases, expertMap: source.header.expertMap)
+        try writeHeader(g, c, router: source.header.router, bias: source.header.routerBias, selectionBias: source.header.selectionBias)
+        try finishLayer(g, c, upBiases: upBiases, downBiases: downBiases, gateBiases: gateBiases, expertMap: source.header.expertMap)
         return g
     }
 
     /// A layer's biases (zeros for an expert without one, when another has one) and expert map.
     private func finishLayer(_ g: H5Group, _ c: LayerConfig, upBiases: [[Float]?], downBiases: [[Float]?],
-                             expertMap: [Int]?) throws {
+                             gateBiases: [[Float]?] = [], expertMap: [Int]?) throws {
         let G = upBiases.count, dt = options.dtype
         if upBiases.contains(where: { $0 != nil }) {
             let v = upBiases.flatMap { $0 ?? [Float](repeating: 0, count: c.dFF) }
@@ -564,6 +595,10 @@ public final class CheckpointWriter: @unchecked Sendable {
         if downBiases.contains(where: { $0 != nil }) {
             let v = downBiases.flatMap { $0 ?? [Float](repeating: 0, count: c.dModel) }
             try g.write("experts/down_bias", floats: v, shape: [G, c.dModel], as: dt, chunk: [1, c.dModel])
+        }
+        if gateBiases.contains(where: { $0 != nil }) {
+            let v = gateBiases.flatMap { $0 ?? [Float](repeating: 0, count: c.dFF) }
+            try g.write("experts/gate_bias", floats: v, shape: [G, c.dFF], as: dt, chunk: [1, c.dFF])
         }
         if let m = expertMap {
             try g.write("expert_map", ints: m, shape: [c.numExperts], as: .i32)
@@ -615,7 +650,8 @@ extension MoELayer {
         out.router = m(router)
         out.routerBias = routerBias.map(r)
         out.experts = experts.map { e in
-            Expert(up: op(e.up), gate: e.gate.map(op), down: op(e.down), upBias: e.upBias.map(r), downBias: e.downBias.map(r))
+            Expert(up: op(e.up), gate: e.gate.map(op), down: op(e.down), upBias: e.upBias.map(r), downBias: e.downBias.map(r),
+                   gateBias: e.gateBias.map(r))
         }
         return out
     }

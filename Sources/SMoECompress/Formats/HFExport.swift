@@ -46,6 +46,8 @@ public enum HFExport {
     private enum Source {
         case dense(String)  // path below /dense
         case router(String)
+        case routerBias(String)
+        case selectionBias(String)
         case expert(layer: String, slot: Int, role: String)
         case fused(layer: String, part: String)
     }
@@ -107,6 +109,7 @@ public enum HFExport {
             config = text
             guesses = guessed
         }
+        let biasDT = entry?["selection_bias_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)) ?? .F32
         let suffix = entry?["fused_suffix"]?.stringValue ?? ".weight"
         var metadata: [(String, String)] = []
         if case .object(let kv)? = entry?["metadata"] { metadata = kv.compactMap { k, v in v.stringValue.map { (k, $0) } } }
@@ -120,12 +123,18 @@ public enum HFExport {
                 throw SMoEError.dataset(checkpoint, "/moe_layers/\(c.name)", "expert_type \(c.expertType.rawValue) does not fit family \(fam.rawValue)")
             }
             let s = try reader.summary(c.name)
-            if s.hasRouterBias || s.hasUpBias || s.hasDownBias {
+            let expertBiases = fam.fusedInputMajorInterleaved && layout == .fused
+            if (s.hasRouterBias && fam.routerBiasSuffix == nil) || ((s.hasUpBias || s.hasDownBias) && !expertBiases) {
                 throw SMoEError.dataset(checkpoint, "/moe_layers/\(c.name)", "has biases, which \(fam.rawValue) checkpoints have no place for")
+            }
+            if c.activation == .swiglu_oai && fam.fixedActivation != .swiglu_oai {
+                throw SMoEError.dataset(checkpoint, "/moe_layers/\(c.name)", "activation swiglu_oai, which \(fam.rawValue) does not compute")
             }
             if s.hasExpertMap || s.numStored != c.numExperts { merged.append(c.name) }
             if s.isCompressed { factored.append(c.name) }
             items.append(("\(c.name).\(fam.routerSuffix)", .router(c.name)))
+            if let b = fam.selectionBiasSuffix { items.append(("\(c.name).\(b)", .selectionBias(c.name))) }
+            if let b = fam.routerBiasSuffix { items.append(("\(c.name).\(b)", .routerBias(c.name))) }
             switch layout {
             case .perExpert:
                 for e in 0..<c.numExperts {
@@ -136,6 +145,9 @@ public enum HFExport {
             case .fused:
                 for part in ["gate_up", "down"] {
                     items.append((fam.fusedTensorName(layer: c.name, part: part, suffix: suffix), .fused(layer: c.name, part: part)))
+                    if fam.fusedInputMajorInterleaved {
+                        items.append((fam.fusedTensorName(layer: c.name, part: part, suffix: "_bias"), .fused(layer: c.name, part: part + "_bias")))
+                    }
                 }
             }
         }
@@ -171,8 +183,58 @@ public enum HFExport {
                 let d = try dense!.openDataset(p)
                 guard let t = d.rawElementType else { throw SMoEError.dataset(checkpoint, d.path, "element type cannot be written to safetensors") }
                 try writer.add(name, dtype: SafetensorsDType(t), shape: d.shape, bytes: try d.readRaw())
+            case .selectionBias(let l):
+                let m = try layer(l)
+                // A layer without one routes as with zeros (transformers' initial value).
+                let b = m.selectionBias ?? [Float](repeating: 0, count: m.config.numExperts)
+                try writer.add(name, dtype: biasDT, shape: [m.config.numExperts], bytes: biasDT.encode(b))
+            case .routerBias(let l):
+                let m = try layer(l)
+                let b = m.routerBias ?? [Float](repeating: 0, count: m.config.numExperts)
+                try writer.add(name, dtype: routerDT, shape: [m.config.numExperts], bytes: routerDT.encode(b))
+            case .fused(let l, let part) where fam.fusedInputMajorInterleaved:
+                // GPT-OSS: [E, H, 2I] (gate even, up odd), [E, I, H], [E, 2I], [E, H].
+                let m = try layer(l)
+                let c = m.config, H = c.dModel, I = c.dFF
+                var values: [Float] = []
+                for slot in 0..<c.numExperts {
+                    let x = m.experts[m.storedIndex(slot: slot)]
+                    switch part {
+                    case "gate_up":
+                        let g = x.gate!.dense(), u = x.up.dense()
+                        var v = [Float](repeating: 0, count: H * 2 * I)
+                        for h in 0..<H { for i in 0..<I { v[h * 2 * I + 2 * i] = g.data[i * H + h]; v[h * 2 * I + 2 * i + 1] = u.data[i * H + h] } }
+                        values += v
+                    case "down":
+                        let d = x.down.dense()
+                        var v = [Float](repeating: 0, count: I * H)
+                        for i in 0..<I { for h in 0..<H { v[i * H + h] = d.data[h * I + i] } }
+                        values += v
+                    case "gate_up_bias":
+                        let g = x.gateBias ?? [Float](repeating: 0, count: I), u = x.upBias ?? [Float](repeating: 0, count: I)
+                        for i in 0..<I { values += [g[i], u[i]] }
+                    default:
+                        values += x.downBias ?? [Float](repeating: 0, count: H)
+                    }
+                }
+                let shape = ["gate_up": [c.numExperts, H, 2 * I], "down": [c.numExperts, I, H],
+                             "gate_up_bias": [c.numExperts, 2 * I], "down_bias": [c.numExperts, H]][part]!
+                try writer.add(name, dtype: expertDT, shape: shape, bytes: expertDT.encode(values))
             case .router(let l):
                 let m = try layer(l)
+                if m.selectionBias != nil && fam.selectionBiasSuffix == nil {
+                    throw SMoEError.dataset(checkpoint, "/moe_layers/\(l)/router/selection_bias", "\(fam.rawValue) checkpoints have no place for a selection bias")
+                }
+                let types: [RouterType]
+                switch fam.routerType {
+                case .fixed(let t): types = [t]
+                case .normalisedIf: types = [.softmax_topk, .softmax_topk_norm]
+                case .sigmoidNormalisedIf: types = [.sigmoid_topk, .sigmoid_topk_norm]
+                }
+                let c = m.config
+                if !types.contains(c.routerType) || (c.numGroups > 1 && fam.groupKeys == nil) || (c.routedScalingFactor != 1 && fam.scalingKey == nil) {
+                    throw SMoEError.dataset(checkpoint, "/moe_layers/\(l)", "routes by \(c.routerType.rawValue) (groups \(c.numGroups), scaling \(c.routedScalingFactor)), which \(fam.rawValue) does not compute")
+                }
                 try writer.add(name, dtype: routerDT, shape: [m.config.numExperts, m.config.dModel], bytes: routerDT.encode(m.router.data))
             case .expert(let l, let slot, let role):
                 let m = try layer(l)
@@ -250,7 +312,9 @@ public enum HFExport {
             }
             return s
         }
-        let act: String = ["silu": "silu", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"][first.activation.rawValue]!
+        guard let act = ["silu": "silu", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"][first.activation.rawValue] else {
+            throw SMoEError.setting(.family, "config.json cannot be built for activation \(first.activation.rawValue) without the source config.json: import the source folder, then export")
+        }
         let torchDType = ["F16": "float16", "BF16": "bfloat16"][dtype.rawValue] ?? "float32"
         var kv: [(String, JSONValue)] = [("architectures", JSONValue([fam.architectures[0]])), ("model_type", .string(fam.modelTypes[0]))]
         var guessed: [String] = []

@@ -16,6 +16,12 @@ public struct SourceModelConfig: Sendable {
     public var topK: Int
     public var activation: Activation
     public var routerType: RouterType
+    /// Grouped top-k and routed scaling (1, 1 and 1 when the family has none).
+    public var numGroups: Int = 1
+    public var topKGroups: Int = 1
+    public var routedScalingFactor: Float = 1
+    /// Blocks numbered at or beyond this are not MoE layers (the family's `layerCountKey`).
+    public var layerCount: Int? = nil
     /// The config text, stored verbatim in the checkpoint.
     public var text: String
 
@@ -26,6 +32,7 @@ public struct SourceModelConfig: Sendable {
         case "relu": return .relu
         case "gelu": return .gelu
         case "gelu_new", "gelu_pytorch_tanh", "gelu_fast": return .gelu_tanh
+        case "swiglu_oai": return .swiglu_oai
         default: throw SMoEError.dataset(path, key, "activation \"\(name)\" is not supported (silu, relu, gelu, gelu_new, gelu_pytorch_tanh)")
         }
     }
@@ -52,8 +59,25 @@ public struct SourceModelConfig: Sendable {
         switch family.routerType {
         case .fixed(let t): routerType = t
         case .normalisedIf(let key): routerType = try config.bool(key, default: false) ? .softmax_topk_norm : .softmax_topk
+        case .sigmoidNormalisedIf(let key, let d): routerType = try config.bool(key, default: d) ? .sigmoid_topk_norm : .sigmoid_topk
         }
-        let act = try config.string(family.activationKey) ?? family.defaultActivation
+        // Grouped top-k and scaling: the keys' values, or the transformers defaults when absent.
+        func defaulted(_ k: DefaultedKey) throws -> Double { try config.number(k.key) ?? k.value }
+        var numGroups = 1, topKGroups = 1
+        if let g = family.groupKeys {
+            let n = try config.values[g.groups.key] == nil ? Int(g.groups.value) : config.count(g.groups.key)!
+            let t = try config.values[g.topKGroups.key] == nil ? Int(g.topKGroups.value) : config.count(g.topKGroups.key)!
+            numGroups = n
+            topKGroups = t
+            if t > n { throw SMoEError.dataset(path, g.topKGroups.key, "\(t) exceeds \(g.groups.key) \(n)") }
+        }
+        var scaling: Float = 1
+        if let k = family.scalingKey {
+            let v = try defaulted(k)
+            guard v > 0, Float(v).isFinite else { throw SMoEError.dataset(path, k.key, "must be a positive number, not \(v)") }
+            scaling = Float(v)
+        }
+        let act = try family.fixedActivation?.rawValue ?? config.string(family.activationKey) ?? family.defaultActivation
         // The expert count under every name transformers 4.x and 5.x write: all present must agree.
         var numExperts: (key: String, value: Int)? = nil
         for key in family.numExpertsKeys {
@@ -65,7 +89,9 @@ public struct SourceModelConfig: Sendable {
         }
         return SourceModelConfig(family: family, numExperts: numExperts?.value, topK: topK,
                                  activation: try activation(act, path: path, key: family.activationKey),
-                                 routerType: routerType, text: text)
+                                 routerType: routerType, numGroups: numGroups, topKGroups: topKGroups,
+                                 routedScalingFactor: scaling, layerCount: try family.layerCountKey.flatMap { try config.count($0) },
+                                 text: text)
     }
 }
 
@@ -156,6 +182,10 @@ struct ConfigFile {
 public struct SourceMoELayer: Sendable {
     public var prefix: String
     public var router: String
+    /// The selection bias tensor (families with one).
+    public var selectionBias: String? = nil
+    /// The router bias tensor (families with one).
+    public var routerBias: String? = nil
     /// Per-expert layout: for expert n, matrix role → tensor name.
     public var experts: [[String: String]]
     /// Fused layout: `gate_up` and `down` tensor names.
@@ -177,6 +207,8 @@ public struct ImportPlan: Sendable {
     public var fusedSuffix: String
     public var expertDType: SafetensorsDType
     public var routerDType: SafetensorsDType
+    /// dtype of the selection bias tensors (families with one).
+    public var selectionBiasDType: SafetensorsDType? = nil
 }
 
 /// Natural order of tensor names: digit runs compare as numbers (`layers.2` < `layers.10`).
@@ -229,19 +261,35 @@ public enum HFImport {
         func where_(_ name: String) -> String { (try? model.locate(name).file.path) ?? dir }
 
         var routers: [String: String] = [:]
+        var selectionBiases: [String: String] = [:]
+        var routerBiases: [String: String] = [:]
+        let fusedBiasPart = family.fusedInputMajorInterleaved
+            ? Dictionary(uniqueKeysWithValues: family.fusedNames.map { ($1 + "_bias", $0 + "_bias") }) : [:]
         var perExpert: [String: [Int: [String: String]]] = [:]
         var fused: [String: [String: String]] = [:]
         var fusedSuffixes = Set<String>()
         var dense: [String] = []
         for name in model.names {
-            guard let (prefix, rest) = family.splitBlock(name) else {
+            guard let (prefix, rest) = family.splitBlock(name),
+                  config.layerCount.map({ count in family.layerNumber(prefix).map { $0 < count } ?? true }) ?? true else {
                 dense.append(name)
                 continue
             }
             let restText = rest.joined(separator: ".")
             if restText == family.routerSuffix {
                 routers[prefix] = name
+            } else if restText == family.selectionBiasSuffix {
+                selectionBiases[prefix] = name
+            } else if restText == family.routerBiasSuffix {
+                routerBiases[prefix] = name
             } else if rest[0] == "experts" {
+                if rest.count == 2, let part = fusedBiasPart[rest[1]] {
+                    fused[prefix, default: [:]][part] = name
+                    continue
+                }
+                if rest.count == 2, rest[1].hasSuffix("_blocks") || rest[1].hasSuffix("_scales") {
+                    throw SMoEError.dataset(where_(name), name, "MXFP4-quantized experts are not supported (dequantize to bfloat16 first)")
+                }
                 if rest.count <= 3, let part = fusedPart[rest[1]], rest.count == 2 || rest[2] == "weight" {
                     fused[prefix, default: [:]][part] = name
                     fusedSuffixes.insert(rest.count == 3 ? ".weight" : "")
@@ -273,6 +321,10 @@ public enum HFImport {
         var layers: [SourceMoELayer] = []
         var expertDTypes = Set<SafetensorsDType>(), routerDTypes = Set<SafetensorsDType>()
         var layouts = Set<ExpertLayout>()
+        var biasDTypes = Set<SafetensorsDType>()
+        for (p, name) in selectionBiases.sorted(by: { naturalLess($0.key, $1.key) }) where routers[p] == nil {
+            throw SMoEError.dataset(where_(name), name, "selection bias of \(p) but the model has no router \(p).\(family.routerSuffix)")
+        }
         for (prefix, routerName) in routers.sorted(by: { naturalLess($0.key, $1.key) }) {
             let ri = try model.info(routerName)
             let file = where_(routerName)
@@ -286,11 +338,58 @@ public enum HFImport {
             guard config.topK <= E else {
                 throw SMoEError.dataset(configPath, "num_experts_per_tok", "\(config.topK) exceeds the \(E) experts of \(prefix)")
             }
+            let routing = LayerConfig(name: prefix, index: 0, numExperts: E, topK: config.topK, dModel: H, dFF: 1,
+                                      expertType: family.expertType, activation: config.activation, routerType: config.routerType,
+                                      numGroups: config.numGroups, topKGroups: config.topKGroups,
+                                      routedScalingFactor: config.routedScalingFactor)
+            if let problem = routing.routingProblem {
+                throw SMoEError.dataset(configPath, family.groupKeys?.groups.key ?? "num_experts_per_tok", "\(problem) (layer \(prefix))")
+            }
+            var selectionBias: String? = nil
+            if let suffix = family.selectionBiasSuffix {
+                guard let b = selectionBiases[prefix] else {
+                    throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix) (\(family.displayName) routers choose experts with it)")
+                }
+                let bi = try model.info(b)
+                guard bi.shape == [E], bi.dtype.isFloat else {
+                    throw SMoEError.dataset(where_(b), b, "must be a float vector [\(E)] (one per router row), is \(bi.dtype.rawValue) \(bi.shape)")
+                }
+                biasDTypes.insert(bi.dtype)
+                selectionBias = b
+            }
             routerDTypes.insert(ri.dtype)
             let roles = ["up", "gate", "down"].filter { family.matrixNames[$0] != nil }
-            var layer = SourceMoELayer(prefix: prefix, router: routerName, experts: [], fused: [:], layout: .perExpert,
-                                       numExperts: E, dModel: H, dFF: 0)
-            if let f = fused[prefix] {
+            var layer = SourceMoELayer(prefix: prefix, router: routerName, selectionBias: selectionBias, experts: [], fused: [:],
+                                       layout: .perExpert, numExperts: E, dModel: H, dFF: 0)
+            if let suffix = family.routerBiasSuffix {
+                guard let b = routerBiases[prefix] else { throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix)") }
+                let bi = try model.info(b)
+                guard bi.shape == [E], bi.dtype == ri.dtype else {
+                    throw SMoEError.dataset(where_(b), b, "must be a [\(E)] vector of the router's dtype \(ri.dtype.rawValue), is \(bi.dtype.rawValue) \(bi.shape)")
+                }
+                layer.routerBias = b
+            }
+            if family.fusedInputMajorInterleaved {
+                guard let f = fused[prefix], let gu = f["gate_up"], let dn = f["down"], let gb = f["gate_up_bias"], let db = f["down_bias"] else {
+                    throw SMoEError.file(dir, "\(prefix): \(family.displayName) needs the fused tensors \(["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"].map { "experts." + $0 }.joined(separator: ", "))")
+                }
+                let gi = try model.info(gu), di = try model.info(dn), gbi = try model.info(gb), dbi = try model.info(db)
+                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[1] == H, gi.shape[2] >= 2, gi.shape[2] % 2 == 0 else {
+                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), \(H), 2·d_ff] (\(E) router slots, d_model \(H))")
+                }
+                let I = gi.shape[2] / 2
+                for (n, i, want) in [(dn, di, [E, I, H]), (gb, gbi, [E, 2 * I]), (db, dbi, [E, H])] {
+                    guard i.shape == want else { throw SMoEError.dataset(where_(n), n, "shape \(i.shape) is not \(want)") }
+                    guard i.dtype == gi.dtype, i.dtype.isFloat else {
+                        throw SMoEError.dataset(where_(n), n, "dtype \(i.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
+                    }
+                }
+                expertDTypes.insert(gi.dtype)
+                fusedSuffixes.insert("")
+                layer.fused = f
+                layer.layout = .fused
+                layer.dFF = I
+            } else if let f = fused[prefix] {
                 if let pe = perExpert[prefix], let any = pe.values.first?.values.first {
                     throw SMoEError.dataset(where_(any), any, "per-expert tensor next to fused expert tensors in \(prefix)")
                 }
@@ -353,9 +452,13 @@ public enum HFImport {
         guard layouts.count == 1, expertDTypes.count == 1, routerDTypes.count == 1 else {
             throw SMoEError.file(dir, "MoE layers differ in expert layout or dtype (\(layouts.map(\.rawValue).sorted()), experts \(expertDTypes.map(\.rawValue).sorted()), routers \(routerDTypes.map(\.rawValue).sorted())); one of each is supported")
         }
+        if biasDTypes.count > 1 {
+            throw SMoEError.file(dir, "selection bias tensors differ in dtype (\(biasDTypes.map(\.rawValue).sorted())); one is supported")
+        }
         layers.sort { family.blockLess($0.prefix, $1.prefix) }
         return ImportPlan(config: config, layers: layers, dense: dense, layout: layouts.first!,
-                          fusedSuffix: fusedSuffixes.first ?? ".weight", expertDType: expertDTypes.first!, routerDType: routerDTypes.first!)
+                          fusedSuffix: fusedSuffixes.first ?? ".weight", expertDType: expertDTypes.first!, routerDType: routerDTypes.first!,
+                          selectionBiasDType: biasDTypes.first)
     }
 
     /// Reads one MoE layer of the plan.
@@ -363,7 +466,8 @@ public enum HFImport {
         let c = plan.config
         let E = src.numExperts, H = src.dModel, I = src.dFF
         let config = LayerConfig(name: src.prefix, index: index, numExperts: E, topK: c.topK, dModel: H, dFF: I,
-                                 expertType: c.family.expertType, activation: c.activation, routerType: c.routerType)
+                                 expertType: c.family.expertType, activation: c.activation, routerType: c.routerType,
+                                 numGroups: c.numGroups, topKGroups: c.topKGroups, routedScalingFactor: c.routedScalingFactor)
         func finite(_ v: [Float], _ name: String) throws -> [Float] {
             if let i = v.firstIndex(where: { !$0.isFinite }) {
                 throw SMoEError.dataset(try model.locate(name).file.path, name, "contains \(v[i].isNaN ? "NaN" : "Inf") at flat index \(i)")
@@ -371,8 +475,29 @@ public enum HFImport {
             return v
         }
         let router = Matrix(rows: E, cols: H, data: try finite(try model.floats(src.router), src.router))
+        let routerBias = try src.routerBias.map { try finite(try model.floats($0), $0) }
         var experts: [Expert] = []
         switch src.layout {
+        case .fused where c.family.fusedInputMajorInterleaved:
+            // [E, H, 2I] input-major, gate even / up odd along the last axis; [E, I, H]; biases.
+            let gu = try finite(try model.floats(src.fused["gate_up"]!), src.fused["gate_up"]!)
+            let dn = try finite(try model.floats(src.fused["down"]!), src.fused["down"]!)
+            let gb = try finite(try model.floats(src.fused["gate_up_bias"]!), src.fused["gate_up_bias"]!)
+            let db = try finite(try model.floats(src.fused["down_bias"]!), src.fused["down_bias"]!)
+            for e in 0..<E {
+                var gate = Matrix(rows: I, cols: H), up = Matrix(rows: I, cols: H), down = Matrix(rows: H, cols: I)
+                let base = e * H * 2 * I
+                for h in 0..<H {
+                    for i in 0..<I {
+                        gate.data[i * H + h] = gu[base + h * 2 * I + 2 * i]
+                        up.data[i * H + h] = gu[base + h * 2 * I + 2 * i + 1]
+                    }
+                }
+                for i in 0..<I { for h in 0..<H { down.data[h * I + i] = dn[e * I * H + i * H + h] } }
+                let b = Array(gb[(e * 2 * I)..<((e + 1) * 2 * I)])
+                experts.append(Expert(up: up, gate: gate, down: down, upBias: stride(from: 1, to: 2 * I, by: 2).map { b[$0] },
+                                      downBias: Array(db[(e * H)..<((e + 1) * H)]), gateBias: stride(from: 0, to: 2 * I, by: 2).map { b[$0] }))
+            }
         case .perExpert:
             for m in src.experts {
                 func mat(_ role: String) throws -> Matrix? {
@@ -393,30 +518,25 @@ public enum HFImport {
                                       down: Matrix(rows: H, cols: I, data: Array(dn[(e * per)..<((e + 1) * per)]))))
             }
         }
-        return MoELayer(config: config, router: router, experts: experts)
+        let bias = try src.selectionBias.map { try finite(try model.floats($0), $0) }
+        return MoELayer(config: config, router: router, routerBias: routerBias, selectionBias: bias, experts: experts)
     }
 
     /// The stored float type of routers and experts for `--dtype` (auto: float16 stays float16 and
     /// bfloat16 stays bfloat16 when router and experts share that type; anything else becomes
     /// float32, which holds bfloat16 and float16 exactly).
-    public static func storage(for dtype: String, source: SafetensorsDType, router: SafetensorsDType = .F16) throws -> StorageType {
-        switch dtype {
-        case "f32": return .f32
-        case "f16": return .f16
-        case "bf16": return .bf16
-        case "auto": return source == router && source == .F16 ? .f16 : (source == router && source == .BF16 ? .bf16 : .f32)
-        default: throw SMoEError.setting(.storage, "must be auto, f32, f16 or bf16, not '\(dtype)'")
-        }
+    public static func storage(for dtype: StorageChoice, source: SafetensorsDType, router: SafetensorsDType = .F16) -> StorageType {
+        dtype.resolved(keeping: source != router ? nil : source == .F16 ? .f16 : source == .BF16 ? .bf16 : nil)
     }
 
     /// Imports `directory` into the checkpoint `output`, one tensor / one MoE layer at a time.
     @discardableResult
-    public static func run(directory: String, output: String, dtype: String = "auto",
+    public static func run(directory: String, output: String, dtype: StorageChoice = .auto,
                            progress: ProgressCallback? = nil) throws -> ImportReport {
         let model = try SafetensorsModel(directory)
         try ensureOutputDiffers(output, from: model.files.map(\.path) + [directory + "/config.json"] + (model.indexPath.map { [$0] } ?? []))
         let plan = try plan(directory, model: model)
-        let stored = try storage(for: dtype, source: plan.expertDType, router: plan.routerDType)
+        let stored = storage(for: dtype, source: plan.expertDType, router: plan.routerDType)
         var entry: [(String, JSONValue)] = [
             ("stage", "import"), ("source", .string(directory)), ("family", .string(plan.config.family.rawValue)),
             ("layout", .string(plan.layout.rawValue)),
@@ -424,6 +544,9 @@ public enum HFImport {
         if plan.layout == .fused { entry.append(("fused_suffix", .string(plan.fusedSuffix))) }
         entry += [
             ("expert_dtype", .string(plan.expertDType.rawValue)), ("router_dtype", .string(plan.routerDType.rawValue)),
+        ]
+        if let b = plan.selectionBiasDType { entry.append(("selection_bias_dtype", .string(b.rawValue))) }
+        entry += [
             ("stored_dtype", .string(stored.rawValue)),
             ("metadata", .object(model.metadata.map { ($0.0, .string($0.1)) })),
             ("tool", .string(smoeCompressVersion)),

@@ -22,6 +22,16 @@ public enum RouterTypeRule: Sendable, Equatable {
     case fixed(RouterType)
     /// A boolean key: true → softmax_topk_norm; false, null or absent → softmax_topk.
     case normalisedIf(String)
+    /// A boolean key: true → sigmoid_topk_norm, false → sigmoid_topk; absent or null → `default`
+    /// (the transformers config class's default).
+    case sigmoidNormalisedIf(String, default: Bool)
+}
+
+/// A numeric config.json key and the value transformers' config class uses when it is absent.
+public struct DefaultedKey: Sendable, Equatable {
+    public var key: String
+    public var value: Double
+    public init(_ key: String, _ value: Double) { self.key = key; self.value = value }
 }
 
 /// A `config.json` value the forward pass needs when the key is present (routing variants the
@@ -70,6 +80,26 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     public let activationKey: String
     public let defaultActivation: String
     public let requirements: [ConfigRequirement]
+    /// Grouped top-k: the keys of the group count and of the eligible groups (`n_group`,
+    /// `topk_group`), or nil when the family does not group.
+    public let groupKeys: (groups: DefaultedKey, topKGroups: DefaultedKey)?
+    /// The key of the routed scaling factor (every routing weight × it), or nil.
+    public let scalingKey: DefaultedKey?
+    /// The selection-only bias tensor relative to the block (`gate.e_score_correction_bias`),
+    /// required in every MoE layer when set.
+    public let selectionBiasSuffix: String?
+    /// config.json key of the decoder's layer count when blocks numbered at or beyond it are not
+    /// part of the model transformers runs (DeepSeek-V3 / GLM-4.5 multi-token-prediction layers,
+    /// `model.layers.61.*`): those go to `/dense` untouched.
+    public let layerCountKey: String?
+    /// The router bias relative to the block (`router.bias`, GPT-OSS), required when set.
+    public let routerBiasSuffix: String?
+    /// How the fused tensors hold an expert: `[E, 2I, H]` gate rows then up rows and `[E, H, I]`
+    /// (false), or GPT-OSS's input-major `[E, H, 2I]` with gate and up interleaved along the last
+    /// axis (even gate, odd up), `[E, I, H]`, and biases `<fusedNames[part]>_bias` (true).
+    public let fusedInputMajorInterleaved: Bool
+    /// The expert activation when the family fixes it (GPT-OSS: swiglu_oai; `hidden_act` unread).
+    public let fixedActivation: Activation?
     /// What `tools/capture_calibration.py` loads the model with (a `transformers` class), and
     /// whether it runs an encoder and a decoder (whose inputs are the text shifted right).
     public let transformersClass: String
@@ -90,7 +120,10 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
          expertPrefix: String = "", matrixNames: [String: String] = ["gate": "gate_proj", "up": "up_proj", "down": "down_proj"],
          fusedNames: [String: String] = ["gate_up": "gate_up_proj", "down": "down_proj"], numExpertsKey: String,
          numExpertsAliases: [String] = [], topK: TopKRule = .key("num_experts_per_tok"), activationKey: String = "hidden_act", defaultActivation: String = "silu",
-         requirements: [ConfigRequirement] = [], transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false) {
+         requirements: [ConfigRequirement] = [], groupKeys: (groups: DefaultedKey, topKGroups: DefaultedKey)? = nil,
+         scalingKey: DefaultedKey? = nil, selectionBiasSuffix: String? = nil, layerCountKey: String? = nil,
+         routerBiasSuffix: String? = nil, fusedInputMajorInterleaved: Bool = false, fixedActivation: Activation? = nil,
+         transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false) {
         self.rawValue = rawValue
         self.displayName = displayName
         self.modelTypes = modelTypes
@@ -108,6 +141,13 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         self.activationKey = activationKey
         self.defaultActivation = defaultActivation
         self.requirements = requirements
+        self.groupKeys = groupKeys
+        self.scalingKey = scalingKey
+        self.selectionBiasSuffix = selectionBiasSuffix
+        self.layerCountKey = layerCountKey
+        self.routerBiasSuffix = routerBiasSuffix
+        self.fusedInputMajorInterleaved = fusedInputMajorInterleaved
+        self.fixedActivation = fixedActivation
         self.transformersClass = transformersClass
         self.encoderDecoder = encoderDecoder
     }
@@ -142,14 +182,54 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "num_experts", numExpertsAliases: ["num_local_experts"])
     /// Only plain softmax top-k routing maps onto the tool's router types.
     public static let deepseek = ModelFamily(
-        "deepseek", "DeepSeek-MoE/V2/V3", modelTypes: ["deepseek", "deepseek_v2", "deepseek_v3"],
-        architectures: ["DeepseekForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"], block: decoderMLP,
+        "deepseek", "DeepSeek-MoE/V2", modelTypes: ["deepseek", "deepseek_v2"],
+        architectures: ["DeepseekForCausalLM", "DeepseekV2ForCausalLM"], block: decoderMLP,
         routerType: .normalisedIf("norm_topk_prob"), numExpertsKey: "n_routed_experts",
         numExpertsAliases: ["num_local_experts", "num_experts"], requirements: [.string(key: "scoring_func", equals: "softmax"), .string(key: "topk_method", equals: "greedy"),
                        .number(key: "routed_scaling_factor", equals: 1)])
+    /// transformers 5.23's DeepseekV3TopkRouter: sigmoid scores, `e_score_correction_bias` for
+    /// the choice only, grouped top-k, weights renormalised (`norm_topk_prob`) and scaled.
+    /// Moonlight uses this model_type; Kimi-K2's `kimi_k2` is the same model (transformers maps
+    /// it to deepseek_v3). `scoring_func` / `topk_method` are not read by transformers; a config
+    /// that names another routing is refused rather than imported as this one.
+    public static let deepseekV3 = ModelFamily(
+        "deepseek-v3", "DeepSeek-V3/Kimi-K2/Moonlight", modelTypes: ["deepseek_v3", "kimi_k2"],
+        architectures: ["DeepseekV3ForCausalLM"], block: decoderMLP,
+        routerType: .sigmoidNormalisedIf("norm_topk_prob", default: true), numExpertsKey: "n_routed_experts",
+        numExpertsAliases: ["num_local_experts"],
+        requirements: [.string(key: "scoring_func", equals: "sigmoid"), .string(key: "topk_method", equals: "noaux_tc")],
+        groupKeys: (DefaultedKey("n_group", 8), DefaultedKey("topk_group", 4)), scalingKey: DefaultedKey("routed_scaling_factor", 2.5),
+        selectionBiasSuffix: "gate.e_score_correction_bias", layerCountKey: "num_hidden_layers")
+    /// GLM-4.5 / 4.6 (`Glm4MoeTopkRouter`, the DeepSeek-V3 router with other defaults).
+    public static let glm4MoE = ModelFamily(
+        "glm4-moe", "GLM-4.5", modelTypes: ["glm4_moe"], architectures: ["Glm4MoeForCausalLM"], block: decoderMLP,
+        routerType: .sigmoidNormalisedIf("norm_topk_prob", default: true), numExpertsKey: "n_routed_experts",
+        numExpertsAliases: ["num_local_experts"],
+        groupKeys: (DefaultedKey("n_group", 1), DefaultedKey("topk_group", 1)), scalingKey: DefaultedKey("routed_scaling_factor", 1),
+        selectionBiasSuffix: "gate.e_score_correction_bias", layerCountKey: "num_hidden_layers")
+    /// MiniMax-M2: sigmoid scores, the block's `e_score_correction_bias` for the choice only,
+    /// always renormalised, no groups, no scaling; Mixtral's names (`block_sparse_moe`, w1/w3/w2)
+    /// as transformers saves it, the fused layout under `mlp`.
+    public static let minimaxM2 = ModelFamily(
+        "minimax-m2", "MiniMax-M2", modelTypes: ["minimax_m2"], architectures: ["MiniMaxM2ForCausalLM"],
+        block: [.word(["model"]), .word(["layers"]), .index("L"), .word(["block_sparse_moe", "mlp"])],
+        routerType: .fixed(.sigmoid_topk_norm), matrixNames: ["gate": "w1", "up": "w3", "down": "w2"],
+        numExpertsKey: "num_local_experts", numExpertsAliases: ["num_experts"],
+        selectionBiasSuffix: "e_score_correction_bias")
+
+    /// GPT-OSS (bfloat16 weights; the MXFP4 `_blocks`/`_scales` form is refused): router with a
+    /// bias, top-k of the logits then softmax over the k; fused input-major experts with gate/up
+    /// interleaved and biases; the clamped SwiGLU (α 1.702, limit 7).
+    public static let gptOss = ModelFamily(
+        "gpt-oss", "GPT-OSS", modelTypes: ["gpt_oss"], architectures: ["GptOssForCausalLM"], block: decoderMLP,
+        routerSuffix: "router.weight", routerType: .fixed(.topk_softmax), numExpertsKey: "num_local_experts",
+        numExpertsAliases: ["num_experts"],
+        requirements: [.number(key: "swiglu_alpha", equals: 1.702), .number(key: "swiglu_limit", equals: 7)],
+        routerBiasSuffix: "router.bias", fusedInputMajorInterleaved: true, fixedActivation: .swiglu_oai)
 
     /// Every family `import` and `export` understand.
-    public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek]
+    public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek,
+                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss]
 
     /// Every config.json key that may hold the expert count, transformers 5's name first.
     public var numExpertsKeys: [String] { [numExpertsKey] + numExpertsAliases }
@@ -205,6 +285,13 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         return (parts[0..<block.count].joined(separator: "."), Array(parts[block.count...]))
     }
 
+    /// The first layer number of a block prefix (`model.layers.61.mlp` → 61).
+    func layerNumber(_ prefix: String) -> Int? {
+        let parts = prefix.split(separator: ".").map(String.init)
+        for (s, p) in zip(parts, block) { if case .index = p { return Int(s) } }
+        return nil
+    }
+
     /// Import's layer order: by the first name part's word order (encoder before decoder), then
     /// in natural order.
     func blockLess(_ a: String, _ b: String) -> Bool {
@@ -231,7 +318,18 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             switch f.routerType {
             case .fixed(let t): out.append(("router_type", .string(t.rawValue)))
             case .normalisedIf(let k): out.append(("router_type_normalised_if", .string(k)))
+            case .sigmoidNormalisedIf(let k, let d):
+                out.append(("router_type_sigmoid_normalised_if", .object([("key", .string(k)), ("default", .bool(d))])))
             }
+            if let g = f.groupKeys {
+                out.append(("group_keys", .object([(g.groups.key, .double(g.groups.value)), (g.topKGroups.key, .double(g.topKGroups.value))])))
+            }
+            if let k = f.scalingKey { out.append(("scaling_key", .object([(k.key, .double(k.value))]))) }
+            if let b = f.selectionBiasSuffix { out.append(("selection_bias_suffix", .string(b))) }
+            if let k = f.layerCountKey { out.append(("layer_count_key", .string(k))) }
+            if let b = f.routerBiasSuffix { out.append(("router_bias_suffix", .string(b))) }
+            if f.fusedInputMajorInterleaved { out.append(("fused_input_major_interleaved", .bool(true))) }
+            if let a = f.fixedActivation { out.append(("fixed_activation", .string(a.rawValue))) }
             out += [("activation_key", .string(f.activationKey)), ("default_activation", .string(f.defaultActivation))]
             out.append(("requirements", .object(f.requirements.map { r in
                 switch r {

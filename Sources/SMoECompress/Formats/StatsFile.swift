@@ -82,14 +82,7 @@ public final class StatsReader: @unchecked Sendable {
 
     public init(_ path: String) throws {
         self.path = path
-        file = try openSMoEFile(path, expecting: "smoe-stats")
-        let root = file.root
-        source = (try? root.stringAttribute("source")) ?? ""
-        guard root.isGroup("moe_layers") else { throw SMoEError.dataset(path, "/moe_layers", "missing group") }
-        let g = try root.openGroup("moe_layers")
-        var infos: [StatsLayerInfo] = []
-        for name in try g.childNames() {
-            let lg = try g.openGroup(name)
+        (file, source, layers) = try readLayerGroups(path, expecting: "smoe-stats", layer: { name, lg in
             let cd = try lg.openDataset("counts")
             guard cd.shape.count == 1, cd.shape[0] >= 1 else {
                 throw SMoEError.dataset(path, cd.path, "shape \(cd.shape) is not [E]")
@@ -110,34 +103,25 @@ public final class StatsReader: @unchecked Sendable {
                 k = n > 0 ? total / n : 1
             }
             guard k >= 1, k <= E else { throw SMoEError.dataset(path, lg.path + "@top_k", "\(k) is outside 1...\(E)") }
-            var bases: [SimilarityBase] = []
-            if lg.isGroup("similarity") {
-                let sg = try lg.openGroup("similarity")
+            // The bases present under `group` (names this build does not know are ignored), each
+            // dataset's shape checked.
+            func present(_ group: String, shaped fits: ([Int]) -> Bool, _ expected: String) throws -> [SimilarityBase] {
+                guard lg.isGroup(group) else { return [] }
+                let sg = try lg.openGroup(group)
+                var found: [SimilarityBase] = []
                 for b in try sg.childNames() {
                     guard let base = SimilarityBase(rawValue: b) else { continue }
                     let d = try sg.openDataset(b)
-                    guard d.shape == [E, E] else { throw SMoEError.dataset(path, d.path, "shape \(d.shape) is not [\(E), \(E)]") }
-                    bases.append(base)
+                    guard fits(d.shape) else { throw SMoEError.dataset(path, d.path, "shape \(d.shape) is not \(expected)") }
+                    found.append(base)
                 }
+                return found
             }
-            var featureBases: [SimilarityBase] = []
-            if lg.isGroup("features") {
-                let fg = try lg.openGroup("features")
-                for b in try fg.childNames() {
-                    guard let base = SimilarityBase(rawValue: b) else { continue }
-                    let d = try fg.openDataset(b)
-                    guard d.shape.count == 2, d.shape[0] == E else {
-                        throw SMoEError.dataset(path, d.path, "shape \(d.shape) is not [\(E), d_model]")
-                    }
-                    featureBases.append(base)
-                }
-            }
-            let index = lg.hasAttribute("index") ? try lg.intAttribute("index") : infos.count
-            infos.append(StatsLayerInfo(name: name, index: index, numExperts: E, topK: k, numTokens: n,
-                                        bases: bases.sorted(), featureBases: featureBases.sorted()))
-        }
-        infos.sort { ($0.index, $0.name) < ($1.index, $1.name) }
-        layers = infos
+            let bases = try present("similarity", shaped: { $0 == [E, E] }, "[\(E), \(E)]")
+            let featureBases = try present("features", shaped: { $0.count == 2 && $0[0] == E }, "[\(E), d_model]")
+            return { StatsLayerInfo(name: name, index: $0, numExperts: E, topK: k, numTokens: n,
+                                    bases: bases.sorted(), featureBases: featureBases.sorted()) }
+        }, order: { ($0.index, $0.name) })
     }
 
     public func info(_ name: String) throws -> StatsLayerInfo {

@@ -76,7 +76,8 @@ public enum Alignment {
     public static func permute(_ e: Expert, _ perm: [Int]) throws -> Expert {
         let m = try denseMatrices(e, "expert")
         return Expert(up: m.up.gatherRows(perm), gate: m.gate?.gatherRows(perm), down: m.down.gatherColumns(perm),
-                      upBias: e.upBias.map { b in perm.map { b[$0] } }, downBias: e.downBias)
+                      upBias: e.upBias.map { b in perm.map { b[$0] } }, downBias: e.downBias,
+                      gateBias: e.gateBias.map { b in perm.map { b[$0] } })
     }
 
     /// The optimal permutation aligning `expert` to `reference`, with timings.

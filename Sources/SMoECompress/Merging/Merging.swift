@@ -40,7 +40,7 @@ public enum Merging {
         let biases = weightedBiases(experts, weights: weights)
         return Expert(up: .dense(try weightedAverage("up", of: experts, weights: weights)), gate: gate.map { .dense($0) },
                       down: .dense(try weightedAverage("down", of: experts, weights: weights)),
-                      upBias: biases.up, downBias: biases.down)
+                      upBias: biases.up, downBias: biases.down, gateBias: biases.gate)
     }
 
     /// The normalised float32 weights of `weightedAverage` (the plain mean when all are zero).
@@ -70,7 +70,7 @@ public enum Merging {
     }
 
     /// The biases of `weightedAverage` alone.
-    public static func weightedBiases(_ experts: [Expert], weights: [Double]) -> (up: [Float]?, down: [Float]?) {
+    public static func weightedBiases(_ experts: [Expert], weights: [Double]) -> (up: [Float]?, down: [Float]?, gate: [Float]?) {
         precondition(!experts.isEmpty && experts.count == weights.count)
         let w = normalised(weights)
         func avgVec(_ pick: (Expert) -> [Float]?) -> [Float]? {
@@ -80,7 +80,7 @@ public enum Merging {
             for (e, wi) in zip(experts, w) { if let v = pick(e) { for i in 0..<n { out[i] += wi * v[i] } } }
             return out
         }
-        return (avgVec { $0.upBias }, avgVec { $0.downBias })
+        return (avgVec { $0.upBias }, avgVec { $0.downBias }, avgVec { $0.gateBias })
     }
 
     /// The stored experts behind a group's slots, with their summed frequencies (slots of an

@@ -217,7 +217,7 @@ enum OutputAwareMerge {
         // Biases: usage-weighted average of the members that saw tokens.
         let biases = Merging.weightedBiases(used.map { p.aligned[$0] }, weights: used.map { Double(memberTokens[$0]) })
         var expert = Expert(up: .dense(upW), gate: gateW.map { .dense($0) }, down: .dense(downW),
-                            upBias: biases.up, downBias: biases.down)
+                            upBias: biases.up, downBias: biases.down, gateBias: biases.gate)
         report.how = "regmean"
         guard options.method == .regmeanRefit else { return (expert, report) }
         try refitDown(&expert, layer, p, options: options, tokens: tokens, report: &report)

@@ -94,6 +94,11 @@ public enum Pruning {
         let d = source.config.dModel
         out.router = Matrix(rows: kept.count, cols: d, data: kept.flatMap { s in source.header.router.data[(s * d)..<((s + 1) * d)] })
         out.routerBias = source.header.routerBias.map { b in kept.map { b[$0] } }
+        // The kept slots' selection biases too; expert groups would not survive dropping slots.
+        guard source.config.numGroups == 1 else {
+            throw SMoEError("\(source.name): pruning drops router slots, which breaks the layer's \(source.config.numGroups) expert groups")
+        }
+        out.selectionBias = source.header.selectionBias.map { b in kept.map { b[$0] } }
         out.experts = try kept.map { try source.expert($0) }
         out.expertMap = nil
         out.config.numExperts = kept.count

@@ -9,6 +9,13 @@ public enum ExpertType: String, Sendable, CaseIterable, Codable {
 
 public enum Activation: String, Sendable, CaseIterable, Codable {
     case relu, gelu, gelu_tanh, silu
+    /// GPT-OSS's clamped SwiGLU (glu experts only): act(g) = g′ · σ(α g′) with g′ = min(g, limit),
+    /// and the up value enters as clamp(u, −limit, limit) + 1 (`Expert.hidden`); α = 1.702,
+    /// limit = 7 (transformers' `swiglu_alpha`, `swiglu_limit`; other values are refused on import).
+    case swiglu_oai
+
+    public static let swigluAlpha: Float = 1.702
+    public static let swigluLimit: Float = 7
 
     @inline(__always) public func apply(_ x: Float) -> Float {
         switch self {
@@ -18,6 +25,9 @@ public enum Activation: String, Sendable, CaseIterable, Codable {
             let c: Float = 0.797_884_560_802_865_4  // sqrt(2/pi)
             return 0.5 * x * (1 + tanhf(c * (x + 0.044715 * x * x * x)))
         case .silu: return x / (1 + expf(-x))
+        case .swiglu_oai:
+            let g = min(x, Activation.swigluLimit)
+            return g / (1 + expf(-Activation.swigluAlpha * g))
         }
     }
 
@@ -28,11 +38,30 @@ public enum Activation: String, Sendable, CaseIterable, Codable {
     }
 }
 
+/// How a router turns logits z [E] into k slots and their weights (docs/FORMAT.md §1, "Routing").
+/// Every type also honours the layer's selection bias, expert groups and routed scaling factor
+/// (`MoELayer.route`).
 public enum RouterType: String, Sendable, CaseIterable, Codable {
     /// softmax over all slots, take the top-k, weight each by its probability (Switch).
     case softmax_topk
     /// same, then divide the k weights by their sum (Mixtral, Qwen with norm_topk_prob).
     case softmax_topk_norm
+    /// s = sigmoid(z) per slot, take the top-k, weight each by its s (DeepSeek-V3 without
+    /// norm_topk_prob).
+    case sigmoid_topk
+    /// same, then divide the k weights by their sum + 1e-20 (DeepSeek-V3, GLM-4.5, MiniMax-M2).
+    case sigmoid_topk_norm
+    /// take the top-k logits, weight them by the softmax over those k only (GPT-OSS).
+    case topk_softmax
+
+    /// The score a slot's weight comes from: softmax probability, sigmoid, or the logit itself.
+    public var scoring: String {
+        switch self {
+        case .softmax_topk, .softmax_topk_norm: return "softmax"
+        case .sigmoid_topk, .sigmoid_topk_norm: return "sigmoid"
+        case .topk_softmax: return "logit"
+        }
+    }
 }
 
 /// One stored expert: its matrices in `nn.Linear` convention and optional biases.
@@ -42,17 +71,22 @@ public struct Expert: Sendable, Equatable {
     public var down: LinearOp  // [d_model, d_ff]
     public var upBias: [Float]?  // [d_ff]
     public var downBias: [Float]?  // [d_model]
+    public var gateBias: [Float]?  // [d_ff], glu only (GPT-OSS)
 
-    public init(up: LinearOp, gate: LinearOp? = nil, down: LinearOp, upBias: [Float]? = nil, downBias: [Float]? = nil) {
+    public init(up: LinearOp, gate: LinearOp? = nil, down: LinearOp, upBias: [Float]? = nil, downBias: [Float]? = nil,
+                gateBias: [Float]? = nil) {
         self.up = up
         self.gate = gate
         self.down = down
         self.upBias = upBias
         self.downBias = downBias
+        self.gateBias = gateBias
     }
 
-    public init(up: Matrix, gate: Matrix? = nil, down: Matrix, upBias: [Float]? = nil, downBias: [Float]? = nil) {
-        self.init(up: .dense(up), gate: gate.map { .dense($0) }, down: .dense(down), upBias: upBias, downBias: downBias)
+    public init(up: Matrix, gate: Matrix? = nil, down: Matrix, upBias: [Float]? = nil, downBias: [Float]? = nil,
+                gateBias: [Float]? = nil) {
+        self.init(up: .dense(up), gate: gate.map { .dense($0) }, down: .dense(down), upBias: upBias, downBias: downBias,
+                  gateBias: gateBias)
     }
 
     /// The named matrices in a fixed order: up, gate (when present), down.
@@ -89,6 +123,11 @@ public struct Expert: Sendable, Equatable {
         if let b = upBias { h.addRowVector(b) }
         if let g = gate {
             var a = g.apply(x)
+            if let b = gateBias { a.addRowVector(b) }
+            if activation == .swiglu_oai {
+                let l = Activation.swigluLimit
+                for i in 0..<h.data.count { h.data[i] = min(max(h.data[i], -l), l) + 1 }
+            }
             activation.apply(inPlace: &a)
             for i in 0..<h.data.count { h.data[i] *= a.data[i] }
         } else {
@@ -105,12 +144,12 @@ public struct Expert: Sendable, Equatable {
     }
 
     public var parameterCount: Int {
-        namedMatrices.reduce(0) { $0 + $1.op.parameterCount } + (upBias?.count ?? 0) + (downBias?.count ?? 0)
+        namedMatrices.reduce(0) { $0 + $1.op.parameterCount } + (upBias?.count ?? 0) + (downBias?.count ?? 0) + (gateBias?.count ?? 0)
     }
 
     public func storedBytes(floatBytes: Int) -> Int {
         namedMatrices.reduce(0) { $0 + $1.op.storedBytes(floatBytes: floatBytes) }
-            + ((upBias?.count ?? 0) + (downBias?.count ?? 0)) * floatBytes
+            + ((upBias?.count ?? 0) + (downBias?.count ?? 0) + (gateBias?.count ?? 0)) * floatBytes
     }
 
     public var flopsPerToken: Int {
@@ -124,7 +163,7 @@ public struct Routing: Sendable {
     public var logits: Matrix
     /// The k chosen slots of token t: `slots[t*k ..< (t+1)*k]`, best first.
     public var slots: [Int]
-    /// Their weights (softmax probabilities, renormalised for `softmax_topk_norm`).
+    /// Their weights (as the router type and the layer's routing settings make them).
     public var weights: [Float]
     public var k: Int
 }
@@ -140,9 +179,17 @@ public struct LayerConfig: Sendable, Equatable {
     public var expertType: ExpertType
     public var activation: Activation
     public var routerType: RouterType
+    /// Grouped top-k (DeepSeek-V3 `n_group`, `topk_group`): the E slots form `numGroups`
+    /// consecutive groups; only the `topKGroups` groups of largest group score are eligible.
+    /// 1 and 1: no grouping.
+    public var numGroups: Int = 1
+    public var topKGroups: Int = 1
+    /// Every routing weight is multiplied by this (DeepSeek-V3 `routed_scaling_factor`).
+    public var routedScalingFactor: Float = 1
 
     public init(name: String, index: Int, numExperts: Int, topK: Int, dModel: Int, dFF: Int,
-                expertType: ExpertType, activation: Activation, routerType: RouterType) {
+                expertType: ExpertType, activation: Activation, routerType: RouterType,
+                numGroups: Int = 1, topKGroups: Int = 1, routedScalingFactor: Float = 1) {
         self.name = name
         self.index = index
         self.numExperts = numExperts
@@ -152,6 +199,32 @@ public struct LayerConfig: Sendable, Equatable {
         self.expertType = expertType
         self.activation = activation
         self.routerType = routerType
+        self.numGroups = numGroups
+        self.topKGroups = topKGroups
+        self.routedScalingFactor = routedScalingFactor
+    }
+
+    /// True when routing is one of the original two softmax forms with nothing else (what the
+    /// compact router fit and its evaluation model).
+    public var isPlainSoftmaxRouting: Bool {
+        (routerType == .softmax_topk || routerType == .softmax_topk_norm) && numGroups == 1 && routedScalingFactor == 1
+    }
+
+    /// Why these routing settings cannot be computed (nil when they can): a one-line reason.
+    public var routingProblem: String? {
+        if numGroups < 1 || topKGroups < 1 || topKGroups > numGroups {
+            return "n_group \(numGroups) and topk_group \(topKGroups) must satisfy 1 ≤ topk_group ≤ n_group"
+        }
+        if numGroups > 1 {
+            if numExperts % numGroups != 0 { return "n_group \(numGroups) does not divide the \(numExperts) experts" }
+            if numExperts / numGroups < 2 { return "n_group \(numGroups) leaves fewer than 2 experts per group (a group's score is its two best)" }
+            if topK > topKGroups * (numExperts / numGroups) {
+                return "top_k \(topK) exceeds the \(topKGroups * (numExperts / numGroups)) experts of the topk_group \(topKGroups) eligible groups"
+            }
+            if routerType == .topk_softmax { return "topk_softmax routing has no expert groups" }
+        }
+        if !routedScalingFactor.isFinite || routedScalingFactor <= 0 { return "routed_scaling_factor \(routedScalingFactor) must be a positive number" }
+        return nil
     }
 }
 
@@ -160,14 +233,19 @@ public struct MoELayer: Sendable, Equatable {
     public var config: LayerConfig
     public var router: Matrix  // [E, d_model]
     public var routerBias: [Float]?
+    /// A per-slot bias added to the scores for choosing the top-k only, never to the weights
+    /// (DeepSeek-V3 `e_score_correction_bias`); nil means zero.
+    public var selectionBias: [Float]?
     public var experts: [Expert]  // G stored experts
     /// Slot e uses stored expert `expertMap[e]`; nil means identity (G = E).
     public var expertMap: [Int]?
 
-    public init(config: LayerConfig, router: Matrix, routerBias: [Float]? = nil, experts: [Expert], expertMap: [Int]? = nil) {
+    public init(config: LayerConfig, router: Matrix, routerBias: [Float]? = nil, selectionBias: [Float]? = nil,
+                experts: [Expert], expertMap: [Int]? = nil) {
         self.config = config
         self.router = router
         self.routerBias = routerBias
+        self.selectionBias = selectionBias
         self.experts = experts
         self.expertMap = expertMap
     }
@@ -191,11 +269,101 @@ public struct MoELayer: Sendable, Equatable {
     /// Top-k routing of a token block (ties broken to the lower slot index).
     public func route(_ x: Matrix) -> Routing {
         let z = logits(x)
-        return Self.route(logits: z, k: config.topK, type: config.routerType)
+        return Self.route(logits: z, config: config, selectionBias: selectionBias)
     }
 
-    /// Top-k routing from logits [n, E].
+    /// Top-k routing from logits [n, E] with every routing setting of a layer: its router type,
+    /// selection bias, expert groups and routed scaling factor (docs/FORMAT.md §1, "Routing").
+    public static func route(logits z: Matrix, config c: LayerConfig, selectionBias: [Float]?) -> Routing {
+        if c.numGroups == 1 && selectionBias == nil && (c.routerType == .softmax_topk || c.routerType == .softmax_topk_norm) {
+            var r = route(logits: z, k: c.topK, type: c.routerType)
+            if c.routedScalingFactor != 1 { for i in r.weights.indices { r.weights[i] *= c.routedScalingFactor } }
+            return r
+        }
+        return routeGeneral(logits: z, config: c, selectionBias: selectionBias)
+    }
+
+    /// The general routing, in float32 as transformers computes it: scores s (softmax
+    /// probabilities, sigmoids, or the logits for topk_softmax); choice scores c = s + bias;
+    /// with groups, a group's score is the sum of its two largest c and only the topKGroups best
+    /// groups stay eligible; the k largest eligible c are chosen (ties to the lower index, groups
+    /// too); weights are the chosen s (softmax over the chosen logits for topk_softmax),
+    /// divided by their sum (+ 1e-20 for sigmoid) for the _norm types, times the scaling factor.
+    static func routeGeneral(logits z: Matrix, config cfg: LayerConfig, selectionBias: [Float]?) -> Routing {
+        let n = z.rows, e = z.cols, k = cfg.topK, type = cfg.routerType
+        let groups = cfg.numGroups, size = e / max(groups, 1)
+        var slots = [Int](repeating: 0, count: n * k)
+        var weights = [Float](repeating: 0, count: n * k)
+        var score = [Float](repeating: 0, count: e), choice = [Float](repeating: 0, count: e)
+        var groupScore = [Float](repeating: 0, count: groups)
+        var eligible = [Bool](repeating: true, count: e)
+        var taken = [Bool](repeating: false, count: max(e, groups))
+        /// The index of the largest v[j] among allowed, untaken j (strict >: the lower index on ties).
+        func best(_ v: [Float], count: Int, allowed: (Int) -> Bool) -> Int {
+            var b = -1
+            for j in 0..<count where !taken[j] && allowed(j) {
+                if b < 0 || v[j] > v[b] { b = j }
+            }
+            return b
+        }
+        for t in 0..<n {
+            let base = t * e
+            switch type.scoring {
+            case "softmax":
+                var mx = -Float.infinity
+                for j in 0..<e { mx = max(mx, z.data[base + j]) }
+                var denom: Float = 0
+                for j in 0..<e { score[j] = expf(z.data[base + j] - mx); denom += score[j] }
+                for j in 0..<e { score[j] /= denom }
+            case "sigmoid":
+                for j in 0..<e { score[j] = 1 / (1 + expf(-z.data[base + j])) }
+            default:
+                for j in 0..<e { score[j] = z.data[base + j] }
+            }
+            for j in 0..<e { choice[j] = score[j] + (selectionBias?[j] ?? 0) }
+            if groups > 1 {
+                for g in 0..<groups {
+                    var a = -Float.infinity, b = -Float.infinity
+                    for j in (g * size)..<((g + 1) * size) {
+                        let v = choice[j]
+                        if v > a { b = a; a = v } else if v > b { b = v }
+                    }
+                    groupScore[g] = a + b
+                }
+                for g in 0..<groups { taken[g] = false }
+                var keep = [Bool](repeating: false, count: groups)
+                for _ in 0..<cfg.topKGroups {
+                    let g = best(groupScore, count: groups) { _ in true }
+                    taken[g] = true
+                    keep[g] = true
+                }
+                for j in 0..<e { eligible[j] = keep[j / size] }
+            }
+            for j in 0..<e { taken[j] = false }
+            for r in 0..<k {
+                let j = best(choice, count: e) { eligible[$0] }
+                taken[j] = true
+                slots[t * k + r] = j
+            }
+            var sum: Float = 0
+            if type == .topk_softmax {
+                var mx = -Float.infinity
+                for r in 0..<k { mx = max(mx, score[slots[t * k + r]]) }
+                for r in 0..<k { weights[t * k + r] = expf(score[slots[t * k + r]] - mx); sum += weights[t * k + r] }
+                for r in 0..<k { weights[t * k + r] /= sum }
+            } else {
+                for r in 0..<k { weights[t * k + r] = score[slots[t * k + r]]; sum += weights[t * k + r] }
+                if type == .softmax_topk_norm, sum > 0 { for r in 0..<k { weights[t * k + r] /= sum } }
+                if type == .sigmoid_topk_norm { for r in 0..<k { weights[t * k + r] /= sum + 1e-20 } }
+            }
+            if cfg.routedScalingFactor != 1 { for r in 0..<k { weights[t * k + r] *= cfg.routedScalingFactor } }
+        }
+        return Routing(logits: z, slots: slots, weights: weights, k: k)
+    }
+
+    /// Top-k routing from logits [n, E] for the two plain softmax types (no bias, no groups).
     public static func route(logits z: Matrix, k: Int, type: RouterType) -> Routing {
+        precondition(type == .softmax_topk || type == .softmax_topk_norm, "route(logits:k:type:) is the plain softmax routing")
         let n = z.rows, e = z.cols
         var slots = [Int](repeating: 0, count: n * k)
         var weights = [Float](repeating: 0, count: n * k)

@@ -156,8 +156,10 @@ public enum SizePlanner {
         try merge.tokens.validate()
         if lowRank.sparsity > 0 { throw SMoEError.setting(.targetSize, "plans low rank without a sparse part: give no {sparsity}") }
         let names = try model.selectLayers(merge.layers)
-        for c in model.layers where names.contains(c.name) && merge.groups > c.numExperts {
-            throw SMoEError.setting(.groups, "\(merge.groups) is more than the \(c.numExperts) experts of layer \(c.name)")
+        if let g = merge.groups {
+            for c in model.layers where names.contains(c.name) && g > c.numExperts {
+                throw SMoEError.setting(.groups, "\(g) is more than the \(c.numExperts) experts of layer \(c.name)")
+            }
         }
         let fb = storage.byteSize
         let inputs = try MergeStage.groupingInputs(model: model, layers: names, base: merge.similarityBase, stats: stats,

@@ -220,6 +220,10 @@ private struct Page {
         out += "</div>\n"
         plan()
         overview()
+        if value("settings") != nil && planPath != nil {
+            out += "<p class=\"muted\">With a target size the plan chooses each layer's groups and ranks (above); the merge "
+                + "<code>groups</code> and low-rank <code>rank</code> among the settings below are not the per-layer values.</p>\n"
+        }
         out += "<div class=\"row\">"
         if value("settings") != nil { settingsTables("settings", caption: "Settings") }
         if let h = value("history")?.arrayValue {

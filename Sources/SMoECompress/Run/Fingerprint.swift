@@ -15,7 +15,8 @@ extension CheckpointReader {
         h.add(JSONValue.array(history).serialized())
         let root = file.root
         for c in layers {
-            h.add("\(c.name)|\(c.index)|\(c.numExperts)|\(c.topK)|\(c.dModel)|\(c.dFF)|\(c.expertType.rawValue)|\(c.activation.rawValue)|\(c.routerType.rawValue)")
+            h.add("\(c.name)|\(c.index)|\(c.numExperts)|\(c.topK)|\(c.dModel)|\(c.dFF)|\(c.expertType.rawValue)|\(c.activation.rawValue)|\(c.routerType.rawValue)"
+                  + (c.isPlainSoftmaxRouting ? "" : "|\(c.numGroups)|\(c.topKGroups)|\(c.routedScalingFactor)"))
             let g = try layerGroup(c.name)
             for p in try g.datasetPaths() {
                 let d = try g.openDataset(p)

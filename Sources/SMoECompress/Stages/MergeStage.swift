@@ -20,8 +20,9 @@ public struct GroupingInput: Sendable {
 
 /// Settings of the `merge` stage.
 public struct MergeSettings: Sendable {
-    /// Groups per merged layer (uniform), or the average per merged layer (adaptive).
-    public var groups: Int
+    /// Groups per merged layer (uniform), or the average per merged layer (adaptive); nil when
+    /// not given, which only a size plan (`CompressSettings.target`) allows: it chooses them.
+    public var groups: Int?
     public var adaptive = false
     public var grouping: GroupingMethod = .dominant
     /// What slots are compared by; nil: router-logits, expert-output with hierarchical grouping.
@@ -57,7 +58,7 @@ public struct MergeSettings: Sendable {
     /// Whether the experts of the compact layers are refitted.
     public var refitsCompactExperts: Bool { router == .compact && (compactRefit ?? true) }
 
-    public init(groups: Int, adaptive: Bool = false, grouping: GroupingMethod = .dominant, similarity: SimilarityBase? = nil,
+    public init(groups: Int?, adaptive: Bool = false, grouping: GroupingMethod = .dominant, similarity: SimilarityBase? = nil,
                 layers: [String]? = nil, merging: MergeOptions = MergeOptions(method: .regmeanRefit),
                 tokens: TokenSettings = TokenSettings(), router: RouterLayout = .slots, compactRefit: Bool? = nil,
                 prune: PruneMethod? = nil) {
@@ -88,6 +89,7 @@ public struct MergeSettings: Sendable {
         try merging.validate()
         try tokens.validate()
         let names = try model.selectLayers(layers)
+        guard let groups else { throw SMoEError.setting(.groups, "is needed: how many experts each merged layer keeps") }
         guard groups >= 1 else { throw SMoEError.setting(.groups, "must be at least 1 (got \(groups))") }
         for c in model.layers where names.contains(c.name) && groups > c.numExperts {
             throw SMoEError.setting(.groups, "\(groups) is more than the \(c.numExperts) experts of layer \(c.name)")
@@ -102,6 +104,14 @@ public struct MergeSettings: Sendable {
             let left = model.layers.map(\.name).filter { !names.contains($0) }
             if !left.isEmpty {
                 throw SMoEError.setting(.router, "compact needs every MoE layer merged (a Hugging Face config holds one expert count), but {layers} leaves \(left.joined(separator: ", ")) with their experts")
+            }
+            if prune != nil, let c = model.layers.first(where: { $0.numGroups > 1 }) {
+                throw SMoEError.setting(.prune, "drops router slots, which breaks the \(c.numGroups) expert groups of \(model.architecture) layer \(c.name) (grouped top-k); merge with the default {router} slots")
+            }
+            if prune == nil, let c = model.layers.first(where: { !$0.isPlainSoftmaxRouting }) {
+                let how = "\(c.routerType.rawValue)" + (c.numGroups > 1 ? ", \(c.numGroups) expert groups" : "")
+                    + (c.routedScalingFactor != 1 ? ", routed scaling \(c.routedScalingFactor)" : "")
+                throw SMoEError.setting(.router, "compact fits softmax routers only, but \(model.architecture) layer \(c.name) routes by \(how); merge with the default {router} slots")
             }
             if !adaptive, let c = model.layers.first(where: { $0.topK > groups }) {
                 throw SMoEError.setting(prune != nil ? .prune : .router, "\(prune != nil ? "keeps" : "compact needs") top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")
@@ -221,7 +231,7 @@ public struct MergeStage: LayerStage {
             // Pruning plans nothing up front: each layer ranks its own experts as it is reached.
             if let budget = settings.maxMemory {
                 let work = model.layers.filter { names.contains($0.name) }.map {
-                    ($0, MemoryModel.Work.merge(groups: settings.groups, largestGroup: 1, outputAware: true, lowRank: settings.factoredAfter))
+                    ($0, MemoryModel.Work.merge(groups: settings.groups ?? 1, largestGroup: 1, outputAware: true, lowRank: settings.factoredAfter))
                 }
                 settings.tokens.blockSize = try MemoryModel.blockSize(work, budget: budget, requested: settings.tokens.blockSize)
             }
@@ -299,7 +309,8 @@ public struct MergeStage: LayerStage {
     public func prune(_ layer: LayerSource, method: PruneMethod, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
         let tokens = calibration!.tokenBlocks(layer.name, settings.tokens)
         let (saliency, counts) = try Pruning.saliency(layer, method: method, tokens: tokens, progress: progress)
-        let kept = Pruning.keep(saliency, groups: settings.groups)
+        guard let groups = settings.groups else { preconditionFailure("MergeSettings.validate requires groups") }
+        let kept = Pruning.keep(saliency, groups: groups)
         var report = PruneReport(method: method, saliency: saliency, tokens: counts, kept: kept)
         var pruned = try Pruning.pruned(layer, kept: kept)
         if settings.refitsCompactExperts {
@@ -323,8 +334,9 @@ public struct MergeStage: LayerStage {
     /// Groupings of the merged layers, from their usage and similarity.
     public static func plan(_ inputs: [(name: String, input: GroupingInput)], settings: MergeSettings) -> [String: LayerGrouping] {
         var out: [String: LayerGrouping] = [:]
+        guard let groups = settings.groups else { preconditionFailure("MergeSettings.validate requires groups") }
         if settings.adaptive {
-            let dominants = Grouping.adaptiveDominants(frequencies: inputs.map(\.input.frequency), groupsPerLayer: settings.groups)
+            let dominants = Grouping.adaptiveDominants(frequencies: inputs.map(\.input.frequency), groupsPerLayer: groups)
             for (i, (name, input)) in inputs.enumerated() {
                 out[name] = Grouping.assign(dominant: dominants[i], frequency: input.frequency, similarity: input.similarity)
             }
@@ -333,11 +345,11 @@ public struct MergeStage: LayerStage {
         for (name, input) in inputs {
             switch settings.grouping {
             case .dominant:
-                out[name] = Grouping.uniform(frequency: input.frequency, similarity: input.similarity, groups: settings.groups)
+                out[name] = Grouping.uniform(frequency: input.frequency, similarity: input.similarity, groups: groups)
             case .hierarchical:
                 // Average linkage is unchanged by adding a constant, so −similarity is a distance.
                 out[name] = Grouping.hierarchical(distance: input.similarity.map { -$0 }, frequency: input.frequency,
-                                                      groups: settings.groups)
+                                                      groups: groups)
             }
         }
         return out
@@ -375,7 +387,7 @@ public struct MergeStage: LayerStage {
     /// The history entry of a merge.
     public static func historyEntry(_ settings: MergeSettings, calibration: String?, reports: [LayerMergeReport]) -> JSONValue {
         var kv: [(String, JSONValue)] = [
-            ("stage", "merge"), ("tool", .string("smoe-compress \(smoeCompressVersion)")), ("groups", .int(settings.groups)),
+            ("stage", "merge"), ("tool", .string("smoe-compress \(smoeCompressVersion)")), ("groups", settings.groups.map(JSONValue.int) ?? .null),
             ("adaptive", .bool(settings.adaptive)), ("method", .string(settings.grouping.rawValue)),
             ("similarity", .string(settings.similarityBase.rawValue)), ("merge_method", .string(settings.merging.method.rawValue)),
             ("align", .bool(settings.merging.align)),

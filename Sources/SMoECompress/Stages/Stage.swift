@@ -236,7 +236,7 @@ extension MoELayer: FiniteChecked {
         if !router.allFinite || !(routerBias?.allSatisfy(\.isFinite) ?? true) { return "the router" }
         for (g, e) in experts.enumerated() {
             for (name, op) in e.namedMatrices { if let w = op.firstNonFinite { return "expert \(g) \(name) (\(w))" } }
-            if !((e.upBias ?? []) + (e.downBias ?? [])).allSatisfy(\.isFinite) { return "expert \(g) biases" }
+            if !((e.upBias ?? []) + (e.downBias ?? []) + (e.gateBias ?? [])).allSatisfy(\.isFinite) { return "expert \(g) biases" }
         }
         return nil
     }

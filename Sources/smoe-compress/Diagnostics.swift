@@ -24,6 +24,7 @@ func flag(for setting: Setting) -> String {
     case .compactRefit: return "--compact-refit"
     case .prune: return "--prune"
     case .refitTargets: return "--refit-targets"
+    case .regmeanMinTokens: return "--regmean-min-tokens"
     case .family: return "--family"
     case .rank: return "--rank"
     case .energy: return "--energy"

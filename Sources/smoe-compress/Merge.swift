@@ -31,6 +31,9 @@ struct MergeOptionGroup: ParsableArguments {
     @Option(help: "Refit ridge, relative to the mean diagonal of the normal matrix.")
     var refitRidge: Double = 0.1
 
+    @Option(help: "A group needs this many distinct routed calibration tokens for RegMean; below it falls back to the frequency-weighted average (default: d_model; 1 always solves, the ridge keeps the system well posed).")
+    var regmeanMinTokens: Int?
+
     @Flag(help: "Average members without aligning their neurons first (for comparison).")
     var noAlign = false
 
@@ -52,7 +55,7 @@ struct MergeOptionGroup: ParsableArguments {
     var settings: MergeSettings {
         var s = MergeSettings(groups: groups, adaptive: adaptive, grouping: method, similarity: similarity, layers: layers.names,
                       merging: MergeOptions(method: mergeMethod, align: !noAlign, alpha: regmeanAlpha, ridge: regmeanRidge,
-                                            refitRidge: refitRidge),
+                                            refitRidge: refitRidge, minTokens: regmeanMinTokens),
                       tokens: tokens.settings, router: router, compactRefit: compactRefit, prune: prune)
         s.refitTargets = refitTargets
         return s

@@ -447,4 +447,24 @@ extension OutputAwareMerge {
         }
         return try system.solve(ridge: ridge, prior: prior)
     }
+
+}
+
+final class RegMeanMinTokensTests: XCTestCase {
+    /// `--regmean-min-tokens`: with 64 calibration tokens the default rule (d_model = 64 distinct
+    /// routed tokens) sends groups to the frequency average with a warning each; 1 solves every
+    /// group (no warning); 0 is refused naming the flag.
+    func testMinTokensFlag() throws {
+        let dir = temporaryDirectory(self)
+        let m = fixture("trained-mixtral.h5"), c = fixture("trained-mixtral.calib.h5")
+        let rule = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--max-tokens", "64", "-o", dir + "/a.h5", "--quiet"])
+        XCTAssertEqual(rule.status, 0, rule.stderr)
+        XCTAssertTrue(rule.stderr.contains("fell back to the frequency-weighted average"), rule.stderr)
+        let solve = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--max-tokens", "64", "--regmean-min-tokens", "1", "-o", dir + "/b.h5", "--quiet"])
+        XCTAssertEqual(solve.status, 0, solve.stderr)
+        XCTAssertFalse(solve.stderr.contains("fell back to the frequency-weighted average"), solve.stderr)
+        XCTAssertEqual(try CheckpointReader(dir + "/b.h5").history.last?["regmean_min_tokens"]?.intValue, 1)
+        let bad = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--regmean-min-tokens", "0", "-o", dir + "/x.h5"])
+        XCTAssertEqual(bad.stderr, "error: --regmean-min-tokens: must be at least 1 (got 0)\n")
+    }
 }

@@ -224,5 +224,6 @@ public struct MergeOptions: Sendable {
         if !(alpha >= 0 && alpha <= 1) { throw SMoEError.setting(.regmeanAlpha, "must be in [0, 1]") }
         if !(ridge >= 0 && ridge.isFinite) { throw SMoEError.setting(.regmeanRidge, "must be a finite number ≥ 0") }
         if !(refitRidge >= 0 && refitRidge.isFinite) { throw SMoEError.setting(.refitRidge, "must be a finite number ≥ 0") }
+        if let m = minTokens, m < 1 { throw SMoEError.setting(.regmeanMinTokens, "must be at least 1 (got \(m))") }
     }
 }

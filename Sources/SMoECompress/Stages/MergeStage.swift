@@ -396,6 +396,7 @@ public struct MergeStage: LayerStage {
             kv.append(("regmean_alpha", .double(settings.merging.alpha)))
             kv.append(("regmean_ridge", .double(settings.merging.ridge)))
             if settings.merging.method == .regmeanRefit { kv.append(("refit_ridge", .double(settings.merging.refitRidge))) }
+            if let m = settings.merging.minTokens { kv.append(("regmean_min_tokens", .int(m))) }
         }
         if let p = settings.prune { kv.append(("prune", .string(p.rawValue))) }
         if settings.refitTargets != .layer { kv.append(("refit_targets", .string(settings.refitTargets.rawValue))) }

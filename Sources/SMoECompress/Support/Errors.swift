@@ -126,7 +126,7 @@ public enum Setting: String, Sendable, CaseIterable {
     case layers, maxTokens = "max-tokens", blockSize = "block-size", calibration, stats
     // Merging.
     case groups, adaptive, grouping, similarity, mergeMethod = "merge-method", regmeanAlpha = "regmean-alpha"
-    case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge", router, compactRefit = "compact-refit", prune, refitTargets = "refit-targets"
+    case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge", router, compactRefit = "compact-refit", prune, refitTargets = "refit-targets", regmeanMinTokens = "regmean-min-tokens"
     // Low rank.
     case rank, energy, sparsity, iterations, matrices, svd, activationAware = "activation-aware"
     case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge", targetSize = "target-size", uniformGroups = "uniform-groups"

@@ -167,21 +167,30 @@ def tiny_configs():
         "switch_transformers": lambda: t.SwitchTransformersForConditionalGeneration(t.SwitchTransformersConfig(
             vocab_size=64, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=4,
             encoder_sparse_step=2, decoder_sparse_step=2, relative_attention_num_buckets=8)),
+        # Issue 24's families (their routing is checked against transformers in test_families.py).
+        "glm4_moe": lambda: t.Glm4MoeForCausalLM(t.Glm4MoeConfig(
+            **common, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=3, n_routed_experts=8,
+            num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+            norm_topk_prob=True, first_k_dense_replace=1, head_dim=8)),
+        "minimax_m2": lambda: t.MiniMaxM2ForCausalLM(t.MiniMaxM2Config(
+            **common, intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+            head_dim=8, rotary_dim=4)),
+        "gpt_oss": lambda: t.GptOssForCausalLM(t.GptOssConfig(
+            **common, intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+            head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"])),
     }
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "switch_transformers"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "switch_transformers",
+            "glm4_moe", "minimax_m2", "gpt_oss"]
 
 
 def test_tiny_models_cover_the_family_table():
     """Every model_type of tools/model_families.json has a tiny model here, but `deepseek` (v1: no
     transformers class; captured with trust_remote_code models only, which this test cannot build)."""
     table = json.loads((TOOLS / "model_families.json").read_text())["families"]
-    # Issue 24's families are captured whole-model and checked against transformers in
-    # tools/test_families.py (kimi_k2 has no transformers class); layer-wise capture is not yet
-    # covered for them.
-    issue24 = {"kimi_k2", "glm4_moe", "minimax_m2", "gpt_oss"}
-    assert {t for f in table for t in f["model_types"]} - {"deepseek"} - issue24 == set(FAMILIES)
+    # kimi_k2 is DeepSeek-V3's architecture under another model_type, with no transformers class.
+    assert {t for f in table for t in f["model_types"]} - {"deepseek", "kimi_k2"} == set(FAMILIES)
 
 
 @pytest.fixture(scope="module")

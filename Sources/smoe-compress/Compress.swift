@@ -85,11 +85,22 @@ struct Compress: ParsableCommand {
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
         let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
                                   progress: progress)
+        // A shard file holds layers to assemble, not a checkpoint: its bytes are stated by `assemble`.
+        let reusedBytes = try result.reused.isEmpty || shard != nil ? nil : expertBytes(of: result.reused, original: reader)
         try reportOptions.write(document(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work,
-                                         settings: stage.settingsRecord))
+                                         settings: stage.settingsRecord, reusedBytes: reusedBytes))
         if let plan = stage.plan, !global.json { renderPlan(plan) }
         render(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work,
-               settings: stage.settingsRecord)
+               settings: stage.settingsRecord, reusedBytes: reusedBytes)
+    }
+
+    /// The expert bytes of layers reused from an interrupted run, before (in the model) and as
+    /// written (in the committed output): they are in the output but not in this run's report.
+    func expertBytes(of reused: [String], original reader: CheckpointReader) throws -> (before: Int, after: Int) {
+        let written = try CheckpointReader(output.output)
+        return try reused.reduce((0, 0)) { t, name in
+            (t.0 + (try reader.summary(name).expertFileBytes), t.1 + (try written.summary(name).expertFileBytes))
+        }
     }
 
     /// The input files a resumed run must find unchanged.
@@ -110,19 +121,36 @@ struct Compress: ParsableCommand {
 
     /// The `--json` document (the report's source).
     func document(_ report: CompressReport, plan stagePlan: SizePlan?, timing: [FinishedLayer], reused: [String] = [],
-                  work: ResumeWork? = nil, settings: JSONValue? = nil) -> JSONValue {
+                  work: ResumeWork? = nil, settings: JSONValue? = nil, reusedBytes: (before: Int, after: Int)? = nil) -> JSONValue {
         var kv: [(String, JSONValue)] = [("model", .string(model)), ("output", .string(output.output)), ("report", report.json),
                                          timingJSON(timing)]
         if let p = stagePlan { kv.append(("plan", p.json)) }
         if let s = settings { kv.append(("settings", s)) }
         kv += reusedJSON(reused, work: work)
+        if let b = reusedBytes {
+            // The whole output's expert bytes: this run's layers plus the reused ones.
+            kv.append(("output_expert_bytes", .object([("original", .int(report.bytesOriginal + b.before)),
+                                                       ("final", .int(report.bytesFinal + b.after))])))
+        }
         return .object(kv)
     }
 
     func render(_ report: CompressReport, plan stagePlan: SizePlan? = nil, timing: [FinishedLayer], reused: [String] = [],
-                work: ResumeWork? = nil, settings: JSONValue? = nil) {
+                work: ResumeWork? = nil, settings: JSONValue? = nil, reusedBytes: (before: Int, after: Int)? = nil) {
         printMergeWarnings(report.layers.compactMap(\.merge))
-        if global.json { return printJSON(document(report, plan: stagePlan, timing: timing, reused: reused, work: work, settings: settings)) }
+        if global.json {
+            return printJSON(document(report, plan: stagePlan, timing: timing, reused: reused, work: work, settings: settings,
+                                      reusedBytes: reusedBytes))
+        }
+        guard !report.layers.isEmpty else {
+            // Every layer was reused: no figure of this run to show, only the output's size.
+            if let line = reusedLine(reused, work: work) { print(line) }
+            if let b = reusedBytes {
+                print("expert bytes of the output: \(formatBytes(b.before)) → \(formatBytes(b.after)) "
+                      + "(\(fixed(Double(b.before) / Double(max(b.after, 1)), 2))× smaller)")
+            }
+            return print("wrote \(output.output)")
+        }
         var t = Table(["layer", "groups", "rank", "bytes original", "merged", "final", "error merged", "error final", "cosine"])
         for l in report.layers {
             let ranks = l.lowRank.map { rankRange($0.matrices.filter { !$0.keptDense }.map(\.rank)) } ?? "-"
@@ -138,6 +166,11 @@ struct Compress: ParsableCommand {
         print("expert bytes: \(formatBytes(report.bytesOriginal)) → \(formatBytes(report.bytesMerged)) merged → "
               + "\(formatBytes(report.bytesFinal)) final (\(fixed(report.ratio, 2))× smaller)")
         if let line = reusedLine(reused, work: work) { print(line) }
+        if let b = reusedBytes {
+            let before = report.bytesOriginal + b.before, after = report.bytesFinal + b.after
+            print("expert bytes of the whole output (reused layers included): \(formatBytes(before)) → \(formatBytes(after)) "
+                  + "(\(fixed(Double(before) / Double(max(after, 1)), 2))× smaller)")
+        }
         print("wrote \(output.output)")
     }
 }

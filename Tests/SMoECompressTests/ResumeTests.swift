@@ -88,6 +88,32 @@ final class ResumeTests: XCTestCase {
         try assertClean(dir, keep: ["full.h5", "out.h5"])
     }
 
+    /// A run killed after its last layer was saved (before the commit) and resumed reuses every
+    /// layer: it computes nothing, and still states the output's expert bytes, as written, beside
+    /// the model's (it used to report 0 → 0).
+    func testCompressResumingEveryLayerReportsTheOutputsBytes() throws {
+        let dir = temporaryDirectory(self)
+        let args = ["compress", mixtral, "--calib", mixtralCalib, "--groups", "4", "--rank", "16", "--quiet"]
+        let out = dir + "/out.h5"
+        try killedAfter(4, args + ["-o", out])
+        XCTAssertEqual(parts(out).count, 4)
+        let r = try cli(args + ["-o", out, "--resume", "--json"])
+        let json = try JSONValue.parse(r.stdout)
+        XCTAssertEqual(json["report"]?["layers"]?.arrayValue?.count, 0)
+        XCTAssertEqual(json["reused"]?["layers"]?.arrayValue?.count, 4)
+        let totals = { (path: String) throws -> Int? in
+            try JSONValue.parse(try self.cli(["inspect", path, "--json"]).stdout)["totals"]?["expert_bytes"]?.intValue
+        }
+        let original = try XCTUnwrap(try totals(mixtral)), written = try XCTUnwrap(try totals(out))
+        XCTAssertGreaterThan(original, written)
+        XCTAssertEqual(json["output_expert_bytes"]?["original"]?.intValue, original)
+        XCTAssertEqual(json["output_expert_bytes"]?["final"]?.intValue, written)
+        try killedAfter(4, args + ["-o", dir + "/t.h5"])
+        let text = try cli(args + ["-o", dir + "/t.h5", "--resume"]).stdout
+        XCTAssertTrue(text.contains("reused 4 finished layers from"), text)
+        XCTAssertTrue(text.contains("expert bytes of the output: "), text)
+    }
+
     /// A resume whose settings or inputs differ starts over, says why in one line, and writes what
     /// a fresh run with the new settings writes; a second --resume when nothing is left just runs.
     func testChangedSettingOrCalibrationStartsOverAndSaysWhy() throws {

@@ -114,7 +114,7 @@ final class PruningTests: XCTestCase {
 
         let pruned = try CheckpointReader(dir + "/p.h5"), original = try CheckpointReader(m)
         for cfg in original.layers {
-            let a = try original.readLayer(cfg.name), b = try pruned.readLayer(cfg.name)
+            let b = try pruned.readLayer(cfg.name)
             XCTAssertEqual(b.config.numExperts, 4)
             XCTAssertNil(b.expertMap)
             // Without the refit the kept experts are the originals, as stored (float16 in, float16 out).

@@ -204,7 +204,7 @@ final class ReportTests: XCTestCase {
                        "--enable-logging=stderr", "--v=0"] + args + [URL(fileURLWithPath: page).absoluteString]
         // stderr to a file (Chromium logs a lot; a second pipe could fill while stdout is read).
         let logPath = profile + ".log"
-        FileManager.default.createFile(atPath: logPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath)!
         defer { try? log.close() }
         let out = Pipe()

@@ -88,12 +88,8 @@ public final class CalibrationReader: @unchecked Sendable {
     /// Checks that this capture fits `model`: every model layer has a capture with the same
     /// d_model, and every capture belongs to a model layer. The error names the layer.
     public func checkMatches(_ model: CheckpointReader, layers names: [String]? = nil) throws {
-        let wanted = names ?? model.layers.map(\.name)
-        for name in wanted {
-            let c = try model.config(name)
-            guard let info = layers.first(where: { $0.name == name }) else {
-                throw SMoEError.dataset(path, "/moe_layers/\(name)", "missing: the model \(model.path) has this MoE layer but the calibration file does not")
-            }
+        try checkLayersMatch(file: path, kind: "calibration file", held: layers.map(\.name), model: model, layers: names) { name, c in
+            let info = layers.first { $0.name == name }!
             guard info.dModel == c.dModel else {
                 throw SMoEError.dataset(path, "/moe_layers/\(name)/hidden_states",
                                         "d_model \(info.dModel) does not match the model's \(c.dModel)")
@@ -102,27 +98,13 @@ public final class CalibrationReader: @unchecked Sendable {
                 throw SMoEError.dataset(path, "/moe_layers/\(name)/hidden_states", "holds no tokens")
             }
         }
-        if names == nil {
-            for info in layers where !model.layers.contains(where: { $0.name == info.name }) {
-                throw SMoEError.dataset(path, "/moe_layers/\(info.name)", "is not an MoE layer of the model \(model.path)")
-            }
-        }
     }
 }
 
 /// Writes an smoe-calibration file (temporary file renamed on `commit()`).
-public final class CalibrationWriter: @unchecked Sendable {
-    let output: AtomicOutput
-    let file: H5File
-    let layersGroup: H5Group
-
+public final class CalibrationWriter: LayerFileWriter, @unchecked Sendable {
     public init(destination: String, source: String) throws {
-        output = try AtomicOutput(destination: destination)
-        file = try H5File.create(output.temporaryPath)
-        try file.root.setAttribute("format", "smoe-calibration")
-        try file.root.setAttribute("format_version", smoeFormatVersion)
-        try file.root.setAttribute("source", source)
-        layersGroup = try file.root.createGroup("moe_layers")
+        try super.init(destination: destination, format: "smoe-calibration", source: source)
     }
 
     @discardableResult
@@ -134,9 +116,5 @@ public final class CalibrationWriter: @unchecked Sendable {
         if let z = routerLogits { try g.write("router_logits", floats: z.data, shape: [z.rows, z.cols]) }
         if let y = out { try g.write("output", floats: y.data, shape: [y.rows, y.cols]) }
         return g
-    }
-
-    public func commit() throws {
-        try output.commit(closing: file)
     }
 }

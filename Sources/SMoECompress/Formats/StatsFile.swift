@@ -21,19 +21,10 @@ public struct StatsLayerInfo: Sendable, Equatable {
 /// (`similarity/feature` carries the int64 array attribute `undefined_slots`: the slots never
 /// chosen, whose off-diagonal entries are 0), and `features/<base>` [E, d_model] float64 for the
 /// bases that compare feature vectors (`feature`, `expert-output`).
-public final class StatsWriter: @unchecked Sendable {
-    let output: AtomicOutput
-    let file: H5File
-    let layersGroup: H5Group
-
+public final class StatsWriter: LayerFileWriter, @unchecked Sendable {
     /// - Parameter source: names the model and calibration files (a JSON object as text).
     public init(destination: String, source: String) throws {
-        output = try AtomicOutput(destination: destination)
-        file = try H5File.create(output.temporaryPath)
-        try file.root.setAttribute("format", "smoe-stats")
-        try file.root.setAttribute("format_version", smoeFormatVersion)
-        try file.root.setAttribute("source", source)
-        layersGroup = try file.root.createGroup("moe_layers")
+        try super.init(destination: destination, format: "smoe-stats", source: source)
     }
 
     /// The `source` attribute the `stats` command writes: a JSON object naming the inputs.
@@ -65,10 +56,6 @@ public final class StatsWriter: @unchecked Sendable {
             try g.write("features/\(base.rawValue)", doubles: m.values, shape: [m.rows, m.cols])
         }
         file.flush()
-    }
-
-    public func commit() throws {
-        try output.commit(closing: file)
     }
 }
 
@@ -192,22 +179,14 @@ public final class StatsReader: @unchecked Sendable {
     /// with as many slots as its router (and the same top-k), and every layer here belongs to
     /// the model. Errors name the layer. With `layers`, only those model layers are checked.
     public func checkMatches(_ model: CheckpointReader, layers names: [String]? = nil) throws {
-        for name in names ?? model.layers.map(\.name) {
-            let c = try model.config(name)
-            guard let info = layers.first(where: { $0.name == name }) else {
-                throw SMoEError.dataset(path, "/moe_layers/\(name)", "missing: the model \(model.path) has this MoE layer but the statistics file does not")
-            }
+        try checkLayersMatch(file: path, kind: "statistics file", held: layers.map(\.name), model: model, layers: names) { name, c in
+            let info = layers.first { $0.name == name }!
             guard info.numExperts == c.numExperts else {
                 throw SMoEError.dataset(path, "/moe_layers/\(name)/counts",
                                         "has \(info.numExperts) slots but the model's router has \(c.numExperts)")
             }
             guard info.topK == c.topK else {
                 throw SMoEError.dataset(path, "/moe_layers/\(name)@top_k", "is \(info.topK) but the model's layer has top_k \(c.topK)")
-            }
-        }
-        if names == nil {
-            for info in layers where !model.layers.contains(where: { $0.name == info.name }) {
-                throw SMoEError.dataset(path, "/moe_layers/\(info.name)", "is not an MoE layer of the model \(model.path)")
             }
         }
     }

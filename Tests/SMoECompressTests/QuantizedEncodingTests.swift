@@ -218,4 +218,137 @@ final class QuantizedEncodingTests: XCTestCase {
             XCTAssertFalse(FileManager.default.fileExists(atPath: out))
         }
     }
+
+    func testUnmodifiedFP8RoundTripIsByteIdentical() throws {
+        let dir = temporaryDirectory(self)
+        for scaleType in [SafetensorsDType.F32, .BF16] {
+            let src = dir + "/fp8-\(scaleType)"
+            _ = try fakeFP8Mixtral(src, scaleType: scaleType)
+            try HFImport.run(directory: src, output: dir + "/m.h5")
+            let r = try HFExport.run(checkpoint: dir + "/m.h5", outputDirectory: dir + "/out-\(scaleType)")
+            XCTAssertTrue(r.expertEncoding.hasPrefix("fp8_e4m3_block 16x16"), r.expertEncoding)
+            let a = try readFolder(src), b = try readFolder(dir + "/out-\(scaleType)")
+            XCTAssertEqual(Set(a.keys), Set(b.keys))
+            for (k, v) in a {
+                XCTAssertEqual(v.0, b[k]?.0, k)
+                XCTAssertEqual(v.1, b[k]?.1, k)
+                XCTAssertTrue(v.2 == b[k]?.2, "\(k) differs")
+            }
+            let config = try JSONValue.parse(String(contentsOfFile: dir + "/out-\(scaleType)/config.json", encoding: .utf8))
+            XCTAssertEqual(config["quantization_config"]?["quant_method"]?.stringValue, "fp8")
+            try FileManager.default.removeItem(atPath: dir + "/m.h5")
+        }
+    }
+
+    func testExportF8BlockOfFloatCheckpointAndBackToFloats() throws {
+        let dir = temporaryDirectory(self)
+        let (t, c) = fakeModel(.mixtral, dtype: .BF16)
+        try writeFakeModel(dir + "/src", t, config: c)
+        try HFImport.run(directory: dir + "/src", output: dir + "/m.h5")
+        let r = try HFExport.run(checkpoint: dir + "/m.h5", outputDirectory: dir + "/fp8", dtype: .f8Block)
+        XCTAssertEqual(r.expertEncoding, "fp8_e4m3_block 128x128 (F32 scales)")
+        let out = try readFolder(dir + "/fp8")
+        let name = "model.layers.0.block_sparse_moe.experts.1.w2.weight"
+        XCTAssertEqual(out[name]?.0, .F8_E4M3)
+        XCTAssertEqual(out[name + "_scale_inv"]?.1, [1, 1])
+        XCTAssertEqual(out["model.layers.0.self_attn.q_proj.weight"]?.0, .BF16)  // dense untouched
+        let config = try JSONValue.parse(String(contentsOfFile: dir + "/fp8/config.json", encoding: .utf8))
+        let q = config["quantization_config"]
+        XCTAssertEqual(q?["quant_method"]?.stringValue, "fp8")
+        XCTAssertEqual(q?["weight_block_size"], [128, 128])
+        let skip = q?["modules_to_not_convert"]?.arrayValue?.compactMap(\.stringValue) ?? []
+        XCTAssertTrue(skip.contains("model.layers.0.self_attn.q_proj") && skip.contains("model.layers.1.block_sparse_moe.gate") && skip.contains("lm_head"), "\(skip)")
+        // Each element within half an FP8 step of the source: |w − q·s| ≤ 2⁻⁴ |w| relative for normals
+        // (3 mantissa bits) or half the smallest step 2⁻⁹ · s.
+        let src = try SafetensorsModel(dir + "/src")
+        let w = try src.floats(name)
+        let s = try out[name + "_scale_inv"]!.2.withUnsafeBytes { SafetensorsDType.F32.decode($0) }[0]
+        XCTAssertEqual(s, 1 / (448 / w.map(\.magnitude).max()!))
+        for (x, b) in zip(w, out[name]!.2) {
+            XCTAssertLessThanOrEqual(abs(x - FP8E4M3.decode(b) * s), max(x.magnitude / 16, 0x1p-10 * s) * 1.0001)
+        }
+        // Re-import: the FP8 folder dequantizes to those values; export bf16 drops quantization_config.
+        try HFImport.run(directory: dir + "/fp8", output: dir + "/q.h5")
+        let layer = try CheckpointReader(dir + "/q.h5").readLayer("model.layers.0.block_sparse_moe")
+        XCTAssertEqual(layer.experts[1].down.dense().data, out[name]!.2.map { FP8E4M3.decode($0) * s })
+        let r2 = try HFExport.run(checkpoint: dir + "/q.h5", outputDirectory: dir + "/bf16", dtype: .bf16)
+        XCTAssertEqual(r2.expertEncoding, "BF16")
+        let config2 = try JSONValue.parse(String(contentsOfFile: dir + "/bf16/config.json", encoding: .utf8))
+        XCTAssertNil(config2["quantization_config"])
+        XCTAssertEqual(try readFolder(dir + "/bf16")[name]?.0, .BF16)
+        // MXFP4 is GPT-OSS's: refused for Mixtral, naming the setting.
+        XCTAssertThrowsError(try HFExport.run(checkpoint: dir + "/q.h5", outputDirectory: dir + "/mx", dtype: .mxfp4)) { e in
+            XCTAssertTrue("\(e)".contains("mxfp4 is GPT-OSS"), "\(e)")
+        }
+    }
+
+    func testMXFP4GptOssImportExport() throws {
+        let dir = temporaryDirectory(self)
+        let E = 4, H = 64, I = 32
+        var rng = SplitMix64(seed: 11)
+        var tensors: [FakeTensor] = []
+        func f(_ name: String, _ shape: [Int], _ dt: SafetensorsDType = .BF16) {
+            let v = (0..<shape.reduce(1, *)).map { _ in Float(rng.nextGaussian()) * 0.5 }
+            tensors.append(FakeTensor(name: name, dtype: dt, shape: shape, bytes: dt.encode(v)))
+        }
+        func u8(_ name: String, _ shape: [Int], _ gen: () -> UInt8) {
+            tensors.append(FakeTensor(name: name, dtype: .U8, shape: shape, bytes: (0..<shape.reduce(1, *)).map { _ in gen() }))
+        }
+        let p = "model.layers.0.mlp"
+        f("model.embed_tokens.weight", [16, H])
+        f(p + ".router.weight", [E, H])
+        f(p + ".router.bias", [E])
+        u8(p + ".experts.gate_up_proj_blocks", [E, 2 * I, H / 32, 16]) { UInt8(truncatingIfNeeded: rng.next()) }
+        u8(p + ".experts.gate_up_proj_scales", [E, 2 * I, H / 32]) { UInt8(120 + rng.next() % 8) }
+        f(p + ".experts.gate_up_proj_bias", [E, 2 * I])
+        u8(p + ".experts.down_proj_blocks", [E, H, I / 32, 16]) { UInt8(truncatingIfNeeded: rng.next()) }
+        u8(p + ".experts.down_proj_scales", [E, H, I / 32]) { UInt8(120 + rng.next() % 8) }
+        f(p + ".experts.down_proj_bias", [E, H])
+        let config: [(String, JSONValue)] = [
+            ("architectures", ["GptOssForCausalLM"]), ("model_type", "gpt_oss"), ("hidden_size", .int(H)), ("intermediate_size", .int(I)),
+            ("num_local_experts", .int(E)), ("num_experts_per_tok", 2), ("num_hidden_layers", 1),
+            ("quantization_config", ["quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]]),
+        ]
+        try writeFakeModel(dir + "/src", tensors, config: config)
+        try HFImport.run(directory: dir + "/src", output: dir + "/m.h5")
+        let r = try CheckpointReader(dir + "/m.h5")
+        XCTAssertEqual(try HFExport.importEntry(r)["source_encoding"]?["format"]?.stringValue, "mxfp4")
+        let layer = try r.readLayer(p)
+        // Expert 2's gate row 5 = stored row 10 (even rows gate), up row 5 = stored row 11.
+        let blocks = tensors.first { $0.name.hasSuffix("gate_up_proj_blocks") }!.bytes
+        let scales = tensors.first { $0.name.hasSuffix("gate_up_proj_scales") }!.bytes
+        let decoded = blocks.withUnsafeBytes { b in scales.withUnsafeBytes { MXFP4.dequantize(blocks: b, scales: $0, batch: E, rows: 2 * I, groups: H / 32) } }
+        XCTAssertEqual(Array(layer.experts[2].gate!.dense().data[(5 * H)..<(6 * H)]), Array(decoded[((2 * 2 * I + 10) * H)..<((2 * 2 * I + 11) * H)]))
+        XCTAssertEqual(Array(layer.experts[2].up.dense().data[(5 * H)..<(6 * H)]), Array(decoded[((2 * 2 * I + 11) * H)..<((2 * 2 * I + 12) * H)]))
+        // Export writes MXFP4 again: every value the same, config kept; bf16 drops quantization_config.
+        let x = try HFExport.run(checkpoint: dir + "/m.h5", outputDirectory: dir + "/mx")
+        XCTAssertEqual(x.expertEncoding, "mxfp4")
+        let out = try readFolder(dir + "/mx")
+        XCTAssertEqual(out[p + ".experts.gate_up_proj_blocks"]?.1, [E, 2 * I, H / 32, 16])
+        XCTAssertEqual(out[p + ".experts.down_proj_scales"]?.1, [E, H, I / 32])
+        XCTAssertEqual(out[p + ".experts.down_proj_bias"]?.0, .BF16)
+        XCTAssertNil(out[p + ".experts.gate_up_proj"])
+        try HFImport.run(directory: dir + "/mx", output: dir + "/m2.h5")
+        let again = try CheckpointReader(dir + "/m2.h5").readLayer(p)
+        for e in 0..<E {
+            XCTAssertEqual(again.experts[e].gate!.dense().data, layer.experts[e].gate!.dense().data)
+            XCTAssertEqual(again.experts[e].down.dense().data, layer.experts[e].down.dense().data)
+            XCTAssertEqual(again.experts[e].upBias, layer.experts[e].upBias)
+        }
+        _ = try HFExport.run(checkpoint: dir + "/m.h5", outputDirectory: dir + "/bf", dtype: .bf16)
+        let bf = try readFolder(dir + "/bf")
+        XCTAssertEqual(bf[p + ".experts.gate_up_proj"]?.1, [E, H, 2 * I])
+        XCTAssertNil(try JSONValue.parse(String(contentsOfFile: dir + "/bf/config.json", encoding: .utf8))["quantization_config"])
+        XCTAssertThrowsError(try HFExport.run(checkpoint: dir + "/m.h5", outputDirectory: dir + "/f8", dtype: .f8Block)) { e in
+            XCTAssertTrue("\(e)".contains("f8-block"), "\(e)")
+        }
+        // A scale byte 255 (E8M0 NaN) is refused naming the tensor.
+        var bad = tensors
+        let i = bad.firstIndex { $0.name.hasSuffix("down_proj_scales") }!
+        bad[i].bytes[3] = 255
+        try writeFakeModel(dir + "/bad", bad, config: config)
+        XCTAssertThrowsError(try HFImport.run(directory: dir + "/bad", output: dir + "/bad.h5")) { e in
+            XCTAssertTrue("\(e)".contains("down_proj_scales") && "\(e)".contains("255"), "\(e)")
+        }
+    }
 }

@@ -428,6 +428,7 @@ public enum HFImport {
                     }
                     expertDTypes.insert(.U8)
                     scaleTypes.insert(gbi.dtype)
+                    fusedSuffixes.insert("")
                     layer.fused = f
                     layer.layout = .fused
                     layer.dFF = I

@@ -14,7 +14,9 @@ struct Export: ParsableCommand {
             folder has the original's size on disk. Factored matrices are multiplied out. A checkpoint not made by \
             `import` is exported by its root architecture (or --family), with a config.json built from its layers \
             and /dense (mixtral and switch-transformers). Tokenizer files are not part of the checkpoint: copy them \
-            from the source folder.
+            from the source folder. Experts imported from a block-scaled FP8 or an MXFP4 folder are written back in that \
+            encoding (re-quantized: FP8 scale = amax/448 per block as transformers' quantizer, an unchanged block \
+            keeps its bytes) with the folder's quantization_config; --dtype chooses another.
             """)
 
     @Argument(help: "The checkpoint to export.") var model: String
@@ -23,10 +25,15 @@ struct Export: ParsableCommand {
     @Option(help: "Largest shard, e.g. 5GB, 500MB, 2GiB (decimal units as Hugging Face).") var maxShardSize: String = "5GB"
     @Option(help: "Model family when the checkpoint was not made by `import` and its architecture attribute names none: \(ModelFamily.all.map(\.rawValue).joined(separator: ", ")).")
     var family: ModelFamilyArgument?
+    @Option(help: "Routed experts as: auto (as the source folder: FP8 block-scaled, MXFP4 or its float type), f32, f16, bf16 (quantized sources dequantized), f8-block (block-scaled FP8: the source's blocks, else 128x128 with float32 scales) or mxfp4 (GPT-OSS).")
+    var dtype: String = "auto"
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
         do { _ = try parseByteSize(maxShardSize) } catch { throw ValidationError("--max-shard-size: '\(maxShardSize)' is not a size such as 5GB, 500MB or 2GiB") }
+        guard ExportEncoding(rawValue: dtype) != nil else {
+            throw ValidationError("--dtype must be \(ExportEncoding.allCases.map(\.rawValue).joined(separator: ", ")), not '\(dtype)'")
+        }
     }
 
     func run() throws {
@@ -34,12 +41,12 @@ struct Export: ParsableCommand {
         let progress = global.progress
         let r = try namingFile(model, inputs: [output]) {
             try HFExport.run(checkpoint: model, outputDirectory: output, maxShardBytes: limit, family: family?.family,
-                               progress: progress.callback)
+                               dtype: ExportEncoding(rawValue: dtype)!, progress: progress.callback)
         }
         progress.finish()
         if global.json { return printJSON(r.json) }
         let shards = r.files.filter { $0.hasSuffix(".safetensors") }.count
-        print("wrote \(output): \(r.family.rawValue), \(r.layout.rawValue) experts, \(r.tensorCount) tensors, \(formatBytes(r.tensorBytes)) in \(shards) shard\(shards == 1 ? "" : "s")")
+        print("wrote \(output): \(r.family.rawValue), \(r.layout.rawValue) experts in \(r.expertEncoding), \(r.tensorCount) tensors, \(formatBytes(r.tensorBytes)) in \(shards) shard\(shards == 1 ? "" : "s")")
         for f in r.files { print("  \(f)") }
         if !r.mergedLayers.isEmpty {
             print("merged layers written one expert per router slot: \(r.mergedLayers.joined(separator: ", "))")

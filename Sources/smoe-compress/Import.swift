@@ -42,7 +42,8 @@ struct Import: ParsableCommand {
                    c.activation.rawValue, c.routerType.rawValue])
         }
         print(t.render())
-        let exact = p.expertDType == .F32 || p.expertDType == .BF16 ? report.stored == .f32 : p.expertDType == .F16
+        let exact = [.F32, .BF16, .F8_E4M3, .U8].contains(p.expertDType) ? report.stored == .f32 : p.expertDType == .F16
+        if let e = p.encoding { print("experts dequantized from \(e.json.serialized())") }
         print("dense: \(report.denseCount) tensors, \(formatBytes(report.denseBytes)) copied verbatim")
         print("wrote \(output): experts stored as \(report.stored.rawValue) (source \(p.expertDType.rawValue)\(exact ? ", exact" : ", rounded"))")
     }

@@ -664,10 +664,12 @@ public func bfloat16Bits(_ x: Float) -> UInt16 {
 /// `dtype = "bfloat16"`, and bool as uint8 tagged `dtype = "bool"`.
 public enum RawElementType: String, Sendable, CaseIterable {
     case f16, bf16, f32, f64, i8, i16, i32, i64, u8, u16, u32, u64, bool
+    /// float8_e4m3fn bytes, stored as u8 tagged `dtype = "float8_e4m3fn"` (HDF5 has no such type).
+    case f8_e4m3
 
     public var byteSize: Int {
         switch self {
-        case .i8, .u8, .bool: return 1
+        case .i8, .u8, .bool, .f8_e4m3: return 1
         case .f16, .bf16, .i16, .u16: return 2
         case .f32, .i32, .u32: return 4
         case .f64, .i64, .u64: return 8
@@ -690,7 +692,7 @@ public enum RawElementType: String, Sendable, CaseIterable {
         }
     }
 
-    var tag: String? { self == .bf16 ? "bfloat16" : self == .bool ? "bool" : nil }
+    var tag: String? { self == .bf16 ? "bfloat16" : self == .bool ? "bool" : self == .f8_e4m3 ? "float8_e4m3fn" : nil }
 }
 
 extension H5Group {
@@ -750,7 +752,7 @@ extension H5Dataset {
             let signed = H5Tget_sign(t) == H5T_SGN_2
             switch (size, signed) {
             case (1, true): return .i8
-            case (1, false): return tag == "bool" ? .bool : .u8
+            case (1, false): return tag == "bool" ? .bool : tag == "float8_e4m3fn" ? .f8_e4m3 : .u8
             case (2, true): return .i16
             case (2, false): return tag == "bfloat16" ? .bf16 : .u16
             case (4, true): return .i32

@@ -19,6 +19,8 @@ public struct ExportReport: Sendable {
     /// Set when config.json was built from the layers and `/dense` (no source config): the keys
     /// whose values were guessed rather than read from the weights.
     public var synthesisedConfigGuesses: [String]? = nil
+    /// How the routed experts were written: a float type, `fp8_e4m3_block RxC (T scales)` or `mxfp4`.
+    public var expertEncoding: String = ""
 
     public var json: JSONValue {
         .object([
@@ -26,6 +28,7 @@ public struct ExportReport: Sendable {
             ("files", .array(files.map { .string($0) })), ("tensors", .int(tensorCount)), ("bytes", .int(tensorBytes)),
             ("merged_layers", .array(mergedLayers.map { .string($0) })),
             ("factored_layers", .array(factoredLayers.map { .string($0) })),
+            ("expert_encoding", .string(expertEncoding)),
         ] + (expertCount.map { [("expert_count", .object([("key", .string($0.key)), ("from", $0.from.map { .int($0) } ?? .null),
                                                           ("to", .int($0.to))]))] } ?? [])
           + (synthesisedConfigGuesses.map { [("config_synthesised_guesses", JSONValue($0))] } ?? []))
@@ -50,6 +53,8 @@ public enum HFExport {
         case selectionBias(String)
         case expert(layer: String, slot: Int, role: String)
         case fused(layer: String, part: String)
+        /// The scale tensor of the quantized expert tensor named (written just before it).
+        case scale(String)
     }
 
     /// Writes `checkpoint` as safetensors shards of at most `maxShardBytes` (plus the index and
@@ -57,7 +62,8 @@ public enum HFExport {
     /// renamed into place. Refuses an existing non-empty folder.
     @discardableResult
     public static func run(checkpoint: String, outputDirectory: String, maxShardBytes: Int = 5_000_000_000,
-                           family: ModelFamily? = nil, progress: ProgressCallback? = nil) throws -> ExportReport {
+                           family: ModelFamily? = nil, dtype: ExportEncoding = .auto,
+                           progress: ProgressCallback? = nil) throws -> ExportReport {
         let out = URL(fileURLWithPath: outputDirectory).standardizedFileURL
         try ensureOutputDiffers(out.path, from: [checkpoint])
         let fm = FileManager.default
@@ -80,6 +86,14 @@ public enum HFExport {
         if entry != nil && (entry?["layout"]?.stringValue.flatMap(ExpertLayout.init(rawValue:)) == nil
                             || entry?["expert_dtype"]?.stringValue == nil || entry?["router_dtype"]?.stringValue == nil) {
             throw SMoEError.dataset(checkpoint, "/@history", "import entry lacks layout or dtypes")
+        }
+        let sourceEncoding = try SourceEncoding(json: entry?["source_encoding"], path: checkpoint)
+        let encoding = try ExpertWriteEncoding.resolve(dtype, source: sourceEncoding, expertType: expertDT, family: fam, layout: layout)
+        let plainDT: SafetensorsDType
+        switch encoding {
+        case .plain(let t): plainDT = t
+        case .mxfp4(let b): plainDT = b
+        case .fp8: plainDT = expertDT.isFloat ? expertDT : .BF16
         }
         // config.json: the source's, with the expert count set to the layers' (G after a compact
         // merge); without one, built from the layers and /dense.
@@ -105,10 +119,26 @@ public enum HFExport {
                 expertCount = (present.isEmpty ? key : present.joined(separator: ", "), given, count)
             }
         } else {
-            let (text, guessed) = try synthesiseConfig(reader, family: fam, dtype: expertDT)
+            let (text, guessed) = try synthesiseConfig(reader, family: fam, dtype: plainDT)
             config = text
             guesses = guessed
         }
+        // quantization_config true for what is written: the routers, the 2-D float weights of
+        // /dense (and lm_head) stay unconverted when export quantizes the experts of a float model.
+        var denseHasFP8 = false
+        var notConverted = Set<String>()
+        if reader.hasDense {
+            let dense = try reader.file.root.openGroup("dense")
+            for p in try dense.datasetPaths() {
+                let d = try dense.openDataset(p)
+                if d.rawElementType == .f8_e4m3 { denseHasFP8 = true } else if p.hasSuffix(".weight"), d.shape.count == 2 {
+                    notConverted.insert(String(p.dropLast(".weight".count)))
+                }
+            }
+        }
+        for c in reader.layers { notConverted.insert("\(c.name).\(fam.routerSuffix)".replacingOccurrences(of: ".weight", with: "")) }
+        config = try ExpertWriteEncoding.adjustConfig(config, encoding: encoding, denseHasFP8: denseHasFP8,
+                                                      notConverted: (notConverted.union(["lm_head"])).sorted(by: naturalLess))
         let biasDT = entry?["selection_bias_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)) ?? .F32
         let suffix = entry?["fused_suffix"]?.stringValue ?? ".weight"
         var metadata: [(String, String)] = []
@@ -139,12 +169,20 @@ public enum HFExport {
             case .perExpert:
                 for e in 0..<c.numExperts {
                     for role in fam.matrixNames.keys {
-                        items.append((fam.expertTensorName(layer: c.name, expert: e, matrix: role), .expert(layer: c.name, slot: e, role: role)))
+                        let n = fam.expertTensorName(layer: c.name, expert: e, matrix: role)
+                        items.append((n, .expert(layer: c.name, slot: e, role: role)))
+                        if case .fp8 = encoding { items.append((n + "_scale_inv", .scale(n))) }
                     }
                 }
             case .fused:
                 for part in ["gate_up", "down"] {
-                    items.append((fam.fusedTensorName(layer: c.name, part: part, suffix: suffix), .fused(layer: c.name, part: part)))
+                    let n = fam.fusedTensorName(layer: c.name, part: part, suffix: encoding.isMXFP4 ? "_blocks" : suffix)
+                    items.append((n, .fused(layer: c.name, part: part)))
+                    switch encoding {
+                    case .fp8: items.append((n + "_scale_inv", .scale(n)))
+                    case .mxfp4: items.append((fam.fusedTensorName(layer: c.name, part: part, suffix: "_scales"), .scale(n)))
+                    case .plain: break
+                    }
                     if fam.fusedInputMajorInterleaved {
                         items.append((fam.fusedTensorName(layer: c.name, part: part, suffix: "_bias"), .fused(layer: c.name, part: part + "_bias")))
                     }
@@ -176,9 +214,40 @@ public enum HFExport {
             return l
         }
         let dense = reader.hasDense ? try reader.file.root.openGroup("dense") : nil
+        // Expert tensors in the chosen encoding; a quantized tensor's scales wait for their item.
+        var pendingScales: [String: (SafetensorsDType, [Int], [UInt8])] = [:]
+        func emit(_ name: String, _ values: [Float], _ shape: [Int]) throws {
+            switch encoding {
+            case .plain(let t):
+                try writer.add(name, dtype: t, shape: shape, bytes: t.encode(values))
+            case .fp8(let bo, let bi, let st):
+                let rows = shape[shape.count - 2], cols = shape[shape.count - 1]
+                let batch = shape.dropLast(2).reduce(1, *)
+                let (q, s) = FP8Block.quantize(values, batch: batch, rows: rows, cols: cols, block: (bo, bi), scaleType: st)
+                try writer.add(name, dtype: .F8_E4M3, shape: shape, bytes: q)
+                let (gr, gc) = FP8Block.grid(rows: rows, cols: cols, block: (bo, bi))
+                pendingScales[name] = (st, Array(shape.dropLast(2)) + [gr, gc], st.encode(s))
+            case .mxfp4:
+                // Module layout [E, in, out] → stored out × in [E, out, in/32, 16].
+                let E = shape[0], C = shape[1], R = shape[2]
+                guard C % MXFP4.groupSize == 0 else {
+                    throw SMoEError.setting(.storage, "mxfp4 groups 32 inputs: \(name) has \(C) inputs per row, not a multiple of 32")
+                }
+                var t = [Float](repeating: 0, count: values.count)
+                for e in 0..<E { for c in 0..<C { for r in 0..<R { t[(e * R + r) * C + c] = values[(e * C + c) * R + r] } } }
+                let (b, s) = MXFP4.quantize(t, batch: E, rows: R, cols: C)
+                try writer.add(name, dtype: .U8, shape: [E, R, C / MXFP4.groupSize, 16], bytes: b)
+                pendingScales[name] = (.U8, [E, R, C / MXFP4.groupSize], s)
+            }
+        }
         for (i, (name, src)) in items.enumerated() {
             if i % 16 == 0 { progress?("export", i, items.count) }
             switch src {
+            case .scale(let w):
+                guard let (t, shape, bytes) = pendingScales.removeValue(forKey: w) else {
+                    throw SMoEError.dataset(outputDirectory, name, "scale tensor ordered before its weight \(w) (internal error)")
+                }
+                try writer.add(name, dtype: t, shape: shape, bytes: bytes)
             case .dense(let p):
                 let d = try dense!.openDataset(p)
                 guard let t = d.rawElementType else { throw SMoEError.dataset(checkpoint, d.path, "element type cannot be written to safetensors") }
@@ -219,7 +288,11 @@ public enum HFExport {
                 }
                 let shape = ["gate_up": [c.numExperts, H, 2 * I], "down": [c.numExperts, I, H],
                              "gate_up_bias": [c.numExperts, 2 * I], "down_bias": [c.numExperts, H]][part]!
-                try writer.add(name, dtype: expertDT, shape: shape, bytes: expertDT.encode(values))
+                if part.hasSuffix("_bias") {
+                    try writer.add(name, dtype: plainDT, shape: shape, bytes: plainDT.encode(values))
+                } else {
+                    try emit(name, values, shape)
+                }
             case .router(let l):
                 let m = try layer(l)
                 if m.selectionBias != nil && fam.selectionBiasSuffix == nil {
@@ -239,7 +312,7 @@ public enum HFExport {
             case .expert(let l, let slot, let role):
                 let m = try layer(l)
                 let w = m.experts[m.storedIndex(slot: slot)][matrix: role]!.dense()
-                try writer.add(name, dtype: expertDT, shape: [w.rows, w.cols], bytes: expertDT.encode(w.data))
+                try emit(name, w.data, [w.rows, w.cols])
             case .fused(let l, let part):
                 let m = try layer(l)
                 let c = m.config
@@ -255,7 +328,7 @@ public enum HFExport {
                     }
                 }
                 let shape = part == "gate_up" ? [c.numExperts, 2 * c.dFF, c.dModel] : [c.numExperts, c.dModel, c.dFF]
-                try writer.add(name, dtype: expertDT, shape: shape, bytes: expertDT.encode(values))
+                try emit(name, values, shape)
             }
         }
         progress?("export", items.count, items.count)
@@ -272,7 +345,7 @@ public enum HFExport {
         return ExportReport(output: outputDirectory, family: fam, layout: layout, files: files.sorted(),
                             tensorCount: writer.tensorCount, tensorBytes: writer.totalBytes,
                             mergedLayers: merged, factoredLayers: factored, expertCount: expertCount,
-                            synthesisedConfigGuesses: guesses)
+                            synthesisedConfigGuesses: guesses, expertEncoding: encoding.description)
     }
 
     /// The family of a checkpoint: its `import` entry's, else `given`, else its root

@@ -209,6 +209,10 @@ public struct ImportPlan: Sendable {
     public var routerDType: SafetensorsDType
     /// dtype of the selection bias tensors (families with one).
     public var selectionBiasDType: SafetensorsDType? = nil
+    /// How the experts are quantized (nil: plain floats), and each quantized expert tensor's
+    /// scale tensor (FP8 weight → `…_scale_inv`, MXFP4 `…_blocks` → `…_scales`).
+    public var encoding: SourceEncoding? = nil
+    public var scales: [String: String] = [:]
 }
 
 /// Natural order of tensor names: digit runs compare as numbers (`layers.2` < `layers.10`).
@@ -254,6 +258,9 @@ public enum HFImport {
         }
         guard let text = String(data: data, encoding: .utf8) else { throw SMoEError.file(configPath, "is not UTF-8 text") }
         let config = try SourceModelConfig.parse(text, path: configPath)
+        let quant = try SourceQuantization.parse(text, path: configPath)
+        var expertScales: [String: String] = [:]
+        var scaleTypes = Set<SafetensorsDType>()
         let family = config.family
         let roleOf = Dictionary(uniqueKeysWithValues: family.matrixNames.map { ($1, $0) })
         let fusedPart = Dictionary(uniqueKeysWithValues: family.fusedNames.map { ($1, $0) })
@@ -283,12 +290,20 @@ public enum HFImport {
             } else if restText == family.routerBiasSuffix {
                 routerBiases[prefix] = name
             } else if rest[0] == "experts" {
+                if let w = quant.weight(ofScale: name) {
+                    expertScales[w] = name
+                    continue
+                }
+                if quant == .mxfp4, rest.count == 2, rest[1].hasSuffix("_blocks"), let part = fusedPart[String(rest[1].dropLast("_blocks".count))] {
+                    fused[prefix, default: [:]][part] = name
+                    continue
+                }
                 if rest.count == 2, let part = fusedBiasPart[rest[1]] {
                     fused[prefix, default: [:]][part] = name
                     continue
                 }
                 if rest.count == 2, rest[1].hasSuffix("_blocks") || rest[1].hasSuffix("_scales") {
-                    throw SMoEError.dataset(where_(name), name, "MXFP4-quantized experts are not supported (dequantize to bfloat16 first)")
+                    throw SMoEError.dataset(where_(name), name, "MXFP4 tensor, but config.json has no quantization_config with quant_method mxfp4")
                 }
                 if rest.count <= 3, let part = fusedPart[rest[1]], rest.count == 2 || rest[2] == "weight" {
                     fused[prefix, default: [:]][part] = name
@@ -316,6 +331,24 @@ public enum HFImport {
         }
         if fusedSuffixes.count > 1 {
             throw SMoEError.file(dir, "fused expert tensors are named both with and without .weight")
+        }
+        for (w, s) in expertScales.sorted(by: { naturalLess($0.key, $1.key) }) where !model.contains(w) {
+            throw SMoEError.dataset(where_(s), s, "scale tensor without its weight \(w)")
+        }
+        /// An expert weight's dtype, checked: a float type, or F8_E4M3 with its block scales.
+        func expertType(_ name: String, _ info: SafetensorsTensorInfo) throws -> SafetensorsDType {
+            if case .fp8(let bo, let bi) = quant, info.dtype == .F8_E4M3 || expertScales[name] != nil {
+                guard let s = expertScales[name] else {
+                    throw SMoEError.dataset(where_(name), name, "is F8_E4M3 but has no scale tensor \(name)_scale_inv")
+                }
+                scaleTypes.insert(try QuantizedRead.checkFP8(name, scale: s, model: model, block: (bo, bi)))
+                return .F8_E4M3
+            }
+            if info.dtype == .F8_E4M3 {
+                throw SMoEError.dataset(where_(name), name, "is F8_E4M3, but config.json has no quantization_config with quant_method fp8 (its block size)")
+            }
+            if let s = expertScales[name] { throw SMoEError.dataset(where_(s), s, "scale tensor of \(name), which is \(info.dtype.rawValue), not quantized") }
+            return info.dtype
         }
 
         var layers: [SourceMoELayer] = []
@@ -374,6 +407,35 @@ public enum HFImport {
                     throw SMoEError.file(dir, "\(prefix): \(family.displayName) needs the fused tensors \(["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"].map { "experts." + $0 }.joined(separator: ", "))")
                 }
                 let gi = try model.info(gu), di = try model.info(dn), gbi = try model.info(gb), dbi = try model.info(db)
+                if quant == .mxfp4, gu.hasSuffix("_blocks") || dn.hasSuffix("_blocks") {
+                    // MXFP4: blocks [E, 2I, H/32, 16] and [E, H, I/32, 16] (out × in), float biases.
+                    guard gu.hasSuffix("_blocks"), dn.hasSuffix("_blocks"), let gs = expertScales[gu], let ds = expertScales[dn] else {
+                        throw SMoEError.file(dir, "\(prefix): MXFP4 experts need gate_up_proj_blocks, gate_up_proj_scales, down_proj_blocks and down_proj_scales")
+                    }
+                    let (ge, gr, gc) = try QuantizedRead.checkMXFP4(gu, scale: gs, model: model)
+                    guard ge == E, gc == H, gr >= 2, gr % 2 == 0 else {
+                        throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), 2·d_ff, \(H / 32), 16] (\(E) router slots, d_model \(H) in groups of 32)")
+                    }
+                    let I = gr / 2
+                    let (de, dr, dc) = try QuantizedRead.checkMXFP4(dn, scale: ds, model: model)
+                    guard de == E, dr == H, dc == I else {
+                        throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not [\(E), \(H), \(I / 32), 16] (d_ff \(I) in groups of 32)")
+                    }
+                    for (n, i, want) in [(gb, gbi, [E, 2 * I]), (db, dbi, [E, H])] {
+                        guard i.shape == want, i.dtype.isFloat, i.dtype == gbi.dtype else {
+                            throw SMoEError.dataset(where_(n), n, "must be a float [\(want.map(String.init).joined(separator: ", "))] tensor of the other bias's dtype, is \(i.dtype.rawValue) \(i.shape)")
+                        }
+                    }
+                    expertDTypes.insert(.U8)
+                    scaleTypes.insert(gbi.dtype)
+                    fusedSuffixes.insert("")
+                    layer.fused = f
+                    layer.layout = .fused
+                    layer.dFF = I
+                    layouts.insert(layer.layout)
+                    layers.append(layer)
+                    continue
+                }
                 guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[1] == H, gi.shape[2] >= 2, gi.shape[2] % 2 == 0 else {
                     throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), \(H), 2·d_ff] (\(E) router slots, d_model \(H))")
                 }
@@ -404,10 +466,11 @@ public enum HFImport {
                 guard di.shape == [E, H, I] else {
                     throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not [\(E), \(H), \(I)]")
                 }
-                guard gi.dtype == di.dtype, gi.dtype.isFloat else {
+                let gt = try expertType(gu, gi), dt = try expertType(dn, di)
+                guard gt == dt, gt.isFloat || gt == .F8_E4M3 else {
                     throw SMoEError.dataset(where_(dn), dn, "dtype \(di.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
                 }
-                expertDTypes.insert(gi.dtype)
+                expertDTypes.insert(gt)
                 layer.fused = f
                 layer.layout = .fused
                 layer.dFF = I
@@ -431,11 +494,12 @@ public enum HFImport {
                         guard info.shape == shape, i >= 1 else {
                             throw SMoEError.dataset(where_(name), name, "shape \(info.shape) does not match \(shape) (d_model \(H) from the router)")
                         }
-                        guard info.dtype.isFloat, dtype == nil || dtype == info.dtype else {
+                        let t = try expertType(name, info)
+                        guard t.isFloat || t == .F8_E4M3, dtype == nil || dtype == t else {
                             throw SMoEError.dataset(where_(name), name, "dtype \(info.dtype.rawValue) differs from the layer's other experts or is not a float type")
                         }
                         I = i
-                        dtype = info.dtype
+                        dtype = t
                         m[role] = name
                     }
                     layer.experts.append(m)
@@ -456,9 +520,24 @@ public enum HFImport {
             throw SMoEError.file(dir, "selection bias tensors differ in dtype (\(biasDTypes.map(\.rawValue).sorted())); one is supported")
         }
         layers.sort { family.blockLess($0.prefix, $1.prefix) }
+        var encoding: SourceEncoding? = nil
+        switch (quant, expertDTypes.first!) {
+        case (.fp8(let bo, let bi), .F8_E4M3):
+            guard scaleTypes.count == 1 else {
+                throw SMoEError.file(dir, "expert scale tensors differ in dtype (\(scaleTypes.map(\.rawValue).sorted())); one is supported")
+            }
+            encoding = .fp8Block(rows: bo, cols: bi, scaleType: scaleTypes.first!)
+        case (.mxfp4, .U8):
+            guard scaleTypes.count == 1 else {
+                throw SMoEError.file(dir, "expert bias tensors differ in dtype (\(scaleTypes.map(\.rawValue).sorted())); one is supported")
+            }
+            encoding = .mxfp4(biasType: scaleTypes.first!)
+        default: break
+        }
         return ImportPlan(config: config, layers: layers, dense: dense, layout: layouts.first!,
                           fusedSuffix: fusedSuffixes.first ?? ".weight", expertDType: expertDTypes.first!, routerDType: routerDTypes.first!,
-                          selectionBiasDType: biasDTypes.first)
+                          selectionBiasDType: biasDTypes.first, encoding: encoding,
+                          scales: expertScales.filter { w, _ in layers.contains { $0.fused.values.contains(w) || $0.experts.contains { $0.values.contains(w) } } })
     }
 
     /// Reads one MoE layer of the plan.
@@ -474,14 +553,22 @@ public enum HFImport {
             }
             return v
         }
+        // An expert tensor as float32 in transformers' module layout (dequantized when quantized).
+        func expert(_ name: String) throws -> [Float] {
+            guard let scale = plan.scales[name], let enc = plan.encoding else { return try finite(try model.floats(name), name) }
+            switch enc {
+            case .fp8Block(let bo, let bi, _): return try finite(try QuantizedRead.fp8(name, scale: scale, model: model, block: (bo, bi)), name)
+            case .mxfp4: return try finite(try QuantizedRead.mxfp4(name, scale: scale, model: model), name)
+            }
+        }
         let router = Matrix(rows: E, cols: H, data: try finite(try model.floats(src.router), src.router))
         let routerBias = try src.routerBias.map { try finite(try model.floats($0), $0) }
         var experts: [Expert] = []
         switch src.layout {
         case .fused where c.family.fusedInputMajorInterleaved:
             // [E, H, 2I] input-major, gate even / up odd along the last axis; [E, I, H]; biases.
-            let gu = try finite(try model.floats(src.fused["gate_up"]!), src.fused["gate_up"]!)
-            let dn = try finite(try model.floats(src.fused["down"]!), src.fused["down"]!)
+            let gu = try expert(src.fused["gate_up"]!)
+            let dn = try expert(src.fused["down"]!)
             let gb = try finite(try model.floats(src.fused["gate_up_bias"]!), src.fused["gate_up_bias"]!)
             let db = try finite(try model.floats(src.fused["down_bias"]!), src.fused["down_bias"]!)
             for e in 0..<E {
@@ -503,13 +590,13 @@ public enum HFImport {
                 func mat(_ role: String) throws -> Matrix? {
                     guard let name = m[role] else { return nil }
                     let (r, cc) = role == "down" ? (H, I) : (I, H)
-                    return Matrix(rows: r, cols: cc, data: try finite(try model.floats(name), name))
+                    return Matrix(rows: r, cols: cc, data: try expert(name))
                 }
                 experts.append(Expert(up: try mat("up")!, gate: try mat("gate"), down: try mat("down")!))
             }
         case .fused:
-            let gu = try finite(try model.floats(src.fused["gate_up"]!), src.fused["gate_up"]!)
-            let dn = try finite(try model.floats(src.fused["down"]!), src.fused["down"]!)
+            let gu = try expert(src.fused["gate_up"]!)
+            let dn = try expert(src.fused["down"]!)
             let per = I * H
             for e in 0..<E {
                 let base = e * 2 * per
@@ -546,6 +633,7 @@ public enum HFImport {
             ("expert_dtype", .string(plan.expertDType.rawValue)), ("router_dtype", .string(plan.routerDType.rawValue)),
         ]
         if let b = plan.selectionBiasDType { entry.append(("selection_bias_dtype", .string(b.rawValue))) }
+        if let e = plan.encoding { entry.append(("source_encoding", e.json)) }
         entry += [
             ("stored_dtype", .string(stored.rawValue)),
             ("metadata", .object(model.metadata.map { ($0.0, .string($0.1)) })),

@@ -3,13 +3,15 @@ import Foundation
 /// Element types of the safetensors format.
 public enum SafetensorsDType: String, Sendable, CaseIterable {
     case F64, F32, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL
+    /// float8_e4m3fn (block-scaled FP8 checkpoints; decoded by `FP8E4M3`, never by `decode`).
+    case F8_E4M3
 
     public var byteSize: Int {
         switch self {
         case .F64, .I64, .U64: return 8
         case .F32, .I32, .U32: return 4
         case .F16, .BF16, .I16, .U16: return 2
-        case .I8, .U8, .BOOL: return 1
+        case .I8, .U8, .BOOL, .F8_E4M3: return 1
         }
     }
 
@@ -31,6 +33,7 @@ public enum SafetensorsDType: String, Sendable, CaseIterable {
         case .U16: return .u16
         case .U8: return .u8
         case .BOOL: return .bool
+        case .F8_E4M3: return .f8_e4m3
         }
     }
 
@@ -49,6 +52,7 @@ public enum SafetensorsDType: String, Sendable, CaseIterable {
         case .u16: self = .U16
         case .u8: self = .U8
         case .bool: self = .BOOL
+        case .f8_e4m3: self = .F8_E4M3
         }
     }
 

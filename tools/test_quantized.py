@@ -1,0 +1,315 @@
+"""Quantized checkpoints in and out (issue 25), against transformers itself (pytest).
+
+- FP8 block-scaled DeepSeek-V3 (hub layout: per-expert float8_e4m3fn weights + float32
+  weight_scale_inv, made by transformers' own Fp8Quantize; attention FP8 too): the tool's
+  dequantized experts equal transformers' own dequantization bit for bit in float32; partial edge
+  blocks (which transformers 5.23's loader gets wrong) equal the DeepSeek reference formula; an
+  unmodified import -> export is byte-identical for every tensor; compress -> export writes FP8
+  again, transformers loads it, and its MoE blocks match the tool's forward within the FP8 step.
+- MXFP4 GPT-OSS (hand-packed blocks with every e2m1 code and E8M0 exponents 0 ... 252): the
+  tool's values equal transformers' decode; compress -> export writes MXFP4 again, transformers
+  loads it, its MoE blocks match the tool's forward within the MXFP4 step.
+`--router compact` is refused for both routers (sigmoid with selection bias; GPT-OSS topk_softmax
+with router bias), so the merges here are the plain E-slot merge (G distinct experts).
+Skips naming torch, transformers, h5py, numpy or accelerate (transformers' FP8 loader needs it)
+when one is missing, and when smoe-compress is not built.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from optional_deps import h5py, np, optional, torch, transformers  # noqa: F401
+from optional_deps import needs_all
+from test_families import EXE, TEXT, capture, needs_exe, random_gpt_oss, random_router, run
+
+accelerate = optional("accelerate")
+needs_accelerate = pytest.mark.skipif(accelerate is None, reason="optional python package missing: accelerate "
+                                      "(transformers' FP8 loader needs it)")
+BLOCK = (16, 16)
+
+
+def fp8_ref_quantize(w, block):
+    """Independent reference with partial edge blocks: per tile, scale = 448 / amax (1 if 0),
+    q = e4m3(clamp(w * scale)), scale_inv = 1 / scale (float32)."""
+    rows, cols = w.shape
+    bm, bn = block
+    gr, gc = -(-rows // bm), -(-cols // bn)
+    pad = torch.zeros(gr * bm, gc * bn)
+    pad[:rows, :cols] = w.float()
+    t = pad.reshape(gr, bm, gc, bn)
+    amax = t.abs().amax(dim=(1, 3))
+    scale = torch.where(amax > 0, 448.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    q = torch.clamp(t * scale[:, None, :, None], -448, 448).to(torch.float8_e4m3fn).reshape(gr * bm, gc * bn)
+    return q[:rows, :cols].contiguous(), (1.0 / scale).float()
+
+
+def fp8_ref_dequantize(q, s, block):
+    rows, cols = q.shape
+    full = s.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return q.float() * full
+
+
+def deepseek_config(moe_intermediate):
+    return transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=moe_intermediate, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=16,
+        qk_nope_head_dim=16, v_head_dim=16, head_dim=16, tie_word_embeddings=False)
+
+
+def fp8_deepseek(tmp, moe_intermediate=32, own_quantizer=False):
+    """A tiny DeepSeek-V3 in the hub's FP8 layout: every 2-D Linear weight but the router, the
+    embeddings and lm_head quantized (block 16 x 16); other tensors float32."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    import types
+    cfg = deepseek_config(moe_intermediate)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        random_router(model)
+    src = tmp / "float"
+    model.save_pretrained(src)
+    sd = load_file(str(src / "model.safetensors"))
+    shim = types.SimpleNamespace(quantization_config=transformers.FineGrainedFP8Config(weight_block_size=list(BLOCK)))
+    out = {}
+    for k, v in sd.items():
+        if v.ndim == 2 and k.endswith(".weight") and "norm" not in k and not k.endswith("mlp.gate.weight") \
+                and "embed_tokens" not in k and not k.startswith("lm_head"):
+            if own_quantizer:
+                q, s = fp8_ref_quantize(v, BLOCK)
+                out[k], out[k + "_scale_inv"] = q, s
+            else:
+                out.update(Fp8Quantize(shim)._quantize_one(k, v))
+        else:
+            out[k] = v
+    d = tmp / "fp8"
+    d.mkdir()
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    c = json.loads((src / "config.json").read_text())
+    c["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": list(BLOCK)}
+    (d / "config.json").write_text(json.dumps(c, indent=1))
+    (tmp / "text.txt").write_text(TEXT)
+    return d, out
+
+
+def tensors(folder):
+    from safetensors import safe_open
+    out = {}
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        for k in f.keys():
+            out[k] = f.get_tensor(k)
+    return out
+
+
+def raw(t):
+    return t.contiguous().view(torch.uint8) if t.dtype.itemsize == 1 else t.contiguous().view(torch.uint8)
+
+
+def layer_error(h5, calib):
+    report = json.loads(run("eval", h5, h5, "--calib", calib, "--json"))
+    return {layer["name"]: layer["captured_output_error"] for layer in report["evaluation"]["layers"]}
+
+
+def capture_nl(tmp, model_dir, name):
+    out = tmp / name
+    r = subprocess.run([sys.executable, str(EXE.parent.parent.parent / "tools" / "capture_calibration.py"), str(model_dir),
+                        "-o", str(out), "--text", str(tmp / "text.txt"), "--tokens", "96", "--seq-len", "32",
+                        "--batch-size", "2", "--no-layerwise"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@needs_all
+@needs_accelerate
+def test_fp8_deepseek_v3_dequantizes_as_transformers_and_round_trips_byte_identical(tmp_path):
+    needs_exe()
+    d, written = fp8_deepseek(tmp_path)
+    run("import", d, "-o", tmp_path / "m.h5")
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    sd = hf.state_dict()
+    I = 32
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        history = json.loads(f.attrs["history"])
+        assert history[0]["source_encoding"] == {"format": "fp8_e4m3_block", "block_size": [16, 16], "scale_dtype": "F32"}
+        g = f["moe_layers/model.layers.1.mlp/experts"]
+        gu = sd["model.layers.1.mlp.experts.gate_up_proj"]
+        assert gu.dtype == torch.float32
+        # Bit for bit: transformers' own dequantization in float32.
+        assert np.array_equal(g["gate"][()].view(np.uint32), gu[:, :I].numpy().view(np.uint32))
+        assert np.array_equal(g["up"][()].view(np.uint32), gu[:, I:].numpy().view(np.uint32))
+        assert np.array_equal(g["down"][()].view(np.uint32), sd["model.layers.1.mlp.experts.down_proj"].numpy().view(np.uint32))
+        # Dense FP8 tensors and their scales: byte for byte.
+        q = f["dense/model.layers.1.self_attn.q_b_proj.weight"]
+        assert q.attrs["dtype"] == "float8_e4m3fn"
+        assert np.array_equal(q[()], raw(written["model.layers.1.self_attn.q_b_proj.weight"]).numpy())
+        assert "model.layers.1.self_attn.q_b_proj.weight_scale_inv" in f["dense"]
+    run("export", tmp_path / "m.h5", "-o", tmp_path / "same")
+    a, b = tensors(d), tensors(tmp_path / "same")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(raw(a[k]), raw(b[k])), k
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+
+
+@needs_all
+def test_fp8_partial_edge_blocks_follow_the_deepseek_formula(tmp_path):
+    """d_ff 24 in 16-row blocks: the last block row is partial. transformers 5.23's loader derives
+    12-row blocks here (wrong); the tool uses scale[i // 16, j // 16] as DeepSeek's weight_dequant."""
+    needs_exe()
+    d, written = fp8_deepseek(tmp_path, moe_intermediate=24, own_quantizer=True)
+    run("import", d, "-o", tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        g = f["moe_layers/model.layers.1.mlp/experts"]
+        for e in range(16):
+            for role, name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                k = f"model.layers.1.mlp.experts.{e}.{name}.weight"
+                want = fp8_ref_dequantize(written[k], written[k + "_scale_inv"], BLOCK).numpy()
+                assert np.array_equal(g[role][e].view(np.uint32), want.view(np.uint32)), k
+    run("export", tmp_path / "m.h5", "-o", tmp_path / "same")
+    a, b = tensors(d), tensors(tmp_path / "same")
+    for k in a:
+        assert torch.equal(raw(a[k]), raw(b[k])), k
+
+
+@needs_all
+@needs_accelerate
+def test_fp8_deepseek_v3_compress_exports_fp8_that_transformers_loads(tmp_path):
+    needs_exe()
+    d, _ = fp8_deepseek(tmp_path)
+    calib = capture_nl(tmp_path, d, "calib.h5")
+    run("import", d, "-o", tmp_path / "m.h5")
+    # The imported (dequantized) layers reproduce transformers' MoE blocks on the FP8 model.
+    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
+    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "-o", tmp_path / "c.h5")
+    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
+    t = tensors(tmp_path / "out")
+    k = "model.layers.1.mlp.experts.3.down_proj.weight"
+    assert t[k].dtype == torch.float8_e4m3fn and t[k + "_scale_inv"].shape == (4, 2)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
+    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
+    # transformers on the re-quantized experts == the tool on the same (re-imported) experts ...
+    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
+    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
+    # ... and within the FP8 step of the tool's merged float32 layer: e4m3 keeps 3 mantissa bits
+    # (relative step 2^-3, round-off at most 2^-4 per weight, about 2.6 % RMS on Gaussian
+    # weights); the block output error is of that order, well under 0.1.
+    errors = layer_error(tmp_path / "c.h5", calib2)
+    assert 0 < max(errors.values()) <= 0.1, errors
+
+
+def e2m1_lut():
+    return torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float32)
+
+
+def mxfp4_encode(w):
+    """[E, R, C] -> blocks [E, R, C/32, 16], scales [E, R, C/32] (OCP rule, nearest code)."""
+    E, R, C = w.shape
+    g = w.reshape(E, R, C // 32, 32).float()
+    amax = g.abs().amax(-1)
+    e = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp(min=1e-30))) - 2, torch.zeros_like(amax)).clamp(-127, 127)
+    x = g / torch.exp2(e)[..., None]
+    codes = (x[..., None] - e2m1_lut()).abs().argmin(-1).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8), (e + 127).to(torch.uint8)
+
+
+def mxfp4_gpt_oss(tmp, hand_packed):
+    """A tiny GPT-OSS whose experts are MXFP4 (hub names); biases bf16, the rest float32."""
+    from safetensors.torch import save_file
+    E, H, I = 8, 64, 32
+    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=H, num_attention_heads=4, num_key_value_heads=2,
+                                    head_dim=16, num_hidden_layers=2, intermediate_size=I, num_local_experts=E,
+                                    num_experts_per_tok=2, sliding_window=16, max_position_embeddings=128,
+                                    layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        random_gpt_oss(model)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    packed = {}
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts."
+        for part in ("gate_up_proj", "down_proj"):
+            w = sd.pop(p + part).transpose(1, 2).contiguous()  # module [E, in, out] -> disk [E, out, in]
+            if hand_packed:
+                # Every e2m1 code (both nibbles) and E8M0 exponents over 0 ... 252 (253, 254 overflow 6 * 2^e).
+                blocks = torch.randint(0, 256, (*w.shape[:2], w.shape[2] // 32, 16), generator=g, dtype=torch.int32).to(torch.uint8)
+                blocks.view(-1)[:256] = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+                scales = torch.randint(0, 253, (*w.shape[:2], w.shape[2] // 32), generator=g, dtype=torch.int32).to(torch.uint8)
+                scales.view(-1)[:3] = torch.tensor([0, 127, 252], dtype=torch.uint8)
+            else:
+                blocks, scales = mxfp4_encode(w)
+            sd[p + part + "_blocks"], sd[p + part + "_scales"] = blocks, scales
+            sd[p + part + "_bias"] = sd[p + part + "_bias"].to(torch.bfloat16)
+            packed[p + part] = (blocks, scales)
+    d = tmp / ("mx_hand" if hand_packed else "mx")
+    d.mkdir()
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    c = cfg.to_dict()
+    c["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (d / "config.json").write_text(json.dumps(c, indent=1, default=str))
+    (tmp / "text.txt").write_text(TEXT)
+    return d, packed
+
+
+@needs_all
+def test_mxfp4_gpt_oss_dequantizes_as_transformers(tmp_path):
+    needs_exe()
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    d, packed = mxfp4_gpt_oss(tmp_path, hand_packed=True)
+    run("import", d, "-o", tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert json.loads(f.attrs["history"])[0]["source_encoding"]["format"] == "mxfp4"
+        for layer in range(2):
+            p = f"model.layers.{layer}.mlp.experts."
+            g = f[f"moe_layers/model.layers.{layer}.mlp/experts"]
+            gu = convert_moe_packed_tensors(*packed[p + "gate_up_proj"], dtype=torch.float32)  # [E, H, 2I]
+            dn = convert_moe_packed_tensors(*packed[p + "down_proj"], dtype=torch.float32)  # [E, I, H]
+            assert gu.dtype == torch.float32
+            # module layout [E, H, 2I] (even columns gate, odd up) -> the tool's [E, I, H] gate / up.
+            for name, want in (("gate", gu[:, :, 0::2].transpose(1, 2)), ("up", gu[:, :, 1::2].transpose(1, 2)),
+                               ("down", dn.transpose(1, 2))):
+                assert np.array_equal(g[name][()].view(np.uint32), want.contiguous().numpy().view(np.uint32)), (layer, name)
+
+
+@needs_all
+def test_mxfp4_gpt_oss_compress_exports_mxfp4_that_transformers_loads(tmp_path):
+    needs_exe()
+    d, _ = mxfp4_gpt_oss(tmp_path, hand_packed=False)
+    calib = capture_nl(tmp_path, d, "calib.h5")
+    run("import", d, "-o", tmp_path / "m.h5")
+    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
+    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "-o", tmp_path / "c.h5")
+    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
+    t = tensors(tmp_path / "out")
+    p = "model.layers.0.mlp.experts."
+    assert t[p + "gate_up_proj_blocks"].dtype == torch.uint8 and tuple(t[p + "gate_up_proj_blocks"].shape) == (8, 64, 2, 16)
+    assert tuple(t[p + "down_proj_scales"].shape) == (8, 64, 1) and t[p + "down_proj_bias"].dtype == torch.bfloat16
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    hf = transformers.GptOssForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
+    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
+    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
+    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
+    # Within the MXFP4 step: e2m1 keeps 1 mantissa bit (round-off up to 1/6 of a group's
+    # largest value; about 12 % RMS on Gaussian weights), so the block error is of that order.
+    errors = layer_error(tmp_path / "c.h5", calib2)
+    assert 0 < max(errors.values()) <= 0.3, errors
+    # --dtype bf16: dequantized, quantization_config removed, loads as a plain GPT-OSS.
+    run("export", tmp_path / "c.h5", "-o", tmp_path / "bf16", "--dtype", "bf16")
+    assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert tensors(tmp_path / "bf16")[p + "gate_up_proj"].dtype == torch.bfloat16

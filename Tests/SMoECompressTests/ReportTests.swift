@@ -161,6 +161,34 @@ final class ReportTests: XCTestCase {
         for p in [statsPage, mergePage, evalPage] { checkSelfContained(p) }
     }
 
+    /// A pruning's page draws every slot's saliency with the kept experts marked, and lists
+    /// kept and dropped slots as the `--json` report has them.
+    func testPruneReportDrawsSaliencyAndKeptExperts() throws {
+        let dir = temporaryDirectory(self)
+        let html = dir + "/p.html"
+        let r = try runCLI(["merge", fixture("trained-mixtral.h5"), "--calib", fixture("trained-mixtral.calib.h5"), "--groups", "4",
+                            "--prune", "reap", "--no-compact-refit", "-o", dir + "/p.h5", "--report", html, "--json", "--quiet"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let doc = try JSONValue.parse(r.stdout), page = try String(contentsOfFile: html, encoding: .utf8)
+        let layers = try XCTUnwrap(doc["layers"]?.arrayValue)
+        checkLayerSections(page, names: layers.compactMap { $0["name"]?.stringValue }, figures: ["usage"])
+        let sections = page.components(separatedBy: "<details class=\"layer\"").dropFirst()
+        for (layer, section) in zip(layers, sections) {
+            let kept = try XCTUnwrap(layer["prune"]?["kept"]?.arrayValue?.compactMap(\.intValue))
+            let saliency = try XCTUnwrap(layer["prune"]?["saliency"]?.arrayValue?.compactMap(\.doubleValue))
+            XCTAssertEqual(kept.count, 4)
+            XCTAssertTrue(section.contains("pruned to 4 experts"))
+            XCTAssertTrue(section.contains("Pruning saliency (reap"))
+            // One bar per slot, the kept ones dark, each bar's tooltip giving its saliency.
+            XCTAssertEqual(section.components(separatedBy: "class=\"bar dom\"").count - 1, 4)
+            for (e, v) in saliency.enumerated() {
+                XCTAssertTrue(section.contains("expert \(e): saliency \(String(format: "%.4f", v))"), "slot \(e)")
+            }
+            XCTAssertTrue(section.contains(kept.enumerated().map { "\($0) ← \($1)" }.joined(separator: ", ")))
+        }
+        checkSelfContained(page)
+    }
+
     // MARK: bad input
 
     func testBadInputIsOneErrorLineNamingTheFile() throws {

@@ -338,6 +338,8 @@ private struct Page {
         let grouping = groups(m)
         var headline: [String] = []
         if let g = grouping { headline.append("\(g.members.count) groups") }
+        let kept = (value(m + ".prune.kept")?.arrayValue ?? []).compactMap(\.intValue)
+        if !kept.isEmpty { headline.append("pruned to \(kept.count) experts") }
         for (label, key) in [("error", "relative_error_final"), ("error", "relative_error"), ("max share", "max_share")] {
             if let v = value(p + "." + key)?.doubleValue { headline.append("\(label) \(String(format: "%.4f", v))"); break }
         }
@@ -361,6 +363,14 @@ private struct Page {
             }
             figure(SVG.usageBars(f, counts: nil, dominant: dominantSet),
                    "Expert usage: share of routing hits per router slot (calibration tokens); dark: dominant experts; × never chosen.")
+        }
+        // Pruning: every slot's saliency, the kept experts dark.
+        if let saliency = value(m + ".prune.saliency")?.arrayValue?.compactMap(\.doubleValue) {
+            let method = value(m + ".prune.method")?.stringValue ?? ""
+            let rule = method == "reap" ? "mean routing weight × expert output norm over its routed tokens" : "summed routing weight"
+            figure(SVG.usageBars(saliency, counts: value(m + ".prune.routed_tokens")?.arrayValue?.compactMap(\.intValue),
+                                 dominant: Set(kept), quantity: "saliency", marked: "kept"),
+                   "Pruning saliency (\(method): \(rule)) per router slot; dark: the \(kept.count) kept experts; × never routed.")
         }
         // Similarity heat maps.
         if case .object(let bases)? = value(p + ".matrices") {
@@ -406,6 +416,14 @@ private struct Page {
                 out += "<tr><td>\(j)</td><td>\(d)</td><td class=\"l\">\(ms.map(String.init).joined(separator: " "))</td></tr>"
             }
             out += "</table>\n"
+        }
+        if !kept.isEmpty {
+            let dropped = (value(m + ".prune.dropped")?.arrayValue ?? []).compactMap(\.intValue)
+            out += "<h3>Pruning</h3><table><tr><th class=\"l\">method</th><th class=\"l\">kept (expert of the pruned layer ← slot)</th><th class=\"l\">dropped</th></tr>"
+            out += "<tr><td class=\"l\">\(SVG.escape(value(m + ".prune.method")?.stringValue ?? ""))</td><td class=\"l\">"
+                + kept.enumerated().map { "\($0) ← \($1)" }.joined(separator: ", ") + "</td><td class=\"l\">"
+                + dropped.map(String.init).joined(separator: " ") + "</td></tr></table>\n"
+            if value(m + ".prune.expert_refit") != nil { out += scalarTable(m + ".prune.expert_refit", caption: "Refit of the kept experts") }
         }
         if let c = value(m + ".compact_router"), c["fitted"] != nil || c["iterations"] != nil {
             out += scalarTable(m + ".compact_router", caption: "Compact router")

@@ -30,8 +30,10 @@ enum SVG {
     static let palette = ["#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b"]
 
     /// Usage bars: one bar per router slot (its share of the routing hits), unused slots marked
-    /// with a red cross under the axis. `labels` names each bar's tooltip.
-    static func usageBars(_ frequency: [Double], counts: [Int]?, dominant: Set<Int>) -> String {
+    /// with a red cross under the axis, `dominant` slots dark. `quantity` and `marked` name the
+    /// bar's value and the dark slots in the tooltips (a pruning's saliency and kept experts).
+    static func usageBars(_ frequency: [Double], counts: [Int]?, dominant: Set<Int>, quantity: String = "share",
+                          marked: String = "dominant") -> String {
         let e = frequency.count
         guard e > 0 else { return "" }
         let barW = max(2.0, min(28.0, (640.0 / Double(e)).rounded(.down)))
@@ -45,8 +47,8 @@ enum SVG {
         for (i, f) in frequency.enumerated() {
             let h = plotH * f / peak
             let x = 40 + Double(i) * barW
-            let tip = "expert \(i): share \(String(format: "%.4f", f))" + (counts.map { ", \($0[i]) hits" } ?? "")
-                + (dominant.contains(i) ? ", dominant" : "") + (f == 0 ? ", never chosen" : "")
+            let tip = "expert \(i): \(quantity) \(String(format: "%.4f", f))" + (counts.map { ", \($0[i]) hits" } ?? "")
+                + (dominant.contains(i) ? ", \(marked)" : "") + (f == 0 ? ", never chosen" : "")
             s += "<rect x=\"\(n(x))\" y=\"\(n(axisY - h))\" width=\"\(n(barW - gap))\" height=\"\(n(h))\" class=\"\(dominant.contains(i) ? "bar dom" : "bar")\"><title>\(escape(tip))</title></rect>"
             if f == 0 {
                 s += "<text x=\"\(n(x + (barW - gap) / 2))\" y=\"\(n(axisY + 11))\" class=\"unused\" text-anchor=\"middle\">×<title>expert \(i) never chosen</title></text>"

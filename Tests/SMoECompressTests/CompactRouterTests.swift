@@ -191,7 +191,7 @@ final class CompactRouterTests: XCTestCase {
             let layer = try model.readLayer(model.layers[1].name)
             let stage = try MergeStage(model: model, calibration: calib, stats: nil,
                                        settings: MergeSettings(groups: 4, router: .compact, compactRefit: false))
-            let (merged, report) = try stage.process(layer, progress: nil)
+            let (merged, report) = try stage.process(source: LayerSource(layer), progress: nil)
             let fit = try XCTUnwrap(report.compact)
             XCTAssertNil(fit.refit)
             let tokens = calib.tokenBlocks(layer.name)
@@ -216,7 +216,7 @@ final class CompactRouterTests: XCTestCase {
             XCTAssertEqual(r2, r, name)
             // The default with the compact layout: the same refit inside the stage.
             let byDefault = try MergeStage(model: model, calibration: calib, stats: nil, settings: MergeSettings(groups: 4, router: .compact))
-            let (staged, sr) = try byDefault.process(layer, progress: nil)
+            let (staged, sr) = try byDefault.process(source: LayerSource(layer), progress: nil)
             XCTAssertEqual(staged, refitted, name)
             XCTAssertEqual(sr.compact?.refit, r, name)
             XCTAssertEqual(byDefault.historyEntry([sr])["compact_refit"], .bool(true))

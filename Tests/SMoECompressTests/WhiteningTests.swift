@@ -84,7 +84,7 @@ final class WhiteningTests: XCTestCase {
         let merge = try MergeStage(model: model, calibration: calib, stats: nil,
                                    settings: MergeSettings(groups: 4, layers: [name]))
         let original = try model.readLayer(name)
-        let merged = try merge.process(original, progress: nil).output
+        let merged = try merge.process(source: LayerSource(original), progress: nil).output
         for rank in [8, 16, 32] {
             var errors: [LowRankObjective: Double] = [:]
             for objective in LowRankObjective.allCases {

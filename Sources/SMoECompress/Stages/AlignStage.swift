@@ -31,8 +31,6 @@ public struct AlignStage: LayerStage {
     }
 
     /// Experts are read a batch at a time, and the aligned layer is written expert by expert.
-    public var streamsExperts: Bool { true }
-
     public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: LayerSource, report: LayerAlignment) {
         let ref: Int
         switch reference {
@@ -41,10 +39,6 @@ public struct AlignStage: LayerStage {
         }
         let (aligned, report) = try Alignment.alignLayer(source, reference: ref, parallelism: parallelism, progress: progress)
         return (aligned, report)
-    }
-
-    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: LayerSource, report: LayerAlignment) {
-        try process(source: LayerSource(layer), progress: progress)
     }
 
     public func unchanged(_ layer: MoELayer) -> LayerSource? { LayerSource(layer) }

@@ -150,14 +150,8 @@ public struct CompressStage: LayerStage {
         self.denseBytes = try model.denseSummary().bytes
     }
 
-    public func process(_ original: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerCompressReport) {
-        try process(source: LayerSource(original), progress: progress)
-    }
-
-    /// The loop hands compress the layer's source: the original experts are read a group at a
-    /// time for merging and one at a time for the evaluation, never all at once.
-    public var streamsExperts: Bool { true }
-
+    /// The original experts are read a group at a time for merging and one at a time for the
+    /// evaluation, never all at once.
     public func process(source original: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerCompressReport) {
         let tokens = settings.merge.tokens
         let layerPlan = plan?[original.name]

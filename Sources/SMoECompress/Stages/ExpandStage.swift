@@ -25,7 +25,9 @@ public struct ExpandStage: LayerStage {
         self.perSlot = perSlot
     }
 
-    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerExpansion) {
+    /// Expanding writes every matrix dense: the layer is read whole.
+    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerExpansion) {
+        let layer = try source.whole()
         let expanded = ExpandStage.expand(layer, perSlot: perSlot)
         let factored = layer.experts.reduce(0) { $0 + $1.namedMatrices.filter(\.op.isFactored).count }
         return (expanded, LayerExpansion(name: layer.name, factored: factored, storedBefore: layer.numStored,

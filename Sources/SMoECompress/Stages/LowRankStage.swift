@@ -106,21 +106,14 @@ public struct LowRankStage: LayerStage {
         self.tokens = tokens
     }
 
-    /// With the output objective (or none: by weight) the loop hands the layer's source: one
-    /// expert is read at a time; activation-aware ranking by weight reads the layer whole.
-    public var streamsExperts: Bool { calibration == nil || options.objective(hasTokens: true) == .output }
-
+    /// With the output objective (or none: by weight) one expert is read at a time;
+    /// activation-aware ranking by weight reads the layer whole (its input norms need every expert).
     public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerLowRankReport) {
-        guard streamsExperts else { return try process(try source.whole(), progress: progress) }
-        return try LowRankStage.compressLayer(source, options: options, whitenOn: calibration.map { $0.tokenBlocks(source.name, tokens) },
-                                              progress: progress)
-    }
-
-    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerLowRankReport) {
-        let blocks = calibration.map { $0.tokenBlocks(layer.name, tokens) }
-        if options.objective(hasTokens: blocks != nil) == .output {
-            return try LowRankStage.compressLayer(layer, options: options, whitenOn: blocks, progress: progress)
+        let blocks = calibration.map { $0.tokenBlocks(source.name, tokens) }
+        if calibration == nil || options.objective(hasTokens: true) == .output {
+            return try LowRankStage.compressLayer(source, options: options, whitenOn: blocks, progress: progress)
         }
+        let layer = try source.whole()
         let norms = try blocks.map { try LowRankStage.inputNorms(layer, tokens: $0) }
         return try LowRankStage.compressLayer(layer, options: options, inputNorms: norms, progress: progress)
     }

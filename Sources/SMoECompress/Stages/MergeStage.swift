@@ -263,13 +263,7 @@ public struct MergeStage: LayerStage {
         self.similarities = Dictionary(uniqueKeysWithValues: inputs.map { ($0.name, $0.input.similarity) })
     }
 
-    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
-        try process(source: LayerSource(layer), progress: progress)
-    }
-
-    /// The loop hands merging the layer's source: a group's experts are read when it is merged.
-    public var streamsExperts: Bool { true }
-
+    /// A group's experts are read when it is merged.
     public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
         if let method = settings.prune { return try prune(source, method: method, progress: progress) }
         let plan = plans[source.name]!

@@ -16,12 +16,9 @@ public protocol LayerStage {
     var name: String { get }
     /// The layers this run computes, in the model's index order (validated by the stage's init).
     var layers: [String] { get }
-    /// Computes one selected layer.
-    func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: Output, report: Report)
-    /// Whether the stage reads a computed layer's experts itself, a few at a time, through
-    /// `process(source:)`; otherwise the loop reads the layer whole and calls `process`.
-    var streamsExperts: Bool { get }
-    /// Computes one selected layer from its source (by default: the layer read whole, `process`).
+    /// Computes one selected layer from its source: the stage reads the experts it needs, when it
+    /// needs them (a group, one expert, or `source.whole()` where a computation needs every
+    /// expert at once); the reader refuses NaN and Inf in each part as it reads it.
     func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: Output, report: Report)
     /// What a layer the run leaves alone becomes in the output: the layer itself for a
     /// checkpoint (every layer is written), nil where the output holds only computed layers.
@@ -42,10 +39,6 @@ public protocol LayerStage {
 
 extension LayerStage {
     public var settingsRecord: JSONValue { historyEntry([]) }
-    public var streamsExperts: Bool { false }
-    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: Output, report: Report) {
-        try process(try source.whole(), progress: progress)
-    }
     public func historyEntry(combining layerEntries: [JSONValue]) throws -> JSONValue {
         try combineLayerEntries(layerEntries, empty: historyEntry([]))
     }
@@ -162,16 +155,8 @@ extension LayerStage {
             if computed {
                 let (output, report): (Output, Report)
                 do {
-                    if streamsExperts {
-                        // The reader refuses NaN and Inf in each part as it reads it.
-                        (output, report) = try process(source: try model.layerSource(c.name), progress: progress.step)
-                    } else {
-                        let layer = try model.readLayer(c.name)
-                        // A damaged or hand-edited file can hold NaN or Inf that reading accepts;
-                        // no stage computes on them.
-                        if let what = layer.firstNonFinite { throw SMoEError.layer(c.name, "\(what) holds NaN or Inf") }
-                        (output, report) = try process(layer, progress: progress.step)
-                    }
+                    // The reader refuses NaN and Inf in each part as it reads it: no stage computes on them.
+                    (output, report) = try process(source: try model.layerSource(c.name), progress: progress.step)
                 } catch let e as SMoEError {
                     throw e.naming(layer: c.name)
                 }

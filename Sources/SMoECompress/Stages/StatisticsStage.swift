@@ -21,17 +21,12 @@ public struct StatisticsStage: LayerStage {
         self.tokens = tokens
     }
 
-    public func process(_ layer: MoELayer, progress: ProgressCallback?) throws -> (output: LayerStatistics, report: LayerStatistics) {
+    /// Without weight or expert-output similarity only the router is needed: the experts are
+    /// not read at all; with them, the layer is read whole.
+    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: LayerStatistics, report: LayerStatistics) {
+        let layer = bases.contains(where: \.needsExperts) ? try source.whole() : source.header
         let s = try Statistics.compute(layer: layer, calibration: calibration, bases: bases, tokens: tokens, progress: progress)
         return (s, s)
-    }
-
-    /// Without weight or expert-output similarity only the router is needed: the experts are
-    /// not read at all.
-    public var streamsExperts: Bool { !bases.contains(where: \.needsExperts) }
-
-    public func process(source: LayerSource, progress: ProgressCallback?) throws -> (output: LayerStatistics, report: LayerStatistics) {
-        try process(streamsExperts ? source.header : try source.whole(), progress: progress)
     }
 
     /// A statistics file holds the computed layers only.

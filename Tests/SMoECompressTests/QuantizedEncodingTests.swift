@@ -351,4 +351,42 @@ final class QuantizedEncodingTests: XCTestCase {
             XCTAssertTrue("\(e)".contains("down_proj_scales") && "\(e)".contains("255"), "\(e)")
         }
     }
+
+    func testFusedFP8ExpertsRoundTripAndCLI() throws {
+        // Fused [E, 2I, H] experts (Qwen3-MoE saved by transformers 5): f8-block writes
+        // experts.gate_up_proj + experts.gate_up_proj_scale_inv [E, ⌈2I/128⌉, ⌈H/128⌉]; importing
+        // that folder and exporting it again gives the same bytes.
+        let dir = temporaryDirectory(self)
+        let (t, c) = fakeModel(.qwen3Fused, dtype: .BF16)
+        try writeFakeModel(dir + "/src", t, config: c)
+        try HFImport.run(directory: dir + "/src", output: dir + "/m.h5")
+        let r = try runCLI(["export", dir + "/m.h5", "-o", dir + "/fp8", "--dtype", "f8-block"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("fused experts in fp8_e4m3_block 128x128 (F32 scales)"), r.stdout)
+        let a = try readFolder(dir + "/fp8")
+        let gu = "model.layers.1.mlp.experts.gate_up_proj"
+        XCTAssertEqual(a[gu]?.0, .F8_E4M3)
+        XCTAssertEqual(a[gu + "_scale_inv"]?.1, [fakeE, 1, 1])
+        try HFImport.run(directory: dir + "/fp8", output: dir + "/q.h5")
+        let src = try SafetensorsModel(dir + "/src")
+        let w = try src.floats(gu)
+        let got = try CheckpointReader(dir + "/q.h5").readLayer("model.layers.1.mlp")
+        let per = fakeI * fakeH
+        // Expert 2's gate: its own scale (the whole [2I, H] matrix is one block).
+        let s = a[gu + "_scale_inv"]!.2.withUnsafeBytes { SafetensorsDType.F32.decode($0) }[2]
+        XCTAssertEqual(s, 1 / (448 / w[(2 * 2 * per)..<(3 * 2 * per)].map(\.magnitude).max()!))
+        XCTAssertEqual(got.experts[2].gate!.dense().data, a[gu]!.2[(2 * 2 * per)..<(2 * 2 * per + per)].map { FP8E4M3.decode($0) * s })
+        _ = try HFExport.run(checkpoint: dir + "/q.h5", outputDirectory: dir + "/again")
+        let b = try readFolder(dir + "/again")
+        XCTAssertEqual(Set(a.keys), Set(b.keys))
+        for (k, v) in a { XCTAssertTrue(v.2 == b[k]?.2, k) }
+        // A bad --dtype is one line naming the option and the choices.
+        let bad = try runCLI(["export", dir + "/m.h5", "-o", dir + "/x", "--dtype", "fp4"])
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.stderr.contains("--dtype must be auto, f32, f16, bf16, f8-block, mxfp4, not 'fp4'"), bad.stderr)
+        let gpt = try runCLI(["export", dir + "/m.h5", "-o", dir + "/x", "--dtype", "mxfp4"])
+        XCTAssertNotEqual(gpt.status, 0)
+        XCTAssertTrue(gpt.stderr.hasPrefix("error: --dtype: mxfp4 is GPT-OSS's expert encoding"), gpt.stderr)
+        XCTAssertEqual(gpt.stderr.split(separator: "\n").count, 1, gpt.stderr)
+    }
 }

@@ -66,6 +66,19 @@ final class QuantizedEncodingTests: XCTestCase {
         XCTAssertEqual(FP8E4M3.encode(3 * 0x1p-10), 0x02)  // tie between codes 1 and 2: 2
         XCTAssertEqual(FP8E4M3.encode(-0.0), 0x80)
         XCTAssertEqual(FP8E4M3.encode(.nan), 0x7F)
+        // The bit-twiddling encoder equals nearest-by-search on every code's neighbourhood (the
+        // values, the midpoints and the floats next to them) and on a million random floats.
+        var probes: [Float] = []
+        for b in 0..<0x7E {
+            let lo = FP8E4M3.decode(UInt8(b)), hi = FP8E4M3.decode(UInt8(b + 1)), mid = (lo + hi) / 2
+            probes += [lo, lo.nextUp, mid.nextDown, mid, mid.nextUp, hi.nextDown]
+        }
+        var rng = SplitMix64(seed: 9)
+        for _ in 0..<1_000_000 { probes.append(Float(bitPattern: UInt32(truncatingIfNeeded: rng.next())) ) }
+        let edges: [Float] = [0x1p-6, Float(0x1p-6).nextDown, 0x1p-130, 447.99, 448, 464, 1e30]
+        for x in probes + probes.map({ -$0 }) + edges {
+            XCTAssertEqual(FP8E4M3.encode(x), FP8E4M3.encodeBySearch(x), "\(x)")
+        }
     }
 
     func testFP8BlockPartialEdgeBlocks() {

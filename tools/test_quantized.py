@@ -16,19 +16,19 @@ when one is missing, and when smoe-compress is not built.
 """
 
 import json
-import math
 import subprocess
 import sys
 
 import pytest
 
 from optional_deps import h5py, np, optional, torch, transformers  # noqa: F401
-from optional_deps import needs_all
+from optional_deps import MISSING, needs_all
 from test_families import EXE, TEXT, capture, needs_exe, random_gpt_oss, random_router, run
 
 accelerate = optional("accelerate")
-needs_accelerate = pytest.mark.skipif(accelerate is None, reason="optional python package missing: accelerate "
-                                      "(transformers' FP8 loader needs it)")
+# transformers' FP8 loader needs accelerate: the FP8 tests name it with whatever else is missing.
+FP8_MISSING = MISSING + (["accelerate"] if accelerate is None else [])
+needs_all_and_accelerate = pytest.mark.skipif(bool(FP8_MISSING), reason=f"optional python packages missing: {', '.join(FP8_MISSING)}")
 BLOCK = (16, 16)
 
 
@@ -109,7 +109,8 @@ def tensors(folder):
 
 
 def raw(t):
-    return t.contiguous().view(torch.uint8) if t.dtype.itemsize == 1 else t.contiguous().view(torch.uint8)
+    """The tensor's bytes (float8 tensors cannot be compared with torch.equal)."""
+    return t.contiguous().view(torch.uint8)
 
 
 def layer_error(h5, calib):
@@ -126,8 +127,7 @@ def capture_nl(tmp, model_dir, name):
     return out
 
 
-@needs_all
-@needs_accelerate
+@needs_all_and_accelerate
 def test_fp8_deepseek_v3_dequantizes_as_transformers_and_round_trips_byte_identical(tmp_path):
     needs_exe()
     d, written = fp8_deepseek(tmp_path)
@@ -179,8 +179,7 @@ def test_fp8_partial_edge_blocks_follow_the_deepseek_formula(tmp_path):
         assert torch.equal(raw(a[k]), raw(b[k])), k
 
 
-@needs_all
-@needs_accelerate
+@needs_all_and_accelerate
 def test_fp8_deepseek_v3_compress_exports_fp8_that_transformers_loads(tmp_path):
     needs_exe()
     d, _ = fp8_deepseek(tmp_path)
@@ -315,8 +314,7 @@ def test_mxfp4_gpt_oss_compress_exports_mxfp4_that_transformers_loads(tmp_path):
     assert tensors(tmp_path / "bf16")[p + "gate_up_proj"].dtype == torch.bfloat16
 
 
-@needs_all
-@needs_accelerate
+@needs_all_and_accelerate
 def test_f8_block_export_of_a_fused_bfloat16_qwen3_moe_loads_in_transformers(tmp_path):
     """`export --dtype f8-block` of a float checkpoint with fused [E, 2I, H] experts: written per
     expert (transformers 5.23 does not dequantize a fused FP8 gate_up_proj + _scale_inv on load);

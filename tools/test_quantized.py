@@ -16,19 +16,19 @@ when one is missing, and when smoe-compress is not built.
 """
 
 import json
-import math
 import subprocess
 import sys
 
 import pytest
 
 from optional_deps import h5py, np, optional, torch, transformers  # noqa: F401
-from optional_deps import needs_all
+from optional_deps import MISSING, needs_all
 from test_families import EXE, TEXT, capture, needs_exe, random_gpt_oss, random_router, run
 
 accelerate = optional("accelerate")
-needs_accelerate = pytest.mark.skipif(accelerate is None, reason="optional python package missing: accelerate "
-                                      "(transformers' FP8 loader needs it)")
+# transformers' FP8 loader needs accelerate: the FP8 tests name it with whatever else is missing.
+FP8_MISSING = MISSING + (["accelerate"] if accelerate is None else [])
+needs_all_and_accelerate = pytest.mark.skipif(bool(FP8_MISSING), reason=f"optional python packages missing: {', '.join(FP8_MISSING)}")
 BLOCK = (16, 16)
 
 
@@ -109,7 +109,8 @@ def tensors(folder):
 
 
 def raw(t):
-    return t.contiguous().view(torch.uint8) if t.dtype.itemsize == 1 else t.contiguous().view(torch.uint8)
+    """The tensor's bytes (float8 tensors cannot be compared with torch.equal)."""
+    return t.contiguous().view(torch.uint8)
 
 
 def layer_error(h5, calib):
@@ -126,8 +127,7 @@ def capture_nl(tmp, model_dir, name):
     return out
 
 
-@needs_all
-@needs_accelerate
+@needs_all_and_accelerate
 def test_fp8_deepseek_v3_dequantizes_as_transformers_and_round_trips_byte_identical(tmp_path):
     needs_exe()
     d, written = fp8_deepseek(tmp_path)
@@ -179,8 +179,7 @@ def test_fp8_partial_edge_blocks_follow_the_deepseek_formula(tmp_path):
         assert torch.equal(raw(a[k]), raw(b[k])), k
 
 
-@needs_all
-@needs_accelerate
+@needs_all_and_accelerate
 def test_fp8_deepseek_v3_compress_exports_fp8_that_transformers_loads(tmp_path):
     needs_exe()
     d, _ = fp8_deepseek(tmp_path)
@@ -313,3 +312,44 @@ def test_mxfp4_gpt_oss_compress_exports_mxfp4_that_transformers_loads(tmp_path):
     run("export", tmp_path / "c.h5", "-o", tmp_path / "bf16", "--dtype", "bf16")
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert tensors(tmp_path / "bf16")[p + "gate_up_proj"].dtype == torch.bfloat16
+
+
+@needs_all_and_accelerate
+def test_f8_block_export_of_a_fused_bfloat16_qwen3_moe_loads_in_transformers(tmp_path):
+    """`export --dtype f8-block` of a float checkpoint with fused [E, 2I, H] experts: written per
+    expert (transformers 5.23 does not dequantize a fused FP8 gate_up_proj + _scale_inv on load);
+    transformers' dequantized experts equal the tool's re-import of that folder bit for bit."""
+    needs_exe()
+    from safetensors.torch import load_file, save_file
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=16, num_experts_per_tok=4,
+        norm_topk_prob=True, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.Qwen3MoeForCausalLM(cfg).eval().save_pretrained(tmp_path / "src")
+    sd = load_file(str(tmp_path / "src" / "model.safetensors"))
+    out = {}
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts."
+        out[p + "gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{p}{e}.gate_proj.weight"), sd.pop(f"{p}{e}.up_proj.weight")])
+                                               for e in range(16)]).to(torch.bfloat16)
+        out[p + "down_proj"] = torch.stack([sd.pop(f"{p}{e}.down_proj.weight") for e in range(16)]).to(torch.bfloat16)
+    out.update(sd)
+    d = tmp_path / "fused"
+    d.mkdir()
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    (d / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    run("import", d, "-o", tmp_path / "m.h5")
+    run("export", tmp_path / "m.h5", "-o", tmp_path / "fp8", "--dtype", "f8-block")
+    t = tensors(tmp_path / "fp8")
+    assert t["model.layers.0.mlp.experts.3.gate_proj.weight"].dtype == torch.float8_e4m3fn
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in t
+    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(str(tmp_path / "fp8"), dtype=torch.float32).state_dict()
+    run("import", tmp_path / "fp8", "-o", tmp_path / "back.h5")
+    with h5py.File(tmp_path / "back.h5", "r") as f:
+        for layer in range(2):
+            g = f[f"moe_layers/model.layers.{layer}.mlp/experts"]
+            gu = hf[f"model.layers.{layer}.mlp.experts.gate_up_proj"].numpy()
+            assert np.array_equal(g["gate"][()].view(np.uint32), gu[:, :16].view(np.uint32))
+            assert np.array_equal(g["up"][()].view(np.uint32), gu[:, 16:].view(np.uint32))
+            assert np.array_equal(g["down"][()].view(np.uint32), hf[f"model.layers.{layer}.mlp.experts.down_proj"].numpy().view(np.uint32))

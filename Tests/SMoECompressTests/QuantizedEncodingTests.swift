@@ -66,6 +66,19 @@ final class QuantizedEncodingTests: XCTestCase {
         XCTAssertEqual(FP8E4M3.encode(3 * 0x1p-10), 0x02)  // tie between codes 1 and 2: 2
         XCTAssertEqual(FP8E4M3.encode(-0.0), 0x80)
         XCTAssertEqual(FP8E4M3.encode(.nan), 0x7F)
+        // The bit-twiddling encoder equals nearest-by-search on every code's neighbourhood (the
+        // values, the midpoints and the floats next to them) and on a million random floats.
+        var probes: [Float] = []
+        for b in 0..<0x7E {
+            let lo = FP8E4M3.decode(UInt8(b)), hi = FP8E4M3.decode(UInt8(b + 1)), mid = (lo + hi) / 2
+            probes += [lo, lo.nextUp, mid.nextDown, mid, mid.nextUp, hi.nextDown]
+        }
+        var rng = SplitMix64(seed: 9)
+        for _ in 0..<1_000_000 { probes.append(Float(bitPattern: UInt32(truncatingIfNeeded: rng.next())) ) }
+        let edges: [Float] = [0x1p-6, Float(0x1p-6).nextDown, 0x1p-130, 447.99, 448, 464, 1e30]
+        for x in probes + probes.map({ -$0 }) + edges {
+            XCTAssertEqual(FP8E4M3.encode(x), FP8E4M3.encodeBySearch(x), "\(x)")
+        }
     }
 
     func testFP8BlockPartialEdgeBlocks() {
@@ -350,5 +363,61 @@ final class QuantizedEncodingTests: XCTestCase {
         XCTAssertThrowsError(try HFImport.run(directory: dir + "/bad", output: dir + "/bad.h5")) { e in
             XCTAssertTrue("\(e)".contains("down_proj_scales") && "\(e)".contains("255"), "\(e)")
         }
+    }
+
+    func testFusedFP8ExpertsRoundTripAndCLI() throws {
+        // Fused [E, 2I, H] experts (Qwen3-MoE as transformers 5 keeps them): f8-block writes them
+        // per expert (X.weight + X.weight_scale_inv, the layout transformers dequantizes on load);
+        // importing that folder and exporting it again gives the same bytes. A fused FP8 folder
+        // (experts.gate_up_proj + experts.gate_up_proj_scale_inv [E, ⌈2I/b⌉, ⌈H/b⌉]) is read too.
+        let dir = temporaryDirectory(self)
+        let (t, c) = fakeModel(.qwen3Fused, dtype: .BF16)
+        try writeFakeModel(dir + "/src", t, config: c)
+        try HFImport.run(directory: dir + "/src", output: dir + "/m.h5")
+        let r = try runCLI(["export", dir + "/m.h5", "-o", dir + "/fp8", "--dtype", "f8-block"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("per-expert experts in fp8_e4m3_block 128x128 (F32 scales)"), r.stdout)
+        let a = try readFolder(dir + "/fp8")
+        let g = "model.layers.1.mlp.experts.2.gate_proj.weight"
+        XCTAssertEqual(a[g]?.0, .F8_E4M3)
+        XCTAssertEqual(a[g + "_scale_inv"]?.1, [1, 1])
+        XCTAssertNil(a["model.layers.1.mlp.experts.gate_up_proj"])
+        try HFImport.run(directory: dir + "/fp8", output: dir + "/q.h5")
+        let src = try SafetensorsModel(dir + "/src")
+        let w = try src.floats("model.layers.1.mlp.experts.gate_up_proj")
+        let got = try CheckpointReader(dir + "/q.h5").readLayer("model.layers.1.mlp")
+        let per = fakeI * fakeH
+        let s = a[g + "_scale_inv"]!.2.withUnsafeBytes { SafetensorsDType.F32.decode($0) }[0]
+        XCTAssertEqual(s, 1 / (448 / w[(2 * 2 * per)..<(2 * 2 * per + per)].map(\.magnitude).max()!))
+        XCTAssertEqual(got.experts[2].gate!.dense().data, a[g]!.2.map { FP8E4M3.decode($0) * s })
+        _ = try HFExport.run(checkpoint: dir + "/q.h5", outputDirectory: dir + "/again")
+        let b = try readFolder(dir + "/again")
+        XCTAssertEqual(Set(a.keys), Set(b.keys))
+        for (k, v) in a { XCTAssertTrue(v.2 == b[k]?.2, k) }
+        // A fused FP8 folder: the stacked experts with a stacked grid [E, 1, 1].
+        var fused: [FakeTensor] = t.filter { !$0.name.contains(".experts.") }
+        var want: [Float] = []
+        for l in [1, 2] {
+            let p = "model.layers.\(l).mlp.experts."
+            for (part, rows, cols) in [("gate_up_proj", 2 * fakeI, fakeH), ("down_proj", fakeH, fakeI)] {
+                let v = try src.floats(p + part)
+                let (q, sc) = FP8Block.quantize(v, batch: fakeE, rows: rows, cols: cols, block: (128, 128))
+                fused.append(FakeTensor(name: p + part, dtype: .F8_E4M3, shape: [fakeE, rows, cols], bytes: q))
+                // Layer 1, expert 2's gate: the first I rows of its [2I, H] matrix, scale sc[2].
+                if l == 1 && part == "gate_up_proj" { want = q[(2 * rows * cols)..<(2 * rows * cols + per)].map { FP8E4M3.decode($0) * sc[2] } }
+                fused.append(FakeTensor(name: p + part + "_scale_inv", dtype: .F32, shape: [fakeE, 1, 1], bytes: SafetensorsDType.F32.encode(sc)))
+            }
+        }
+        try writeFakeModel(dir + "/fused", fused, config: c + [("quantization_config", ["quant_method": "fp8", "weight_block_size": [128, 128]])])
+        try HFImport.run(directory: dir + "/fused", output: dir + "/f.h5")
+        XCTAssertEqual(try CheckpointReader(dir + "/f.h5").readLayer("model.layers.1.mlp").experts[2].gate!.dense().data, want)
+        // A bad --dtype is one line naming the option and the choices.
+        let bad = try runCLI(["export", dir + "/m.h5", "-o", dir + "/x", "--dtype", "fp4"])
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.stderr.contains("--dtype must be auto, f32, f16, bf16, f8-block, mxfp4, not 'fp4'"), bad.stderr)
+        let gpt = try runCLI(["export", dir + "/m.h5", "-o", dir + "/x", "--dtype", "mxfp4"])
+        XCTAssertNotEqual(gpt.status, 0)
+        XCTAssertTrue(gpt.stderr.hasPrefix("error: --dtype: mxfp4 is GPT-OSS's expert encoding"), gpt.stderr)
+        XCTAssertEqual(gpt.stderr.split(separator: "\n").count, 1, gpt.stderr)
     }
 }

@@ -145,6 +145,11 @@ public enum HFExport {
         if case .object(let kv)? = entry?["metadata"] { metadata = kv.compactMap { k, v in v.stringValue.map { (k, $0) } } }
         if metadata.isEmpty { metadata = [("format", "pt")] }
 
+        // FP8 experts of a fused [E, 2I, H] checkpoint are written per expert (the hub layout):
+        // transformers 5.23 dequantizes `X.weight` + `X.weight_scale_inv` pairs on load but not
+        // a fused `experts.gate_up_proj` + `_scale_inv` (it reads the FP8 bytes as they are).
+        var writeLayout = layout
+        if case .fp8 = encoding, layout == .fused, !fam.matrixNames.isEmpty { writeLayout = .perExpert }
         // Every output tensor, in natural name order, with where it comes from.
         var items: [(String, Source)] = []
         var merged: [String] = [], factored: [String] = []
@@ -165,7 +170,7 @@ public enum HFExport {
             items.append(("\(c.name).\(fam.routerSuffix)", .router(c.name)))
             if let b = fam.selectionBiasSuffix { items.append(("\(c.name).\(b)", .selectionBias(c.name))) }
             if let b = fam.routerBiasSuffix { items.append(("\(c.name).\(b)", .routerBias(c.name))) }
-            switch layout {
+            switch writeLayout {
             case .perExpert:
                 for e in 0..<c.numExperts {
                     for role in fam.matrixNames.keys {
@@ -342,7 +347,7 @@ public enum HFExport {
             throw SMoEError.file(outputDirectory, "cannot be written: \(String(cString: strerror(errno)))")
         }
         committed = true
-        return ExportReport(output: outputDirectory, family: fam, layout: layout, files: files.sorted(),
+        return ExportReport(output: outputDirectory, family: fam, layout: writeLayout, files: files.sorted(),
                             tensorCount: writer.tensorCount, tensorBytes: writer.totalBytes,
                             mergedLayers: merged, factoredLayers: factored, expertCount: expertCount,
                             synthesisedConfigGuesses: guesses, expertEncoding: encoding.description)

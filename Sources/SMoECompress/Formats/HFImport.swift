@@ -685,6 +685,7 @@ public struct ImportReport: Sendable {
         .object([
             ("output", .string(output)), ("family", .string(plan.config.family.rawValue)), ("layout", .string(plan.layout.rawValue)),
             ("expert_dtype", .string(plan.expertDType.rawValue)), ("stored_dtype", .string(stored.rawValue)),
+            ("source_encoding", plan.encoding?.json ?? .null),
             ("layers", .array(layers.map { c in
                 .object([("name", .string(c.name)), ("index", .int(c.index)), ("num_experts", .int(c.numExperts)),
                          ("top_k", .int(c.topK)), ("d_model", .int(c.dModel)), ("d_ff", .int(c.dFF)),

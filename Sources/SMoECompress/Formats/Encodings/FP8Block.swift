@@ -18,7 +18,24 @@ public enum FP8E4M3 {
 
     /// The nearest float8_e4m3fn, ties to the even code, saturating at ±448 (as torch's cast of
     /// a value already clamped to ±448); NaN → 0x7F. The sign of zero is kept.
-    public static func encode(_ x: Float) -> UInt8 {
+    @inline(__always) public static func encode(_ x: Float) -> UInt8 {
+        if x.isNaN { return 0x7F }
+        let sign: UInt8 = x.sign == .minus ? 0x80 : 0
+        let a = x.magnitude
+        if a >= maxValue { return sign | 0x7E }
+        if a < 0x1p-6 {
+            // Subnormals: multiples of 2⁻⁹ (code 8 is the smallest normal, 2⁻⁶).
+            return sign | UInt8((a * 512).rounded(.toNearestOrEven))
+        }
+        // Normal: keep 3 of float32's 23 mantissa bits, rounding to nearest even on the bits
+        // (a carry moves into the exponent); float32 exponent E ↔ e4m3 exponent E − 120.
+        let bits = a.bitPattern
+        let r = bits &+ 0x7FFFF &+ ((bits >> 20) & 1)
+        return sign | UInt8(truncatingIfNeeded: ((((r >> 23) & 0xFF) - 120) << 3) | ((r >> 20) & 7))
+    }
+
+    /// `encode` by search over the value table (the definition `encode` is tested against).
+    static func encodeBySearch(_ x: Float) -> UInt8 {
         if x.isNaN { return 0x7F }
         let sign: UInt8 = x.sign == .minus ? 0x80 : 0
         let a = x.magnitude

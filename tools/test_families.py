@@ -78,7 +78,7 @@ def check_family(tmp, cls, model_dir, groups, compact=True, expert_count_keys=()
     assert layers
     for layer in layers:
         assert layer["captured_output_error"] <= 1e-5, layer
-    ids = torch.tensor([list(TEXT[:40].encode())]) % transformers.AutoConfig.from_pretrained(str(model_dir)).vocab_size
+    ids = torch.tensor([list(TEXT[:40].encode())]) % transformers.AutoConfig.from_pretrained(str(model_dir)).get_text_config().vocab_size
     want = logits(cls, model_dir, ids)
     run("export", h5, "-o", tmp / "same")
     got = logits(cls, tmp / "same", ids)
@@ -244,3 +244,90 @@ def test_gpt_oss(tmp_path):
         g = f["moe_layers/model.layers.0.mlp"]
         assert g.attrs["router_type"] == "topk_softmax" and g.attrs["activation"] == "swiglu_oai"
         assert "gate_bias" in g["experts"] and "router/bias" in g
+
+
+QWEN_NEXT_ATTN = dict(head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                      linear_value_head_dim=16)
+
+
+def random_softmax_router(model, std=0.5):
+    g = torch.Generator().manual_seed(3)
+    for name, p in model.named_parameters():
+        if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@needs_all
+def test_qwen3_next(tmp_path):
+    """Qwen3-Next: softmax top-4 of 16, renormalised (norm_topk_prob, default true), a
+    sigmoid-gated shared expert (to /dense; the capture removes its gated contribution), linear-
+    and full-attention layers, layer 3 dense (mlp_only_layers: no router, not a MoE layer)."""
+    needs_exe()
+    cfg = transformers.Qwen3NextConfig(
+        **COMMON, num_hidden_layers=4, intermediate_size=96, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+        num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[3],
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"], **QWEN_NEXT_ATTN)
+    d = save_tiny(tmp_path, "Qwen3NextForCausalLM", cfg, init=random_softmax_router)
+    report = check_family(tmp_path, "Qwen3NextForCausalLM", d, groups=4, expert_count_keys=["num_experts"])
+    assert [l["name"] for l in report["evaluation"]["layers"]] == [f"model.layers.{i}.mlp" for i in range(3)]
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        assert f["moe_layers/model.layers.0.mlp"].attrs["router_type"] == "softmax_topk_norm"
+        assert "model.layers.0.mlp.shared_expert_gate.weight" in f["dense"]
+        assert "model.layers.3.mlp.gate_proj.weight" in f["dense"]
+
+
+def qwen3_5_config(multimodal):
+    text = dict(**COMMON, num_hidden_layers=2, moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                num_experts=16, num_experts_per_tok=4, layer_types=["linear_attention", "full_attention"], **QWEN_NEXT_ATTN)
+    if not multimodal:
+        return "Qwen3_5MoeForCausalLM", transformers.Qwen3_5MoeTextConfig(**text)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+    return "Qwen3_5MoeForConditionalGeneration", transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+
+
+def fuse_experts(folder):
+    """Rewrites a per-expert folder in the fused layout the official Qwen3.5 checkpoints use:
+    experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) and experts.down_proj [E, H, I]."""
+    import re
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(folder / "model.safetensors"))
+    out, groups = {}, {}
+    for k, v in t.items():
+        m = re.match(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", k)
+        if m:
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = v
+        else:
+            out[k] = v
+    for p, roles in groups.items():
+        n = len(roles["gate_proj"])
+        out[p + ".gate_up_proj"] = torch.stack([torch.cat([roles["gate_proj"][e], roles["up_proj"][e]]) for e in range(n)])
+        out[p + ".down_proj"] = torch.stack([roles["down_proj"][e] for e in range(n)])
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("multimodal,fused", [(True, False), (True, True), (False, False)])
+@needs_all
+def test_qwen3_5_moe(tmp_path, multimodal, fused):
+    """Qwen3.5-MoE: softmax top-4 of 16 always renormalised, gated shared expert; the multimodal
+    checkpoint keeps the decoder under model.language_model and the MoE keys in text_config (the
+    compact export sets text_config.num_experts); the fused layout of the official checkpoints
+    round-trips as fused."""
+    needs_exe()
+    cls, cfg = qwen3_5_config(multimodal)
+    d = save_tiny(tmp_path, cls, cfg, init=random_softmax_router)
+    if fused:
+        fuse_experts(d)
+    report = check_family(tmp_path, "AutoModelForCausalLM", d, groups=4)
+    prefix = "model.language_model.layers" if multimodal else "model.layers"
+    assert [l["name"] for l in report["evaluation"]["layers"]] == [f"{prefix}.{i}.mlp" for i in range(2)]
+    config = json.loads((tmp_path / "compact" / "config.json").read_text())
+    section = config["text_config"] if multimodal else config
+    assert section["num_experts"] == 4 and "num_experts" not in (config if multimodal else {})
+    names = json.loads((tmp_path / "same" / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (tmp_path / "same" / "model.safetensors.index.json").exists() else None
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "same" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys()) if names is None else set(names)
+    assert (f"{prefix}.0.mlp.experts.gate_up_proj" in keys) == fused
+    assert (f"{prefix}.0.mlp.experts.0.gate_proj.weight" in keys) == (not fused)

@@ -94,15 +94,27 @@ public enum HFExport {
             config = source
             // Every expert-count key present is updated (transformers 4.x and 5.x names differ,
             // and 5.x refuses a folder whose names disagree); none present: transformers 5's name.
-            let parsed = try? JSONValue.parse(source)
+            let root = try? JSONValue.parse(source)
+            // A multimodal wrapper's MoE keys are in its text config (the family's section).
+            let section = fam.configSection.flatMap { k -> String? in
+                if case .object? = root?[k] { return k }
+                return nil
+            }
+            let parsed = section.map { root?[$0] } ?? root
             let present = fam.numExpertsKeys.filter { parsed?[$0] != nil }
             let key = present.first ?? fam.numExpertsKey
             let given = parsed?[key]?.intValue
             if present.isEmpty || present.contains(where: { parsed?[$0]?.intValue != count }), case .object(var kv)? = parsed {
                 if present.isEmpty { kv.append((fam.numExpertsKey, .int(count))) }
                 for i in kv.indices where present.contains(kv[i].0) { kv[i].1 = .int(count) }
-                config = JSONValue.object(kv).serialized(pretty: true) + "\n"
-                expertCount = (present.isEmpty ? key : present.joined(separator: ", "), given, count)
+                var updated = JSONValue.object(kv)
+                if let sec = section, case .object(var rkv)? = root {
+                    for i in rkv.indices where rkv[i].0 == sec { rkv[i].1 = updated }
+                    updated = .object(rkv)
+                }
+                config = updated.serialized(pretty: true) + "\n"
+                let shown = (present.isEmpty ? [key] : present).map { (section.map { $0 + "." } ?? "") + $0 }
+                expertCount = (shown.joined(separator: ", "), given, count)
             }
         } else {
             let (text, guessed) = try synthesiseConfig(reader, family: fam, dtype: expertDT)

@@ -7,6 +7,9 @@ public enum BlockNamePart: Sendable, Equatable {
     case word([String])
     /// A layer or block number (ASCII digits), shown as `symbol` in messages.
     case index(_ symbol: String)
+    /// One of these words or nothing (a multimodal wrapper's `language_model`, present in the
+    /// checkpoints of the wrapper class and absent in those of the text-only class).
+    case optionalWord([String])
 }
 
 /// Where a family's `config.json` gives the experts each token uses.
@@ -20,8 +23,9 @@ public enum TopKRule: Sendable, Equatable {
 /// How a family's router weights its top-k experts.
 public enum RouterTypeRule: Sendable, Equatable {
     case fixed(RouterType)
-    /// A boolean key: true → softmax_topk_norm; false, null or absent → softmax_topk.
-    case normalisedIf(String)
+    /// A boolean key: true → softmax_topk_norm; false → softmax_topk; absent or null → `default`
+    /// (the transformers config class's default: false but for Qwen3-Next).
+    case normalisedIf(String, default: Bool = false)
     /// A boolean key: true → sigmoid_topk_norm, false → sigmoid_topk; absent or null → `default`
     /// (the transformers config class's default).
     case sigmoidNormalisedIf(String, default: Bool)
@@ -104,6 +108,10 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     /// whether it runs an encoder and a decoder (whose inputs are the text shifted right).
     public let transformersClass: String
     public let encoderDecoder: Bool
+    /// The config.json object that holds the MoE keys when the root has it (`text_config` of a
+    /// multimodal wrapper: Qwen3.5-MoE, Llama-4); nil: the root. Export writes the expert count
+    /// back there.
+    public let configSection: String?
 
     public var description: String { rawValue }
     public static func == (a: ModelFamily, b: ModelFamily) -> Bool { a.rawValue == b.rawValue }
@@ -123,7 +131,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
          requirements: [ConfigRequirement] = [], groupKeys: (groups: DefaultedKey, topKGroups: DefaultedKey)? = nil,
          scalingKey: DefaultedKey? = nil, selectionBiasSuffix: String? = nil, layerCountKey: String? = nil,
          routerBiasSuffix: String? = nil, fusedInputMajorInterleaved: Bool = false, fixedActivation: Activation? = nil,
-         transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false) {
+         transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false, configSection: String? = nil) {
         self.rawValue = rawValue
         self.displayName = displayName
         self.modelTypes = modelTypes
@@ -150,6 +158,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         self.fixedActivation = fixedActivation
         self.transformersClass = transformersClass
         self.encoderDecoder = encoderDecoder
+        self.configSection = configSection
     }
 
     // MARK: The table
@@ -227,9 +236,26 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         requirements: [.number(key: "swiglu_alpha", equals: 1.702), .number(key: "swiglu_limit", equals: 7)],
         routerBiasSuffix: "router.bias", fusedInputMajorInterleaved: true, fixedActivation: .swiglu_oai)
 
+    /// Qwen3-Next: Qwen3-MoE's softmax router (renormalised unless `norm_topk_prob` is false; the
+    /// config class defaults it to true) with a sigmoid-gated shared expert (to /dense); linear-
+    /// and full-attention layers, dense MLPs in `mlp_only_layers` (no router: not MoE layers).
+    public static let qwen3Next = ModelFamily(
+        "qwen3-next", "Qwen3-Next", modelTypes: ["qwen3_next"], architectures: ["Qwen3NextForCausalLM"], block: decoderMLP,
+        routerType: .normalisedIf("norm_topk_prob", default: true), numExpertsKey: "num_experts")
+    /// Qwen3.5-MoE / Qwen3.6-MoE: softmax top-k always renormalised (transformers has no
+    /// `norm_topk_prob` for it), a sigmoid-gated shared expert (to /dense), every layer MoE. The
+    /// multimodal checkpoint (`Qwen3_5MoeForConditionalGeneration`) keeps the decoder under
+    /// `model.language_model.layers.L` and its MoE keys in `text_config`; the text-only one under
+    /// `model.layers.L`. Per-expert or fused (`experts.gate_up_proj [E, 2I, H]`) on disk.
+    public static let qwen35MoE = ModelFamily(
+        "qwen3.5-moe", "Qwen3.5-MoE", modelTypes: ["qwen3_5_moe", "qwen3_5_moe_text"],
+        architectures: ["Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM"],
+        block: [.word(["model"]), .optionalWord(["language_model"]), .word(["layers"]), .index("L"), .word(["mlp"])],
+        routerType: .fixed(.softmax_topk_norm), numExpertsKey: "num_experts", configSection: "text_config")
+
     /// Every family `import` and `export` understand.
     public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek,
-                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss]
+                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss, .qwen3Next, .qwen35MoE]
 
     /// Every config.json key that may hold the expert count, transformers 5's name first.
     public var numExpertsKeys: [String] { [numExpertsKey] + numExpertsAliases }
@@ -267,29 +293,45 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             switch p {
             case .index(let s): return s
             case .word(let w): return w.count == 1 ? w[0] : "{" + w.joined(separator: "|") + "}"
+            case .optionalWord(let w): return "[" + w.joined(separator: "|") + "]"
             }
         }.joined(separator: ".")
     }
 
     /// The MoE block prefix of a tensor name and the rest, when the name lies in a place where
-    /// this family keeps its MoE blocks.
+    /// this family keeps its MoE blocks. An optional word is taken when the name has it.
     func splitBlock(_ name: String) -> (prefix: String, rest: [String])? {
         let parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count > block.count else { return nil }
-        for (s, p) in zip(parts, block) {
-            switch p {
-            case .index: guard !s.isEmpty, s.allSatisfy(\.isASCII), s.allSatisfy(\.isNumber) else { return nil }
-            case .word(let w): guard w.contains(s) else { return nil }
+        guard let (used, _) = matchBlock(parts), parts.count > used else { return nil }
+        return (parts[0..<used].joined(separator: "."), Array(parts[used...]))
+    }
+
+    /// How many leading name parts the block pattern takes and the position of its first layer
+    /// number among them (nil when the parts do not start with a block name).
+    func matchBlock(_ parts: [String]) -> (used: Int, index: Int?)? {
+        func match(_ i: Int, _ b: Int, _ index: Int?) -> (Int, Int?)? {
+            if b == block.count { return (i, index) }
+            switch block[b] {
+            case .optionalWord(let w):
+                if i < parts.count, w.contains(parts[i]), let m = match(i + 1, b + 1, index) { return m }
+                return match(i, b + 1, index)
+            case .word(let w):
+                guard i < parts.count, w.contains(parts[i]) else { return nil }
+                return match(i + 1, b + 1, index)
+            case .index:
+                let s = i < parts.count ? parts[i] : ""
+                guard !s.isEmpty, s.allSatisfy(\.isASCII), s.allSatisfy(\.isNumber) else { return nil }
+                return match(i + 1, b + 1, index ?? i)
             }
         }
-        return (parts[0..<block.count].joined(separator: "."), Array(parts[block.count...]))
+        return match(0, 0, nil).map { (used: $0.0, index: $0.1) }
     }
 
     /// The first layer number of a block prefix (`model.layers.61.mlp` → 61).
     func layerNumber(_ prefix: String) -> Int? {
         let parts = prefix.split(separator: ".").map(String.init)
-        for (s, p) in zip(parts, block) { if case .index = p { return Int(s) } }
-        return nil
+        guard let i = matchBlock(parts)?.index else { return nil }
+        return Int(parts[i])
     }
 
     /// Import's layer order: by the first name part's word order (encoder before decoder), then
@@ -317,7 +359,9 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             }
             switch f.routerType {
             case .fixed(let t): out.append(("router_type", .string(t.rawValue)))
-            case .normalisedIf(let k): out.append(("router_type_normalised_if", .string(k)))
+            case .normalisedIf(let k, let d):
+                out.append(("router_type_normalised_if", .string(k)))
+                if d { out.append(("router_type_normalised_default", .bool(true))) }
             case .sigmoidNormalisedIf(let k, let d):
                 out.append(("router_type_sigmoid_normalised_if", .object([("key", .string(k)), ("default", .bool(d))])))
             }
@@ -350,6 +394,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
                         switch p {
                         case .word(let w): return .object([("words", JSONValue(w))])
                         case .index(let s): return .object([("index", .string(s))])
+                        case .optionalWord(let w): return .object([("words", JSONValue(w)), ("optional", .bool(true))])
                         }
                     })),
                     ("block_pattern", .string(f.blockPattern)), ("router_suffix", .string(f.routerSuffix)),
@@ -357,7 +402,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
                     ("matrix_names", sorted(f.matrixNames)), ("fused_names", sorted(f.fusedNames)),
                 ] + rules(f) + [
                     ("transformers_class", .string(f.transformersClass)), ("encoder_decoder", .bool(f.encoderDecoder)),
-                ])
+                ] + (f.configSection.map { [("config_section", .string($0))] } ?? []))
             })),
         ])
     }

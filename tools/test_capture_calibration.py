@@ -190,7 +190,7 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
             "glm4_moe", "minimax_m2", "gpt_oss", "qwen3_next"]
 # Families whose decoder may sit inside a multimodal wrapper: whole-model capture only (checked in
 # test_families.py); --layerwise refuses them in one line.
-WHOLE_MODEL_ONLY = {"qwen3_5_moe", "qwen3_5_moe_text"}
+WHOLE_MODEL_ONLY = {"qwen3_5_moe", "qwen3_5_moe_text", "llama4", "llama4_text"}
 
 
 def test_tiny_models_cover_the_family_table():

@@ -331,3 +331,87 @@ def test_qwen3_5_moe(tmp_path, multimodal, fused):
         keys = set(f.keys()) if names is None else set(names)
     assert (f"{prefix}.0.mlp.experts.gate_up_proj" in keys) == fused
     assert (f"{prefix}.0.mlp.experts.0.gate_proj.weight" in keys) == (not fused)
+
+
+def llama4_config(multimodal):
+    text = dict(**COMMON, num_hidden_layers=2, intermediate_size=24, intermediate_size_mlp=96, num_local_experts=16,
+                num_experts_per_tok=1, interleave_moe_layer_step=1 if multimodal else 2, head_dim=16,
+                attention_chunk_size=32)
+    if not multimodal:
+        return "Llama4ForCausalLM", transformers.Llama4TextConfig(**text)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    return "Llama4ForConditionalGeneration", transformers.Llama4Config(text_config=text, vision_config=vision)
+
+
+def random_llama4(model):
+    """Router logits spread enough that σ(z) is far from constant, and experts large enough that
+    scaling the input differs from scaling the output."""
+    g = torch.Generator().manual_seed(4)
+    for name, p in model.named_parameters():
+        if name.endswith("feed_forward.router.weight"):  # z of order 1: σ(z) spread over (0, 1)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+        elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("multimodal", [False, True])
+@needs_all
+def test_llama4(tmp_path, multimodal):
+    """Llama-4: top-1 of 16 logits, σ(z) multiplies the expert INPUT (topk_sigmoid_input);
+    input-major fused gate_up_proj [E, H, 2I] (gate half, up half) and down_proj [E, I, H];
+    an ungated shared expert (to /dense); text-only with interleave step 2 (layer 0 dense), and
+    the multimodal wrapper (language_model.model.layers, MoE keys in text_config). Compact is
+    refused (a sigmoid router); merge -> export loads."""
+    needs_exe()
+    cls, cfg = llama4_config(multimodal)
+    d = save_tiny(tmp_path, cls, cfg, init=random_llama4)
+    report = check_family(tmp_path, "AutoModelForCausalLM", d, groups=4, compact=False)
+    prefix = "language_model.model.layers" if multimodal else "model.layers"
+    want = [f"{prefix}.{i}.feed_forward" for i in ([0, 1] if multimodal else [1])]
+    assert [l["name"] for l in report["evaluation"]["layers"]] == want
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        g = f["moe_layers/" + want[-1]]
+        assert g.attrs["router_type"] == "topk_sigmoid_input" and g.attrs["top_k"] == 1
+        assert f"{want[-1]}.shared_expert.up_proj.weight" in f["dense"]
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    section = config["text_config"] if multimodal else config
+    assert section["num_local_experts"] == 16  # E-slot merge: router slots unchanged
+    r = subprocess.run([str(EXE), "merge", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "4",
+                        "--router", "compact", "-o", str(tmp_path / "refused.h5")], capture_output=True, text=True)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "topk_sigmoid_input" in r.stderr, r.stderr
+    r = subprocess.run([str(EXE), "compress", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "4",
+                        "--rank", "4", "-o", str(tmp_path / "refused.h5")], capture_output=True, text=True)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "scales the expert input" in r.stderr, r.stderr
+    # Merging only (RegMean with the scaled inputs), exported and loaded.
+    run("compress", tmp_path / "m.h5", "--calib", tmp_path / "calib.h5", "--groups", 4, "-o", tmp_path / "c.h5")
+    run("export", tmp_path / "c.h5", "-o", tmp_path / "compressed")
+    ids = torch.tensor([list(TEXT[:40].encode())]) % 128
+    assert torch.isfinite(logits("AutoModelForCausalLM", tmp_path / "compressed", ids)).all()
+
+
+@needs_all
+def test_llama4_input_scaling_matters(tmp_path):
+    """The imported layer evaluated as if σ(z) scaled the expert output is far from transformers
+    (so the ≤ 1e-5 agreement above checks the input scaling, not a coincidence)."""
+    cls, cfg = llama4_config(False)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(cfg).eval()
+    with torch.no_grad():
+        random_llama4(model)
+    moe = model.model.layers[1].feed_forward
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        want = moe(x)[0] - moe.shared_expert(x)
+        z = moe.router(x)[1]
+        idx = z.argmax(-1)
+        w = torch.sigmoid(z.gather(1, idx[:, None]))
+        gu, dn = moe.experts.gate_up_proj[idx], moe.experts.down_proj[idx]
+
+        def expert(v):
+            h = torch.einsum("th,thj->tj", v, gu)
+            g, u = h.chunk(2, -1)
+            return torch.einsum("ti,tih->th", u * torch.nn.functional.silu(g), dn)
+        scale = want.abs().max()
+        assert (expert(w * x) - want).abs().max() <= 1e-5 * scale
+        assert (w * expert(x) - want).abs().max() > 0.1 * scale

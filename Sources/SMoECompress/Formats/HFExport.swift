@@ -257,16 +257,31 @@ public enum HFExport {
                 let c = m.config
                 var values: [Float] = []
                 values.reserveCapacity(c.numExperts * c.dFF * c.dModel * (part == "gate_up" ? 2 : 1))
+                let H = c.dModel, I = c.dFF
                 for slot in 0..<c.numExperts {
                     let x = m.experts[m.storedIndex(slot: slot)]
-                    if part == "gate_up" {
+                    if fam.fusedInputMajorHalves {
+                        // Llama-4: [E, H, 2I] (gate columns, then up columns) and [E, I, H].
+                        if part == "gate_up" {
+                            let g = x.gate!.dense(), u = x.up.dense()
+                            var v = [Float](repeating: 0, count: H * 2 * I)
+                            for h in 0..<H { for i in 0..<I { v[h * 2 * I + i] = g.data[i * H + h]; v[h * 2 * I + I + i] = u.data[i * H + h] } }
+                            values += v
+                        } else {
+                            let d = x.down.dense()
+                            var v = [Float](repeating: 0, count: I * H)
+                            for i in 0..<I { for h in 0..<H { v[i * H + h] = d.data[h * I + i] } }
+                            values += v
+                        }
+                    } else if part == "gate_up" {
                         values += x.gate!.dense().data
                         values += x.up.dense().data
                     } else {
                         values += x.down.dense().data
                     }
                 }
-                let shape = part == "gate_up" ? [c.numExperts, 2 * c.dFF, c.dModel] : [c.numExperts, c.dModel, c.dFF]
+                let shape = fam.fusedInputMajorHalves ? (part == "gate_up" ? [c.numExperts, H, 2 * I] : [c.numExperts, I, H])
+                    : part == "gate_up" ? [c.numExperts, 2 * I, H] : [c.numExperts, H, I]
                 try writer.add(name, dtype: expertDT, shape: shape, bytes: expertDT.encode(values))
             }
         }

@@ -414,12 +414,15 @@ public enum HFImport {
                 guard let gu = f["gate_up"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "gate_up", suffix: suffix))") }
                 guard let dn = f["down"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "down", suffix: suffix))") }
                 let gi = try model.info(gu), di = try model.info(dn)
-                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[2] == H, gi.shape[1] >= 2, gi.shape[1] % 2 == 0 else {
-                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), 2·d_ff, \(H)] (\(E) router slots, d_model \(H))")
+                // [E, 2I, H] and [E, H, I]; Llama-4: input-major [E, H, 2I] and [E, I, H].
+                let inMajor = family.fusedInputMajorHalves
+                let (hAxis, iAxis) = inMajor ? (1, 2) : (2, 1)
+                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[hAxis] == H, gi.shape[iAxis] >= 2, gi.shape[iAxis] % 2 == 0 else {
+                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not \(inMajor ? "[\(E), \(H), 2·d_ff]" : "[\(E), 2·d_ff, \(H)]") (\(E) router slots, d_model \(H))")
                 }
-                let I = gi.shape[1] / 2
-                guard di.shape == [E, H, I] else {
-                    throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not [\(E), \(H), \(I)]")
+                let I = gi.shape[iAxis] / 2
+                guard di.shape == (inMajor ? [E, I, H] : [E, H, I]) else {
+                    throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not \(inMajor ? [E, I, H] : [E, H, I])")
                 }
                 guard gi.dtype == di.dtype, gi.dtype.isFloat else {
                     throw SMoEError.dataset(where_(dn), dn, "dtype \(di.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
@@ -528,6 +531,23 @@ public enum HFImport {
             let gu = try finite(try model.floats(src.fused["gate_up"]!), src.fused["gate_up"]!)
             let dn = try finite(try model.floats(src.fused["down"]!), src.fused["down"]!)
             let per = I * H
+            if c.family.fusedInputMajorHalves {
+                // [E, H, 2I]: column i of expert e's block is gate row i, column I + i up row i;
+                // [E, I, H]: down transposed.
+                for e in 0..<E {
+                    var gate = Matrix(rows: I, cols: H), up = Matrix(rows: I, cols: H), down = Matrix(rows: H, cols: I)
+                    let base = e * 2 * per
+                    for h in 0..<H {
+                        for i in 0..<I {
+                            gate.data[i * H + h] = gu[base + h * 2 * I + i]
+                            up.data[i * H + h] = gu[base + h * 2 * I + I + i]
+                        }
+                    }
+                    for i in 0..<I { for h in 0..<H { down.data[h * I + i] = dn[e * per + i * H + h] } }
+                    experts.append(Expert(up: up, gate: gate, down: down))
+                }
+                break
+            }
             for e in 0..<E {
                 let base = e * 2 * per
                 experts.append(Expert(up: Matrix(rows: I, cols: H, data: Array(gu[(base + per)..<(base + 2 * per)])),

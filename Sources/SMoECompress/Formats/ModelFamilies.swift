@@ -102,6 +102,9 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     /// (false), or GPT-OSS's input-major `[E, H, 2I]` with gate and up interleaved along the last
     /// axis (even gate, odd up), `[E, I, H]`, and biases `<fusedNames[part]>_bias` (true).
     public let fusedInputMajorInterleaved: Bool
+    /// Llama-4's fused layout: input-major `[E, H, 2I]` with each expert's gate columns then its
+    /// up columns (halves, `x @ W` convention), `[E, I, H]`, no biases.
+    public let fusedInputMajorHalves: Bool
     /// The expert activation when the family fixes it (GPT-OSS: swiglu_oai; `hidden_act` unread).
     public let fixedActivation: Activation?
     /// What `tools/capture_calibration.py` loads the model with (a `transformers` class), and
@@ -130,7 +133,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
          numExpertsAliases: [String] = [], topK: TopKRule = .key("num_experts_per_tok"), activationKey: String = "hidden_act", defaultActivation: String = "silu",
          requirements: [ConfigRequirement] = [], groupKeys: (groups: DefaultedKey, topKGroups: DefaultedKey)? = nil,
          scalingKey: DefaultedKey? = nil, selectionBiasSuffix: String? = nil, layerCountKey: String? = nil,
-         routerBiasSuffix: String? = nil, fusedInputMajorInterleaved: Bool = false, fixedActivation: Activation? = nil,
+         routerBiasSuffix: String? = nil, fusedInputMajorInterleaved: Bool = false, fusedInputMajorHalves: Bool = false, fixedActivation: Activation? = nil,
          transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false, configSection: String? = nil) {
         self.rawValue = rawValue
         self.displayName = displayName
@@ -155,6 +158,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         self.layerCountKey = layerCountKey
         self.routerBiasSuffix = routerBiasSuffix
         self.fusedInputMajorInterleaved = fusedInputMajorInterleaved
+        self.fusedInputMajorHalves = fusedInputMajorHalves
         self.fixedActivation = fixedActivation
         self.transformersClass = transformersClass
         self.encoderDecoder = encoderDecoder
@@ -253,9 +257,21 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         block: [.word(["model"]), .optionalWord(["language_model"]), .word(["layers"]), .index("L"), .word(["mlp"])],
         routerType: .fixed(.softmax_topk_norm), numExpertsKey: "num_experts", configSection: "text_config")
 
+    /// Llama-4 (Scout, Maverick): top-1 of the router logits, weight σ(z) applied to the expert's
+    /// INPUT (`topk_sigmoid_input`); fused input-major experts `[E, H, 2I]` (gate half, up half)
+    /// and `[E, I, H]`; an ungated `shared_expert` (to /dense); dense layers outside `moe_layers`
+    /// (no router). The multimodal checkpoint (`llama4`) keeps the decoder under
+    /// `language_model.model.layers.L` and its MoE keys in `text_config`.
+    public static let llama4 = ModelFamily(
+        "llama4", "Llama-4", modelTypes: ["llama4", "llama4_text"],
+        architectures: ["Llama4ForConditionalGeneration", "Llama4ForCausalLM"],
+        block: [.optionalWord(["language_model"]), .word(["model"]), .word(["layers"]), .index("L"), .word(["feed_forward"])],
+        routerSuffix: "router.weight", routerType: .fixed(.topk_sigmoid_input), numExpertsKey: "num_local_experts",
+        fusedInputMajorHalves: true, configSection: "text_config")
+
     /// Every family `import` and `export` understand.
     public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek,
-                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss, .qwen3Next, .qwen35MoE]
+                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss, .qwen3Next, .qwen35MoE, .llama4]
 
     /// Every config.json key that may hold the expert count, transformers 5's name first.
     public var numExpertsKeys: [String] { [numExpertsKey] + numExpertsAliases }
@@ -373,6 +389,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             if let k = f.layerCountKey { out.append(("layer_count_key", .string(k))) }
             if let b = f.routerBiasSuffix { out.append(("router_bias_suffix", .string(b))) }
             if f.fusedInputMajorInterleaved { out.append(("fused_input_major_interleaved", .bool(true))) }
+            if f.fusedInputMajorHalves { out.append(("fused_input_major_halves", .bool(true))) }
             if let a = f.fixedActivation { out.append(("fixed_activation", .string(a.rawValue))) }
             out += [("activation_key", .string(f.activationKey)), ("default_activation", .string(f.defaultActivation))]
             out.append(("requirements", .object(f.requirements.map { r in

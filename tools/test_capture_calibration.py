@@ -183,11 +183,14 @@ def tiny_configs():
             num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_value_heads=2,
             linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
             layer_types=["linear_attention", "full_attention"])),
+        "ernie4_5_moe": lambda: t.Ernie4_5_MoeForCausalLM(t.Ernie4_5_MoeConfig(
+            **common, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2, moe_num_experts=4, moe_k=2,
+            moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=1, head_dim=8)),
     }
 
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "switch_transformers",
-            "glm4_moe", "minimax_m2", "gpt_oss", "qwen3_next"]
+            "glm4_moe", "minimax_m2", "gpt_oss", "qwen3_next", "ernie4_5_moe"]
 # Families whose decoder may sit inside a multimodal wrapper: whole-model capture only (checked in
 # test_families.py); --layerwise refuses them in one line.
 WHOLE_MODEL_ONLY = {"qwen3_5_moe", "qwen3_5_moe_text", "llama4", "llama4_text"}

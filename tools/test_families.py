@@ -415,3 +415,42 @@ def test_llama4_input_scaling_matters(tmp_path):
         scale = want.abs().max()
         assert (expert(w * x) - want).abs().max() <= 1e-5 * scale
         assert (w * expert(x) - want).abs().max() > 0.1 * scale
+
+
+def random_ernie(model):
+    """Router rows large enough that the choice matters and a selection bias of the size of the
+    probabilities (softmax over 16: about 1/16), so it changes the choice."""
+    g = torch.Generator().manual_seed(5)
+    for name, p in model.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        elif name.endswith("e_score_correction_bias"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@needs_all
+def test_ernie4_5_moe(tmp_path):
+    """ERNIE-4.5-MoE: float32 router, softmax, a [1, E] selection bias (moe_statics) for the
+    choice only, weights / max(sum, 1e-12); a shared expert (to /dense); layer 0 dense
+    (moe_layer_start_index 1). Compact is refused (a selection bias); pruning keeps the kept
+    slots' biases and loads as a standard 8-expert model."""
+    needs_exe()
+    cfg = transformers.Ernie4_5_MoeConfig(
+        **COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=16, moe_num_experts=16, moe_k=4,
+        moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, head_dim=16)
+    d = save_tiny(tmp_path, "Ernie4_5_MoeForCausalLM", cfg, init=random_ernie)
+    report = check_family(tmp_path, "Ernie4_5_MoeForCausalLM", d, groups=4, compact=False)
+    assert [l["name"] for l in report["evaluation"]["layers"]] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    with h5py.File(tmp_path / "m.h5", "r") as f:
+        g = f["moe_layers/model.layers.1.mlp"]
+        assert g.attrs["router_type"] == "softmax_topk_norm" and np.abs(g["router/selection_bias"][()]).max() > 0
+        assert "model.layers.1.mlp.shared_experts.up_proj.weight" in f["dense"]
+    r = subprocess.run([str(EXE), "merge", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "4",
+                        "--router", "compact", "-o", str(tmp_path / "refused.h5")], capture_output=True, text=True)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    run("merge", tmp_path / "m.h5", "--calib", tmp_path / "calib.h5", "--groups", 8, "--prune", "reap", "-o", tmp_path / "p.h5")
+    run("export", tmp_path / "p.h5", "-o", tmp_path / "pruned")
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["moe_num_experts"] == 8
+    ids = torch.tensor([list(TEXT[:40].encode())]) % 128
+    assert torch.isfinite(logits("Ernie4_5_MoeForCausalLM", tmp_path / "pruned", ids)).all()

@@ -199,7 +199,8 @@ public enum HFExport {
                 let m = try layer(l)
                 // A layer without one routes as with zeros (transformers' initial value).
                 let b = m.selectionBias ?? [Float](repeating: 0, count: m.config.numExperts)
-                try writer.add(name, dtype: biasDT, shape: [m.config.numExperts], bytes: biasDT.encode(b))
+                try writer.add(name, dtype: biasDT, shape: fam.selectionBiasRowVector ? [1, m.config.numExperts] : [m.config.numExperts],
+                               bytes: biasDT.encode(b))
             case .routerBias(let l):
                 let m = try layer(l)
                 let b = m.routerBias ?? [Float](repeating: 0, count: m.config.numExperts)

@@ -368,8 +368,9 @@ public enum HFImport {
                     throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix) (\(family.displayName) routers choose experts with it)")
                 }
                 let bi = try model.info(b)
-                guard bi.shape == [E], bi.dtype.isFloat else {
-                    throw SMoEError.dataset(where_(b), b, "must be a float vector [\(E)] (one per router row), is \(bi.dtype.rawValue) \(bi.shape)")
+                let want = family.selectionBiasRowVector ? [1, E] : [E]
+                guard bi.shape == want, bi.dtype.isFloat else {
+                    throw SMoEError.dataset(where_(b), b, "must be a float vector \(want) (one per router row), is \(bi.dtype.rawValue) \(bi.shape)")
                 }
                 biasDTypes.insert(bi.dtype)
                 selectionBias = b

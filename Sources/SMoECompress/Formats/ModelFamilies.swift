@@ -92,6 +92,8 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     /// The selection-only bias tensor relative to the block (`gate.e_score_correction_bias`),
     /// required in every MoE layer when set.
     public let selectionBiasSuffix: String?
+    /// The selection bias is stored `[1, E]` (ERNIE-4.5's `moe_statics`), not `[E]`.
+    public let selectionBiasRowVector: Bool
     /// config.json key of the decoder's layer count when blocks numbered at or beyond it are not
     /// part of the model transformers runs (DeepSeek-V3 / GLM-4.5 multi-token-prediction layers,
     /// `model.layers.61.*`): those go to `/dense` untouched.
@@ -132,7 +134,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
          fusedNames: [String: String] = ["gate_up": "gate_up_proj", "down": "down_proj"], numExpertsKey: String,
          numExpertsAliases: [String] = [], topK: TopKRule = .key("num_experts_per_tok"), activationKey: String = "hidden_act", defaultActivation: String = "silu",
          requirements: [ConfigRequirement] = [], groupKeys: (groups: DefaultedKey, topKGroups: DefaultedKey)? = nil,
-         scalingKey: DefaultedKey? = nil, selectionBiasSuffix: String? = nil, layerCountKey: String? = nil,
+         scalingKey: DefaultedKey? = nil, selectionBiasSuffix: String? = nil, selectionBiasRowVector: Bool = false, layerCountKey: String? = nil,
          routerBiasSuffix: String? = nil, fusedInputMajorInterleaved: Bool = false, fusedInputMajorHalves: Bool = false, fixedActivation: Activation? = nil,
          transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false, configSection: String? = nil) {
         self.rawValue = rawValue
@@ -155,6 +157,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         self.groupKeys = groupKeys
         self.scalingKey = scalingKey
         self.selectionBiasSuffix = selectionBiasSuffix
+        self.selectionBiasRowVector = selectionBiasRowVector
         self.layerCountKey = layerCountKey
         self.routerBiasSuffix = routerBiasSuffix
         self.fusedInputMajorInterleaved = fusedInputMajorInterleaved
@@ -269,9 +272,20 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         routerSuffix: "router.weight", routerType: .fixed(.topk_sigmoid_input), numExpertsKey: "num_local_experts",
         fusedInputMajorHalves: true, configSection: "text_config")
 
+    /// ERNIE-4.5-MoE: softmax scores, the `moe_statics.e_score_correction_bias` [1, E] for the
+    /// choice only, the k weights divided by max(Σ, moe_norm_min) (the clamp never acts for
+    /// moe_norm_min ≤ 1/E: the largest of E probabilities is ≥ 1/E; other values are refused);
+    /// ungated `shared_experts` (to /dense); dense layers outside the MoE interval (no router).
+    /// The router is float32 in the checkpoints.
+    public static let ernie45MoE = ModelFamily(
+        "ernie4.5-moe", "ERNIE-4.5-MoE", modelTypes: ["ernie4_5_moe"], architectures: ["Ernie4_5_MoeForCausalLM"],
+        block: decoderMLP, routerType: .fixed(.softmax_topk_norm), numExpertsKey: "moe_num_experts",
+        numExpertsAliases: ["num_experts"], topK: .key("moe_k"), requirements: [.number(key: "moe_norm_min", equals: 1e-12)],
+        selectionBiasSuffix: "moe_statics.e_score_correction_bias", selectionBiasRowVector: true)
+
     /// Every family `import` and `export` understand.
     public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek,
-                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss, .qwen3Next, .qwen35MoE, .llama4]
+                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss, .qwen3Next, .qwen35MoE, .llama4, .ernie45MoE]
 
     /// Every config.json key that may hold the expert count, transformers 5's name first.
     public var numExpertsKeys: [String] { [numExpertsKey] + numExpertsAliases }
@@ -386,6 +400,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             }
             if let k = f.scalingKey { out.append(("scaling_key", .object([(k.key, .double(k.value))]))) }
             if let b = f.selectionBiasSuffix { out.append(("selection_bias_suffix", .string(b))) }
+            if f.selectionBiasRowVector { out.append(("selection_bias_row_vector", .bool(true))) }
             if let k = f.layerCountKey { out.append(("layer_count_key", .string(k))) }
             if let b = f.routerBiasSuffix { out.append(("router_bias_suffix", .string(b))) }
             if f.fusedInputMajorInterleaved { out.append(("fused_input_major_interleaved", .bool(true))) }

@@ -91,7 +91,7 @@ public enum CompactRouter {
     public static func compact(_ merged: MoELayer, frequency: [Double], tokens: TokenBlocks,
                                options: CompactRouterOptions = CompactRouterOptions()) throws -> (layer: MoELayer, report: CompactRouterReport) {
         guard merged.config.isPlainSoftmaxRouting, merged.selectionBias == nil else {
-            throw SMoEError("\(merged.name): the compact router fit models softmax routing without a selection bias, groups or scaling (this layer routes by \(merged.config.routerType.rawValue))")
+            throw SMoEError("\(merged.name): the compact router fit models softmax routing without a selection bias, groups or scaling (this layer routes by \(merged.config.routerType.rawValue)\(merged.selectionBias != nil ? " with a selection bias" : ""))")
         }
         let groups = groups(of: merged)
         if let empty = groups.firstIndex(where: \.isEmpty) {

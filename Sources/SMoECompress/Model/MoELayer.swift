@@ -216,6 +216,14 @@ public struct LayerConfig: Sendable, Equatable {
         (routerType == .softmax_topk || routerType == .softmax_topk_norm) && numGroups == 1 && routedScalingFactor == 1
     }
 
+    /// True when the compact router fit models this routing: the two plain softmax forms, and
+    /// GPT-OSS's top-k-then-softmax (its G rows and router bias fitted to the same group-summed
+    /// softmax of the slot logits; with one slot per group the fitted logits differ from the
+    /// slots' by a constant, which top-k-then-softmax ignores), without groups or scaling.
+    public var compactRouterFits: Bool {
+        isPlainSoftmaxRouting || (routerType == .topk_softmax && numGroups == 1 && routedScalingFactor == 1)
+    }
+
     /// Why these routing settings cannot be computed (nil when they can): a one-line reason.
     public var routingProblem: String? {
         if numGroups < 1 || topKGroups < 1 || topKGroups > numGroups {

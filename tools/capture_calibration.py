@@ -106,16 +106,29 @@ def supported_model_types():
     return [t for f in load_families() for t in f["model_types"]]
 
 
+def block_pattern_text(family):
+    """The block name as a regex: an optional word (a multimodal wrapper's `language_model`) may
+    be absent; the first layer number is the group `L`."""
+    out, seen_index = "", False
+    for p in family["block"]:
+        if "index" in p:
+            piece = r"\d+" if seen_index else r"(?P<L>\d+)"
+            seen_index = True
+        else:
+            piece = "(?:" + "|".join(map(re.escape, p["words"])) + ")"
+        out += f"(?:{piece}\\.)?" if p.get("optional") else piece + r"\."
+    return out[:-2]  # the last part is never optional
+
+
 def block_regex(family):
     """Matches a router tensor name; group 1 is the MoE block prefix (import's layer name)."""
-    parts = [r"\d+" if "index" in p else "(?:" + "|".join(map(re.escape, p["words"])) + ")" for p in family["block"]]
-    return re.compile("^(" + r"\.".join(parts) + ")" + re.escape("." + family["router_suffix"]) + "$")
+    return re.compile("^(" + block_pattern_text(family) + ")" + re.escape("." + family["router_suffix"]) + "$")
 
 
 def stack_order(family, prefix):
     """Import's layer order: the first name part's word order (encoder before decoder)."""
     first = family["block"][0]
-    words = first.get("words", [])
+    words = [] if first.get("optional") else first.get("words", [])
     head = prefix.split(".")[0]
     return words.index(head) if head in words else 0
 
@@ -129,11 +142,11 @@ def moe_layers(model_dir, family, config=None):
     numbered at or beyond the family's layer count (DeepSeek-V3 / GLM-4.5 multi-token-prediction
     layers, which transformers does not run) are not MoE layers, as in import."""
     pat = block_regex(family)
-    prefixes = [m.group(1) for m in map(pat.match, tensor_names(model_dir)) if m]
+    matches = [m for m in map(pat.match, tensor_names(model_dir)) if m]
     count = (config or {}).get(family.get("layer_count_key") or "", None)
     if isinstance(count, int):
-        index = next(i for i, p in enumerate(family["block"]) if "index" in p)
-        prefixes = [p for p in prefixes if int(p.split(".")[index]) < count]
+        matches = [m for m in matches if int(m.group("L")) < count]
+    prefixes = [m.group(1) for m in matches]
     if not prefixes:
         fail(f"{model_dir}: no MoE routers found for {family['family']} (tensors named like "
              f"{family['block_pattern']}.{family['router_suffix']})")
@@ -148,10 +161,13 @@ def find_module(model, family, prefix):
     names = dict(model.named_modules())
     parts = prefix.split(".")
     candidates = [prefix]
+    optional = {w for p in family["block"] if p.get("optional") for w in p["words"]}
     for i, p in enumerate(family["block"][1:], start=1):
-        for w in p.get("words", []):
+        for w in [] if p.get("optional") else p.get("words", []):
             if i < len(parts) and w != parts[i]:
                 candidates.append(".".join(parts[:i] + [w] + parts[i + 1:]))
+    # A multimodal checkpoint loaded by the text-only class: the wrapper's word is not a module.
+    candidates += [".".join(q for q in parts if q not in optional)] if optional & set(parts) else []
     for c in candidates:
         for base in ["", "model.", "base_model."]:
             if base + c in names:
@@ -766,12 +782,15 @@ def main(argv=None):
     ckpt = Checkpoint(args.model) if args.layerwise is not False else None
     if args.layerwise is None:
         args.layerwise = args.reference is not None or ckpt.file_bytes() > LAYERWISE_ABOVE
+    if args.layerwise and any(p.get("optional") for p in family["block"]):
+        fail(f"--layerwise does not support {family['display_name']} (its decoder may sit inside a multimodal "
+             f"wrapper); use --no-layerwise")
     if args.layerwise and args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device}: torch has no CUDA here")
     dtype = getattr(torch, args.dtype)
-    vocab = cfg.get("vocab_size")
-    if not isinstance(vocab, int) or vocab < 1:
-        vocab = transformers.AutoConfig.from_pretrained(args.model).vocab_size
+    vocab = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    if not isinstance(vocab, int) or vocab < 1:  # a multimodal wrapper's is in its text config
+        vocab = transformers.AutoConfig.from_pretrained(args.model).get_text_config().vocab_size
 
     model = None
     if not args.layerwise:
@@ -779,7 +798,7 @@ def main(argv=None):
         load = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
         model = getattr(transformers, family["transformers_class"]).from_pretrained(args.model, **load)
         model.to(args.device).eval()
-        vocab = model.config.vocab_size
+        vocab = model.config.get_text_config().vocab_size
     ids = tokenize(args, args.model, vocab, args.reference)
     if not ids:
         fail("no tokens to run")

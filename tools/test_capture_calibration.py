@@ -178,11 +178,22 @@ def tiny_configs():
         "gpt_oss": lambda: t.GptOssForCausalLM(t.GptOssConfig(
             **common, intermediate_size=16, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
             head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"])),
+        "qwen3_next": lambda: t.Qwen3NextForCausalLM(t.Qwen3NextConfig(
+            **common, intermediate_size=32, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+            num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, head_dim=8, linear_num_value_heads=2,
+            linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+            layer_types=["linear_attention", "full_attention"])),
+        "ernie4_5_moe": lambda: t.Ernie4_5_MoeForCausalLM(t.Ernie4_5_MoeConfig(
+            **common, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2, moe_num_experts=4, moe_k=2,
+            moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=1, head_dim=8)),
     }
 
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "switch_transformers",
-            "glm4_moe", "minimax_m2", "gpt_oss"]
+            "glm4_moe", "minimax_m2", "gpt_oss", "qwen3_next", "ernie4_5_moe"]
+# Families whose decoder may sit inside a multimodal wrapper: whole-model capture only (checked in
+# test_families.py); --layerwise refuses them in one line.
+WHOLE_MODEL_ONLY = {"qwen3_5_moe", "qwen3_5_moe_text", "llama4", "llama4_text"}
 
 
 def test_tiny_models_cover_the_family_table():
@@ -190,7 +201,7 @@ def test_tiny_models_cover_the_family_table():
     transformers class; captured with trust_remote_code models only, which this test cannot build)."""
     table = json.loads((TOOLS / "model_families.json").read_text())["families"]
     # kimi_k2 is DeepSeek-V3's architecture under another model_type, with no transformers class.
-    assert {t for f in table for t in f["model_types"]} - {"deepseek", "kimi_k2"} == set(FAMILIES)
+    assert {t for f in table for t in f["model_types"]} - {"deepseek", "kimi_k2"} == set(FAMILIES) | WHOLE_MODEL_ONLY
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +252,21 @@ def test_layerwise_equals_whole_model(tiny_models, tmp_path, family, dtype):
         for k in ("hidden_states", "router_logits", "output"):
             assert whole[name][k].shape[0] == 50
             assert np.array_equal(whole[name][k], layer[name][k]), (name, k)
+
+
+@needs_capture_deps
+def test_layerwise_refuses_multimodal_wrapper_families(tmp_path):
+    """--layerwise does not know a multimodal wrapper's stacks: one error line, no output."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "text_config": {"vocab_size": 64}}))
+    from safetensors.torch import save_file
+    save_file({"model.language_model.layers.0.mlp.gate.weight": torch.zeros(4, 8)}, str(d / "model.safetensors"))
+    (tmp_path / "t.txt").write_text("some text " * 20)
+    r = run_script(d, "-o", tmp_path / "c.h5", "--text", tmp_path / "t.txt", "--layerwise")
+    assert r.returncode != 0 and not (tmp_path / "c.h5").exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--layerwise does not support Qwen3.5-MoE" in lines[0], r.stderr
 
 
 def perturbed_copy(src, dst, scale=0.05):

@@ -63,12 +63,14 @@ final class CompactRouterTests: XCTestCase {
 
     /// When each group's other slots never win (their bias is 40 below the most used slot's),
     /// the compact layer computes the E-slot merged layer's output to float rounding, for top-1
-    /// (Switch weights) and top-2 renormalised (Mixtral) routing.
+    /// (Switch weights), top-2 renormalised (Mixtral) and GPT-OSS's top-2-then-softmax routing
+    /// (its fitted logits differ from the winning slots' by one constant, which the softmax over
+    /// the k ignores).
     func testCompactLayerReproducesTheSlotLayer() throws {
         var rng = SplitMix64(seed: 7)
         let groups = [[0, 3], [1, 4, 5], [2]]
         let bias: [Float] = [0.2, -0.1, 0.4, -40, -40.1, -39.6]
-        for (type, router, k) in [(ExpertType.mlp, RouterType.softmax_topk, 1), (.glu, .softmax_topk_norm, 2)] {
+        for (type, router, k) in [(ExpertType.mlp, RouterType.softmax_topk, 1), (.glu, .softmax_topk_norm, 2), (.glu, .topk_softmax, 2)] {
             let layer = sharedRowLayer(&rng, groups: groups, bias: bias, type: type, router: router, k: k)
             let x = randomMatrix(300, 8, &rng)
             let (compact, report) = try CompactRouter.compact(layer, frequency: [0.3, 0.3, 0.3, 0.05, 0.03, 0.02],

@@ -22,7 +22,7 @@ final class ForwardTests: XCTestCase {
             switch c.routerType {
             case .softmax_topk, .softmax_topk_norm: score = p.map { $0 / den }
             case .sigmoid_topk, .sigmoid_topk_norm: score = z.map { 1 / (1 + Foundation.exp(-$0)) }
-            case .topk_softmax: score = z
+            case .topk_softmax, .topk_sigmoid_input: score = z
             }
             let choice = (0..<c.numExperts).map { score[$0] + Double(layer.selectionBias?[$0] ?? 0) }
             let size = c.numExperts / c.numGroups
@@ -38,20 +38,24 @@ final class ForwardTests: XCTestCase {
                 w = w.map { Foundation.exp($0 - m) }
             }
             if [.softmax_topk_norm, .sigmoid_topk_norm, .topk_softmax].contains(c.routerType) { let s = w.reduce(0, +); w = w.map { $0 / s } }
+            if c.routerType == .topk_sigmoid_input { w = w.map { 1 / (1 + Foundation.exp(-$0)) } }
             w = w.map { $0 * Double(c.routedScalingFactor) }
-            // Sum weights per stored expert, run each once.
+            // Sum weights per stored expert, run each once; Llama-4's weight scales the input
+            // (top-1: one expert per token) and the output is summed with weight 1.
+            let inputScale = c.routerType == .topk_sigmoid_input ? w[0] : 1
             var perStored: [Int: Double] = [:]
-            for (r, e) in chosen.enumerated() { perStored[layer.storedIndex(slot: e), default: 0] += w[r] }
+            for (r, e) in chosen.enumerated() { perStored[layer.storedIndex(slot: e), default: 0] += inputScale == 1 ? w[r] : 1 }
+            let xt = (0..<c.dModel).map { Double(x[t, $0]) * inputScale }
             for (g, wg) in perStored {
                 let ex = layer.experts[g]
                 let up = ex.up.dense(), down = ex.down.dense(), gate = ex.gate?.dense()
                 var h = [Double](repeating: 0, count: c.dFF)
                 for i in 0..<c.dFF {
                     var u = Double(ex.upBias?[i] ?? 0)
-                    for j in 0..<c.dModel { u += Double(up[i, j]) * Double(x[t, j]) }
+                    for j in 0..<c.dModel { u += Double(up[i, j]) * xt[j] }
                     if let gm = gate {
                         var a = Double(ex.gateBias?[i] ?? 0)
-                        for j in 0..<c.dModel { a += Double(gm[i, j]) * Double(x[t, j]) }
+                        for j in 0..<c.dModel { a += Double(gm[i, j]) * xt[j] }
                         // GPT-OSS: up clamped to ±7, plus 1 (the activation clamps the gate).
                         if c.activation == .swiglu_oai { u = min(max(u, -7), 7) + 1 }
                         h[i] = Double(c.activation.apply(Float(a))) * u
@@ -77,7 +81,9 @@ final class ForwardTests: XCTestCase {
                     for (G, biases) in [(6, false), (3, true)] {
                         seed += 1
                         var rng = SplitMix64(seed: seed)
-                        var layer = randomLayer(&rng, type: type, router: router, activation: act, E: 6, G: G, k: 2, biases: biases)
+                        // Input-scaled routing is modelled for top-1 only (LayerConfig.routingProblem).
+                        var layer = randomLayer(&rng, type: type, router: router, activation: act, E: 6, G: G,
+                                                k: router.scalesExpertInput ? 1 : 2, biases: biases)
                         if biases && type == .glu {
                             for g in layer.experts.indices { layer.experts[g].gateBias = (0..<layer.config.dFF).map { _ in Float(rng.nextGaussian()) } }
                         }

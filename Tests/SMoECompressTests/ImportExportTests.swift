@@ -19,7 +19,11 @@ enum FakeFamily: String, CaseIterable {
     /// `deepseekV3` (fused, 2 groups, selection bias, scaling), `glm4` (per-expert, scaled) and
     /// `minimaxM2` (fused, the block's selection bias) route by sigmoid scores (issue 24).
     /// `gptOss`: router bias, fused input-major interleaved experts with biases.
+    /// `qwen35` (multimodal wrapper: `model.language_model.layers`, keys in `text_config`, fused),
+    /// `ernie` (per-expert, `[1, E]` selection bias), `llama4` (multimodal wrapper, top-1
+    /// input-scaled routing, fused input-major halves).
     case mixtral, mixtralFused, switchT, qwen2, qwen3Fused, olmoe, olmoeFused, deepseek, deepseekV3, glm4, minimaxM2, gptOss
+    case qwen35, ernie, llama4
 
     var family: ModelFamily {
         switch self {
@@ -33,6 +37,9 @@ enum FakeFamily: String, CaseIterable {
         case .glm4: return .glm4MoE
         case .minimaxM2: return .minimaxM2
         case .gptOss: return .gptOss
+        case .qwen35: return .qwen35MoE
+        case .ernie: return .ernie45MoE
+        case .llama4: return .llama4
         }
     }
 
@@ -45,18 +52,22 @@ enum FakeFamily: String, CaseIterable {
         case .deepseek, .glm4: return ["model.layers.1.mlp"]
         case .deepseekV3, .minimaxM2: return ["model.layers.1.mlp", "model.layers.2.mlp"]
         case .gptOss: return ["model.layers.0.mlp", "model.layers.1.mlp"]
+        case .qwen35: return ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"]
+        case .ernie: return ["model.layers.1.mlp"]
+        case .llama4: return ["language_model.model.layers.1.feed_forward"]
         }
     }
 
-    var fused: Bool { [.mixtralFused, .qwen3Fused, .olmoeFused, .deepseekV3, .minimaxM2, .gptOss].contains(self) }
-    var fusedSuffix: String { [.qwen3Fused, .deepseekV3, .minimaxM2, .gptOss].contains(self) ? "" : ".weight" }
-    var topK: Int { self == .switchT ? 1 : 2 }
+    var fused: Bool { [.mixtralFused, .qwen3Fused, .olmoeFused, .deepseekV3, .minimaxM2, .gptOss, .qwen35, .llama4].contains(self) }
+    var fusedSuffix: String { [.qwen3Fused, .deepseekV3, .minimaxM2, .gptOss, .qwen35, .llama4].contains(self) ? "" : ".weight" }
+    var topK: Int { self == .switchT || self == .llama4 ? 1 : 2 }
     var routerType: RouterType {
         switch self {
         case .deepseekV3, .minimaxM2: return .sigmoid_topk_norm
         case .glm4: return .sigmoid_topk
         case .gptOss: return .topk_softmax
-        default: return [.mixtral, .mixtralFused, .qwen3Fused].contains(self) ? .softmax_topk_norm : .softmax_topk
+        case .llama4: return .topk_sigmoid_input
+        default: return [.mixtral, .mixtralFused, .qwen3Fused, .qwen35, .ernie].contains(self) ? .softmax_topk_norm : .softmax_topk
         }
     }
     /// Expert groups (n_group, topk_group) and the routed scaling factor of the fake configs.
@@ -88,9 +99,12 @@ func fakeModel(_ kind: FakeFamily, dtype: SafetensorsDType, seed: UInt64 = 1) ->
     func moe(_ p: String) {
         add("\(p).\(f.routerSuffix)", [E, H])
         // Selection biases are float32 in these models (transformers keeps them in float32).
-        if let b = f.selectionBiasSuffix { add("\(p).\(b)", [E], .F32, scale: 0.3) }
+        if let b = f.selectionBiasSuffix { add("\(p).\(b)", f.selectionBiasRowVector ? [1, E] : [E], .F32, scale: 0.3) }
         if let b = f.routerBiasSuffix { add("\(p).\(b)", [E]) }
-        if f.fusedInputMajorInterleaved {
+        if f.fusedInputMajorHalves {
+            add("\(p).experts.gate_up_proj", [E, H, 2 * I])
+            add("\(p).experts.down_proj", [E, I, H])
+        } else if f.fusedInputMajorInterleaved {
             add("\(p).experts.gate_up_proj", [E, H, 2 * I])
             add("\(p).experts.gate_up_proj_bias", [E, 2 * I])
             add("\(p).experts.down_proj", [E, I, H])
@@ -205,6 +219,39 @@ func fakeModel(_ kind: FakeFamily, dtype: SafetensorsDType, seed: UInt64 = 1) ->
             add("model.layers.\(l).self_attn.sinks", [2], .F32)
             moe("model.layers.\(l).mlp")
         }
+    case .qwen35:
+        config = [("architectures", ["Qwen3_5MoeForConditionalGeneration"]), ("model_type", "qwen3_5_moe"),
+                  ("text_config", .object([("model_type", "qwen3_5_moe_text"), ("hidden_size", .int(H)), ("moe_intermediate_size", .int(I)),
+                                           ("num_experts", .int(E)), ("num_experts_per_tok", 2), ("hidden_act", "silu")])),
+                  ("vision_config", .object([("hidden_size", 4)]))]
+        add("model.language_model.embed_tokens.weight", [V, H])
+        add("model.visual.blocks.0.mlp.linear_fc1.weight", [4, 4])
+        add("lm_head.weight", [V, H])
+        for l in 0..<2 {
+            moe("model.language_model.layers.\(l).mlp")
+            denseMLP("model.language_model.layers.\(l).mlp.shared_expert")
+            add("model.language_model.layers.\(l).mlp.shared_expert_gate.weight", [1, H])
+        }
+        add("mtp.layers.0.mlp.gate.weight", [E, H])
+    case .ernie:
+        config = [("architectures", ["Ernie4_5_MoeForCausalLM"]), ("model_type", "ernie4_5_moe"), ("hidden_size", .int(H)),
+                  ("moe_intermediate_size", .int(I)), ("moe_num_experts", .int(E)), ("moe_k", 2), ("moe_num_shared_experts", 1),
+                  ("moe_layer_start_index", 1), ("moe_norm_min", 1e-12), ("hidden_act", "silu")]
+        add("model.embed_tokens.weight", [V, H])
+        denseMLP("model.layers.0.mlp")
+        moe("model.layers.1.mlp")
+        denseMLP("model.layers.1.mlp.shared_experts")
+    case .llama4:
+        config = [("architectures", ["Llama4ForConditionalGeneration"]), ("model_type", "llama4"),
+                  ("text_config", .object([("model_type", "llama4_text"), ("hidden_size", .int(H)), ("intermediate_size", .int(I)),
+                                           ("intermediate_size_mlp", .int(2 * I)), ("num_local_experts", .int(E)),
+                                           ("num_experts_per_tok", 1), ("moe_layers", [1]), ("hidden_act", "silu")]))]
+        add("language_model.model.embed_tokens.weight", [V, H])
+        add("vision_model.patch_embedding.linear.weight", [4, 4])
+        denseMLP("language_model.model.layers.0.feed_forward")
+        moe("language_model.model.layers.1.feed_forward")
+        denseMLP("language_model.model.layers.1.feed_forward.shared_expert")
+        add("language_model.lm_head.weight", [V, H])
     case .minimaxM2:
         config = [("architectures", ["MiniMaxM2ForCausalLM"]), ("model_type", "minimax_m2"), ("hidden_size", .int(H)),
                   ("intermediate_size", .int(I)), ("num_local_experts", .int(E)), ("num_experts_per_tok", 2), ("hidden_act", "silu")]

@@ -40,6 +40,31 @@ final class ModelFamilyTests: XCTestCase {
                        "encoder.block.1.layer.1.mlp.experts.expert_2.wi.weight")
     }
 
+    /// An optional word (a multimodal wrapper's `language_model`) may be present or absent; the
+    /// layer number is found either way; a wrapper's MoE keys are read from its text_config and
+    /// errors name them by their path.
+    func testOptionalBlockWordAndTextConfig() throws {
+        let f = ModelFamily.qwen35MoE
+        XCTAssertEqual(f.blockPattern, "model.[language_model].layers.L.mlp")
+        XCTAssertEqual(f.splitBlock("model.language_model.layers.12.mlp.gate.weight")?.prefix, "model.language_model.layers.12.mlp")
+        XCTAssertEqual(f.splitBlock("model.layers.3.mlp.experts.gate_up_proj")?.rest, ["experts", "gate_up_proj"])
+        XCTAssertNil(f.splitBlock("model.visual.blocks.0.mlp.gate.weight"))
+        XCTAssertNil(f.splitBlock("mtp.layers.0.mlp.gate.weight"))
+        XCTAssertEqual(f.layerNumber("model.language_model.layers.12.mlp"), 12)
+        XCTAssertEqual(f.layerNumber("model.layers.7.mlp"), 7)
+        let c = try SourceModelConfig.parse(#"{"model_type": "qwen3_5_moe", "text_config": {"num_experts": 16, "num_experts_per_tok": 4}}"#, path: "c.json")
+        XCTAssertEqual(c.numExperts, 16)
+        XCTAssertEqual(c.topK, 4)
+        XCTAssertEqual(c.routerType, .softmax_topk_norm)
+        XCTAssertThrowsError(try SourceModelConfig.parse(#"{"model_type": "qwen3_5_moe", "text_config": {"num_experts_per_tok": 0}}"#, path: "c.json")) { e in
+            XCTAssertEqual((e as? SMoEError)?.message, "c.json: text_config.num_experts_per_tok: must be an integer from 1 to 1048576, not 0")
+        }
+        // Qwen3-Next renormalises unless norm_topk_prob is false (its config class defaults it to true).
+        XCTAssertEqual(try SourceModelConfig.parse(#"{"model_type": "qwen3_next", "num_experts_per_tok": 2}"#, path: "c.json").routerType, .softmax_topk_norm)
+        XCTAssertEqual(try SourceModelConfig.parse(#"{"model_type": "qwen3_next", "num_experts_per_tok": 2, "norm_topk_prob": false}"#, path: "c.json").routerType, .softmax_topk)
+        XCTAssertEqual(try SourceModelConfig.parse(#"{"model_type": "qwen3_moe", "num_experts_per_tok": 2}"#, path: "c.json").routerType, .softmax_topk)
+    }
+
     /// The unsupported-family message lists every model_type of the table (it once omitted
     /// deepseek_v3), and each listed model_type imports.
     func testEveryModelTypeIsListedAndImports() throws {

@@ -71,6 +71,30 @@ final class RoutingTests: XCTestCase {
 
     /// Ties go to the lower index, for groups and for experts (torch.topk on CPU does not
     /// promise this: topk([1, 2, 2, 0, 2], 2) gives indices 2 and 4 there).
+    /// Llama-4: the top-1 logit's σ scales the expert INPUT. One expert, d = 1: up 1, gate 1,
+    /// down 1, silu: expert(v) = v · silu(v). z = [0.5, 2, −1] → slot 1, w = σ(2); for x = 3 the
+    /// output is expert(3 σ(2)), not σ(2) · expert(3). Top-2 is refused naming the key.
+    func testTopKSigmoidScalesTheExpertInput() {
+        let c = LayerConfig(name: "l", index: 0, numExperts: 3, topK: 1, dModel: 1, dFF: 1, expertType: .glu, activation: .silu,
+                            routerType: .topk_sigmoid_input)
+        XCTAssertNil(c.routingProblem)
+        let r = MoELayer.route(logits: Matrix([[0.5, 2, -1]]), config: c, selectionBias: nil)
+        XCTAssertEqual(r.slots, [1])
+        XCTAssertEqual(r.weights, [sigmoid(2)])
+        let one = Expert(up: Matrix([[1]]), gate: Matrix([[1]]), down: Matrix([[1]]))
+        let zero = Expert(up: Matrix([[0]]), gate: Matrix([[0]]), down: Matrix([[0]]))
+        // Router rows make the logits z = W x for x = 3: [0.5, 2, −1] / 3.
+        let layer = MoELayer(config: c, router: Matrix([[0.5 / 3], [2.0 / 3], [-1.0 / 3]]), experts: [zero, one, zero])
+        let v = Double(3 * sigmoid(2))
+        let want = v * v / (1 + exp(-v))
+        XCTAssertEqual(Double(layer.forward(Matrix([[3]]))[0, 0]), want, accuracy: 1e-5)
+        let outputScaled = Double(sigmoid(2)) * 9 / (1 + exp(-3.0))
+        XCTAssertGreaterThan(abs(want - outputScaled), 0.1)
+        var two = c
+        two.topK = 2
+        XCTAssertEqual(two.routingProblem, "num_experts_per_tok 2: routing that scales the expert input (topk_sigmoid_input) is modelled for top-1 only")
+    }
+
     func testTiesGoToTheLowerIndexForGroupsAndExperts() {
         let z = Matrix([[0, 0, 0, 0, 0, 0, 0, 0]])
         let c = LayerConfig(name: "l", index: 0, numExperts: 8, topK: 3, dModel: 1, dFF: 1, expertType: .glu, activation: .silu,

@@ -108,15 +108,27 @@ public enum HFExport {
             config = source
             // Every expert-count key present is updated (transformers 4.x and 5.x names differ,
             // and 5.x refuses a folder whose names disagree); none present: transformers 5's name.
-            let parsed = try? JSONValue.parse(source)
+            let root = try? JSONValue.parse(source)
+            // A multimodal wrapper's MoE keys are in its text config (the family's section).
+            let section = fam.configSection.flatMap { k -> String? in
+                if case .object? = root?[k] { return k }
+                return nil
+            }
+            let parsed = section.map { root?[$0] } ?? root
             let present = fam.numExpertsKeys.filter { parsed?[$0] != nil }
             let key = present.first ?? fam.numExpertsKey
             let given = parsed?[key]?.intValue
             if present.isEmpty || present.contains(where: { parsed?[$0]?.intValue != count }), case .object(var kv)? = parsed {
                 if present.isEmpty { kv.append((fam.numExpertsKey, .int(count))) }
                 for i in kv.indices where present.contains(kv[i].0) { kv[i].1 = .int(count) }
-                config = JSONValue.object(kv).serialized(pretty: true) + "\n"
-                expertCount = (present.isEmpty ? key : present.joined(separator: ", "), given, count)
+                var updated = JSONValue.object(kv)
+                if let sec = section, case .object(var rkv)? = root {
+                    for i in rkv.indices where rkv[i].0 == sec { rkv[i].1 = updated }
+                    updated = .object(rkv)
+                }
+                config = updated.serialized(pretty: true) + "\n"
+                let shown = (present.isEmpty ? [key] : present).map { (section.map { $0 + "." } ?? "") + $0 }
+                expertCount = (shown.joined(separator: ", "), given, count)
             }
         } else {
             let (text, guessed) = try synthesiseConfig(reader, family: fam, dtype: plainDT)
@@ -261,7 +273,8 @@ public enum HFExport {
                 let m = try layer(l)
                 // A layer without one routes as with zeros (transformers' initial value).
                 let b = m.selectionBias ?? [Float](repeating: 0, count: m.config.numExperts)
-                try writer.add(name, dtype: biasDT, shape: [m.config.numExperts], bytes: biasDT.encode(b))
+                try writer.add(name, dtype: biasDT, shape: fam.selectionBiasRowVector ? [1, m.config.numExperts] : [m.config.numExperts],
+                               bytes: biasDT.encode(b))
             case .routerBias(let l):
                 let m = try layer(l)
                 let b = m.routerBias ?? [Float](repeating: 0, count: m.config.numExperts)
@@ -323,16 +336,31 @@ public enum HFExport {
                 let c = m.config
                 var values: [Float] = []
                 values.reserveCapacity(c.numExperts * c.dFF * c.dModel * (part == "gate_up" ? 2 : 1))
+                let H = c.dModel, I = c.dFF
                 for slot in 0..<c.numExperts {
                     let x = m.experts[m.storedIndex(slot: slot)]
-                    if part == "gate_up" {
+                    if fam.fusedInputMajorHalves {
+                        // Llama-4: [E, H, 2I] (gate columns, then up columns) and [E, I, H].
+                        if part == "gate_up" {
+                            let g = x.gate!.dense(), u = x.up.dense()
+                            var v = [Float](repeating: 0, count: H * 2 * I)
+                            for h in 0..<H { for i in 0..<I { v[h * 2 * I + i] = g.data[i * H + h]; v[h * 2 * I + I + i] = u.data[i * H + h] } }
+                            values += v
+                        } else {
+                            let d = x.down.dense()
+                            var v = [Float](repeating: 0, count: I * H)
+                            for i in 0..<I { for h in 0..<H { v[i * H + h] = d.data[h * I + i] } }
+                            values += v
+                        }
+                    } else if part == "gate_up" {
                         values += x.gate!.dense().data
                         values += x.up.dense().data
                     } else {
                         values += x.down.dense().data
                     }
                 }
-                let shape = part == "gate_up" ? [c.numExperts, 2 * c.dFF, c.dModel] : [c.numExperts, c.dModel, c.dFF]
+                let shape = fam.fusedInputMajorHalves ? (part == "gate_up" ? [c.numExperts, H, 2 * I] : [c.numExperts, I, H])
+                    : part == "gate_up" ? [c.numExperts, 2 * I, H] : [c.numExperts, H, I]
                 try emit(name, values, shape)
             }
         }

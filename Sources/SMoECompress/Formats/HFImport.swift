@@ -40,25 +40,27 @@ public struct SourceModelConfig: Sendable {
     /// Parses `config.json`, recognises the family from `model_type` / `architectures` and reads
     /// the MoE settings where the family's table entry says they are.
     public static func parse(_ text: String, path: String) throws -> SourceModelConfig {
-        let config = try ConfigFile(text, path: path)
-        let modelType = try config.string("model_type")
-        let archs = modelType == nil ? try config.strings("architectures") ?? [] : []
+        let root = try ConfigFile(text, path: path)
+        let modelType = try root.string("model_type")
+        let archs = modelType == nil ? try root.strings("architectures") ?? [] : []
         guard let family = ModelFamily.recognise(modelType: modelType, architectures: archs) else {
             let what = modelType.map { "model_type \"\($0)\"" } ?? (archs.isEmpty ? "no model_type or architectures" : "architectures \(archs)")
             throw SMoEError.file(path, "\(what) is not a supported MoE family (\(ModelFamily.modelTypeList))")
         }
+        // A multimodal wrapper keeps the MoE keys in its text config.
+        let config = try family.configSection.flatMap { try root.section($0) } ?? root
         for r in family.requirements { try config.require(r) }
         let topK: Int
         switch family.topK {
         case .fixed(let k): topK = k
         case .key(let key):
-            guard let k = try config.count(key) else { throw SMoEError.dataset(path, key, "missing: the number of experts each token uses") }
+            guard let k = try config.count(key) else { throw SMoEError.dataset(path, config.keyPrefix + key, "missing: the number of experts each token uses") }
             topK = k
         }
         let routerType: RouterType
         switch family.routerType {
         case .fixed(let t): routerType = t
-        case .normalisedIf(let key): routerType = try config.bool(key, default: false) ? .softmax_topk_norm : .softmax_topk
+        case .normalisedIf(let key, let d): routerType = try config.bool(key, default: d) ? .softmax_topk_norm : .softmax_topk
         case .sigmoidNormalisedIf(let key, let d): routerType = try config.bool(key, default: d) ? .sigmoid_topk_norm : .sigmoid_topk
         }
         // Grouped top-k and scaling: the keys' values, or the transformers defaults when absent.
@@ -69,12 +71,12 @@ public struct SourceModelConfig: Sendable {
             let t = try config.values[g.topKGroups.key] == nil ? Int(g.topKGroups.value) : config.count(g.topKGroups.key)!
             numGroups = n
             topKGroups = t
-            if t > n { throw SMoEError.dataset(path, g.topKGroups.key, "\(t) exceeds \(g.groups.key) \(n)") }
+            if t > n { throw SMoEError.dataset(path, config.keyPrefix + g.topKGroups.key, "\(t) exceeds \(g.groups.key) \(n)") }
         }
         var scaling: Float = 1
         if let k = family.scalingKey {
             let v = try defaulted(k)
-            guard v > 0, Float(v).isFinite else { throw SMoEError.dataset(path, k.key, "must be a positive number, not \(v)") }
+            guard v > 0, Float(v).isFinite else { throw SMoEError.dataset(path, config.keyPrefix + k.key, "must be a positive number, not \(v)") }
             scaling = Float(v)
         }
         let act = try family.fixedActivation?.rawValue ?? config.string(family.activationKey) ?? family.defaultActivation
@@ -83,12 +85,12 @@ public struct SourceModelConfig: Sendable {
         for key in family.numExpertsKeys {
             guard let n = try config.count(key) else { continue }
             if let first = numExperts, first.value != n {
-                throw SMoEError.dataset(path, key, "is \(n) but \(first.key) is \(first.value): two expert counts (transformers reads both names as one setting)")
+                throw SMoEError.dataset(path, config.keyPrefix + key, "is \(n) but \(first.key) is \(first.value): two expert counts (transformers reads both names as one setting)")
             }
             numExperts = numExperts ?? (key, n)
         }
         return SourceModelConfig(family: family, numExperts: numExperts?.value, topK: topK,
-                                 activation: try activation(act, path: path, key: family.activationKey),
+                                 activation: try activation(act, path: path, key: config.keyPrefix + family.activationKey),
                                  routerType: routerType, numGroups: numGroups, topKGroups: topKGroups,
                                  routedScalingFactor: scaling, layerCount: try family.layerCountKey.flatMap { try config.count($0) },
                                  text: text)
@@ -101,6 +103,8 @@ public struct SourceModelConfig: Sendable {
 struct ConfigFile {
     let path: String
     let values: [String: JSONValue]
+    /// `text_config.` for the keys of a nested section (messages name the key by its path).
+    var keyPrefix = ""
     /// Largest expert count or top-k accepted. A stated limit: published MoE models have at most
     /// a few hundred experts per layer, and 2^20 keeps every later count × size product far from
     /// overflow.
@@ -117,6 +121,19 @@ struct ConfigFile {
         values = Dictionary(uniqueKeysWithValues: kv)
     }
 
+    init(path: String, values: [String: JSONValue], keyPrefix: String) {
+        self.path = path
+        self.values = values
+        self.keyPrefix = keyPrefix
+    }
+
+    /// The object under `key` as a config of its own; nil when the key is absent or null.
+    func section(_ key: String) throws -> ConfigFile? {
+        guard let v = values[key], v != .null else { return nil }
+        guard case .object(let kv) = v else { throw SMoEError.dataset(path, keyPrefix + key, "must be an object, not \(shown(v))") }
+        return ConfigFile(path: path, values: Dictionary(kv, uniquingKeysWith: { a, _ in a }), keyPrefix: keyPrefix + key + ".")
+    }
+
     /// A value as written (a number beyond float64, which the parser reads as ±inf, as inf).
     func shown(_ v: JSONValue) -> String {
         if case .double(let d) = v, !d.isFinite { return "\(d)" }
@@ -126,7 +143,7 @@ struct ConfigFile {
     /// A string value; nil when the key is absent.
     func string(_ key: String) throws -> String? {
         guard let v = values[key] else { return nil }
-        guard let s = v.stringValue else { throw SMoEError.dataset(path, key, "must be a string, not \(shown(v))") }
+        guard let s = v.stringValue else { throw SMoEError.dataset(path, keyPrefix + key, "must be a string, not \(shown(v))") }
         return s
     }
 
@@ -134,7 +151,7 @@ struct ConfigFile {
     func strings(_ key: String) throws -> [String]? {
         guard let v = values[key], v != .null else { return nil }
         guard let a = v.arrayValue?.compactMap(\.stringValue), a.count == v.arrayValue?.count else {
-            throw SMoEError.dataset(path, key, "must be a list of strings, not \(shown(v))")
+            throw SMoEError.dataset(path, keyPrefix + key, "must be a list of strings, not \(shown(v))")
         }
         return a
     }
@@ -143,7 +160,7 @@ struct ConfigFile {
     func count(_ key: String) throws -> Int? {
         guard let v = values[key] else { return nil }
         guard case .int(let n) = v, n >= 1, n <= ConfigFile.countLimit else {
-            throw SMoEError.dataset(path, key, "must be an integer from 1 to \(ConfigFile.countLimit), not \(shown(v))")
+            throw SMoEError.dataset(path, keyPrefix + key, "must be an integer from 1 to \(ConfigFile.countLimit), not \(shown(v))")
         }
         return n
     }
@@ -151,7 +168,7 @@ struct ConfigFile {
     /// A finite number; nil when the key is absent.
     func number(_ key: String) throws -> Double? {
         guard let v = values[key] else { return nil }
-        guard let d = v.doubleValue, d.isFinite else { throw SMoEError.dataset(path, key, "must be a finite number, not \(shown(v))") }
+        guard let d = v.doubleValue, d.isFinite else { throw SMoEError.dataset(path, keyPrefix + key, "must be a finite number, not \(shown(v))") }
         return d
     }
 
@@ -160,7 +177,7 @@ struct ConfigFile {
         guard let v = values[key] else { return d }
         if case .bool(let b) = v { return b }
         if case .null = v { return d }
-        throw SMoEError.dataset(path, key, "must be true or false, not \(shown(v))")
+        throw SMoEError.dataset(path, keyPrefix + key, "must be true or false, not \(shown(v))")
     }
 
     /// Checks a value the forward pass needs when the key is present.
@@ -168,11 +185,11 @@ struct ConfigFile {
         switch r {
         case .string(let key, let want):
             if let s = try string(key), s != want {
-                throw SMoEError.dataset(path, key, "\"\(s)\" routing is not supported (\(want) only)")
+                throw SMoEError.dataset(path, keyPrefix + key, "\"\(s)\" routing is not supported (\(want) only)")
             }
         case .number(let key, let want):
             if let f = try number(key), f != want {
-                throw SMoEError.dataset(path, key, "\(f) is not supported (\(want) only)")
+                throw SMoEError.dataset(path, keyPrefix + key, "\(f) is not supported (\(want) only)")
             }
         }
     }
@@ -384,8 +401,9 @@ public enum HFImport {
                     throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix) (\(family.displayName) routers choose experts with it)")
                 }
                 let bi = try model.info(b)
-                guard bi.shape == [E], bi.dtype.isFloat else {
-                    throw SMoEError.dataset(where_(b), b, "must be a float vector [\(E)] (one per router row), is \(bi.dtype.rawValue) \(bi.shape)")
+                let want = family.selectionBiasRowVector ? [1, E] : [E]
+                guard bi.shape == want, bi.dtype.isFloat else {
+                    throw SMoEError.dataset(where_(b), b, "must be a float vector \(want) (one per router row), is \(bi.dtype.rawValue) \(bi.shape)")
                 }
                 biasDTypes.insert(bi.dtype)
                 selectionBias = b
@@ -459,12 +477,15 @@ public enum HFImport {
                 guard let gu = f["gate_up"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "gate_up", suffix: suffix))") }
                 guard let dn = f["down"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "down", suffix: suffix))") }
                 let gi = try model.info(gu), di = try model.info(dn)
-                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[2] == H, gi.shape[1] >= 2, gi.shape[1] % 2 == 0 else {
-                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), 2·d_ff, \(H)] (\(E) router slots, d_model \(H))")
+                // [E, 2I, H] and [E, H, I]; Llama-4: input-major [E, H, 2I] and [E, I, H].
+                let inMajor = family.fusedInputMajorHalves
+                let (hAxis, iAxis) = inMajor ? (1, 2) : (2, 1)
+                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[hAxis] == H, gi.shape[iAxis] >= 2, gi.shape[iAxis] % 2 == 0 else {
+                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not \(inMajor ? "[\(E), \(H), 2·d_ff]" : "[\(E), 2·d_ff, \(H)]") (\(E) router slots, d_model \(H))")
                 }
-                let I = gi.shape[1] / 2
-                guard di.shape == [E, H, I] else {
-                    throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not [\(E), \(H), \(I)]")
+                let I = gi.shape[iAxis] / 2
+                guard di.shape == (inMajor ? [E, I, H] : [E, H, I]) else {
+                    throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not \(inMajor ? [E, I, H] : [E, H, I])")
                 }
                 let gt = try expertType(gu, gi), dt = try expertType(dn, di)
                 guard gt == dt, gt.isFloat || gt == .F8_E4M3 else {
@@ -598,6 +619,23 @@ public enum HFImport {
             let gu = try expert(src.fused["gate_up"]!)
             let dn = try expert(src.fused["down"]!)
             let per = I * H
+            if c.family.fusedInputMajorHalves {
+                // [E, H, 2I]: column i of expert e's block is gate row i, column I + i up row i;
+                // [E, I, H]: down transposed.
+                for e in 0..<E {
+                    var gate = Matrix(rows: I, cols: H), up = Matrix(rows: I, cols: H), down = Matrix(rows: H, cols: I)
+                    let base = e * 2 * per
+                    for h in 0..<H {
+                        for i in 0..<I {
+                            gate.data[i * H + h] = gu[base + h * 2 * I + i]
+                            up.data[i * H + h] = gu[base + h * 2 * I + I + i]
+                        }
+                    }
+                    for i in 0..<I { for h in 0..<H { down.data[h * I + i] = dn[e * per + i * H + h] } }
+                    experts.append(Expert(up: up, gate: gate, down: down))
+                }
+                break
+            }
             for e in 0..<E {
                 let base = e * 2 * per
                 experts.append(Expert(up: Matrix(rows: I, cols: H, data: Array(gu[(base + per)..<(base + 2 * per)])),

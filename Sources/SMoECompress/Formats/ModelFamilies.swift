@@ -7,6 +7,9 @@ public enum BlockNamePart: Sendable, Equatable {
     case word([String])
     /// A layer or block number (ASCII digits), shown as `symbol` in messages.
     case index(_ symbol: String)
+    /// One of these words or nothing (a multimodal wrapper's `language_model`, present in the
+    /// checkpoints of the wrapper class and absent in those of the text-only class).
+    case optionalWord([String])
 }
 
 /// Where a family's `config.json` gives the experts each token uses.
@@ -20,8 +23,9 @@ public enum TopKRule: Sendable, Equatable {
 /// How a family's router weights its top-k experts.
 public enum RouterTypeRule: Sendable, Equatable {
     case fixed(RouterType)
-    /// A boolean key: true → softmax_topk_norm; false, null or absent → softmax_topk.
-    case normalisedIf(String)
+    /// A boolean key: true → softmax_topk_norm; false → softmax_topk; absent or null → `default`
+    /// (the transformers config class's default: false but for Qwen3-Next).
+    case normalisedIf(String, default: Bool = false)
     /// A boolean key: true → sigmoid_topk_norm, false → sigmoid_topk; absent or null → `default`
     /// (the transformers config class's default).
     case sigmoidNormalisedIf(String, default: Bool)
@@ -88,6 +92,8 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     /// The selection-only bias tensor relative to the block (`gate.e_score_correction_bias`),
     /// required in every MoE layer when set.
     public let selectionBiasSuffix: String?
+    /// The selection bias is stored `[1, E]` (ERNIE-4.5's `moe_statics`), not `[E]`.
+    public let selectionBiasRowVector: Bool
     /// config.json key of the decoder's layer count when blocks numbered at or beyond it are not
     /// part of the model transformers runs (DeepSeek-V3 / GLM-4.5 multi-token-prediction layers,
     /// `model.layers.61.*`): those go to `/dense` untouched.
@@ -98,12 +104,19 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
     /// (false), or GPT-OSS's input-major `[E, H, 2I]` with gate and up interleaved along the last
     /// axis (even gate, odd up), `[E, I, H]`, and biases `<fusedNames[part]>_bias` (true).
     public let fusedInputMajorInterleaved: Bool
+    /// Llama-4's fused layout: input-major `[E, H, 2I]` with each expert's gate columns then its
+    /// up columns (halves, `x @ W` convention), `[E, I, H]`, no biases.
+    public let fusedInputMajorHalves: Bool
     /// The expert activation when the family fixes it (GPT-OSS: swiglu_oai; `hidden_act` unread).
     public let fixedActivation: Activation?
     /// What `tools/capture_calibration.py` loads the model with (a `transformers` class), and
     /// whether it runs an encoder and a decoder (whose inputs are the text shifted right).
     public let transformersClass: String
     public let encoderDecoder: Bool
+    /// The config.json object that holds the MoE keys when the root has it (`text_config` of a
+    /// multimodal wrapper: Qwen3.5-MoE, Llama-4); nil: the root. Export writes the expert count
+    /// back there.
+    public let configSection: String?
 
     public var description: String { rawValue }
     public static func == (a: ModelFamily, b: ModelFamily) -> Bool { a.rawValue == b.rawValue }
@@ -121,9 +134,9 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
          fusedNames: [String: String] = ["gate_up": "gate_up_proj", "down": "down_proj"], numExpertsKey: String,
          numExpertsAliases: [String] = [], topK: TopKRule = .key("num_experts_per_tok"), activationKey: String = "hidden_act", defaultActivation: String = "silu",
          requirements: [ConfigRequirement] = [], groupKeys: (groups: DefaultedKey, topKGroups: DefaultedKey)? = nil,
-         scalingKey: DefaultedKey? = nil, selectionBiasSuffix: String? = nil, layerCountKey: String? = nil,
-         routerBiasSuffix: String? = nil, fusedInputMajorInterleaved: Bool = false, fixedActivation: Activation? = nil,
-         transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false) {
+         scalingKey: DefaultedKey? = nil, selectionBiasSuffix: String? = nil, selectionBiasRowVector: Bool = false, layerCountKey: String? = nil,
+         routerBiasSuffix: String? = nil, fusedInputMajorInterleaved: Bool = false, fusedInputMajorHalves: Bool = false, fixedActivation: Activation? = nil,
+         transformersClass: String = "AutoModelForCausalLM", encoderDecoder: Bool = false, configSection: String? = nil) {
         self.rawValue = rawValue
         self.displayName = displayName
         self.modelTypes = modelTypes
@@ -144,12 +157,15 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         self.groupKeys = groupKeys
         self.scalingKey = scalingKey
         self.selectionBiasSuffix = selectionBiasSuffix
+        self.selectionBiasRowVector = selectionBiasRowVector
         self.layerCountKey = layerCountKey
         self.routerBiasSuffix = routerBiasSuffix
         self.fusedInputMajorInterleaved = fusedInputMajorInterleaved
+        self.fusedInputMajorHalves = fusedInputMajorHalves
         self.fixedActivation = fixedActivation
         self.transformersClass = transformersClass
         self.encoderDecoder = encoderDecoder
+        self.configSection = configSection
     }
 
     // MARK: The table
@@ -227,9 +243,49 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
         requirements: [.number(key: "swiglu_alpha", equals: 1.702), .number(key: "swiglu_limit", equals: 7)],
         routerBiasSuffix: "router.bias", fusedInputMajorInterleaved: true, fixedActivation: .swiglu_oai)
 
+    /// Qwen3-Next: Qwen3-MoE's softmax router (renormalised unless `norm_topk_prob` is false; the
+    /// config class defaults it to true) with a sigmoid-gated shared expert (to /dense); linear-
+    /// and full-attention layers, dense MLPs in `mlp_only_layers` (no router: not MoE layers).
+    public static let qwen3Next = ModelFamily(
+        "qwen3-next", "Qwen3-Next", modelTypes: ["qwen3_next"], architectures: ["Qwen3NextForCausalLM"], block: decoderMLP,
+        routerType: .normalisedIf("norm_topk_prob", default: true), numExpertsKey: "num_experts")
+    /// Qwen3.5-MoE / Qwen3.6-MoE: softmax top-k always renormalised (transformers has no
+    /// `norm_topk_prob` for it), a sigmoid-gated shared expert (to /dense), every layer MoE. The
+    /// multimodal checkpoint (`Qwen3_5MoeForConditionalGeneration`) keeps the decoder under
+    /// `model.language_model.layers.L` and its MoE keys in `text_config`; the text-only one under
+    /// `model.layers.L`. Per-expert or fused (`experts.gate_up_proj [E, 2I, H]`) on disk.
+    public static let qwen35MoE = ModelFamily(
+        "qwen3.5-moe", "Qwen3.5-MoE", modelTypes: ["qwen3_5_moe", "qwen3_5_moe_text"],
+        architectures: ["Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeForCausalLM"],
+        block: [.word(["model"]), .optionalWord(["language_model"]), .word(["layers"]), .index("L"), .word(["mlp"])],
+        routerType: .fixed(.softmax_topk_norm), numExpertsKey: "num_experts", configSection: "text_config")
+
+    /// Llama-4 (Scout, Maverick): top-1 of the router logits, weight σ(z) applied to the expert's
+    /// INPUT (`topk_sigmoid_input`); fused input-major experts `[E, H, 2I]` (gate half, up half)
+    /// and `[E, I, H]`; an ungated `shared_expert` (to /dense); dense layers outside `moe_layers`
+    /// (no router). The multimodal checkpoint (`llama4`) keeps the decoder under
+    /// `language_model.model.layers.L` and its MoE keys in `text_config`.
+    public static let llama4 = ModelFamily(
+        "llama4", "Llama-4", modelTypes: ["llama4", "llama4_text"],
+        architectures: ["Llama4ForConditionalGeneration", "Llama4ForCausalLM"],
+        block: [.optionalWord(["language_model"]), .word(["model"]), .word(["layers"]), .index("L"), .word(["feed_forward"])],
+        routerSuffix: "router.weight", routerType: .fixed(.topk_sigmoid_input), numExpertsKey: "num_local_experts",
+        fusedInputMajorHalves: true, configSection: "text_config")
+
+    /// ERNIE-4.5-MoE: softmax scores, the `moe_statics.e_score_correction_bias` [1, E] for the
+    /// choice only, the k weights divided by max(Σ, moe_norm_min) (the clamp never acts for
+    /// moe_norm_min ≤ 1/E: the largest of E probabilities is ≥ 1/E; other values are refused);
+    /// ungated `shared_experts` (to /dense); dense layers outside the MoE interval (no router).
+    /// The router is float32 in the checkpoints.
+    public static let ernie45MoE = ModelFamily(
+        "ernie4.5-moe", "ERNIE-4.5-MoE", modelTypes: ["ernie4_5_moe"], architectures: ["Ernie4_5_MoeForCausalLM"],
+        block: decoderMLP, routerType: .fixed(.softmax_topk_norm), numExpertsKey: "moe_num_experts",
+        numExpertsAliases: ["num_experts"], topK: .key("moe_k"), requirements: [.number(key: "moe_norm_min", equals: 1e-12)],
+        selectionBiasSuffix: "moe_statics.e_score_correction_bias", selectionBiasRowVector: true)
+
     /// Every family `import` and `export` understand.
     public static let all: [ModelFamily] = [.mixtral, .switchTransformers, .qwen2MoE, .qwen3MoE, .olmoe, .deepseek,
-                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss]
+                                            .deepseekV3, .glm4MoE, .minimaxM2, .gptOss, .qwen3Next, .qwen35MoE, .llama4, .ernie45MoE]
 
     /// Every config.json key that may hold the expert count, transformers 5's name first.
     public var numExpertsKeys: [String] { [numExpertsKey] + numExpertsAliases }
@@ -267,29 +323,45 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             switch p {
             case .index(let s): return s
             case .word(let w): return w.count == 1 ? w[0] : "{" + w.joined(separator: "|") + "}"
+            case .optionalWord(let w): return "[" + w.joined(separator: "|") + "]"
             }
         }.joined(separator: ".")
     }
 
     /// The MoE block prefix of a tensor name and the rest, when the name lies in a place where
-    /// this family keeps its MoE blocks.
+    /// this family keeps its MoE blocks. An optional word is taken when the name has it.
     func splitBlock(_ name: String) -> (prefix: String, rest: [String])? {
         let parts = name.split(separator: ".", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count > block.count else { return nil }
-        for (s, p) in zip(parts, block) {
-            switch p {
-            case .index: guard !s.isEmpty, s.allSatisfy(\.isASCII), s.allSatisfy(\.isNumber) else { return nil }
-            case .word(let w): guard w.contains(s) else { return nil }
+        guard let (used, _) = matchBlock(parts), parts.count > used else { return nil }
+        return (parts[0..<used].joined(separator: "."), Array(parts[used...]))
+    }
+
+    /// How many leading name parts the block pattern takes and the position of its first layer
+    /// number among them (nil when the parts do not start with a block name).
+    func matchBlock(_ parts: [String]) -> (used: Int, index: Int?)? {
+        func match(_ i: Int, _ b: Int, _ index: Int?) -> (Int, Int?)? {
+            if b == block.count { return (i, index) }
+            switch block[b] {
+            case .optionalWord(let w):
+                if i < parts.count, w.contains(parts[i]), let m = match(i + 1, b + 1, index) { return m }
+                return match(i, b + 1, index)
+            case .word(let w):
+                guard i < parts.count, w.contains(parts[i]) else { return nil }
+                return match(i + 1, b + 1, index)
+            case .index:
+                let s = i < parts.count ? parts[i] : ""
+                guard !s.isEmpty, s.allSatisfy(\.isASCII), s.allSatisfy(\.isNumber) else { return nil }
+                return match(i + 1, b + 1, index ?? i)
             }
         }
-        return (parts[0..<block.count].joined(separator: "."), Array(parts[block.count...]))
+        return match(0, 0, nil).map { (used: $0.0, index: $0.1) }
     }
 
     /// The first layer number of a block prefix (`model.layers.61.mlp` → 61).
     func layerNumber(_ prefix: String) -> Int? {
         let parts = prefix.split(separator: ".").map(String.init)
-        for (s, p) in zip(parts, block) { if case .index = p { return Int(s) } }
-        return nil
+        guard let i = matchBlock(parts)?.index else { return nil }
+        return Int(parts[i])
     }
 
     /// Import's layer order: by the first name part's word order (encoder before decoder), then
@@ -317,7 +389,9 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             }
             switch f.routerType {
             case .fixed(let t): out.append(("router_type", .string(t.rawValue)))
-            case .normalisedIf(let k): out.append(("router_type_normalised_if", .string(k)))
+            case .normalisedIf(let k, let d):
+                out.append(("router_type_normalised_if", .string(k)))
+                if d { out.append(("router_type_normalised_default", .bool(true))) }
             case .sigmoidNormalisedIf(let k, let d):
                 out.append(("router_type_sigmoid_normalised_if", .object([("key", .string(k)), ("default", .bool(d))])))
             }
@@ -326,9 +400,11 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
             }
             if let k = f.scalingKey { out.append(("scaling_key", .object([(k.key, .double(k.value))]))) }
             if let b = f.selectionBiasSuffix { out.append(("selection_bias_suffix", .string(b))) }
+            if f.selectionBiasRowVector { out.append(("selection_bias_row_vector", .bool(true))) }
             if let k = f.layerCountKey { out.append(("layer_count_key", .string(k))) }
             if let b = f.routerBiasSuffix { out.append(("router_bias_suffix", .string(b))) }
             if f.fusedInputMajorInterleaved { out.append(("fused_input_major_interleaved", .bool(true))) }
+            if f.fusedInputMajorHalves { out.append(("fused_input_major_halves", .bool(true))) }
             if let a = f.fixedActivation { out.append(("fixed_activation", .string(a.rawValue))) }
             out += [("activation_key", .string(f.activationKey)), ("default_activation", .string(f.defaultActivation))]
             out.append(("requirements", .object(f.requirements.map { r in
@@ -350,6 +426,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
                         switch p {
                         case .word(let w): return .object([("words", JSONValue(w))])
                         case .index(let s): return .object([("index", .string(s))])
+                        case .optionalWord(let w): return .object([("words", JSONValue(w)), ("optional", .bool(true))])
                         }
                     })),
                     ("block_pattern", .string(f.blockPattern)), ("router_suffix", .string(f.routerSuffix)),
@@ -357,7 +434,7 @@ public struct ModelFamily: Sendable, Hashable, CustomStringConvertible {
                     ("matrix_names", sorted(f.matrixNames)), ("fused_names", sorted(f.fusedNames)),
                 ] + rules(f) + [
                     ("transformers_class", .string(f.transformersClass)), ("encoder_decoder", .bool(f.encoderDecoder)),
-                ])
+                ] + (f.configSection.map { [("config_section", .string($0))] } ?? []))
             })),
         ])
     }

@@ -90,8 +90,8 @@ public enum CompactRouter {
     /// start row of a group is its most used slot's, the lower slot on ties).
     public static func compact(_ merged: MoELayer, frequency: [Double], tokens: TokenBlocks,
                                options: CompactRouterOptions = CompactRouterOptions()) throws -> (layer: MoELayer, report: CompactRouterReport) {
-        guard merged.config.isPlainSoftmaxRouting, merged.selectionBias == nil else {
-            throw SMoEError("\(merged.name): the compact router fit models softmax routing without a selection bias, groups or scaling (this layer routes by \(merged.config.routerType.rawValue))")
+        guard merged.config.compactRouterFits, merged.selectionBias == nil else {
+            throw SMoEError("\(merged.name): the compact router fit models softmax routing without a selection bias, groups or scaling (this layer routes by \(merged.config.routerType.rawValue)\(merged.selectionBias != nil ? " with a selection bias" : ""))")
         }
         let groups = groups(of: merged)
         if let empty = groups.firstIndex(where: \.isEmpty) {

@@ -178,8 +178,8 @@ enum OutputAwareMerge {
             try tokens { x in
                 let disp = dispatch(layer, x)[s]
                 guard !disp.tokens.isEmpty else { return }
-                let xs = x.gatherRows(disp.tokens)
-                accumulateWeightedCross(xs, xs, weights: disp.weights, into: &gramX)
+                let (xs, w) = MoELayer.expertInput(x, disp, config: c)
+                accumulateWeightedCross(xs, xs, weights: w, into: &gramX)
             }
             var gx2 = gate != nil ? gramX : []  // the gate's copy of the input Gram
             up.add(gram: &gramX, weight: p.aligned[k].up.dense(), alpha: options.alpha)
@@ -208,8 +208,9 @@ enum OutputAwareMerge {
             try tokens { x in
                 let disp = dispatch(layer, x)[s]
                 guard !disp.tokens.isEmpty else { return }
-                let h = member.hidden(x.gatherRows(disp.tokens), activation: c.activation)
-                down.addTokens(h, weights: disp.weights, member: wd, alpha: options.alpha)
+                let (xs, w) = MoELayer.expertInput(x, disp, config: c)
+                let h = member.hidden(xs, activation: c.activation)
+                down.addTokens(h, weights: w, member: wd, alpha: options.alpha)
             }
             down.endMember(member: wd, alpha: options.alpha)
         }
@@ -250,18 +251,24 @@ enum OutputAwareMerge {
             let n = rows.count
             var target = Matrix(rows: n, cols: d)
             var sw = [Float](repeating: 0, count: n)
+            // Input-scaled routing (top-1): each row's own routing weight scales the merged
+            // expert's input as it scales the member's.
+            var rowScale = [Float](repeating: 1, count: n)
             for (k, s) in p.stored.enumerated() {
                 let dsp = disp[s]
                 if dsp.tokens.isEmpty { continue }
-                let y = p.aligned[k].forward(x.gatherRows(dsp.tokens), activation: c.activation)
+                let (xs, ws) = MoELayer.expertInput(x, dsp, config: c)
+                let y = p.aligned[k].forward(xs, activation: c.activation)
                 for (i, t) in dsp.tokens.enumerated() {
                     let j = row[t]!
-                    let w = dsp.weights[i]
+                    let w = ws[i]
                     sw[j] += w
+                    if c.routerType.scalesExpertInput { rowScale[j] = dsp.weights[i] }
                     for q in 0..<d { target.data[j * d + q] += w * y.data[i * d + q] }
                 }
             }
-            r.add(hidden: expert.hidden(x.gatherRows(rows), activation: c.activation), target: target, weights: sw, bias: hasBias)
+            let merged = MoELayer.expertInput(x, (rows, rowScale), config: c).rows
+            r.add(hidden: expert.hidden(merged, activation: c.activation), target: target, weights: sw, bias: hasBias)
         }
         // Ridge towards the RegMean down (and bias), not towards zero.
         let (method, estimate) = try r.solve(into: &expert, bias: hasBias, ridge: options.refitRidge)

@@ -68,8 +68,9 @@ public enum Pruning {
             try tokens { x in
                 let d = source.header.dispatch(source.route(x), stored: e)[j]
                 guard !d.tokens.isEmpty else { return }
-                let y = expert.forward(x.gatherRows(d.tokens), activation: source.config.activation)
-                for (t, w) in d.weights.enumerated() {
+                let (rows, weights) = MoELayer.expertInput(x, d, config: source.config)
+                let y = expert.forward(rows, activation: source.config.activation)
+                for (t, w) in weights.enumerated() {
                     var sq = 0.0
                     for v in y.data[(t * y.cols)..<((t + 1) * y.cols)] { sq += Double(v) * Double(v) }
                     sum += Double(w) * sq.squareRoot()

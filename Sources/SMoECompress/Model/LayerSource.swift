@@ -99,9 +99,10 @@ extension MoELayer {
         var y = Matrix(rows: x.rows, cols: config.dModel)
         let dm = config.dModel
         for (g, d) in dispatch.enumerated() where !d.tokens.isEmpty {
-            let yg = try expert(g).forward(x.gatherRows(d.tokens), activation: config.activation)
+            let (rows, weights) = expertInput(x, d, config: config)
+            let yg = try expert(g).forward(rows, activation: config.activation)
             for (r, t) in d.tokens.enumerated() {
-                let w = d.weights[r]
+                let w = weights[r]
                 for j in 0..<dm { y.data[t * dm + j] += w * yg.data[r * dm + j] }
             }
         }

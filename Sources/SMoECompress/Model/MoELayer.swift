@@ -53,15 +53,21 @@ public enum RouterType: String, Sendable, CaseIterable, Codable {
     case sigmoid_topk_norm
     /// take the top-k logits, weight them by the softmax over those k only (GPT-OSS).
     case topk_softmax
+    /// take the top-k logits, weight each by sigmoid(z); the weight scales the expert's INPUT:
+    /// y = Σ_j expert_j(σ(z_j) · x) (Llama-4; top-1 only, see `LayerConfig.routingProblem`).
+    case topk_sigmoid_input
 
     /// The score a slot's weight comes from: softmax probability, sigmoid, or the logit itself.
     public var scoring: String {
         switch self {
         case .softmax_topk, .softmax_topk_norm: return "softmax"
         case .sigmoid_topk, .sigmoid_topk_norm: return "sigmoid"
-        case .topk_softmax: return "logit"
+        case .topk_softmax, .topk_sigmoid_input: return "logit"
         }
     }
+
+    /// The routing weight multiplies the expert's input, not its output.
+    public var scalesExpertInput: Bool { self == .topk_sigmoid_input }
 }
 
 /// One stored expert: its matrices in `nn.Linear` convention and optional biases.
@@ -210,6 +216,14 @@ public struct LayerConfig: Sendable, Equatable {
         (routerType == .softmax_topk || routerType == .softmax_topk_norm) && numGroups == 1 && routedScalingFactor == 1
     }
 
+    /// True when the compact router fit models this routing: the two plain softmax forms, and
+    /// GPT-OSS's top-k-then-softmax (its G rows and router bias fitted to the same group-summed
+    /// softmax of the slot logits; with one slot per group the fitted logits differ from the
+    /// slots' by a constant, which top-k-then-softmax ignores), without groups or scaling.
+    public var compactRouterFits: Bool {
+        isPlainSoftmaxRouting || (routerType == .topk_softmax && numGroups == 1 && routedScalingFactor == 1)
+    }
+
     /// Why these routing settings cannot be computed (nil when they can): a one-line reason.
     public var routingProblem: String? {
         if numGroups < 1 || topKGroups < 1 || topKGroups > numGroups {
@@ -221,7 +235,12 @@ public struct LayerConfig: Sendable, Equatable {
             if topK > topKGroups * (numExperts / numGroups) {
                 return "top_k \(topK) exceeds the \(topKGroups * (numExperts / numGroups)) experts of the topk_group \(topKGroups) eligible groups"
             }
-            if routerType == .topk_softmax { return "topk_softmax routing has no expert groups" }
+            if routerType == .topk_softmax || routerType == .topk_sigmoid_input { return "\(routerType.rawValue) routing has no expert groups" }
+        }
+        // Σ_j expert(w_j x) of two slots sharing a merged expert is not one run with Σ w_j: only
+        // top-1 is modelled (every Llama-4 release).
+        if routerType.scalesExpertInput && topK != 1 {
+            return "num_experts_per_tok \(topK): routing that scales the expert input (\(routerType.rawValue)) is modelled for top-1 only"
         }
         if !routedScalingFactor.isFinite || routedScalingFactor <= 0 { return "routed_scaling_factor \(routedScalingFactor) must be a positive number" }
         return nil
@@ -346,7 +365,9 @@ public struct MoELayer: Sendable, Equatable {
                 slots[t * k + r] = j
             }
             var sum: Float = 0
-            if type == .topk_softmax {
+            if type == .topk_sigmoid_input {
+                for r in 0..<k { weights[t * k + r] = 1 / (1 + expf(-score[slots[t * k + r]])) }
+            } else if type == .topk_softmax {
                 var mx = -Float.infinity
                 for r in 0..<k { mx = max(mx, score[slots[t * k + r]]) }
                 for r in 0..<k { weights[t * k + r] = expf(score[slots[t * k + r]] - mx); sum += weights[t * k + r] }
@@ -424,6 +445,18 @@ public struct MoELayer: Sendable, Equatable {
             }
         }
         return out
+    }
+
+    /// What a stored expert runs on for its dispatched tokens `d`, and the weights its outputs
+    /// are summed with: the gathered rows and the routing weights, or, when the routing scales
+    /// the expert input (topk_sigmoid_input), each row times its weight and weights 1. Every
+    /// stage that runs experts on routed tokens goes through this.
+    public static func expertInput(_ x: Matrix, _ d: (tokens: [Int], weights: [Float]), config: LayerConfig) -> (rows: Matrix, weights: [Float]) {
+        var rows = x.gatherRows(d.tokens)
+        guard config.routerType.scalesExpertInput else { return (rows, d.weights) }
+        let c = rows.cols
+        for (r, w) in d.weights.enumerated() { for j in 0..<c { rows.data[r * c + j] *= w } }
+        return (rows, [Float](repeating: 1, count: d.weights.count))
     }
 
     /// The layer's output for a token block X [n, d_model]: the weighted sum of the chosen

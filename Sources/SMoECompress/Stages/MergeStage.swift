@@ -108,10 +108,10 @@ public struct MergeSettings: Sendable {
             if prune != nil, let c = model.layers.first(where: { $0.numGroups > 1 }) {
                 throw SMoEError.setting(.prune, "drops router slots, which breaks the \(c.numGroups) expert groups of \(model.architecture) layer \(c.name) (grouped top-k); merge with the default {router} slots")
             }
-            if prune == nil, let c = model.layers.first(where: { !$0.isPlainSoftmaxRouting }) {
+            if prune == nil, let c = model.layers.first(where: { !$0.compactRouterFits }) {
                 let how = "\(c.routerType.rawValue)" + (c.numGroups > 1 ? ", \(c.numGroups) expert groups" : "")
                     + (c.routedScalingFactor != 1 ? ", routed scaling \(c.routedScalingFactor)" : "")
-                throw SMoEError.setting(.router, "compact fits softmax routers only, but \(model.architecture) layer \(c.name) routes by \(how); merge with the default {router} slots")
+                throw SMoEError.setting(.router, "compact fits softmax routers only (and GPT-OSS's top-k-then-softmax), but \(model.architecture) layer \(c.name) routes by \(how); merge with the default {router} slots")
             }
             if !adaptive, let c = model.layers.first(where: { $0.topK > groups }) {
                 throw SMoEError.setting(prune != nil ? .prune : .router, "\(prune != nil ? "keeps" : "compact needs") top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")

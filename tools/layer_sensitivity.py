@@ -3,6 +3,7 @@
 
     tools/layer_sensitivity.py [--fixtures trained-mixtral,trained-switch] [--settings 1,2,4]
                                [--work out/frontier] [--every K] [--json FILE]
+                               [--write-sensitivity DIR]
 
 For each MoE layer of each fixture, compresses ONLY that layer (`compress --layers NAME
 --groups G`, dense, for each G in --settings; the other layers stay the original's), takes the
@@ -11,6 +12,9 @@ end-to-end held-out loss from eval_loss.py, and fits the slope d(loss)/d(error) 
 squares through the origin (error 0 is the original, loss unchanged), and c of Δloss ≈ c·error²
 (the measured curves are convex: the quadratic fits them better). Prints a markdown table.
 Checkpoints and JSON are kept in --work (shared with frontier.py) and reused on a rerun.
+
+--write-sensitivity DIR writes DIR/NAME.sensitivity.json per fixture: the fitted c of every MoE
+layer, the input of `compress --target-size F --sensitivity FILE` (ALGORITHM.md §4.3).
 """
 
 import argparse
@@ -34,6 +38,41 @@ def layer_names(name):
         return sorted(f["moe_layers"], key=lambda n: int(f["moe_layers"][n].attrs["index"]))
 
 
+SENSITIVITY_FORMAT = "smoe-compress layer sensitivity"
+
+
+def fit_quadratic(points):
+    """c of Δloss ≈ c·error², least squares through the origin over the points
+    ({"layer_error", "delta_loss"})."""
+    return sum(q["layer_error"] ** 2 * q["delta_loss"] for q in points) / sum(q["layer_error"] ** 4 for q in points)
+
+
+def sensitivity_document(model, rows, every=None, settings=None):
+    """The sensitivity file of one model: `rows` are this script's rows of that model
+    (`layer`, `quadratic` = c in Δloss ≈ c·error², `points`). Raises UsageError on a c that is
+    not a finite number >= 0 (smoe-compress would refuse it)."""
+    layers = {}
+    for r in rows:
+        c = float(r["quadratic"])
+        if not (c == c and c not in (float("inf"), float("-inf"))):
+            raise UsageError(f"{model}: layer {r['layer']}: the fitted sensitivity is not finite")
+        # A layer whose loss fell when it was compressed fits c < 0: it costs nothing.
+        layers[r["layer"]] = max(c, 0.0)
+    if len(layers) != len(rows):
+        raise UsageError(f"{model}: a layer is listed twice")
+    return {"format": SENSITIVITY_FORMAT, "version": 1, "rule": "delta_loss = c * relative_error^2",
+            "model": str(model), "every": every, "settings": settings, "layers": layers,
+            "points": {r["layer"]: r.get("points", []) for r in rows}}
+
+
+def write_sensitivity(path, doc):
+    """Writes atomically (a temporary file renamed into place)."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def main(argv=None):
     class Parser(argparse.ArgumentParser):
         def error(self, message):
@@ -47,6 +86,7 @@ def main(argv=None):
     p.add_argument("--text", default=None)
     p.add_argument("--exe", default=None)
     p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--write-sensitivity", default=None, metavar="DIR", help="write DIR/NAME.sensitivity.json per fixture")
     p.add_argument("--verbose", action="store_true")
     try:
         args = p.parse_args(argv)
@@ -67,7 +107,7 @@ def main(argv=None):
                     points.append({"groups": g, "layer_error": pt["layer_errors"][layer], "delta_loss": pt["loss"] - base})
                 sxx = sum(q["layer_error"] ** 2 for q in points)
                 slope = sum(q["layer_error"] * q["delta_loss"] for q in points) / sxx
-                quad = sum(q["layer_error"] ** 2 * q["delta_loss"] for q in points) / sum(q["layer_error"] ** 4 for q in points)
+                quad = fit_quadratic(points)
                 rows.append({"fixture": name, "index": index, "layer": layer, "original_loss": base, "slope": slope,
                              "quadratic": quad, "points": points})
     except UsageError as e:
@@ -78,6 +118,13 @@ def main(argv=None):
     for r in rows:
         cells = " | ".join(f"{q['layer_error']:.3f} → {q['delta_loss']:+.4f}" for q in r["points"])
         print(f"| {r['fixture']} | {r['index']} `{r['layer']}` | {cells} | {r['slope']:.3f} | {r['quadratic']:.3f} |")
+    if args.write_sensitivity:
+        out = pathlib.Path(args.write_sensitivity)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            mine = [r for r in rows if r["fixture"] == name]
+            write_sensitivity(out / f"{name}.sensitivity.json",
+                              sensitivity_document(f"Fixtures/{name}.h5", mine, args.every, settings))
     doc = {"every": args.every, "settings": settings, "rows": rows}
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(doc, indent=2))

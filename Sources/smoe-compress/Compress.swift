@@ -26,6 +26,8 @@ struct Compress: ParsableCommand {
     var planOnly = false
     @Flag(help: "With --target-size: the same number of groups in every layer.")
     var uniformGroups = false
+    @Option(help: "With --target-size: per-layer loss sensitivities (JSON by tools/layer_sensitivity.py); the plan minimises Σ c·error² instead of the mean layer error.")
+    var sensitivity: String?
     @OptionGroup var mergeOptions: MergeOptionGroup
     @OptionGroup var lowrank: LowRankOptionGroup
     @OptionGroup var output: OutputOptions
@@ -37,7 +39,9 @@ struct Compress: ParsableCommand {
         if planOnly && resumeOptions.resume { throw ValidationError("--plan-only writes nothing: give no --resume") }
         if targetSize == nil {
             if mergeOptions.groups == nil { throw ValidationError("give --groups, or --target-size") }
-            if planOnly || uniformGroups { throw ValidationError("--plan-only and --uniform-groups need --target-size") }
+            if planOnly || uniformGroups || sensitivity != nil {
+                throw ValidationError("--plan-only, --uniform-groups and --sensitivity need --target-size")
+            }
             if lowrank.rule == nil && lowrank.sparsity > 0 { throw ValidationError("--sparsity needs --rank or --energy") }
         } else {
             if lowrank.rule != nil { throw ValidationError("--target-size chooses the ranks: give no --rank or --energy") }
@@ -49,12 +53,12 @@ struct Compress: ParsableCommand {
     func plannerSettings() throws -> PlannerSettings? {
         try targetSize.map {
             PlannerSettings(target: try TargetSize.parse($0), groupCandidates: mergeOptions.groups.map { [$0] },
-                            uniformGroups: uniformGroups)
+                            uniformGroups: uniformGroups, sensitivity: try sensitivity.map(LayerSensitivity.read))
         }
     }
 
     func run() throws {
-        let inputs = [calib] + [evalCalib, mergeOptions.stats].compactMap { $0 }
+        let inputs = [calib] + [evalCalib, mergeOptions.stats, sensitivity].compactMap { $0 }
         try reportOptions.check(against: [model, output.output] + inputs)
         let reader = try CheckpointReader(model)
         let storage = output.writeOptions(for: reader).dtype
@@ -70,7 +74,10 @@ struct Compress: ParsableCommand {
                                      storage: storage, progress: progress.callback)
             }
             progress.finish()
-            let document = JSONValue.object([("model", .string(model)), ("plan", plan.json)])
+            let candidates = JSONValue.array(zip(plan.layers, plan.candidates).map { l, c in
+                .object([("name", .string(l.name)), ("options", .array(c.map(\.json)))])
+            })
+            let document = JSONValue.object([("model", .string(model)), ("plan", plan.json), ("candidates", candidates)])
             try reportOptions.write(document)
             return global.json ? printJSON(document) : renderPlan(plan)
         }
@@ -105,7 +112,7 @@ struct Compress: ParsableCommand {
 
     /// The input files a resumed run must find unchanged.
     var resumeInputs: [ResumeInput] {
-        [ResumeInput(role: "--calib", path: calib)] + [("--eval-calib", evalCalib), ("--stats", mergeOptions.stats)]
+        [ResumeInput(role: "--calib", path: calib)] + [("--eval-calib", evalCalib), ("--stats", mergeOptions.stats), ("--sensitivity", sensitivity)]
             .compactMap { r, p in p.map { ResumeInput(role: r, path: $0) } }
     }
 
@@ -116,7 +123,8 @@ struct Compress: ParsableCommand {
         }
         print("plan for \(formatBytes(plan.budget)) of expert bytes (errors estimated on every \(plan.settings.heldOutEvery)th chunk of \(plan.settings.chunkTokens) calibration tokens, held apart from merging):")
         print(t.render())
-        print("planned: \(formatBytes(plan.bytesOriginal)) → \(formatBytes(plan.bytes)), mean estimated error \(fixed(plan.meanEstimatedError, 4))")
+        print("planned: \(formatBytes(plan.bytesOriginal)) → \(formatBytes(plan.bytes)), mean estimated error \(fixed(plan.meanEstimatedError, 4))"
+              + (plan.settings.sensitivity == nil ? "" : ", Σ c·error² \(fixed(plan.objective, 4)) (sensitivities from \(plan.settings.sensitivity!.path))"))
     }
 
     /// The `--json` document (the report's source).

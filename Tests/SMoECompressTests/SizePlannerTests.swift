@@ -68,4 +68,81 @@ final class SizePlannerTests: XCTestCase {
         XCTAssertLessThanOrEqual(try XCTUnwrap(plan["expert_bytes"]?.intValue), 524_288)
         XCTAssertFalse(FileManager.default.fileExists(atPath: out))
     }
+
+    /// The knapsack with sensitivities, on a planted case with a known answer: two layers with the
+    /// same options (100 B → error 0.1, 50 B → 0.3, 25 B → 0.5) and 150 B. Unweighted the two
+    /// splits 100 + 50 tie (0.4) and the lower-index choice wins; with c = (10, 1) the cost of
+    /// giving layer 0 the 100 B is 10·0.01 + 0.09 = 0.19 against 10·0.09 + 0.01 = 0.91 the other
+    /// way, so layer 0 gets them; with c = (1, 10) layer 1 does.
+    func testSensitivityMovesBytesToTheSensitiveLayer() throws {
+        let g = LayerGrouping(groups: [[0]], dominant: [0])
+        let opts = [(100, 0.1), (50, 0.3), (25, 0.5)].map { SizePlanner.Option(groups: 1, grouping: g, ranks: [:], bytes: $0.0, error: $0.1) }
+        func pick(_ c: [Double]) -> [Int]? {
+            let s = LayerSensitivity(path: "s.json", weights: ["a": c[0], "b": c[1]])
+            var p = PlannerSettings(target: .bytes(150), sensitivity: s)
+            p.levels = 1
+            let costs = zip(["a", "b"], [opts, opts]).map { name, o in o.map { p.cost(name, error: $0.error) } }
+            return SizePlanner.choose([opts, opts], costs: costs, allowed: [[0, 1, 2], [0, 1, 2]], budget: 150)
+        }
+        XCTAssertEqual(pick([10, 1]), [0, 1])
+        XCTAssertEqual(pick([1, 10]), [1, 0])
+        XCTAssertEqual(PlannerSettings(target: .bytes(150)).cost("a", error: 0.3), 0.3, "without sensitivities: the error itself")
+    }
+
+    /// The same on a fixture: a sensitivity file that weights layer 0 a hundred times the others
+    /// gives layer 0 its lowest-error option (G 4 dense, half its bytes: the budget, 35 % of the
+    /// four layers, leaves the others 0.9 layer's worth, enough for their 1/8-levels), more bytes
+    /// than any other layer and at least what the unweighted plan gives it; the plan records the
+    /// file's values and fingerprint.
+    func testSensitivityFileOnAFixture() throws {
+        let names = model.layers.map(\.name)
+        let path = temporaryDirectory(self) + "/sensitivity.json"
+        let layers = names.enumerated().map { "\"\($0.element)\": \($0.offset == 0 ? "100" : "1")" }.joined(separator: ", ")
+        try "{\"format\": \"smoe-compress layer sensitivity\", \"version\": 1, \"layers\": {\(layers)}}".write(toFile: path, atomically: true, encoding: .utf8)
+        var s = PlannerSettings(target: .fraction(0.35), groupCandidates: [4])
+        s.levels = 8
+        let lr = LowRankOptions(rank: .fixed(1), floatBytes: 2)
+        let plain = try SizePlanner.plan(model: model, calibration: calib, stats: nil, merge: MergeSettings(groups: 1), lowRank: lr,
+                                         settings: s, storage: .f16)
+        s.sensitivity = try LayerSensitivity.read(path)
+        let weighted = try SizePlanner.plan(model: model, calibration: calib, stats: nil, merge: MergeSettings(groups: 1), lowRank: lr,
+                                            settings: s, storage: .f16)
+        XCTAssertLessThanOrEqual(weighted.bytes, weighted.budget)
+        XCTAssertGreaterThanOrEqual(weighted.layers[0].bytes, plain.layers[0].bytes)
+        XCTAssertLessThanOrEqual(weighted.layers[0].estimatedError, plain.layers[0].estimatedError)
+        let best = try XCTUnwrap(weighted.candidates[0].min { $0.error < $1.error })
+        XCTAssertEqual(weighted.layers[0].bytes, best.bytes)
+        XCTAssertEqual(weighted.layers[0].estimatedError, best.error)
+        XCTAssertTrue(weighted.layers.dropFirst().allSatisfy { $0.bytes < weighted.layers[0].bytes }, "\(weighted.layers.map(\.bytes))")
+        let recorded = try XCTUnwrap(weighted.json["sensitivity"])
+        XCTAssertEqual(recorded["layers"]?[names[0]]?.doubleValue, 100)
+        XCTAssertEqual(recorded["fingerprint"]?.stringValue?.count, 16)
+    }
+
+    /// A bad sensitivity file is one error naming the file: not JSON, a negative value, a layer
+    /// of another model, a missing layer.
+    func testBadSensitivityFiles() throws {
+        let names = model.layers.map(\.name)
+        let dir = temporaryDirectory(self)
+        func write(_ body: String) throws -> String {
+            let p = dir + "/s\(body.hashValue & 0xffff).json"
+            try body.write(toFile: p, atomically: true, encoding: .utf8)
+            return p
+        }
+        func doc(_ layers: [(String, String)]) -> String {
+            "{\"format\": \"smoe-compress layer sensitivity\", \"version\": 1, \"layers\": {"
+                + layers.map { "\"\($0.0)\": \($0.1)" }.joined(separator: ", ") + "}}"
+        }
+        let bad = try write("{not json")
+        XCTAssertThrowsError(try LayerSensitivity.read(bad)) { XCTAssertEqual(($0 as? SMoEError)?.file, bad) }
+        let negative = try write(doc(names.map { ($0, "-1") }))
+        XCTAssertThrowsError(try LayerSensitivity.read(negative)) { XCTAssertEqual(($0 as? SMoEError)?.file, negative) }
+        let other = try LayerSensitivity.read(try write(doc(names.map { ($0, "1") } + [("x.mlp", "1")])))
+        XCTAssertThrowsError(try other.validate(allLayers: names)) { XCTAssertEqual(($0 as? SMoEError)?.file, other.path) }
+        let short = try LayerSensitivity.read(try write(doc(names.dropLast().map { ($0, "1") })))
+        XCTAssertThrowsError(try short.validate(allLayers: names)) {
+            XCTAssertEqual(($0 as? SMoEError)?.file, short.path)
+            XCTAssertTrue("\($0)".contains(names.last!), "\($0)")
+        }
+    }
 }

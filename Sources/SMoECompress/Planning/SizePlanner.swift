@@ -47,11 +47,27 @@ public struct PlannerSettings: Sendable, Equatable {
     public var heldOutEvery = 5
     /// Low-rank byte levels tried per (layer, G): k/levels of the layer's original expert bytes.
     public var levels = 16
+    /// Per-layer loss sensitivities: the plan minimises Σ_l c_l·e_l² instead of the default
+    /// objective (`PlanObjective`).
+    public var sensitivity: LayerSensitivity? = nil
 
-    public init(target: TargetSize, groupCandidates: [Int]? = nil, uniformGroups: Bool = false) {
+    public init(target: TargetSize, groupCandidates: [Int]? = nil, uniformGroups: Bool = false,
+                sensitivity: LayerSensitivity? = nil) {
         self.target = target
         self.groupCandidates = groupCandidates
         self.uniformGroups = uniformGroups
+        self.sensitivity = sensitivity
+    }
+
+    /// What the plan minimises over the layers' held-apart errors e_l (ALGORITHM.md §4.3).
+    public var objectiveName: String {
+        sensitivity == nil ? PlannerSettings.defaultObjective : "sum of c_l * e_l^2, c_l from \(sensitivity!.path)"
+    }
+    static let defaultObjective = "sum of e_l (the mean layer error)"
+
+    /// The cost of error `e` in `layer`: c_l·e² with sensitivities, e without.
+    func cost(_ layer: String, error e: Double) -> Double {
+        sensitivity.map { $0.cost(layer, error: e) } ?? e
     }
 
     func validate() throws {
@@ -95,6 +111,18 @@ public struct LayerPlan: Sendable, Equatable {
     }
 }
 
+/// One measured way to compress one layer: G, ranks, bytes and held-apart error.
+public struct PlanCandidate: Sendable, Equatable {
+    public var groups: Int
+    public var ranks: String
+    public var bytes: Int
+    public var error: Double
+
+    public var json: JSONValue {
+        .object([("groups", .int(groups)), ("ranks", .string(ranks)), ("expert_bytes", .int(bytes)), ("estimated_relative_error", .double(error))])
+    }
+}
+
 /// A whole-model plan: per layer the groups and ranks. A deterministic function of the model, the
 /// calibration (or statistics) and the settings, decided once before any layer is written, so
 /// every shard of a sharded run can apply the same value.
@@ -102,10 +130,15 @@ public struct SizePlan: Sendable, Equatable {
     public var layers: [LayerPlan]
     public var budget: Int
     public var settings: PlannerSettings
+    /// Every option the planner measured, per layer (`--plan-only --json` prints them: a plan for
+    /// another budget or objective can be chosen from them without measuring again).
+    public var candidates: [[PlanCandidate]] = []
 
     public var bytes: Int { layers.reduce(0) { $0 + $1.bytes } }
     public var bytesOriginal: Int { layers.reduce(0) { $0 + $1.bytesOriginal } }
     public var meanEstimatedError: Double { layers.isEmpty ? 0 : layers.reduce(0) { $0 + $1.estimatedError } / Double(layers.count) }
+    /// The planner's objective at this plan (Σ c_l·e_l² with sensitivities: the predicted loss increase).
+    public var objective: Double { layers.reduce(0) { $0 + settings.cost($1.name, error: $1.estimatedError) } }
 
     public subscript(layer: String) -> LayerPlan? { layers.first { $0.name == layer } }
 
@@ -113,7 +146,10 @@ public struct SizePlan: Sendable, Equatable {
         .object([("target", settings.target.json), ("budget_bytes", .int(budget)), ("uniform_groups", .bool(settings.uniformGroups)),
                  ("held_out", .string("every \(settings.heldOutEvery)th chunk of \(settings.chunkTokens) tokens")),
                  ("expert_bytes", .int(bytes)), ("expert_bytes_original", .int(bytesOriginal)),
-                 ("mean_estimated_relative_error", .double(meanEstimatedError)), ("layers", .array(layers.map(\.json)))])
+                 ("mean_estimated_relative_error", .double(meanEstimatedError)), ("objective", .string(settings.objectiveName)),
+                 ("objective_value", .double(objective))]
+                + (settings.sensitivity.map { [("sensitivity", $0.json)] } ?? [])
+                + [("layers", .array(layers.map(\.json)))])
     }
 }
 
@@ -156,6 +192,7 @@ public enum SizePlanner {
         try merge.tokens.validate()
         if lowRank.sparsity > 0 { throw SMoEError.setting(.targetSize, "plans low rank without a sparse part: give no {sparsity}") }
         let names = try model.selectLayers(merge.layers)
+        try settings.sensitivity?.validate(allLayers: model.layers.map(\.name))
         if let g = merge.groups {
             for c in model.layers where names.contains(c.name) && g > c.numExperts {
                 throw SMoEError.setting(.groups, "\(g) is more than the \(c.numExperts) experts of layer \(c.name)")
@@ -166,6 +203,7 @@ public enum SizePlanner {
                                                    calibration: calibration, tokens: merge.tokens, progress: progress)
         var perLayer: [[Option]] = []
         var originals: [Int] = []
+        var costs: [[Double]] = []
         for (name, input) in inputs {
             let original = try model.readLayer(name)
             originals.append(try model.summary(name).expertFileBytes)
@@ -211,14 +249,15 @@ public enum SizePlanner {
                 }
             }
             perLayer.append(options)
+            costs.append(options.map { settings.cost(name, error: $0.error) })
         }
         let budget = settings.target.bytes(original: originals.reduce(0, +))
         var best: (choice: [Int], error: Double)? = nil
         let groupSets: [Int?] = settings.uniformGroups ? Array(Set(perLayer.flatMap { $0.map(\.groups) })).sorted() : [nil]
         for g in groupSets {
             let allowed = perLayer.map { opts in opts.indices.filter { g == nil || opts[$0].groups == g } }
-            guard let choice = choose(perLayer, allowed: allowed, budget: budget) else { continue }
-            let err = zip(perLayer, choice).reduce(0.0) { acc, p in acc + p.0[p.1].error }
+            guard let choice = choose(perLayer, costs: costs, allowed: allowed, budget: budget) else { continue }
+            let err = zip(costs, choice).reduce(0.0) { acc, p in acc + p.0[p.1] }
             if best == nil || err < best!.error { best = (choice, err) }
         }
         guard let chosen = best?.choice else {
@@ -230,13 +269,16 @@ public enum SizePlanner {
             return LayerPlan(name: inp.name, groups: o.groups, grouping: o.grouping, frequency: inp.input.frequency, ranks: o.ranks,
                              bytes: o.bytes, bytesOriginal: rest.1.1, estimatedError: o.error, similarity: inp.input.similarity)
         }
-        return SizePlan(layers: layers, budget: budget, settings: settings)
+        var plan = SizePlan(layers: layers, budget: budget, settings: settings)
+        plan.candidates = perLayer.map { $0.map { PlanCandidate(groups: $0.groups, ranks: rankRange(Array($0.ranks.values)), bytes: $0.bytes, error: $0.error) } }
+        return plan
     }
 
     /// The multiple-choice knapsack: one option per layer (among `allowed`), total bytes ≤ budget,
-    /// smallest total error; nil when nothing fits. Bytes are counted in units of ⌈budget/4096⌉
-    /// with each option's cost rounded up, so the exact total never exceeds the budget.
-    static func choose(_ options: [[Option]], allowed: [[Int]], budget: Int) -> [Int]? {
+    /// smallest total cost (`costs[l][i]`: option i of layer l); nil when nothing fits. Bytes are
+    /// counted in units of ⌈budget/4096⌉ with each option's cost rounded up, so the exact total
+    /// never exceeds the budget.
+    static func choose(_ options: [[Option]], costs: [[Double]], allowed: [[Int]], budget: Int) -> [Int]? {
         let unit = max(1, (budget + 4095) / 4096), cap = budget / unit
         var dp = [Double](repeating: 0, count: cap + 1)
         var picks: [[Int]] = []
@@ -246,8 +288,8 @@ public enum SizePlanner {
             for i in allowed[l] {
                 let cost = (opts[i].bytes + unit - 1) / unit
                 if cost > cap { continue }
-                for c in cost...cap where dp[c - cost] + opts[i].error < next[c] {
-                    next[c] = dp[c - cost] + opts[i].error
+                for c in cost...cap where dp[c - cost] + costs[l][i] < next[c] {
+                    next[c] = dp[c - cost] + costs[l][i]
                     pick[c] = i
                 }
             }

@@ -47,6 +47,9 @@ public struct PlannerSettings: Sendable, Equatable {
     public var heldOutEvery = 5
     /// Low-rank byte levels tried per (layer, G): k/levels of the layer's original expert bytes.
     public var levels = 16
+    /// A layer's fitting tokens are held in memory while it is planned when they take at most
+    /// this many bytes (as float32), else re-read for every option.
+    public var cacheBytes = 256 << 20
     /// Per-layer loss sensitivities: the plan minimises Σ_l c_l·e_l² instead of the default
     /// objective (`PlanObjective`).
     public var sensitivity: LayerSensitivity? = nil
@@ -207,15 +210,27 @@ public enum SizePlanner {
         for (name, input) in inputs {
             let original = try model.readLayer(name)
             originals.append(try model.summary(name).expertFileBytes)
-            let fit = tokens(calibration, name, merge.tokens, settings, heldOut: false)
+            // The fitting tokens are read once and held (as the held-apart ones are) when they
+            // fit in `cacheBytes`: every option re-reads them, and reading a float16 capture
+            // converts in HDF5's software path, which was half the planner's time. The same
+            // blocks in the same order either way, so the plan is the same.
+            var fit = tokens(calibration, name, merge.tokens, settings, heldOut: false)
+            let info = try calibration.info(name)
+            if min(info.numTokens, merge.tokens.maxTokens ?? Int.max) * info.dModel * 4 <= settings.cacheBytes {
+                var blocks: [Matrix] = []
+                try fit({ blocks.append($0) })
+                fit = { body in for x in blocks { try body(x) } }
+            }
             var held: [Matrix] = []
             try tokens(calibration, name, merge.tokens, settings, heldOut: true)({ held.append($0) })
             if held.isEmpty {
                 throw SMoEError.setting(.targetSize, "layer \(name) has too few calibration tokens to hold every \(settings.heldOutEvery)th chunk of \(settings.chunkTokens) apart")
             }
+            // The original's routing and output on the held-apart tokens, once per layer.
+            let heldOriginal = try held.map { x in let r = original.route(x); return (r, try original.forward(x, routing: r)) }
             func heldOutError(_ layer: MoELayer) throws -> Double {
                 var acc = try EvaluationAccumulator(original: original, compressed: layer)
-                for x in held { try acc.add(x) }
+                for (x, o) in zip(held, heldOriginal) { acc.add(x, original: o.0, output: o.1) }
                 return acc.result(bytesBefore: 0, bytesAfter: 0).relativeError
             }
             let E = original.config.numExperts

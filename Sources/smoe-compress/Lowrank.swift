@@ -23,7 +23,7 @@ struct LowRankOptionGroup: ParsableArguments {
     @Option(help: "Comma-separated matrices to factor: up, gate, down.")
     var matrices: CommaList = CommaList(argument: "up,gate,down")!
 
-    @Option(help: "SVD: auto (randomized when rank + 10 ≤ min(out, in)/4), exact or randomized.")
+    @Option(help: "SVD: auto (randomized when rank + 10 ≤ min(out, in)/4, else the checked Gram eigendecomposition when min(out, in) ≥ 1024, else exact), exact, randomized or gram.")
     var svd: SVDMethod = .auto
 
     @Option(help: "Seed of the randomized SVD.")

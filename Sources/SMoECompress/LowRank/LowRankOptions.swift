@@ -17,6 +17,9 @@ public enum SVDMethod: String, Sendable, CaseIterable {
     case exact
     /// Range finder with oversampling and power iterations (QR re-orthonormalised), seeded.
     case randomized
+    /// The r largest eigenpairs of the smaller Gram (float64 `dsyrk` + `dsyevr`), then one
+    /// product for the other side (ALGORITHM.md §4); without `auto`'s a-posteriori fallback.
+    case gram
 }
 
 /// The expert matrices a stage may touch.
@@ -117,9 +120,24 @@ public struct LowRankOptions: Sendable {
     public func prefersRandomized(rank r: Int, rows: Int, cols: Int) -> Bool {
         let p = min(rows, cols)
         switch svd {
-        case .exact: return false
+        case .exact, .gram: return false
         case .randomized: return r + oversampling < p
         case .auto: return 4 * (r + oversampling) <= p
+        }
+    }
+
+    /// The smallest min(out, in) at which `auto` takes the Gram eigendecomposition instead of
+    /// `sgesdd` where it does not take the randomized one (ALGORITHM.md §4, `smoe-bench factor`).
+    public static let gramMinDimension = 1024
+
+    /// Whether the rank-r factorisation goes through the Gram eigendecomposition: always with
+    /// `gram`, with `auto` when the randomized one is not taken and min(out, in) ≥
+    /// `gramMinDimension` (then with the a-posteriori check and its fallback to `sgesdd`).
+    public func prefersGram(rank r: Int, rows: Int, cols: Int) -> Bool {
+        switch svd {
+        case .exact, .randomized: return false
+        case .gram: return true
+        case .auto: return !prefersRandomized(rank: r, rows: rows, cols: cols) && min(rows, cols) >= Self.gramMinDimension
         }
     }
 

@@ -147,8 +147,29 @@ extension LowRankStage {
             let res = try w.randomizedSVD(rank: r, oversampling: options.oversampling, powerIterations: options.powerIterations, seed: seed)
             return (split(res, rank: r), "randomized")
         }
+        if options.prefersGram(rank: r, rows: w.rows, cols: w.cols) {
+            let g = try w.gramTruncatedSVD(rank: r)
+            if gramPassesCheck(g) || options.svd == .gram { return (split(g.svd, rank: r), "gram") }
+            return (split(try w.thinSVD(), rank: r), "exact (gram check failed)")
+        }
         return (split(try w.thinSVD(), rank: r), "exact")
     }
+
+    /// The a-posteriori check of a Gram factorisation (ALGORITHM.md §4): the squared error it
+    /// leaves, ‖A‖² − Σσ_j², is within (1.01)² of the optimum's ‖A‖² − Σλ_j (float64 eigenvalues
+    /// of the float64 Gram), plus 1e-6·‖A‖² for float32 rounding of A·V; and that optimum's
+    /// relative error is at least 1 %, so that rounding slack is under 1 % of it. A matrix
+    /// (nearly) of rank r fails the second condition and gets the exact SVD.
+    static func gramPassesCheck(_ g: GramSVDResult) -> Bool {
+        let total = g.normSquared
+        guard total > 0, total.isFinite else { return false }
+        let optimum = max(total - g.eigenvalueSum, 0), reached = max(total - g.capturedSum, 0)
+        guard optimum >= 1e-4 * total else { return false }
+        return reached <= 1.0201 * optimum + 1e-6 * total
+    }
+
+    /// U = U_r·√Σ_r [m, r] and V = √Σ_r·V_rᵀ [r, n] from an SVD with at least r values.
+    public static func balancedFactors(_ svd: SVDResult, rank r: Int) -> (u: Matrix, v: Matrix) { split(svd, rank: r) }
 
     /// U = U_r·√Σ_r [m, r] and V = √Σ_r·V_rᵀ [r, n] from an SVD with at least r values.
     static func split(_ svd: SVDResult, rank r: Int) -> (u: Matrix, v: Matrix) {

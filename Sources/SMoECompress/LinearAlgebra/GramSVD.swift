@@ -1,0 +1,139 @@
+import CLinAlg
+
+/// The rank-r truncated SVD through the eigendecomposition of the smaller Gram (ALGORITHM.md §4):
+/// for A [m, n] with m ≥ n, G = AᵀA [n, n] accumulated in float64 (BLAS `dsyrk` over 512-row
+/// chunks converted to float64, so no float64 copy of A), its r largest eigenpairs by LAPACK
+/// `dsyevr` (MRRR, only the wanted ones; eigenvectors V_r), then A·V_r by one `sgemm` and
+/// σ_j = ‖A·v_j‖; for m < n the same with G = AAᵀ and the left vectors. U·diag(σ)·Vᵀ is then
+/// A·V_r·V_rᵀ, the projection of A on the computed subspace: the best approximation in that
+/// subspace, and the optimal one up to float64 rounding of G (σ_i² resolved to about 1e-16·‖A‖²,
+/// far below what float32 storage of A holds, so the squaring of the condition number costs
+/// nothing here). `tailEstimate` is ‖A‖²_F − Σ_{j≤r} λ_j from the float64 Gram: the squared
+/// error of the optimal rank-r approximation, used by the caller's a-posteriori check.
+public struct GramSVDResult: Sendable {
+    public var svd: SVDResult
+    /// ‖A‖²_F (float64 sum).
+    public var normSquared: Double
+    /// Σ_{j≤r} λ_j of the float64 Gram (the optimum's captured energy).
+    public var eigenvalueSum: Double
+    /// Σ_{j≤r} σ_j² of the computed factors (the captured energy they reach).
+    public var capturedSum: Double
+}
+
+extension Matrix {
+    /// `float64: false` forms G by `ssyrk` and takes its eigenpairs by `ssyevr` (float32 all the
+    /// way: half the memory traffic of the tridiagonal reduction, eigenvalues to ~1e-7·‖A‖²).
+    public func gramTruncatedSVD(rank r: Int, float64: Bool = true, chunk: Int = 512) throws -> GramSVDResult {
+        let m = rows, n = cols, p = Swift.min(m, n)
+        precondition(r >= 1 && r <= p, "gramTruncatedSVD rank \(r) outside 1...\(p)")
+        guard allFinite else { throw LinearAlgebraError.nonFinite("matrix given to SVD") }
+        let tall = m >= n          // G = AᵀA [n, n]; else G = AAᵀ [m, m]
+        let (vecs, eigSum, normSq) = float64 ? try gramEigenFloat64(rank: r, chunk: chunk) : try gramEigenFloat32(rank: r)
+        // tall: B = A·V [m, r] (columns A·v_j); wide: C = Uᵀ·A [r, n] (rows u_jᵀ·A).
+        let proj = tall ? BLAS.matmul(self, vecs, transB: true) : BLAS.matmul(vecs, self)
+        var sigma = [Float](repeating: 0, count: r)
+        var captured = 0.0
+        if tall {
+            var sq = [Double](repeating: 0, count: r)
+            for i in 0..<m { for j in 0..<r { let x = Double(proj.data[i * r + j]); sq[j] += x * x } }
+            for j in 0..<r { sigma[j] = Float(sq[j].squareRoot()); captured += sq[j] }
+        } else {
+            for j in 0..<r {
+                var s = 0.0
+                for i in 0..<n { let x = Double(proj.data[j * n + i]); s += x * x }
+                sigma[j] = Float(s.squareRoot()); captured += s
+            }
+        }
+        // Normalise the projected side: U = B·diag(1/σ) (tall) or Vᵀ = diag(1/σ)·C (wide); a zero
+        // σ (A has rank < r) leaves a zero vector, and U·diag(σ)·Vᵀ = A·V·Vᵀ still.
+        let inv = sigma.map { $0 > 0 ? 1 / $0 : 0 }
+        let u: Matrix, vt: Matrix
+        if tall {
+            var b = proj
+            for i in 0..<m { for j in 0..<r { b.data[i * r + j] *= inv[j] } }
+            u = b
+            vt = vecs
+        } else {
+            var c = proj
+            for j in 0..<r { for i in 0..<n { c.data[j * n + i] *= inv[j] } }
+            vt = c
+            u = vecs.transposed()
+        }
+        return GramSVDResult(svd: SVDResult(u: u, s: sigma, vt: vt), normSquared: normSq, eigenvalueSum: eigSum, capturedSum: captured)
+    }
+}
+
+extension Matrix {
+    /// The r largest eigenpairs of the smaller Gram in float64 (see `gramTruncatedSVD`): the
+    /// eigenvectors as rows [r, p], descending; Σ of those eigenvalues; ‖A‖²_F.
+    func gramEigenFloat64(rank r: Int, chunk: Int) throws -> (Matrix, Double, Double) {
+        let m = rows, n = cols, p = Swift.min(m, n), tall = m >= n, k = tall ? m : n
+        var g = [Double](repeating: 0, count: p * p)
+        var buf = [Double](repeating: 0, count: Swift.min(chunk, k) * p)
+        var normSq = 0.0
+        data.withUnsafeBufferPointer { a in
+            var start = 0
+            while start < k {
+                let c = Swift.min(chunk, k - start)
+                // The chunk as row-major [c, p] (tall: rows start..<start+c of A) or [p, c]
+                // (wide: columns start..<start+c of A).
+                if tall {
+                    for t in 0..<(c * p) { buf[t] = Double(a[start * n + t]) }
+                } else {
+                    for i in 0..<m { for j in 0..<c { buf[i * c + j] = Double(a[i * n + start + j]) } }
+                }
+                for t in 0..<(c * p) { normSq += buf[t] * buf[t] }
+                buf.withUnsafeBufferPointer { pb in
+                    g.withUnsafeMutableBufferPointer { pg in
+                        cblas_dsyrk(CblasRowMajor, CblasUpper, tall ? CblasTrans : CblasNoTrans, Int32(p), Int32(c), 1,
+                                    pb.baseAddress, Int32(tall ? p : c), 1, pg.baseAddress, Int32(p))
+                    }
+                }
+                start += c
+            }
+        }
+        // Row-major upper = column-major lower; G is symmetric, so column-major LAPACK sees G.
+        var w = [Double](repeating: 0, count: p)
+        var z = [Double](repeating: 0, count: p * r)
+        var isuppz = [Int32](repeating: 0, count: 2 * r)
+        var found: Int32 = 0
+        let info = LAPACKE_dsyevr(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "I")), CChar(UInt8(ascii: "L")),
+                                  Int32(p), &g, Int32(p), 0, 0, Int32(p - r + 1), Int32(p), 0, &found, &w, &z, Int32(p), &isuppz)
+        if info != 0 { throw LinearAlgebraError.lapack(routine: "dsyevr", info: info) }
+        if found != Int32(r) { throw LinearAlgebraError.lapack(routine: "dsyevr (found \(found) of \(r) eigenpairs)", info: -1) }
+        // Eigenvalues ascending in w[0..<r], eigenvectors in z's columns (contiguous, column-major).
+        var vecs = Matrix(rows: r, cols: p)
+        for j in 0..<r {
+            let src = (r - 1 - j) * p
+            for i in 0..<p { vecs.data[j * p + i] = Float(z[src + i]) }
+        }
+        return (vecs, (0..<r).reduce(0.0) { $0 + max(w[$1], 0) }, normSq)
+    }
+
+    /// The same in float32: G by `ssyrk` straight from A, eigenpairs by `ssyevr`.
+    func gramEigenFloat32(rank r: Int) throws -> (Matrix, Double, Double) {
+        let m = rows, n = cols, p = Swift.min(m, n), tall = m >= n
+        var g = [Float](repeating: 0, count: p * p)
+        data.withUnsafeBufferPointer { a in
+            g.withUnsafeMutableBufferPointer { pg in
+                cblas_ssyrk(CblasRowMajor, CblasUpper, tall ? CblasTrans : CblasNoTrans, Int32(p), Int32(tall ? m : n), 1,
+                            a.baseAddress, Int32(n), 0, pg.baseAddress, Int32(p))
+            }
+        }
+        let normSq = data.reduce(0.0) { $0 + Double($1) * Double($1) }
+        var w = [Float](repeating: 0, count: p)
+        var z = [Float](repeating: 0, count: p * r)
+        var isuppz = [Int32](repeating: 0, count: 2 * r)
+        var found: Int32 = 0
+        let info = LAPACKE_ssyevr(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "I")), CChar(UInt8(ascii: "L")),
+                                  Int32(p), &g, Int32(p), 0, 0, Int32(p - r + 1), Int32(p), 0, &found, &w, &z, Int32(p), &isuppz)
+        if info != 0 { throw LinearAlgebraError.lapack(routine: "ssyevr", info: info) }
+        if found != Int32(r) { throw LinearAlgebraError.lapack(routine: "ssyevr (found \(found) of \(r) eigenpairs)", info: -1) }
+        var vecs = Matrix(rows: r, cols: p)
+        for j in 0..<r {
+            let src = (r - 1 - j) * p
+            for i in 0..<p { vecs.data[j * p + i] = z[src + i] }
+        }
+        return (vecs, (0..<r).reduce(0.0) { $0 + max(Double(w[$1]), 0) }, normSq)
+    }
+}

@@ -65,6 +65,7 @@ struct Compress: ParsableCommand {
         var settings = CompressSettings(merge: try namingFile(model) { try mergeOptions.settings(fitting: reader) }, lowRank: lowrank.options(floatBytes: storage.byteSize),
                                         activationAware: activationAware)
         settings.target = try plannerSettings()
+        settings.movePruneIntoPlan()
         if settings.target != nil { settings.lowRank = lowrank.options(floatBytes: storage.byteSize, rule: .fixed(1)) }
         let progress = global.progress
         if planOnly {
@@ -117,9 +118,9 @@ struct Compress: ParsableCommand {
     }
 
     func renderPlan(_ plan: SizePlan) {
-        var t = Table(["layer", "groups", "ranks", "bytes original", "planned", "estimated error"])
+        var t = Table(["layer", "method", "groups", "ranks", "bytes original", "planned", "estimated error"])
         for l in plan.layers {
-            t.add([l.name, "\(l.groups)", l.rankSummary, formatBytes(l.bytesOriginal), formatBytes(l.bytes), fixed(l.estimatedError, 4)])
+            t.add([l.name, l.method, "\(l.groups)", l.rankSummary, formatBytes(l.bytesOriginal), formatBytes(l.bytes), fixed(l.estimatedError, 4)])
         }
         print("plan for \(formatBytes(plan.budget)) of expert bytes (errors estimated on every \(plan.settings.heldOutEvery)th chunk of \(plan.settings.chunkTokens) calibration tokens, held apart from merging):")
         print(t.render())

@@ -145,4 +145,39 @@ final class SizePlannerTests: XCTestCase {
             XCTAssertTrue("\($0)".contains(names.last!), "\($0)")
         }
     }
+
+    /// Per-layer merge or prune (issue 27): with pruning candidates the knapsack runs over the
+    /// union of both kinds of option, so the plan's objective is at most the best merge-only and
+    /// the best prune-only plan chosen from the same measured options (both recomputed here from
+    /// the plan's candidates); the run applies the plan: pruned layers come out compact (G router
+    /// rows, no expert map), merged ones keep the E slots, and the bytes are the planned ones.
+    func testPerLayerMergeOrPrune() throws {
+        var settings = CompressSettings(merge: MergeSettings(groups: 1, prune: .reap), lowRank: nil)
+        var planner = PlannerSettings(target: .fraction(0.3), groupCandidates: [2, 4, 6])
+        planner.levels = 4
+        settings.target = planner
+        let stage = try CompressStage(model: model, calibration: calib, evaluation: heldout, stats: nil, settings: settings, storage: .f16)
+        let plan = try XCTUnwrap(stage.plan)
+        XCTAssertEqual(plan.settings.prune, .reap)
+        let g = LayerGrouping(groups: [[0]], dominant: [0])
+        let options = plan.candidates.map { $0.map { SizePlanner.Option(groups: $0.groups, grouping: g, ranks: [:], bytes: $0.bytes, error: $0.error) } }
+        XCTAssertTrue(plan.candidates.allSatisfy { c in c.contains { $0.method == "prune reap" } && c.contains { $0.method == "merge" } })
+        func best(_ keep: (PlanCandidate) -> Bool) -> Double? {
+            let allowed = plan.candidates.map { c in c.indices.filter { keep(c[$0]) } }
+            let costs = options.map { $0.map(\.error) }
+            return SizePlanner.choose(options, costs: costs, allowed: allowed, budget: plan.budget).map { ch in
+                zip(options, ch).reduce(0.0) { $0 + $1.0[$1.1].error }
+            }
+        }
+        let total = plan.layers.reduce(0.0) { $0 + $1.estimatedError }
+        let mergeOnly = try XCTUnwrap(best { $0.method == "merge" }), pruneOnly = try XCTUnwrap(best { $0.method != "merge" })
+        XCTAssertLessThanOrEqual(total, min(mergeOnly, pruneOnly) + 1e-12)
+        let report = stage.report(try stage.run(model: model) { _ in }.reports)
+        XCTAssertEqual(report.bytesFinal, plan.bytes)
+        XCTAssertLessThanOrEqual(report.bytesFinal, plan.budget)
+        for (l, r) in zip(plan.layers, report.layers) {
+            XCTAssertEqual(r.merge?.prune != nil, l.prune != nil, l.name)
+            if l.prune != nil { XCTAssertEqual(r.merge?.prune?.kept, l.grouping.dominant, l.name) }
+        }
+    }
 }

@@ -53,6 +53,10 @@ public struct PlannerSettings: Sendable, Equatable {
     /// Per-layer loss sensitivities: the plan minimises Σ_l c_l·e_l² instead of the default
     /// objective (`PlanObjective`).
     public var sensitivity: LayerSensitivity? = nil
+    /// Also consider pruning each layer to G experts by this saliency (then refit unless
+    /// `pruneRefit` is false) beside merging it; the plan says per layer which was chosen.
+    public var prune: PruneMethod? = nil
+    public var pruneRefit = true
 
     public init(target: TargetSize, groupCandidates: [Int]? = nil, uniformGroups: Bool = false,
                 sensitivity: LayerSensitivity? = nil) {
@@ -102,12 +106,18 @@ public struct LayerPlan: Sendable, Equatable {
     public var estimatedError: Double
     /// The similarity the grouping used (row-major E×E), for the reports.
     public var similarity: [Double] = []
+    /// Pruned (keeping `grouping`'s singleton groups' experts) instead of merged.
+    public var prune: PruneMethod? = nil
+
+    /// "merge" or "prune reap".
+    public var method: String { prune.map { "prune \($0.rawValue)" } ?? "merge" }
 
     /// "dense", "12" or "8-31".
     public var rankSummary: String { rankRange(Array(ranks.values)) }
 
     public var json: JSONValue {
-        .object([("name", .string(name)), ("groups", .int(groups)), ("expert_map", JSONValue(grouping.slotToGroup)),
+        .object([("name", .string(name)), ("method", .string(method)), ("groups", .int(groups)),
+                 (prune == nil ? "expert_map" : "kept", JSONValue(prune == nil ? grouping.slotToGroup : grouping.dominant)),
                  ("ranks", .object(ranks.sorted { $0.key < $1.key }.map { ($0.key, .int($0.value)) })),
                  ("expert_bytes", .int(bytes)), ("expert_bytes_original", .int(bytesOriginal)),
                  ("estimated_relative_error", .double(estimatedError))])
@@ -116,13 +126,15 @@ public struct LayerPlan: Sendable, Equatable {
 
 /// One measured way to compress one layer: G, ranks, bytes and held-apart error.
 public struct PlanCandidate: Sendable, Equatable {
+    /// "merge" or "prune reap".
+    public var method: String
     public var groups: Int
     public var ranks: String
     public var bytes: Int
     public var error: Double
 
     public var json: JSONValue {
-        .object([("groups", .int(groups)), ("ranks", .string(ranks)), ("expert_bytes", .int(bytes)), ("estimated_relative_error", .double(error))])
+        .object([("method", .string(method)), ("groups", .int(groups)), ("ranks", .string(ranks)), ("expert_bytes", .int(bytes)), ("estimated_relative_error", .double(error))])
     }
 }
 
@@ -152,6 +164,7 @@ public struct SizePlan: Sendable, Equatable {
                  ("mean_estimated_relative_error", .double(meanEstimatedError)), ("objective", .string(settings.objectiveName)),
                  ("objective_value", .double(objective))]
                 + (settings.sensitivity.map { [("sensitivity", $0.json)] } ?? [])
+                + (settings.prune.map { [("prune_candidates", .string("\($0.rawValue)\(settings.pruneRefit ? " with refit" : "")"))] } ?? [])
                 + [("layers", .array(layers.map(\.json)))])
     }
 }
@@ -179,6 +192,7 @@ public enum SizePlanner {
         var ranks: [String: Int]
         var bytes: Int
         var error: Double
+        var prune: PruneMethod? = nil
     }
 
     /// The plan. `lowRank` supplies the low-rank settings (objective, ridge, matrices, SVD); its
@@ -228,23 +242,21 @@ public enum SizePlanner {
             }
             // The original's routing and output on the held-apart tokens, once per layer.
             let heldOriginal = try held.map { x in let r = original.route(x); return (r, try original.forward(x, routing: r)) }
-            func heldOutError(_ layer: MoELayer) throws -> Double {
-                var acc = try EvaluationAccumulator(original: original, compressed: layer)
+            func heldOutError(_ layer: MoELayer, slotGroups: [Int]? = nil) throws -> Double {
+                var acc = try EvaluationAccumulator(original: original, compressed: layer, slotGroups: slotGroups)
                 for (x, o) in zip(held, heldOriginal) { acc.add(x, original: o.0, output: o.1) }
                 return acc.result(bytesBefore: 0, bytesAfter: 0).relativeError
             }
             let E = original.config.numExperts
             var options: [Option] = []
-            for G in (settings.groupCandidates ?? Array(1...E)).sorted() where G <= E {
-                progress?("planning \(name)", G, E)
-                var ms = merge
-                ms.groups = G
-                ms.adaptive = false
-                let grouping = MergeStage.plan([(name, input)], settings: ms)[name]!
-                let merged = try MergeStage.apply(original, grouping: grouping, frequency: input.frequency, settings: ms,
-                                                  tokens: fit).layer.roundedForStorage(storage)
+            let saliency = settings.prune != nil && original.config.numGroups == 1
+                ? try Pruning.saliency(LayerSource(original), method: settings.prune!, tokens: fit).saliency : nil
+            /// The layer dense and at each byte level (ranks from `RankAllocation`), measured.
+            func addOptions(_ merged: MoELayer, groups G: Int, grouping: LayerGrouping, prune: PruneMethod? = nil,
+                            slotGroups: [Int]? = nil) throws {
                 let denseBytes = merged.expertBytes(floatBytes: fb)
-                options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: denseBytes, error: try heldOutError(merged)))
+                options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: denseBytes,
+                                      error: try heldOutError(merged, slotGroups: slotGroups), prune: prune))
                 let spectra = try LowRankStage.whitenedSpectra(merged, options: lowRank, tokens: fit)
                 let factoredDense = spectra.reduce(0) { $0 + $1.candidate.rows * $1.candidate.cols * fb }
                 var previous: [Int]? = nil
@@ -259,8 +271,32 @@ public enum SizePlanner {
                     let layer = try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
                     let bytes = layer.expertBytes(floatBytes: fb)
                     if bytes < denseBytes {
-                        options.append(Option(groups: G, grouping: grouping, ranks: o.ranks, bytes: bytes, error: try heldOutError(layer)))
+                        options.append(Option(groups: G, grouping: grouping, ranks: o.ranks, bytes: bytes,
+                                              error: try heldOutError(layer, slotGroups: slotGroups), prune: prune))
                     }
+                }
+            }
+            for G in (settings.groupCandidates ?? Array(1...E)).sorted() where G <= E {
+                progress?("planning \(name)", G, E)
+                var ms = merge
+                ms.groups = G
+                ms.adaptive = false
+                let grouping = MergeStage.plan([(name, input)], settings: ms)[name]!
+                let merged = try MergeStage.apply(original, grouping: grouping, frequency: input.frequency, settings: ms,
+                                                  tokens: fit).layer.roundedForStorage(storage)
+                try addOptions(merged, groups: G, grouping: grouping)
+                // Pruning to G experts (plain routing only: expert groups do not survive dropping
+                // slots; at least top_k experts kept), refitted like a compact layer.
+                if let method = settings.prune, let sal = saliency, G < E, G >= original.config.topK {
+                    let kept = Pruning.keep(sal, groups: G)
+                    let slots = (0..<E).map { kept.firstIndex(of: $0) ?? -1 }
+                    var pruned = try Pruning.pruned(LayerSource(original), kept: kept)
+                    if settings.pruneRefit {
+                        pruned = try CompactRefit.refit(pruned, original: LayerSource(original), slotGroups: slots, tokens: fit,
+                                                        ridge: merge.merging.refitRidge).layer
+                    }
+                    try addOptions(pruned.roundedForStorage(storage), groups: G, grouping: LayerGrouping(groups: kept.map { [$0] }, dominant: kept),
+                                   prune: method, slotGroups: slots)
                 }
             }
             perLayer.append(options)
@@ -282,10 +318,11 @@ public enum SizePlanner {
         let layers = zip(inputs, zip(perLayer, zip(chosen, originals))).map { inp, rest in
             let o = rest.0[rest.1.0]
             return LayerPlan(name: inp.name, groups: o.groups, grouping: o.grouping, frequency: inp.input.frequency, ranks: o.ranks,
-                             bytes: o.bytes, bytesOriginal: rest.1.1, estimatedError: o.error, similarity: inp.input.similarity)
+                             bytes: o.bytes, bytesOriginal: rest.1.1, estimatedError: o.error, similarity: inp.input.similarity,
+                             prune: o.prune)
         }
         var plan = SizePlan(layers: layers, budget: budget, settings: settings)
-        plan.candidates = perLayer.map { $0.map { PlanCandidate(groups: $0.groups, ranks: rankRange(Array($0.ranks.values)), bytes: $0.bytes, error: $0.error) } }
+        plan.candidates = perLayer.map { $0.map { PlanCandidate(method: $0.prune.map { "prune \($0.rawValue)" } ?? "merge", groups: $0.groups, ranks: rankRange(Array($0.ranks.values)), bytes: $0.bytes, error: $0.error) } }
         return plan
     }
 

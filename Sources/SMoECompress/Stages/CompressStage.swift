@@ -19,15 +19,25 @@ public struct CompressSettings: Sendable {
         self.activationAware = activationAware
     }
 
+    /// With a target size, pruning is a per-layer option of the plan beside merging (ALGORITHM.md
+    /// §4.3): the prune method moves to `target`, and the merge settings merge (merged layers keep
+    /// the E router slots; a pruned layer is compact by construction).
+    public mutating func movePruneIntoPlan() {
+        guard var t = target, let method = merge.prune else { return }
+        t.prune = method
+        t.pruneRefit = merge.compactRefit ?? true
+        merge.prune = nil
+        merge.router = .slots
+        target = t
+    }
+
     /// The checks `MergeSettings` and `LowRankOptions` do not make themselves.
     func validate() throws {
         try lowRank?.validate()
         if activationAware && (lowRank?.sparsity ?? 0) == 0 {
             throw SMoEError.setting(.activationAware, "ranks sparse entries: give {sparsity} > 0 (and {rank} or {energy}) too")
         }
-        if merge.prune != nil && target != nil {
-            throw SMoEError.setting(.prune, "with {target-size} is not planned yet: give {groups} (and {rank})")
-        }
+
     }
 }
 
@@ -123,7 +133,12 @@ public struct CompressStage: LayerStage {
             throw SMoEError.setting(settings.target != nil ? .targetSize : .rank, "is not supported for \(model.architecture) layer \(c.name): its router (\(c.routerType.rawValue)) scales the expert input, which the low-rank stage does not model on calibration tokens; compress without it (merging only) or run lowrank without calibration")
         }
         var mergeSettings = settings.merge
-        if let target = settings.target {
+        if var target = settings.target {
+            // With a target size pruning is a per-layer option of the plan beside merging
+            // (ALGORITHM.md §4.3): the merge stage merges, and prunes the layers the plan says.
+            settings.movePruneIntoPlan()
+            target = settings.target!
+            mergeSettings = settings.merge
             // The planner chooses G per layer; the merge stage validates the largest and names the
             // layers. A compact router needs one G in every layer (the serving config holds one).
             if settings.merge.router == .compact && !target.uniformGroups {
@@ -160,8 +175,11 @@ public struct CompressStage: LayerStage {
     public func process(source original: LayerSource, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerCompressReport) {
         let tokens = settings.merge.tokens
         let layerPlan = plan?[original.name]
-        var (merged, mergeReport) = try layerPlan.map {
-            try merge.merge(original, grouping: $0.grouping, frequency: $0.frequency, progress: progress)
+        var (merged, mergeReport) = try layerPlan.map { p in
+            if let method = p.prune {
+                return try merge.prune(original, method: method, groups: p.groups, refit: plan!.settings.pruneRefit, progress: progress)
+            }
+            return try merge.merge(original, grouping: p.grouping, frequency: p.frequency, progress: progress)
         } ?? merge.process(source: original, progress: progress)
         if let p = layerPlan, !p.similarity.isEmpty { mergeReport.similarity = (merge.settings.similarityBase.rawValue, p.similarity) }
         let mergedLayer = merged.roundedForStorage(storage)

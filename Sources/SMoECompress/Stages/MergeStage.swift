@@ -301,13 +301,20 @@ public struct MergeStage: LayerStage {
     /// Prunes `layer` to the `settings.groups` experts of largest saliency, then (unless
     /// `compactRefit` is false) refits the kept experts under the pruned routing.
     public func prune(_ layer: LayerSource, method: PruneMethod, progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
+        guard let groups = settings.groups else { preconditionFailure("MergeSettings.validate requires groups") }
+        return try prune(layer, method: method, groups: groups, refit: settings.refitsCompactExperts, progress: progress)
+    }
+
+    /// Prunes `layer` to `groups` experts (a size plan's choice for one layer), refitting when
+    /// `refit`.
+    public func prune(_ layer: LayerSource, method: PruneMethod, groups: Int, refit: Bool,
+                      progress: ProgressCallback?) throws -> (output: MoELayer, report: LayerMergeReport) {
         let tokens = calibration!.tokenBlocks(layer.name, settings.tokens)
         let (saliency, counts) = try Pruning.saliency(layer, method: method, tokens: tokens, progress: progress)
-        guard let groups = settings.groups else { preconditionFailure("MergeSettings.validate requires groups") }
         let kept = Pruning.keep(saliency, groups: groups)
         var report = PruneReport(method: method, saliency: saliency, tokens: counts, kept: kept)
         var pruned = try Pruning.pruned(layer, kept: kept)
-        if settings.refitsCompactExperts {
+        if refit {
             (pruned, report.refit) = try CompactRefit.refit(pruned, original: layer, slotGroups: report.slotToExpert, tokens: tokens,
                                                             targets: captureTargets(layer.name), ridge: settings.merging.refitRidge,
                                                             progress: progress)

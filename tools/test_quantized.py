@@ -12,7 +12,8 @@
   match the tool's forward within the MXFP4 step.
 - G experts from FP8: `--router compact` is refused for DeepSeek-V3's sigmoid router, so a
   DeepSeek-V3 with n_group 1 goes through `compress --groups 4 --prune reap` (a 4-expert compact
-  layer) -> FP8 export that transformers loads with n_routed_experts 4.
+  layer) -> FP8 export that transformers loads with n_routed_experts 4; an FP8 Qwen3-MoE (softmax
+  router) through `--router compact` -> FP8 export that transformers loads with 4 experts.
 Skips naming torch, transformers, h5py, numpy or accelerate (transformers' FP8 loader needs it)
 when one is missing, and when smoe-compress is not built.
 """
@@ -409,3 +410,71 @@ def test_f8_block_export_of_a_fused_bfloat16_qwen3_moe_loads_in_transformers(tmp
             assert np.array_equal(g["gate"][()].view(np.uint32), gu[:, :16].view(np.uint32))
             assert np.array_equal(g["up"][()].view(np.uint32), gu[:, 16:].view(np.uint32))
             assert np.array_equal(g["down"][()].view(np.uint32), hf[f"model.layers.{layer}.mlp.experts.down_proj"].numpy().view(np.uint32))
+
+
+@needs_all_and_accelerate
+def test_fp8_qwen3_moe_compact_compress_exports_fp8_that_transformers_loads_with_g_experts(tmp_path):
+    """A softmax router in an FP8 folder: `compress --groups 4 --router compact` -> FP8 export with
+    4 experts per layer (Qwen3-MoE's per-expert hub layout) that transformers loads with num_experts 4."""
+    needs_exe()
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    import types
+    from test_families import random_softmax_router
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=16, num_experts_per_tok=4,
+        norm_topk_prob=True, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        random_softmax_router(model)
+    model.save_pretrained(tmp_path / "src")
+    sd = load_file(str(tmp_path / "src" / "model.safetensors"))
+    shim = types.SimpleNamespace(quantization_config=transformers.FineGrainedFP8Config(weight_block_size=list(BLOCK)))
+    out = {}
+    for k, v in sd.items():
+        if ".mlp.experts." in k:
+            out.update(Fp8Quantize(shim)._quantize_one(k, v))
+        else:
+            out[k] = v
+    d = tmp_path / "fp8"
+    d.mkdir()
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    c = json.loads((tmp_path / "src" / "config.json").read_text())
+    c["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": list(BLOCK),
+                                "modules_to_not_convert": ["lm_head", "model.layers.*.self_attn", "model.layers.*.mlp.gate"]}
+    (d / "config.json").write_text(json.dumps(c, indent=1))
+    (tmp_path / "text.txt").write_text(TEXT)
+    calib = capture_nl(tmp_path, d, "calib.h5")
+    run("import", d, "-o", tmp_path / "m.h5")
+    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
+    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "--router", "compact", "-o", tmp_path / "c.h5")
+    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
+    t = tensors(tmp_path / "out")
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp."
+        for e in range(4):
+            for name, shape in (("gate_proj", (1, 2)), ("up_proj", (1, 2)), ("down_proj", (2, 1))):
+                k = f"{p}experts.{e}.{name}.weight"
+                assert t[k].dtype == torch.float8_e4m3fn and t[k + "_scale_inv"].shape == shape, k
+        assert not any(k.startswith(f"{p}experts.4.") for k in t)
+        assert tuple(t[p + "gate.weight"].shape) == (4, 32)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
+    assert config["quantization_config"]["quant_method"] == "fp8" and config["num_local_experts"] == 4
+    assert config.get("num_experts", 4) == 4
+    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert hf.config.num_experts == 4
+    sd = hf.state_dict()
+    assert tuple(sd["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 32, 32)
+    assert sd["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
+    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
+    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
+    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
+    # Within the FP8 step of the tool's compact float32 layer (e4m3 round-off, see above).
+    errors = layer_error(tmp_path / "c.h5", calib2)
+    assert 0 < max(errors.values()) <= 0.1, errors

@@ -7,10 +7,13 @@
   unmodified import -> export is byte-identical for every tensor; compress -> export writes FP8
   again, transformers loads it, and its MoE blocks match the tool's forward within the FP8 step.
 - MXFP4 GPT-OSS (hand-packed blocks with every e2m1 code and E8M0 exponents 0 ... 252): the
-  tool's values equal transformers' decode; compress -> export writes MXFP4 again, transformers
-  loads it, its MoE blocks match the tool's forward within the MXFP4 step.
-`--router compact` is refused for both routers (sigmoid with selection bias; GPT-OSS topk_softmax
-with router bias), so the merges here are the plain E-slot merge (G distinct experts).
+  tool's values equal transformers' decode; `compress --groups 4 --router compact` -> export
+  writes MXFP4 again with 4 experts, transformers loads it as a 4-expert GPT-OSS, its MoE blocks
+  match the tool's forward within the MXFP4 step.
+- G experts from FP8: `--router compact` is refused for DeepSeek-V3's sigmoid router, so a
+  DeepSeek-V3 with n_group 1 goes through `compress --groups 4 --prune reap` (a 4-expert compact
+  layer) -> FP8 export that transformers loads with n_routed_experts 4; an FP8 Qwen3-MoE (softmax
+  router) through `--router compact` -> FP8 export that transformers loads with 4 experts.
 Skips naming torch, transformers, h5py, numpy or accelerate (transformers' FP8 loader needs it)
 when one is missing, and when smoe-compress is not built.
 """
@@ -53,22 +56,22 @@ def fp8_ref_dequantize(q, s, block):
     return q.float() * full
 
 
-def deepseek_config(moe_intermediate):
+def deepseek_config(moe_intermediate, n_group=4, topk_group=2):
     return transformers.DeepseekV3Config(
         vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
         num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=moe_intermediate, n_routed_experts=16,
-        num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5,
+        num_experts_per_tok=4, n_group=n_group, topk_group=topk_group, n_shared_experts=1, routed_scaling_factor=2.5,
         norm_topk_prob=True, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=16,
         qk_nope_head_dim=16, v_head_dim=16, head_dim=16, tie_word_embeddings=False)
 
 
-def fp8_deepseek(tmp, moe_intermediate=32, own_quantizer=False):
+def fp8_deepseek(tmp, moe_intermediate=32, own_quantizer=False, n_group=4, topk_group=2):
     """A tiny DeepSeek-V3 in the hub's FP8 layout: every 2-D Linear weight but the router, the
     embeddings and lm_head quantized (block 16 x 16); other tensors float32."""
     from safetensors.torch import load_file, save_file
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
     import types
-    cfg = deepseek_config(moe_intermediate)
+    cfg = deepseek_config(moe_intermediate, n_group, topk_group)
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -285,20 +288,34 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers(tmp_path):
 
 
 @needs_all
-def test_mxfp4_gpt_oss_compress_exports_mxfp4_that_transformers_loads(tmp_path):
+def test_mxfp4_gpt_oss_compact_compress_exports_mxfp4_that_transformers_loads_with_g_experts(tmp_path):
     needs_exe()
     d, _ = mxfp4_gpt_oss(tmp_path, hand_packed=False)
     calib = capture_nl(tmp_path, d, "calib.h5")
     run("import", d, "-o", tmp_path / "m.h5")
     assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
-    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "-o", tmp_path / "c.h5")
+    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "--router", "compact", "-o", tmp_path / "c.h5")
     run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
     t = tensors(tmp_path / "out")
-    p = "model.layers.0.mlp.experts."
-    assert t[p + "gate_up_proj_blocks"].dtype == torch.uint8 and tuple(t[p + "gate_up_proj_blocks"].shape) == (8, 64, 2, 16)
-    assert tuple(t[p + "down_proj_scales"].shape) == (8, 64, 1) and t[p + "down_proj_bias"].dtype == torch.bfloat16
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp.experts."
+        # MXFP4 again, with 4 experts: [G, 2I, H/32, 16] blocks, [G, out, in/32] E8M0 scales.
+        assert t[p + "gate_up_proj_blocks"].dtype == torch.uint8 and tuple(t[p + "gate_up_proj_blocks"].shape) == (4, 64, 2, 16)
+        assert t[p + "gate_up_proj_scales"].dtype == torch.uint8 and tuple(t[p + "gate_up_proj_scales"].shape) == (4, 64, 2)
+        assert tuple(t[p + "down_proj_blocks"].shape) == (4, 64, 1, 16) and tuple(t[p + "down_proj_scales"].shape) == (4, 64, 1)
+        assert t[p + "down_proj_bias"].dtype == torch.bfloat16 and tuple(t[p + "down_proj_bias"].shape) == (4, 64)
+        assert p + "gate_up_proj" not in t
+        assert tuple(t[f"model.layers.{layer}.mlp.router.weight"].shape) == (4, 64)
+        assert tuple(t[f"model.layers.{layer}.mlp.router.bias"].shape) == (4,)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mxfp4" and config["num_local_experts"] == 4
     hf = transformers.GptOssForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert hf.config.num_local_experts == 4
+    for layer in hf.model.layers:
+        assert tuple(layer.mlp.router.weight.shape) == (4, 64)
+        assert layer.mlp.experts.num_experts == 4
+        assert tuple(layer.mlp.experts.down_proj_bias.shape) == (4, 64)
+        assert tuple(layer.mlp.experts.gate_up_proj.shape) == (4, 64, 64)  # dequantized on CPU: [G, H, 2I]
     with torch.no_grad():
         assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
     calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
@@ -311,7 +328,47 @@ def test_mxfp4_gpt_oss_compress_exports_mxfp4_that_transformers_loads(tmp_path):
     # --dtype bf16: dequantized, quantization_config removed, loads as a plain GPT-OSS.
     run("export", tmp_path / "c.h5", "-o", tmp_path / "bf16", "--dtype", "bf16")
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
+    p = "model.layers.0.mlp.experts."
     assert tensors(tmp_path / "bf16")[p + "gate_up_proj"].dtype == torch.bfloat16
+    assert tuple(tensors(tmp_path / "bf16")[p + "gate_up_proj"].shape) == (4, 64, 64)
+
+
+@needs_all_and_accelerate
+def test_fp8_deepseek_v3_pruned_to_g_experts_exports_fp8_that_transformers_loads(tmp_path):
+    """n_group 1 (grouped routers are refused by --prune): REAP keeps 4 of 16 experts per layer
+    (router rows and selection biases kept); the FP8 export is a stock 4-expert DeepSeek-V3."""
+    needs_exe()
+    d, _ = fp8_deepseek(tmp_path, n_group=1, topk_group=1)
+    calib = capture_nl(tmp_path, d, "calib.h5")
+    run("import", d, "-o", tmp_path / "m.h5")
+    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
+    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "--prune", "reap", "-o", tmp_path / "c.h5")
+    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
+    t = tensors(tmp_path / "out")
+    p = "model.layers.1.mlp."
+    for e in range(4):
+        for name, shape in (("gate_proj", (2, 4)), ("up_proj", (2, 4)), ("down_proj", (4, 2))):
+            k = f"{p}experts.{e}.{name}.weight"
+            assert t[k].dtype == torch.float8_e4m3fn and t[k + "_scale_inv"].shape == shape, k
+    assert not any(k.startswith(f"{p}experts.4.") for k in t)
+    assert tuple(t[p + "gate.weight"].shape) == (4, 64) and tuple(t[p + "gate.e_score_correction_bias"].shape) == (4,)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8" and config["n_routed_experts"] == 4
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert hf.config.n_routed_experts == 4
+    mlp = hf.model.layers[1].mlp
+    assert tuple(mlp.gate.weight.shape) == (4, 64)
+    sd = hf.state_dict()
+    assert tuple(sd[p + "experts.gate_up_proj"].shape) == (4, 64, 64) and tuple(sd[p + "experts.down_proj"].shape) == (4, 64, 32)
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
+    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
+    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
+    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
+    # Within the FP8 step of the tool's pruned (and refitted) float32 layer; as in the merge test
+    # above (e4m3: relative round-off at most 2^-4 per weight), well under 0.1.
+    errors = layer_error(tmp_path / "c.h5", calib2)
+    assert 0 < max(errors.values()) <= 0.1, errors
 
 
 @needs_all_and_accelerate
@@ -353,3 +410,71 @@ def test_f8_block_export_of_a_fused_bfloat16_qwen3_moe_loads_in_transformers(tmp
             assert np.array_equal(g["gate"][()].view(np.uint32), gu[:, :16].view(np.uint32))
             assert np.array_equal(g["up"][()].view(np.uint32), gu[:, 16:].view(np.uint32))
             assert np.array_equal(g["down"][()].view(np.uint32), hf[f"model.layers.{layer}.mlp.experts.down_proj"].numpy().view(np.uint32))
+
+
+@needs_all_and_accelerate
+def test_fp8_qwen3_moe_compact_compress_exports_fp8_that_transformers_loads_with_g_experts(tmp_path):
+    """A softmax router in an FP8 folder: `compress --groups 4 --router compact` -> FP8 export with
+    4 experts per layer (Qwen3-MoE's per-expert hub layout) that transformers loads with num_experts 4."""
+    needs_exe()
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    import types
+    from test_families import random_softmax_router
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=16, num_experts_per_tok=4,
+        norm_topk_prob=True, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        random_softmax_router(model)
+    model.save_pretrained(tmp_path / "src")
+    sd = load_file(str(tmp_path / "src" / "model.safetensors"))
+    shim = types.SimpleNamespace(quantization_config=transformers.FineGrainedFP8Config(weight_block_size=list(BLOCK)))
+    out = {}
+    for k, v in sd.items():
+        if ".mlp.experts." in k:
+            out.update(Fp8Quantize(shim)._quantize_one(k, v))
+        else:
+            out[k] = v
+    d = tmp_path / "fp8"
+    d.mkdir()
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    c = json.loads((tmp_path / "src" / "config.json").read_text())
+    c["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                "weight_block_size": list(BLOCK),
+                                "modules_to_not_convert": ["lm_head", "model.layers.*.self_attn", "model.layers.*.mlp.gate"]}
+    (d / "config.json").write_text(json.dumps(c, indent=1))
+    (tmp_path / "text.txt").write_text(TEXT)
+    calib = capture_nl(tmp_path, d, "calib.h5")
+    run("import", d, "-o", tmp_path / "m.h5")
+    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
+    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "--router", "compact", "-o", tmp_path / "c.h5")
+    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
+    t = tensors(tmp_path / "out")
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp."
+        for e in range(4):
+            for name, shape in (("gate_proj", (1, 2)), ("up_proj", (1, 2)), ("down_proj", (2, 1))):
+                k = f"{p}experts.{e}.{name}.weight"
+                assert t[k].dtype == torch.float8_e4m3fn and t[k + "_scale_inv"].shape == shape, k
+        assert not any(k.startswith(f"{p}experts.4.") for k in t)
+        assert tuple(t[p + "gate.weight"].shape) == (4, 32)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts.
+    assert config["quantization_config"]["quant_method"] == "fp8" and config["num_local_experts"] == 4
+    assert config.get("num_experts", 4) == 4
+    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    assert hf.config.num_experts == 4
+    sd = hf.state_dict()
+    assert tuple(sd["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 32, 32)
+    assert sd["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
+    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
+    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
+    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
+    # Within the FP8 step of the tool's compact float32 layer (e4m3 round-off, see above).
+    errors = layer_error(tmp_path / "c.h5", calib2)
+    assert 0 < max(errors.values()) <= 0.1, errors

@@ -192,4 +192,49 @@ final class RefitTargetTests: XCTestCase {
         let bad = try runCLI(["merge", m, "--calib", c, "--groups", "4", "--router", "compact", "--no-compact-refit", "--refit-targets", "capture", "-o", dir + "/x.h5"])
         XCTAssertEqual(bad.stderr, "error: --refit-targets: capture needs the refit of the compact experts: drop --compact-refit's no\n")
     }
+    /// A size plan that prunes some layers and merges others (trained-mixtral 0.5 with the bundled
+    /// sensitivities: layer 0 merged to 7 over its 8 router slots, layers 1–3 pruned to 4 kept
+    /// slots) evaluates: merged layers through their expert_map, pruned ones through the kept slots
+    /// their history record holds. Known answer: eval's per-layer errors on the held-out capture
+    /// are compress's own `--eval-calib` figures for the same capture. Both read the same file's
+    /// rounded layers through the same accumulator (float64 sums, same token blocks, same order),
+    /// so they agree bit for bit; the JSON prints 9 significant digits either way.
+    func testPlannedMixedPruneMergeCheckpointEvaluates() throws {
+        let dir = temporaryDirectory(self)
+        let m = fixture("trained-mixtral.h5"), heldout = fixture("trained-mixtral.heldout.h5")
+        let run = try runCLI(["compress", m, "--calib", fixture("trained-mixtral.calib.h5"), "--eval-calib", heldout,
+                              "--target-size", "0.5", "--prune", "frequency",
+                              "--sensitivity", fixture("trained-mixtral.sensitivity.json"), "-o", dir + "/mix.h5", "--quiet", "--json"])
+        XCTAssertEqual(run.status, 0, run.stderr)
+        let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
+        let plan = try XCTUnwrap((json["plan"] as? [String: Any])?["layers"] as? [[String: Any]])
+        XCTAssertEqual(plan.map { $0["method"] as? String }, ["merge", "prune frequency", "prune frequency", "prune frequency"])
+        let compressed = try XCTUnwrap((json["report"] as? [String: Any])?["layers"] as? [[String: Any]])
+
+        let ev = try runCLI(["eval", m, dir + "/mix.h5", "--calib", heldout, "--json"])
+        XCTAssertEqual(ev.status, 0, ev.stderr)
+        let evJSON = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(ev.stdout.utf8)) as? [String: Any])
+        let layers = try XCTUnwrap((evJSON["evaluation"] as? [String: Any])?["layers"] as? [[String: Any]])
+        XCTAssertEqual(layers.count, 4)
+        for (e, c) in zip(layers, compressed) {
+            XCTAssertEqual(e["name"] as? String, c["name"] as? String)
+            let cEval = try XCTUnwrap(c["evaluation"] as? [String: Any])
+            XCTAssertEqual(try XCTUnwrap(e["relative_error"] as? Double), try XCTUnwrap(c["relative_error_final"] as? Double))
+            for key in ["mean_cosine", "routing_agreement", "routing_overlap", "stored_experts_after"] {
+                XCTAssertEqual(e[key] as? Double, cEval[key] as? Double, "\(key) \(e["name"] ?? "")")
+            }
+        }
+        // The pruned layers keep their router rows bit for bit: the kept slots' routing agrees.
+        XCTAssertEqual(layers[1...].map { $0["stored_experts_after"] as? Double }, [4, 4, 4])
+        let reader = try CheckpointReader(dir + "/mix.h5")
+        XCTAssertNil(reader.compactGroups("model.layers.0.block_sparse_moe"))
+        XCTAssertEqual(reader.compactGroups("model.layers.1.block_sparse_moe")?.filter { $0 >= 0 }, [0, 1, 2, 3])
+
+        // Export still refuses the mixed expert counts, in one line that says why.
+        let export = try runCLI(["export", dir + "/mix.h5", "-o", dir + "/hf"])
+        XCTAssertNotEqual(export.status, 0)
+        XCTAssertEqual(export.stderr.split(separator: "\n").count, 1, export.stderr)
+        XCTAssertTrue(export.stderr.contains("different router slot counts"), export.stderr)
+        XCTAssertTrue(export.stderr.contains("config.json holds one expert count"), export.stderr)
+    }
 }

@@ -256,18 +256,22 @@ public enum Evaluation {
 }
 
 extension CheckpointReader {
-    /// Slot → group of a layer made compact (`--router compact`), from the last merge in the
-    /// history (a `merge` entry, or the `merge` part of a `compress` entry); nil otherwise.
+    /// Slot → group of a layer made compact (`--router compact`, or pruned: a record with
+    /// `pruned`, also in a size plan that merges other layers to their E slots), from the last
+    /// merge in the history (a `merge` entry, or the `merge` part of a `compress` entry); nil otherwise.
     public func compactGroups(_ layer: String) -> [Int]? {
         for entry in history.reversed() {
             guard let merge = entry["stage"]?.stringValue == "compress" ? entry["merge"] : entry,
                   merge["stage"]?.stringValue == "merge",
                   let layers = merge["layers"]?.arrayValue,
                   let record = layers.first(where: { $0["name"]?.stringValue == layer }) else { continue }
-            guard merge["router"]?.stringValue == RouterLayout.compact.rawValue,
+            // A pruned layer records its kept slots as single groups and its dropped slots (−1); it
+            // is compact whatever the entry's router layout (a size plan prunes some layers and
+            // merges the others to their E router slots, FORMAT.md "history").
+            let prunedRecord = record["pruned"]?.arrayValue?.compactMap(\.intValue)
+            guard merge["router"]?.stringValue == RouterLayout.compact.rawValue || prunedRecord != nil,
                   let groups = record["groups"]?.arrayValue?.map({ $0.arrayValue?.compactMap(\.intValue) ?? [] }) else { return nil }
-            // A pruned layer records its kept slots as single groups and its dropped slots (−1).
-            let pruned = record["pruned"]?.arrayValue?.compactMap(\.intValue) ?? []
+            let pruned = prunedRecord ?? []
             var map = [Int](repeating: -1, count: groups.reduce(0) { $0 + $1.count } + pruned.count)
             for (g, slots) in groups.enumerated() { for s in slots where map.indices.contains(s) { map[s] = g } }
             return map.indices.allSatisfy({ map[$0] >= 0 || pruned.contains($0) }) ? map : nil

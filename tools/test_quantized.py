@@ -130,6 +130,20 @@ def capture_nl(tmp, model_dir, name):
     return out
 
 
+def check_export_against_transformers(tmp, hf, compressed, bound):
+    """The exported folder `tmp/out`, loaded by transformers as `hf`, runs (finite logits); its MoE
+    blocks, captured on its own tokens, equal the tool's re-import of the folder (<= 1e-5) and are
+    within `bound` of the tool's float32 layers `compressed` (the quantization step: each caller
+    says why its bound holds) but not equal to them (the export really quantized)."""
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
+    calib2 = capture_nl(tmp, tmp / "out", "calib2.h5")
+    run("import", tmp / "out", "-o", tmp / "back.h5")
+    assert max(layer_error(tmp / "back.h5", calib2).values()) <= 1e-5
+    errors = layer_error(compressed, calib2)
+    assert 0 < max(errors.values()) <= bound, errors
+
+
 @needs_all_and_accelerate
 def test_fp8_deepseek_v3_dequantizes_as_transformers_and_round_trips_byte_identical(tmp_path):
     needs_exe()
@@ -198,17 +212,11 @@ def test_fp8_deepseek_v3_compress_exports_fp8_that_transformers_loads(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "fp8"
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
-    with torch.no_grad():
-        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
-    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
     # transformers on the re-quantized experts == the tool on the same (re-imported) experts ...
-    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
-    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
     # ... and within the FP8 step of the tool's merged float32 layer: e4m3 keeps 3 mantissa bits
     # (relative step 2^-3, round-off at most 2^-4 per weight, about 2.6 % RMS on Gaussian
     # weights); the block output error is of that order, well under 0.1.
-    errors = layer_error(tmp_path / "c.h5", calib2)
-    assert 0 < max(errors.values()) <= 0.1, errors
+    check_export_against_transformers(tmp_path, hf, tmp_path / "c.h5", bound=0.1)
 
 
 def e2m1_lut():
@@ -316,15 +324,9 @@ def test_mxfp4_gpt_oss_compact_compress_exports_mxfp4_that_transformers_loads_wi
         assert layer.mlp.experts.num_experts == 4
         assert tuple(layer.mlp.experts.down_proj_bias.shape) == (4, 64)
         assert tuple(layer.mlp.experts.gate_up_proj.shape) == (4, 64, 64)  # dequantized on CPU: [G, H, 2I]
-    with torch.no_grad():
-        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
-    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
-    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
-    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
     # Within the MXFP4 step: e2m1 keeps 1 mantissa bit (round-off up to 1/6 of a group's
     # largest value; about 12 % RMS on Gaussian weights), so the block error is of that order.
-    errors = layer_error(tmp_path / "c.h5", calib2)
-    assert 0 < max(errors.values()) <= 0.3, errors
+    check_export_against_transformers(tmp_path, hf, tmp_path / "c.h5", bound=0.3)
     # --dtype bf16: dequantized, quantization_config removed, loads as a plain GPT-OSS.
     run("export", tmp_path / "c.h5", "-o", tmp_path / "bf16", "--dtype", "bf16")
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
@@ -360,15 +362,9 @@ def test_fp8_deepseek_v3_pruned_to_g_experts_exports_fp8_that_transformers_loads
     assert tuple(mlp.gate.weight.shape) == (4, 64)
     sd = hf.state_dict()
     assert tuple(sd[p + "experts.gate_up_proj"].shape) == (4, 64, 64) and tuple(sd[p + "experts.down_proj"].shape) == (4, 64, 32)
-    with torch.no_grad():
-        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
-    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
-    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
-    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
     # Within the FP8 step of the tool's pruned (and refitted) float32 layer; as in the merge test
     # above (e4m3: relative round-off at most 2^-4 per weight), well under 0.1.
-    errors = layer_error(tmp_path / "c.h5", calib2)
-    assert 0 < max(errors.values()) <= 0.1, errors
+    check_export_against_transformers(tmp_path, hf, tmp_path / "c.h5", bound=0.1)
 
 
 @needs_all_and_accelerate
@@ -470,11 +466,5 @@ def test_fp8_qwen3_moe_compact_compress_exports_fp8_that_transformers_loads_with
     sd = hf.state_dict()
     assert tuple(sd["model.layers.0.mlp.experts.gate_up_proj"].shape) == (4, 32, 32)
     assert sd["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.float32
-    with torch.no_grad():
-        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
-    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
-    run("import", tmp_path / "out", "-o", tmp_path / "back.h5")
-    assert max(layer_error(tmp_path / "back.h5", calib2).values()) <= 1e-5
     # Within the FP8 step of the tool's compact float32 layer (e4m3 round-off, see above).
-    errors = layer_error(tmp_path / "c.h5", calib2)
-    assert 0 < max(errors.values()) <= 0.1, errors
+    check_export_against_transformers(tmp_path, hf, tmp_path / "c.h5", bound=0.1)

@@ -26,14 +26,11 @@ struct Export: ParsableCommand {
     @Option(help: "Model family when the checkpoint was not made by `import` and its architecture attribute names none: \(ModelFamily.all.map(\.rawValue).joined(separator: ", ")).")
     var family: ModelFamilyArgument?
     @Option(help: "Routed experts as: auto (as the source folder: FP8 block-scaled, MXFP4 or its float type), f32, f16, bf16 (quantized sources dequantized), f8-block (block-scaled FP8: the source's blocks, else 128x128 with float32 scales) or mxfp4 (GPT-OSS).")
-    var dtype: String = "auto"
+    var dtype: ExportEncoding = .auto
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
         do { _ = try parseByteSize(maxShardSize) } catch { throw ValidationError("--max-shard-size: '\(maxShardSize)' is not a size such as 5GB, 500MB or 2GiB") }
-        guard ExportEncoding(rawValue: dtype) != nil else {
-            throw ValidationError("--dtype must be \(ExportEncoding.allCases.map(\.rawValue).joined(separator: ", ")), not '\(dtype)'")
-        }
     }
 
     func run() throws {
@@ -41,7 +38,7 @@ struct Export: ParsableCommand {
         let progress = global.progress
         let r = try namingFile(model, inputs: [output]) {
             try HFExport.run(checkpoint: model, outputDirectory: output, maxShardBytes: limit, family: family?.family,
-                               dtype: ExportEncoding(rawValue: dtype)!, progress: progress.callback)
+                               dtype: dtype, progress: progress.callback)
         }
         progress.finish()
         if global.json { return printJSON(r.json) }

@@ -29,7 +29,10 @@ struct SMoECompressCommand: ParsableCommand {
         } catch {
             // Help and --version exit normally; usage errors become one `error:` line too.
             if exitCode(for: error) == .success { exit(withError: error) }
-            let text = message(for: error).split(whereSeparator: \.isNewline).first.map(String.init) ?? "\(error)"
+            // ArgumentParser lists a long choice of values one per line ("- auto"): one line, comma-separated.
+            let lines = message(for: error).split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }
+            let choices = lines.dropFirst().filter { $0.hasPrefix("- ") }.map { String($0.dropFirst(2)) }
+            let text = lines.first.map { choices.isEmpty ? $0 : $0 + " " + choices.joined(separator: ", ") } ?? "\(error)"
             FileHandle.standardError.write(Data("error: \(text)\n".utf8))
             Foundation.exit(exitCode(for: error).rawValue == 0 ? 1 : exitCode(for: error).rawValue)
         }

@@ -154,3 +154,4 @@ extension Activation: ExpressibleByArgument {}
 extension RouterType: ExpressibleByArgument {}
 extension RouterLayout: ExpressibleByArgument {}
 extension StorageChoice: ExpressibleByArgument {}
+extension ExportEncoding: ExpressibleByArgument {}

@@ -414,7 +414,7 @@ final class QuantizedEncodingTests: XCTestCase {
         // A bad --dtype is one line naming the option and the choices.
         let bad = try runCLI(["export", dir + "/m.h5", "-o", dir + "/x", "--dtype", "fp4"])
         XCTAssertNotEqual(bad.status, 0)
-        XCTAssertTrue(bad.stderr.contains("--dtype must be auto, f32, f16, bf16, f8-block, mxfp4, not 'fp4'"), bad.stderr)
+        XCTAssertEqual(bad.stderr, "error: The value 'fp4' is invalid for '--dtype <dtype>'. Please provide one of the following: auto, f32, f16, bf16, f8-block, mxfp4\n")
         let gpt = try runCLI(["export", dir + "/m.h5", "-o", dir + "/x", "--dtype", "mxfp4"])
         XCTAssertNotEqual(gpt.status, 0)
         XCTAssertTrue(gpt.stderr.hasPrefix("error: --dtype: mxfp4 is GPT-OSS's expert encoding"), gpt.stderr)

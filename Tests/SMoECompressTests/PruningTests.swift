@@ -193,8 +193,8 @@ final class RefitTargetTests: XCTestCase {
         XCTAssertEqual(bad.stderr, "error: --refit-targets: capture needs the refit of the compact experts: drop --compact-refit's no\n")
     }
     /// A size plan that prunes some layers and merges others (trained-mixtral 0.5 with the bundled
-    /// sensitivities: layer 0 merged to 7 over its 8 router slots, layers 1–3 pruned to 4 kept
-    /// slots) evaluates: merged layers through their expert_map, pruned ones through the kept slots
+    /// sensitivities and G = 4, which keeps the planner's search short: layers 0–1 merged to 4 over
+    /// their 8 router slots, layers 2–3 pruned to 4 kept slots) evaluates: merged layers through their expert_map, pruned ones through the kept slots
     /// their history record holds. Known answer: eval's per-layer errors on the held-out capture
     /// are compress's own `--eval-calib` figures for the same capture. Both read the same file's
     /// rounded layers through the same accumulator (float64 sums, same token blocks, same order),
@@ -203,12 +203,12 @@ final class RefitTargetTests: XCTestCase {
         let dir = temporaryDirectory(self)
         let m = fixture("trained-mixtral.h5"), heldout = fixture("trained-mixtral.heldout.h5")
         let run = try runCLI(["compress", m, "--calib", fixture("trained-mixtral.calib.h5"), "--eval-calib", heldout,
-                              "--target-size", "0.5", "--prune", "frequency",
+                              "--target-size", "0.5", "--groups", "4", "--prune", "frequency",
                               "--sensitivity", fixture("trained-mixtral.sensitivity.json"), "-o", dir + "/mix.h5", "--quiet", "--json"])
         XCTAssertEqual(run.status, 0, run.stderr)
         let json = try XCTUnwrap(JSONSerialization.jsonObject(with: Data(run.stdout.utf8)) as? [String: Any])
         let plan = try XCTUnwrap((json["plan"] as? [String: Any])?["layers"] as? [[String: Any]])
-        XCTAssertEqual(plan.map { $0["method"] as? String }, ["merge", "prune frequency", "prune frequency", "prune frequency"])
+        XCTAssertEqual(plan.map { $0["method"] as? String }, ["merge", "merge", "prune frequency", "prune frequency"])
         let compressed = try XCTUnwrap((json["report"] as? [String: Any])?["layers"] as? [[String: Any]])
 
         let ev = try runCLI(["eval", m, dir + "/mix.h5", "--calib", heldout, "--json"])
@@ -225,10 +225,10 @@ final class RefitTargetTests: XCTestCase {
             }
         }
         // The pruned layers keep their router rows bit for bit: the kept slots' routing agrees.
-        XCTAssertEqual(layers[1...].map { $0["stored_experts_after"] as? Double }, [4, 4, 4])
+        XCTAssertEqual(layers.map { $0["stored_experts_after"] as? Double }, [4, 4, 4, 4])
         let reader = try CheckpointReader(dir + "/mix.h5")
-        XCTAssertNil(reader.compactGroups("model.layers.0.block_sparse_moe"))
-        XCTAssertEqual(reader.compactGroups("model.layers.1.block_sparse_moe")?.filter { $0 >= 0 }, [0, 1, 2, 3])
+        XCTAssertNil(reader.compactGroups("model.layers.1.block_sparse_moe"))
+        XCTAssertEqual(reader.compactGroups("model.layers.2.block_sparse_moe")?.filter { $0 >= 0 }, [0, 1, 2, 3])
 
         // Export still refuses the mixed expert counts, in one line that says why.
         let export = try runCLI(["export", dir + "/mix.h5", "-o", dir + "/hf"])

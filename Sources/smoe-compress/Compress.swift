@@ -94,21 +94,13 @@ struct Compress: ParsableCommand {
         let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
                                   progress: progress)
         // A shard file holds layers to assemble, not a checkpoint: its bytes are stated by `assemble`.
-        let reusedBytes = try result.reused.isEmpty || shard != nil ? nil : expertBytes(of: result.reused, original: reader)
+        let reusedBytes = try result.reused.isEmpty || shard != nil ? nil
+            : expertFileBytes(of: result.reused, original: reader, written: output.output)
         try reportOptions.write(document(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work,
                                          settings: stage.settingsRecord, reusedBytes: reusedBytes))
         if let plan = stage.plan, !global.json { renderPlan(plan) }
         render(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work,
                settings: stage.settingsRecord, reusedBytes: reusedBytes)
-    }
-
-    /// The expert bytes of layers reused from an interrupted run, before (in the model) and as
-    /// written (in the committed output): they are in the output but not in this run's report.
-    func expertBytes(of reused: [String], original reader: CheckpointReader) throws -> (before: Int, after: Int) {
-        let written = try CheckpointReader(output.output)
-        return try reused.reduce((0, 0)) { t, name in
-            (t.0 + (try reader.summary(name).expertFileBytes), t.1 + (try written.summary(name).expertFileBytes))
-        }
     }
 
     /// The input files a resumed run must find unchanged.

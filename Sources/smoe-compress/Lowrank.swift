@@ -96,12 +96,7 @@ struct Lowrank: ParsableCommand {
                           fileAfter: result.reports.reduce(0) { $0 + $1.bytesAfter }, timing: result.layers,
                           reused: result.reused, work: work)
         }
-        let written = try CheckpointReader(output.output)
-        var fileBefore = 0, fileAfter = 0
-        for c in reader.layers {
-            fileBefore += try reader.summary(c.name).expertFileBytes
-            fileAfter += try written.summary(c.name).expertFileBytes
-        }
+        let (fileBefore, fileAfter) = try expertFileBytes(of: reader.layers.map(\.name), original: reader, written: output.output)
         render(result.reports, fileBefore: fileBefore, fileAfter: fileAfter, timing: result.layers, reused: result.reused, work: work)
     }
 

@@ -103,6 +103,15 @@ func reportLeftoverTemporaryFiles(_ output: String) {
     }
 }
 
+/// The expert bytes of `layers` as stored, in the model and in the committed output `written`
+/// (the figures of layers this run did not compute, such as those reused from an interrupted run).
+func expertFileBytes(of layers: [String], original: CheckpointReader, written path: String) throws -> (before: Int, after: Int) {
+    let written = try CheckpointReader(path)
+    return try layers.reduce((0, 0)) { t, name in
+        (t.0 + (try original.summary(name).expertFileBytes), t.1 + (try written.summary(name).expertFileBytes))
+    }
+}
+
 func printNote(_ text: String) { FileHandle.standardError.write(Data("note: \(text)\n".utf8)) }
 
 /// The line (table mode) or JSON key (`--json`) a command adds for layers reused from an

@@ -88,8 +88,8 @@ public final class CalibrationReader: @unchecked Sendable {
     /// Checks that this capture fits `model`: every model layer has a capture with the same
     /// d_model, and every capture belongs to a model layer. The error names the layer.
     public func checkMatches(_ model: CheckpointReader, layers names: [String]? = nil) throws {
-        try checkLayersMatch(file: path, kind: "calibration file", held: layers.map(\.name), model: model, layers: names) { name, c in
-            let info = layers.first { $0.name == name }!
+        try checkLayersMatch(file: path, kind: "calibration file", held: layers, name: \.name, model: model, layers: names) { info, c in
+            let name = info.name
             guard info.dModel == c.dModel else {
                 throw SMoEError.dataset(path, "/moe_layers/\(name)/hidden_states",
                                         "d_model \(info.dModel) does not match the model's \(c.dModel)")

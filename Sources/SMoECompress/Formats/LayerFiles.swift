@@ -25,21 +25,21 @@ public class LayerFileWriter: @unchecked Sendable {
     }
 }
 
-/// Checks that a per-layer file at `path` (its layers `held`, called `kind` in messages) fits
-/// `model`: every wanted model layer (`names`, default all) is in the file and passes `check`,
-/// and, when all layers are wanted, every layer of the file is an MoE layer of the model.
-/// Errors name the file and the layer.
-func checkLayersMatch(file path: String, kind: String, held: [String], model: CheckpointReader, layers names: [String]?,
-                      _ check: (_ name: String, _ config: LayerConfig) throws -> Void) throws {
-    for name in names ?? model.layers.map(\.name) {
-        let c = try model.config(name)
-        guard held.contains(name) else {
-            throw SMoEError.dataset(path, "/moe_layers/\(name)", "missing: the model \(model.path) has this MoE layer but the \(kind) does not")
+/// Checks that a per-layer file at `path` (its layers `held`, each named by `name`, the file
+/// called `kind` in messages) fits `model`: every wanted model layer (`names`, default all) is in
+/// the file and passes `check`, and, when all layers are wanted, every layer of the file is an
+/// MoE layer of the model. Errors name the file and the layer.
+func checkLayersMatch<Info>(file path: String, kind: String, held: [Info], name: (Info) -> String, model: CheckpointReader,
+                            layers names: [String]?, _ check: (_ info: Info, _ config: LayerConfig) throws -> Void) throws {
+    for wanted in names ?? model.layers.map(\.name) {
+        let c = try model.config(wanted)
+        guard let info = held.first(where: { name($0) == wanted }) else {
+            throw SMoEError.dataset(path, "/moe_layers/\(wanted)", "missing: the model \(model.path) has this MoE layer but the \(kind) does not")
         }
-        try check(name, c)
+        try check(info, c)
     }
     if names == nil {
-        for name in held where !model.layers.contains(where: { $0.name == name }) {
+        for name in held.map(name) where !model.layers.contains(where: { $0.name == name }) {
             throw SMoEError.dataset(path, "/moe_layers/\(name)", "is not an MoE layer of the model \(model.path)")
         }
     }

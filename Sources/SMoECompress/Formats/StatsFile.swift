@@ -179,8 +179,8 @@ public final class StatsReader: @unchecked Sendable {
     /// with as many slots as its router (and the same top-k), and every layer here belongs to
     /// the model. Errors name the layer. With `layers`, only those model layers are checked.
     public func checkMatches(_ model: CheckpointReader, layers names: [String]? = nil) throws {
-        try checkLayersMatch(file: path, kind: "statistics file", held: layers.map(\.name), model: model, layers: names) { name, c in
-            let info = layers.first { $0.name == name }!
+        try checkLayersMatch(file: path, kind: "statistics file", held: layers, name: \.name, model: model, layers: names) { info, c in
+            let name = info.name
             guard info.numExperts == c.numExperts else {
                 throw SMoEError.dataset(path, "/moe_layers/\(name)/counts",
                                         "has \(info.numExperts) slots but the model's router has \(c.numExperts)")

@@ -133,6 +133,17 @@ def refuses_compact(tmp, h5, calib, family):
     assert not (tmp / "refused.h5").exists()
 
 
+def pruned_export_loads(tmp, cls, expert_count_key):
+    """`merge --groups 8 --prune reap` of the imported `tmp/m.h5` exports as a standard 8-expert
+    model (router rows and selection biases kept) that transformers loads and runs."""
+    run("merge", tmp / "m.h5", "--calib", tmp / "calib.h5", "--groups", 8, "--prune", "reap", "-o", tmp / "p.h5")
+    run("export", tmp / "p.h5", "-o", tmp / "pruned")
+    config = json.loads((tmp / "pruned" / "config.json").read_text())
+    assert config[expert_count_key] == 8
+    ids = torch.tensor([list(TEXT[:40].encode())]) % 128
+    assert torch.isfinite(logits(cls, tmp / "pruned", ids)).all()
+
+
 COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
@@ -209,12 +220,7 @@ def test_minimax_m2(tmp_path):
     check_family(tmp_path, "MiniMaxM2ForCausalLM", d, groups=4, compact=False)
     refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "minimax-m2")
     # Pruning keeps router rows and their correction biases: a standard 8-expert MiniMax-M2.
-    run("merge", tmp_path / "m.h5", "--calib", tmp_path / "calib.h5", "--groups", 8, "--prune", "reap", "-o", tmp_path / "p.h5")
-    run("export", tmp_path / "p.h5", "-o", tmp_path / "pruned")
-    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert config["num_local_experts"] == 8
-    ids = torch.tensor([list(TEXT[:40].encode())]) % 128
-    assert torch.isfinite(logits("MiniMaxM2ForCausalLM", tmp_path / "pruned", ids)).all()
+    pruned_export_loads(tmp_path, "MiniMaxM2ForCausalLM", "num_local_experts")
 
 
 def random_gpt_oss(model):
@@ -454,9 +460,4 @@ def test_ernie4_5_moe(tmp_path):
     r = subprocess.run([str(EXE), "merge", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "4",
                         "--router", "compact", "-o", str(tmp_path / "refused.h5")], capture_output=True, text=True)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    run("merge", tmp_path / "m.h5", "--calib", tmp_path / "calib.h5", "--groups", 8, "--prune", "reap", "-o", tmp_path / "p.h5")
-    run("export", tmp_path / "p.h5", "-o", tmp_path / "pruned")
-    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert config["moe_num_experts"] == 8
-    ids = torch.tensor([list(TEXT[:40].encode())]) % 128
-    assert torch.isfinite(logits("Ernie4_5_MoeForCausalLM", tmp_path / "pruned", ids)).all()
+    pruned_export_loads(tmp_path, "Ernie4_5_MoeForCausalLM", "moe_num_experts")

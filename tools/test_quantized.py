@@ -130,6 +130,19 @@ def capture_nl(tmp, model_dir, name):
     return out
 
 
+def import_compress_export(tmp, folder, *compress_args):
+    """Captures `folder` with transformers, imports it (the imported, dequantized layers must
+    reproduce transformers' MoE blocks: <= 1e-5), compresses it to `tmp/c.h5` with
+    `--groups 4` and `compress_args`, exports that to `tmp/out` in the source encoding and returns
+    the exported tensors."""
+    calib = capture_nl(tmp, folder, "calib.h5")
+    run("import", folder, "-o", tmp / "m.h5")
+    assert max(layer_error(tmp / "m.h5", calib).values()) <= 1e-5
+    run("compress", tmp / "m.h5", "--calib", calib, "--groups", 4, *compress_args, "-o", tmp / "c.h5")
+    run("export", tmp / "c.h5", "-o", tmp / "out")
+    return tensors(tmp / "out")
+
+
 def check_export_against_transformers(tmp, hf, compressed, bound):
     """The exported folder `tmp/out`, loaded by transformers as `hf`, runs (finite logits); its MoE
     blocks, captured on its own tokens, equal the tool's re-import of the folder (<= 1e-5) and are
@@ -200,13 +213,7 @@ def test_fp8_partial_edge_blocks_follow_the_deepseek_formula(tmp_path):
 def test_fp8_deepseek_v3_compress_exports_fp8_that_transformers_loads(tmp_path):
     needs_exe()
     d, _ = fp8_deepseek(tmp_path)
-    calib = capture_nl(tmp_path, d, "calib.h5")
-    run("import", d, "-o", tmp_path / "m.h5")
-    # The imported (dequantized) layers reproduce transformers' MoE blocks on the FP8 model.
-    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
-    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "-o", tmp_path / "c.h5")
-    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
-    t = tensors(tmp_path / "out")
+    t = import_compress_export(tmp_path, d)
     k = "model.layers.1.mlp.experts.3.down_proj.weight"
     assert t[k].dtype == torch.float8_e4m3fn and t[k + "_scale_inv"].shape == (4, 2)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -299,12 +306,7 @@ def test_mxfp4_gpt_oss_dequantizes_as_transformers(tmp_path):
 def test_mxfp4_gpt_oss_compact_compress_exports_mxfp4_that_transformers_loads_with_g_experts(tmp_path):
     needs_exe()
     d, _ = mxfp4_gpt_oss(tmp_path, hand_packed=False)
-    calib = capture_nl(tmp_path, d, "calib.h5")
-    run("import", d, "-o", tmp_path / "m.h5")
-    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
-    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "--router", "compact", "-o", tmp_path / "c.h5")
-    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
-    t = tensors(tmp_path / "out")
+    t = import_compress_export(tmp_path, d, "--router", "compact")
     for layer in range(2):
         p = f"model.layers.{layer}.mlp.experts."
         # MXFP4 again, with 4 experts: [G, 2I, H/32, 16] blocks, [G, out, in/32] E8M0 scales.
@@ -341,12 +343,7 @@ def test_fp8_deepseek_v3_pruned_to_g_experts_exports_fp8_that_transformers_loads
     (router rows and selection biases kept); the FP8 export is a stock 4-expert DeepSeek-V3."""
     needs_exe()
     d, _ = fp8_deepseek(tmp_path, n_group=1, topk_group=1)
-    calib = capture_nl(tmp_path, d, "calib.h5")
-    run("import", d, "-o", tmp_path / "m.h5")
-    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
-    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "--prune", "reap", "-o", tmp_path / "c.h5")
-    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
-    t = tensors(tmp_path / "out")
+    t = import_compress_export(tmp_path, d, "--prune", "reap")
     p = "model.layers.1.mlp."
     for e in range(4):
         for name, shape in (("gate_proj", (2, 4)), ("up_proj", (2, 4)), ("down_proj", (4, 2))):
@@ -443,12 +440,7 @@ def test_fp8_qwen3_moe_compact_compress_exports_fp8_that_transformers_loads_with
                                 "modules_to_not_convert": ["lm_head", "model.layers.*.self_attn", "model.layers.*.mlp.gate"]}
     (d / "config.json").write_text(json.dumps(c, indent=1))
     (tmp_path / "text.txt").write_text(TEXT)
-    calib = capture_nl(tmp_path, d, "calib.h5")
-    run("import", d, "-o", tmp_path / "m.h5")
-    assert max(layer_error(tmp_path / "m.h5", calib).values()) <= 1e-5
-    run("compress", tmp_path / "m.h5", "--calib", calib, "--groups", 4, "--router", "compact", "-o", tmp_path / "c.h5")
-    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
-    t = tensors(tmp_path / "out")
+    t = import_compress_export(tmp_path, d, "--router", "compact")
     for layer in range(2):
         p = f"model.layers.{layer}.mlp."
         for e in range(4):

@@ -118,9 +118,19 @@ public enum HFExport {
             let present = fam.numExpertsKeys.filter { parsed?[$0] != nil }
             let key = present.first ?? fam.numExpertsKey
             let given = parsed?[key]?.intValue
-            if present.isEmpty || present.contains(where: { parsed?[$0]?.intValue != count }), case .object(var kv)? = parsed {
+            // A compact layer whose n_group = topk_group became ungrouped: its group counts too.
+            let layer0 = reader.layers[0]
+            let groupUpdate = fam.groupKeys.flatMap { k -> [(String, Int)]? in
+                let now = [(k.groups, layer0.numGroups), (k.topKGroups, layer0.topKGroups)]
+                let differ = now.contains { (parsed?[$0.0.key]?.intValue ?? Int($0.0.value)) != $0.1 }
+                return differ ? now.map { ($0.0.key, $0.1) } : nil
+            } ?? []
+            if present.isEmpty || !groupUpdate.isEmpty || present.contains(where: { parsed?[$0]?.intValue != count }), case .object(var kv)? = parsed {
                 if present.isEmpty { kv.append((fam.numExpertsKey, .int(count))) }
                 for i in kv.indices where present.contains(kv[i].0) { kv[i].1 = .int(count) }
+                for (key, v) in groupUpdate {
+                    if let i = kv.firstIndex(where: { $0.0 == key }) { kv[i].1 = .int(v) } else { kv.append((key, .int(v))) }
+                }
                 var updated = JSONValue.object(kv)
                 if let sec = section, case .object(var rkv)? = root {
                     for i in rkv.indices where rkv[i].0 == sec { rkv[i].1 = updated }

@@ -151,12 +151,17 @@ public struct EvaluationAccumulator: Sendable {
             refSq += a2
             cosSum += (a2 == 0 && b2 == 0) ? 1 : (a2 == 0 || b2 == 0 ? 0 : ab / (a2.squareRoot() * b2.squareRoot()))
             if let m = slotGroups {
-                // The original's k groups of largest group-summed probability Σ_{s∈g} softmax(z)_s.
+                // The original's k groups of largest group-summed probability Σ_{s∈g} softmax(z)_s
+                // (sigmoid routers: largest member score max_{s∈g} σ(z_s), the fit's target).
                 let e = r0.logits.cols
                 let z = r0.logits.data[(t * e)..<((t + 1) * e)].map(Double.init)
                 let mx = z.max() ?? 0
                 var p = [Double](repeating: 0, count: compressed.config.numExperts)
-                for (s, v) in z.enumerated() where m[s] >= 0 { p[m[s]] += Foundation.exp(v - mx) }
+                if compressed.config.routerType.scoring == "sigmoid" {
+                    for (s, v) in z.enumerated() where m[s] >= 0 { p[m[s]] = max(p[m[s]], 1 / (1 + Foundation.exp(-v))) }
+                } else {
+                    for (s, v) in z.enumerated() where m[s] >= 0 { p[m[s]] += Foundation.exp(v - mx) }
+                }
                 let chosen = Set(CompactRouter.topK(p[...], k)), chosen1 = Set(r1.slots[(t * k)..<((t + 1) * k)])
                 overlap += chosen.intersection(chosen1).count
                 if chosen == chosen1 { agree += 1 }

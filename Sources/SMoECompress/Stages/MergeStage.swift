@@ -108,10 +108,13 @@ public struct MergeSettings: Sendable {
             if prune != nil, let c = model.layers.first(where: { $0.numGroups > 1 }) {
                 throw SMoEError.setting(.prune, "drops router slots, which breaks the \(c.numGroups) expert groups of \(model.architecture) layer \(c.name) (grouped top-k); merge with the default {router} slots")
             }
-            if prune == nil, let c = model.layers.first(where: { !$0.compactRouterFits }) {
-                let how = "\(c.routerType.rawValue)" + (c.numGroups > 1 ? ", \(c.numGroups) expert groups" : "")
-                    + (c.routedScalingFactor != 1 ? ", routed scaling \(c.routedScalingFactor)" : "")
-                throw SMoEError.setting(.router, "compact fits softmax routers only (and GPT-OSS's top-k-then-softmax), but \(model.architecture) layer \(c.name) routes by \(how); merge with the default {router} slots")
+            if prune == nil {
+                for c in model.layers {
+                    // With adaptive groups the planned counts are checked in validateCompact.
+                    if let why = c.compactProblem(groups: groups), !adaptive || c.routerType.scalesExpertInput {
+                        throw SMoEError.setting(.router, "compact: \(model.architecture) layer \(c.name): \(why); merge with the default {router} slots")
+                    }
+                }
             }
             if !adaptive, let c = model.layers.first(where: { $0.topK > groups }) {
                 throw SMoEError.setting(prune != nil ? .prune : .router, "\(prune != nil ? "keeps" : "compact needs") top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")
@@ -128,6 +131,11 @@ public struct MergeSettings: Sendable {
         if Set(counts.map(\.1)).count > 1 {
             throw SMoEError.setting(.router, "compact needs the same number of groups in every layer (a Hugging Face config holds one expert count), but {adaptive} planned "
                 + counts.map { "\($0.0.name): \($0.1)" }.joined(separator: ", ") + "; give a uniform {groups} without {adaptive}")
+        }
+        for (c, g) in counts {
+            if let why = c.compactProblem(groups: g) {
+                throw SMoEError.setting(.router, "compact: layer \(c.name): \(why)")
+            }
         }
         for (c, g) in counts where c.topK > g {
             throw SMoEError.setting(.router, "compact needs top_k ≤ groups, but layer \(c.name) routes each token to \(c.topK) experts and has \(g) groups")

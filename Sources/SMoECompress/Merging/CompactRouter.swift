@@ -137,7 +137,8 @@ public enum CompactRouter {
     /// `layer` with its stored experts ordered for grouped top-k (n_group > topk_group): the G
     /// merged experts are assigned to the n_group expert groups, G / n_group each, maximising the
     /// usage `frequency` of the member slots that lie in the group they are assigned to (a linear
-    /// assignment; deterministic), then stored group by group. Other layers unchanged.
+    /// assignment; deterministic), then stored group by group, each group's in the order of their
+    /// lowest member slot. Other layers unchanged.
     static func regrouped(_ layer: MoELayer, frequency: [Double]) throws -> MoELayer {
         let c = layer.config
         guard c.numGroups > 1 && c.topKGroups < c.numGroups else { return layer }
@@ -155,7 +156,8 @@ public enum CompactRouter {
         let assignment = try LinearAssignment.solve(rows: g, cols: g, costs: costs, maximize: true)
         var bins = [[Int]](repeating: [], count: c.numGroups)
         for (i, col) in assignment.rowToColumn.enumerated() { bins[col / size].append(i) }
-        let order = bins.flatMap { $0.sorted() }  // position → merged expert
+        // Within an expert group by lowest member slot. Position → merged expert.
+        let order = bins.flatMap { $0.sorted { members[$0].min()! < members[$1].min()! } }
         var inverse = [Int](repeating: 0, count: g)
         for (pos, i) in order.enumerated() { inverse[i] = pos }
         var out = layer

@@ -500,3 +500,32 @@ def test_ernie4_5_moe(tmp_path):
     with h5py.File(tmp_path / "compact.h5", "r") as f:
         assert f["moe_layers/model.layers.1.mlp/router/selection_bias"].shape == (4,)
     pruned_export_loads(tmp_path, "Ernie4_5_MoeForCausalLM", "moe_num_experts")
+
+
+def capture_mode(tmp, model_dir, mode, dtype="float32"):
+    out = tmp / f"{mode}-{dtype}.h5"
+    r = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"),
+                        "--tokens", "96", "--seq-len", "32", "--batch-size", "2", "--dtype", dtype, f"--{mode}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out, "r") as f:
+        return {n: {k: f["moe_layers"][n][k][()] for k in ("hidden_states", "router_logits", "output")}
+                for n in f["moe_layers"]}, json.loads(f.attrs["source"])["mode"]
+
+
+@pytest.mark.parametrize("family,multimodal", [("qwen3_5_moe", True), ("qwen3_5_moe", False), ("llama4", True), ("llama4", False)])
+@needs_all
+def test_layerwise_capture_equals_whole_model_for_wrapper_families(tmp_path, family, multimodal):
+    """Qwen3.5-MoE and Llama-4, multimodal wrapper and text-only: the layer-wise capture (the stack
+    found through the first MoE block's module, the vision tower loaded as stem) equals the
+    whole-model capture to the bit, in float32 and bfloat16."""
+    cls, cfg = qwen3_5_config(multimodal) if family == "qwen3_5_moe" else llama4_config(multimodal)
+    d = save_tiny(tmp_path, cls, cfg, init=random_softmax_router if family == "qwen3_5_moe" else random_llama4)
+    for dtype in ("float32", "bfloat16"):
+        whole, wm = capture_mode(tmp_path, d, "no-layerwise", dtype)
+        layer, lm = capture_mode(tmp_path, d, "layerwise", dtype)
+        assert (wm, lm) == ("whole-model", "layerwise")
+        assert whole.keys() == layer.keys() and whole
+        for n in whole:
+            for k in whole[n]:
+                assert np.array_equal(whole[n][k], layer[n][k]), (dtype, n, k)

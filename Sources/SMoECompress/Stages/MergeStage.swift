@@ -164,9 +164,19 @@ public struct LayerMergeReport: Sendable {
     /// for a layer that keeps its E router slots.
     public var compactSlots: [Int]? { prune?.slotToExpert ?? compact?.slotToGroup }
 
+    /// The grouping's index of each stored expert: the compact fit may store the groups in
+    /// another order (grouped top-k: by expert group), else the identity.
+    var storedOrder: [Int] {
+        guard let c = compact else { return Array(grouping.groups.indices) }
+        return c.groups.map { slots in grouping.groups.firstIndex(of: slots) ?? 0 }
+    }
+
     public var json: JSONValue {
         var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .int(grouping.groups.count))]
-        if prune == nil { kv += [("expert_map", JSONValue(grouping.slotToGroup)), ("members", .array(groups.map(\.json)))] }
+        if prune == nil {
+            kv += [("expert_map", JSONValue(compact?.slotToGroup ?? grouping.slotToGroup)),
+                   ("members", .array(groups.isEmpty ? [] : storedOrder.map { groups[$0].json }))]
+        }
         if let c = compact { kv.append(("compact_router", c.json)) }
         if let (base, m) = similarity {
             let e = Int(Double(m.count).squareRoot())
@@ -180,8 +190,9 @@ public struct LayerMergeReport: Sendable {
 
     /// The compact form recorded in the checkpoint history.
     public var historyJSON: JSONValue {
-        var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .array(grouping.groups.map { JSONValue($0) })),
-                                         ("dominant", JSONValue(grouping.dominant))]
+        let order = storedOrder
+        var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .array(order.map { JSONValue(grouping.groups[$0]) })),
+                                         ("dominant", JSONValue(order.map { grouping.dominant[$0] }))]
         if let c = compact {
             kv += [("router_cross_entropy", .double(c.fitted.crossEntropy)), ("router_top_k_agreement", .double(c.fitted.topKAgreement))]
         }

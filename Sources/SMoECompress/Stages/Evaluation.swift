@@ -206,6 +206,16 @@ public enum Evaluation {
     public static func evaluate(original: MoELayer, compressed: MoELayer, calibration: CalibrationReader,
                                 bytesBefore: Int, bytesAfter: Int, tokens: TokenSettings = TokenSettings(),
                                 slotGroups: [Int]? = nil, progress: ProgressCallback? = nil) throws -> LayerEvaluation {
+        try evaluate(original: LayerSource(original), compressed: compressed, calibration: calibration, bytesBefore: bytesBefore,
+                     bytesAfter: bytesAfter, tokens: tokens, slotGroups: slotGroups, progress: progress)
+    }
+
+    /// Compares a compressed layer with the original read from its source (`LayerSource`, as the
+    /// stages read it: each routed expert read in turn, one token block at a time) on the layer's
+    /// calibration tokens.
+    public static func evaluate(original: LayerSource, compressed: MoELayer, calibration: CalibrationReader,
+                                bytesBefore: Int, bytesAfter: Int, tokens: TokenSettings = TokenSettings(),
+                                slotGroups: [Int]? = nil, progress: ProgressCallback? = nil) throws -> LayerEvaluation {
         var acc = try EvaluationAccumulator(original: original, compressed: compressed, slotGroups: slotGroups)
         let info = try calibration.info(original.name)
         let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
@@ -223,23 +233,14 @@ public enum Evaluation {
                            progress: ProgressCallback? = nil) throws -> ModelEvaluation {
         try tokens.validate()
         let wanted = try original.selectLayers(names)
-        for n in wanted {
-            guard compressed.layers.contains(where: { $0.name == n }) else {
-                throw SMoEError.dataset(compressed.path, "/moe_layers/\(n)", "missing: \(original.path) has this MoE layer, so the files are not the same model")
-            }
-        }
-        if names == nil {
-            for c in compressed.layers where !original.layers.contains(where: { $0.name == c.name }) {
-                throw SMoEError.dataset(compressed.path, "/moe_layers/\(c.name)", "is not an MoE layer of \(original.path): not the same model")
-            }
-        }
+        try original.checkSameModel(compressed, layers: names == nil ? nil : wanted)
         try calibration.checkMatches(original, layers: wanted)
         var out: [LayerEvaluation] = []
         for n in wanted {
-            let a = try original.readLayer(n), b = try compressed.readLayer(n)
-            for (file, layer) in [(original.path, a), (compressed.path, b)] {
-                if let what = layer.firstNonFinite { throw SMoEError.dataset(file, n, "\(what) holds NaN or Inf") }
-            }
+            // The original as the stages read it (its reader refuses NaN and Inf in each part it
+            // reads); the compressed layer (usually small) whole.
+            let a = try original.layerSource(n), b = try compressed.readLayer(n)
+            if let what = b.firstNonFinite { throw SMoEError.dataset(compressed.path, n, "\(what) holds NaN or Inf") }
             let e: LayerEvaluation
             do {
                 e = try evaluate(original: a, compressed: b, calibration: calibration,

@@ -8,7 +8,8 @@ import SMoECompress
 /// against whitened at three ridges) at merge 4 + rank 16 and 32.
 /// First the "merge or prune?" rows (`MergeOrPrune.swift`).
 /// Options: `--fixtures DIR` (default: Fixtures), `--fractions 0.5,0.25`, `--ranks 4,8,...`,
-/// `--merge-or-prune` (those rows only), `--splits` (only the planner's held-apart splits with the
+/// `--merge-or-prune` (those rows only), `--split C/N` (the plans hold every N-th chunk of C
+/// tokens apart), `--splits` (only the planner's held-apart splits with the
 /// bundled sensitivities, `splitRows`).
 func fidelityBench(_ args: [String]) throws {
     func value(_ name: String) -> String? {
@@ -17,6 +18,7 @@ func fidelityBench(_ args: [String]) throws {
     }
     let dir = value("--fixtures") ?? "Fixtures"
     let fractions = (value("--fractions") ?? "0.5,0.25").split(separator: ",").compactMap { Double($0) }
+    let split = value("--split").map { $0.split(separator: "/").compactMap { Int($0) } }.flatMap { $0.count == 2 ? ($0[0], $0[1]) : nil }
     let ranks = (value("--ranks") ?? "4,8,12,16,20,24,32,40").split(separator: ",").compactMap { Int($0) }
     for name in ["trained-switch", "trained-mixtral"] {
         let model = try CheckpointReader("\(dir)/\(name).h5")
@@ -36,7 +38,7 @@ func fidelityBench(_ args: [String]) throws {
                           sensitivity: try LayerSensitivity.read("\(dir)/\(name).sensitivity.json"))
             continue
         }
-        try mergeOrPruneRows(model: model, calib: calib, heldout: heldout, storage: storage, fractions: fractions)
+        try mergeOrPruneRows(model: model, calib: calib, heldout: heldout, storage: storage, fractions: fractions, split: split)
         if args.contains("--merge-or-prune") { continue }
         // The low-rank objective.
         for r in [16, 32] {

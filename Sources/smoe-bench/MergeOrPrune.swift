@@ -8,7 +8,7 @@ import SMoECompress
 /// `--target-size F` at the same fractions with pruning (each method, refitted) measured beside
 /// merging, chosen three ways from one measurement: merge-only, prune-only, per-layer choice.
 func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout: CalibrationReader, storage: StorageType,
-                      fractions: [Double] = [0.5, 0.25]) throws {
+                      fractions: [Double] = [0.5, 0.25], split: (chunk: Int, every: Int)? = nil) throws {
     let experts = model.layers.map(\.numExperts).max() ?? 1
     let rows: [(String, (Int) -> MergeSettings)] = [
         ("merge frequency (slots)", { MergeSettings(groups: $0, merging: MergeOptions(method: .frequency)) }),
@@ -38,6 +38,7 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
         let template = LowRankOptions(rank: .fixed(1), floatBytes: storage.byteSize)
         var base = PlannerSettings(target: .fraction(fractions.first ?? 0.5))
         base.prune = method
+        if let (chunk, every) = split { base.chunkTokens = chunk; base.heldOutEvery = every }
         let merged = MergeSettings(groups: 1)
         let measured = try SizePlanner.measure(model: model, calibration: calib, stats: nil, merge: merged, lowRank: template,
                                                settings: base, storage: storage)

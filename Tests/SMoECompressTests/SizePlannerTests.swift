@@ -225,4 +225,19 @@ final class SizePlannerTests: XCTestCase {
         settings.methods = .prune
         XCTAssertThrowsError(try SizePlanner.choose(mergeOnly, settings: settings))
     }
+
+    /// A compact plan never goes below top_k experts: on trained-mixtral (top-2) at 10 % with
+    /// G 1 or 2 allowed, the plan used to pick G 1 (the compact router then refused it); now G 2
+    /// in every layer, within the budget.
+    func testCompactPlanKeepsTopKExperts() throws {
+        let mixtral = try CheckpointReader(fixture("trained-mixtral.h5"))
+        let mixtralCalib = try CalibrationReader(fixture("trained-mixtral.calib.h5"))
+        var settings = CompressSettings(merge: MergeSettings(groups: 1, router: .compact), lowRank: nil)
+        var planner = PlannerSettings(target: .fraction(0.1), groupCandidates: [1, 2], uniformGroups: true)
+        planner.levels = 16
+        settings.target = planner
+        let plan = try XCTUnwrap(CompressStage(model: mixtral, calibration: mixtralCalib, stats: nil, settings: settings, storage: .f16).plan)
+        XCTAssertEqual(plan.layers.map(\.groups), [2, 2, 2, 2])
+        XCTAssertLessThanOrEqual(plan.bytes, plan.budget)
+    }
 }

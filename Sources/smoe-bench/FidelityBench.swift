@@ -8,7 +8,9 @@ import SMoECompress
 /// against whitened at three ridges) at merge 4 + rank 16 and 32.
 /// First the "merge or prune?" rows (`MergeOrPrune.swift`).
 /// Options: `--fixtures DIR` (default: Fixtures), `--fractions 0.5,0.25`, `--ranks 4,8,...`,
-/// `--merge-or-prune` (those rows only).
+/// `--merge-or-prune` (those rows only), `--split C/N` (the plans hold every N-th chunk of C
+/// tokens apart), `--splits` (only the planner's held-apart splits with the
+/// bundled sensitivities, `splitRows`).
 func fidelityBench(_ args: [String]) throws {
     func value(_ name: String) -> String? {
         guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
@@ -16,6 +18,7 @@ func fidelityBench(_ args: [String]) throws {
     }
     let dir = value("--fixtures") ?? "Fixtures"
     let fractions = (value("--fractions") ?? "0.5,0.25").split(separator: ",").compactMap { Double($0) }
+    let split = value("--split").map { $0.split(separator: "/").compactMap { Int($0) } }.flatMap { $0.count == 2 ? ($0[0], $0[1]) : nil }
     let ranks = (value("--ranks") ?? "4,8,12,16,20,24,32,40").split(separator: ",").compactMap { Int($0) }
     for name in ["trained-switch", "trained-mixtral"] {
         let model = try CheckpointReader("\(dir)/\(name).h5")
@@ -30,7 +33,12 @@ func fidelityBench(_ args: [String]) throws {
         }
         let experts = model.layers.map(\.numExperts).max() ?? 1
         print("\n\(name) (held-out mean layer output error; expert bytes as stored, float16)")
-        try mergeOrPruneRows(model: model, calib: calib, heldout: heldout, storage: storage)
+        if args.contains("--splits") {
+            try splitRows(model: model, calib: calib, heldout: heldout, storage: storage, fractions: fractions,
+                          sensitivity: try LayerSensitivity.read("\(dir)/\(name).sensitivity.json"))
+            continue
+        }
+        try mergeOrPruneRows(model: model, calib: calib, heldout: heldout, storage: storage, fractions: fractions, split: split)
         if args.contains("--merge-or-prune") { continue }
         // The low-rank objective.
         for r in [16, 32] {
@@ -68,6 +76,35 @@ func fidelityBench(_ args: [String]) throws {
             printRow("  \(f)  \(budget)  " + (mergeOnly.map { "G\($0.groups) \(fmt($0.error))" } ?? "none")
                      + "   " + (best.map { "G\($0.groups) r\($0.rank.map(String.init) ?? "dense") \($0.bytes) \(fmt($0.error))" } ?? "none")
                      + "   [\(perLayer)] \(planned.bytes) \(fmt(planned.error))   \(String(format: "%.1f", seconds))")
+        }
+    }
+}
+
+/// How the planner's held-apart split changes its estimates and plans (issue 28): per split
+/// (chunk tokens, every n-th chunk held apart), `--target-size F --sensitivity` planned, then
+/// compressed and measured on the held-out capture; per layer the planned and the measured
+/// error, and Σ c·e² of both (the predicted loss increase).
+func splitRows(model: CheckpointReader, calib: CalibrationReader, heldout: CalibrationReader, storage: StorageType,
+               fractions: [Double], sensitivity: LayerSensitivity) throws {
+    let tokens = try calib.info(model.layers[0].name).numTokens
+    let splits = [(64, 5), (128, 4), (128, 8), ((tokens + 4) / 5, 5)]
+    printRow("  split (chunk/every)  F  planned Σc·e²  held-out Σc·e²  per layer: plan planned→held-out")
+    for (chunk, every) in splits {
+        for f in fractions {
+            var ps = PlannerSettings(target: .fraction(f), sensitivity: sensitivity)
+            ps.chunkTokens = chunk
+            ps.heldOutEvery = every
+            var settings = CompressSettings(merge: MergeSettings(groups: 1), lowRank: LowRankOptions(rank: .fixed(1), floatBytes: storage.byteSize))
+            settings.target = ps
+            let stage = try CompressStage(model: model, calibration: calib, evaluation: heldout, stats: nil, settings: settings, storage: storage)
+            let report = stage.report(try stage.run(model: model) { _ in }.reports)
+            let plan = stage.plan!
+            let measured = zip(plan.layers, report.layers).reduce(0.0) { $0 + sensitivity.weights[$1.0.name]! * $1.1.final.relativeError * $1.1.final.relativeError }
+            let layers = zip(plan.layers, report.layers).map { l, r in
+                "G\(l.groups) r\(l.rankSummary) " + String(format: "%.3f→%.3f", l.estimatedError, r.final.relativeError)
+            }.joined(separator: "; ")
+            printRow("  \(chunk)/\(every)  \(f)  " + String(format: "%.4f  %.4f  ", plan.objective, measured) + layers
+                     + String(format: "  (bytes %d, mean held-out %.4f)", report.bytesFinal, report.evaluation.meanRelativeError))
         }
     }
 }

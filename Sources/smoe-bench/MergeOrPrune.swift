@@ -4,8 +4,11 @@ import SMoECompress
 /// The "merge or prune?" rows of `smoe-bench fidelity` (issue 27): at G = E/2 and G = E/4
 /// experts per layer (50 % and 25 % of the expert bytes), the held-out mean layer output error
 /// of the merge methods (E router slots, and compact) beside REAP and frequency pruning with and
-/// without the refit of the kept experts; calibration on `calib`, measured on `heldout`.
-func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout: CalibrationReader, storage: StorageType) throws {
+/// without the refit of the kept experts; calibration on `calib`, measured on `heldout`. Then
+/// `--target-size F` at the same fractions with pruning (each method, refitted) measured beside
+/// merging, chosen three ways from one measurement: merge-only, prune-only, per-layer choice.
+func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout: CalibrationReader, storage: StorageType,
+                      fractions: [Double] = [0.5, 0.25], split: (chunk: Int, every: Int)? = nil) throws {
     let experts = model.layers.map(\.numExperts).max() ?? 1
     let rows: [(String, (Int) -> MergeSettings)] = [
         ("merge frequency (slots)", { MergeSettings(groups: $0, merging: MergeOptions(method: .frequency)) }),
@@ -27,5 +30,34 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
             line += String(format: "  %.4f", report.evaluation.meanRelativeError)
         }
         printRow(line)
+    }
+    // The planner's three choices from the same measured options (default objective).
+    printRow("  plans (held-out mean layer error, planned in brackets; per layer m = merged, p = pruned, G)  " + fractions.map { "F=\($0)" }.joined(separator: "   "))
+    for method in [PruneMethod.frequency, .reap] {
+        let merge = MergeSettings(groups: 1, prune: method)
+        let template = LowRankOptions(rank: .fixed(1), floatBytes: storage.byteSize)
+        var base = PlannerSettings(target: .fraction(fractions.first ?? 0.5))
+        base.prune = method
+        if let (chunk, every) = split { base.chunkTokens = chunk; base.heldOutEvery = every }
+        let merged = MergeSettings(groups: 1)
+        let measured = try SizePlanner.measure(model: model, calibration: calib, stats: nil, merge: merged, lowRank: template,
+                                               settings: base, storage: storage)
+        for methods in PlanMethods.allCases.reversed() {
+            var line = "  " + "plan \(methods == .both ? "per-layer choice" : methods.rawValue + "-only") (\(method.rawValue) + refit)".padding(toLength: 44, withPad: " ", startingAt: 0)
+            for f in fractions {
+                var ps = base
+                ps.target = .fraction(f)
+                ps.methods = methods
+                let plan = try SizePlanner.choose(measured, settings: ps)
+                var settings = CompressSettings(merge: merge, lowRank: template)
+                settings.target = ps
+                let stage = try CompressStage(model: model, calibration: calib, evaluation: heldout, stats: nil, settings: settings,
+                                              storage: storage, plan: plan)
+                let report = stage.report(try stage.run(model: model) { _ in }.reports)
+                let layers = plan.layers.map { "\($0.prune == nil ? "m" : "p")\($0.groups)" + ($0.ranks.isEmpty ? "" : "r") }.joined(separator: ",")
+                line += String(format: "  %.4f (%.4f) ", report.evaluation.meanRelativeError, plan.meanEstimatedError) + layers
+            }
+            printRow(line)
+        }
     }
 }

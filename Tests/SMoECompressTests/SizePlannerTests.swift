@@ -180,4 +180,64 @@ final class SizePlannerTests: XCTestCase {
             if l.prune != nil { XCTAssertEqual(r.merge?.prune?.kept, l.grouping.dominant, l.name) }
         }
     }
+
+    /// Merge-only, prune-only and the per-layer choice from the same measured options, known
+    /// answers. Two layers of 4 experts, 100 B each unmerged, budget 100 B (fraction 0.5 of 200):
+    /// layer a merged to 2: 50 B, error 0.3; pruned to 2: 50 B, 0.2; layer b merged 0.1, pruned
+    /// 0.4; both unmerged: 100 B, error 0. Merge-only: both merged, 0.4; prune-only: both pruned,
+    /// 0.6 (one layer unmerged and the other at 0 B does not exist); per layer: a pruned, b
+    /// merged, 0.3. The unmerged layer (G = E) is allowed in all three.
+    func testMergeOnlyPruneOnlyAndPerLayerChoiceFromOneMeasurement() throws {
+        func option(_ g: Int, _ bytes: Int, _ e: Double, _ prune: PruneMethod? = nil) -> SizePlanner.Option {
+            SizePlanner.Option(groups: g, grouping: LayerGrouping(groups: (0..<g).map { [$0] }, dominant: Array(0..<g)), ranks: [:],
+                               bytes: bytes, error: e, prune: prune)
+        }
+        let layer = [option(4, 100, 0)]
+        let measured = SizePlanner.Measurements(
+            names: ["a", "b"], frequency: [[], []], similarity: [[], []], experts: [4, 4], originals: [100, 100],
+            options: [layer + [option(2, 50, 0.3), option(2, 50, 0.2, .frequency)], layer + [option(2, 50, 0.1), option(2, 50, 0.4, .frequency)]],
+            prune: .frequency, pruneRefit: true)
+        var settings = PlannerSettings(target: .fraction(0.5))
+        var chosen: [PlanMethods: [String]] = [:]
+        var errors: [PlanMethods: Double] = [:]
+        for m in PlanMethods.allCases {
+            settings.methods = m
+            let plan = try SizePlanner.choose(measured, settings: settings)
+            chosen[m] = plan.layers.map(\.method)
+            errors[m] = plan.layers.reduce(0) { $0 + $1.estimatedError }
+            XCTAssertEqual(plan.bytes, 100)
+        }
+        XCTAssertEqual(chosen[.merge], ["merge", "merge"])
+        XCTAssertEqual(chosen[.prune], ["prune frequency", "prune frequency"])
+        XCTAssertEqual(chosen[.both], ["prune frequency", "merge"])
+        XCTAssertEqual(errors[.merge]!, 0.4, accuracy: 1e-12)
+        XCTAssertEqual(errors[.prune]!, 0.6, accuracy: 1e-12)
+        XCTAssertEqual(errors[.both]!, 0.3, accuracy: 1e-12)
+        // With 200 B both layers stay unmerged under every method.
+        settings.target = .fraction(1)
+        for m in PlanMethods.allCases {
+            settings.methods = m
+            XCTAssertEqual(try SizePlanner.choose(measured, settings: settings).layers.map(\.groups), [4, 4])
+        }
+        // A prune-only plan needs measured pruning.
+        let mergeOnly = SizePlanner.Measurements(names: ["a"], frequency: [[]], similarity: [[]], experts: [4], originals: [100],
+                                                 options: [layer], prune: nil, pruneRefit: true)
+        settings.methods = .prune
+        XCTAssertThrowsError(try SizePlanner.choose(mergeOnly, settings: settings))
+    }
+
+    /// A compact plan never goes below top_k experts: on trained-mixtral (top-2) at 10 % with
+    /// G 1 or 2 allowed, the plan used to pick G 1 (the compact router then refused it); now G 2
+    /// in every layer, within the budget.
+    func testCompactPlanKeepsTopKExperts() throws {
+        let mixtral = try CheckpointReader(fixture("trained-mixtral.h5"))
+        let mixtralCalib = try CalibrationReader(fixture("trained-mixtral.calib.h5"))
+        var settings = CompressSettings(merge: MergeSettings(groups: 1, router: .compact), lowRank: nil)
+        var planner = PlannerSettings(target: .fraction(0.1), groupCandidates: [1, 2], uniformGroups: true)
+        planner.levels = 16
+        settings.target = planner
+        let plan = try XCTUnwrap(CompressStage(model: mixtral, calibration: mixtralCalib, stats: nil, settings: settings, storage: .f16).plan)
+        XCTAssertEqual(plan.layers.map(\.groups), [2, 2, 2, 2])
+        XCTAssertLessThanOrEqual(plan.bytes, plan.budget)
+    }
 }

@@ -57,6 +57,8 @@ public struct PlannerSettings: Sendable, Equatable {
     /// `pruneRefit` is false) beside merging it; the plan says per layer which was chosen.
     public var prune: PruneMethod? = nil
     public var pruneRefit = true
+    /// Which of the measured options the plan may take per layer (with `prune` set).
+    public var methods: PlanMethods = .both
 
     public init(target: TargetSize, groupCandidates: [Int]? = nil, uniformGroups: Bool = false,
                 sensitivity: LayerSensitivity? = nil) {
@@ -85,8 +87,26 @@ public struct PlannerSettings: Sendable, Equatable {
         if let g = groupCandidates, g.isEmpty || g.contains(where: { $0 < 1 }) {
             throw SMoEError.setting(.groups, "the planner's group candidates must be at least 1 (got \(g))")
         }
+        if methods == .prune && prune == nil {
+            throw SMoEError.setting(.targetSize, "a prune-only plan needs a prune method to measure")
+        }
         if chunkTokens < 1 || heldOutEvery < 2 || levels < 1 {
             throw SMoEError.setting(.targetSize, "planner split needs chunks ≥ 1 token, every ≥ 2, levels ≥ 1")
+        }
+    }
+}
+
+/// Which options a plan may take per layer when pruning is measured beside merging: both (the
+/// per-layer choice), merged ones only, or pruned ones only. The layer left at its E experts
+/// (G = E, dense or factored) merges and prunes nothing, so it is allowed in all three.
+public enum PlanMethods: String, Sendable, Equatable, CaseIterable {
+    case both, merge, prune
+
+    func allows(_ prune: PruneMethod?, groups: Int, experts: Int) -> Bool {
+        switch self {
+        case .both: return true
+        case .merge: return prune == nil
+        case .prune: return prune != nil || groups == experts
         }
     }
 }
@@ -204,6 +224,27 @@ public enum SizePlanner {
     public static func plan(model: CheckpointReader, calibration: CalibrationReader, stats: StatsReader?,
                             merge: MergeSettings, lowRank: LowRankOptions, settings: PlannerSettings, storage: StorageType,
                             progress: ProgressCallback? = nil) throws -> SizePlan {
+        try choose(try measure(model: model, calibration: calibration, stats: stats, merge: merge, lowRank: lowRank,
+                               settings: settings, storage: storage, progress: progress), settings: settings)
+    }
+
+    /// Every option of every layer, measured on the held-apart tokens: what `plan` chooses from.
+    /// Depends on `settings` except its target, uniform groups, sensitivity and methods, so one
+    /// measurement serves plans for several budgets and objectives (`choose`).
+    public struct Measurements: Sendable {
+        var names: [String]
+        var frequency: [[Double]]
+        var similarity: [[Double]]
+        var experts: [Int]
+        var originals: [Int]
+        var options: [[Option]]
+        public var prune: PruneMethod?
+        public var pruneRefit: Bool
+    }
+
+    public static func measure(model: CheckpointReader, calibration: CalibrationReader, stats: StatsReader?,
+                               merge: MergeSettings, lowRank: LowRankOptions, settings: PlannerSettings, storage: StorageType,
+                               progress: ProgressCallback? = nil) throws -> Measurements {
         try settings.validate()
         try merge.merging.validate()
         try merge.tokens.validate()
@@ -220,7 +261,7 @@ public enum SizePlanner {
                                                    calibration: calibration, tokens: merge.tokens, progress: progress)
         var perLayer: [[Option]] = []
         var originals: [Int] = []
-        var costs: [[Double]] = []
+        var experts: [Int] = []
         for (name, input) in inputs {
             let original = try model.readLayer(name)
             originals.append(try model.summary(name).expertFileBytes)
@@ -300,25 +341,41 @@ public enum SizePlanner {
                 }
             }
             perLayer.append(options)
-            costs.append(options.map { settings.cost(name, error: $0.error) })
+            experts.append(E)
+        }
+        return Measurements(names: inputs.map(\.name), frequency: inputs.map(\.input.frequency), similarity: inputs.map(\.input.similarity),
+                            experts: experts, originals: originals, options: perLayer, prune: settings.prune, pruneRefit: settings.pruneRefit)
+    }
+
+    /// The plan for `settings`' target, objective, uniform groups and methods from measured
+    /// options (`settings`' other fields must be those `measured` was made with).
+    public static func choose(_ measured: Measurements, settings: PlannerSettings) throws -> SizePlan {
+        var settings = settings
+        settings.prune = measured.prune
+        settings.pruneRefit = measured.pruneRefit
+        try settings.validate()
+        let perLayer = measured.options, originals = measured.originals
+        let costs = zip(measured.names, perLayer).map { name, options in options.map { settings.cost(name, error: $0.error) } }
+        let permitted = zip(perLayer, measured.experts).map { opts, E in
+            opts.indices.filter { settings.methods.allows(opts[$0].prune, groups: opts[$0].groups, experts: E) }
         }
         let budget = settings.target.bytes(original: originals.reduce(0, +))
         var best: (choice: [Int], error: Double)? = nil
         let groupSets: [Int?] = settings.uniformGroups ? Array(Set(perLayer.flatMap { $0.map(\.groups) })).sorted() : [nil]
         for g in groupSets {
-            let allowed = perLayer.map { opts in opts.indices.filter { g == nil || opts[$0].groups == g } }
+            let allowed = zip(perLayer, permitted).map { opts, ok in ok.filter { g == nil || opts[$0].groups == g } }
             guard let choice = choose(perLayer, costs: costs, allowed: allowed, budget: budget) else { continue }
             let err = zip(costs, choice).reduce(0.0) { acc, p in acc + p.0[p.1] }
             if best == nil || err < best!.error { best = (choice, err) }
         }
         guard let chosen = best?.choice else {
-            let smallest = perLayer.reduce(0) { $0 + ($1.map(\.bytes).min() ?? 0) }
+            let smallest = zip(perLayer, permitted).reduce(0) { acc, p in acc + (p.1.map { p.0[$0].bytes }.min() ?? 0) }
             throw SMoEError.setting(.targetSize, "\(budget) bytes is below the smallest plan (\(smallest) bytes\(settings.uniformGroups ? " with one G in every layer" : ""))")
         }
-        let layers = zip(inputs, zip(perLayer, zip(chosen, originals))).map { inp, rest in
-            let o = rest.0[rest.1.0]
-            return LayerPlan(name: inp.name, groups: o.groups, grouping: o.grouping, frequency: inp.input.frequency, ranks: o.ranks,
-                             bytes: o.bytes, bytesOriginal: rest.1.1, estimatedError: o.error, similarity: inp.input.similarity,
+        let layers = chosen.indices.map { l in
+            let o = perLayer[l][chosen[l]]
+            return LayerPlan(name: measured.names[l], groups: o.groups, grouping: o.grouping, frequency: measured.frequency[l], ranks: o.ranks,
+                             bytes: o.bytes, bytesOriginal: originals[l], estimatedError: o.error, similarity: measured.similarity[l],
                              prune: o.prune)
         }
         var plan = SizePlan(layers: layers, budget: budget, settings: settings)

@@ -144,6 +144,14 @@ public struct CompressStage: LayerStage {
             if settings.merge.router == .compact && !target.uniformGroups {
                 throw SMoEError.setting(.router, "compact needs one G in every layer: plan {target-size} with {uniform-groups}")
             }
+            // A compact layer routes top_k of its G experts, so the plan may not go below top_k.
+            if settings.merge.router == .compact {
+                let k = model.layers.map(\.topK).max() ?? 1, e = model.layers.map(\.numExperts).max() ?? 1
+                target.groupCandidates = (target.groupCandidates ?? Array(1...e)).filter { $0 >= k }
+                if target.groupCandidates!.isEmpty {
+                    throw SMoEError.setting(.router, "compact needs G ≥ top_k (\(k)), and no group candidate is")
+                }
+            }
             let template = settings.lowRank ?? LowRankOptions(rank: .fixed(1), floatBytes: storage.byteSize)
             let sizePlan = try plan ?? SizePlanner.plan(model: model, calibration: calibration, stats: stats, merge: settings.merge,
                                                         lowRank: template, settings: target, storage: storage, progress: progress)

@@ -44,19 +44,20 @@ build: deps
 	$(SWIFT) build -c release --product smoe-compress
 
 ## The whole suite: the Python helper tests (their capture tests skip without torch) and the
-## Swift tests (XCTest) side by side after one build (two cores: each suite is mostly on one),
-## then one summary of every skipped test and why. The Python output streams first; the Swift
-## output (.build/test-logs/swift.log) follows, from its start, when the Python tests are done.
-## make fails, naming the suite, when either suite fails; the summary is printed either way.
+## Swift tests (XCTest) side by side after one build, then one summary of every skipped test and
+## why. The Swift tests run one class at a time from a queue (tools/swift-tests.sh): one worker
+## beside the Python tests, two once they are done, so both cores stay busy. The Python output
+## streams first; the Swift progress and then every class's XCTest output (in class order, also
+## in .build/test-logs/swift.log) follow. make fails, naming the suite, when either suite fails;
+## the summary is printed either way.
 test: deps deps-python build-tests slurm-install
-	@mkdir -p $(LOGS); rm -f $(LOGS)/swift.log
-	@$(SWIFT_TEST) > $(LOGS)/swift.log 2>&1 & swift=$$!; \
-	$(MAKE) --no-print-directory test-python-run; python=$$?; \
-	echo "== swift tests (XCTest, started beside the python tests)"; \
-	tail -n +1 -s 2 -f --pid=$$swift $(LOGS)/swift.log; wait $$swift; status=$$?; \
+	@mkdir -p $(LOGS); rm -f $(LOGS)/swift.log $(LOGS)/python.done
+	@tools/slurm/with-local-cluster.sh tools/swift-tests.sh $(LOGS) $(LOGS)/python.done > $(LOGS)/swift-run.log 2>&1 & swift=$$!; \
+	$(MAKE) --no-print-directory test-python-run; python=$$?; touch $(LOGS)/python.done; \
+	tail -n +1 -s 2 -f --pid=$$swift $(LOGS)/swift-run.log; wait $$swift; status=$$?; \
 	tools/test-summary.sh $(LOGS)/python.log $(LOGS)/swift.log; \
 	[ $$python = 0 ] || echo "== FAILED: the python tool tests (make test-python-run exited $$python)"; \
-	[ $$status = 0 ] || echo "== FAILED: the swift tests (swift test exited $$status; $(LOGS)/swift.log)"; \
+	[ $$status = 0 ] || echo "== FAILED: the swift tests (tools/swift-tests.sh exited $$status; $(LOGS)/swift.log)"; \
 	[ $$python = 0 ] && [ $$status = 0 ]
 
 build-tests:

@@ -38,10 +38,11 @@ def tiny_mixtral(tmp_path_factory):
 
 
 def run_capture(d, *extra):
+    """The capture's main() with these arguments in this process (torch and transformers imported
+    once for the suite; the command line itself is checked by the tests that run the script)."""
+    import capture_calibration
     out = d / "calib.h5"
-    r = subprocess.run([sys.executable, str(SCRIPT), str(d / "model"), "-o", str(out), "--text", str(d / "text.txt"), *extra],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    capture_calibration.main([str(d / "model"), "-o", str(out), "--text", str(d / "text.txt"), *extra])
     return out
 
 

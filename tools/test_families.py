@@ -57,10 +57,13 @@ def save_tiny(tmp, cls, config, seed=0, init=None):
 
 
 def capture(tmp, model_dir, tokens=96):
+    """tools/capture_calibration.py's main() run in this process: the same arguments and code as
+    the command line, without a new interpreter importing torch and transformers for each test
+    (a failure is SystemExit with the error line on stderr)."""
+    import capture_calibration
     out = tmp / "calib.h5"
-    r = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"),
-                        "--tokens", str(tokens), "--seq-len", "32", "--batch-size", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    capture_calibration.main([str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"),
+                              "--tokens", str(tokens), "--seq-len", "32", "--batch-size", "2"])
     return out
 
 

@@ -251,6 +251,25 @@ def test_glm4_moe(tmp_path):
 
 
 @needs_all
+def test_glm4_moe_every_group_eligible_compacts_ungrouped(tmp_path):
+    """n_group = topk_group (4 and 4): grouping chooses nothing, so a compact layer of any G is
+    ungrouped, exactly; the export writes n_group = topk_group = 1 and loads with 6 experts."""
+    needs_exe()
+    cfg = transformers.Glm4MoeConfig(
+        **COMMON, num_hidden_layers=2, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=16,
+        num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=4, routed_scaling_factor=2.5,
+        norm_topk_prob=True, first_k_dense_replace=1, head_dim=16)
+    d = save_tiny(tmp_path, "Glm4MoeForCausalLM", cfg, init=random_router)
+    calib = capture(tmp_path, d)
+    run("import", d, "-o", tmp_path / "m.h5")
+    run("merge", tmp_path / "m.h5", "--calib", calib, "--groups", 6, "--router", "compact", "-o", tmp_path / "compact.h5")
+    run("export", tmp_path / "compact.h5", "-o", tmp_path / "compact")
+    config = json.loads((tmp_path / "compact" / "config.json").read_text())
+    assert (config["n_routed_experts"], config["n_group"], config["topk_group"]) == (6, 1, 1), config
+    compact_beats_dropping_the_experts(tmp_path, "Glm4MoeForCausalLM", d, tmp_path / "m.h5", calib)
+
+
+@needs_all
 def test_minimax_m2(tmp_path):
     """MiniMax-M2: sigmoid + the block's correction bias, always renormalised; saved under
     block_sparse_moe with Mixtral's w1/w3/w2 names."""

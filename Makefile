@@ -11,7 +11,7 @@ LOGS      := .build/test-logs
 SHELL       := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
-.PHONY: all deps deps-python slurm-install build build-tests test test-swift test-slurm test-python test-summary demo bench bench-scale fixtures goldens clean fuzz
+.PHONY: all deps deps-python slurm-install build build-tests test test-swift test-slurm test-python test-python-run test-summary demo bench bench-scale fixtures goldens clean fuzz
 
 all: build
 
@@ -43,9 +43,22 @@ deps-python:
 build: deps
 	$(SWIFT) build -c release --product smoe-compress
 
-## The whole suite: the Python helper tests (their capture tests skip without torch), then the
-## Swift tests (XCTest), then one summary of every skipped test and why.
-test: deps deps-python test-python test-swift test-summary
+## The whole suite: the Python helper tests (their capture tests skip without torch) and the
+## Swift tests (XCTest) side by side after one build, then one summary of every skipped test and
+## why. The Swift tests run one class at a time from a queue (tools/swift-tests.sh): one worker
+## beside the Python tests, two once they are done, so both cores stay busy. The Python output
+## streams first; the Swift progress and then every class's XCTest output (in class order, also
+## in .build/test-logs/swift.log) follow. make fails, naming the suite, when either suite fails;
+## the summary is printed either way.
+test: deps deps-python build-tests slurm-install
+	@mkdir -p $(LOGS); rm -f $(LOGS)/swift.log $(LOGS)/python.done
+	@tools/slurm/with-local-cluster.sh tools/swift-tests.sh $(LOGS) $(LOGS)/python.done > $(LOGS)/swift-run.log 2>&1 & swift=$$!; \
+	$(MAKE) --no-print-directory test-python-run; python=$$?; touch $(LOGS)/python.done; \
+	tail -n +1 -s 2 -f --pid=$$swift $(LOGS)/swift-run.log; wait $$swift; status=$$?; \
+	tools/test-summary.sh $(LOGS)/python.log $(LOGS)/swift.log; \
+	[ $$python = 0 ] || echo "== FAILED: the python tool tests (make test-python-run exited $$python)"; \
+	[ $$status = 0 ] || echo "== FAILED: the swift tests (tools/swift-tests.sh exited $$status; $(LOGS)/swift.log)"; \
+	[ $$python = 0 ] && [ $$status = 0 ]
 
 build-tests:
 	$(SWIFT) build --build-tests
@@ -53,9 +66,10 @@ build-tests:
 ## The Swift tests run with a real single-node Slurm up (installed by slurm-install, started in a
 ## temporary folder by tools/slurm/with-local-cluster.sh, stopped by its PIDs afterwards), so the
 ## Slurm test submits tools/slurm/ for real; where the daemons cannot start it skips, saying why.
+SWIFT_TEST := tools/slurm/with-local-cluster.sh $(SWIFT) test --skip-build --disable-swift-testing
 test-swift: build-tests slurm-install
 	@mkdir -p $(LOGS)
-	tools/slurm/with-local-cluster.sh $(SWIFT) test --skip-build --disable-swift-testing 2>&1 | tee $(LOGS)/swift.log
+	$(SWIFT_TEST) 2>&1 | tee $(LOGS)/swift.log
 
 ## slurm-wlm and munge (Debian), as root, only when missing.
 slurm-install:
@@ -69,7 +83,11 @@ test-slurm: build-tests slurm-install
 ## They run twice: as the machine is, then with torch and transformers hidden
 ## (tools/testing/without_torch first on PYTHONPATH), so a suite that only passes where torch is
 ## installed fails here too (issue 12: pytest exits 5 when a module-level skip leaves no test).
+## test-python-run runs them on what is built (make test runs it beside the Swift tests).
 test-python: build-tests
+	@$(MAKE) --no-print-directory test-python-run
+
+test-python-run:
 	@mkdir -p $(LOGS); rm -f $(LOGS)/python*.log
 	@if $(PYTHON) -c "import pytest" 2>/dev/null; then \
 		$(PYTHON) -m pytest -q -rs tools 2>&1 | tee $(LOGS)/python.log && \

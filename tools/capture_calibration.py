@@ -471,6 +471,10 @@ class LayerwiseModel:
                 cls = _get_model_class(config, cls._model_mapping)
             except Exception as e:
                 fail(f"{model_dir}: transformers has no model class for {config.model_type!r}: {e}")
+        # A multimodal config whose class is the text model's (as the Auto class's from_pretrained does).
+        text_config_class = getattr(config, "sub_configs", {}).get("text_config")
+        if text_config_class is not None and getattr(cls, "config_class", None) == text_config_class:
+            config = config.get_text_config()
         try:
             with contextlib.ExitStack() as stack:
                 for c in cls.get_init_context(dtype, False, False, False):
@@ -489,23 +493,44 @@ class LayerwiseModel:
         self.model = model
         self.tuple_layers = family["encoder_decoder"]  # Switch blocks return (h, position bias, cross bias)
         # The stacks (decoder-only: the base model; Switch: encoder then decoder) and their layers.
-        list_word = family["block"][1]["words"][0]
         self.stacks, self.units = [], []
         layer_keys = {}
         base = model.base_model_prefix
-        for s, w in enumerate(family["block"][0]["words"]):
-            stack = getattr(model, w, None)
-            layers = getattr(stack, list_word, None) if stack is not None else None
-            if layers is None:
-                fail(f"{model_dir}: the {type(model).__name__} model has no {w}.{list_word}")
-            self.stacks.append((w, stack, layers))
+        before_index = family["block"][:next(i for i, p in enumerate(family["block"]) if "index" in p)]
+        if any(p.get("optional") for p in family["block"]):
+            # A decoder that may sit in a multimodal wrapper (module and checkpoint paths differ
+            # between the wrapper and the text-only class, and between versions): the stack is the
+            # module holding the layer list that holds the first MoE block; checkpoint keys are
+            # matched with the table's words, the optional ones optional.
+            list_word = before_index[-1]["words"][0]
+            names = {id(m): n for n, m in model.named_modules()}
+            block = names[id(find_module(model, family, moe_layers(model_dir, family, config.to_dict())[0]))]
+            m = re.match(f"^(.*)\\.{re.escape(list_word)}\\.\\d+\\.", block + ".")
+            if m is None:
+                fail(f"{model_dir}: the MoE block {block} is not inside a {list_word} list")
+            w = m.group(1)
+            stack = model.get_submodule(w)
+            self.stacks.append((w, stack, getattr(stack, list_word)))
+            words = "".join(f"(?:{re.escape(p['words'][0])}\\.)?" if p.get("optional") else re.escape(p["words"][0]) + "\\."
+                            for p in before_index)
+            pats = [(0, re.compile(f"^{words}(\\d+)\\."))]
+        else:
+            list_word = family["block"][1]["words"][0]
+            for w in family["block"][0]["words"]:
+                stack = getattr(model, w, None)
+                layers = getattr(stack, list_word, None) if stack is not None else None
+                if layers is None:
+                    fail(f"{model_dir}: the {type(model).__name__} model has no {w}.{list_word}")
+                self.stacks.append((w, stack, layers))
+            pats = []
+            for s, (w, _, _) in enumerate(self.stacks):
+                opt = "?" if w == base else ""
+                pats.append((s, re.compile(f"^(?:{re.escape(w)}\\.){opt}{re.escape(list_word)}\\.(\\d+)\\.")))
+        self.list_word = list_word
+        for s, (_, _, layers) in enumerate(self.stacks):
             for j in range(len(layers)):
                 layer_keys[(s, j)] = []
                 self.units.append((s, j))
-        pats = []
-        for s, (w, _, _) in enumerate(self.stacks):
-            opt = "?" if w == base else ""
-            pats.append((s, re.compile(f"^(?:{re.escape(w)}\\.){opt}{re.escape(list_word)}\\.(\\d+)\\.")))
         self.stem_keys = []
         for k in sorted(ckpt.tensors, key=natural_key):
             for s, pat in pats:
@@ -526,7 +551,7 @@ class LayerwiseModel:
     def unit_name(self, u):
         s, j = self.units[u]
         w, _, _ = self.stacks[s]
-        return f"{w}.{self.family['block'][1]['words'][0]}.{j}"
+        return f"{w}.{self.list_word}.{j}"
 
     def layer(self, u):
         s, j = self.units[u]
@@ -562,10 +587,21 @@ class LayerwiseModel:
                 fail(f"{self.dir}: the checkpoint has no tensor for {prefix}.{n}")
 
     def _stem_modules(self):
-        stack_ids = {id(st) for _, st, _ in self.stacks}
-        mods = [(n, c) for n, c in self.model.named_children() if id(c) not in stack_ids and n != "lm_head"]
-        for w, st, layers in self.stacks:
-            mods += [(f"{w}.{n}", c) for n, c in st.named_children() if c is not layers]
+        """Every module outside the decoder layers but the LM head: the children of the model and
+        of each module on the path to a stack (a multimodal wrapper's vision tower, say) that do
+        not lead to a stack, and the stacks' children but their layer lists."""
+        on_path = [""]
+        for w, _, _ in self.stacks:
+            parts = w.split(".")
+            on_path += [p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p not in on_path]
+        mods = []
+        for prefix in on_path:
+            parent = self.model.get_submodule(prefix) if prefix else self.model
+            for n, c in parent.named_children():
+                full = f"{prefix}.{n}" if prefix else n
+                if full in on_path or full == "lm_head" or any(c is layers for _, _, layers in self.stacks):
+                    continue
+                mods.append((full, c))
         return mods
 
     def _free(self, module):
@@ -782,9 +818,6 @@ def main(argv=None):
     ckpt = Checkpoint(args.model) if args.layerwise is not False else None
     if args.layerwise is None:
         args.layerwise = args.reference is not None or ckpt.file_bytes() > LAYERWISE_ABOVE
-    if args.layerwise and any(p.get("optional") for p in family["block"]):
-        fail(f"--layerwise does not support {family['display_name']} (its decoder may sit inside a multimodal "
-             f"wrapper); use --no-layerwise")
     if args.layerwise and args.device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device}: torch has no CUDA here")
     dtype = getattr(torch, args.dtype)

@@ -8,7 +8,9 @@ what the tool computes against what transformers computes:
   captured inputs reproduces transformers' block outputs (captured_output_error <= 1e-5);
 - `export` of the unmodified import: transformers loads it and its logits are bit-identical;
 - `merge --groups G` (and `--router compact` where the family supports it) -> `export`: the
-  folder loads with the stock class and runs.
+  folder loads with the stock class and runs; for the sigmoid and selection-bias routers
+  (DeepSeek-V3, GLM-4.5, MiniMax-M2, ERNIE-4.5) the compact export's logits are closer to the
+  original's than with the routed experts dropped, and its layer errors are below 1.
 Without torch, transformers, h5py or numpy each test skips naming the missing package; without
 a built smoe-compress (swift build) they skip too.
 """
@@ -55,10 +57,13 @@ def save_tiny(tmp, cls, config, seed=0, init=None):
 
 
 def capture(tmp, model_dir, tokens=96):
+    """tools/capture_calibration.py's main() run in this process: the same arguments and code as
+    the command line, without a new interpreter importing torch and transformers for each test
+    (a failure is SystemExit with the error line on stderr)."""
+    import capture_calibration
     out = tmp / "calib.h5"
-    r = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"),
-                        "--tokens", str(tokens), "--seq-len", "32", "--batch-size", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    capture_calibration.main([str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"),
+                              "--tokens", str(tokens), "--seq-len", "32", "--batch-size", "2"])
     return out
 
 
@@ -124,13 +129,39 @@ def random_router(model, std=0.5, bias_std=0.05):
             b.copy_(torch.randn(b.shape, generator=g) * bias_std)
 
 
-def refuses_compact(tmp, h5, calib, family):
-    r = subprocess.run([str(EXE), "merge", str(h5), "--calib", str(calib), "--groups", "8", "--router", "compact",
+def refuses_compact_groups(tmp, h5, calib, groups, choices):
+    """--router compact with a group count that breaks the grouped top-k: one line naming the
+    counts that work."""
+    r = subprocess.run([str(EXE), "merge", str(h5), "--calib", str(calib), "--groups", str(groups), "--router", "compact",
                         "-o", str(tmp / "refused.h5")], capture_output=True, text=True)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --router: compact fits softmax routers only") and family in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --router: compact") and choices in lines[0], r.stderr
     assert not (tmp / "refused.h5").exists()
+
+
+def compact_beats_dropping_the_experts(tmp, cls, model_dir, h5, calib):
+    """After check_family(compact=True): the compact export's logits are closer to the original's
+    than those of the original with every routed expert's down projection zeroed (the trivial
+    baseline: the MoE layers' routed part dropped), and every compact layer's output error on the
+    calibration tokens is below 1 (the error of a zero output)."""
+    ids = torch.tensor([list(TEXT[:40].encode())]) % 128
+    want = logits(cls, model_dir, ids)
+    got = logits(cls, tmp / "compact", ids)
+    model = getattr(transformers, cls).from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        zeroed = 0
+        for name, p in model.named_parameters():
+            if ".experts." in name and "shared" not in name and ("down" in name or name.endswith("w2.weight")):
+                p.zero_()
+                zeroed += 1
+        assert zeroed
+        dropped = model(input_ids=ids).logits
+    assert (got - want).norm() < (dropped - want).norm(), ((got - want).norm(), (dropped - want).norm())
+    report = json.loads(run("eval", h5, tmp / "compact.h5", "--calib", calib, "--json"))
+    for layer in report["evaluation"]["layers"]:
+        assert layer["relative_error"] < 1, layer
+    return report
 
 
 def pruned_export_loads(tmp, cls, expert_count_key):
@@ -158,9 +189,17 @@ def test_deepseek_v3(tmp_path):
         norm_topk_prob=True, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
         qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
     d = save_tiny(tmp_path, "DeepseekV3ForCausalLM", cfg, init=random_router)
-    report = check_family(tmp_path, "DeepseekV3ForCausalLM", d, groups=16, compact=False)
+    report = check_family(tmp_path, "DeepseekV3ForCausalLM", d, groups=16, expert_count_keys=["n_routed_experts"])
     assert [l["name"] for l in report["evaluation"]["layers"]] == ["model.layers.1.mlp", "model.layers.2.mlp"]
-    refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "deepseek-v3")
+    # --router compact: 16 experts in the 8 groups (2 each), 4 eligible, top-8; scaling kept.
+    config = json.loads((tmp_path / "compact" / "config.json").read_text())
+    assert (config["n_group"], config["topk_group"], config["num_experts_per_tok"]) == (8, 4, 8)
+    assert config["routed_scaling_factor"] == 2.5
+    compact_beats_dropping_the_experts(tmp_path, "DeepseekV3ForCausalLM", d, tmp_path / "m.h5", tmp_path / "calib.h5")
+    with h5py.File(tmp_path / "compact.h5", "r") as f:
+        g = f["moe_layers/model.layers.1.mlp"]
+        assert g.attrs["n_group"] == 8 and g["router/selection_bias"].shape == (16,)
+    refuses_compact_groups(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", 12, "use 16, 24, 32, 40 …")
     r = subprocess.run([str(EXE), "merge", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "16",
                         "--prune", "reap", "-o", str(tmp_path / "p.h5")], capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.startswith("error: --prune: drops router slots") and "expert groups" in r.stderr, r.stderr
@@ -204,8 +243,11 @@ def test_glm4_moe(tmp_path):
         num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
         norm_topk_prob=True, first_k_dense_replace=1, head_dim=16)
     d = save_tiny(tmp_path, "Glm4MoeForCausalLM", cfg, init=random_router)
-    check_family(tmp_path, "Glm4MoeForCausalLM", d, groups=8, compact=False)
-    refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "glm4-moe")
+    check_family(tmp_path, "Glm4MoeForCausalLM", d, groups=8, expert_count_keys=["n_routed_experts"])
+    config = json.loads((tmp_path / "compact" / "config.json").read_text())
+    assert (config["n_group"], config["topk_group"]) == (4, 2)
+    compact_beats_dropping_the_experts(tmp_path, "Glm4MoeForCausalLM", d, tmp_path / "m.h5", tmp_path / "calib.h5")
+    refuses_compact_groups(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", 6, "use 8, 12, 16, 20 …")
 
 
 @needs_all
@@ -217,8 +259,8 @@ def test_minimax_m2(tmp_path):
         **COMMON, num_hidden_layers=2, intermediate_size=16, num_local_experts=16, num_experts_per_tok=4,
         head_dim=16, rotary_dim=8)
     d = save_tiny(tmp_path, "MiniMaxM2ForCausalLM", cfg, init=random_router)
-    check_family(tmp_path, "MiniMaxM2ForCausalLM", d, groups=4, compact=False)
-    refuses_compact(tmp_path, tmp_path / "m.h5", tmp_path / "calib.h5", "minimax-m2")
+    check_family(tmp_path, "MiniMaxM2ForCausalLM", d, groups=4, expert_count_keys=["num_local_experts"])
+    compact_beats_dropping_the_experts(tmp_path, "MiniMaxM2ForCausalLM", d, tmp_path / "m.h5", tmp_path / "calib.h5")
     # Pruning keeps router rows and their correction biases: a standard 8-expert MiniMax-M2.
     pruned_export_loads(tmp_path, "MiniMaxM2ForCausalLM", "num_local_experts")
 
@@ -444,20 +486,49 @@ def random_ernie(model):
 def test_ernie4_5_moe(tmp_path):
     """ERNIE-4.5-MoE: float32 router, softmax, a [1, E] selection bias (moe_statics) for the
     choice only, weights / max(sum, 1e-12); a shared expert (to /dense); layer 0 dense
-    (moe_layer_start_index 1). Compact is refused (a selection bias); pruning keeps the kept
-    slots' biases and loads as a standard 8-expert model."""
+    (moe_layer_start_index 1). Compact fits softmax rows and refits the [1, G] selection bias;
+    pruning keeps the kept slots' biases and loads as a standard 8-expert model."""
     needs_exe()
     cfg = transformers.Ernie4_5_MoeConfig(
         **COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=16, moe_num_experts=16, moe_k=4,
         moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, moe_layer_interval=1, head_dim=16)
     d = save_tiny(tmp_path, "Ernie4_5_MoeForCausalLM", cfg, init=random_ernie)
-    report = check_family(tmp_path, "Ernie4_5_MoeForCausalLM", d, groups=4, compact=False)
+    report = check_family(tmp_path, "Ernie4_5_MoeForCausalLM", d, groups=4, expert_count_keys=["moe_num_experts"])
     assert [l["name"] for l in report["evaluation"]["layers"]] == ["model.layers.1.mlp", "model.layers.2.mlp"]
     with h5py.File(tmp_path / "m.h5", "r") as f:
         g = f["moe_layers/model.layers.1.mlp"]
         assert g.attrs["router_type"] == "softmax_topk_norm" and np.abs(g["router/selection_bias"][()]).max() > 0
         assert "model.layers.1.mlp.shared_experts.up_proj.weight" in f["dense"]
-    r = subprocess.run([str(EXE), "merge", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "4",
-                        "--router", "compact", "-o", str(tmp_path / "refused.h5")], capture_output=True, text=True)
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    compact_beats_dropping_the_experts(tmp_path, "Ernie4_5_MoeForCausalLM", d, tmp_path / "m.h5", tmp_path / "calib.h5")
+    with h5py.File(tmp_path / "compact.h5", "r") as f:
+        assert f["moe_layers/model.layers.1.mlp/router/selection_bias"].shape == (4,)
     pruned_export_loads(tmp_path, "Ernie4_5_MoeForCausalLM", "moe_num_experts")
+
+
+def capture_mode(tmp, model_dir, mode, dtype="float32"):
+    out = tmp / f"{mode}-{dtype}.h5"
+    r = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"),
+                        "--tokens", "96", "--seq-len", "32", "--batch-size", "2", "--dtype", dtype, f"--{mode}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out, "r") as f:
+        return {n: {k: f["moe_layers"][n][k][()] for k in ("hidden_states", "router_logits", "output")}
+                for n in f["moe_layers"]}, json.loads(f.attrs["source"])["mode"]
+
+
+@pytest.mark.parametrize("family,multimodal", [("qwen3_5_moe", True), ("qwen3_5_moe", False), ("llama4", True), ("llama4", False)])
+@needs_all
+def test_layerwise_capture_equals_whole_model_for_wrapper_families(tmp_path, family, multimodal):
+    """Qwen3.5-MoE and Llama-4, multimodal wrapper and text-only: the layer-wise capture (the stack
+    found through the first MoE block's module, the vision tower loaded as stem) equals the
+    whole-model capture to the bit, in float32 and bfloat16."""
+    cls, cfg = qwen3_5_config(multimodal) if family == "qwen3_5_moe" else llama4_config(multimodal)
+    d = save_tiny(tmp_path, cls, cfg, init=random_softmax_router if family == "qwen3_5_moe" else random_llama4)
+    for dtype in ("float32", "bfloat16"):
+        whole, wm = capture_mode(tmp_path, d, "no-layerwise", dtype)
+        layer, lm = capture_mode(tmp_path, d, "layerwise", dtype)
+        assert (wm, lm) == ("whole-model", "layerwise")
+        assert whole.keys() == layer.keys() and whole
+        for n in whole:
+            for k in whole[n]:
+                assert np.array_equal(whole[n][k], layer[n][k]), (dtype, n, k)

@@ -20,7 +20,6 @@ when one is missing, and when smoe-compress is not built.
 
 import json
 import subprocess
-import sys
 
 import pytest
 
@@ -122,11 +121,12 @@ def layer_error(h5, calib):
 
 
 def capture_nl(tmp, model_dir, name):
+    """tools/capture_calibration.py's main() in this process (torch and transformers imported once,
+    not once per capture; a failure is SystemExit with the error line on stderr)."""
+    import capture_calibration
     out = tmp / name
-    r = subprocess.run([sys.executable, str(EXE.parent.parent.parent / "tools" / "capture_calibration.py"), str(model_dir),
-                        "-o", str(out), "--text", str(tmp / "text.txt"), "--tokens", "96", "--seq-len", "32",
-                        "--batch-size", "2", "--no-layerwise"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    capture_calibration.main([str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"), "--tokens", "96",
+                              "--seq-len", "32", "--batch-size", "2", "--no-layerwise"])
     return out
 
 

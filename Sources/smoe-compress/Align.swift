@@ -22,13 +22,11 @@ struct Align: ParsableCommand {
         let writer = try output.writer(from: reader, stage: "align", inputs: inputs)
         let progress = global.progress
         let shard = try output.shardValue()
-        let (stage, result) = try namingFile(model, inputs: inputs) {
-            let stage = try AlignStage(model: reader, stats: try stats.map(StatsReader.init), reference: reference?.value,
-                                       parallelism: parallel, layers: layers.names)
-            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
+        let stage = try namingFile(model, inputs: inputs) {
+            try AlignStage(model: reader, stats: try stats.map(StatsReader.init), reference: reference?.value,
+                           parallelism: parallel, layers: layers.names)
         }
-        progress.finish()
-        try output.commit(writer, stage: stage, result: result, model: reader)
+        let result = try runStage(stage, model: reader, path: model, inputs: inputs, shard: shard, into: writer, progress: progress)
         render(result.reports, timing: result.layers)
     }
 

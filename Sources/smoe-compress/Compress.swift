@@ -91,7 +91,7 @@ struct Compress: ParsableCommand {
                               storage: storage, shard: shard, progress: progress.callback)
         }
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
-        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
+        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer,
                                   progress: progress)
         // A shard file holds layers to assemble, not a checkpoint: its bytes are stated by `assemble`.
         let reusedBytes = try result.reused.isEmpty || shard != nil ? nil

@@ -49,6 +49,7 @@ func flag(for setting: Setting) -> String {
     case .families: return "--families"
     case .topK: return "--top-k"
     case .dimensions: return "--d-model/--d-ff"
+    case .synthRouting: return "--router-type/--expert-groups/--topk-groups/--routed-scaling-factor"
     case .noise: return "--noise"
     case .tokens: return "--tokens"
     }

@@ -17,12 +17,8 @@ struct Expand: ParsableCommand {
         let writer = try output.writer(from: reader, stage: "expand", inputs: [])
         let progress = global.progress
         let shard = try output.shardValue()
-        let (stage, result) = try namingFile(model) {
-            let stage = try ExpandStage(model: reader, perSlot: perSlot)
-            return (stage, try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) })
-        }
-        progress.finish()
-        try output.commit(writer, stage: stage, result: result, model: reader)
+        let stage = try namingFile(model) { try ExpandStage(model: reader, perSlot: perSlot) }
+        let result = try runStage(stage, model: reader, path: model, shard: shard, into: writer, progress: progress)
         render(result.reports, timing: result.layers)
     }
 

@@ -88,7 +88,7 @@ struct Lowrank: ParsableCommand {
         }
         let work = try resumeOptions.open(stage, model: reader, inputs: calib.map { [ResumeInput(role: "--calib", path: $0)] } ?? [],
                                           writer: writer, output: output)
-        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
+        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer,
                                   progress: progress)
         if shard != nil {
             // A shard file is no checkpoint: its computed layers' figures only.

@@ -101,7 +101,7 @@ struct Merge: ParsableCommand {
         }
         let resumeInputs = [("--calib", calib), ("--stats", mergeOptions.stats)].compactMap { r, p in p.map { ResumeInput(role: r, path: $0) } }
         let work = try resumeOptions.open(stage, model: reader, inputs: resumeInputs, writer: writer, output: output)
-        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer, output: output,
+        let result = try work.run(stage, model: reader, path: model, inputs: inputs, shard: shard, writer: writer,
                                   progress: progress) { after += $0.expertBytes(floatBytes: floatBytes) }
         if !result.reused.isEmpty {
             // Reused layers went to the output without passing through this run: as written.

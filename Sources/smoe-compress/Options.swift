@@ -130,14 +130,6 @@ struct OutputOptions: ParsableArguments {
         }
         return try CheckpointWriter(destination: output, derivedFrom: source, entry: entry, options: writeOptions(for: source))
     }
-
-    /// Records the run's history entry (and with --shard, the shard header) and commits.
-    func commit<S: LayerStage>(_ writer: CheckpointWriter, stage: S, result: StageResult<S.Report>,
-                               model: CheckpointReader) throws {
-        if let shard = try shardValue() { return try writer.commit(shard: shard, of: stage, result: result, model: model) }
-        writer.updateEntry(result.history)
-        try writer.commit()
-    }
 }
 
 // Library enums are read from the command line by their raw values.

@@ -51,22 +51,15 @@ extension ResumeWork {
         return hook
     }
 
-    /// The run-and-commit of every resumable command: `stage` over `model` into `writer` (each
-    /// finished layer also handed to `written`), resuming what this work directory holds, errors
-    /// naming `path` or one of `inputs`; then the output's commit (`running`).
+    /// The run path of every resumable command (`runStage`): `stage` over `model` into `writer`
+    /// (each finished layer also handed to `written`), resuming what this work directory holds,
+    /// errors naming `path` or one of `inputs`; then the output's commit (`running`).
     func run<S: LayerStage>(_ stage: S, model: CheckpointReader, path: String, inputs: [String], shard: Shard?,
-                            writer: CheckpointWriter, output: OutputOptions, progress: Progress,
+                            writer: CheckpointWriter, progress: Progress,
                             written: (MoELayer) -> Void = { _ in }) throws -> StageResult<S.Report> where S.Output == MoELayer {
         try running(writer) {
-            let result = try namingFile(path, inputs: inputs) {
-                try stage.run(model: model, shard: shard, resume: stageHook(into: writer), progress: progress.stage) { layer in
-                    try writer.write(layer)
-                    written(layer)
-                }
-            }
-            progress.finish()
-            try output.commit(writer, stage: stage, result: result, model: model)
-            return result
+            try runStage(stage, model: model, path: path, inputs: inputs, shard: shard, into: writer, progress: progress,
+                         resume: stageHook(into: writer), written: written)
         }
     }
 

@@ -45,12 +45,7 @@ struct Stats: ParsableCommand {
         let shard = try sharding.value()
         let writer = shard == nil ? try StatsWriter(destination: output, source: source)
             : try StatsWriter(shardDestination: output, source: source)
-        let progress = global.progress
-        let result = try namingFile(model, inputs: [calib]) {
-            try stage.run(model: reader, shard: shard, progress: progress.stage) { try writer.write($0) }
-        }
-        progress.finish()
-        if let shard { try writer.commit(shard: shard, of: stage, result: result, model: reader) } else { try writer.commit() }
+        let result = try runStage(stage, model: reader, path: model, inputs: [calib], shard: shard, into: writer, progress: global.progress)
         // The report draws the similarity matrices too (`--json` leaves them out: E² numbers a layer).
         try reportOptions.write(document(result.reports, bases: bases, timing: result.layers, matrices: true))
         render(result.reports, bases: bases, timing: result.layers)

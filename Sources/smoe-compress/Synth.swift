@@ -21,7 +21,13 @@ struct Synth: ParsableCommand {
     @Option(help: "Expert intermediate size.") var dFF = 64
     @Option(help: "mlp or glu.") var expertType: ExpertType = .mlp
     @Option(help: "relu, gelu, gelu_tanh or silu.") var activation: Activation = .relu
-    @Option(help: "softmax_topk or softmax_topk_norm.") var routerType: RouterType = .softmax_topk
+    @Option(help: "softmax_topk, softmax_topk_norm, sigmoid_topk, sigmoid_topk_norm or topk_softmax.") var routerType: RouterType = .softmax_topk
+    @Option(help: "Expert groups of grouped top-k (DeepSeek-V3 n_group; 1: none).") var expertGroups = 1
+    @Option(help: "Groups eligible per token (topk_group).") var topkGroups = 1
+    @Option(help: "Every routing weight times this (routed_scaling_factor).") var routedScalingFactor: Float = 1
+    @Flag(help: "Add a per-slot selection bias (DeepSeek-V3 e_score_correction_bias: for the choice only), N(0, σ²) with σ = --selection-bias-std.")
+    var selectionBias = false
+    @Option(help: "Standard deviation of the selection bias.") var selectionBiasStd: Float = 0.02
     @Option(help: "Relative noise of each copy.") var noise: Float = 0.01
     @Option(help: "Calibration tokens per layer.") var tokens = 1024
     @Option(help: "Random seed.") var seed: UInt64 = 1
@@ -44,10 +50,13 @@ struct Synth: ParsableCommand {
         case .switch: spec = .switchFixture
         case .mixtral: spec = .mixtralFixture
         case nil:
-            spec = SyntheticSpec(
+            var s = SyntheticSpec(
                 architecture: "synthetic", numLayers: layers, numExperts: experts, families: families, topK: topK,
                 dModel: dModel, dFF: dFF, expertType: expertType, activation: activation, routerType: routerType,
                 noise: noise, tokens: tokens, seed: seed)
+            (s.numGroups, s.topKGroups, s.routedScalingFactor) = (expertGroups, topkGroups, routedScalingFactor)
+            s.selectionBiasStd = selectionBias ? selectionBiasStd : 0
+            spec = s
         }
         try ensureOutputDiffers(output, from: [calib])
         let truth = try SyntheticGenerator.write(spec, model: output, calibration: calib, storage: dtype.storage)

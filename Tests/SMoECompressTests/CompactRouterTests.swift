@@ -83,6 +83,128 @@ final class CompactRouterTests: XCTestCase {
         }
     }
 
+    /// Sigmoid routers, the known answer: when the slots of a group share one router row r_g,
+    /// the target max_{s∈g} σ(r_g·x + b_s) is σ(r_g·x + max_{s∈g} b_s), so the fit returns the
+    /// shared rows and the largest slot bias (no free constant under sigmoid), the binary
+    /// cross-entropy reaches its entropy floor and the top-k groups agree on every token.
+    func testSigmoidFitIsExactWhenTheSlotsOfAGroupShareTheirRouterRow() throws {
+        var rng = SplitMix64(seed: 24)
+        let groups = [[0, 2, 5], [1, 4], [3]]
+        let bias: [Float] = [0.3, -0.2, 1.1, 0.5, 0.9, -0.7]
+        let layer = sharedRowLayer(&rng, groups: groups, bias: bias, type: .glu, router: .sigmoid_topk_norm, k: 2)
+        let x = randomMatrix(600, 8, &rng, scale: 2)
+        let (compact, report) = try CompactRouter.compact(layer, frequency: [0.1, 0.1, 0.1, 0.1, 0.2, 0.4], tokens: blocks(x))
+        XCTAssertEqual(report.start, [5, 4, 3])
+        XCTAssertEqual(compact.config.routerType, .sigmoid_topk_norm)
+        for (g, slots) in groups.enumerated() {
+            for c in 0..<8 { XCTAssertEqual(compact.router[g, c], layer.router[slots[0], c], accuracy: 1e-4) }
+            XCTAssertEqual(try XCTUnwrap(compact.routerBias)[g], slots.map { bias[$0] }.max()!, accuracy: 1e-4)
+        }
+        XCTAssertGreaterThan(report.initial.crossEntropy - report.initial.entropy, 1e-3)
+        XCTAssertLessThan(report.fitted.crossEntropy - report.fitted.entropy, 1e-8)
+        XCTAssertEqual(report.fitted.topKAgreement, 1)
+        XCTAssertNil(report.selectionBias)
+    }
+
+    /// A merged group of identical experts (the merged layer: slots of a group share their row
+    /// and selection bias, so the slot with the largest router bias wins within its group) is
+    /// routed exactly as before by the compact sigmoid layer, top-1, with a selection bias and
+    /// the scaling factor: same experts, same weights, same output.
+    func testSigmoidCompactLayerReproducesTheSlotLayer() throws {
+        var rng = SplitMix64(seed: 25)
+        let groups = [[0, 3], [1, 4, 5], [2]]
+        let bias: [Float] = [0.2, -0.1, 0.4, -0.3, 0.5, -0.6]
+        for router in [RouterType.sigmoid_topk, .sigmoid_topk_norm] {
+            var layer = sharedRowLayer(&rng, groups: groups, bias: bias, type: .glu, router: router, k: 1)
+            layer.config.routedScalingFactor = 2.5
+            let groupBias: [Float] = [0.05, -0.2, 0.1]
+            layer.selectionBias = (0..<6).map { groupBias[layer.expertMap![$0]] }
+            let x = randomMatrix(400, 8, &rng)
+            let (compact, report) = try CompactRouter.compact(layer, frequency: [0.2, 0.2, 0.2, 0.1, 0.2, 0.1], tokens: blocks(x))
+            XCTAssertEqual(compact.config.routedScalingFactor, 2.5)
+            let fit = try XCTUnwrap(report.selectionBias)
+            XCTAssertEqual(fit.rule, .start)  // every candidate is exact here: the first is kept
+            XCTAssertEqual(try XCTUnwrap(compact.selectionBias), groupBias)
+            let r = layer.route(x), rc = compact.route(x)
+            XCTAssertEqual(r.slots.map { layer.expertMap![$0] }, rc.slots, "\(router)")
+            for (a, b) in zip(r.weights, rc.weights) { XCTAssertEqual(a, b, accuracy: 1e-4) }
+            XCTAssertLessThan(relativeError(compact.forward(x), layer.forward(x)), 1e-5, "\(router)")
+        }
+    }
+
+    /// Grouped top-k (DeepSeek-V3's form, 8 slots in 4 groups, 2 eligible, top-2, selection
+    /// bias, scaling 2.5) with the experts stored in a scrambled order: the compact layer of one
+    /// slot per group stores them back in the expert groups (the assignment), keeps n_group and
+    /// topk_group, and computes the slot layer's output.
+    func testGroupedSigmoidCompactStoresTheExpertsInTheirGroups() throws {
+        var rng = SplitMix64(seed: 26)
+        var layer = randomLayer(&rng, type: .glu, router: .sigmoid_topk_norm, E: 8, k: 2, d: 8, f: 12)
+        layer.config.numGroups = 4
+        layer.config.topKGroups = 2
+        layer.config.routedScalingFactor = 2.5
+        layer.selectionBias = (0..<8).map { _ in Float(rng.nextGaussian()) * 0.1 }
+        let scrambled = [5, 2, 7, 0, 3, 6, 1, 4]  // slot → stored expert
+        var experts = layer.experts
+        for (s, g) in scrambled.enumerated() { experts[g] = layer.experts[s] }
+        var merged = layer
+        merged.experts = experts
+        merged.expertMap = scrambled
+        let x = randomMatrix(500, 8, &rng, scale: 1.5)
+        XCTAssertLessThan(relativeError(merged.forward(x), layer.forward(x)), 1e-6)
+        let (compact, report) = try CompactRouter.compact(merged, frequency: [Double](repeating: 0.125, count: 8), tokens: blocks(x))
+        XCTAssertEqual(report.groups, (0..<8).map { [$0] })
+        XCTAssertTrue(compact.experts == layer.experts, "the experts are stored in slot order")
+        XCTAssertEqual(compact.config.numGroups, 4)
+        XCTAssertEqual(compact.config.topKGroups, 2)
+        for (a, b) in zip(try XCTUnwrap(compact.selectionBias), try XCTUnwrap(layer.selectionBias)) { XCTAssertEqual(a, b, accuracy: 1e-6) }
+        XCTAssertEqual(compact.route(x).slots, layer.route(x).slots)
+        XCTAssertLessThan(relativeError(compact.forward(x), layer.forward(x)), 1e-4)
+        // n_group = topk_group: every group is eligible, the compact layer is ungrouped.
+        merged.config.topKGroups = 4
+        let (open, _) = try CompactRouter.compact(merged, frequency: [Double](repeating: 0.125, count: 8), tokens: blocks(x))
+        XCTAssertEqual(open.config.numGroups, 1)
+        XCTAssertEqual(open.config.topKGroups, 1)
+    }
+
+    /// Which group counts keep grouped top-k: multiples of n_group, ≥ 2 per group, top_k within
+    /// the eligible groups; the refusal lists the counts that work.
+    func testGroupedCompactGroupCounts() {
+        let c = LayerConfig(name: "l", index: 0, numExperts: 64, topK: 8, dModel: 8, dFF: 8, expertType: .glu, activation: .silu,
+                            routerType: .sigmoid_topk_norm, numGroups: 8, topKGroups: 4, routedScalingFactor: 2.5)
+        XCTAssertNil(c.compactProblem(groups: 16))
+        XCTAssertNil(c.compactProblem(groups: 32))
+        for g in [8, 12, 20] {
+            let why = c.compactProblem(groups: g)
+            XCTAssertTrue(why?.contains("use 16, 24, 32, 40 …") == true, why ?? "nil")
+        }
+        var open = c
+        open.topKGroups = 8
+        XCTAssertNil(open.compactProblem(groups: 12))
+        var input = c
+        (input.routerType, input.numGroups, input.topK) = (.topk_sigmoid_input, 1, 1)
+        XCTAssertTrue(input.compactProblem(groups: 4)?.contains("topk_sigmoid_input") == true)
+    }
+
+    /// A softmax router with a selection bias (ERNIE-4.5's form), groups of unequal size: the
+    /// frequency-matched candidate balances the compact experts' loads at least as well as the
+    /// start slots' biases, and the kept bias is the candidate of least calibration error.
+    func testSelectionBiasCandidates() throws {
+        var rng = SplitMix64(seed: 27)
+        var layer = randomLayer(&rng, type: .glu, router: .softmax_topk_norm, E: 8, G: 3, k: 2, d: 8, f: 12)
+        layer.router = randomMatrix(8, 8, &rng, scale: 0.7)
+        layer.expertMap = [0, 1, 0, 2, 0, 1, 0, 2]
+        layer.selectionBias = (0..<8).map { _ in Float(rng.nextGaussian()) * 0.05 }
+        let x = randomMatrix(800, 8, &rng)
+        let (compact, report) = try CompactRouter.compact(layer, frequency: [0.2, 0.1, 0.15, 0.1, 0.15, 0.1, 0.1, 0.1], tokens: blocks(x))
+        let fit = try XCTUnwrap(report.selectionBias)
+        XCTAssertEqual(fit.errors.count, 3)
+        XCTAssertLessThanOrEqual(fit.mismatch[2], fit.mismatch[0])
+        XCTAssertEqual(fit.errors[SelectionBiasFit.Rule.allCases.firstIndex(of: fit.rule)!], fit.errors.min()!)
+        XCTAssertEqual(compact.selectionBias?.count, 3)
+        let (again, _) = try CompactRouter.compact(layer, frequency: [0.2, 0.1, 0.15, 0.1, 0.15, 0.1, 0.1, 0.1], tokens: blocks(x))
+        XCTAssertEqual(again, compact)
+    }
+
     /// On both trained fixtures the fitted rows beat each group's most used slot's row on the
     /// held-out tokens: lower cross-entropy and higher top-k group agreement, in every layer.
     func testFitBeatsTheMostUsedSlotRowsOnHeldOutTokens() throws {

@@ -49,4 +49,43 @@ final class FixtureTests: XCTestCase {
         let ev = try Evaluation.run(original: model, compressed: model, calibration: try CalibrationReader(dir + "/c.h5"))
         for l in ev.layers { XCTAssertLessThan(try XCTUnwrap(l.capturedOutputError), 1e-6, l.name) }
     }
+
+    /// `synth` makes a DeepSeek-V3-style layer (sigmoid, renormalised, 4 expert groups of which 2
+    /// are eligible, a selection bias, scaling 2.5): stored with those settings, the capture
+    /// matches the stored layer, and it round-trips through `compress --groups 8` with the E-slot
+    /// router and with `--router compact` (8 experts in the 4 groups, the bias refitted).
+    func testSynthGroupedSigmoidLayerRoundTripsThroughCompress() throws {
+        let dir = temporaryDirectory(self)
+        let r = try runCLI(["synth", "--layers", "1", "--experts", "16", "--families", "4", "--top-k", "4", "--d-model", "32",
+                            "--d-ff", "24", "--expert-type", "glu", "--activation", "silu", "--tokens", "400", "--dtype", "bf16",
+                            "--router-type", "sigmoid_topk_norm", "--expert-groups", "4", "--topk-groups", "2", "--selection-bias",
+                            "--routed-scaling-factor", "2.5", "-o", dir + "/m.h5", "--calib", dir + "/c.h5", "--quiet"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let model = try CheckpointReader(dir + "/m.h5")
+        let c = try XCTUnwrap(model.layers.first)
+        XCTAssertEqual(c.routerType, .sigmoid_topk_norm)
+        XCTAssertEqual([c.numGroups, c.topKGroups], [4, 2])
+        XCTAssertEqual(c.routedScalingFactor, 2.5)
+        XCTAssertEqual(try model.readLayer(c.name).selectionBias?.count, 16)
+        let calib = try CalibrationReader(dir + "/c.h5")
+        let ev = try Evaluation.run(original: model, compressed: model, calibration: calib)
+        for l in ev.layers { XCTAssertLessThan(try XCTUnwrap(l.capturedOutputError), 1e-6, l.name) }
+        for extra in [[], ["--router", "compact"]] {
+            let out = dir + "/c\(extra.count).h5"
+            let res = try runCLI(["compress", dir + "/m.h5", "--calib", dir + "/c.h5", "--groups", "8", "-o", out, "--quiet"] + extra)
+            XCTAssertEqual(res.status, 0, res.stderr)
+            let compressed = try CheckpointReader(out)
+            let layer = try compressed.readLayer(c.name)
+            XCTAssertEqual(layer.numStored, 8)
+            XCTAssertEqual(layer.config.numExperts, extra.isEmpty ? 16 : 8)
+            XCTAssertEqual(layer.config.numGroups, 4)
+            XCTAssertEqual(layer.selectionBias?.count, layer.config.numExperts)
+            let e = try Evaluation.run(original: model, compressed: compressed, calibration: calib)
+            for l in e.layers { XCTAssertLessThan(l.relativeError, 1, "\(l.name) \(extra)") }
+        }
+        let bad = try runCLI(["compress", dir + "/m.h5", "--calib", dir + "/c.h5", "--groups", "6", "--router", "compact",
+                              "-o", dir + "/bad.h5"])
+        XCTAssertNotEqual(bad.status, 0)
+        XCTAssertTrue(bad.stderr.contains("use 8, 12, 16"), bad.stderr)
+    }
 }

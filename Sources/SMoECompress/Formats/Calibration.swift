@@ -10,16 +10,18 @@ public struct CalibrationLayerInfo: Sendable {
     public var hasOutput: Bool
 }
 
-/// Reads an smoe-calibration file (FORMAT.md §2) in blocks of tokens.
-public final class CalibrationReader: @unchecked Sendable {
-    public let path: String
-    let file: H5File
-    public let source: String
-    public let layers: [CalibrationLayerInfo]
+extension CalibrationLayerInfo: LayerFileRecord {
+    /// The capture has the model layer's d_model and holds tokens.
+    public func check(against c: LayerConfig, file: String) throws {
+        let problem = dModel != c.dModel ? "d_model \(dModel) does not match the model's \(c.dModel)" : numTokens > 0 ? nil : "holds no tokens"
+        if let problem { throw SMoEError.dataset(file, "/moe_layers/\(name)/hidden_states", problem) }
+    }
+}
 
+/// Reads an smoe-calibration file (FORMAT.md §2) in blocks of tokens.
+public final class CalibrationReader: LayerFileReader<CalibrationLayerInfo>, @unchecked Sendable {
     public init(_ path: String) throws {
-        self.path = path
-        (file, source, layers) = try readLayerGroups(path, expecting: "smoe-calibration", layer: { name, lg in
+        try super.init(path, expecting: "smoe-calibration", kind: "calibration file", missing: "no capture for this MoE layer", record: { name, lg in
             let hs = try lg.openDataset("hidden_states")
             guard hs.shape.count == 2 else {
                 throw SMoEError.dataset(path, hs.path, "shape \(hs.shape) is not [N, d_model]")
@@ -39,14 +41,7 @@ public final class CalibrationReader: @unchecked Sendable {
                 hasOut = true
             }
             return { CalibrationLayerInfo(name: name, index: $0, numTokens: n, dModel: d, hasRouterLogits: hasLogits, hasOutput: hasOut) }
-        }, order: { ($0.index, $0.name) })
-    }
-
-    public func info(_ name: String) throws -> CalibrationLayerInfo {
-        guard let i = layers.first(where: { $0.name == name }) else {
-            throw SMoEError.dataset(path, "/moe_layers/\(name)", "no capture for this MoE layer")
-        }
-        return i
+        })
     }
 
     private func read(_ layer: String, _ dataset: String, _ rows: Range<Int>?) throws -> Matrix {
@@ -82,21 +77,6 @@ public final class CalibrationReader: @unchecked Sendable {
             let e = min(s + blockSize, n)
             try body(s, try hiddenStates(layer, rows: s..<e))
             s = e
-        }
-    }
-
-    /// Checks that this capture fits `model`: every model layer has a capture with the same
-    /// d_model, and every capture belongs to a model layer. The error names the layer.
-    public func checkMatches(_ model: CheckpointReader, layers names: [String]? = nil) throws {
-        try checkLayersMatch(file: path, kind: "calibration file", held: layers, name: \.name, model: model, layers: names) { info, c in
-            let name = info.name
-            guard info.dModel == c.dModel else {
-                throw SMoEError.dataset(path, "/moe_layers/\(name)/hidden_states",
-                                        "d_model \(info.dModel) does not match the model's \(c.dModel)")
-            }
-            guard info.numTokens > 0 else {
-                throw SMoEError.dataset(path, "/moe_layers/\(name)/hidden_states", "holds no tokens")
-            }
         }
     }
 }

@@ -234,37 +234,65 @@ public final class CheckpointReader: @unchecked Sendable {
         let c = try config(name)
         let g = try layerGroup(name)
         let file = path
-        func check(_ d: H5Dataset, _ shape: [Int]) throws {
-            guard d.shape == shape else {
-                throw SMoEError.dataset(file, d.path, "shape \(d.shape) does not match the layer (expected \(shape))")
-            }
-        }
-        /// `offset`: the flat index of v[0] in the dataset.
-        func finite(_ v: [Float], _ d: H5Dataset, offset: Int = 0) throws {
-            if let i = v.firstIndex(where: { !$0.isFinite }) {
-                throw SMoEError.dataset(file, d.path, "contains \(v[i].isNaN ? "NaN" : "Inf") at flat index \(offset + i)")
-            }
-        }
-        let rd = try g.openDataset("router/weight")
-        try check(rd, [c.numExperts, c.dModel])
-        let router = Matrix(rows: c.numExperts, cols: c.dModel, data: try rd.readFloats())
-        try finite(router.data, rd)
-        var routerBias: [Float]? = nil
-        if g.isDataset("router/bias") {
-            let bd = try g.openDataset("router/bias")
-            try check(bd, [c.numExperts])
-            routerBias = try bd.readFloats()
-            try finite(routerBias!, bd)
-        }
-        var selectionBias: [Float]? = nil
-        if g.isDataset("router/selection_bias") {
-            let bd = try g.openDataset("router/selection_bias")
-            try check(bd, [c.numExperts])
-            selectionBias = try bd.readFloats()
-            try finite(selectionBias!, bd)
-        }
+        let (router, routerBias, selectionBias) = try readRouter(g, c)
         let eg = try g.openGroup("experts")
         let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
+        let (dense, factored, gCount) = try openExpertMatrices(eg, c, names)
+        let biases = try readExpertBiases(eg, c, count: gCount)
+        let expertMap = try readExpertMap(g, c, count: gCount)
+        let header = MoELayer(config: c, router: router, routerBias: routerBias, selectionBias: selectionBias, experts: [], expertMap: expertMap)
+        let (parameters, flops) = Self.expertSizes(c, names, factored: factored, biases: biases, count: gCount)
+        return LayerSource(header: header, parameters: parameters, flops: flops) { e in
+            func op(_ m: String) throws -> LinearOp? {
+                if let ops = factored[m] { return ops[e] }
+                guard let d = dense[m] else { return nil }
+                let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
+                let v = try d.readFloats(rows: e..<(e + 1))
+                try Self.checkFinite(v, d, file: file, offset: e * out * inn)
+                return .dense(Matrix(rows: out, cols: inn, data: v))
+            }
+            return Expert(up: try op("up")!, gate: try op("gate"), down: try op("down")!,
+                          upBias: biases.up?[e], downBias: biases.down?[e], gateBias: biases.gate?[e])
+        }
+    }
+
+    /// Refuses a dataset whose shape is not `shape`.
+    static func checkShape(_ d: H5Dataset, _ shape: [Int], file: String) throws {
+        guard d.shape == shape else {
+            throw SMoEError.dataset(file, d.path, "shape \(d.shape) does not match the layer (expected \(shape))")
+        }
+    }
+
+    /// Refuses NaN and Inf in `v`, read from `d`; `offset`: the flat index of v[0] in the dataset.
+    static func checkFinite(_ v: [Float], _ d: H5Dataset, file: String, offset: Int = 0) throws {
+        if let i = v.firstIndex(where: { !$0.isFinite }) {
+            throw SMoEError.dataset(file, d.path, "contains \(v[i].isNaN ? "NaN" : "Inf") at flat index \(offset + i)")
+        }
+    }
+
+    /// A float vector or matrix of the layer group `g` at `name`, of shape `shape`, checked finite.
+    private func readChecked(_ g: H5Group, _ name: String, _ shape: [Int]) throws -> [Float] {
+        let d = try g.openDataset(name)
+        try Self.checkShape(d, shape, file: path)
+        let v = try d.readFloats()
+        try Self.checkFinite(v, d, file: path)
+        return v
+    }
+
+    /// The router weight [E, d_model], its bias and its selection bias ([E] each, when stored).
+    private func readRouter(_ g: H5Group, _ c: LayerConfig) throws -> (Matrix, bias: [Float]?, selectionBias: [Float]?) {
+        let router = Matrix(rows: c.numExperts, cols: c.dModel, data: try readChecked(g, "router/weight", [c.numExperts, c.dModel]))
+        let bias = g.isDataset("router/bias") ? try readChecked(g, "router/bias", [c.numExperts]) : nil
+        let selectionBias = g.isDataset("router/selection_bias") ? try readChecked(g, "router/selection_bias", [c.numExperts]) : nil
+        return (router, bias, selectionBias)
+    }
+
+    /// Each expert matrix `names` of the experts group `eg`: a dense dataset [G, out, in] (opened,
+    /// its shape and type checked, read later one expert at a time) or a group of factored
+    /// experts 0..G-1 (read here); and G, the same for every matrix.
+    private func openExpertMatrices(_ eg: H5Group, _ c: LayerConfig, _ names: [String]) throws
+        -> (dense: [String: H5Dataset], factored: [String: [LinearOp]], count: Int) {
+        let file = path
         var dense: [String: H5Dataset] = [:]
         var factored: [String: [LinearOp]] = [:]
         var numStored: Int? = nil
@@ -304,51 +332,55 @@ public final class CheckpointReader: @unchecked Sendable {
         }
         let gCount = numStored ?? 0
         guard gCount >= 1 else { throw SMoEError.dataset(file, eg.path, "holds no experts") }
+        return (dense, factored, gCount)
+    }
+
+    /// The experts' biases, per expert, when stored: `up_bias` and `gate_bias` [G, d_ff],
+    /// `down_bias` [G, d_model] (`gate_bias` only for GLU experts).
+    private func readExpertBiases(_ eg: H5Group, _ c: LayerConfig, count: Int) throws -> (up: [[Float]]?, down: [[Float]]?, gate: [[Float]]?) {
         func bias(_ n: String, _ len: Int) throws -> [[Float]]? {
             guard eg.isDataset(n) else { return nil }
-            let d = try eg.openDataset(n)
-            try check(d, [gCount, len])
-            let v = try d.readFloats()
-            try finite(v, d)
-            return (0..<gCount).map { Array(v[($0 * len)..<(($0 + 1) * len)]) }
+            let v = try readChecked(eg, n, [count, len])
+            return (0..<count).map { Array(v[($0 * len)..<(($0 + 1) * len)]) }
         }
         let ub = try bias("up_bias", c.dFF)
         let db = try bias("down_bias", c.dModel)
         let gb = c.expertType == .glu ? try bias("gate_bias", c.dFF) : nil
-        var expertMap: [Int]? = nil
-        if g.isDataset("expert_map") {
-            let d = try g.openDataset("expert_map")
-            try check(d, [c.numExperts])
-            let m = try d.readInts()
-            if let bad = m.firstIndex(where: { $0 < 0 || $0 >= gCount }) {
-                throw SMoEError.dataset(file, d.path, "entry \(bad) = \(m[bad]) is outside the \(gCount) stored experts")
+        return (ub, db, gb)
+    }
+
+    /// The layer's `expert_map` (router slot → stored expert), required when it stores fewer
+    /// experts (`count`) than router slots.
+    private func readExpertMap(_ g: H5Group, _ c: LayerConfig, count: Int) throws -> [Int]? {
+        guard g.isDataset("expert_map") else {
+            if count != c.numExperts {
+                throw SMoEError.dataset(path, g.path + "/expert_map", "missing, but the layer stores \(count) experts for \(c.numExperts) router slots")
             }
-            expertMap = m
-        } else if gCount != c.numExperts {
-            throw SMoEError.dataset(file, g.path + "/expert_map", "missing, but the layer stores \(gCount) experts for \(c.numExperts) router slots")
+            return nil
         }
-        let header = MoELayer(config: c, router: router, routerBias: routerBias, selectionBias: selectionBias, experts: [], expertMap: expertMap)
-        // Each expert's parameters and FLOPs per token, from the shapes (as Expert computes them).
-        var parameters = [Int](repeating: (ub != nil ? c.dFF : 0) + (db != nil ? c.dModel : 0) + (gb != nil ? c.dFF : 0), count: gCount)
-        var flops = [Int](repeating: 0, count: gCount)
+        let d = try g.openDataset("expert_map")
+        try Self.checkShape(d, [c.numExperts], file: path)
+        let m = try d.readInts()
+        if let bad = m.firstIndex(where: { $0 < 0 || $0 >= count }) {
+            throw SMoEError.dataset(path, d.path, "entry \(bad) = \(m[bad]) is outside the \(count) stored experts")
+        }
+        return m
+    }
+
+    /// Each expert's parameters and FLOPs per token, from the shapes (as `Expert` computes them).
+    private static func expertSizes(_ c: LayerConfig, _ names: [String], factored: [String: [LinearOp]],
+                                    biases: (up: [[Float]]?, down: [[Float]]?, gate: [[Float]]?), count: Int) -> (parameters: [Int], flops: [Int]) {
+        var parameters = [Int](repeating: (biases.up != nil ? c.dFF : 0) + (biases.down != nil ? c.dModel : 0)
+                                   + (biases.gate != nil ? c.dFF : 0), count: count)
+        var flops = [Int](repeating: 0, count: count)
         for m in names {
-            for e in 0..<gCount {
+            for e in 0..<count {
                 let op = factored[m]?[e]
                 parameters[e] += op?.parameterCount ?? c.dModel * c.dFF
                 flops[e] += op?.flopsPerToken ?? 2 * c.dModel * c.dFF
             }
         }
-        return LayerSource(header: header, parameters: parameters, flops: flops) { e in
-            func op(_ m: String) throws -> LinearOp? {
-                if let ops = factored[m] { return ops[e] }
-                guard let d = dense[m] else { return nil }
-                let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
-                let v = try d.readFloats(rows: e..<(e + 1))
-                try finite(v, d, offset: e * out * inn)
-                return .dense(Matrix(rows: out, cols: inn, data: v))
-            }
-            return Expert(up: try op("up")!, gate: try op("gate"), down: try op("down")!, upBias: ub?[e], downBias: db?[e], gateBias: gb?[e])
-        }
+        return (parameters, flops)
     }
 
     static func readFactored(_ g: H5Group, out: Int, inn: Int) throws -> LowRankSparse {

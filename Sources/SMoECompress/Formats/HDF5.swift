@@ -317,11 +317,16 @@ public final class H5Group: H5Object, @unchecked Sendable {
     public func isDataset(_ name: String) -> Bool { kind(name) == .dataset }
 
     public func openGroup(_ name: String) throws -> H5Group {
-        guard let k = kind(name) else { throw file.error(childPath(name), "missing group") }
-        guard k == .group else { throw file.error(childPath(name), "is not a group") }
-        let g = H5Gopen2(id, name, hid_t(H5P_DEFAULT))
-        if g < 0 { throw file.error(childPath(name), "cannot open group") }
-        return H5Group(file: file, id: g, path: childPath(name))
+        H5Group(file: file, id: try openChild(name, .group, "group") { H5Gopen2($0, $1, hid_t(H5P_DEFAULT)) }, path: childPath(name))
+    }
+
+    /// Opens child `name`, which must be a `want` (`noun` in errors), with `open`.
+    private func openChild(_ name: String, _ want: Kind, _ noun: String, _ open: (hid_t, String) -> hid_t) throws -> hid_t {
+        guard let k = kind(name) else { throw file.error(childPath(name), "missing \(noun)") }
+        guard k == want else { throw file.error(childPath(name), "is not a \(noun)") }
+        let h = open(id, name)
+        if h < 0 { throw file.error(childPath(name), "cannot open \(noun)") }
+        return h
     }
 
     /// Creates a group (and any missing intermediate groups).
@@ -360,11 +365,7 @@ public final class H5Group: H5Object, @unchecked Sendable {
     }
 
     public func openDataset(_ name: String) throws -> H5Dataset {
-        guard let k = kind(name) else { throw file.error(childPath(name), "missing dataset") }
-        guard k == .dataset else { throw file.error(childPath(name), "is not a dataset") }
-        let d = H5Dopen2(id, name, hid_t(H5P_DEFAULT))
-        if d < 0 { throw file.error(childPath(name), "cannot open dataset") }
-        return H5Dataset(file: file, id: d, path: childPath(name))
+        H5Dataset(file: file, id: try openChild(name, .dataset, "dataset") { H5Dopen2($0, $1, hid_t(H5P_DEFAULT)) }, path: childPath(name))
     }
 
     /// Creates a dataset of `shape` stored as `type`. `chunk` (same rank) enables chunking;

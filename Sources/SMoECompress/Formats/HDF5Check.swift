@@ -76,6 +76,12 @@ public enum HDF5InputCheck {
 
         func fail(_ object: String, _ what: String) -> SMoEError { SMoEError.dataset(path, object, what) }
 
+        /// `handle` (of `object`) when HDF5 returned one; else the error "cannot read `what` (damaged file?)".
+        func opened(_ handle: hid_t, _ object: String, _ what: String) throws -> hid_t {
+            if handle < 0 { throw fail(object, "cannot read \(what) (damaged file?)") }
+            return handle
+        }
+
         mutating func object(_ id: hid_t, _ name: String) throws {
             var info = H5O_info_t()
             if H5Oget_info2(id, &info, UInt32(H5O_INFO_BASIC | H5O_INFO_NUM_ATTRS)) < 0 {
@@ -117,19 +123,16 @@ public enum HDF5InputCheck {
         }
 
         func dataset(_ id: hid_t, _ name: String) throws {
-            let space = H5Dget_space(id)
-            if space < 0 { throw fail(name, "cannot read dataspace (damaged file?)") }
+            let space = try opened(H5Dget_space(id), name, "dataspace")
             defer { H5Sclose(space) }
             let rank = H5Sget_simple_extent_ndims(space)
             guard rank >= 0, rank <= 32 else { throw fail(name, "has an invalid dataspace (damaged file?)") }
             var dims = [hsize_t](repeating: 0, count: Int(rank))
             if rank > 0, H5Sget_simple_extent_dims(space, &dims, nil) < 0 { throw fail(name, "has an invalid dataspace (damaged file?)") }
-            let t = H5Dget_type(id)
-            if t < 0 { throw fail(name, "cannot read element type (damaged file?)") }
+            let t = try opened(H5Dget_type(id), name, "element type")
             defer { H5Tclose(t) }
             try describe(t, name)
-            let dcpl = H5Dget_create_plist(id)
-            if dcpl < 0 { throw fail(name, "cannot read creation properties (damaged file?)") }
+            let dcpl = try opened(H5Dget_create_plist(id), name, "creation properties")
             defer { H5Pclose(dcpl) }
             let nfilters = H5Pget_nfilters(dcpl)
             guard nfilters >= 0, nfilters <= 32 else { throw fail(name, "has an invalid filter pipeline (damaged file?)") }
@@ -188,12 +191,10 @@ public enum HDF5InputCheck {
         }
 
         func attributeValue(_ a: hid_t, _ attr: String) throws {
-            let t = H5Aget_type(a)
-            if t < 0 { throw fail(attr, "cannot read attribute type (damaged file?)") }
+            let t = try opened(H5Aget_type(a), attr, "attribute type")
             defer { H5Tclose(t) }
             try describe(t, attr)
-            let space = H5Aget_space(a)
-            if space < 0 { throw fail(attr, "cannot read attribute shape (damaged file?)") }
+            let space = try opened(H5Aget_space(a), attr, "attribute shape")
             defer { H5Sclose(space) }
             let np = H5Sget_simple_extent_npoints(space)
             let size = H5Tget_size(t)

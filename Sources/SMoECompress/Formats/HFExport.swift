@@ -59,7 +59,10 @@ public enum HFExport {
 
     /// Writes `checkpoint` as safetensors shards of at most `maxShardBytes` (plus the index and
     /// config.json) into the new folder `outputDirectory`, built under a temporary name and
-    /// renamed into place. Refuses an existing non-empty folder.
+    /// renamed into place. Refuses an existing non-empty folder. Steps: the output folder
+    /// (`checkOutputFolder`), the family and encodings, config.json (`patchedSourceConfig` or
+    /// `synthesiseConfig`, then `quantizationConfig`), the tensor list (`tensorList`), the tensors
+    /// (`writeTensors`) and the commit (the temporary folder renamed).
     @discardableResult
     public static func run(checkpoint: String, outputDirectory: String, maxShardBytes: Int = 5_000_000_000,
                            family: ModelFamily? = nil, dtype: ExportEncoding = .auto,
@@ -67,16 +70,7 @@ public enum HFExport {
         let out = URL(fileURLWithPath: outputDirectory).standardizedFileURL
         try ensureOutputDiffers(out.path, from: [checkpoint])
         let fm = FileManager.default
-        var isDir: ObjCBool = false
-        if fm.fileExists(atPath: out.path, isDirectory: &isDir) {
-            guard isDir.boolValue, (try? fm.contentsOfDirectory(atPath: out.path))?.isEmpty == true else {
-                throw SMoEError.file(outputDirectory, "already exists and is not an empty folder (export never overwrites)")
-            }
-        }
-        let parent = out.deletingLastPathComponent().path
-        guard fm.fileExists(atPath: parent, isDirectory: &isDir), isDir.boolValue else {
-            throw SMoEError.file(outputDirectory, "output's parent folder \(parent) does not exist")
-        }
+        let parent = try checkOutputFolder(out, named: outputDirectory)
         let reader = try CheckpointReader(checkpoint)
         let (fam, entry) = try exportFamily(reader, given: family)
         let layout = entry?["layout"]?.stringValue.flatMap(ExpertLayout.init(rawValue:)) ?? .perExpert
@@ -105,38 +99,119 @@ public enum HFExport {
         var expertCount: (key: String, from: Int?, to: Int)? = nil
         var config: String
         if let source = reader.sourceConfig {
-            config = source
-            // Every expert-count key present is updated (transformers 4.x and 5.x names differ,
-            // and 5.x refuses a folder whose names disagree); none present: transformers 5's name.
-            let root = try? JSONValue.parse(source)
-            // A multimodal wrapper's MoE keys are in its text config (the family's section).
-            let section = fam.configSection.flatMap { k -> String? in
-                if case .object? = root?[k] { return k }
-                return nil
-            }
-            let parsed = section.map { root?[$0] } ?? root
-            let present = fam.numExpertsKeys.filter { parsed?[$0] != nil }
-            let key = present.first ?? fam.numExpertsKey
-            let given = parsed?[key]?.intValue
-            if present.isEmpty || present.contains(where: { parsed?[$0]?.intValue != count }), case .object(var kv)? = parsed {
-                if present.isEmpty { kv.append((fam.numExpertsKey, .int(count))) }
-                for i in kv.indices where present.contains(kv[i].0) { kv[i].1 = .int(count) }
-                var updated = JSONValue.object(kv)
-                if let sec = section, case .object(var rkv)? = root {
-                    for i in rkv.indices where rkv[i].0 == sec { rkv[i].1 = updated }
-                    updated = .object(rkv)
-                }
-                config = updated.serialized(pretty: true) + "\n"
-                let shown = (present.isEmpty ? [key] : present).map { (section.map { $0 + "." } ?? "") + $0 }
-                expertCount = (shown.joined(separator: ", "), given, count)
-            }
+            (config, expertCount) = try patchedSourceConfig(source, reader: reader, family: fam, expertCount: count)
         } else {
             let (text, guessed) = try synthesiseConfig(reader, family: fam, dtype: plainDT)
             config = text
             guesses = guessed
         }
-        // quantization_config true for what is written: the routers, the 2-D float weights of
-        // /dense (and lm_head) stay unconverted when export quantizes the experts of a float model.
+        config = try quantizationConfig(config, reader: reader, family: fam, encoding: encoding)
+        let biasDT = entry?["selection_bias_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)) ?? .F32
+        let suffix = entry?["fused_suffix"]?.stringValue ?? ".weight"
+        var metadata: [(String, String)] = []
+        if case .object(let kv)? = entry?["metadata"] { metadata = kv.compactMap { k, v in v.stringValue.map { (k, $0) } } }
+        if metadata.isEmpty { metadata = [("format", "pt")] }
+
+        // FP8 experts of a fused [E, 2I, H] checkpoint are written per expert (the hub layout):
+        // transformers 5.23 dequantizes `X.weight` + `X.weight_scale_inv` pairs on load but not
+        // a fused `experts.gate_up_proj` + `_scale_inv` (it reads the FP8 bytes as they are).
+        var writeLayout = layout
+        if case .fp8 = encoding, layout == .fused, !fam.matrixNames.isEmpty { writeLayout = .perExpert }
+        let (items, merged, factored) = try tensorList(reader, family: fam, layout: layout, writeLayout: writeLayout,
+                                                       encoding: encoding, fusedSuffix: suffix)
+
+        let temp = parent + "/." + out.lastPathComponent + ".tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        do { try fm.createDirectory(atPath: temp, withIntermediateDirectories: false) } catch {
+            throw SMoEError.file(outputDirectory, "cannot create a temporary folder next to it: \(error.localizedDescription)")
+        }
+        var committed = false
+        defer { if !committed { try? fm.removeItem(atPath: temp) } }
+        let writer = try ShardedSafetensorsWriter(directory: temp, maxShardBytes: maxShardBytes, metadata: metadata)
+        try writeTensors(items, reader: reader, family: fam, encoding: encoding, plain: plainDT, router: routerDT, bias: biasDT,
+                         into: writer, outputDirectory: outputDirectory, progress: progress)
+        progress?("export", items.count, items.count)
+        var files = try writer.finish()
+        guard fm.createFile(atPath: temp + "/config.json", contents: Data(config.utf8)) else {
+            throw SMoEError.file(outputDirectory + "/config.json", "cannot be written")
+        }
+        files.append("config.json")
+        if fm.fileExists(atPath: out.path) { rmdir(out.path) }  // an empty folder (rmdir never removes contents)
+        if rename(temp, out.path) != 0 {
+            throw SMoEError.file(outputDirectory, "cannot be written: \(String(cString: strerror(errno)))")
+        }
+        committed = true
+        return ExportReport(output: outputDirectory, family: fam, layout: writeLayout, files: files.sorted(),
+                            tensorCount: writer.tensorCount, tensorBytes: writer.totalBytes,
+                            mergedLayers: merged, factoredLayers: factored, expertCount: expertCount,
+                            synthesisedConfigGuesses: guesses, expertEncoding: encoding.description)
+    }
+
+    /// Step 1: the output folder `out` must not exist or be empty, and its parent must exist;
+    /// returns the parent (where the temporary folder is built).
+    static func checkOutputFolder(_ out: URL, named outputDirectory: String) throws -> String {
+        let fm = FileManager.default
+        var isDir: ObjCBool = false
+        if fm.fileExists(atPath: out.path, isDirectory: &isDir) {
+            guard isDir.boolValue, (try? fm.contentsOfDirectory(atPath: out.path))?.isEmpty == true else {
+                throw SMoEError.file(outputDirectory, "already exists and is not an empty folder (export never overwrites)")
+            }
+        }
+        let parent = out.deletingLastPathComponent().path
+        guard fm.fileExists(atPath: parent, isDirectory: &isDir), isDir.boolValue else {
+            throw SMoEError.file(outputDirectory, "output's parent folder \(parent) does not exist")
+        }
+        return parent
+    }
+
+    /// Step 3: the source's config.json with every expert-count key set to `count` (G after a
+    /// compact merge) and, for a compact layer that became ungrouped, its group counts; the keys
+    /// changed, when any.
+    static func patchedSourceConfig(_ source: String, reader: CheckpointReader, family fam: ModelFamily,
+                                    expertCount count: Int) throws -> (String, (key: String, from: Int?, to: Int)?) {
+        var config = source
+        var expertCount: (key: String, from: Int?, to: Int)? = nil
+        // Every expert-count key present is updated (transformers 4.x and 5.x names differ,
+        // and 5.x refuses a folder whose names disagree); none present: transformers 5's name.
+        let root = try? JSONValue.parse(source)
+        // A multimodal wrapper's MoE keys are in its text config (the family's section).
+        let section = fam.configSection.flatMap { k -> String? in
+            if case .object? = root?[k] { return k }
+            return nil
+        }
+        let parsed = section.map { root?[$0] } ?? root
+        let present = fam.numExpertsKeys.filter { parsed?[$0] != nil }
+        let key = present.first ?? fam.numExpertsKey
+        let given = parsed?[key]?.intValue
+        // A compact layer whose n_group = topk_group became ungrouped: its group counts too.
+        let layer0 = reader.layers[0]
+        let groupUpdate = fam.groupKeys.flatMap { k -> [(String, Int)]? in
+            let now = [(k.groups, layer0.numGroups), (k.topKGroups, layer0.topKGroups)]
+            let differ = now.contains { (parsed?[$0.0.key]?.intValue ?? Int($0.0.value)) != $0.1 }
+            return differ ? now.map { ($0.0.key, $0.1) } : nil
+        } ?? []
+        if present.isEmpty || !groupUpdate.isEmpty || present.contains(where: { parsed?[$0]?.intValue != count }), case .object(var kv)? = parsed {
+            if present.isEmpty { kv.append((fam.numExpertsKey, .int(count))) }
+            for i in kv.indices where present.contains(kv[i].0) { kv[i].1 = .int(count) }
+            for (key, v) in groupUpdate {
+                if let i = kv.firstIndex(where: { $0.0 == key }) { kv[i].1 = .int(v) } else { kv.append((key, .int(v))) }
+            }
+            var updated = JSONValue.object(kv)
+            if let sec = section, case .object(var rkv)? = root {
+                for i in rkv.indices where rkv[i].0 == sec { rkv[i].1 = updated }
+                updated = .object(rkv)
+            }
+            config = updated.serialized(pretty: true) + "\n"
+            let shown = (present.isEmpty ? [key] : present).map { (section.map { $0 + "." } ?? "") + $0 }
+            expertCount = (shown.joined(separator: ", "), given, count)
+        }
+        return (config, expertCount)
+    }
+
+    /// Step 4: config.json's quantization_config true for what is written: the routers, the
+    /// 2-D float weights of /dense (and lm_head) stay unconverted when export quantizes the
+    /// experts of a float model.
+    static func quantizationConfig(_ config: String, reader: CheckpointReader, family fam: ModelFamily,
+                                   encoding: ExpertWriteEncoding) throws -> String {
         var denseHasFP8 = false
         var notConverted = Set<String>()
         if reader.hasDense {
@@ -149,20 +224,16 @@ public enum HFExport {
             }
         }
         for c in reader.layers { notConverted.insert("\(c.name).\(fam.routerSuffix)".replacingOccurrences(of: ".weight", with: "")) }
-        config = try ExpertWriteEncoding.adjustConfig(config, encoding: encoding, denseHasFP8: denseHasFP8,
+        return try ExpertWriteEncoding.adjustConfig(config, encoding: encoding, denseHasFP8: denseHasFP8,
                                                       notConverted: (notConverted.union(["lm_head"])).sorted(by: naturalLess))
-        let biasDT = entry?["selection_bias_dtype"]?.stringValue.flatMap(SafetensorsDType.init(rawValue:)) ?? .F32
-        let suffix = entry?["fused_suffix"]?.stringValue ?? ".weight"
-        var metadata: [(String, String)] = []
-        if case .object(let kv)? = entry?["metadata"] { metadata = kv.compactMap { k, v in v.stringValue.map { (k, $0) } } }
-        if metadata.isEmpty { metadata = [("format", "pt")] }
+    }
 
-        // FP8 experts of a fused [E, 2I, H] checkpoint are written per expert (the hub layout):
-        // transformers 5.23 dequantizes `X.weight` + `X.weight_scale_inv` pairs on load but not
-        // a fused `experts.gate_up_proj` + `_scale_inv` (it reads the FP8 bytes as they are).
-        var writeLayout = layout
-        if case .fp8 = encoding, layout == .fused, !fam.matrixNames.isEmpty { writeLayout = .perExpert }
-        // Every output tensor, in natural name order, with where it comes from.
+    /// Step 5: every output tensor, in natural name order, with where it comes from; and the
+    /// layers merged and factored. Refuses layers the family cannot hold.
+    private static func tensorList(_ reader: CheckpointReader, family fam: ModelFamily, layout: ExpertLayout, writeLayout: ExpertLayout,
+                                   encoding: ExpertWriteEncoding, fusedSuffix suffix: String) throws
+        -> (items: [(String, Source)], merged: [String], factored: [String]) {
+        let checkpoint = reader.path
         var items: [(String, Source)] = []
         var merged: [String] = [], factored: [String] = []
         for c in reader.layers {
@@ -214,14 +285,16 @@ public enum HFExport {
             throw SMoEError.dataset(checkpoint, "/dense/\(n)", "has the name of an MoE tensor")
         }
         items.sort { naturalLess($0.0, $1.0) }
+        return (items, merged, factored)
+    }
 
-        let temp = parent + "/." + out.lastPathComponent + ".tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        do { try fm.createDirectory(atPath: temp, withIntermediateDirectories: false) } catch {
-            throw SMoEError.file(outputDirectory, "cannot create a temporary folder next to it: \(error.localizedDescription)")
-        }
-        var committed = false
-        defer { if !committed { try? fm.removeItem(atPath: temp) } }
-        let writer = try ShardedSafetensorsWriter(directory: temp, maxShardBytes: maxShardBytes, metadata: metadata)
+    /// Step 6: every tensor of `items` into `writer`, experts in `encoding` (a layer read once for
+    /// its consecutive tensors).
+    private static func writeTensors(_ items: [(String, Source)], reader: CheckpointReader, family fam: ModelFamily,
+                                     encoding: ExpertWriteEncoding, plain plainDT: SafetensorsDType, router routerDT: SafetensorsDType,
+                                     bias biasDT: SafetensorsDType, into writer: ShardedSafetensorsWriter, outputDirectory: String,
+                                     progress: ProgressCallback?) throws {
+        let checkpoint = reader.path
         var cached: MoELayer? = nil
         func layer(_ name: String) throws -> MoELayer {
             if let l = cached, l.name == name { return l }
@@ -364,21 +437,6 @@ public enum HFExport {
                 try emit(name, values, shape)
             }
         }
-        progress?("export", items.count, items.count)
-        var files = try writer.finish()
-        guard fm.createFile(atPath: temp + "/config.json", contents: Data(config.utf8)) else {
-            throw SMoEError.file(outputDirectory + "/config.json", "cannot be written")
-        }
-        files.append("config.json")
-        if fm.fileExists(atPath: out.path) { rmdir(out.path) }  // an empty folder (rmdir never removes contents)
-        if rename(temp, out.path) != 0 {
-            throw SMoEError.file(outputDirectory, "cannot be written: \(String(cString: strerror(errno)))")
-        }
-        committed = true
-        return ExportReport(output: outputDirectory, family: fam, layout: writeLayout, files: files.sorted(),
-                            tensorCount: writer.tensorCount, tensorBytes: writer.totalBytes,
-                            mergedLayers: merged, factoredLayers: factored, expertCount: expertCount,
-                            synthesisedConfigGuesses: guesses, expertEncoding: encoding.description)
     }
 
     /// The family of a checkpoint: its `import` entry's, else `given`, else its root

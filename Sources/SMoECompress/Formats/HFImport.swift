@@ -263,7 +263,26 @@ public func naturalLess(_ a: String, _ b: String) -> Bool {
 public enum HFImport {
     /// Reads `config.json` and classifies every tensor: routers and experts of MoE layers,
     /// everything else dense. Fails naming the tensor on an unknown, missing or extra expert.
+    /// Steps: the config (`readConfig`), the tensors by role (`ImportPlanner.classify`), each
+    /// layer's tensors checked against its router (`ImportPlanner.planLayer`), the one layout,
+    /// dtype and encoding of all layers (`ImportPlanner.finish`).
     public static func plan(_ directory: String, model: SafetensorsModel) throws -> ImportPlan {
+        let (config, quant, configPath) = try readConfig(directory)
+        var planner = ImportPlanner(model: model, config: config, quant: quant, configPath: configPath)
+        try planner.classify()
+        var layers: [SourceMoELayer] = []
+        for (p, name) in planner.selectionBiases.sorted(by: { naturalLess($0.key, $1.key) }) where planner.routers[p] == nil {
+            throw SMoEError.dataset(planner.where_(name), name, "selection bias of \(p) but the model has no router \(p).\(config.family.routerSuffix)")
+        }
+        for (prefix, routerName) in planner.routers.sorted(by: { naturalLess($0.key, $1.key) }) {
+            layers.append(try planner.planLayer(prefix, router: routerName))
+        }
+        return try planner.finish(layers)
+    }
+
+    /// The model's `config.json` in `directory`: its family and settings, how its experts are
+    /// quantized, and its path.
+    static func readConfig(_ directory: String) throws -> (SourceModelConfig, SourceQuantization, path: String) {
         let configPath = directory + "/config.json"
         // A FIFO or device would block or never end; a config.json is a few kilobytes.
         if FileManager.default.fileExists(atPath: configPath) { try requireRegularFile(configPath) }
@@ -274,25 +293,53 @@ public enum HFImport {
             throw SMoEError.file(configPath, "missing: import needs the model's config.json to recognise its family")
         }
         guard let text = String(data: data, encoding: .utf8) else { throw SMoEError.file(configPath, "is not UTF-8 text") }
-        let config = try SourceModelConfig.parse(text, path: configPath)
-        let quant = try SourceQuantization.parse(text, path: configPath)
-        var expertScales: [String: String] = [:]
-        var scaleTypes = Set<SafetensorsDType>()
-        let family = config.family
+        return (try SourceModelConfig.parse(text, path: configPath), try SourceQuantization.parse(text, path: configPath), configPath)
+    }
+}
+
+/// The steps of `HFImport.plan`: what it has found so far about a model folder's tensors.
+struct ImportPlanner {
+    let model: SafetensorsModel
+    let config: SourceModelConfig
+    let quant: SourceQuantization
+    let configPath: String
+    var family: ModelFamily { config.family }
+    var dir: String { model.directory }
+
+    // The tensors by role (`classify`), keyed by block prefix.
+    var routers: [String: String] = [:]
+    var selectionBiases: [String: String] = [:]
+    var routerBiases: [String: String] = [:]
+    var perExpert: [String: [Int: [String: String]]] = [:]
+    var fused: [String: [String: String]] = [:]
+    var fusedSuffixes = Set<String>()
+    var dense: [String] = []
+    /// Quantized expert weight → its scale tensor.
+    var expertScales: [String: String] = [:]
+
+    // What the layers use (`planLayer`): one of each is supported (`finish`).
+    var scaleTypes = Set<SafetensorsDType>()
+    var expertDTypes = Set<SafetensorsDType>(), routerDTypes = Set<SafetensorsDType>()
+    var layouts = Set<ExpertLayout>()
+    var biasDTypes = Set<SafetensorsDType>()
+
+    init(model: SafetensorsModel, config: SourceModelConfig, quant: SourceQuantization, configPath: String) {
+        self.model = model
+        self.config = config
+        self.quant = quant
+        self.configPath = configPath
+    }
+
+    /// The file holding tensor `name` (the folder when it is not found).
+    func where_(_ name: String) -> String { (try? model.locate(name).file.path) ?? dir }
+
+    /// Sorts every tensor by role: routers, their biases, per-expert and fused expert tensors and
+    /// their scales, and dense (everything else, blocks at or past `num_hidden_layers` too).
+    mutating func classify() throws {
         let roleOf = Dictionary(uniqueKeysWithValues: family.matrixNames.map { ($1, $0) })
         let fusedPart = Dictionary(uniqueKeysWithValues: family.fusedNames.map { ($1, $0) })
-        let dir = model.directory
-        func where_(_ name: String) -> String { (try? model.locate(name).file.path) ?? dir }
-
-        var routers: [String: String] = [:]
-        var selectionBiases: [String: String] = [:]
-        var routerBiases: [String: String] = [:]
         let fusedBiasPart = family.fusedInputMajorInterleaved
             ? Dictionary(uniqueKeysWithValues: family.fusedNames.map { ($1 + "_bias", $0 + "_bias") }) : [:]
-        var perExpert: [String: [Int: [String: String]]] = [:]
-        var fused: [String: [String: String]] = [:]
-        var fusedSuffixes = Set<String>()
-        var dense: [String] = []
         for name in model.names {
             guard let (prefix, rest) = family.splitBlock(name),
                   config.layerCount.map({ count in family.layerNumber(prefix).map { $0 < count } ?? true }) ?? true else {
@@ -352,185 +399,204 @@ public enum HFImport {
         for (w, s) in expertScales.sorted(by: { naturalLess($0.key, $1.key) }) where !model.contains(w) {
             throw SMoEError.dataset(where_(s), s, "scale tensor without its weight \(w)")
         }
-        /// An expert weight's dtype, checked: a float type, or F8_E4M3 with its block scales.
-        func expertType(_ name: String, _ info: SafetensorsTensorInfo) throws -> SafetensorsDType {
-            if case .fp8(let bo, let bi) = quant, info.dtype == .F8_E4M3 || expertScales[name] != nil {
-                guard let s = expertScales[name] else {
-                    throw SMoEError.dataset(where_(name), name, "is F8_E4M3 but has no scale tensor \(name)_scale_inv")
-                }
-                scaleTypes.insert(try QuantizedRead.checkFP8(name, scale: s, model: model, block: (bo, bi)))
-                return .F8_E4M3
-            }
-            if info.dtype == .F8_E4M3 {
-                throw SMoEError.dataset(where_(name), name, "is F8_E4M3, but config.json has no quantization_config with quant_method fp8 (its block size)")
-            }
-            if let s = expertScales[name] { throw SMoEError.dataset(where_(s), s, "scale tensor of \(name), which is \(info.dtype.rawValue), not quantized") }
-            return info.dtype
-        }
+    }
 
-        var layers: [SourceMoELayer] = []
-        var expertDTypes = Set<SafetensorsDType>(), routerDTypes = Set<SafetensorsDType>()
-        var layouts = Set<ExpertLayout>()
-        var biasDTypes = Set<SafetensorsDType>()
-        for (p, name) in selectionBiases.sorted(by: { naturalLess($0.key, $1.key) }) where routers[p] == nil {
-            throw SMoEError.dataset(where_(name), name, "selection bias of \(p) but the model has no router \(p).\(family.routerSuffix)")
+    /// An expert weight's dtype, checked: a float type, or F8_E4M3 with its block scales.
+    mutating func expertType(_ name: String, _ info: SafetensorsTensorInfo) throws -> SafetensorsDType {
+        if case .fp8(let bo, let bi) = quant, info.dtype == .F8_E4M3 || expertScales[name] != nil {
+            guard let s = expertScales[name] else {
+                throw SMoEError.dataset(where_(name), name, "is F8_E4M3 but has no scale tensor \(name)_scale_inv")
+            }
+            scaleTypes.insert(try QuantizedRead.checkFP8(name, scale: s, model: model, block: (bo, bi)))
+            return .F8_E4M3
         }
-        for (prefix, routerName) in routers.sorted(by: { naturalLess($0.key, $1.key) }) {
-            let ri = try model.info(routerName)
-            let file = where_(routerName)
-            guard ri.shape.count == 2, ri.shape[0] >= 1, ri.shape[1] >= 1, ri.dtype.isFloat else {
-                throw SMoEError.dataset(file, routerName, "router must be a float matrix [num_experts, d_model], is \(ri.dtype.rawValue) \(ri.shape)")
-            }
-            let E = ri.shape[0], H = ri.shape[1]
-            if let want = config.numExperts, want != E {
-                throw SMoEError.dataset(file, routerName, "has \(E) rows but config.json says \(want) experts")
-            }
-            guard config.topK <= E else {
-                throw SMoEError.dataset(configPath, "num_experts_per_tok", "\(config.topK) exceeds the \(E) experts of \(prefix)")
-            }
-            let routing = LayerConfig(name: prefix, index: 0, numExperts: E, topK: config.topK, dModel: H, dFF: 1,
-                                      expertType: family.expertType, activation: config.activation, routerType: config.routerType,
-                                      numGroups: config.numGroups, topKGroups: config.topKGroups,
-                                      routedScalingFactor: config.routedScalingFactor)
-            if let problem = routing.routingProblem {
-                throw SMoEError.dataset(configPath, family.groupKeys?.groups.key ?? "num_experts_per_tok", "\(problem) (layer \(prefix))")
-            }
-            var selectionBias: String? = nil
-            if let suffix = family.selectionBiasSuffix {
-                guard let b = selectionBiases[prefix] else {
-                    throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix) (\(family.displayName) routers choose experts with it)")
-                }
-                let bi = try model.info(b)
-                let want = family.selectionBiasRowVector ? [1, E] : [E]
-                guard bi.shape == want, bi.dtype.isFloat else {
-                    throw SMoEError.dataset(where_(b), b, "must be a float vector \(want) (one per router row), is \(bi.dtype.rawValue) \(bi.shape)")
-                }
-                biasDTypes.insert(bi.dtype)
-                selectionBias = b
-            }
-            routerDTypes.insert(ri.dtype)
-            let roles = ["up", "gate", "down"].filter { family.matrixNames[$0] != nil }
-            var layer = SourceMoELayer(prefix: prefix, router: routerName, selectionBias: selectionBias, experts: [], fused: [:],
-                                       layout: .perExpert, numExperts: E, dModel: H, dFF: 0)
-            if let suffix = family.routerBiasSuffix {
-                guard let b = routerBiases[prefix] else { throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix)") }
-                let bi = try model.info(b)
-                guard bi.shape == [E], bi.dtype == ri.dtype else {
-                    throw SMoEError.dataset(where_(b), b, "must be a [\(E)] vector of the router's dtype \(ri.dtype.rawValue), is \(bi.dtype.rawValue) \(bi.shape)")
-                }
-                layer.routerBias = b
-            }
-            if family.fusedInputMajorInterleaved {
-                guard let f = fused[prefix], let gu = f["gate_up"], let dn = f["down"], let gb = f["gate_up_bias"], let db = f["down_bias"] else {
-                    throw SMoEError.file(dir, "\(prefix): \(family.displayName) needs the fused tensors \(["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"].map { "experts." + $0 }.joined(separator: ", "))")
-                }
-                let gi = try model.info(gu), di = try model.info(dn), gbi = try model.info(gb), dbi = try model.info(db)
-                if quant == .mxfp4, gu.hasSuffix("_blocks") || dn.hasSuffix("_blocks") {
-                    // MXFP4: blocks [E, 2I, H/32, 16] and [E, H, I/32, 16] (out × in), float biases.
-                    guard gu.hasSuffix("_blocks"), dn.hasSuffix("_blocks"), let gs = expertScales[gu], let ds = expertScales[dn] else {
-                        throw SMoEError.file(dir, "\(prefix): MXFP4 experts need gate_up_proj_blocks, gate_up_proj_scales, down_proj_blocks and down_proj_scales")
-                    }
-                    let (ge, gr, gc) = try QuantizedRead.checkMXFP4(gu, scale: gs, model: model)
-                    guard ge == E, gc == H, gr >= 2, gr % 2 == 0 else {
-                        throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), 2·d_ff, \(H / 32), 16] (\(E) router slots, d_model \(H) in groups of 32)")
-                    }
-                    let I = gr / 2
-                    let (de, dr, dc) = try QuantizedRead.checkMXFP4(dn, scale: ds, model: model)
-                    guard de == E, dr == H, dc == I else {
-                        throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not [\(E), \(H), \(I / 32), 16] (d_ff \(I) in groups of 32)")
-                    }
-                    for (n, i, want) in [(gb, gbi, [E, 2 * I]), (db, dbi, [E, H])] {
-                        guard i.shape == want, i.dtype.isFloat, i.dtype == gbi.dtype else {
-                            throw SMoEError.dataset(where_(n), n, "must be a float [\(want.map(String.init).joined(separator: ", "))] tensor of the other bias's dtype, is \(i.dtype.rawValue) \(i.shape)")
-                        }
-                    }
-                    expertDTypes.insert(.U8)
-                    scaleTypes.insert(gbi.dtype)
-                    fusedSuffixes.insert("")
-                    layer.fused = f
-                    layer.layout = .fused
-                    layer.dFF = I
-                    layouts.insert(layer.layout)
-                    layers.append(layer)
-                    continue
-                }
-                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[1] == H, gi.shape[2] >= 2, gi.shape[2] % 2 == 0 else {
-                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), \(H), 2·d_ff] (\(E) router slots, d_model \(H))")
-                }
-                let I = gi.shape[2] / 2
-                for (n, i, want) in [(dn, di, [E, I, H]), (gb, gbi, [E, 2 * I]), (db, dbi, [E, H])] {
-                    guard i.shape == want else { throw SMoEError.dataset(where_(n), n, "shape \(i.shape) is not \(want)") }
-                    guard i.dtype == gi.dtype, i.dtype.isFloat else {
-                        throw SMoEError.dataset(where_(n), n, "dtype \(i.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
-                    }
-                }
-                expertDTypes.insert(gi.dtype)
-                fusedSuffixes.insert("")
-                layer.fused = f
-                layer.layout = .fused
-                layer.dFF = I
-            } else if let f = fused[prefix] {
-                if let pe = perExpert[prefix], let any = pe.values.first?.values.first {
-                    throw SMoEError.dataset(where_(any), any, "per-expert tensor next to fused expert tensors in \(prefix)")
-                }
-                let suffix = fusedSuffixes.first ?? ""
-                guard let gu = f["gate_up"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "gate_up", suffix: suffix))") }
-                guard let dn = f["down"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "down", suffix: suffix))") }
-                let gi = try model.info(gu), di = try model.info(dn)
-                // [E, 2I, H] and [E, H, I]; Llama-4: input-major [E, H, 2I] and [E, I, H].
-                let inMajor = family.fusedInputMajorHalves
-                let (hAxis, iAxis) = inMajor ? (1, 2) : (2, 1)
-                guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[hAxis] == H, gi.shape[iAxis] >= 2, gi.shape[iAxis] % 2 == 0 else {
-                    throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not \(inMajor ? "[\(E), \(H), 2·d_ff]" : "[\(E), 2·d_ff, \(H)]") (\(E) router slots, d_model \(H))")
-                }
-                let I = gi.shape[iAxis] / 2
-                guard di.shape == (inMajor ? [E, I, H] : [E, H, I]) else {
-                    throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not \(inMajor ? [E, I, H] : [E, H, I])")
-                }
-                let gt = try expertType(gu, gi), dt = try expertType(dn, di)
-                guard gt == dt, gt.isFloat || gt == .F8_E4M3 else {
-                    throw SMoEError.dataset(where_(dn), dn, "dtype \(di.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
-                }
-                expertDTypes.insert(gt)
-                layer.fused = f
-                layer.layout = .fused
-                layer.dFF = I
-            } else {
-                let pe = perExpert[prefix] ?? [:]
-                if let extra = pe.keys.filter({ $0 >= E }).min(), let any = pe[extra]!.values.sorted().first {
-                    throw SMoEError.dataset(where_(any), any, "extra expert \(extra): the router \(routerName) has \(E) slots")
-                }
-                var I: Int? = nil
-                var dtype: SafetensorsDType? = nil
-                for n in 0..<E {
-                    var m: [String: String] = [:]
-                    for role in roles {
-                        let want = family.expertTensorName(layer: prefix, expert: n, matrix: role)
-                        guard let name = pe[n]?[role] else {
-                            throw SMoEError.file(dir, "missing expert tensor \(want) (the router \(routerName) has \(E) slots)")
-                        }
-                        let info = try model.info(name)
-                        let i = I ?? (role == "down" ? info.shape.last ?? 0 : info.shape.first ?? 0)
-                        let shape = role == "down" ? [H, i] : [i, H]
-                        guard info.shape == shape, i >= 1 else {
-                            throw SMoEError.dataset(where_(name), name, "shape \(info.shape) does not match \(shape) (d_model \(H) from the router)")
-                        }
-                        let t = try expertType(name, info)
-                        guard t.isFloat || t == .F8_E4M3, dtype == nil || dtype == t else {
-                            throw SMoEError.dataset(where_(name), name, "dtype \(info.dtype.rawValue) differs from the layer's other experts or is not a float type")
-                        }
-                        I = i
-                        dtype = t
-                        m[role] = name
-                    }
-                    layer.experts.append(m)
-                }
-                expertDTypes.insert(dtype!)
-                layer.dFF = I!
-            }
-            layouts.insert(layer.layout)
-            layers.append(layer)
+        if info.dtype == .F8_E4M3 {
+            throw SMoEError.dataset(where_(name), name, "is F8_E4M3, but config.json has no quantization_config with quant_method fp8 (its block size)")
         }
+        if let s = expertScales[name] { throw SMoEError.dataset(where_(s), s, "scale tensor of \(name), which is \(info.dtype.rawValue), not quantized") }
+        return info.dtype
+    }
+
+    /// One MoE layer: its router (shape, routing settings), biases and experts checked in the
+    /// family's layout.
+    mutating func planLayer(_ prefix: String, router routerName: String) throws -> SourceMoELayer {
+        let ri = try model.info(routerName)
+        let file = where_(routerName)
+        guard ri.shape.count == 2, ri.shape[0] >= 1, ri.shape[1] >= 1, ri.dtype.isFloat else {
+            throw SMoEError.dataset(file, routerName, "router must be a float matrix [num_experts, d_model], is \(ri.dtype.rawValue) \(ri.shape)")
+        }
+        let E = ri.shape[0], H = ri.shape[1]
+        if let want = config.numExperts, want != E {
+            throw SMoEError.dataset(file, routerName, "has \(E) rows but config.json says \(want) experts")
+        }
+        guard config.topK <= E else {
+            throw SMoEError.dataset(configPath, "num_experts_per_tok", "\(config.topK) exceeds the \(E) experts of \(prefix)")
+        }
+        let routing = LayerConfig(name: prefix, index: 0, numExperts: E, topK: config.topK, dModel: H, dFF: 1,
+                                  expertType: family.expertType, activation: config.activation, routerType: config.routerType,
+                                  numGroups: config.numGroups, topKGroups: config.topKGroups,
+                                  routedScalingFactor: config.routedScalingFactor)
+        if let problem = routing.routingProblem {
+            throw SMoEError.dataset(configPath, family.groupKeys?.groups.key ?? "num_experts_per_tok", "\(problem) (layer \(prefix))")
+        }
+        var selectionBias: String? = nil
+        if let suffix = family.selectionBiasSuffix {
+            guard let b = selectionBiases[prefix] else {
+                throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix) (\(family.displayName) routers choose experts with it)")
+            }
+            let bi = try model.info(b)
+            let want = family.selectionBiasRowVector ? [1, E] : [E]
+            guard bi.shape == want, bi.dtype.isFloat else {
+                throw SMoEError.dataset(where_(b), b, "must be a float vector \(want) (one per router row), is \(bi.dtype.rawValue) \(bi.shape)")
+            }
+            biasDTypes.insert(bi.dtype)
+            selectionBias = b
+        }
+        routerDTypes.insert(ri.dtype)
+        var layer = SourceMoELayer(prefix: prefix, router: routerName, selectionBias: selectionBias, experts: [], fused: [:],
+                                   layout: .perExpert, numExperts: E, dModel: H, dFF: 0)
+        if let suffix = family.routerBiasSuffix {
+            guard let b = routerBiases[prefix] else { throw SMoEError.file(dir, "missing tensor \(prefix).\(suffix)") }
+            let bi = try model.info(b)
+            guard bi.shape == [E], bi.dtype == ri.dtype else {
+                throw SMoEError.dataset(where_(b), b, "must be a [\(E)] vector of the router's dtype \(ri.dtype.rawValue), is \(bi.dtype.rawValue) \(bi.shape)")
+            }
+            layer.routerBias = b
+        }
+        if family.fusedInputMajorInterleaved {
+            try planInterleavedExperts(&layer)
+        } else if let f = fused[prefix] {
+            try planFusedExperts(&layer, f)
+        } else {
+            try planPerExpert(&layer)
+        }
+        layouts.insert(layer.layout)
+        return layer
+    }
+
+    /// GPT-OSS: fused input-major interleaved `gate_up_proj` and `down_proj` with their biases,
+    /// as floats or MXFP4 blocks.
+    mutating func planInterleavedExperts(_ layer: inout SourceMoELayer) throws {
+        let prefix = layer.prefix, E = layer.numExperts, H = layer.dModel
+        guard let f = fused[prefix], let gu = f["gate_up"], let dn = f["down"], let gb = f["gate_up_bias"], let db = f["down_bias"] else {
+            throw SMoEError.file(dir, "\(prefix): \(family.displayName) needs the fused tensors \(["gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"].map { "experts." + $0 }.joined(separator: ", "))")
+        }
+        let gi = try model.info(gu), di = try model.info(dn), gbi = try model.info(gb), dbi = try model.info(db)
+        if quant == .mxfp4, gu.hasSuffix("_blocks") || dn.hasSuffix("_blocks") {
+            // MXFP4: blocks [E, 2I, H/32, 16] and [E, H, I/32, 16] (out × in), float biases.
+            guard gu.hasSuffix("_blocks"), dn.hasSuffix("_blocks"), let gs = expertScales[gu], let ds = expertScales[dn] else {
+                throw SMoEError.file(dir, "\(prefix): MXFP4 experts need gate_up_proj_blocks, gate_up_proj_scales, down_proj_blocks and down_proj_scales")
+            }
+            let (ge, gr, gc) = try QuantizedRead.checkMXFP4(gu, scale: gs, model: model)
+            guard ge == E, gc == H, gr >= 2, gr % 2 == 0 else {
+                throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), 2·d_ff, \(H / 32), 16] (\(E) router slots, d_model \(H) in groups of 32)")
+            }
+            let I = gr / 2
+            let (de, dr, dc) = try QuantizedRead.checkMXFP4(dn, scale: ds, model: model)
+            guard de == E, dr == H, dc == I else {
+                throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not [\(E), \(H), \(I / 32), 16] (d_ff \(I) in groups of 32)")
+            }
+            for (n, i, want) in [(gb, gbi, [E, 2 * I]), (db, dbi, [E, H])] {
+                guard i.shape == want, i.dtype.isFloat, i.dtype == gbi.dtype else {
+                    throw SMoEError.dataset(where_(n), n, "must be a float [\(want.map(String.init).joined(separator: ", "))] tensor of the other bias's dtype, is \(i.dtype.rawValue) \(i.shape)")
+                }
+            }
+            expertDTypes.insert(.U8)
+            scaleTypes.insert(gbi.dtype)
+            fusedSuffixes.insert("")
+            layer.fused = f
+            layer.layout = .fused
+            layer.dFF = I
+            return
+        }
+        guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[1] == H, gi.shape[2] >= 2, gi.shape[2] % 2 == 0 else {
+            throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not [\(E), \(H), 2·d_ff] (\(E) router slots, d_model \(H))")
+        }
+        let I = gi.shape[2] / 2
+        for (n, i, want) in [(dn, di, [E, I, H]), (gb, gbi, [E, 2 * I]), (db, dbi, [E, H])] {
+            guard i.shape == want else { throw SMoEError.dataset(where_(n), n, "shape \(i.shape) is not \(want)") }
+            guard i.dtype == gi.dtype, i.dtype.isFloat else {
+                throw SMoEError.dataset(where_(n), n, "dtype \(i.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
+            }
+        }
+        expertDTypes.insert(gi.dtype)
+        fusedSuffixes.insert("")
+        layer.fused = f
+        layer.layout = .fused
+        layer.dFF = I
+    }
+
+    /// Fused `gate_up` and `down` tensors `f` ([E, 2I, H] and [E, H, I]; Llama-4 input-major).
+    mutating func planFusedExperts(_ layer: inout SourceMoELayer, _ f: [String: String]) throws {
+        let prefix = layer.prefix, E = layer.numExperts, H = layer.dModel
+        if let pe = perExpert[prefix], let any = pe.values.first?.values.first {
+            throw SMoEError.dataset(where_(any), any, "per-expert tensor next to fused expert tensors in \(prefix)")
+        }
+        let suffix = fusedSuffixes.first ?? ""
+        guard let gu = f["gate_up"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "gate_up", suffix: suffix))") }
+        guard let dn = f["down"] else { throw SMoEError.file(dir, "missing tensor \(family.fusedTensorName(layer: prefix, part: "down", suffix: suffix))") }
+        let gi = try model.info(gu), di = try model.info(dn)
+        // [E, 2I, H] and [E, H, I]; Llama-4: input-major [E, H, 2I] and [E, I, H].
+        let inMajor = family.fusedInputMajorHalves
+        let (hAxis, iAxis) = inMajor ? (1, 2) : (2, 1)
+        guard gi.shape.count == 3, gi.shape[0] == E, gi.shape[hAxis] == H, gi.shape[iAxis] >= 2, gi.shape[iAxis] % 2 == 0 else {
+            throw SMoEError.dataset(where_(gu), gu, "shape \(gi.shape) is not \(inMajor ? "[\(E), \(H), 2·d_ff]" : "[\(E), 2·d_ff, \(H)]") (\(E) router slots, d_model \(H))")
+        }
+        let I = gi.shape[iAxis] / 2
+        guard di.shape == (inMajor ? [E, I, H] : [E, H, I]) else {
+            throw SMoEError.dataset(where_(dn), dn, "shape \(di.shape) is not \(inMajor ? [E, I, H] : [E, H, I])")
+        }
+        let gt = try expertType(gu, gi), dt = try expertType(dn, di)
+        guard gt == dt, gt.isFloat || gt == .F8_E4M3 else {
+            throw SMoEError.dataset(where_(dn), dn, "dtype \(di.dtype.rawValue) differs from \(gu) (\(gi.dtype.rawValue)) or is not a float type")
+        }
+        expertDTypes.insert(gt)
+        layer.fused = f
+        layer.layout = .fused
+        layer.dFF = I
+    }
+
+    /// One tensor per expert and matrix, for every router slot 0..E-1 and no other.
+    mutating func planPerExpert(_ layer: inout SourceMoELayer) throws {
+        let prefix = layer.prefix, routerName = layer.router, E = layer.numExperts, H = layer.dModel
+        let roles = ["up", "gate", "down"].filter { family.matrixNames[$0] != nil }
+        let pe = perExpert[prefix] ?? [:]
+        if let extra = pe.keys.filter({ $0 >= E }).min(), let any = pe[extra]!.values.sorted().first {
+            throw SMoEError.dataset(where_(any), any, "extra expert \(extra): the router \(routerName) has \(E) slots")
+        }
+        var I: Int? = nil
+        var dtype: SafetensorsDType? = nil
+        for n in 0..<E {
+            var m: [String: String] = [:]
+            for role in roles {
+                let want = family.expertTensorName(layer: prefix, expert: n, matrix: role)
+                guard let name = pe[n]?[role] else {
+                    throw SMoEError.file(dir, "missing expert tensor \(want) (the router \(routerName) has \(E) slots)")
+                }
+                let info = try model.info(name)
+                let i = I ?? (role == "down" ? info.shape.last ?? 0 : info.shape.first ?? 0)
+                let shape = role == "down" ? [H, i] : [i, H]
+                guard info.shape == shape, i >= 1 else {
+                    throw SMoEError.dataset(where_(name), name, "shape \(info.shape) does not match \(shape) (d_model \(H) from the router)")
+                }
+                let t = try expertType(name, info)
+                guard t.isFloat || t == .F8_E4M3, dtype == nil || dtype == t else {
+                    throw SMoEError.dataset(where_(name), name, "dtype \(info.dtype.rawValue) differs from the layer's other experts or is not a float type")
+                }
+                I = i
+                dtype = t
+                m[role] = name
+            }
+            layer.experts.append(m)
+        }
+        expertDTypes.insert(dtype!)
+        layer.dFF = I!
+    }
+
+    /// The plan of `layers`: one layout, expert dtype, router dtype and selection bias dtype for
+    /// all, and the experts' encoding.
+    func finish(_ planned: [SourceMoELayer]) throws -> ImportPlan {
+        var layers = planned
         guard !layers.isEmpty else {
             throw SMoEError.file(dir, "no MoE layers found for \(family.rawValue) (no tensor named like \(family.blockPattern).\(family.routerSuffix))")
         }
@@ -560,6 +626,9 @@ public enum HFImport {
                           selectionBiasDType: biasDTypes.first, encoding: encoding,
                           scales: expertScales.filter { w, _ in layers.contains { $0.fused.values.contains(w) || $0.experts.contains { $0.values.contains(w) } } })
     }
+}
+
+extension HFImport {
 
     /// Reads one MoE layer of the plan.
     public static func readLayer(_ src: SourceMoELayer, index: Int, plan: ImportPlan, model: SafetensorsModel) throws -> MoELayer {

@@ -25,22 +25,35 @@ public class LayerFileWriter: @unchecked Sendable {
     }
 }
 
-/// Checks that a per-layer file at `path` (its layers `held`, each named by `name`, the file
-/// called `kind` in messages) fits `model`: every wanted model layer (`names`, default all) is in
-/// the file and passes `check`, and, when all layers are wanted, every layer of the file is an
-/// MoE layer of the model. Errors name the file and the layer.
-func checkLayersMatch<Info>(file path: String, kind: String, held: [Info], name: (Info) -> String, model: CheckpointReader,
-                            layers names: [String]?, _ check: (_ info: Info, _ config: LayerConfig) throws -> Void) throws {
+/// The one check that a file of per-layer parts at `path` (its layers `held`, each named by
+/// `name`: a calibration capture, statistics, a compressed checkpoint) fits `model`: every wanted
+/// model layer (`names`, default all) is in the file (else the error says `missing`) and passes
+/// `check`, and, when all layers are wanted, every layer of the file is an MoE layer of the model
+/// (else `foreign`). Errors name the file and the layer.
+func checkLayersMatch<Info>(file path: String, held: [Info], name: (Info) -> String, model: CheckpointReader,
+                            layers names: [String]?, missing: String, foreign: String,
+                            _ check: (_ info: Info, _ config: LayerConfig) throws -> Void = { _, _ in }) throws {
     for wanted in names ?? model.layers.map(\.name) {
         let c = try model.config(wanted)
         guard let info = held.first(where: { name($0) == wanted }) else {
-            throw SMoEError.dataset(path, "/moe_layers/\(wanted)", "missing: the model \(model.path) has this MoE layer but the \(kind) does not")
+            throw SMoEError.dataset(path, "/moe_layers/\(wanted)", missing)
         }
         try check(info, c)
     }
     if names == nil {
         for name in held.map(name) where !model.layers.contains(where: { $0.name == name }) {
-            throw SMoEError.dataset(path, "/moe_layers/\(name)", "is not an MoE layer of the model \(model.path)")
+            throw SMoEError.dataset(path, "/moe_layers/\(name)", foreign)
         }
+    }
+}
+
+extension CheckpointReader {
+    /// Checks that `other` (a compressed checkpoint) holds the MoE layers of this model (those
+    /// named, or all, and then no other): the same check as a calibration or statistics file's
+    /// (`checkLayersMatch`); errors name `other`, as the file at fault.
+    public func checkSameModel(_ other: CheckpointReader, layers names: [String]?) throws {
+        try checkLayersMatch(file: other.path, held: other.layers, name: \.name, model: self, layers: names,
+                             missing: "missing: \(path) has this MoE layer, so the files are not the same model",
+                             foreign: "is not an MoE layer of \(path): not the same model")
     }
 }

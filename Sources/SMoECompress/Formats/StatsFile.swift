@@ -14,6 +14,18 @@ public struct StatsLayerInfo: Sendable, Equatable {
     public var featureBases: [SimilarityBase]
 }
 
+extension StatsLayerInfo: LayerFileRecord {
+    /// As many slots as the model layer's router, and the same top-k.
+    public func check(against c: LayerConfig, file: String) throws {
+        guard numExperts == c.numExperts else {
+            throw SMoEError.dataset(file, "/moe_layers/\(name)/counts", "has \(numExperts) slots but the model's router has \(c.numExperts)")
+        }
+        guard topK == c.topK else {
+            throw SMoEError.dataset(file, "/moe_layers/\(name)@top_k", "is \(topK) but the model's layer has top_k \(c.topK)")
+        }
+    }
+}
+
 /// Writes an smoe-stats file (FORMAT.md §3) to a temporary file renamed on `commit()`.
 ///
 /// Per layer `/moe_layers/<name>/`: attributes `index`, `num_tokens`, `top_k`, `num_experts`;
@@ -60,16 +72,9 @@ public final class StatsWriter: LayerFileWriter, @unchecked Sendable {
 }
 
 /// Reads an smoe-stats file (FORMAT.md §3).
-public final class StatsReader: @unchecked Sendable {
-    public let path: String
-    let file: H5File
-    public let source: String
-    /// Layers in `index` order.
-    public let layers: [StatsLayerInfo]
-
+public final class StatsReader: LayerFileReader<StatsLayerInfo>, @unchecked Sendable {
     public init(_ path: String) throws {
-        self.path = path
-        (file, source, layers) = try readLayerGroups(path, expecting: "smoe-stats", layer: { name, lg in
+        try super.init(path, expecting: "smoe-stats", kind: "statistics file", missing: "no statistics for this MoE layer", record: { name, lg in
             let cd = try lg.openDataset("counts")
             guard cd.shape.count == 1, cd.shape[0] >= 1 else {
                 throw SMoEError.dataset(path, cd.path, "shape \(cd.shape) is not [E]")
@@ -108,14 +113,7 @@ public final class StatsReader: @unchecked Sendable {
             let featureBases = try present("features", shaped: { $0.count == 2 && $0[0] == E }, "[\(E), d_model]")
             return { StatsLayerInfo(name: name, index: $0, numExperts: E, topK: k, numTokens: n,
                                     bases: bases.sorted(), featureBases: featureBases.sorted()) }
-        }, order: { ($0.index, $0.name) })
-    }
-
-    public func info(_ name: String) throws -> StatsLayerInfo {
-        guard let i = layers.first(where: { $0.name == name }) else {
-            throw SMoEError.dataset(path, "/moe_layers/\(name)", "no statistics for this MoE layer")
-        }
-        return i
+        })
     }
 
     private func group(_ name: String) throws -> H5Group {
@@ -173,22 +171,6 @@ public final class StatsReader: @unchecked Sendable {
         for b in i.featureBases { feats[b] = try features(name, b) }
         return LayerStatistics(name: name, index: i.index, topK: i.topK, numTokens: i.numTokens,
                                counts: try counts(name), frequency: try frequency(name), similarity: sims, features: feats)
-    }
-
-    /// Checks that these statistics fit `model`: every MoE layer of the model has statistics
-    /// with as many slots as its router (and the same top-k), and every layer here belongs to
-    /// the model. Errors name the layer. With `layers`, only those model layers are checked.
-    public func checkMatches(_ model: CheckpointReader, layers names: [String]? = nil) throws {
-        try checkLayersMatch(file: path, kind: "statistics file", held: layers, name: \.name, model: model, layers: names) { info, c in
-            let name = info.name
-            guard info.numExperts == c.numExperts else {
-                throw SMoEError.dataset(path, "/moe_layers/\(name)/counts",
-                                        "has \(info.numExperts) slots but the model's router has \(c.numExperts)")
-            }
-            guard info.topK == c.topK else {
-                throw SMoEError.dataset(path, "/moe_layers/\(name)@top_k", "is \(info.topK) but the model's layer has top_k \(c.topK)")
-            }
-        }
     }
 }
 

@@ -24,7 +24,9 @@ public struct CompactRouterOptions: Sendable, Equatable {
 public struct RouterFitMeasure: Sendable, Equatable {
     public var tokens: Int
     /// Mean over tokens of −Σ_g p_g log q_g (p: group-summed slot probabilities, q: softmax of
-    /// the G-row router).
+    /// the G-row router); for sigmoid routers the binary cross-entropy
+    /// −Σ_g [p_g log q_g + (1 − p_g) log(1 − q_g)] (p_g: the group's largest member score
+    /// max_{s∈g} σ(z_s), q = σ of the G-row router).
     public var crossEntropy: Double
     /// Mean entropy of p: the least cross-entropy any router can reach (cross-entropy − this is
     /// the mean KL divergence).
@@ -56,6 +58,8 @@ public struct CompactRouterReport: Sendable {
     public var evaluation: (initial: RouterFitMeasure, fitted: RouterFitMeasure)? = nil
     /// The expert refit under the compact routing, when asked for (`MergeSettings.compactRefit`).
     public var refit: CompactRefitReport? = nil
+    /// How the selection bias was refitted, when the layer has one.
+    public var selectionBias: SelectionBiasFit? = nil
 
     /// Slot → group.
     public var slotToGroup: [Int] {
@@ -70,6 +74,7 @@ public struct CompactRouterReport: Sendable {
             ("start_rows", JSONValue(start)), ("calibration_start", initial.json), ("calibration_fitted", fitted.json),
         ]
         if let e = evaluation { kv += [("evaluation_start", e.initial.json), ("evaluation_fitted", e.fitted.json)] }
+        if let b = selectionBias { kv.append(("selection_bias", b.json)) }
         if let r = refit { kv.append(("expert_refit", r.json)) }
         return .object(kv)
     }
@@ -87,12 +92,15 @@ public enum CompactRouter {
     }
 
     /// The compact form of `merged` and what the fit did. `frequency` is the slots' usage (the
-    /// start row of a group is its most used slot's, the lower slot on ties).
+    /// start row of a group is its most used slot's, the lower slot on ties). Softmax routers
+    /// (and top-k-then-softmax) get rows fitted to the group-summed slot probabilities, sigmoid
+    /// routers rows fitted so that σ(row·x) reproduces the group's largest member score; a
+    /// selection bias is refitted (`SelectionBiasFit`), the scaling factor kept; with grouped
+    /// top-k the stored experts are first ordered into the expert groups (`regrouped`).
     public static func compact(_ merged: MoELayer, frequency: [Double], tokens: TokenBlocks,
                                options: CompactRouterOptions = CompactRouterOptions()) throws -> (layer: MoELayer, report: CompactRouterReport) {
-        guard merged.config.compactRouterFits, merged.selectionBias == nil else {
-            throw SMoEError("\(merged.name): the compact router fit models softmax routing without a selection bias, groups or scaling (this layer routes by \(merged.config.routerType.rawValue)\(merged.selectionBias != nil ? " with a selection bias" : ""))")
-        }
+        if let why = merged.config.compactProblem(groups: merged.numStored) { throw SMoEError.layer(merged.name, why) }
+        let merged = try regrouped(merged, frequency: frequency)
         let groups = groups(of: merged)
         if let empty = groups.firstIndex(where: \.isEmpty) {
             throw SMoEError.layer(merged.name, "stored expert \(empty) has no router slot, so it has no router row to fit")
@@ -112,10 +120,50 @@ public enum CompactRouter {
         out.routerBias = hasBias ? solution[(g * d)...].map { Float($0) } : nil
         out.expertMap = nil
         out.config.numExperts = g
+        // n_group = topk_group: every group is eligible, so the compact layer is ungrouped.
+        if out.config.topKGroups == out.config.numGroups { (out.config.numGroups, out.config.topKGroups) = (1, 1) }
+        var biasFit: SelectionBiasFit? = nil
+        if merged.selectionBias != nil {
+            (out.selectionBias, biasFit) = try SelectionBiasFit.fit(compact: out, slotLayer: merged, groups: groups, start: start, tokens: tokens)
+        }
         // Measured on the rows as stored (float32).
         let fitted = data.measure(parameters(out))
-        return (out, CompactRouterReport(name: merged.name, groups: groups, start: start, iterations: iterations,
-                                         converged: converged, initial: initial, fitted: fitted))
+        var report = CompactRouterReport(name: merged.name, groups: groups, start: start, iterations: iterations,
+                                         converged: converged, initial: initial, fitted: fitted)
+        report.selectionBias = biasFit
+        return (out, report)
+    }
+
+    /// `layer` with its stored experts ordered for grouped top-k (n_group > topk_group): the G
+    /// merged experts are assigned to the n_group expert groups, G / n_group each, maximising the
+    /// usage `frequency` of the member slots that lie in the group they are assigned to (a linear
+    /// assignment; deterministic), then stored group by group, each group's in the order of their
+    /// lowest member slot. Other layers unchanged.
+    static func regrouped(_ layer: MoELayer, frequency: [Double]) throws -> MoELayer {
+        let c = layer.config
+        guard c.numGroups > 1 && c.topKGroups < c.numGroups else { return layer }
+        let g = layer.numStored, size = g / c.numGroups, slotsPerGroup = c.numExperts / c.numGroups
+        let members = groups(of: layer)
+        // costs[i, col]: merged expert i in expert group col / size; a small share of the member
+        // count keeps unused slots meaningful.
+        var costs = [Float](repeating: 0, count: g * g)
+        for (i, slots) in members.enumerated() {
+            for s in slots {
+                let w = Float(frequency[s] + 1e-6)
+                for col in 0..<g where col / size == s / slotsPerGroup { costs[i * g + col] += w }
+            }
+        }
+        let assignment = try LinearAssignment.solve(rows: g, cols: g, costs: costs, maximize: true)
+        var bins = [[Int]](repeating: [], count: c.numGroups)
+        for (i, col) in assignment.rowToColumn.enumerated() { bins[col / size].append(i) }
+        // Within an expert group by lowest member slot. Position → merged expert.
+        let order = bins.flatMap { $0.sorted { members[$0].min()! < members[$1].min()! } }
+        var inverse = [Int](repeating: 0, count: g)
+        for (pos, i) in order.enumerated() { inverse[i] = pos }
+        var out = layer
+        out.experts = order.map { layer.experts[$0] }
+        out.expertMap = layer.resolvedMap.map { inverse[$0] }
+        return out
     }
 
     /// The fit's figures on other tokens (held out): the E-slot `slotLayer` (router and
@@ -141,12 +189,17 @@ public enum CompactRouter {
         var tokens = 0
         var entropy = 0.0
         let d: Int, g: Int, k: Int, hasBias: Bool
+        /// Sigmoid scoring: targets t_g = max_{s∈g} σ(z_s), loss the binary cross-entropy of
+        /// σ(W x + c) (else softmax targets and the cross-entropy of softmax(W x + c)).
+        let sigmoid: Bool
 
         init(layer: MoELayer, groups: [[Int]], tokens source: TokenBlocks) throws {
             d = layer.config.dModel
             g = groups.count
             k = min(layer.config.topK, groups.count)
             hasBias = layer.routerBias != nil
+            sigmoid = layer.config.routerType.scoring == "sigmoid"
+            let sigmoid = self.sigmoid
             let e = layer.config.numExperts
             var slotGroup = [Int](repeating: 0, count: e)
             for (j, slots) in groups.enumerated() { for s in slots { slotGroup[s] = j } }
@@ -164,6 +217,11 @@ public enum CompactRouter {
                 var p = [Double](repeating: 0, count: rows * g)
                 for t in 0..<rows {
                     if let b = bias { for s in 0..<e { z[t * e + s] += b[s] } }
+                    if sigmoid {
+                        for s in 0..<e { let v = 1 / (1 + Foundation.exp(-z[t * e + s])); p[t * g + slotGroup[s]] = max(p[t * g + slotGroup[s]], v) }
+                        for j in 0..<g { h += binaryEntropy(p[t * g + j]) }
+                        continue
+                    }
                     var mx = -Double.infinity
                     for s in 0..<e { mx = max(mx, z[t * e + s]) }
                     var sum = 0.0
@@ -196,7 +254,16 @@ public enum CompactRouter {
             var gb = [Double](repeating: 0, count: hasBias ? g : 0)
             for b in blocks {
                 var z = logits(theta, b)
-                for t in 0..<b.rows {
+                for t in 0..<b.rows where sigmoid {
+                    // −t log σ(u) − (1 − t) log(1 − σ(u)) = softplus(u) − t u; ∂/∂u = σ(u) − t.
+                    for j in 0..<g {
+                        let u = z[t * g + j], p = b.p[t * g + j]
+                        loss += max(u, 0) + Foundation.log1p(Foundation.exp(-abs(u))) - p * u
+                        z[t * g + j] = 1 / (1 + Foundation.exp(-u)) - p
+                        if hasBias { gb[j] += z[t * g + j] }
+                    }
+                }
+                for t in 0..<b.rows where !sigmoid {
                     var mx = -Double.infinity
                     for j in 0..<g { mx = max(mx, z[t * g + j]) }
                     var sum = 0.0
@@ -229,6 +296,11 @@ public enum CompactRouter {
             return RouterFitMeasure(tokens: tokens, crossEntropy: lossAndGradient(theta).0, entropy: entropy,
                                     topKAgreement: Double(agree) / Double(tokens))
         }
+    }
+
+    /// −t log t − (1 − t) log(1 − t), 0 at 0 and 1.
+    static func binaryEntropy(_ t: Double) -> Double {
+        (t > 0 ? -t * Foundation.log(t) : 0) + (t < 1 ? -(1 - t) * Foundation.log(1 - t) : 0)
     }
 
     /// The indices of the k largest values (ties to the lower index), as `MoELayer.route` picks.

@@ -216,12 +216,21 @@ public struct LayerConfig: Sendable, Equatable {
         (routerType == .softmax_topk || routerType == .softmax_topk_norm) && numGroups == 1 && routedScalingFactor == 1
     }
 
-    /// True when the compact router fit models this routing: the two plain softmax forms, and
-    /// GPT-OSS's top-k-then-softmax (its G rows and router bias fitted to the same group-summed
-    /// softmax of the slot logits; with one slot per group the fitted logits differ from the
-    /// slots' by a constant, which top-k-then-softmax ignores), without groups or scaling.
-    public var compactRouterFits: Bool {
-        isPlainSoftmaxRouting || (routerType == .topk_softmax && numGroups == 1 && routedScalingFactor == 1)
+    /// Why the compact router fit (ALGORITHM.md §3a) cannot make this layer a standard layer of
+    /// `groups` experts (nil when it can): one line. Modelled: softmax and sigmoid scoring (rows
+    /// fitted in that form, a selection bias refitted, the scaling factor kept) and GPT-OSS's
+    /// top-k-then-softmax; grouped top-k needs `groups` a multiple of n_group with at least 2
+    /// experts per routing group and top_k within the topk_group eligible groups (n_group =
+    /// topk_group makes every group eligible: the compact layer is ungrouped, exactly).
+    public func compactProblem(groups g: Int) -> String? {
+        if routerType.scalesExpertInput { return "routes by \(routerType.rawValue) (the routing weight scales the expert input), which the compact router fit does not model" }
+        guard numGroups > 1 && topKGroups < numGroups else { return nil }
+        func valid(_ m: Int) -> Bool { m % numGroups == 0 && m / numGroups >= 2 && topK <= topKGroups * (m / numGroups) }
+        if valid(g) { return nil }
+        let choices = stride(from: numGroups, through: numExperts, by: numGroups).filter(valid)
+        let list = choices.count > 4 ? choices.prefix(4).map(String.init).joined(separator: ", ") + " …" : choices.map(String.init).joined(separator: ", ")
+        return "groups \(g) cannot keep the grouped top-k of \(numGroups) expert groups (n_group \(numGroups), topk_group \(topKGroups), top_k \(topK): a multiple of n_group with at least 2 experts per expert group and top_k ≤ topk_group × groups / n_group)"
+            + (choices.isEmpty ? "; no group count below the \(numExperts) experts works" : ": use \(list)")
     }
 
     /// Why these routing settings cannot be computed (nil when they can): a one-line reason.

@@ -151,12 +151,17 @@ public struct EvaluationAccumulator: Sendable {
             refSq += a2
             cosSum += (a2 == 0 && b2 == 0) ? 1 : (a2 == 0 || b2 == 0 ? 0 : ab / (a2.squareRoot() * b2.squareRoot()))
             if let m = slotGroups {
-                // The original's k groups of largest group-summed probability Σ_{s∈g} softmax(z)_s.
+                // The original's k groups of largest group-summed probability Σ_{s∈g} softmax(z)_s
+                // (sigmoid routers: largest member score max_{s∈g} σ(z_s), the fit's target).
                 let e = r0.logits.cols
                 let z = r0.logits.data[(t * e)..<((t + 1) * e)].map(Double.init)
                 let mx = z.max() ?? 0
                 var p = [Double](repeating: 0, count: compressed.config.numExperts)
-                for (s, v) in z.enumerated() where m[s] >= 0 { p[m[s]] += Foundation.exp(v - mx) }
+                if compressed.config.routerType.scoring == "sigmoid" {
+                    for (s, v) in z.enumerated() where m[s] >= 0 { p[m[s]] = max(p[m[s]], 1 / (1 + Foundation.exp(-v))) }
+                } else {
+                    for (s, v) in z.enumerated() where m[s] >= 0 { p[m[s]] += Foundation.exp(v - mx) }
+                }
                 let chosen = Set(CompactRouter.topK(p[...], k)), chosen1 = Set(r1.slots[(t * k)..<((t + 1) * k)])
                 overlap += chosen.intersection(chosen1).count
                 if chosen == chosen1 { agree += 1 }
@@ -201,6 +206,16 @@ public enum Evaluation {
     public static func evaluate(original: MoELayer, compressed: MoELayer, calibration: CalibrationReader,
                                 bytesBefore: Int, bytesAfter: Int, tokens: TokenSettings = TokenSettings(),
                                 slotGroups: [Int]? = nil, progress: ProgressCallback? = nil) throws -> LayerEvaluation {
+        try evaluate(original: LayerSource(original), compressed: compressed, calibration: calibration, bytesBefore: bytesBefore,
+                     bytesAfter: bytesAfter, tokens: tokens, slotGroups: slotGroups, progress: progress)
+    }
+
+    /// Compares a compressed layer with the original read from its source (`LayerSource`, as the
+    /// stages read it: each routed expert read in turn, one token block at a time) on the layer's
+    /// calibration tokens.
+    public static func evaluate(original: LayerSource, compressed: MoELayer, calibration: CalibrationReader,
+                                bytesBefore: Int, bytesAfter: Int, tokens: TokenSettings = TokenSettings(),
+                                slotGroups: [Int]? = nil, progress: ProgressCallback? = nil) throws -> LayerEvaluation {
         var acc = try EvaluationAccumulator(original: original, compressed: compressed, slotGroups: slotGroups)
         let info = try calibration.info(original.name)
         let total = min(info.numTokens, tokens.maxTokens ?? Int.max)
@@ -218,23 +233,14 @@ public enum Evaluation {
                            progress: ProgressCallback? = nil) throws -> ModelEvaluation {
         try tokens.validate()
         let wanted = try original.selectLayers(names)
-        for n in wanted {
-            guard compressed.layers.contains(where: { $0.name == n }) else {
-                throw SMoEError.dataset(compressed.path, "/moe_layers/\(n)", "missing: \(original.path) has this MoE layer, so the files are not the same model")
-            }
-        }
-        if names == nil {
-            for c in compressed.layers where !original.layers.contains(where: { $0.name == c.name }) {
-                throw SMoEError.dataset(compressed.path, "/moe_layers/\(c.name)", "is not an MoE layer of \(original.path): not the same model")
-            }
-        }
+        try original.checkSameModel(compressed, layers: names == nil ? nil : wanted)
         try calibration.checkMatches(original, layers: wanted)
         var out: [LayerEvaluation] = []
         for n in wanted {
-            let a = try original.readLayer(n), b = try compressed.readLayer(n)
-            for (file, layer) in [(original.path, a), (compressed.path, b)] {
-                if let what = layer.firstNonFinite { throw SMoEError.dataset(file, n, "\(what) holds NaN or Inf") }
-            }
+            // The original as the stages read it (its reader refuses NaN and Inf in each part it
+            // reads); the compressed layer (usually small) whole.
+            let a = try original.layerSource(n), b = try compressed.readLayer(n)
+            if let what = b.firstNonFinite { throw SMoEError.dataset(compressed.path, n, "\(what) holds NaN or Inf") }
             let e: LayerEvaluation
             do {
                 e = try evaluate(original: a, compressed: b, calibration: calibration,

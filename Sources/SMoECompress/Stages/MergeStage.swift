@@ -108,10 +108,13 @@ public struct MergeSettings: Sendable {
             if prune != nil, let c = model.layers.first(where: { $0.numGroups > 1 }) {
                 throw SMoEError.setting(.prune, "drops router slots, which breaks the \(c.numGroups) expert groups of \(model.architecture) layer \(c.name) (grouped top-k); merge with the default {router} slots")
             }
-            if prune == nil, let c = model.layers.first(where: { !$0.compactRouterFits }) {
-                let how = "\(c.routerType.rawValue)" + (c.numGroups > 1 ? ", \(c.numGroups) expert groups" : "")
-                    + (c.routedScalingFactor != 1 ? ", routed scaling \(c.routedScalingFactor)" : "")
-                throw SMoEError.setting(.router, "compact fits softmax routers only (and GPT-OSS's top-k-then-softmax), but \(model.architecture) layer \(c.name) routes by \(how); merge with the default {router} slots")
+            if prune == nil {
+                for c in model.layers {
+                    // With adaptive groups the planned counts are checked in validateCompact.
+                    if let why = c.compactProblem(groups: groups), !adaptive || c.routerType.scalesExpertInput {
+                        throw SMoEError.setting(.router, "compact: \(model.architecture) layer \(c.name): \(why); merge with the default {router} slots")
+                    }
+                }
             }
             if !adaptive, let c = model.layers.first(where: { $0.topK > groups }) {
                 throw SMoEError.setting(prune != nil ? .prune : .router, "\(prune != nil ? "keeps" : "compact needs") top_k ≤ {groups}, but layer \(c.name) routes each token to \(c.topK) experts and {groups} is \(groups)")
@@ -128,6 +131,11 @@ public struct MergeSettings: Sendable {
         if Set(counts.map(\.1)).count > 1 {
             throw SMoEError.setting(.router, "compact needs the same number of groups in every layer (a Hugging Face config holds one expert count), but {adaptive} planned "
                 + counts.map { "\($0.0.name): \($0.1)" }.joined(separator: ", ") + "; give a uniform {groups} without {adaptive}")
+        }
+        for (c, g) in counts {
+            if let why = c.compactProblem(groups: g) {
+                throw SMoEError.setting(.router, "compact: layer \(c.name): \(why)")
+            }
         }
         for (c, g) in counts where c.topK > g {
             throw SMoEError.setting(.router, "compact needs top_k ≤ groups, but layer \(c.name) routes each token to \(c.topK) experts and has \(g) groups")
@@ -156,9 +164,19 @@ public struct LayerMergeReport: Sendable {
     /// for a layer that keeps its E router slots.
     public var compactSlots: [Int]? { prune?.slotToExpert ?? compact?.slotToGroup }
 
+    /// The grouping's index of each stored expert: the compact fit may store the groups in
+    /// another order (grouped top-k: by expert group), else the identity.
+    var storedOrder: [Int] {
+        guard let c = compact else { return Array(grouping.groups.indices) }
+        return c.groups.map { slots in grouping.groups.firstIndex(of: slots) ?? 0 }
+    }
+
     public var json: JSONValue {
         var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .int(grouping.groups.count))]
-        if prune == nil { kv += [("expert_map", JSONValue(grouping.slotToGroup)), ("members", .array(groups.map(\.json)))] }
+        if prune == nil {
+            kv += [("expert_map", JSONValue(compact?.slotToGroup ?? grouping.slotToGroup)),
+                   ("members", .array(groups.isEmpty ? [] : storedOrder.map { groups[$0].json }))]
+        }
         if let c = compact { kv.append(("compact_router", c.json)) }
         if let (base, m) = similarity {
             let e = Int(Double(m.count).squareRoot())
@@ -172,8 +190,9 @@ public struct LayerMergeReport: Sendable {
 
     /// The compact form recorded in the checkpoint history.
     public var historyJSON: JSONValue {
-        var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .array(grouping.groups.map { JSONValue($0) })),
-                                         ("dominant", JSONValue(grouping.dominant))]
+        let order = storedOrder
+        var kv: [(String, JSONValue)] = [("name", .string(name)), ("groups", .array(order.map { JSONValue(grouping.groups[$0]) })),
+                                         ("dominant", JSONValue(order.map { grouping.dominant[$0] }))]
         if let c = compact {
             kv += [("router_cross_entropy", .double(c.fitted.crossEntropy)), ("router_top_k_agreement", .double(c.fitted.topKAgreement))]
         }

@@ -139,5 +139,5 @@ public enum Setting: String, Sendable, CaseIterable {
     // Memory.
     case maxMemory = "max-memory"
     // The planted-model generator.
-    case synthLayers = "synth-layers", experts, families, topK = "top-k", dimensions, noise, tokens
+    case synthLayers = "synth-layers", experts, families, topK = "top-k", dimensions, noise, tokens, synthRouting = "synth-routing"
 }

@@ -19,6 +19,13 @@ public struct SyntheticSpec: Sendable, Equatable {
     /// Calibration tokens per layer.
     public var tokens: Int
     public var seed: UInt64
+    /// Grouped top-k (n_group, topk_group), the routed scaling factor and the standard deviation
+    /// of a per-slot selection bias drawn N(0, σ²) from its own seeded stream (0: none): the
+    /// DeepSeek-V3 router with a sigmoid `routerType`. Defaults leave the planted model as before.
+    public var numGroups = 1
+    public var topKGroups = 1
+    public var routedScalingFactor: Float = 1
+    public var selectionBiasStd: Float = 0
 
     public init(architecture: String, numLayers: Int, numExperts: Int, families: Int, topK: Int, dModel: Int, dFF: Int,
                 expertType: ExpertType, activation: Activation, routerType: RouterType, noise: Float, tokens: Int, seed: UInt64) {
@@ -55,6 +62,17 @@ public struct SyntheticSpec: Sendable, Equatable {
         if dModel < 1 || dFF < 1 { throw SMoEError.setting(.dimensions, "must be positive") }
         if tokens < 1 { throw SMoEError.setting(.tokens, "must be positive") }
         if !(noise >= 0 && noise.isFinite) { throw SMoEError.setting(.noise, "must be a finite number ≥ 0") }
+        let c = LayerConfig(name: "synthetic", index: 0, numExperts: numExperts, topK: topK, dModel: dModel, dFF: dFF,
+                            expertType: expertType, activation: activation, routerType: routerType, numGroups: numGroups,
+                            topKGroups: topKGroups, routedScalingFactor: routedScalingFactor)
+        if let why = c.routingProblem { throw SMoEError.setting(.synthRouting, why) }
+        if routerType.scalesExpertInput { throw SMoEError.setting(.synthRouting, "\(routerType.rawValue) is not generated (the capture does not scale the expert input)") }
+        if !(selectionBiasStd >= 0 && selectionBiasStd.isFinite) { throw SMoEError.setting(.synthRouting, "the selection bias deviation must be a finite number ≥ 0") }
+    }
+
+    /// True when the routing is the original planted one (plain softmax, no bias or groups).
+    var plainRouting: Bool {
+        (routerType == .softmax_topk || routerType == .softmax_topk_norm) && numGroups == 1 && routedScalingFactor == 1 && selectionBiasStd == 0
     }
 }
 
@@ -149,7 +167,7 @@ public enum SyntheticGenerator {
         }
 
         /// After every expert: the router, the calibration tokens and the layer's configuration.
-        mutating func routerAndTokens() -> (router: Matrix, x: Matrix, config: LayerConfig) {
+        mutating func routerAndTokens() -> (router: Matrix, x: Matrix, config: LayerConfig, selectionBias: [Float]?) {
             let E = spec.numExperts, P = spec.families, d = spec.dModel
             // Router: slot e's row = s_e · (4·u_family + 2·n_e) with n_e a random unit vector. The
             // first slot of each family (its leader) has s = 1, the others 0.6...0.7, so the leader
@@ -180,13 +198,26 @@ public enum SyntheticGenerator {
             }
             let config = LayerConfig(
                 name: layerName(spec, index), index: index, numExperts: E, topK: spec.topK, dModel: d, dFF: spec.dFF,
-                expertType: spec.expertType, activation: spec.activation, routerType: spec.routerType)
-            return (router, x, config)
+                expertType: spec.expertType, activation: spec.activation, routerType: spec.routerType,
+                numGroups: spec.numGroups, topKGroups: spec.topKGroups, routedScalingFactor: spec.routedScalingFactor)
+            var selectionBias: [Float]? = nil
+            if spec.selectionBiasStd > 0 {
+                var r = SplitMix64(seed: spec.seed ^ 0x5E1E_C7ED &+ UInt64(index))
+                selectionBias = (0..<E).map { _ in Float(r.nextGaussian()) * spec.selectionBiasStd }
+            }
+            return (router, x, config, selectionBias)
         }
 
-        /// Planted usage by a direct per-token loop (ties to the lower slot).
-        func counts(router: Matrix, x: Matrix) -> [Int] {
+        /// Planted usage by a direct per-token loop (ties to the lower slot); other routings by
+        /// the layer's routing.
+        func counts(router: Matrix, x: Matrix, config: LayerConfig, selectionBias: [Float]?) -> [Int] {
             let E = spec.numExperts, d = spec.dModel
+            if !spec.plainRouting {
+                var counts = [Int](repeating: 0, count: E)
+                let z = BLAS.matmul(x, router, transB: true)
+                for s in MoELayer.route(logits: z, config: config, selectionBias: selectionBias).slots { counts[s] += 1 }
+                return counts
+            }
             var counts = [Int](repeating: 0, count: E)
             for t in 0..<spec.tokens {
                 var logits = [Float](repeating: 0, count: E)
@@ -212,10 +243,10 @@ public enum SyntheticGenerator {
             experts.append(expert)
             perms.append(perm)
         }
-        let (router, x, config) = plan.routerAndTokens()
-        let layer = MoELayer(config: config, router: router, experts: experts)
+        let (router, x, config, selectionBias) = plan.routerAndTokens()
+        let layer = MoELayer(config: config, router: router, selectionBias: selectionBias, experts: experts)
         return (layer, x, PlantedLayer(name: config.name, family: plan.family, permutation: perms,
-                                       counts: plan.counts(router: router, x: x)))
+                                       counts: plan.counts(router: router, x: x, config: config, selectionBias: selectionBias)))
     }
 
     /// Writes the checkpoint and its calibration file, one expert in memory at a time (the
@@ -225,12 +256,17 @@ public enum SyntheticGenerator {
     public static func write(_ spec: SyntheticSpec, model: String, calibration: String,
                              storage: StorageType = .f32) throws -> [PlantedLayer] {
         try spec.validate()
-        let entry: JSONValue = [
+        let base: JSONValue = [
             "stage": "synth", "seed": .int(Int(truncatingIfNeeded: spec.seed)), "layers": .int(spec.numLayers),
             "experts": .int(spec.numExperts), "families": .int(spec.families), "top_k": .int(spec.topK),
             "d_model": .int(spec.dModel), "d_ff": .int(spec.dFF), "expert_type": .string(spec.expertType.rawValue),
             "noise": .double(Double("\(spec.noise)") ?? Double(spec.noise)), "tokens": .int(spec.tokens),
         ]
+        let entry = base.adding(spec.plainRouting ? [] : [
+            ("router_type", .string(spec.routerType.rawValue)), ("n_group", .int(spec.numGroups)), ("topk_group", .int(spec.topKGroups)),
+            ("routed_scaling_factor", .double(Double("\(spec.routedScalingFactor)") ?? 1)),
+            ("selection_bias_std", .double(Double("\(spec.selectionBiasStd)") ?? 0)),
+        ])
         let w = try CheckpointWriter(destination: model, architecture: spec.architecture, history: [], entry: entry,
                                      options: WriteOptions(dtype: storage))
         let cw = try CalibrationWriter(destination: calibration, source: "smoe-compress synth: " + entry.serialized())
@@ -251,10 +287,10 @@ public enum SyntheticGenerator {
                 try pending.write(expert)
                 perms.append(perm)
             }
-            let (router, x, config) = plan.routerAndTokens()
+            let (router, x, config, selectionBias) = plan.routerAndTokens()
             let truth = PlantedLayer(name: config.name, family: plan.family, permutation: perms,
-                                     counts: plan.counts(router: router, x: x))
-            let g = try w.finishDenseLayer(pending, config: config, router: router)
+                                     counts: plan.counts(router: router, x: x, config: config, selectionBias: selectionBias))
+            let g = try w.finishDenseLayer(pending, config: config, router: router, selectionBias: selectionBias)
             try g.write("planted/family", ints: truth.family, shape: [spec.numExperts], as: .i32)
             try g.write("planted/permutation", ints: truth.permutation.flatMap { $0 }, shape: [spec.numExperts, spec.dFF], as: .i32)
             try g.write("planted/counts", ints: truth.counts, shape: [spec.numExperts], as: .i64)
@@ -262,7 +298,7 @@ public enum SyntheticGenerator {
             try g.setAttribute("planted_noise", Double(spec.noise))
             // The layer's output, one expert at a time (as stored, so the capture matches the file).
             let stored = Matrix(rows: router.rows, cols: router.cols, data: router.data.map(storage.roundTrip))
-            let shell = MoELayer(config: config, router: stored, experts: [])
+            let shell = MoELayer(config: config, router: stored, selectionBias: selectionBias, experts: [])
             let routing = shell.route(x)
             var y = Matrix(rows: x.rows, cols: spec.dModel)
             for (e, disp) in shell.dispatch(routing, stored: spec.numExperts).enumerated() where !disp.tokens.isEmpty {

@@ -57,24 +57,8 @@ func assignmentBench(_ args: [String]) throws {
     let noise: Float = 0.2
 
     // SciPy: the helper script next to the sources (or under the current directory).
-    let script: String? = {
-        let fromSource = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("tools/bench_lsa_scipy.py").path
-        for p in ["tools/bench_lsa_scipy.py", fromSource] where FileManager.default.fileExists(atPath: p) { return p }
-        return nil
-    }()
-    func python(_ arguments: [String]) -> (status: Int32, out: String, err: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["python3"] + arguments
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        do { try p.run() } catch { return (-1, "", "\(error)") }
-        let o = out.fileHandleForReading.readDataToEndOfFile(), e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: o, as: UTF8.self), String(decoding: e, as: UTF8.self))
-    }
+    let script = repositoryFile("tools/bench_lsa_scipy.py")
+    let python = runPython
     var scipy = !args.contains("--no-scipy")
     if scipy {
         if script == nil {

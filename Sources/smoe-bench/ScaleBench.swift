@@ -10,8 +10,9 @@ import Glibc
 /// peak is never masked by an earlier, larger one. Before each stage the memory model below
 /// predicts its peak; a stage predicted above `--max-rss` GiB is skipped with the reason, so the
 /// benchmark cannot get the machine's processes killed for lack of memory.
-/// Options: `--d-model D --d-ff F --experts E --tokens T --groups G` (default 4096, 14336, 8,
-/// 4096, E/2), `--rank R` (default d_model/4: 1024 at the Mixtral shape; the stages lowrank-R and
+/// Options: `--shape mixtral|qwen3-30b-a3b` (the defaults below, or 2048, 768, 128, top-8, bf16,
+/// 16384 tokens), `--d-model D --d-ff F --experts E --top-k K --dtype f32|f16|bf16 --tokens T
+/// --groups G` (default 4096, 14336, 8, 2, f32, 4096, E/2), `--rank R` (default d_model/4: 1024 at the Mixtral shape; the stages lowrank-R and
 /// compress-R), `--stages a,b,…` (default all), `--max-rss GB` (default 20), `--dir PATH`
 /// (default a temporary folder), `--keep` (keep the checkpoints), `--json`, `--binary PATH`.
 func scaleBench(_ args: [String]) throws {
@@ -24,12 +25,22 @@ func scaleBench(_ args: [String]) throws {
         guard let v = Int(s), v > 0 else { throw SMoEError("\(name): expected a positive integer, got '\(s)'") }
         return v
     }
-    let d = try int("--d-model", 4096), f = try int("--d-ff", 14336), e = try int("--experts", 8)
-    let tokens = try int("--tokens", 4096), groups = try int("--groups", max(1, e / 2)), rank = try int("--rank", max(1, d / 4))
+    // The shape's defaults (each overridable): Mixtral-8x7B (float32), or Qwen3-30B-A3B (128
+    // experts, top-8, d_model 2048, d_ff 768, bfloat16 weights, 16384 tokens, 64 groups).
+    let shape = value("--shape") ?? "mixtral"
+    let preset: (d: Int, f: Int, e: Int, topK: Int, tokens: Int, dtype: String)
+    switch shape {
+    case "mixtral": preset = (4096, 14336, 8, 2, 4096, "f32")
+    case "qwen3-30b-a3b": preset = (2048, 768, 128, 8, 16384, "bf16")
+    default: throw SMoEError("--shape: unknown shape '\(shape)' (known: mixtral, qwen3-30b-a3b)")
+    }
+    let d = try int("--d-model", preset.d), f = try int("--d-ff", preset.f), e = try int("--experts", preset.e)
+    let topK = try int("--top-k", preset.topK), dtype = value("--dtype") ?? preset.dtype
+    let tokens = try int("--tokens", preset.tokens), groups = try int("--groups", max(1, e / 2)), rank = try int("--rank", max(1, d / 4))
     let maxRSS = try Double(value("--max-rss") ?? "20").flatMap { $0 > 0 ? $0 : nil }
         ?? { throw SMoEError("--max-rss: expected a positive number of GiB") }()
     let json = args.contains("--json"), keep = args.contains("--keep")
-    let model = ScaleMemoryModel(experts: e, dModel: d, dFF: f, tokens: tokens, groups: groups)
+    let model = ScaleMemoryModel(experts: e, dModel: d, dFF: f, tokens: tokens, groups: groups, topK: topK)
     let allStages = ["synth", "stats", "align", "merge-frequency", "merge-regmean+refit", "lowrank-\(rank)", "compress",
                      "compress-\(rank)"]
     let stages = value("--stages").map { $0.split(separator: ",").map { String($0) } } ?? allStages
@@ -48,7 +59,7 @@ func scaleBench(_ args: [String]) throws {
     let (m, c, st) = (path("mx.h5"), path("mx.calib.h5"), path("mx.stats.h5"))
     let mergeCommon = [m, "--calib", c, "--stats", st, "--groups", "\(groups)"]
     let commands: [String: (args: [String], outputs: [String], needs: [String])] = [
-        "synth": (["synth", "--layers", "1", "--experts", "\(e)", "--families", "\(groups)", "--top-k", "2",
+        "synth": (["synth", "--layers", "1", "--experts", "\(e)", "--families", "\(groups)", "--top-k", "\(topK)", "--dtype", dtype,
                    "--d-model", "\(d)", "--d-ff", "\(f)", "--expert-type", "glu", "--activation", "silu",
                    "--router-type", "softmax_topk_norm", "--tokens", "\(tokens)", "-o", m, "--calib", c], [m, c], []),
         "stats": (["stats", m, "--calib", c, "-o", st], [st], [m, c]),
@@ -64,7 +75,7 @@ func scaleBench(_ args: [String]) throws {
                              [path("compressed-rank.h5")], [m, c, st]),
     ]
     let gib = Double(1 << 30)
-    print("shape: \(e) experts (glu) of \(d)×\(f), \(tokens) tokens, \(groups) groups, rank \(rank); layer in float32 "
+    print("shape \(shape): \(e) experts (glu, top-\(topK), stored \(dtype)) of \(d)×\(f), \(tokens) tokens, \(groups) groups, rank \(rank); layer in float32 "
           + String(format: "%.2f GiB", Double(model.layerBytes) / gib) + "; budget \(maxRSS) GiB; work folder \(dir)")
     print("smoe-compress: \(binary) (OPENBLAS_NUM_THREADS=\(ProcessInfo.processInfo.environment["OPENBLAS_NUM_THREADS"] ?? "unset"))")
     func pad(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }
@@ -101,7 +112,7 @@ func scaleBench(_ args: [String]) throws {
     }
     if json {
         printRow(JSONValue.object([
-            ("shape", .object([("experts", .int(e)), ("d_model", .int(d)), ("d_ff", .int(f)), ("tokens", .int(tokens)),
+            ("shape", .object([("name", .string(shape)), ("top_k", .int(topK)), ("dtype", .string(dtype)), ("experts", .int(e)), ("d_model", .int(d)), ("d_ff", .int(f)), ("tokens", .int(tokens)),
                                ("groups", .int(groups)), ("rank", .int(rank))])),
             ("max_rss_gib", .double(maxRSS)), ("stages", .array(rows)),
         ]).serialized(pretty: true))
@@ -137,9 +148,10 @@ func spawnAndMeasure(_ path: String, _ args: [String], stdoutPath: String) throw
 /// families (E/G experts each); synth holds one expert and one block.
 struct ScaleMemoryModel {
     let experts, dModel, dFF, tokens, groups: Int
+    var topK = 2
     var layerBytes: Int { experts * 3 * dModel * dFF * 4 }
     var config: LayerConfig {
-        LayerConfig(name: "scale", index: 0, numExperts: experts, topK: 2, dModel: dModel, dFF: dFF, expertType: .glu,
+        LayerConfig(name: "scale", index: 0, numExperts: experts, topK: topK, dModel: dModel, dFF: dFF, expertType: .glu,
                     activation: .silu, routerType: .softmax_topk_norm)
     }
 

@@ -93,21 +93,11 @@ extension Matrix {
             }
         }
         // Row-major upper = column-major lower; G is symmetric, so column-major LAPACK sees G.
-        var w = [Double](repeating: 0, count: p)
-        var z = [Double](repeating: 0, count: p * r)
-        var isuppz = [Int32](repeating: 0, count: 2 * r)
-        var found: Int32 = 0
-        let info = LAPACKE_dsyevr(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "I")), CChar(UInt8(ascii: "L")),
-                                  Int32(p), &g, Int32(p), 0, 0, Int32(p - r + 1), Int32(p), 0, &found, &w, &z, Int32(p), &isuppz)
-        if info != 0 { throw LinearAlgebraError.lapack(routine: "dsyevr", info: info) }
-        if found != Int32(r) { throw LinearAlgebraError.lapack(routine: "dsyevr (found \(found) of \(r) eigenpairs)", info: -1) }
-        // Eigenvalues ascending in w[0..<r], eigenvectors in z's columns (contiguous, column-major).
-        var vecs = Matrix(rows: r, cols: p)
-        for j in 0..<r {
-            let src = (r - 1 - j) * p
-            for i in 0..<p { vecs.data[j * p + i] = Float(z[src + i]) }
+        let (vecs, eigSum) = try largestEigenpairs(&g, p: p, rank: r, routine: "dsyevr") { a, found, w, z, isuppz in
+            LAPACKE_dsyevr(LAPACK_COL_MAJOR, Self.jobV, Self.rangeI, Self.lower, Int32(p), a, Int32(p), 0, 0, Int32(p - r + 1), Int32(p),
+                           0, found, w, z, Int32(p), isuppz)
         }
-        return (vecs, (0..<r).reduce(0.0) { $0 + max(w[$1], 0) }, normSq)
+        return (vecs, eigSum, normSq)
     }
 
     /// The same in float32: G by `ssyrk` straight from A, eigenpairs by `ssyevr`.
@@ -121,19 +111,37 @@ extension Matrix {
             }
         }
         let normSq = data.reduce(0.0) { $0 + Double($1) * Double($1) }
-        var w = [Float](repeating: 0, count: p)
-        var z = [Float](repeating: 0, count: p * r)
-        var isuppz = [Int32](repeating: 0, count: 2 * r)
-        var found: Int32 = 0
-        let info = LAPACKE_ssyevr(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "V")), CChar(UInt8(ascii: "I")), CChar(UInt8(ascii: "L")),
-                                  Int32(p), &g, Int32(p), 0, 0, Int32(p - r + 1), Int32(p), 0, &found, &w, &z, Int32(p), &isuppz)
-        if info != 0 { throw LinearAlgebraError.lapack(routine: "ssyevr", info: info) }
-        if found != Int32(r) { throw LinearAlgebraError.lapack(routine: "ssyevr (found \(found) of \(r) eigenpairs)", info: -1) }
-        var vecs = Matrix(rows: r, cols: p)
-        for j in 0..<r {
-            let src = (r - 1 - j) * p
-            for i in 0..<p { vecs.data[j * p + i] = z[src + i] }
+        let (vecs, eigSum) = try largestEigenpairs(&g, p: p, rank: r, routine: "ssyevr") { a, found, w, z, isuppz in
+            LAPACKE_ssyevr(LAPACK_COL_MAJOR, Self.jobV, Self.rangeI, Self.lower, Int32(p), a, Int32(p), 0, 0, Int32(p - r + 1), Int32(p),
+                           0, found, w, z, Int32(p), isuppz)
         }
-        return (vecs, (0..<r).reduce(0.0) { $0 + max(Double(w[$1]), 0) }, normSq)
+        return (vecs, eigSum, normSq)
     }
+
+    static let jobV = CChar(UInt8(ascii: "V")), rangeI = CChar(UInt8(ascii: "I")), lower = CChar(UInt8(ascii: "L"))
+}
+
+/// The r largest eigenpairs of the symmetric p × p `g` (its lower triangle, column-major) by
+/// LAPACK `?syevr` (MRRR, only the wanted ones), called by `syevr` with (a, found, w, z, isuppz):
+/// the eigenvectors as rows [r, p], largest first, and the sum of those r eigenvalues (a negative
+/// one, from rounding, counted as 0).
+private func largestEigenpairs<T: BinaryFloatingPoint>(
+    _ g: inout [T], p: Int, rank r: Int, routine: String,
+    _ syevr: (UnsafeMutablePointer<T>, UnsafeMutablePointer<Int32>, UnsafeMutablePointer<T>, UnsafeMutablePointer<T>,
+              UnsafeMutablePointer<Int32>) -> Int32
+) throws -> (Matrix, Double) {
+    var w = [T](repeating: 0, count: p)
+    var z = [T](repeating: 0, count: p * r)
+    var isuppz = [Int32](repeating: 0, count: 2 * r)
+    var found: Int32 = 0
+    let info = syevr(&g, &found, &w, &z, &isuppz)
+    if info != 0 { throw LinearAlgebraError.lapack(routine: routine, info: info) }
+    if found != Int32(r) { throw LinearAlgebraError.lapack(routine: "\(routine) (found \(found) of \(r) eigenpairs)", info: -1) }
+    // Eigenvalues ascending in w[0..<r], eigenvectors in z's columns (contiguous, column-major).
+    var vecs = Matrix(rows: r, cols: p)
+    for j in 0..<r {
+        let src = (r - 1 - j) * p
+        for i in 0..<p { vecs.data[j * p + i] = Float(z[src + i]) }
+    }
+    return (vecs, (0..<r).reduce(0.0) { $0 + max(Double(w[$1]), 0) })
 }

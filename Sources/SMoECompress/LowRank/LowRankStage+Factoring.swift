@@ -44,10 +44,17 @@ extension LowRankStage {
         let norms = inputNorms.flatMap { n in n.contains(where: { $0 > 0 }) ? n : nil }
         if let wh = whitening, wh.n != inn { throw SMoEError("\(name): whitening of \(wh.n) inputs for \(inn) input features") }
         let normSq = w.frobeniusNorm * w.frobeniusNorm
-        // The rank-r part of m (W, or W − S in refinements), whitened and un-whitened if asked.
-        func lowRankPart(_ m: Matrix, rank r: Int) throws -> ((u: Matrix, v: Matrix), String) {
+        // The whitened W·L and the whitened factor V_w of its first low-rank part, kept for the
+        // output error below (so W·L is formed once: one triangular product of 2·out·in² flops,
+        // the largest single cost of a whitened matrix at Mixtral's shape).
+        var first: (whitened: Matrix, vw: Matrix)? = nil
+        // The rank-r part of m (W, or W − S in refinements), whitened and un-whitened if asked;
+        // `whitened` is m·L when the caller has it.
+        func lowRankPart(_ m: Matrix, rank r: Int, whitened: Matrix? = nil) throws -> ((u: Matrix, v: Matrix), String) {
             guard let wh = whitening else { return try truncatedSVD(m, rank: r, options: options) }
-            let (lr, used) = try truncatedSVD(wh.whiten(m), rank: r, options: options)
+            let a = whitened ?? wh.whiten(m)
+            let (lr, used) = try truncatedSVD(a, rank: r, options: options)
+            if first == nil { first = (a, lr.v) }
             return ((lr.u, wh.unwhiten(lr.v)), used)
         }
 
@@ -72,7 +79,7 @@ extension LowRankStage {
                 svdUsed = "exact"
             } else {
                 r = rankForEnergy(try target.singularValues(), fraction: f)
-                (lowRank, svdUsed) = try lowRankPart(w, rank: r)
+                (lowRank, svdUsed) = try lowRankPart(w, rank: r, whitened: whitening == nil ? nil : target)
             }
         }
 
@@ -84,6 +91,7 @@ extension LowRankStage {
         }
         var (s, errSq) = splitSparse(lowRank)
         var best = (u: lowRank.u, v: lowRank.v, s: s, errSq: errSq)
+        var bestIsFirst = true
         func rel(_ e: Double) -> Double { normSq > 0 ? (max(e, 0) / normSq).squareRoot() : 0 }
         var history = [rel(errSq)]
         if budget > 0 && budget < out * inn {
@@ -93,7 +101,7 @@ extension LowRankStage {
                 let lr = try lowRankPart(ws, rank: r).0
                 (s, errSq) = splitSparse(lr)
                 history.append(rel(errSq))
-                if errSq < best.errSq { best = (lr.u, lr.v, s, errSq) }
+                if errSq < best.errSq { best = (lr.u, lr.v, s, errSq); bestIsFirst = false }
             }
         }
 
@@ -106,12 +114,24 @@ extension LowRankStage {
             bytesBefore: dense.storedBytes(floatBytes: fb), bytesAfter: factored.storedBytes(floatBytes: fb),
             svd: svdUsed, activationAware: norms != nil, errorHistory: history)
         if let wh = whitening {
-            var resid = w
-            BLAS.gemm(best.u, best.v, alpha: -1, beta: 1, into: &resid)
-            best.s.add(to: &resid, scale: -1)
-            let base = wh.whiten(w).frobeniusNorm
+            // ‖(W − U·V − S)·L‖ / ‖W·L‖. Without a sparse part and with the first low-rank part
+            // kept, (W − U·V)·L = W·L − U·V_w (V = V_w·L⁻¹): one product of 2·out·in·r flops on
+            // the kept W·L instead of two more triangular products (equal up to float rounding).
+            let a = first?.whitened ?? wh.whiten(w)
+            let residW: Matrix
+            if let f = first, bestIsFirst, best.s.nnz == 0 {
+                var rw = f.whitened
+                BLAS.gemm(best.u, f.vw, alpha: -1, beta: 1, into: &rw)
+                residW = rw
+            } else {
+                var resid = w
+                BLAS.gemm(best.u, best.v, alpha: -1, beta: 1, into: &resid)
+                best.s.add(to: &resid, scale: -1)
+                residW = wh.whiten(resid)
+            }
+            let base = a.frobeniusNorm
             report.whitened = true
-            report.outputError = base > 0 ? wh.whiten(resid).frobeniusNorm / base : 0
+            report.outputError = base > 0 ? residW.frobeniusNorm / base : 0
         }
         if report.bytesAfter >= report.bytesBefore {
             report.keptDense = true
@@ -260,8 +280,8 @@ extension LowRankStage {
         try compressLayer(LayerSource(layer), options: options, inputNorms: inputNorms, whitenOn: tokens, progress: progress)
     }
 
-    /// `compressLayer` reading the experts from `source` one at a time: matrix kind by kind
-    /// (up, gate, down), each stored expert is read, its matrix factored, and only the factors
+    /// `compressLayer` reading the experts from `source` one at a time: up and gate expert by
+    /// expert, then down, each stored expert is read, its matrix factored, and only the factors
     /// kept; an expert is read again for each kind (and for a kind that stays dense).
     public static func compressLayer(_ source: LayerSource, options: LowRankOptions, inputNorms: [ExpertInputNorms]? = nil,
                                      whitenOn tokens: TokenBlocks? = nil,
@@ -281,66 +301,81 @@ extension LowRankStage {
         let names = ExpertMatrixName.allCases.filter { options.matrices.contains($0) && (c.expertType == .glu || $0 != .gate) }
         let total = names.count * G
         var done = 0
-        for m in names {
-            var ops: [LinearOp] = []
-            var mReports: [MatrixLowRankReport] = []
+        // up and gate read the same inputs, so they are factored together expert by expert and
+        // each expert's input Gram and whitening (a d_model² float64 Cholesky) is formed once for
+        // both, one expert's at a time; down follows once up and gate are decided (its inputs
+        // come from them). The results do not depend on this order.
+        let phases = [names.filter { $0 != .down }, names.filter { $0 == .down }].filter { !$0.isEmpty }
+        for phase in phases {
+            var phaseOps = [ExpertMatrixName: [LinearOp]](), phaseReports = [ExpertMatrixName: [MatrixLowRankReport]]()
             for g in 0..<G {
-                let label = "layer \(source.name) expert \(g) \(m.rawValue)"
-                let expert = try current(g)
-                guard let op = expert[matrix: m.rawValue] else { continue }
-                guard case .dense(let w) = op else { throw SMoEError("\(label) is already factored; run expand first", layer: source.name) }
-                var o = options
-                o.seed = options.seed &+ UInt64(g &* 3 &+ (ExpertMatrixName.allCases.firstIndex(of: m)!)) &* 0x9E37_79B9_7F4A_7C15
-                // One expert's Gram at a time (down's is d_ff² float64: 1.6 GB at Mixtral's 14336);
-                // down's inputs come from this expert's already factored up and gate.
-                var norms = inputNorms?[g].norms(for: m)
-                var whitening: Whitening? = nil
-                if let blocks = tokens {
-                    let gram = try inputGram(source, expert: expert, stored: g, tokens: blocks, hidden: m == .down)
-                    norms = gram.columnNorms
-                    whitening = try Whitening(gram, relativeRidge: options.whiteningRidge)
-                }
-                var (newOp, rep): (LinearOp, MatrixLowRankReport)
-                do {
-                    (newOp, rep) = try factor(w, options: o, inputNorms: norms, whitening: whitening,
-                                              rank: options.ranks[LowRankOptions.rankKey(m, expert: g)], name: label)
-                } catch let e as SMoEError {
-                    throw e.about(layer: source.name)  // `label` names the layer
-                }
-                rep.matrix = m.rawValue
-                rep.expert = g
-                ops.append(newOp)
-                mReports.append(rep)
-                done += 1
-                progress?("factoring \(source.name)", done, total)
-            }
-            // In a group where other experts are factored, a dense matrix is stored as the exact
-            // factorisation I·W (FORMAT.md); when that padding makes the whole group no smaller than
-            // all-dense, the whole group stays dense.
-            if ops.contains(where: \.isFactored) && ops.contains(where: { !$0.isFactored }) {
-                var padded = mReports
-                for (g, op) in ops.enumerated() where !op.isFactored {
-                    let p = LinearOp.factored(LowRankSparse.exact(op.dense()))
-                    padded[g].bytesAfter = p.storedBytes(floatBytes: options.floatBytes)
-                    padded[g].paramsAfter = p.parameterCount
-                    padded[g].reason = (padded[g].reason ?? "") + "; stored as the exact factorisation \(op.outFeatures <= op.inFeatures ? "I·W" : "W·I") beside factored experts"
-                }
-                let groupAfter = padded.reduce(0) { $0 + $1.bytesAfter }, groupBefore = padded.reduce(0) { $0 + $1.bytesBefore }
-                if groupAfter >= groupBefore {
-                    for g in 0..<ops.count where ops[g].isFactored {
-                        ops[g] = try source.expert(g)[matrix: m.rawValue]!
-                        mReports[g].keptDense = true
-                        mReports[g].reason = "the \(m.rawValue) matrices of the layer would take \(groupAfter) B mixed with dense ones (stored as I·W), dense take \(groupBefore) B"
-                        mReports[g].relativeError = 0
-                        mReports[g].bytesAfter = mReports[g].bytesBefore
-                        mReports[g].paramsAfter = mReports[g].paramsBefore
+                var shared: (norms: [Float]?, whitening: Whitening?)? = nil
+                for m in phase {
+                    let label = "layer \(source.name) expert \(g) \(m.rawValue)"
+                    let expert = try current(g)
+                    guard let op = expert[matrix: m.rawValue] else { continue }
+                    guard case .dense(let w) = op else { throw SMoEError("\(label) is already factored; run expand first", layer: source.name) }
+                    var o = options
+                    o.seed = options.seed &+ UInt64(g &* 3 &+ (ExpertMatrixName.allCases.firstIndex(of: m)!)) &* 0x9E37_79B9_7F4A_7C15
+                    // One expert's Gram at a time (down's is d_ff² float64: 1.6 GB at Mixtral's 14336);
+                    // down's inputs come from this expert's already factored up and gate.
+                    var norms = inputNorms?[g].norms(for: m)
+                    var whitening: Whitening? = nil
+                    if let blocks = tokens {
+                        if m != .down, let sh = shared {
+                            (norms, whitening) = sh
+                        } else {
+                            let gram = try inputGram(source, expert: expert, stored: g, tokens: blocks, hidden: m == .down)
+                            norms = gram.columnNorms
+                            whitening = try Whitening(gram, relativeRidge: options.whiteningRidge)
+                            if m != .down { shared = (norms, whitening) }
+                        }
                     }
-                } else {
-                    mReports = padded
+                    var (newOp, rep): (LinearOp, MatrixLowRankReport)
+                    do {
+                        (newOp, rep) = try factor(w, options: o, inputNorms: norms, whitening: whitening,
+                                                  rank: options.ranks[LowRankOptions.rankKey(m, expert: g)], name: label)
+                    } catch let e as SMoEError {
+                        throw e.about(layer: source.name)  // `label` names the layer
+                    }
+                    rep.matrix = m.rawValue
+                    rep.expert = g
+                    phaseOps[m, default: []].append(newOp)
+                    phaseReports[m, default: []].append(rep)
+                    done += 1
+                    progress?("factoring \(source.name)", done, total)
                 }
             }
-            for (g, op) in ops.enumerated() { decided[g][m.rawValue] = op }
-            reports += mReports
+            for m in phase {
+                var ops = phaseOps[m] ?? [], mReports = phaseReports[m] ?? []
+                // In a group where other experts are factored, a dense matrix is stored as the exact
+                // factorisation I·W (FORMAT.md); when that padding makes the whole group no smaller than
+                // all-dense, the whole group stays dense.
+                if ops.contains(where: \.isFactored) && ops.contains(where: { !$0.isFactored }) {
+                    var padded = mReports
+                    for (g, op) in ops.enumerated() where !op.isFactored {
+                        let p = LinearOp.factored(LowRankSparse.exact(op.dense()))
+                        padded[g].bytesAfter = p.storedBytes(floatBytes: options.floatBytes)
+                        padded[g].paramsAfter = p.parameterCount
+                        padded[g].reason = (padded[g].reason ?? "") + "; stored as the exact factorisation \(op.outFeatures <= op.inFeatures ? "I·W" : "W·I") beside factored experts"
+                    }
+                    let groupAfter = padded.reduce(0) { $0 + $1.bytesAfter }, groupBefore = padded.reduce(0) { $0 + $1.bytesBefore }
+                    if groupAfter >= groupBefore {
+                        for g in 0..<ops.count where ops[g].isFactored {
+                            ops[g] = try source.expert(g)[matrix: m.rawValue]!
+                            mReports[g].keptDense = true
+                            mReports[g].reason = "the \(m.rawValue) matrices of the layer would take \(groupAfter) B mixed with dense ones (stored as I·W), dense take \(groupBefore) B"
+                            mReports[g].relativeError = 0
+                            mReports[g].bytesAfter = mReports[g].bytesBefore
+                            mReports[g].paramsAfter = mReports[g].paramsBefore
+                        }
+                    } else {
+                        mReports = padded
+                    }
+                }
+                for (g, op) in ops.enumerated() { decided[g][m.rawValue] = op }
+                reports += mReports
+            }
         }
         var out = source.header
         out.experts = try (0..<G).map(current)

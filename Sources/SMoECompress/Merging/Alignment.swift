@@ -17,7 +17,10 @@ public struct LayerAlignment: Sendable {
     public var name: String
     public var reference: Int
     public var experts: [ExpertAlignment]
-    /// Seconds spent building cost matrices (BLAS) and in the assignment solver, summed over experts.
+    /// CPU seconds spent building cost matrices (BLAS) and in the assignment solver, summed over
+    /// experts: with pairs in parallel, each pair's worker thread's own; one pair at a time, the
+    /// process's (BLAS's threads included). So the product rate they give is per core busy, to
+    /// compare with the machine's one-thread `sgemm` rate, and the machine's load leaves it be.
     public var productSeconds: Double
     public var solverSeconds: Double
 
@@ -80,14 +83,26 @@ public enum Alignment {
                       gateBias: e.gateBias.map { b in perm.map { b[$0] } })
     }
 
-    /// The optimal permutation aligning `expert` to `reference`, with timings.
-    public static func permutation(reference: Expert, _ expert: Expert) throws -> (perm: [Int], productSeconds: Double, solverSeconds: Double) {
-        let t0 = DispatchTime.now().uptimeNanoseconds
+    /// The optimal permutation aligning `expert` to `reference`, with timings in CPU seconds, so
+    /// other processes on the machine do not inflate them: the calling thread's when it is one of
+    /// several single-threaded workers (`workerThread`), else the whole process's (BLAS's own
+    /// threads included).
+    public static func permutation(reference: Expert, _ expert: Expert,
+                                   workerThread: Bool = false) throws -> (perm: [Int], productSeconds: Double, solverSeconds: Double) {
+        let clock = workerThread ? CLOCK_THREAD_CPUTIME_ID : CLOCK_PROCESS_CPUTIME_ID
+        let t0 = cpuSeconds(clock)
         let c = try costMatrix(reference: reference, expert)
-        let t1 = DispatchTime.now().uptimeNanoseconds
+        let t1 = cpuSeconds(clock)
         let perm = try LinearAssignment.solve(c, maximize: true).rowToColumn
-        let t2 = DispatchTime.now().uptimeNanoseconds
-        return (perm, Double(t1 - t0) / 1e9, Double(t2 - t1) / 1e9)
+        let t2 = cpuSeconds(clock)
+        return (perm, t1 - t0, t2 - t1)
+    }
+
+    /// CPU seconds of `clock` (a `clock_gettime` CPU-time clock).
+    static func cpuSeconds(_ clock: clockid_t) -> Double {
+        var t = timespec()
+        clock_gettime(clock, &t)
+        return Double(t.tv_sec) + Double(t.tv_nsec) / 1e9
     }
 
     /// Mean cosine between neuron i of `a` and neuron perm[i] of `b` (neuron vector = up row,
@@ -169,7 +184,7 @@ public enum Alignment {
             let results = try BLAS.perform(slots.count) { k in
                 do {
                     let e = batch[k]
-                    let (perm, tp, ts) = try permutation(reference: ref, e)
+                    let (perm, tp, ts) = try permutation(reference: ref, e, workerThread: slots.count > 1)
                     let before = try meanNeuronCosine(ref, e, identity)
                     let after = try meanNeuronCosine(ref, e, perm)
                     return (ExpertAlignment(slot: slots[k], permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)

@@ -434,12 +434,13 @@ def test_llama4(tmp_path, multimodal):
     """Llama-4: top-1 of 16 logits, σ(z) multiplies the expert INPUT (topk_sigmoid_input);
     input-major fused gate_up_proj [E, H, 2I] (gate half, up half) and down_proj [E, I, H];
     an ungated shared expert (to /dense); text-only with interleave step 2 (layer 0 dense), and
-    the multimodal wrapper (language_model.model.layers, MoE keys in text_config). Compact is
-    refused (a sigmoid router); merge -> export loads."""
+    the multimodal wrapper (language_model.model.layers, MoE keys in text_config). merge -> export
+    loads; merge --router compact (sigmoid rows) -> export loads with 4 experts and runs;
+    compress --groups 4 with and without --rank 4 -> export loads and runs."""
     needs_exe()
     cls, cfg = llama4_config(multimodal)
     d = save_tiny(tmp_path, cls, cfg, init=random_llama4)
-    report = check_family(tmp_path, "AutoModelForCausalLM", d, groups=4, compact=False)
+    report = check_family(tmp_path, "AutoModelForCausalLM", d, groups=4)
     prefix = "language_model.model.layers" if multimodal else "model.layers"
     want = [f"{prefix}.{i}.feed_forward" for i in ([0, 1] if multimodal else [1])]
     assert [l["name"] for l in report["evaluation"]["layers"]] == want
@@ -450,17 +451,21 @@ def test_llama4(tmp_path, multimodal):
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     section = config["text_config"] if multimodal else config
     assert section["num_local_experts"] == 16  # E-slot merge: router slots unchanged
-    r = subprocess.run([str(EXE), "merge", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "4",
-                        "--router", "compact", "-o", str(tmp_path / "refused.h5")], capture_output=True, text=True)
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "topk_sigmoid_input" in r.stderr, r.stderr
-    r = subprocess.run([str(EXE), "compress", str(tmp_path / "m.h5"), "--calib", str(tmp_path / "calib.h5"), "--groups", "4",
-                        "--rank", "4", "-o", str(tmp_path / "refused.h5")], capture_output=True, text=True)
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "scales the expert input" in r.stderr, r.stderr
-    # Merging only (RegMean with the scaled inputs), exported and loaded.
-    run("compress", tmp_path / "m.h5", "--calib", tmp_path / "calib.h5", "--groups", 4, "-o", tmp_path / "c.h5")
-    run("export", tmp_path / "c.h5", "-o", tmp_path / "compressed")
+    # Compact: G = 4 sigmoid rows (top-1 of the logits, σ(z) on the input), loaded with 4 experts.
+    config = json.loads((tmp_path / "compact" / "config.json").read_text())
+    assert (config["text_config"] if multimodal else config)["num_local_experts"] == 4
+    compact = getattr(transformers, "AutoModelForCausalLM").from_pretrained(str(tmp_path / "compact"))
+    routers = [m for n, m in compact.named_modules() if n.endswith("feed_forward.router")]
+    assert routers and all(r.weight.shape[0] == 4 for r in routers)
     ids = torch.tensor([list(TEXT[:40].encode())]) % 128
-    assert torch.isfinite(logits("AutoModelForCausalLM", tmp_path / "compressed", ids)).all()
+    # Merging only (RegMean with the scaled inputs), and merging plus low rank whitened with the
+    # scaled expert inputs (σ(z)·x and the hidden activations of those rows): exported and loaded.
+    for name, extra in [("c", []), ("c_rank", ["--rank", 4])]:
+        run("compress", tmp_path / "m.h5", "--calib", tmp_path / "calib.h5", "--groups", 4, *extra, "-o", tmp_path / f"{name}.h5")
+        run("export", tmp_path / f"{name}.h5", "-o", tmp_path / name)
+        assert torch.isfinite(logits("AutoModelForCausalLM", tmp_path / name, ids)).all()
+    report = json.loads(run("eval", tmp_path / "m.h5", tmp_path / "c_rank.h5", "--calib", tmp_path / "calib.h5", "--json"))
+    assert all(0 < l["relative_error"] < 1 for l in report["evaluation"]["layers"]), report
 
 
 @needs_all

@@ -182,7 +182,25 @@ final class CompactRouterTests: XCTestCase {
         XCTAssertNil(open.compactProblem(groups: 12))
         var input = c
         (input.routerType, input.numGroups, input.topK) = (.topk_sigmoid_input, 1, 1)
-        XCTAssertTrue(input.compactProblem(groups: 4)?.contains("topk_sigmoid_input") == true)
+        XCTAssertNil(input.compactProblem(groups: 4))
+    }
+
+    /// Llama-4 routing (top-1, σ(z) scales the expert input) compacts with sigmoid rows. Known
+    /// answer: when the members of each merged group share one router row, that row reproduces
+    /// the group's score exactly (the binary cross-entropy's minimum), so the compact layer routes
+    /// and outputs as the merged E-slot layer does.
+    func testInputScalingRouterCompactsExactlyWithSharedRows() throws {
+        var rng = SplitMix64(seed: 44)
+        var layer = randomLayer(&rng, type: .glu, router: .topk_sigmoid_input, E: 8, G: 4, k: 1, d: 10, f: 12)
+        layer.expertMap = (0..<8).map { $0 % 4 }
+        for s in 4..<8 { for c in 0..<10 { layer.router[s, c] = layer.router[s - 4, c] } }
+        let x = randomMatrix(200, 10, &rng)
+        let (compact, report) = try CompactRouter.compact(layer, frequency: [Double](repeating: 1, count: 8), tokens: { try $0(x) })
+        XCTAssertEqual(compact.config.numExperts, 4)
+        XCTAssertEqual(compact.config.routerType, .topk_sigmoid_input)
+        XCTAssertEqual(report.fitted.topKAgreement, 1)
+        // float32 rows from a float64 fit that starts at its optimum: 1e-5 relative.
+        XCTAssertLessThan(relativeError(compact.forward(x), layer.forward(x)), 1e-5)
     }
 
     /// A softmax router with a selection bias (ERNIE-4.5's form), groups of unequal size: the

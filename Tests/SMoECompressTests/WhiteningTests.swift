@@ -98,4 +98,54 @@ final class WhiteningTests: XCTestCase {
             XCTAssertLessThan(errors[.output]!, errors[.weight]!, "rank \(rank)")
         }
     }
+
+    /// Llama-4 routing (topk_sigmoid_input) scales the expert input: the expert runs on σ(z)·x and
+    /// its output enters with weight 1. The Grams are those of the explicitly pre-scaled rows (for
+    /// down: the hidden activations of the scaled rows, not the routing-weighted hidden of the
+    /// unscaled ones), the factored down equals the one whitened with that explicit Gram, and its
+    /// output error on the scaled tokens is no larger than with the unscaled-input Gram.
+    func testInputScalingRouterWhitensTheScaledInputs() throws {
+        var rng = SplitMix64(seed: 24)
+        var layer = randomLayer(&rng, type: .glu, router: .topk_sigmoid_input, E: 3, k: 1, d: 10, f: 16)
+        for g in layer.experts.indices { layer.experts[g].up = .dense(randomMatrix(16, 10, &rng, scale: 1.5)) }
+        let x = inputs(10, 240, &rng).transposed()
+        let blocks: TokenBlocks = { body in try body(x) }
+        let disp = layer.dispatch(layer.route(x))
+        let g = try XCTUnwrap(disp.indices.max { disp[$0].tokens.count < disp[$1].tokens.count })
+        XCTAssertTrue(Set(disp[g].weights.map { ($0 * 100).rounded() }).count > 3, "σ(z) varies over the expert's tokens")
+        var scaled = x.gatherRows(disp[g].tokens)
+        for (r, w) in disp[g].weights.enumerated() { for j in 0..<10 { scaled.data[r * 10 + j] *= w } }
+        let h = layer.experts[g].hidden(scaled, activation: layer.config.activation)
+        // Known answers: XᵀX of the scaled rows and HᵀH of their hidden activations.
+        for (hidden, rows) in [(false, scaled), (true, h)] {
+            let want = BLAS.matmul(rows, transA: true, rows).data.map(Double.init)
+            let got = try LowRankStage.inputGram(layer, expert: g, tokens: blocks, hidden: hidden)
+            XCTAssertEqual(got.tokens, disp[g].tokens.count)
+            let scale = want.map(abs).max()!
+            // float32 products summed in float64 in another order: 1e-5 of the largest entry.
+            for (a, b) in zip(got.gram, want) { XCTAssertEqual(a, b, accuracy: 1e-5 * scale, "hidden \(hidden)") }
+        }
+        // The old reading (hidden of the unscaled rows, weighted by σ(z)²) is a different Gram.
+        let hUnscaled = layer.experts[g].hidden(x.gatherRows(disp[g].tokens), activation: layer.config.activation)
+        var hWeighted = hUnscaled
+        for (r, w) in disp[g].weights.enumerated() { for j in 0..<16 { hWeighted.data[r * 16 + j] *= w } }
+        XCTAssertGreaterThan(relativeError(hWeighted, h), 0.05)
+        // Down at rank 3 through the stage equals the factor whitened with the explicit Gram.
+        var o = LowRankOptions(rank: .fixed(3), objective: .output)
+        o.svd = .exact
+        o.matrices = [.down]
+        let (factored, _) = try LowRankStage.compressLayer(layer, options: o, whitenOn: blocks)
+        let down = layer.experts[g].down.dense()
+        let explicit = try XCTUnwrap(try Whitening(gram(h.transposed()), relativeRidge: o.whiteningRidge))
+        let want = try LowRankStage.factor(down, options: o, whitening: explicit).op.dense()
+        XCTAssertLessThan(relativeError(factored.experts[g].down.dense(), want), 1e-4)
+        let old = try XCTUnwrap(try Whitening(gram(hWeighted.transposed()), relativeRidge: o.whiteningRidge))
+        let oldOp = try LowRankStage.factor(down, options: o, whitening: old).op
+        let newErr = outputErrorSq(down, factored.experts[g].down, h.transposed())
+        XCTAssertLessThanOrEqual(newErr, outputErrorSq(down, oldOp, h.transposed()) * (1 + 1e-4))
+        // At full rank the factorisation is exact on the scaled tokens.
+        o.rank = .fixed(10)
+        let full = try LowRankStage.compressLayer(layer, options: o, whitenOn: blocks).0
+        XCTAssertLessThan(outputErrorSq(down, full.experts[g].down, h.transposed()), 1e-8 * outputErrorSq(down, .dense(Matrix(rows: 10, cols: 16)), h.transposed()))
+    }
 }

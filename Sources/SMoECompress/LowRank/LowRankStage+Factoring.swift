@@ -392,7 +392,7 @@ extension LowRankStage {
         try tokens { x in
             let routing = layer.route(x)
             for (g, disp) in layer.dispatch(routing).enumerated() where !disp.tokens.isEmpty {
-                let xg = x.gatherRows(disp.tokens)
+                let xg = MoELayer.expertInput(x, disp, config: layer.config).rows  // scaled where the router scales the input
                 let h = layer.experts[g].hidden(xg, activation: layer.config.activation)
                 counts[g] += disp.tokens.count
                 for t in 0..<xg.rows {

@@ -12,7 +12,10 @@ public enum LowRankObjective: String, Sendable, CaseIterable {
 
 /// The weighted Gram Σ_t p_t²·x_t·x_tᵀ [n, n] (float64) of one stored expert's matrix inputs: the
 /// tokens routed to it, p_t its routing weight (the layer output holds p_t·E(x_t), so a matrix
-/// error's share of the squared output error is weighted by p_t²).
+/// error's share of the squared output error is weighted by p_t²). Where the routing weight scales
+/// the expert input (topk_sigmoid_input) the expert runs on p_t·x_t and its output enters with
+/// weight 1, so the Gram is Σ_t (p_t·x_t)(p_t·x_t)ᵀ (`MoELayer.expertInput`): the same for up/gate,
+/// but down's hidden inputs are those of the scaled rows.
 public struct InputGram: Sendable, Equatable {
     public var n: Int
     public var gram: [Double]

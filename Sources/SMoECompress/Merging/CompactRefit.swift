@@ -87,13 +87,16 @@ public enum CompactRefit {
                 let xs = x.gatherRows(disp.tokens)
                 let y = targets == nil ? try original.forward(xs, routing: original.route(xs)) : yAll.gatherRows(disp.tokens)
                 let current = layer.forward(xs, routing: routing.rows(disp.tokens))
-                let h = layer.experts[e].hidden(xs, activation: c.activation)
-                let own = layer.experts[e].forward(xs, activation: c.activation)
+                // What the expert runs on and its output weights (scaled rows and weight 1 where
+                // the routing weight scales the input; else xs and the routing weights).
+                let (xe, weights) = MoELayer.expertInput(x, disp, config: c)
+                let h = layer.experts[e].hidden(xe, activation: c.activation)
+                let own = layer.experts[e].forward(xe, activation: c.activation)
                 // With routing weight w, the expert's part of the output should be the residual
                 // r = y − (y′ − w·E(x)): minimise Σ w² ‖E(x) − r/w‖², i.e. A = Σ w² h hᵀ, B = Σ h (w r)ᵀ.
                 var target = Matrix(rows: xs.rows, cols: c.dModel)
                 var s = [Float](repeating: 0, count: xs.rows)
-                for (t, w) in disp.weights.enumerated() {
+                for (t, w) in weights.enumerated() {
                     s[t] = w * w
                     for j in 0..<c.dModel {
                         let i = t * c.dModel + j

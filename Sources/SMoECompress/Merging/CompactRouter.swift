@@ -198,7 +198,9 @@ public enum CompactRouter {
             g = groups.count
             k = min(layer.config.topK, groups.count)
             hasBias = layer.routerBias != nil
-            sigmoid = layer.config.routerType.scoring == "sigmoid"
+            // Llama-4 (top-1, σ of the chosen logit on the input): σ is monotone, so the top-1
+            // group's score is its largest member's σ(z_s), the sigmoid target.
+            sigmoid = layer.config.routerType.scoring == "sigmoid" || layer.config.routerType.scalesExpertInput
             let sigmoid = self.sigmoid
             let e = layer.config.numExperts
             var slotGroup = [Int](repeating: 0, count: e)

@@ -127,11 +127,6 @@ public struct CompressStage: LayerStage {
         var settings = settings
         settings.lowRank?.floatBytes = storage.byteSize
         try settings.validate()
-        // The low-rank whitening and the size planner run experts on their routed tokens
-        // unscaled; routing that scales the expert input (Llama-4) is not modelled there.
-        if settings.lowRank != nil || settings.target != nil, let c = model.layers.first(where: { $0.routerType.scalesExpertInput }) {
-            throw SMoEError.setting(settings.target != nil ? .targetSize : .rank, "is not supported for \(model.architecture) layer \(c.name): its router (\(c.routerType.rawValue)) scales the expert input, which the low-rank stage does not model on calibration tokens; compress without it (merging only) or run lowrank without calibration")
-        }
         var mergeSettings = settings.merge
         if var target = settings.target {
             // With a target size pruning is a per-layer option of the plan beside merging

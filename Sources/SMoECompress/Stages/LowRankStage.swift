@@ -97,9 +97,6 @@ public struct LowRankStage: LayerStage {
             throw SMoEError.setting(.matrices, "none of \(options.matrices.sorted().map(\.rawValue).joined(separator: ",")) exists in the selected layers of \(model.path)")
         }
         if let c = calibration { try c.checkMatches(model, layers: names) }
-        if calibration != nil, let c = selected.first(where: { $0.routerType.scalesExpertInput }) {
-            throw SMoEError.setting(.calibration, "is not supported for \(model.architecture) layer \(c.name): its router (\(c.routerType.rawValue)) scales the expert input, which the low-rank whitening does not model; factor it without calibration tokens")
-        }
         if options.objective == .output && calibration == nil {
             throw SMoEError.setting(.lowrankObjective, "output needs calibration tokens ({calibration})")
         }

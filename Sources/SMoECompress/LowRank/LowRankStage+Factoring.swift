@@ -34,104 +34,20 @@ extension LowRankStage {
     public static func factor(_ w: Matrix, options: LowRankOptions, inputNorms: [Float]? = nil, whitening: Whitening? = nil,
                               rank rankOverride: Int? = nil,
                               name: String = "matrix") throws -> (op: LinearOp, report: MatrixLowRankReport) {
-        let out = w.rows, inn = w.cols, p = min(out, inn)
-        guard p > 0 else { throw SMoEError("\(name): empty matrix [\(out), \(inn)]") }
-        guard w.allFinite else { throw SMoEError("\(name): contains NaN or Inf") }
-        if let n = inputNorms, n.count != inn {
-            throw SMoEError("\(name): \(n.count) input norms for \(inn) input features")
-        }
-        // An all-zero norm vector (expert never routed to) carries no information: rank by magnitude.
-        let norms = inputNorms.flatMap { n in n.contains(where: { $0 > 0 }) ? n : nil }
-        if let wh = whitening, wh.n != inn { throw SMoEError("\(name): whitening of \(wh.n) inputs for \(inn) input features") }
-        let normSq = w.frobeniusNorm * w.frobeniusNorm
-        // The whitened W·L and the whitened factor V_w of its first low-rank part, kept for the
-        // output error below (so W·L is formed once: one triangular product of 2·out·in² flops,
-        // the largest single cost of a whitened matrix at Mixtral's shape).
-        var first: (whitened: Matrix, vw: Matrix)? = nil
-        // The rank-r part of m (W, or W − S in refinements), whitened and un-whitened if asked;
-        // `whitened` is m·L when the caller has it.
-        func lowRankPart(_ m: Matrix, rank r: Int, whitened: Matrix? = nil) throws -> ((u: Matrix, v: Matrix), String) {
-            guard let wh = whitening else { return try truncatedSVD(m, rank: r, options: options) }
-            let a = whitened ?? wh.whiten(m)
-            let (lr, used) = try truncatedSVD(a, rank: r, options: options)
-            if first == nil { first = (a, lr.v) }
-            return ((lr.u, wh.unwhiten(lr.v)), used)
-        }
-
-        // Rank and the first low-rank part.
-        var r: Int
-        var svdUsed: String
-        var lowRank: (u: Matrix, v: Matrix)
-        let rule = rankOverride.map(RankRule.fixed) ?? options.rank
-        switch rule {
-        case .fixed(let fixed):
-            guard fixed <= p else {
-                throw SMoEError.setting(.rank, "\(fixed) is more than min(out, in) = \(p) of \(name) [\(out), \(inn)]")
-            }
-            r = fixed
-            (lowRank, svdUsed) = try lowRankPart(w, rank: r)
-        case .energy(let f):
-            let target = whitening?.whiten(w) ?? w
-            if whitening == nil && (options.svd == .exact || !options.prefersRandomized(rank: 1, rows: out, cols: inn)) {
-                let full = try w.thinSVD()
-                r = rankForEnergy(full.s, fraction: f)
-                lowRank = split(full, rank: r)
-                svdUsed = "exact"
-            } else {
-                r = rankForEnergy(try target.singularValues(), fraction: f)
-                (lowRank, svdUsed) = try lowRankPart(w, rank: r, whitened: whitening == nil ? nil : target)
-            }
-        }
-
-        let budget = min(options.sparseBudget(rows: out, cols: inn), out * inn)
-        func splitSparse(_ lr: (u: Matrix, v: Matrix)) -> (s: CSRMatrix, errSq: Double) {
-            var resid = w
-            BLAS.gemm(lr.u, lr.v, alpha: -1, beta: 1, into: &resid)
-            return selectSparse(resid, budget: budget, structure: options.structure, norms: norms)
-        }
-        var (s, errSq) = splitSparse(lowRank)
-        var best = (u: lowRank.u, v: lowRank.v, s: s, errSq: errSq)
-        var bestIsFirst = true
-        func rel(_ e: Double) -> Double { normSq > 0 ? (max(e, 0) / normSq).squareRoot() : 0 }
-        var history = [rel(errSq)]
-        if budget > 0 && budget < out * inn {
-            for _ in 0..<options.iterations {
-                var ws = w
-                s.add(to: &ws, scale: -1)
-                let lr = try lowRankPart(ws, rank: r).0
-                (s, errSq) = splitSparse(lr)
-                history.append(rel(errSq))
-                if errSq < best.errSq { best = (lr.u, lr.v, s, errSq); bestIsFirst = false }
-            }
-        }
-
+        var f = try MatrixFactoring(w, options: options, inputNorms: inputNorms, whitening: whitening, name: name)
+        let (r, lowRank, svdUsed) = try f.firstLowRankPart(rule: rankOverride.map(RankRule.fixed) ?? options.rank)
+        let (best, bestIsFirst, history) = try f.refineSparse(lowRank, rank: r)
         let factored = LinearOp.factored(LowRankSparse(u: best.u, v: best.v, s: best.s))
         let dense = LinearOp.dense(w)
         let fb = options.floatBytes
         var report = MatrixLowRankReport(
-            matrix: name, expert: 0, rows: out, cols: inn, rank: r, nnz: best.s.nnz, relativeError: rel(best.errSq),
+            matrix: name, expert: 0, rows: f.out, cols: f.inn, rank: r, nnz: best.s.nnz, relativeError: f.rel(best.errSq),
             paramsBefore: dense.parameterCount, paramsAfter: factored.parameterCount,
             bytesBefore: dense.storedBytes(floatBytes: fb), bytesAfter: factored.storedBytes(floatBytes: fb),
-            svd: svdUsed, activationAware: norms != nil, errorHistory: history)
-        if let wh = whitening {
-            // ‖(W − U·V − S)·L‖ / ‖W·L‖. Without a sparse part and with the first low-rank part
-            // kept, (W − U·V)·L = W·L − U·V_w (V = V_w·L⁻¹): one product of 2·out·in·r flops on
-            // the kept W·L instead of two more triangular products (equal up to float rounding).
-            let a = first?.whitened ?? wh.whiten(w)
-            let residW: Matrix
-            if let f = first, bestIsFirst, best.s.nnz == 0 {
-                var rw = f.whitened
-                BLAS.gemm(best.u, f.vw, alpha: -1, beta: 1, into: &rw)
-                residW = rw
-            } else {
-                var resid = w
-                BLAS.gemm(best.u, best.v, alpha: -1, beta: 1, into: &resid)
-                best.s.add(to: &resid, scale: -1)
-                residW = wh.whiten(resid)
-            }
-            let base = a.frobeniusNorm
+            svd: svdUsed, activationAware: f.norms != nil, errorHistory: history)
+        if whitening != nil {
             report.whitened = true
-            report.outputError = base > 0 ? residW.frobeniusNorm / base : 0
+            report.outputError = f.whitenedOutputError(best, bestIsFirst: bestIsFirst)
         }
         if report.bytesAfter >= report.bytesBefore {
             report.keptDense = true
@@ -405,5 +321,119 @@ extension LowRankStage {
             ExpertInputNorms(input: inSq[g].map { Float($0.squareRoot()) }, hidden: hSq[g].map { Float($0.squareRoot()) },
                              tokens: counts[g])
         }
+    }
+}
+
+/// The steps of `LowRankStage.factor` on one matrix W [out, in]: checked inputs, the first
+/// low-rank part at the rank the rule gives, the sparse refinements, and the whitened output
+/// error. It keeps the whitened W·L and the whitened factor V_w of the first low-rank part, so
+/// that W·L is formed once (one triangular product of 2·out·in² flops, the largest single cost
+/// of a whitened matrix at Mixtral's shape).
+private struct MatrixFactoring {
+    typealias Factors = (u: Matrix, v: Matrix)
+    typealias Candidate = (u: Matrix, v: Matrix, s: CSRMatrix, errSq: Double)
+    let w: Matrix, options: LowRankOptions, whitening: Whitening?, name: String
+    let out: Int, inn: Int, p: Int
+    /// Input norms that rank the sparse entries; nil for none or an all-zero vector (an expert
+    /// never routed to carries no information: rank by magnitude).
+    let norms: [Float]?
+    let normSq: Double
+    var first: (whitened: Matrix, vw: Matrix)? = nil
+
+    init(_ w: Matrix, options: LowRankOptions, inputNorms: [Float]?, whitening: Whitening?, name: String) throws {
+        out = w.rows; inn = w.cols; p = min(out, inn)
+        guard p > 0 else { throw SMoEError("\(name): empty matrix [\(out), \(inn)]") }
+        guard w.allFinite else { throw SMoEError("\(name): contains NaN or Inf") }
+        if let n = inputNorms, n.count != inn {
+            throw SMoEError("\(name): \(n.count) input norms for \(inn) input features")
+        }
+        norms = inputNorms.flatMap { n in n.contains(where: { $0 > 0 }) ? n : nil }
+        if let wh = whitening, wh.n != inn { throw SMoEError("\(name): whitening of \(wh.n) inputs for \(inn) input features") }
+        self.w = w; self.options = options; self.whitening = whitening; self.name = name
+        normSq = w.frobeniusNorm * w.frobeniusNorm
+    }
+
+    func rel(_ e: Double) -> Double { normSq > 0 ? (max(e, 0) / normSq).squareRoot() : 0 }
+
+    /// The rank-r part of m (W, or W − S in refinements), whitened and un-whitened if asked;
+    /// `whitened` is m·L when the caller has it.
+    mutating func lowRankPart(_ m: Matrix, rank r: Int, whitened: Matrix? = nil) throws -> (Factors, String) {
+        guard let wh = whitening else { return try LowRankStage.truncatedSVD(m, rank: r, options: options) }
+        let a = whitened ?? wh.whiten(m)
+        let (lr, used) = try LowRankStage.truncatedSVD(a, rank: r, options: options)
+        if first == nil { first = (a, lr.v) }
+        return ((lr.u, wh.unwhiten(lr.v)), used)
+    }
+
+    /// The rank the rule gives and the first low-rank part, with the SVD method used.
+    mutating func firstLowRankPart(rule: RankRule) throws -> (rank: Int, factors: Factors, svd: String) {
+        switch rule {
+        case .fixed(let fixed):
+            guard fixed <= p else {
+                throw SMoEError.setting(.rank, "\(fixed) is more than min(out, in) = \(p) of \(name) [\(out), \(inn)]")
+            }
+            let (lr, used) = try lowRankPart(w, rank: fixed)
+            return (fixed, lr, used)
+        case .energy(let f):
+            let target = whitening?.whiten(w) ?? w
+            if whitening == nil && (options.svd == .exact || !options.prefersRandomized(rank: 1, rows: out, cols: inn)) {
+                let full = try w.thinSVD()
+                let r = LowRankStage.rankForEnergy(full.s, fraction: f)
+                return (r, LowRankStage.split(full, rank: r), "exact")
+            }
+            let r = LowRankStage.rankForEnergy(try target.singularValues(), fraction: f)
+            let (lr, used) = try lowRankPart(w, rank: r, whitened: whitening == nil ? nil : target)
+            return (r, lr, used)
+        }
+    }
+
+    /// The sparse part of W − U·V within the options' budget, and the squared error left.
+    func splitSparse(_ lr: Factors, budget: Int) -> (s: CSRMatrix, errSq: Double) {
+        var resid = w
+        BLAS.gemm(lr.u, lr.v, alpha: -1, beta: 1, into: &resid)
+        return LowRankStage.selectSparse(resid, budget: budget, structure: options.structure, norms: norms)
+    }
+
+    /// The sparse split of the first low-rank part and the options' alternating refinements
+    /// (refactor W − S, re-select S); the best candidate, whether it is the first one, and the
+    /// relative error after each step.
+    mutating func refineSparse(_ lowRank: Factors, rank r: Int) throws -> (best: Candidate, bestIsFirst: Bool, history: [Double]) {
+        let budget = min(options.sparseBudget(rows: out, cols: inn), out * inn)
+        var (s, errSq) = splitSparse(lowRank, budget: budget)
+        var best = (u: lowRank.u, v: lowRank.v, s: s, errSq: errSq)
+        var bestIsFirst = true
+        var history = [rel(errSq)]
+        if budget > 0 && budget < out * inn {
+            for _ in 0..<options.iterations {
+                var ws = w
+                s.add(to: &ws, scale: -1)
+                let lr = try lowRankPart(ws, rank: r).0
+                (s, errSq) = splitSparse(lr, budget: budget)
+                history.append(rel(errSq))
+                if errSq < best.errSq { best = (lr.u, lr.v, s, errSq); bestIsFirst = false }
+            }
+        }
+        return (best, bestIsFirst, history)
+    }
+
+    /// ‖(W − U·V − S)·L‖ / ‖W·L‖. Without a sparse part and with the first low-rank part kept,
+    /// (W − U·V)·L = W·L − U·V_w (V = V_w·L⁻¹): one product of 2·out·in·r flops on the kept W·L
+    /// instead of two more triangular products (equal up to float rounding).
+    func whitenedOutputError(_ best: Candidate, bestIsFirst: Bool) -> Double {
+        guard let wh = whitening else { return 0 }
+        let a = first?.whitened ?? wh.whiten(w)
+        let residW: Matrix
+        if let f = first, bestIsFirst, best.s.nnz == 0 {
+            var rw = f.whitened
+            BLAS.gemm(best.u, f.vw, alpha: -1, beta: 1, into: &rw)
+            residW = rw
+        } else {
+            var resid = w
+            BLAS.gemm(best.u, best.v, alpha: -1, beta: 1, into: &resid)
+            best.s.add(to: &resid, scale: -1)
+            residW = wh.whiten(resid)
+        }
+        let base = a.frobeniusNorm
+        return base > 0 ? residW.frobeniusNorm / base : 0
     }
 }

@@ -353,32 +353,7 @@ public enum HFExport {
                 let b = m.routerBias ?? [Float](repeating: 0, count: m.config.numExperts)
                 try writer.add(name, dtype: routerDT, shape: [m.config.numExperts], bytes: routerDT.encode(b))
             case .fused(let l, let part) where fam.fusedInputMajorInterleaved:
-                // GPT-OSS: [E, H, 2I] (gate even, up odd), [E, I, H], [E, 2I], [E, H].
-                let m = try layer(l)
-                let c = m.config, H = c.dModel, I = c.dFF
-                var values: [Float] = []
-                for slot in 0..<c.numExperts {
-                    let x = m.experts[m.storedIndex(slot: slot)]
-                    switch part {
-                    case "gate_up":
-                        let g = x.gate!.dense(), u = x.up.dense()
-                        var v = [Float](repeating: 0, count: H * 2 * I)
-                        for h in 0..<H { for i in 0..<I { v[h * 2 * I + 2 * i] = g.data[i * H + h]; v[h * 2 * I + 2 * i + 1] = u.data[i * H + h] } }
-                        values += v
-                    case "down":
-                        let d = x.down.dense()
-                        var v = [Float](repeating: 0, count: I * H)
-                        for i in 0..<I { for h in 0..<H { v[i * H + h] = d.data[h * I + i] } }
-                        values += v
-                    case "gate_up_bias":
-                        let g = x.gateBias ?? [Float](repeating: 0, count: I), u = x.upBias ?? [Float](repeating: 0, count: I)
-                        for i in 0..<I { values += [g[i], u[i]] }
-                    default:
-                        values += x.downBias ?? [Float](repeating: 0, count: H)
-                    }
-                }
-                let shape = ["gate_up": [c.numExperts, H, 2 * I], "down": [c.numExperts, I, H],
-                             "gate_up_bias": [c.numExperts, 2 * I], "down_bias": [c.numExperts, H]][part]!
+                let (values, shape) = interleavedFused(try layer(l), part: part)
                 if part.hasSuffix("_bias") {
                     try writer.add(name, dtype: plainDT, shape: shape, bytes: plainDT.encode(values))
                 } else {
@@ -386,56 +361,101 @@ public enum HFExport {
                 }
             case .router(let l):
                 let m = try layer(l)
-                if m.selectionBias != nil && fam.selectionBiasSuffix == nil {
-                    throw SMoEError.dataset(checkpoint, "/moe_layers/\(l)/router/selection_bias", "\(fam.rawValue) checkpoints have no place for a selection bias")
-                }
-                let types: [RouterType]
-                switch fam.routerType {
-                case .fixed(let t): types = [t]
-                case .normalisedIf: types = [.softmax_topk, .softmax_topk_norm]
-                case .sigmoidNormalisedIf: types = [.sigmoid_topk, .sigmoid_topk_norm]
-                }
-                let c = m.config
-                if !types.contains(c.routerType) || (c.numGroups > 1 && fam.groupKeys == nil) || (c.routedScalingFactor != 1 && fam.scalingKey == nil) {
-                    throw SMoEError.dataset(checkpoint, "/moe_layers/\(l)", "routes by \(c.routerType.rawValue) (groups \(c.numGroups), scaling \(c.routedScalingFactor)), which \(fam.rawValue) does not compute")
-                }
+                try checkRouterExportable(m, layer: l, family: fam, checkpoint: checkpoint)
                 try writer.add(name, dtype: routerDT, shape: [m.config.numExperts, m.config.dModel], bytes: routerDT.encode(m.router.data))
             case .expert(let l, let slot, let role):
                 let m = try layer(l)
                 let w = m.experts[m.storedIndex(slot: slot)][matrix: role]!.dense()
                 try emit(name, w.data, [w.rows, w.cols])
             case .fused(let l, let part):
-                let m = try layer(l)
-                let c = m.config
-                var values: [Float] = []
-                values.reserveCapacity(c.numExperts * c.dFF * c.dModel * (part == "gate_up" ? 2 : 1))
-                let H = c.dModel, I = c.dFF
-                for slot in 0..<c.numExperts {
-                    let x = m.experts[m.storedIndex(slot: slot)]
-                    if fam.fusedInputMajorHalves {
-                        // Llama-4: [E, H, 2I] (gate columns, then up columns) and [E, I, H].
-                        if part == "gate_up" {
-                            let g = x.gate!.dense(), u = x.up.dense()
-                            var v = [Float](repeating: 0, count: H * 2 * I)
-                            for h in 0..<H { for i in 0..<I { v[h * 2 * I + i] = g.data[i * H + h]; v[h * 2 * I + I + i] = u.data[i * H + h] } }
-                            values += v
-                        } else {
-                            let d = x.down.dense()
-                            var v = [Float](repeating: 0, count: I * H)
-                            for i in 0..<I { for h in 0..<H { v[i * H + h] = d.data[h * I + i] } }
-                            values += v
-                        }
-                    } else if part == "gate_up" {
-                        values += x.gate!.dense().data
-                        values += x.up.dense().data
-                    } else {
-                        values += x.down.dense().data
-                    }
-                }
-                let shape = fam.fusedInputMajorHalves ? (part == "gate_up" ? [c.numExperts, H, 2 * I] : [c.numExperts, I, H])
-                    : part == "gate_up" ? [c.numExperts, 2 * I, H] : [c.numExperts, H, I]
+                let (values, shape) = fusedExperts(try layer(l), part: part, inputMajorHalves: fam.fusedInputMajorHalves)
                 try emit(name, values, shape)
             }
+        }
+    }
+
+    /// GPT-OSS's fused expert tensors of layer m: `gate_up` [E, H, 2I] (gate even, up odd
+    /// columns), `down` [E, I, H], `gate_up_bias` [E, 2I] (interleaved as gate_up), `down_bias`
+    /// [E, H]; values in slot order, missing biases as zeros.
+    static func interleavedFused(_ m: MoELayer, part: String) -> (values: [Float], shape: [Int]) {
+        let c = m.config, H = c.dModel, I = c.dFF
+        var values: [Float] = []
+        for slot in 0..<c.numExperts {
+            let x = m.experts[m.storedIndex(slot: slot)]
+            switch part {
+            case "gate_up":
+                let g = x.gate!.dense(), u = x.up.dense()
+                var v = [Float](repeating: 0, count: H * 2 * I)
+                for h in 0..<H { for i in 0..<I { v[h * 2 * I + 2 * i] = g.data[i * H + h]; v[h * 2 * I + 2 * i + 1] = u.data[i * H + h] } }
+                values += v
+            case "down":
+                values += inputMajorDown(x.down.dense(), H: H, I: I)
+            case "gate_up_bias":
+                let g = x.gateBias ?? [Float](repeating: 0, count: I), u = x.upBias ?? [Float](repeating: 0, count: I)
+                for i in 0..<I { values += [g[i], u[i]] }
+            default:
+                values += x.downBias ?? [Float](repeating: 0, count: H)
+            }
+        }
+        let shape = ["gate_up": [c.numExperts, H, 2 * I], "down": [c.numExperts, I, H],
+                     "gate_up_bias": [c.numExperts, 2 * I], "down_bias": [c.numExperts, H]][part]!
+        return (values, shape)
+    }
+
+    /// The other fused layouts of layer m, values in slot order: output-major `gate_up`
+    /// [E, 2I, H] (gate rows, then up rows) and `down` [E, H, I]; or, `inputMajorHalves`
+    /// (Llama-4), `gate_up` [E, H, 2I] (gate columns, then up columns) and `down` [E, I, H].
+    static func fusedExperts(_ m: MoELayer, part: String, inputMajorHalves: Bool) -> (values: [Float], shape: [Int]) {
+        let c = m.config
+        var values: [Float] = []
+        values.reserveCapacity(c.numExperts * c.dFF * c.dModel * (part == "gate_up" ? 2 : 1))
+        let H = c.dModel, I = c.dFF
+        for slot in 0..<c.numExperts {
+            let x = m.experts[m.storedIndex(slot: slot)]
+            if inputMajorHalves {
+                if part == "gate_up" {
+                    let g = x.gate!.dense(), u = x.up.dense()
+                    var v = [Float](repeating: 0, count: H * 2 * I)
+                    for h in 0..<H { for i in 0..<I { v[h * 2 * I + i] = g.data[i * H + h]; v[h * 2 * I + I + i] = u.data[i * H + h] } }
+                    values += v
+                } else {
+                    values += inputMajorDown(x.down.dense(), H: H, I: I)
+                }
+            } else if part == "gate_up" {
+                values += x.gate!.dense().data
+                values += x.up.dense().data
+            } else {
+                values += x.down.dense().data
+            }
+        }
+        let shape = inputMajorHalves ? (part == "gate_up" ? [c.numExperts, H, 2 * I] : [c.numExperts, I, H])
+            : part == "gate_up" ? [c.numExperts, 2 * I, H] : [c.numExperts, H, I]
+        return (values, shape)
+    }
+
+    /// down [H, I] stored input-major, [I, H].
+    static func inputMajorDown(_ d: Matrix, H: Int, I: Int) -> [Float] {
+        var v = [Float](repeating: 0, count: I * H)
+        for i in 0..<I { for h in 0..<H { v[i * H + h] = d.data[h * I + i] } }
+        return v
+    }
+
+    /// Refuses a layer whose routing the family's stock class does not compute: a selection
+    /// bias it has no tensor for, another router type, expert groups or a scaling factor it has
+    /// no config key for.
+    static func checkRouterExportable(_ m: MoELayer, layer l: String, family fam: ModelFamily, checkpoint: String) throws {
+        if m.selectionBias != nil && fam.selectionBiasSuffix == nil {
+            throw SMoEError.dataset(checkpoint, "/moe_layers/\(l)/router/selection_bias", "\(fam.rawValue) checkpoints have no place for a selection bias")
+        }
+        let types: [RouterType]
+        switch fam.routerType {
+        case .fixed(let t): types = [t]
+        case .normalisedIf: types = [.softmax_topk, .softmax_topk_norm]
+        case .sigmoidNormalisedIf: types = [.sigmoid_topk, .sigmoid_topk_norm]
+        }
+        let c = m.config
+        if !types.contains(c.routerType) || (c.numGroups > 1 && fam.groupKeys == nil) || (c.routedScalingFactor != 1 && fam.scalingKey == nil) {
+            throw SMoEError.dataset(checkpoint, "/moe_layers/\(l)", "routes by \(c.routerType.rawValue) (groups \(c.numGroups), scaling \(c.routedScalingFactor)), which \(fam.rawValue) does not compute")
         }
     }
 

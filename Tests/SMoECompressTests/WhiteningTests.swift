@@ -125,11 +125,12 @@ final class WhiteningTests: XCTestCase {
             // float32 products summed in float64 in another order: 1e-5 of the largest entry.
             for (a, b) in zip(got.gram, want) { XCTAssertEqual(a, b, accuracy: 1e-5 * scale, "hidden \(hidden)") }
         }
-        // The old reading (hidden of the unscaled rows, weighted by σ(z)²) is a different Gram.
+        // The old reading (hidden of the unscaled rows, weighted by σ(z)) is a different input:
+        // 3% apart here (float32 rounding would be ~1e-7), so the checks below can tell them apart.
         let hUnscaled = layer.experts[g].hidden(x.gatherRows(disp[g].tokens), activation: layer.config.activation)
         var hWeighted = hUnscaled
         for (r, w) in disp[g].weights.enumerated() { for j in 0..<16 { hWeighted.data[r * 16 + j] *= w } }
-        XCTAssertGreaterThan(relativeError(hWeighted, h), 0.05)
+        XCTAssertGreaterThan(relativeError(hWeighted, h), 0.01)
         // Down at rank 3 through the stage equals the factor whitened with the explicit Gram.
         var o = LowRankOptions(rank: .fixed(3), objective: .output)
         o.svd = .exact

@@ -219,8 +219,8 @@ public struct LayerConfig: Sendable, Equatable {
     /// Why the compact router fit (ALGORITHM.md §3a) cannot make this layer a standard layer of
     /// `groups` experts (nil when it can): one line. Modelled: softmax and sigmoid scoring (rows
     /// fitted in that form, a selection bias refitted, the scaling factor kept), GPT-OSS's
-    /// top-k-then-softmax and Llama-4's top-1 σ(z) on the input (sigmoid rows); grouped top-k needs `groups` a multiple of n_group with at least 2
-    /// experts per routing group and top_k within the topk_group eligible groups (n_group =
+    /// top-k-then-softmax and Llama-4's top-1 σ(z) on the input (sigmoid rows); grouped top-k
+    /// needs `groups` a multiple of n_group with at least 2 experts per routing group and top_k within the topk_group eligible groups (n_group =
     /// topk_group makes every group eligible: the compact layer is ungrouped, exactly).
     public func compactProblem(groups g: Int) -> String? {
         guard numGroups > 1 && topKGroups < numGroups else { return nil }

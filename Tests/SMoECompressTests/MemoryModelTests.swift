@@ -62,6 +62,36 @@ final class MemoryModelTests: XCTestCase {
         XCTAssertEqual(peak(false, 4096), MemoryModel.base + experts + 4 * f * f + 4096 * (d + f) * 4)
     }
 
+    /// The merge term at the DeepSeek-V3 shape of issue 24 (64 experts, d_model 7168, d_ff 2048,
+    /// G = 32, largest group 8), by hand: 40 float32 experts (31 merged, the group's 8, one
+    /// more), RegMean's streamed system and the block's tokens. compress holds no second copy of
+    /// the merged layer (it is rounded to the output type in place), so this is its peak too.
+    func testDeepSeekV3MergePeakKnownAnswer() {
+        let d = 7168, f = 2048
+        let c = LayerConfig(name: "ds3", index: 0, numExperts: 64, topK: 8, dModel: d, dFF: f, expertType: .glu,
+                            activation: .silu, routerType: .sigmoid_topk_norm)
+        let e = 3 * d * f * 4
+        XCTAssertEqual(e, 176_160_768)
+        let peak = MemoryModel.peakBytes(.merge(groups: 32, largestGroup: 8, outputAware: true, lowRank: false), layer: c, blockSize: 4096)
+        let expected = MemoryModel.base + 40 * e + 8 * (f * f + 2 * d * f) + 4096 * (d + 3 * f) * 4 + 1024 * (16 * f + 8 * d)
+        XCTAssertEqual(peak, expected)
+        XCTAssertEqual(peak, 7_730_102_272)  // 7.20 GiB: the figure in docs/ALGORITHM.md "Scale"
+    }
+
+    /// Rounding in place stores the same bits as the copying form, dense and factored.
+    func testRoundForStorageInPlaceMatchesCopy() throws {
+        var rng = SplitMix64(seed: 24)
+        var layer = randomLayer(&rng, type: .glu, router: .sigmoid_topk_norm, E: 4, biases: true)
+        layer.experts[1].down = .factored(LowRankSparse.exact(layer.experts[1].down.dense()))
+        let copy = layer
+        for type in [StorageType.bf16, .f16, .f32] {
+            var inPlace = layer
+            inPlace.roundForStorage(type)
+            XCTAssertEqual(inPlace, layer.roundedForStorage(type))
+        }
+        XCTAssertEqual(layer, copy)  // the copying form leaves its input as it was
+    }
+
     /// The low-rank term at the Mixtral-8x7B shape, by hand: streaming holds one expert, else the
     /// layer; the factors of rank r (and sparse entries) are counted, at most the layer's size;
     /// with no known rank (an energy rule) they count as the layer.

@@ -666,25 +666,40 @@ extension MoELayer {
     /// The layer exactly as `CheckpointWriter` with this float type stores it and a reader
     /// reads it back, so in-memory figures (compress's report) describe the written file.
     public func roundedForStorage(_ type: StorageType) -> MoELayer {
-        guard type == .f16 || type == .bf16 else { return self }
-        func r(_ v: [Float]) -> [Float] { v.map(type.roundTrip) }
-        func m(_ a: Matrix) -> Matrix { Matrix(rows: a.rows, cols: a.cols, data: r(a.data)) }
-        func op(_ o: LinearOp) -> LinearOp {
+        var out = self
+        out.roundForStorage(type)
+        return out
+    }
+
+    /// `roundedForStorage` in place, one array at a time: a layer held only here is rounded
+    /// without a second copy of it (compress's peak, docs/ALGORITHM.md "Scale").
+    public mutating func roundForStorage(_ type: StorageType) {
+        guard type == .f16 || type == .bf16 else { return }
+        func r(_ v: inout [Float]) { v.withUnsafeMutableBufferPointer { b in for i in b.indices { b[i] = type.roundTrip(b[i]) } } }
+        func r(_ v: inout [Float]?) { if v != nil { r(&v!) } }
+        func op(_ o: inout LinearOp) {
             switch o {
-            case .dense(let w): return .dense(m(w))
-            case .factored(let f):
-                var s = f.s
-                s.values = r(s.values)
-                return .factored(LowRankSparse(u: m(f.u), v: m(f.v), s: s))
+            case .dense(var w):
+                o = .dense(Matrix(rows: 0, cols: 0, data: []))  // drop o's reference so w is unique
+                r(&w.data)
+                o = .dense(w)
+            case .factored(var f):
+                o = .dense(Matrix(rows: 0, cols: 0, data: []))
+                r(&f.u.data)
+                r(&f.v.data)
+                r(&f.s.values)
+                o = .factored(f)
             }
         }
-        var out = self
-        out.router = m(router)
-        out.routerBias = routerBias.map(r)
-        out.experts = experts.map { e in
-            Expert(up: op(e.up), gate: e.gate.map(op), down: op(e.down), upBias: e.upBias.map(r), downBias: e.downBias.map(r),
-                   gateBias: e.gateBias.map(r))
+        r(&router.data)
+        r(&routerBias)
+        for i in experts.indices {
+            op(&experts[i].up)
+            if experts[i].gate != nil { op(&experts[i].gate!) }
+            op(&experts[i].down)
+            r(&experts[i].upBias)
+            r(&experts[i].downBias)
+            r(&experts[i].gateBias)
         }
-        return out
     }
 }

@@ -41,7 +41,12 @@ public enum MemoryModel {
     ///   plus X; output-aware, X is block·(d + 3·f)·4 + min(block, 1024)·(16·f + 8·d) (a
     ///   member's up, gate and hidden activations on its tokens, and the float64 copies of
     ///   `float64ChunkRows` of them); with low rank, at least the G merged experts and one
-    ///   matrix's whitening and SVD, 12·f² + 12·d·f;
+    ///   matrix's whitening and SVD, 12·f² + 12·d·f. compress rounds the merged layer to the
+    ///   output float type in place (`MoELayer.roundForStorage`), so no second copy of the G
+    ///   merged experts is held (issue 24: that copy made a 64-expert DeepSeek-V3 layer peak at
+    ///   64·e, 11.09 GiB, against 40·e predicted); its evaluation pass then holds the G merged
+    ///   experts, one original expert and a block, (G + 1)·e + X, which the merge term
+    ///   (G + m)·e + X′ ≥ (G + 1)·e + X′ covers;
     /// - lowrank: e (streaming) or L, plus the factors F = min(L, E·Σ_m((out + in)·r·4 +
     ///   s·out·in·8)), plus 12·f² + 12·d·f + X.
     public static func peakBytes(_ work: Work, layer c: LayerConfig, blockSize: Int) -> Int {

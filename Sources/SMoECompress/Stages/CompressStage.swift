@@ -185,7 +185,10 @@ public struct CompressStage: LayerStage {
             return try merge.merge(original, grouping: p.grouping, frequency: p.frequency, progress: progress)
         } ?? merge.process(source: original, progress: progress)
         if let p = layerPlan, !p.similarity.isEmpty { mergeReport.similarity = (merge.settings.similarityBase.rawValue, p.similarity) }
-        let mergedLayer = merged.roundedForStorage(storage)
+        // Rounded in place and moved: a second copy of the merged layer (G float32 experts) would
+        // double the peak (docs/ALGORITHM.md "Scale").
+        merged.roundForStorage(storage)
+        let mergedLayer = consume merged
         var final = mergedLayer
         var lowRankReport: LayerLowRankReport? = nil
         var lowRank = settings.lowRank
@@ -198,7 +201,7 @@ public struct CompressStage: LayerStage {
             let norms = settings.activationAware && !whiten ? try LowRankStage.inputNorms(mergedLayer, tokens: blocks) : nil
             (final, lowRankReport) = try LowRankStage.compressLayer(mergedLayer, options: options, inputNorms: norms,
                                                                     whitenOn: whiten ? blocks : nil, progress: progress)
-            final = final.roundedForStorage(storage)
+            final.roundForStorage(storage)
         }
         // Both steps measured against the original on the same tokens, one block at a time.
         let groups = mergeReport.compactSlots

@@ -111,7 +111,7 @@ public struct MergeSettings: Sendable {
             if prune == nil {
                 for c in model.layers {
                     // With adaptive groups the planned counts are checked in validateCompact.
-                    if let why = c.compactProblem(groups: groups), !adaptive || c.routerType.scalesExpertInput {
+                    if !adaptive, let why = c.compactProblem(groups: groups) {
                         throw SMoEError.setting(.router, "compact: \(model.architecture) layer \(c.name): \(why); merge with the default {router} slots")
                     }
                 }

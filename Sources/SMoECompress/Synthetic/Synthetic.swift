@@ -62,18 +62,20 @@ public struct SyntheticSpec: Sendable, Equatable {
         if dModel < 1 || dFF < 1 { throw SMoEError.setting(.dimensions, "must be positive") }
         if tokens < 1 { throw SMoEError.setting(.tokens, "must be positive") }
         if !(noise >= 0 && noise.isFinite) { throw SMoEError.setting(.noise, "must be a finite number ≥ 0") }
-        let c = LayerConfig(name: "synthetic", index: 0, numExperts: numExperts, topK: topK, dModel: dModel, dFF: dFF,
-                            expertType: expertType, activation: activation, routerType: routerType, numGroups: numGroups,
-                            topKGroups: topKGroups, routedScalingFactor: routedScalingFactor)
-        if let why = c.routingProblem { throw SMoEError.setting(.synthRouting, why) }
+        if let why = layerConfig(name: "synthetic", index: 0).routingProblem { throw SMoEError.setting(.synthRouting, why) }
         if routerType.scalesExpertInput { throw SMoEError.setting(.synthRouting, "\(routerType.rawValue) is not generated (the capture does not scale the expert input)") }
         if !(selectionBiasStd >= 0 && selectionBiasStd.isFinite) { throw SMoEError.setting(.synthRouting, "the selection bias deviation must be a finite number ≥ 0") }
     }
 
-    /// True when the routing is the original planted one (plain softmax, no bias or groups).
-    var plainRouting: Bool {
-        (routerType == .softmax_topk || routerType == .softmax_topk_norm) && numGroups == 1 && routedScalingFactor == 1 && selectionBiasStd == 0
+    /// The config of planted layer `index` named `name`.
+    func layerConfig(name: String, index: Int) -> LayerConfig {
+        LayerConfig(name: name, index: index, numExperts: numExperts, topK: topK, dModel: dModel, dFF: dFF,
+                    expertType: expertType, activation: activation, routerType: routerType, numGroups: numGroups,
+                    topKGroups: topKGroups, routedScalingFactor: routedScalingFactor)
     }
+
+    /// True when the routing is the original planted one (plain softmax, no bias or groups).
+    var plainRouting: Bool { layerConfig(name: "synthetic", index: 0).isPlainSoftmaxRouting && selectionBiasStd == 0 }
 }
 
 /// The ground truth planted in one layer.
@@ -196,10 +198,7 @@ public enum SyntheticGenerator {
                 }
                 for j in 0..<d { x[t, j] += 0.5 * Float(rng.nextGaussian()) }
             }
-            let config = LayerConfig(
-                name: layerName(spec, index), index: index, numExperts: E, topK: spec.topK, dModel: d, dFF: spec.dFF,
-                expertType: spec.expertType, activation: spec.activation, routerType: spec.routerType,
-                numGroups: spec.numGroups, topKGroups: spec.topKGroups, routedScalingFactor: spec.routedScalingFactor)
+            let config = spec.layerConfig(name: layerName(spec, index), index: index)
             var selectionBias: [Float]? = nil
             if spec.selectionBiasStd > 0 {
                 var r = SplitMix64(seed: spec.seed ^ 0x5E1E_C7ED &+ UInt64(index))

@@ -37,6 +37,9 @@ let benchmarks: [(name: String, summary: String, options: String, run: ([String]
      "--fixtures DIR", regmeanTokensBench),
 ]
 
+// The in-process benchmarks (align, factor, …) need the same BLAS kernels smoe-compress runs with:
+// on a CPU this OpenBLAS does not know, re-run with the matching core (as smoe-compress does).
+BLAS.chooseCore()
 let args = Array(CommandLine.arguments.dropFirst())
 print("smoe-bench \(smoeCompressVersion) — BLAS core \(BLAS.coreName), \(BLAS.threads) threads, "
       + "OPENBLAS_CORETYPE=\(ProcessInfo.processInfo.environment["OPENBLAS_CORETYPE"] ?? "unset")")

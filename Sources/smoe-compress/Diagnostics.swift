@@ -70,28 +70,9 @@ func namingFile<T>(_ primary: String, inputs: [String] = [], _ body: () throws -
     }
 }
 
-/// Runs the tool again with OPENBLAS_CORETYPE set when OpenBLAS picked its generic kernels on
-/// a CPU it does not know but whose instruction set matches one of its cores
-/// (`BLAS.preferredCore`): the variable is read when libopenblas loads, so only a new process
-/// sees it. OPENBLAS_CORETYPE set by the user is left alone (OPENBLAS_CORETYPE=Prescott keeps
-/// the generic kernels). Returns only when nothing is to be done or exec failed.
-func chooseBLASCore() {
-    let env = ProcessInfo.processInfo.environment
-    guard let core = BLAS.preferredCore(current: BLAS.coreName, cpuFlags: BLAS.cpuFlags(), environment: env) else { return }
-    setenv("OPENBLAS_CORETYPE", core, 1)
-    setenv(blasCoreChosenVariable, core, 1)
-    execv("/proc/self/exe", CommandLine.unsafeArgv)
-    // exec failed: carry on with the kernels OpenBLAS picked.
-    unsetenv("OPENBLAS_CORETYPE")
-    unsetenv(blasCoreChosenVariable)
-}
-
-/// Set (to the core) in a process that `chooseBLASCore` started, so it can say so.
-let blasCoreChosenVariable = "SMOE_BLAS_CORE_CHOSEN"
-
 /// Says once per process, in interactive runs, which kernels OpenBLAS was asked for.
 let openBLASKernelNote: Void = {
-    guard let core = ProcessInfo.processInfo.environment[blasCoreChosenVariable] else { return }
+    guard let core = ProcessInfo.processInfo.environment[BLAS.coreChosenVariable] else { return }
     FileHandle.standardError.write(Data(("note: this OpenBLAS does not know this CPU; using its \(core) kernels "
         + "(OPENBLAS_CORETYPE=\(core); set OPENBLAS_CORETYPE yourself to choose, Prescott for the generic ones)\n").utf8))
 }()

@@ -15,7 +15,7 @@ struct SMoECompressCommand: ParsableCommand {
 
     /// Runs the command line; library errors become one `error:` line and exit status 1.
     static func main() {
-        chooseBLASCore()
+        BLAS.chooseCore()
         let args = CommandLine.arguments
         if args.count == 3, args[1] == checkInputCommand { runInputCheckChild(args[2]) }
         installSignalHandlers()

@@ -100,6 +100,26 @@ public enum BLAS {
         return nil
     }
 
+    /// Runs the process again with OPENBLAS_CORETYPE set when OpenBLAS picked its generic kernels
+    /// on a CPU it does not know but whose instruction set matches one of its cores
+    /// (`preferredCore`): the variable is read when libopenblas loads, so only a new process sees
+    /// it. OPENBLAS_CORETYPE set by the user is left alone (OPENBLAS_CORETYPE=Prescott keeps the
+    /// generic kernels). Call it first thing in `main` (smoe-compress and smoe-bench do); returns
+    /// only when nothing is to be done or exec failed.
+    public static func chooseCore() {
+        let env = ProcessInfo.processInfo.environment
+        guard let core = preferredCore(current: coreName, cpuFlags: cpuFlags(), environment: env) else { return }
+        setenv("OPENBLAS_CORETYPE", core, 1)
+        setenv(coreChosenVariable, core, 1)
+        execv("/proc/self/exe", CommandLine.unsafeArgv)
+        // exec failed: carry on with the kernels OpenBLAS picked.
+        unsetenv("OPENBLAS_CORETYPE")
+        unsetenv(coreChosenVariable)
+    }
+
+    /// Set (to the core) in a process that `chooseCore` started, so it can say so.
+    public static let coreChosenVariable = "SMOE_BLAS_CORE_CHOSEN"
+
     /// The flags of the first CPU in /proc/cpuinfo (empty where it cannot be read).
     public static func cpuFlags(cpuinfo path: String = "/proc/cpuinfo") -> Set<Substring> {
         guard let info = try? String(contentsOfFile: path, encoding: .utf8),

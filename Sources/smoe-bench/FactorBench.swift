@@ -153,8 +153,9 @@ func whitenedDownBench(d: Int, f: Int, r: Int, tokens t: Int, inputGram: Bool) t
     func row(_ label: String, _ wall: Double, _ cpu: Double, _ rep: MatrixLowRankReport, _ reference: Double?) {
         let err = rep.outputError ?? .nan
         let vs = reference.map { String(format: "%+.2e", err - $0) } ?? "-"
-        printRow(String(format: "%-28@ %7.1f %7.1f   %-22@ %12.8f   %13@   %@", label as NSString, wall, cpu, rep.svd as NSString, err,
-                        vs as NSString, loadAverage() as NSString))
+        func pad(_ s: String, _ n: Int) -> String { s.padding(toLength: max(n, s.count), withPad: " ", startingAt: 0) }
+        printRow(pad(label, 28) + String(format: " %7.1f %7.1f   ", wall, cpu) + pad(rep.svd, 22)
+                 + String(format: " %12.8f   ", err) + pad(vs, 13) + "   " + loadAverage())
     }
     var reference: Double? = nil
     if inputGram {
@@ -171,14 +172,24 @@ func whitenedDownBench(d: Int, f: Int, r: Int, tokens t: Int, inputGram: Bool) t
         reference = rep.outputError
     }
     let c1 = cpuSeconds()
+    var phases: [(String, Double, Double)] = []
+    func phase<T>(_ name: String, _ body: () throws -> T) rethrows -> T {
+        let c = cpuSeconds()
+        let (v, wall) = try timed(body)
+        phases.append((name, wall, cpuSeconds() - c))
+        return v
+    }
     let (rep, wall) = try timed { () throws -> MatrixLowRankReport in
         var acc = OutputGramAccumulator(matrix: w)
-        blocks { x, p in acc.add(x, weights: p) }
-        let og = acc.finish(relativeRidge: options.whiteningRidge)
-        guard let res = try LowRankStage.factor(w, options: options, outputGram: og) else {
+        phase("  Y = X·Wᵀ, P += YᵀY") { blocks { x, p in acc.add(x, weights: p) } }
+        let og = phase("  P += λ·W·Wᵀ") { acc.finish(relativeRidge: options.whiteningRidge) }
+        guard let res = try phase("  eigenpairs, V, check, errors", { try LowRankStage.factor(w, options: options, outputGram: og) }) else {
             throw SMoEError("the output Gram's check failed")
         }
         return res.report
     }
     row("output Gram (issue 29)", wall, cpuSeconds() - c1, rep, reference)
+    for (name, wall, cpu) in phases {
+        printRow(name.padding(toLength: 28, withPad: " ", startingAt: 0) + String(format: " %7.1f %7.1f", wall, cpu))
+    }
 }

@@ -214,7 +214,10 @@ extension LowRankStage {
     /// tokens of this layer) every matrix minimises its output error instead (ALGORITHM.md §4.1):
     /// up and gate are whitened with the Gram of the routed layer inputs, then down with the Gram
     /// of the hidden activations computed by the already factored up/gate, and the sparse part is
-    /// ranked by |S_ij|·‖X_j‖ with those weighted norms. A matrix that is already factored is an
+    /// ranked by |S_ij|·‖X_j‖ with those weighted norms. A matrix with fewer outputs than inputs
+    /// (down when d_ff > d_model) is whitened through its output Gram instead when
+    /// `LowRankOptions.factorsByOutputGram` allows (no sparse part, `--svd` not exact): the same
+    /// optimum without any in × in matrix, falling back to the input Gram if its check fails. A matrix that is already factored is an
     /// error; matrices not selected are left as they are.
     public static func compressLayer(_ layer: MoELayer, options: LowRankOptions, inputNorms: [ExpertInputNorms]? = nil,
                                      whitenOn tokens: TokenBlocks? = nil,
@@ -259,8 +262,9 @@ extension LowRankStage {
                     guard case .dense(let w) = op else { throw SMoEError("\(label) is already factored; run expand first", layer: source.name) }
                     var o = options
                     o.seed = options.seed &+ UInt64(g &* 3 &+ (ExpertMatrixName.allCases.firstIndex(of: m)!)) &* 0x9E37_79B9_7F4A_7C15
-                    // One expert's Gram at a time (down's is d_ff² float64: 1.6 GB at Mixtral's 14336);
-                    // down's inputs come from this expert's already factored up and gate.
+                    // One expert's Gram at a time (down's input Gram is d_ff² float64: 1.6 GB at
+                    // Mixtral's 14336; its output Gram d_model²); down's inputs come from this
+                    // expert's already factored up and gate.
                     var norms = inputNorms?[g].norms(for: m)
                     var whitening: Whitening? = nil
                     let rank = options.ranks[LowRankOptions.rankKey(m, expert: g)]

@@ -47,11 +47,18 @@ func loadAverage() -> String {
 /// (which already reduces a tall matrix by QR first), the float64 Gram eigendecomposition
 /// (`dsyrk` + `dsyevr` of the r largest pairs + one `sgemm`), and the randomized range finder
 /// with 1 and 2 power iterations, each with its relative error against the exact one.
-/// Options: `--rows M --cols N --rank R` (default 14336, 4096, 1024), `--no-randomized`.
+/// Options: `--rows M --cols N --rank R` (default 14336, 4096, 1024), `--no-randomized`;
+/// `--whitened-down [--rows d --cols f --rank R --tokens T] [--output-gram-only]` (default 4096,
+/// 14336, 1024, 2048) times the whitened factoring of a down-shaped matrix instead.
+/// With `--whitened-down`: `whitenedDownBench` instead.
 func factorBench(_ args: [String]) throws {
     func int(_ name: String, _ def: Int) -> Int {
         guard let i = args.firstIndex(of: name), i + 1 < args.count, let v = Int(args[i + 1]), v > 0 else { return def }
         return v
+    }
+    if args.contains("--whitened-down") {
+        return try whitenedDownBench(d: int("--rows", 4096), f: int("--cols", 14336), r: int("--rank", 1024), tokens: int("--tokens", 2048),
+                                     inputGram: !args.contains("--output-gram-only"))
     }
     let m = int("--rows", 14336), n = int("--cols", 4096), r = int("--rank", 1024)
     let p = min(m, n)
@@ -113,4 +120,76 @@ func cpuName() -> String {
           let line = info.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
           let v = line.split(separator: ":", maxSplits: 1).last else { return "unknown CPU" }
     return v.trimmingCharacters(in: .whitespaces)
+}
+
+/// The whitened (output-objective) rank-r factoring of a down-shaped W [d, f] (issue 29), as
+/// `compressLayer` runs it, from T routed hidden activations (one token pass of 1024-row blocks):
+/// today's input Gram path (float64 Gram of the hidden activations by `dgemm`, Cholesky,
+/// W·L, the Gram eigendecomposition of W·L, V·L⁻¹, the output error) against the output Gram
+/// (P = Y·Yᵀ + λ·W·Wᵀ, its r leading eigenpairs, V = Σ^{-1/2}·U_rᵀ·W, the reconstructed error).
+/// Synthetic data, seeded: W Gaussian / √f; hidden rows Gaussian with column scales 1/(1 + j/512)
+/// plus a shared rank-64 component (correlated features), routing weights uniform in [0.2, 1).
+/// Each row: wall and process CPU seconds (user + system, all BLAS threads), the report's whitened
+/// output error and its difference from the input Gram path's.
+func whitenedDownBench(d: Int, f: Int, r: Int, tokens t: Int, inputGram: Bool) throws {
+    print("whitened rank-\(r) factoring of a \(d)×\(f) down from \(t) routed tokens; CPU \(cpuName()); load \(loadAverage())")
+    var rng = SplitMix64(seed: 29)
+    let w = Matrix(rows: d, cols: f, data: (0..<(d * f)).map { _ in Float(rng.nextGaussian() / Double(f).squareRoot()) })
+    var h = Matrix(rows: t, cols: f, data: (0..<(t * f)).map { _ in Float(rng.nextGaussian()) })
+    for i in 0..<t { for j in 0..<f { h.data[i * f + j] /= Float(1 + Double(j) / 512) } }
+    let k = min(64, f)
+    let shared = BLAS.matmul(Matrix(rows: t, cols: k, data: (0..<(t * k)).map { _ in Float(rng.nextGaussian()) }),
+                             Matrix(rows: k, cols: f, data: (0..<(k * f)).map { _ in Float(rng.nextGaussian() * 0.5) }))
+    h.addScaled(shared, 1)
+    let weights = (0..<t).map { _ in Float(0.2 + 0.8 * rng.nextDouble()) }
+    func blocks(_ body: (Matrix, [Float]) -> Void) {
+        for start in stride(from: 0, to: t, by: 1024) {
+            let c = min(1024, t - start)
+            body(h.rowBlock(start, c), Array(weights[start..<(start + c)]))
+        }
+    }
+    let options = LowRankOptions(rank: .fixed(r))
+    printRow("path                          wall s   cpu s   svd                    output error   vs input Gram   load")
+    func row(_ label: String, _ wall: Double, _ cpu: Double, _ rep: MatrixLowRankReport, _ reference: Double?) {
+        let err = rep.outputError ?? .nan
+        let vs = reference.map { String(format: "%+.2e", err - $0) } ?? "-"
+        func pad(_ s: String, _ n: Int) -> String { s.padding(toLength: max(n, s.count), withPad: " ", startingAt: 0) }
+        printRow(pad(label, 28) + String(format: " %7.1f %7.1f   ", wall, cpu) + pad(rep.svd, 22)
+                 + String(format: " %12.8f   ", err) + pad(vs, 13) + "   " + loadAverage())
+    }
+    var reference: Double? = nil
+    if inputGram {
+        let c0 = cpuSeconds()
+        let (rep, wall) = try timed { () throws -> MatrixLowRankReport in
+            var g = [Double](repeating: 0, count: f * f)
+            blocks { x, p in accumulateWeightedCross(x, x, weights: p.map { $0 * $0 }, into: &g) }
+            let gram = InputGram(n: f, gram: g, tokens: t)
+            let norms = gram.columnNorms
+            let wh = try Whitening(gram, relativeRidge: options.whiteningRidge)
+            return try LowRankStage.factor(w, options: options, inputNorms: norms, whitening: wh).report
+        }
+        row("input Gram (before)", wall, cpuSeconds() - c0, rep, nil)
+        reference = rep.outputError
+    }
+    let c1 = cpuSeconds()
+    var phases: [(String, Double, Double)] = []
+    func phase<T>(_ name: String, _ body: () throws -> T) rethrows -> T {
+        let c = cpuSeconds()
+        let (v, wall) = try timed(body)
+        phases.append((name, wall, cpuSeconds() - c))
+        return v
+    }
+    let (rep, wall) = try timed { () throws -> MatrixLowRankReport in
+        var acc = OutputGramAccumulator(matrix: w)
+        phase("  Y = X·Wᵀ, P += YᵀY") { blocks { x, p in acc.add(x, weights: p) } }
+        let og = phase("  P += λ·W·Wᵀ") { acc.finish(relativeRidge: options.whiteningRidge) }
+        guard let res = try phase("  eigenpairs, V, check, errors", { try LowRankStage.factor(w, options: options, outputGram: og) }) else {
+            throw SMoEError("the output Gram's check failed")
+        }
+        return res.report
+    }
+    row("output Gram (issue 29)", wall, cpuSeconds() - c1, rep, reference)
+    for (name, wall, cpu) in phases {
+        printRow(name.padding(toLength: 28, withPad: " ", startingAt: 0) + String(format: " %7.1f %7.1f", wall, cpu))
+    }
 }

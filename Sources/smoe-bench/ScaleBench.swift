@@ -165,8 +165,9 @@ struct ScaleMemoryModel {
         case "merge-frequency": work = .merge(groups: groups, largestGroup: largest, outputAware: false, lowRank: false)
         case "merge-regmean+refit", "compress": work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: false)
         case _ where stage.hasPrefix("lowrank-"):
-            work = .lowRank(streams: true, rank: Int(stage.dropFirst("lowrank-".count)), sparsity: 0)
-        default: work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: true)
+            // The stages run with the default options: down takes the output Gram (no d_ff² Gram).
+            work = .lowRank(streams: true, rank: Int(stage.dropFirst("lowrank-".count)), sparsity: 0, largeGram: false)
+        default: work = .merge(groups: groups, largestGroup: largest, outputAware: true, lowRank: true, largeGram: false)
         }
         return MemoryModel.peakBytes(work, layer: config, blockSize: min(tokens, TokenSettings.defaultBlockSize))
     }

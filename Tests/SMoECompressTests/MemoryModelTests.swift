@@ -112,13 +112,53 @@ final class MemoryModelTests: XCTestCase {
         XCTAssertEqual(peak(.lowRank(streams: true, rank: 4096, sparsity: 0)), MemoryModel.base + e + layer + work + block)
         // The options say which: a fixed rank (or a larger per-matrix override), streaming unless
         // the weight objective has calibration tokens.
+        // down takes the output Gram by default, so no d_ff² Gram (`largeGram` false).
         var o = LowRankOptions(rank: .fixed(1024))
-        XCTAssertEqual(o.memoryWork(hasTokens: true), .lowRank(streams: true, rank: 1024, sparsity: 0))
+        XCTAssertEqual(o.memoryWork(hasTokens: true), .lowRank(streams: true, rank: 1024, sparsity: 0, largeGram: false))
         o.ranks = ["down.3": 2048]
         o.objective = .weight
-        XCTAssertEqual(o.memoryWork(hasTokens: true), .lowRank(streams: false, rank: 2048, sparsity: 0))
-        XCTAssertEqual(o.memoryWork(hasTokens: false), .lowRank(streams: true, rank: 2048, sparsity: 0))
-        XCTAssertEqual(LowRankOptions(rank: .energy(0.9)).memoryWork(hasTokens: false), .lowRank(streams: true, rank: nil, sparsity: 0))
+        XCTAssertEqual(o.memoryWork(hasTokens: true), .lowRank(streams: false, rank: 2048, sparsity: 0, largeGram: false))
+        XCTAssertEqual(o.memoryWork(hasTokens: false), .lowRank(streams: true, rank: 2048, sparsity: 0, largeGram: false))
+        XCTAssertEqual(LowRankOptions(rank: .energy(0.9)).memoryWork(hasTokens: false),
+                       .lowRank(streams: true, rank: nil, sparsity: 0, largeGram: false))
+    }
+
+    /// Issue 29: where down takes the output Gram the factoring work has no d_ff² term. By hand
+    /// at the Mixtral-8x7B shape (p = min(d, f) = 4096): 32·p² + 16·d·f = 1,476,395,008 B
+    /// (1.37 GiB) against 12·f² + 12·d·f = 3,170,893,824 B (2.95 GiB) with the input Gram, so the
+    /// lowrank rank-1024 prediction drops by 1,694,498,816 B. The options say which: whitened
+    /// with a sparse part or `--svd exact` keeps the large Gram; and a d_ff < d_model layer's
+    /// large Gram is d_model² (up/gate's inputs).
+    func testLowRankWorkWithoutLargeGram() {
+        let d = 4096, f = 14336
+        let c = LayerConfig(name: "mx", index: 0, numExperts: 8, topK: 2, dModel: d, dFF: f, expertType: .glu,
+                            activation: .silu, routerType: .softmax_topk_norm)
+        let e = 3 * d * f * 4, block = 4096 * (d + f) * 4
+        let factors = 8 * 3 * (d + f) * 1024 * 4
+        XCTAssertEqual(32 * d * d + 16 * d * f, 1_476_395_008)
+        func peak(_ w: MemoryModel.Work, _ c: LayerConfig = c) -> Int { MemoryModel.peakBytes(w, layer: c, blockSize: 4096) }
+        let small = peak(.lowRank(streams: true, rank: 1024, sparsity: 0, largeGram: false))
+        let large = peak(.lowRank(streams: true, rank: 1024, sparsity: 0, largeGram: true))
+        XCTAssertEqual(small, MemoryModel.base + e + factors + 1_476_395_008 + block)
+        XCTAssertEqual(large - small, 1_694_498_816)
+        XCTAssertEqual(Double(small) / 1_073_741_824, 4.10, accuracy: 0.005)  // ALGORITHM.md's table: 4.10 GiB (5.68 before)
+        // compress --rank: the low-rank side of the merge term drops the same, the merge side is unchanged.
+        let m = MemoryModel.Work.merge(groups: 4, largestGroup: 2, outputAware: true, lowRank: true, largeGram: false)
+        XCTAssertEqual(peak(m), max(peak(.merge(groups: 4, largestGroup: 2, outputAware: true, lowRank: false)),
+                                    MemoryModel.base + 4 * e + 1_476_395_008 + block))
+        var o = LowRankOptions(rank: .fixed(1024))
+        XCTAssertFalse(o.needsLargeGram(hasTokens: true))
+        o.sparsity = 0.01
+        XCTAssertTrue(o.needsLargeGram(hasTokens: true))
+        XCTAssertFalse(o.needsLargeGram(hasTokens: false))
+        XCTAssertTrue(LowRankOptions(rank: .fixed(8), svd: .exact).needsLargeGram(hasTokens: true))
+        XCTAssertFalse(LowRankOptions(rank: .fixed(8), svd: .exact, objective: .weight).needsLargeGram(hasTokens: true))
+        // d_ff < d_model (DeepSeek-V3's 7168 × 2048): the large Gram is up/gate's 7168².
+        let ds = LayerConfig(name: "ds", index: 0, numExperts: 8, topK: 2, dModel: 7168, dFF: 2048, expertType: .glu,
+                             activation: .silu, routerType: .softmax_topk_norm)
+        let w = peak(.lowRank(streams: true, rank: 256, sparsity: 0, largeGram: true), ds) -
+            peak(.lowRank(streams: true, rank: 256, sparsity: 0, largeGram: false), ds)
+        XCTAssertEqual(w, (12 * 7168 * 7168 + 12 * 7168 * 2048) - (32 * 2048 * 2048 + 16 * 7168 * 2048))
     }
 
     /// The merge stage fits the block to its planned groupings: the budget that leaves room for

@@ -93,7 +93,7 @@ extension Matrix {
             }
         }
         // Row-major upper = column-major lower; G is symmetric, so column-major LAPACK sees G.
-        let (vecs, eigSum) = try largestEigenpairs(&g, p: p, rank: r, routine: "dsyevr") { a, found, w, z, isuppz in
+        let (vecs, eigSum, _) = try largestEigenpairs(&g, p: p, rank: r, routine: "dsyevr") { a, found, w, z, isuppz in
             LAPACKE_dsyevr(LAPACK_COL_MAJOR, Self.jobV, Self.rangeI, Self.lower, Int32(p), a, Int32(p), 0, 0, Int32(p - r + 1), Int32(p),
                            0, found, w, z, Int32(p), isuppz)
         }
@@ -111,7 +111,7 @@ extension Matrix {
             }
         }
         let normSq = data.reduce(0.0) { $0 + Double($1) * Double($1) }
-        let (vecs, eigSum) = try largestEigenpairs(&g, p: p, rank: r, routine: "ssyevr") { a, found, w, z, isuppz in
+        let (vecs, eigSum, _) = try largestEigenpairs(&g, p: p, rank: r, routine: "ssyevr") { a, found, w, z, isuppz in
             LAPACKE_ssyevr(LAPACK_COL_MAJOR, Self.jobV, Self.rangeI, Self.lower, Int32(p), a, Int32(p), 0, 0, Int32(p - r + 1), Int32(p),
                            0, found, w, z, Int32(p), isuppz)
         }
@@ -121,15 +121,67 @@ extension Matrix {
     static let jobV = CChar(UInt8(ascii: "V")), rangeI = CChar(UInt8(ascii: "I")), lower = CChar(UInt8(ascii: "L"))
 }
 
+/// Float64 accumulation of a Gram by BLAS `dsyrk` on float64 copies of at most `chunk` rows (or
+/// columns) of a float32 A at a time, so no float64 copy of A is held: with `columns` false,
+/// G [n, n] += alpha·Σ_t s_t²·a_t·a_tᵀ over the rows a_t of A [T, n] (s_t = `rowScales[t]`, 1
+/// without); with `columns` true, G [m, m] += alpha·A·Aᵀ for A [m, n] (column chunks). Only the
+/// upper triangle of the row-major G is written (the lower one of the column-major G LAPACK's
+/// symmetric routines read with uplo = "L").
+public func accumulateGramFloat64(_ a: Matrix, columns: Bool = false, rowScales: [Float]? = nil, alpha: Double = 1,
+                                  into g: inout [Double], chunk: Int = 512) {
+    let m = a.rows, n = a.cols, p = columns ? m : n, k = columns ? n : m
+    precondition(g.count == p * p, "accumulateGramFloat64: Gram of \(g.count) entries for \(p) × \(p)")
+    precondition(rowScales.map { $0.count == m && !columns } ?? true, "accumulateGramFloat64: one scale per row, rows only")
+    guard p > 0, k > 0 else { return }
+    var buf = [Double](repeating: 0, count: Swift.min(chunk, k) * p)
+    a.data.withUnsafeBufferPointer { pa in
+        var start = 0
+        while start < k {
+            let c = Swift.min(chunk, k - start)
+            // rows: [c, p] (rows start..<start+c, scaled); columns: [p, c] (columns start..<start+c).
+            if columns {
+                for i in 0..<m { for j in 0..<c { buf[i * c + j] = Double(pa[i * n + start + j]) } }
+            } else {
+                for t in 0..<c {
+                    let s = Double(rowScales?[start + t] ?? 1)
+                    for j in 0..<n { buf[t * n + j] = s * Double(pa[(start + t) * n + j]) }
+                }
+            }
+            buf.withUnsafeBufferPointer { pb in
+                g.withUnsafeMutableBufferPointer { pg in
+                    cblas_dsyrk(CblasRowMajor, CblasUpper, columns ? CblasNoTrans : CblasTrans, Int32(p), Int32(c), alpha,
+                                pb.baseAddress, Int32(columns ? c : p), 1, pg.baseAddress, Int32(p))
+                }
+            }
+            start += c
+        }
+    }
+}
+
+/// The r largest eigenpairs of the symmetric n × n float64 `g` (row-major; its upper triangle is
+/// read, which is the lower one of the column-major matrix LAPACK sees) by LAPACK `dsyevr` (MRRR,
+/// only the wanted ones): the eigenvectors as float32 rows [r, n] and their eigenvalues, both
+/// largest first (eigenvalues unclamped: a negative one is rounding or a matrix that is not
+/// positive semidefinite, the caller decides). LAPACK destroys the triangle it reads and the
+/// diagonal, so pass a copy the caller does not need.
+public func largestSymmetricEigenpairs(_ g: inout [Double], n: Int, count r: Int) throws -> (vectors: Matrix, values: [Double]) {
+    precondition(r >= 1 && r <= n && g.count == n * n, "largestSymmetricEigenpairs: \(r) of \(n)")
+    let (vecs, _, values) = try largestEigenpairs(&g, p: n, rank: r, routine: "dsyevr") { a, found, w, z, isuppz in
+        LAPACKE_dsyevr(LAPACK_COL_MAJOR, Matrix.jobV, Matrix.rangeI, Matrix.lower, Int32(n), a, Int32(n), 0, 0, Int32(n - r + 1), Int32(n),
+                       0, found, w, z, Int32(n), isuppz)
+    }
+    return (vecs, values)
+}
+
 /// The r largest eigenpairs of the symmetric p × p `g` (its lower triangle, column-major) by
 /// LAPACK `?syevr` (MRRR, only the wanted ones), called by `syevr` with (a, found, w, z, isuppz):
-/// the eigenvectors as rows [r, p], largest first, and the sum of those r eigenvalues (a negative
-/// one, from rounding, counted as 0).
+/// the eigenvectors as rows [r, p], largest first, the sum of those r eigenvalues (a negative
+/// one, from rounding, counted as 0), and the r eigenvalues themselves, largest first.
 private func largestEigenpairs<T: BinaryFloatingPoint>(
     _ g: inout [T], p: Int, rank r: Int, routine: String,
     _ syevr: (UnsafeMutablePointer<T>, UnsafeMutablePointer<Int32>, UnsafeMutablePointer<T>, UnsafeMutablePointer<T>,
               UnsafeMutablePointer<Int32>) -> Int32
-) throws -> (Matrix, Double) {
+) throws -> (Matrix, Double, [Double]) {
     var w = [T](repeating: 0, count: p)
     var z = [T](repeating: 0, count: p * r)
     var isuppz = [Int32](repeating: 0, count: 2 * r)
@@ -143,5 +195,5 @@ private func largestEigenpairs<T: BinaryFloatingPoint>(
         let src = (r - 1 - j) * p
         for i in 0..<p { vecs.data[j * p + i] = Float(z[src + i]) }
     }
-    return (vecs, (0..<r).reduce(0.0) { $0 + max(Double(w[$1]), 0) })
+    return (vecs, (0..<r).reduce(0.0) { $0 + max(Double(w[$1]), 0) }, (0..<r).map { Double(w[r - 1 - $0]) })
 }

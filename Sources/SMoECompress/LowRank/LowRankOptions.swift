@@ -87,7 +87,16 @@ public struct LowRankOptions: Sendable {
 
     /// What `lowrank` needs in memory per layer (`MemoryModel`), with or without calibration.
     public func memoryWork(hasTokens: Bool) -> MemoryModel.Work {
-        .lowRank(streams: !hasTokens || objective(hasTokens: true) == .output, rank: largestRank, sparsity: sparsity)
+        .lowRank(streams: !hasTokens || objective(hasTokens: true) == .output, rank: largestRank, sparsity: sparsity,
+                 largeGram: needsLargeGram(hasTokens: hasTokens))
+    }
+
+    /// Whether some matrix may be whitened through the Gram of inputs on the larger side of the
+    /// layer (d_ff² for down when d_ff > d_model, `MemoryModel`): whitened (output objective with
+    /// tokens) and the output Gram not taken for matrices with fewer outputs than inputs
+    /// (`factorsByOutputGram`: a sparse part or `--svd exact`).
+    public func needsLargeGram(hasTokens: Bool) -> Bool {
+        hasTokens && objective(hasTokens: true) == .output && !factorsByOutputGram(rows: 1, cols: 2)
     }
 
     /// The objective in force: the one asked for, else output when calibration tokens exist.
@@ -140,6 +149,14 @@ public struct LowRankOptions: Sendable {
         case .auto: return !prefersRandomized(rank: r, rows: rows, cols: cols) && min(rows, cols) >= Self.gramMinDimension
         }
     }
+
+    /// Whether a whitened [rows, cols] matrix is factored through its output Gram
+    /// (`OutputGram`, ALGORITHM.md §4.1) instead of its input Gram: when it has fewer outputs
+    /// than inputs (every expert's down when d_ff > d_model), no sparse part (so no refinements,
+    /// which refactor W − S), and `--svd` is not `exact` (kept on the input Gram's exact path, the
+    /// reference the Eckart–Young tests check). `randomized` and `gram` ask for a faster route to
+    /// the same optimum, which the output Gram gives at the lower cost. Any rank rule.
+    public func factorsByOutputGram(rows: Int, cols: Int) -> Bool { rows < cols && sparsity == 0 && svd != .exact }
 
     /// The entries S keeps for an [out, in] matrix: round(sparsity·out·in) unstructured, or
     /// round(sparsity·out) whole rows of `in` entries with `.row`.

@@ -35,7 +35,27 @@ extension LowRankStage {
                               rank rankOverride: Int? = nil,
                               name: String = "matrix") throws -> (op: LinearOp, report: MatrixLowRankReport) {
         var f = try MatrixFactoring(w, options: options, inputNorms: inputNorms, whitening: whitening, name: name)
-        let (r, lowRank, svdUsed) = try f.firstLowRankPart(rule: rankOverride.map(RankRule.fixed) ?? options.rank)
+        let first = try f.firstLowRankPart(rule: rankOverride.map(RankRule.fixed) ?? options.rank)
+        return try finish(&f, first)
+    }
+
+    /// `factor` whitened through the output Gram `og` of W (ALGORITHM.md §4.1; the caller checked
+    /// `LowRankOptions.factorsByOutputGram` and that some token reached the expert): the same
+    /// factors, report and kept-dense decision, with `svd` "output-gram". nil when P or its
+    /// eigenpairs fail the check of `MatrixFactoring.outputGramPart`: the caller then factors
+    /// W through the input Gram as before.
+    public static func factor(_ w: Matrix, options: LowRankOptions, outputGram og: OutputGram, rank rankOverride: Int? = nil,
+                              name: String = "matrix") throws -> (op: LinearOp, report: MatrixLowRankReport)? {
+        var f = try MatrixFactoring(w, options: options, inputNorms: og.columnNorms, whitening: nil, name: name)
+        guard let first = try f.outputGramPart(og, rule: rankOverride.map(RankRule.fixed) ?? options.rank) else { return nil }
+        return try finish(&f, first)
+    }
+
+    /// The sparse part, refinements, report and kept-dense decision after the first low-rank part.
+    private static func finish(_ f: inout MatrixFactoring, _ first: (rank: Int, factors: (u: Matrix, v: Matrix), svd: String)) throws
+        -> (op: LinearOp, report: MatrixLowRankReport) {
+        let (r, lowRank, svdUsed) = first
+        let options = f.options, w = f.w, name = f.name
         let (best, bestIsFirst, history) = try f.refineSparse(lowRank, rank: r)
         let factored = LinearOp.factored(LowRankSparse(u: best.u, v: best.v, s: best.s))
         let dense = LinearOp.dense(w)
@@ -45,7 +65,7 @@ extension LowRankStage {
             paramsBefore: dense.parameterCount, paramsAfter: factored.parameterCount,
             bytesBefore: dense.storedBytes(floatBytes: fb), bytesAfter: factored.storedBytes(floatBytes: fb),
             svd: svdUsed, activationAware: f.norms != nil, errorHistory: history)
-        if whitening != nil {
+        if f.whitening != nil || f.outputGramError != nil {
             report.whitened = true
             report.outputError = f.whitenedOutputError(best, bestIsFirst: bestIsFirst)
         }
@@ -63,7 +83,13 @@ extension LowRankStage {
 
     /// The smallest r whose leading squared singular values reach `fraction` of the total (≥ 1).
     public static func rankForEnergy(_ s: [Float], fraction f: Double) -> Int {
-        let sq = s.map { Double($0) * Double($0) }
+        rankForEnergy(squared: s.map { Double($0) * Double($0) }, fraction: f)
+    }
+
+    /// `rankForEnergy` from the squared singular values (eigenvalues of a Gram, descending; a
+    /// negative one, from rounding, counts as 0).
+    static func rankForEnergy(squared: [Double], fraction f: Double) -> Int {
+        let sq = squared.map { max($0, 0) }
         let total = sq.reduce(0, +)
         guard total > 0 else { return 1 }
         var acc = 0.0
@@ -72,7 +98,7 @@ extension LowRankStage {
             // A relative slack of 1e-12 keeps F = 1 from running past the last value on rounding.
             if acc >= f * total * (1 - 1e-12) { return i + 1 }
         }
-        return s.count
+        return sq.count
     }
 
     /// The rank-r truncated SVD as balanced factors U_r·√Σ_r, √Σ_r·V_rᵀ, by the method the
@@ -188,7 +214,10 @@ extension LowRankStage {
     /// tokens of this layer) every matrix minimises its output error instead (ALGORITHM.md §4.1):
     /// up and gate are whitened with the Gram of the routed layer inputs, then down with the Gram
     /// of the hidden activations computed by the already factored up/gate, and the sparse part is
-    /// ranked by |S_ij|·‖X_j‖ with those weighted norms. A matrix that is already factored is an
+    /// ranked by |S_ij|·‖X_j‖ with those weighted norms. A matrix with fewer outputs than inputs
+    /// (down when d_ff > d_model) is whitened through its output Gram instead when
+    /// `LowRankOptions.factorsByOutputGram` allows (no sparse part, `--svd` not exact): the same
+    /// optimum without any in × in matrix, falling back to the input Gram if its check fails. A matrix that is already factored is an
     /// error; matrices not selected are left as they are.
     public static func compressLayer(_ layer: MoELayer, options: LowRankOptions, inputNorms: [ExpertInputNorms]? = nil,
                                      whitenOn tokens: TokenBlocks? = nil,
@@ -233,12 +262,35 @@ extension LowRankStage {
                     guard case .dense(let w) = op else { throw SMoEError("\(label) is already factored; run expand first", layer: source.name) }
                     var o = options
                     o.seed = options.seed &+ UInt64(g &* 3 &+ (ExpertMatrixName.allCases.firstIndex(of: m)!)) &* 0x9E37_79B9_7F4A_7C15
-                    // One expert's Gram at a time (down's is d_ff² float64: 1.6 GB at Mixtral's 14336);
-                    // down's inputs come from this expert's already factored up and gate.
+                    // One expert's Gram at a time (down's input Gram is d_ff² float64: 1.6 GB at
+                    // Mixtral's 14336; its output Gram d_model²); down's inputs come from this
+                    // expert's already factored up and gate.
                     var norms = inputNorms?[g].norms(for: m)
                     var whitening: Whitening? = nil
+                    let rank = options.ranks[LowRankOptions.rankKey(m, expert: g)]
+                    var byOutputGram: (op: LinearOp, report: MatrixLowRankReport)? = nil, fellBack = false
                     if let blocks = tokens {
-                        if m != .down, let sh = shared {
+                        var inputSide = true
+                        // Fewer outputs than inputs (down): the output Gram, no in × in matrix
+                        // (ALGORITHM.md §4.1); an expert no token reached is factored by weight
+                        // as below, and a failed check falls back to the input Gram.
+                        if options.factorsByOutputGram(rows: w.rows, cols: w.cols) {
+                            let og = try outputGram(source, expert: expert, stored: g, matrix: w, tokens: blocks, hidden: m == .down,
+                                                    relativeRidge: options.whiteningRidge)
+                            norms = og.columnNorms
+                            if og.inputEnergy > 0 && og.inputEnergy.isFinite {
+                                do {
+                                    byOutputGram = try factor(w, options: o, outputGram: og, rank: rank, name: label)
+                                } catch let e as SMoEError {
+                                    throw e.about(layer: source.name)  // `label` names the layer
+                                }
+                                fellBack = byOutputGram == nil
+                            }
+                            inputSide = fellBack
+                        }
+                        if !inputSide {
+                            // factored through the output Gram, or by weight (no token reached)
+                        } else if m != .down, let sh = shared {
                             (norms, whitening) = sh
                         } else {
                             let gram = try inputGram(source, expert: expert, stored: g, tokens: blocks, hidden: m == .down)
@@ -248,11 +300,15 @@ extension LowRankStage {
                         }
                     }
                     var (newOp, rep): (LinearOp, MatrixLowRankReport)
-                    do {
-                        (newOp, rep) = try factor(w, options: o, inputNorms: norms, whitening: whitening,
-                                                  rank: options.ranks[LowRankOptions.rankKey(m, expert: g)], name: label)
-                    } catch let e as SMoEError {
-                        throw e.about(layer: source.name)  // `label` names the layer
+                    if let d = byOutputGram {
+                        (newOp, rep) = d
+                    } else {
+                        do {
+                            (newOp, rep) = try factor(w, options: o, inputNorms: norms, whitening: whitening, rank: rank, name: label)
+                        } catch let e as SMoEError {
+                            throw e.about(layer: source.name)  // `label` names the layer
+                        }
+                        if fellBack { rep.svd += " (output-gram check failed)" }
                     }
                     rep.matrix = m.rawValue
                     rep.expert = g
@@ -339,6 +395,9 @@ private struct MatrixFactoring {
     let norms: [Float]?
     let normSq: Double
     var first: (whitened: Matrix, vw: Matrix)? = nil
+    /// Set by `outputGramPart`: ‖(W − U·V)·L‖² reconstructed from P and the float32 factors, and
+    /// tr P = ‖W·L‖².
+    var outputGramError: (errSq: Double, trace: Double)? = nil
 
     init(_ w: Matrix, options: LowRankOptions, inputNorms: [Float]?, whitening: Whitening?, name: String) throws {
         out = w.rows; inn = w.cols; p = min(out, inn)
@@ -387,6 +446,83 @@ private struct MatrixFactoring {
         }
     }
 
+    /// The first low-rank part from the output Gram P = W·(G + λI)·Wᵀ (ALGORITHM.md §4.1): the
+    /// r leading eigenpairs (λ_k, u_k) of P by `dsyevr` (all of them for an energy rule, whose
+    /// rank they give), U = U_r·Λ_r^{1/2} and V = B·W with B = Λ_r^{-1/2}·U_rᵀ — the balanced
+    /// factors of the whitened truncated SVD (A = W·L = P_A·Σ·Qᵀ has P_A = U, Σ² = Λ, and
+    /// √Σ_r·Q_rᵀ·L⁻¹ = Σ_r^{-1/2}·U_rᵀ·A·L⁻¹ = B·W), with no L and no triangular solve.
+    /// nil when the result is not trustworthy (the caller falls back to the input Gram):
+    /// - P not finite or tr P ≤ 0, or an eigenvalue not finite or below −1e-10·tr P. P is a float64
+    ///   sum of outer products, positive semidefinite; its rounding and `dsyevr`'s are ~1e-16·tr P
+    ///   times modest multiples of out and the token count, far below 1e-10·tr P, so anything
+    ///   more negative is a P that is not the Gram it should be.
+    /// - The reconstructed error fails the bound of the input Gram path's check
+    ///   (`gramPassesCheck`): e = tr((I − U·B)·P·(I − U·B)ᵀ) = ‖(I − U·B)·W·L‖², computed in
+    ///   float64 from P and the float32 U and B (so their rounding is in it), must be within
+    ///   (1.01)² of the optimum tr P − Σ_{k≤r} λ_k, plus 1e-6·tr P: the resolution of factors
+    ///   stored in float32 (the same slack the Gram path allows for its float32 A·V). Eigenvalues
+    ///   and eigenvectors must agree; a `dsyevr` that returned poor vectors or values fails it.
+    ///   `--svd gram` accepts the factors anyway, as it does on the Gram path.
+    /// The report's output error is √(e / tr P), the error of the factors actually returned.
+    /// Eigenvalues at rounding level (≤ out·ε·λ_1: P of rank < r, possible only without ridge)
+    /// give zero factor rows instead of dividing by noise.
+    mutating func outputGramPart(_ og: OutputGram, rule: RankRule) throws -> (rank: Int, factors: Factors, svd: String)? {
+        guard og.n == out else { throw SMoEError("\(name): output Gram of \(og.n) outputs for \(out) output features") }
+        let tr = og.trace, n = out
+        guard tr > 0, tr.isFinite, og.gram.allSatisfy(\.isFinite) else { return nil }
+        let r: Int, vecs: Matrix, values: [Double]
+        var a = og.gram  // dsyevr destroys its input; P is kept for the check
+        switch rule {
+        case .fixed(let fixed):
+            guard fixed <= p else {
+                throw SMoEError.setting(.rank, "\(fixed) is more than min(out, in) = \(p) of \(name) [\(out), \(inn)]")
+            }
+            (vecs, values) = try largestSymmetricEigenpairs(&a, n: n, count: fixed)
+            r = fixed
+        case .energy(let f):
+            let all = try largestSymmetricEigenpairs(&a, n: n, count: n)
+            r = LowRankStage.rankForEnergy(squared: all.values, fraction: f)
+            (vecs, values) = (all.vectors.rowBlock(0, r), Array(all.values.prefix(r)))
+        }
+        a = []
+        guard values.allSatisfy({ $0.isFinite && $0 >= -1e-10 * tr }) else { return nil }
+        let floor = Double(n) * Double.ulpOfOne * max(values[0], 0)
+        var u = Matrix(rows: n, cols: r), b = Matrix(rows: r, cols: n)
+        for k in 0..<r {
+            let lam = values[k] > floor ? values[k] : 0
+            let s = Float(lam.squareRoot()), inv = lam > 0 ? Float(1 / lam.squareRoot()) : 0
+            for i in 0..<n {
+                let e = vecs.data[k * n + i]
+                u.data[i * r + k] = e * s
+                b.data[k * n + i] = e * inv
+            }
+        }
+        let v = BLAS.matmul(b, w)
+        let optimum = max(tr - values.reduce(0.0) { $0 + max($1, 0) }, 0)
+        let errSq = Self.reconstructedErrorSq(og, u: u, b: b)
+        outputGramError = (max(errSq, 0), tr)
+        guard errSq.isFinite else { return nil }
+        guard errSq <= 1.0201 * optimum + 1e-6 * tr || options.svd == .gram else { return nil }
+        return (r, (u, v), "output-gram")
+    }
+
+    /// tr((I − U·B)·P·(I − U·B)ᵀ) = tr P − 2·tr(U·B·P) + tr(UᵀU·B·P·Bᵀ) in float64 (U [n, r], B [r, n]):
+    /// three `dgemm`s, 2·r·n² + 4·r²·n flops.
+    static func reconstructedErrorSq(_ og: OutputGram, u: Matrix, b: Matrix) -> Double {
+        let n = og.n, r = u.cols
+        let bd = b.data.map(Double.init), ud = u.data.map(Double.init)
+        var c = [Double](repeating: 0, count: r * n)  // B·P [r, n]
+        BLAS.dgemmAccumulate(m: r, n: n, k: n, a: bd, transA: false, lda: n, b: og.gram, transB: false, ldb: n, into: &c)
+        var t1 = 0.0
+        for k in 0..<r { for i in 0..<n { t1 += ud[i * r + k] * c[k * n + i] } }
+        var bpb = [Double](repeating: 0, count: r * r), utu = [Double](repeating: 0, count: r * r)
+        BLAS.dgemmAccumulate(m: r, n: r, k: n, a: c, transA: false, lda: n, b: bd, transB: true, ldb: n, into: &bpb)
+        BLAS.dgemmAccumulate(m: r, n: r, k: n, a: ud, transA: true, lda: r, b: ud, transB: false, ldb: r, into: &utu)
+        var t2 = 0.0
+        for k in 0..<(r * r) { t2 += utu[k] * bpb[k] }  // both symmetric: tr(X·Y) = Σ X_kl·Y_kl
+        return og.trace - 2 * t1 + t2
+    }
+
     /// The sparse part of W − U·V within the options' budget, and the squared error left.
     func splitSparse(_ lr: Factors, budget: Int) -> (s: CSRMatrix, errSq: Double) {
         var resid = w
@@ -420,6 +556,8 @@ private struct MatrixFactoring {
     /// (W − U·V)·L = W·L − U·V_w (V = V_w·L⁻¹): one product of 2·out·in·r flops on the kept W·L
     /// instead of two more triangular products (equal up to float rounding).
     func whitenedOutputError(_ best: Candidate, bestIsFirst: Bool) -> Double {
+        // The output Gram path has no sparse part (`factorsByOutputGram`), so best is the first part.
+        if let e = outputGramError { return e.trace > 0 ? (e.errSq / e.trace).squareRoot() : 0 }
         guard let wh = whitening else { return 0 }
         let a = first?.whitened ?? wh.whiten(w)
         let residW: Matrix

@@ -115,3 +115,26 @@ public struct Whitening: Sendable {
         return Matrix(rows: v.rows, cols: n, data: b.map { Float($0) })
     }
 }
+
+/// The output Gram of one matrix W [out, in] for the whitened factoring without the input Gram
+/// (ALGORITHM.md §4.1, "output Gram"): P = W·(G + λ·I)·Wᵀ [out, out] = Σ_t y_t·y_tᵀ + λ·W·Wᵀ,
+/// y_t = p_t·W·x_t the matrix's output on its routed inputs weighted as `InputGram` weights them,
+/// λ = relative ridge × mean(diag G) with mean(diag G) = Σ_t p_t²‖x_t‖²/in. With A = W·L
+/// (L·Lᵀ = G + λI) it is A·Aᵀ, so its eigenpairs (λ_i = σ_i², u_i) are the whitened SVD's left
+/// side: U_r·U_rᵀ·W is the whitened rank-r optimum, and tr P = ‖W·L‖²_F. Float64, accumulated
+/// block by block (BLAS `dsyrk`), full symmetric row-major; no in × in matrix is formed.
+public struct OutputGram: Sendable {
+    /// out.
+    public var n: Int
+    /// P, row-major [n, n], both triangles.
+    public var gram: [Double]
+    /// tr P = ‖W·L‖²_F (float64 sum of P's diagonal).
+    public var trace: Double
+    /// The absolute ridge λ.
+    public var ridge: Double
+    /// √G_jj over the inputs (the sparse ranking's norms; the report's `activation_aware`).
+    public var columnNorms: [Float]
+    /// Σ_t p_t²‖x_t‖² = tr G: zero for an expert no token reached (no output objective then).
+    public var inputEnergy: Double
+    public var tokens: Int
+}

@@ -158,6 +158,7 @@ public struct CompressStage: LayerStage {
             self.plan = nil
         }
         mergeSettings.factoredAfter = settings.lowRank != nil
+        mergeSettings.factoredLargeGram = settings.lowRank?.needsLargeGram(hasTokens: true) ?? false
         self.merge = try MergeStage(model: model, calibration: calibration, stats: stats, settings: mergeSettings,
                                     shard: shard, progress: progress)
         if let p = self.plan, p.layers.map(\.name) != merge.layers {

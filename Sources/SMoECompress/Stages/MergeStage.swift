@@ -54,6 +54,9 @@ public struct MergeSettings: Sendable {
     public var maxMemory: Int? = nil
     /// Whether the merged experts are factored after (compress --rank): the budget covers that.
     public var factoredAfter = false
+    /// Whether that factoring may whiten through the larger side's input Gram
+    /// (`LowRankOptions.needsLargeGram`, `MemoryModel`).
+    public var factoredLargeGram = true
 
     /// Whether the experts of the compact layers are refitted.
     public var refitsCompactExperts: Bool { router == .compact && (compactRefit ?? true) }
@@ -250,7 +253,8 @@ public struct MergeStage: LayerStage {
             // Pruning plans nothing up front: each layer ranks its own experts as it is reached.
             if let budget = settings.maxMemory {
                 let work = model.layers.filter { names.contains($0.name) }.map {
-                    ($0, MemoryModel.Work.merge(groups: settings.groups ?? 1, largestGroup: 1, outputAware: true, lowRank: settings.factoredAfter))
+                    ($0, MemoryModel.Work.merge(groups: settings.groups ?? 1, largestGroup: 1, outputAware: true, lowRank: settings.factoredAfter,
+                                                largeGram: settings.factoredLargeGram))
                 }
                 settings.tokens.blockSize = try MemoryModel.blockSize(work, budget: budget, requested: settings.tokens.blockSize)
             }
@@ -270,7 +274,8 @@ public struct MergeStage: LayerStage {
             let work = model.layers.compactMap { c in
                 groupings[c.name].map { g in
                     (c, MemoryModel.Work.merge(groups: g.groups.count, largestGroup: g.groups.map(\.count).max(),
-                                               outputAware: settings.merging.method != .frequency, lowRank: settings.factoredAfter))
+                                               outputAware: settings.merging.method != .frequency, lowRank: settings.factoredAfter,
+                                               largeGram: settings.factoredLargeGram))
                 }
             }
             settings.tokens.blockSize = try MemoryModel.blockSize(work, budget: budget, requested: settings.tokens.blockSize)

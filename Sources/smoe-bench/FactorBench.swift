@@ -184,7 +184,7 @@ func whitenedDownBench(d: Int, f: Int, r: Int, tokens t: Int, inputGram: Bool) t
         var acc = OutputGramAccumulator(matrix: w)
         phase("  Y = X·Wᵀ, P += YᵀY") { blocks { x, p in acc.add(x, weights: p) } }
         let og = phase("  P += λ·W·Wᵀ") { acc.finish(relativeRidge: options.whiteningRidge) }
-        guard let res = try phase("  eigenpairs, V, check"), { try LowRankStage.factor(w, options: options, outputGram: og) }) else {
+        guard let res = try phase("  eigenpairs, V, check", { try LowRankStage.factor(w, options: options, outputGram: og) }) else {
             throw SMoEError("the output Gram's check failed")
         }
         kept = og.gram

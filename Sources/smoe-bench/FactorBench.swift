@@ -119,7 +119,14 @@ func cpuName() -> String {
     guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
           let line = info.split(separator: "\n").first(where: { $0.hasPrefix("model name") }),
           let v = line.split(separator: ":", maxSplits: 1).last else { return "unknown CPU" }
-    return v.trimmingCharacters(in: .whitespaces)
+    // The model name alone does not tell machines apart ("Intel(R) Xeon(R) Processor" on several
+    // generations): add the family and model numbers.
+    func field(_ name: String) -> String? {
+        info.split(separator: "\n").first(where: { $0.hasPrefix(name) })?.split(separator: ":", maxSplits: 1).last?
+            .trimmingCharacters(in: .whitespaces)
+    }
+    let id = [field("cpu family").map { "family \($0)" }, field("model\t").map { "model \($0)" }].compactMap { $0 }
+    return v.trimmingCharacters(in: .whitespaces) + (id.isEmpty ? "" : " (" + id.joined(separator: " ") + ")")
 }
 
 /// The whitened (output-objective) rank-r factoring of a down-shaped W [d, f] (issue 29), as

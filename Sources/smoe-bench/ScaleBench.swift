@@ -78,8 +78,17 @@ func scaleBench(_ args: [String]) throws {
     print("shape \(shape): \(e) experts (glu, top-\(topK), stored \(dtype)) of \(d)×\(f), \(tokens) tokens, \(groups) groups, rank \(rank); layer in float32 "
           + String(format: "%.2f GiB", Double(model.layerBytes) / gib) + "; budget \(maxRSS) GiB; work folder \(dir)")
     print("smoe-compress: \(binary) (OPENBLAS_NUM_THREADS=\(ProcessInfo.processInfo.environment["OPENBLAS_NUM_THREADS"] ?? "unset"))")
+    // The machine's own product rate, so a stage's time can be read against it on any CPU (a
+    // square 4096³ product: 137 GFLOP, about a second).
+    let savedThreads = BLAS.threads
+    BLAS.setThreads(1)
+    let oneThread = sgemmRate(m: 4096, n: 4096, k: 4096)
+    BLAS.setThreads(savedThreads)
+    let allThreads = sgemmRate(m: 4096, n: 4096, k: 4096)
+    print("CPU \(cpuName()); machine sgemm [4096×4096]·[4096×4096]: "
+          + String(format: "%.0f GFLOP/s with 1 thread, %.0f with %d threads", oneThread, allThreads, savedThreads))
     func pad(_ s: String, _ w: Int) -> String { s.count >= w ? s : String(repeating: " ", count: w - s.count) + s }
-    printRow("stage                  wall s   peak GiB   model GiB   output bytes  note")
+    printRow("stage                  wall s    CPU s   peak GiB   model GiB   output bytes  load (1 min) before → after  note")
     var rows: [JSONValue] = []
     for stage in stages {
         let cmd = commands[stage]!
@@ -91,19 +100,23 @@ func scaleBench(_ args: [String]) throws {
             note = String(format: "skipped: the memory model predicts %.1f GiB > --max-rss %g", Double(predicted) / gib, maxRSS)
         }
         if !note.isEmpty {
-            printRow(stage.padding(toLength: 20, withPad: " ", startingAt: 0) + pad("-", 9) + pad("-", 11)
+            printRow(stage.padding(toLength: 20, withPad: " ", startingAt: 0) + pad("-", 9) + pad("-", 9) + pad("-", 11)
                      + pad(String(format: "%.2f", Double(predicted) / gib), 12) + pad("-", 15) + "  " + note)
             rows.append(.object([("stage", .string(stage)), ("skipped", .string(note)), ("model_peak_bytes", .int(predicted))]))
             continue
         }
         let log = path(stage + ".json")
+        let loadBefore = loadAverage().split(separator: " ").first.map(String.init) ?? "?"
         let run = try spawnAndMeasure(binary, cmd.args + ["--json", "--quiet"], stdoutPath: log)
+        let loadAfter = loadAverage().split(separator: " ").first.map(String.init) ?? "?"
         let bytes = cmd.outputs.reduce(0) { $0 + (((try? FileManager.default.attributesOfItem(atPath: $1))?[.size] as? Int) ?? 0) }
         if run.status != 0 { note = "FAILED (exit \(run.status)); see \(log)" }
         printRow(stage.padding(toLength: 20, withPad: " ", startingAt: 0) + pad(String(format: "%.1f", run.seconds), 9)
-                 + pad(String(format: "%.2f", Double(run.peakRSS) / gib), 11)
-                 + pad(String(format: "%.2f", Double(predicted) / gib), 12) + pad("\(bytes)", 15) + (note.isEmpty ? "" : "  " + note))
-        rows.append(.object([("stage", .string(stage)), ("seconds", .double(run.seconds)), ("peak_rss_bytes", .int(run.peakRSS)),
+                 + pad(String(format: "%.1f", run.cpuSeconds), 9) + pad(String(format: "%.2f", Double(run.peakRSS) / gib), 11)
+                 + pad(String(format: "%.2f", Double(predicted) / gib), 12) + pad("\(bytes)", 15)
+                 + "  \(loadBefore) → \(loadAfter)" + (note.isEmpty ? "" : "  " + note))
+        rows.append(.object([("stage", .string(stage)), ("seconds", .double(run.seconds)), ("cpu_seconds", .double(run.cpuSeconds)),
+                             ("load_before", .string(loadBefore)), ("load_after", .string(loadAfter)), ("peak_rss_bytes", .int(run.peakRSS)),
                              ("model_peak_bytes", .int(predicted)), ("output_bytes", .int(bytes)), ("exit_status", .int(Int(run.status)))]))
     }
     if !keep {
@@ -114,6 +127,7 @@ func scaleBench(_ args: [String]) throws {
         printRow(JSONValue.object([
             ("shape", .object([("name", .string(shape)), ("top_k", .int(topK)), ("dtype", .string(dtype)), ("experts", .int(e)), ("d_model", .int(d)), ("d_ff", .int(f)), ("tokens", .int(tokens)),
                                ("groups", .int(groups)), ("rank", .int(rank))])),
+            ("cpu", .string(cpuName())), ("sgemm_gflops_1_thread", .double(oneThread)), ("sgemm_gflops_all_threads", .double(allThreads)),
             ("max_rss_gib", .double(maxRSS)), ("stages", .array(rows)),
         ]).serialized(pretty: true))
     }
@@ -122,7 +136,7 @@ func scaleBench(_ args: [String]) throws {
 /// Runs `path args` with stdout to `stdoutPath` (stderr inherited) and reaps it with wait4: wall
 /// seconds, exit status, and that child's own peak RSS in bytes (ru_maxrss is KiB on Linux).
 /// The child's re-exec of itself (OPENBLAS_CORETYPE) keeps its pid, so it is measured too.
-func spawnAndMeasure(_ path: String, _ args: [String], stdoutPath: String) throws -> (seconds: Double, status: Int32, peakRSS: Int) {
+func spawnAndMeasure(_ path: String, _ args: [String], stdoutPath: String) throws -> (seconds: Double, status: Int32, peakRSS: Int, cpuSeconds: Double) {
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
@@ -140,7 +154,8 @@ func spawnAndMeasure(_ path: String, _ args: [String], stdoutPath: String) throw
     }
     let seconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
     let exit: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-    return (seconds, exit, Int(usage.ru_maxrss) * 1024)
+    func sec(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
+    return (seconds, exit, Int(usage.ru_maxrss) * 1024, sec(usage.ru_utime) + sec(usage.ru_stime))
 }
 
 /// Predicted peak RSS per stage for one dense GLU layer: the library's `MemoryModel` (the one

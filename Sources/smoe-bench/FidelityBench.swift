@@ -10,7 +10,10 @@ import SMoECompress
 /// Options: `--fixtures DIR` (default: Fixtures), `--fractions 0.5,0.25`, `--ranks 4,8,...`,
 /// `--merge-or-prune` (those rows only), `--split C/N` (the plans hold every N-th chunk of C
 /// tokens apart), `--splits` (only the planner's held-apart splits with the
-/// bundled sensitivities, `splitRows`).
+/// bundled sensitivities, `splitRows`), `--fixture NAME` (one of the two only), `--plans-only`
+/// (with `--merge-or-prune`: the planner's three plans only), `--tolerances 0,1` (each plan also
+/// chosen with these `PlannerSettings.noiseTolerance`s, from the same measurement, with the
+/// per-layer bytes and planned → held-out errors), `--folds K` (`PlannerSettings.folds`).
 func fidelityBench(_ args: [String]) throws {
     func value(_ name: String) -> String? {
         guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
@@ -20,7 +23,8 @@ func fidelityBench(_ args: [String]) throws {
     let fractions = (value("--fractions") ?? "0.5,0.25").split(separator: ",").compactMap { Double($0) }
     let split = value("--split").map { $0.split(separator: "/").compactMap { Int($0) } }.flatMap { $0.count == 2 ? ($0[0], $0[1]) : nil }
     let ranks = (value("--ranks") ?? "4,8,12,16,20,24,32,40").split(separator: ",").compactMap { Int($0) }
-    for name in ["trained-switch", "trained-mixtral"] {
+    let tolerances = value("--tolerances").map { $0.split(separator: ",").compactMap { Double($0) } }
+    for name in ["trained-switch", "trained-mixtral"] where value("--fixture").map({ $0 == name }) ?? true {
         let model = try CheckpointReader("\(dir)/\(name).h5")
         let calib = try CalibrationReader("\(dir)/\(name).calib.h5")
         let heldout = try CalibrationReader("\(dir)/\(name).heldout.h5")
@@ -38,7 +42,9 @@ func fidelityBench(_ args: [String]) throws {
                           sensitivity: try LayerSensitivity.read("\(dir)/\(name).sensitivity.json"))
             continue
         }
-        try mergeOrPruneRows(model: model, calib: calib, heldout: heldout, storage: storage, fractions: fractions, split: split)
+        try mergeOrPruneRows(model: model, calib: calib, heldout: heldout, storage: storage, fractions: fractions, split: split,
+                              tolerances: tolerances, plansOnly: args.contains("--plans-only"),
+                              folds: value("--folds").flatMap { Int($0) })
         if args.contains("--merge-or-prune") { continue }
         // The low-rank objective.
         for r in [16, 32] {

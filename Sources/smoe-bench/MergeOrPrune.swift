@@ -8,7 +8,8 @@ import SMoECompress
 /// `--target-size F` at the same fractions with pruning (each method, refitted) measured beside
 /// merging, chosen three ways from one measurement: merge-only, prune-only, per-layer choice.
 func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout: CalibrationReader, storage: StorageType,
-                      fractions: [Double] = [0.5, 0.25], split: (chunk: Int, every: Int)? = nil) throws {
+                      fractions: [Double] = [0.5, 0.25], split: (chunk: Int, every: Int)? = nil, tolerances: [Double]? = nil,
+                      plansOnly: Bool = false, folds: Int? = nil) throws {
     let experts = model.layers.map(\.numExperts).max() ?? 1
     let rows: [(String, (Int) -> MergeSettings)] = [
         ("merge frequency (slots)", { MergeSettings(groups: $0, merging: MergeOptions(method: .frequency)) }),
@@ -20,8 +21,8 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
         ("prune frequency + refit", { MergeSettings(groups: $0, prune: .frequency) }),
     ]
     let counts = [experts / 2, experts / 4].filter { g in g >= 1 && model.layers.allSatisfy { $0.topK <= g } }
-    printRow("  merge or prune? (held-out mean layer error) " + counts.map { "G=\($0)" }.joined(separator: "      "))
-    for (label, settings) in rows {
+    if !plansOnly { printRow("  merge or prune? (held-out mean layer error) " + counts.map { "G=\($0)" }.joined(separator: "      ")) }
+    for (label, settings) in rows where !plansOnly {
         var line = "  " + label.padding(toLength: 32, withPad: " ", startingAt: 0)
         for g in counts {
             let stage = try CompressStage(model: model, calibration: calib, evaluation: heldout, stats: nil,
@@ -39,15 +40,19 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
         var base = PlannerSettings(target: .fraction(fractions.first ?? 0.5))
         base.prune = method
         if let (chunk, every) = split { base.chunkTokens = chunk; base.heldOutEvery = every }
+        if let k = folds { base.folds = k }
         let merged = MergeSettings(groups: 1)
         let measured = try SizePlanner.measure(model: model, calibration: calib, stats: nil, merge: merged, lowRank: template,
                                                settings: base, storage: storage)
+        for tolerance in tolerances ?? [base.noiseTolerance] {
         for methods in PlanMethods.allCases.reversed() {
             var line = "  " + "plan \(methods == .both ? "per-layer choice" : methods.rawValue + "-only") (\(method.rawValue) + refit)".padding(toLength: 44, withPad: " ", startingAt: 0)
+            if tolerances != nil { line += String(format: " tol %.2f", tolerance) }
             for f in fractions {
                 var ps = base
                 ps.target = .fraction(f)
                 ps.methods = methods
+                ps.noiseTolerance = tolerance
                 let plan = try SizePlanner.choose(measured, settings: ps)
                 var settings = CompressSettings(merge: merge, lowRank: template)
                 settings.target = ps
@@ -56,8 +61,13 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
                 let report = stage.report(try stage.run(model: model) { _ in }.reports)
                 let layers = plan.layers.map { "\($0.prune == nil ? "m" : "p")\($0.groups)" + ($0.ranks.isEmpty ? "" : "r") }.joined(separator: ",")
                 line += String(format: "  %.4f (%.4f) ", report.evaluation.meanRelativeError, plan.meanEstimatedError) + layers
+                if tolerances != nil {
+                    line += " [" + zip(plan.layers, report.layers).map { l, r in
+                        "\(l.bytes)B " + String(format: "%.4f→%.4f", l.estimatedError, r.final.relativeError) }.joined(separator: "; ") + "]"
+                }
             }
             printRow(line)
+        }
         }
     }
 }

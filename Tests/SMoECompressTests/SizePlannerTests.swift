@@ -226,6 +226,83 @@ final class SizePlannerTests: XCTestCase {
         XCTAssertThrowsError(try SizePlanner.choose(mergeOnly, settings: settings))
     }
 
+    /// The noise-aware choice (`PlannerSettings.noiseTolerance`), known answers. Layer a, 4
+    /// experts, 4 held-apart chunks with Σ‖y₀‖² = 1 each (R = 4): merged to 2, dense, 50 B, chunk
+    /// errors (0.04, 0, 0.04, 0), E = √(0.08/4) = 0.1414; at its 4 experts factored, 50 B,
+    /// (0, 0.05, 0, 0.05), E = √(0.1/4) = 0.1581; merged to 3, dense, 50 B, 0.5 each, E = 0.7071;
+    /// at 4 experts dense, 100 B, error 0. Layer b: one option, 50 B. Budget 100 B. The knapsack
+    /// takes a's G 2 (0.1414). The paired standard error of (G 4 factored − G 2) by the delta
+    /// method: per chunk φ = (s − E²)/(2·E·R), differences ±(0.02/(8·0.1414) + 0.025/(8·0.1581))
+    /// = ±0.03744, SE = √(4·0.03744²) = 0.07488 > 0.0167 = the difference, so with one standard
+    /// error the layer keeps its 4 experts (factored); G 3 is 0.566 worse against an SE of 0.0354
+    /// (never within noise), and a's dense G 4 does not fit beside b: never over the budget.
+    func testNoiseAwareChoiceKeepsMoreExpertsWithinOneStandardError() throws {
+        func option(_ g: Int, _ bytes: Int, _ tokens: [Double], ranks: [String: Int] = [:]) -> SizePlanner.Option {
+            SizePlanner.Option(groups: g, grouping: LayerGrouping(groups: (0..<g).map { [$0] }, dominant: Array(0..<g)), ranks: ranks,
+                               bytes: bytes, error: (tokens.reduce(0, +) / 4).squareRoot(), chunkErrors: tokens)
+        }
+        let a = [option(2, 50, [0.04, 0, 0.04, 0]), option(4, 50, [0, 0.05, 0, 0.05], ranks: ["w1": 3]),
+                 option(3, 50, [0.5, 0.5, 0.5, 0.5]), option(4, 100, [0, 0, 0, 0])]
+        let b = [option(2, 50, [0.01, 0.01, 0.01, 0.01])]
+        let references = [[Double]](repeating: [1, 1, 1, 1], count: 2)
+        let measured = SizePlanner.Measurements(names: ["a", "b"], frequency: [[], []], similarity: [[], []], experts: [4, 4],
+                                                originals: [100, 100], options: [a, b], chunkReferences: references,
+                                                prune: nil, pruneRefit: true)
+        let se = SizePlanner.pairedStandardError(a[1], a[0], slopeA: 1, slopeB: 1, references: references[0])
+        // Tolerance: the value above, rounded to five digits in the comment; the formula exactly.
+        XCTAssertEqual(se, 2 * (0.02 / (8 * 0.02.squareRoot()) + 0.025 / (8 * 0.025.squareRoot())), accuracy: 1e-12)
+        XCTAssertEqual(se, 0.07488, accuracy: 1e-5)
+        XCTAssertEqual(SizePlanner.pairedStandardError(a[2], a[0], slopeA: 1, slopeB: 1, references: references[0]),
+                       2 * 0.02 / (8 * 0.02.squareRoot()), accuracy: 1e-12)
+        var settings = PlannerSettings(target: .fraction(0.5))
+        settings.noiseTolerance = 0
+        let exact = try SizePlanner.choose(measured, settings: settings)
+        XCTAssertEqual(exact.layers.map(\.groups), [2, 2])
+        XCTAssertEqual(exact.layers[0].ranks, [:])
+        settings.noiseTolerance = 1
+        let aware = try SizePlanner.choose(measured, settings: settings)
+        XCTAssertEqual(aware.layers.map(\.groups), [4, 2])
+        XCTAssertEqual(aware.layers[0].ranks, ["w1": 3])
+        XCTAssertLessThanOrEqual(aware.bytes, aware.budget)
+        XCTAssertEqual(aware.layers[0].estimatedError, 0.025.squareRoot(), accuracy: 1e-12)
+        XCTAssertEqual(PlannerSettings(target: .fraction(0.5)).noiseTolerance, 0, "off by default")
+        // A tolerance of 0.2 SE (0.0150 < 0.0167) keeps the knapsack's choice; a large one still
+        // never takes G 4 dense (no room) and never exceeds the budget.
+        settings.noiseTolerance = 0.2
+        XCTAssertEqual(try SizePlanner.choose(measured, settings: settings).layers.map(\.groups), [2, 2])
+        settings.noiseTolerance = 100
+        let loose = try SizePlanner.choose(measured, settings: settings)
+        XCTAssertEqual(loose.layers[0].bytes, 50)
+        XCTAssertLessThanOrEqual(loose.bytes, loose.budget)
+        settings.noiseTolerance = -1
+        XCTAssertThrowsError(try SizePlanner.choose(measured, settings: settings)) { XCTAssertEqual(($0 as? SMoEError)?.setting, .targetSize) }
+        settings.noiseTolerance = 1
+        settings.folds = 6
+        XCTAssertThrowsError(try SizePlanner.choose(measured, settings: settings)) { XCTAssertEqual(($0 as? SMoEError)?.setting, .targetSize) }
+        // With fold errors the standard error is that of the mean paired difference across folds:
+        // a's G 2 at (0.10, 0.20, 0.12) (mean 0.14), G 4 factored at (0.16, 0.18, 0.14) (mean
+        // 0.16): differences (0.06, −0.02, 0.02), mean 0.02, SD 0.04, SE 0.04/√3 = 0.0231 ≥ 0.02:
+        // G 4 factored. Folds (0.16, 0.26, 0.18) (mean 0.2; differences all 0.06, SE 0): G 2 stays.
+        func folded(_ g: Int, _ bytes: Int, _ folds: [Double], ranks: [String: Int] = [:]) -> SizePlanner.Option {
+            SizePlanner.Option(groups: g, grouping: LayerGrouping(groups: (0..<g).map { [$0] }, dominant: Array(0..<g)), ranks: ranks,
+                               bytes: bytes, error: folds.reduce(0, +) / Double(folds.count), foldErrors: folds)
+        }
+        XCTAssertEqual(SizePlanner.foldStandardError([0.16, 0.18, 0.14], [0.10, 0.20, 0.12])!, 0.04 / 3.0.squareRoot(), accuracy: 1e-12)
+        for (g4, expected) in [([0.16, 0.18, 0.14], 4), ([0.16, 0.26, 0.18], 2)] {
+            let m = SizePlanner.Measurements(names: ["a", "b"], frequency: [[], []], similarity: [[], []], experts: [4, 4],
+                                             originals: [100, 100],
+                                             options: [[folded(2, 50, [0.10, 0.20, 0.12]), folded(4, 50, g4, ranks: ["w1": 3]),
+                                                        folded(4, 100, [0, 0, 0])], [folded(2, 50, [0.1, 0.1, 0.1])]],
+                                             prune: nil, pruneRefit: true)
+            var s3 = PlannerSettings(target: .fraction(0.5))
+            s3.folds = 3
+            s3.noiseTolerance = 1
+            let plan = try SizePlanner.choose(m, settings: s3)
+            XCTAssertEqual(plan.layers.map(\.groups), [expected, 2], "G 4 folds \(g4)")
+            XCTAssertLessThanOrEqual(plan.bytes, plan.budget)
+        }
+    }
+
     /// A compact plan never goes below top_k experts: on trained-mixtral (top-2) at 10 % with
     /// G 1 or 2 allowed, the plan used to pick G 1 (the compact router then refused it); now G 2
     /// in every layer, within the budget.

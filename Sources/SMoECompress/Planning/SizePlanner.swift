@@ -59,6 +59,17 @@ public struct PlannerSettings: Sendable, Equatable {
     public var pruneRefit = true
     /// Which of the measured options the plan may take per layer (with `prune` set).
     public var methods: PlanMethods = .both
+    /// The noise-aware choice (ALGORITHM.md §4.3): after the exact knapsack, each layer takes,
+    /// among its options that fit the budget left over and whose cost is above the chosen one's
+    /// by at most this many standard errors of their paired difference (across folds with
+    /// `folds` > 1, else across the held-apart chunks), the one that changes the layer least
+    /// (more experts kept, then dense, then more bytes). 0 (the default): the knapsack's choice.
+    /// Measured, it does not make the per-layer merge-or-prune choice reliable (§4.3), so it is off.
+    public var noiseTolerance = 0.0
+    /// K-fold estimates: 1 (the default), the split as is; K ≤ `heldOutEvery`: every option is
+    /// also refitted and measured with chunk classes N − 2, …, N − K held apart, its error the
+    /// mean over the K folds (K times the planner's cost). Measured in §4.3; off by default.
+    public var folds = 1
 
     public init(target: TargetSize, groupCandidates: [Int]? = nil, uniformGroups: Bool = false,
                 sensitivity: LayerSensitivity? = nil) {
@@ -79,6 +90,11 @@ public struct PlannerSettings: Sendable, Equatable {
         sensitivity.map { $0.cost(layer, error: e) } ?? e
     }
 
+    /// d cost / d e at `e`: 2·c_l·e with sensitivities, 1 without.
+    func costSlope(_ layer: String, error e: Double) -> Double {
+        sensitivity.map { 2 * $0.weights[layer]! * e } ?? 1
+    }
+
     func validate() throws {
         switch target {
         case .fraction(let f): if !(f > 0 && f <= 1) { throw SMoEError.setting(.targetSize, "a fraction must be in (0, 1] (got \(f))") }
@@ -89,6 +105,12 @@ public struct PlannerSettings: Sendable, Equatable {
         }
         if methods == .prune && prune == nil {
             throw SMoEError.setting(.targetSize, "a prune-only plan needs a prune method to measure")
+        }
+        if !(noiseTolerance >= 0 && noiseTolerance.isFinite) {
+            throw SMoEError.setting(.targetSize, "the planner's noise tolerance must be a finite number of standard errors ≥ 0 (got \(noiseTolerance))")
+        }
+        if folds < 1 || folds > heldOutEvery {
+            throw SMoEError.setting(.targetSize, "the planner's folds must be from 1 to the held-apart period \(heldOutEvery) (got \(folds))")
         }
         if chunkTokens < 1 || heldOutEvery < 2 || levels < 1 {
             throw SMoEError.setting(.targetSize, "planner split needs chunks ≥ 1 token, every ≥ 2, levels ≥ 1")
@@ -183,6 +205,8 @@ public struct SizePlan: Sendable, Equatable {
                  ("expert_bytes", .int(bytes)), ("expert_bytes_original", .int(bytesOriginal)),
                  ("mean_estimated_relative_error", .double(meanEstimatedError)), ("objective", .string(settings.objectiveName)),
                  ("objective_value", .double(objective))]
+                + (settings.folds > 1 ? [("folds", .int(settings.folds))] : [])
+                + (settings.noiseTolerance > 0 ? [("noise_tolerance_standard_errors", .double(settings.noiseTolerance))] : [])
                 + (settings.sensitivity.map { [("sensitivity", $0.json)] } ?? [])
                 + (settings.prune.map { [("prune_candidates", .string("\($0.rawValue)\(settings.pruneRefit ? " with refit" : "")"))] } ?? [])
                 + [("layers", .array(layers.map(\.json)))])
@@ -192,13 +216,15 @@ public struct SizePlan: Sendable, Equatable {
 /// Chooses per layer the groups and ranks that fit a byte budget with the smallest mean layer
 /// output error on held-apart calibration tokens (ALGORITHM.md §4.3).
 public enum SizePlanner {
-    /// The calibration tokens of `layer` on one side of the planner's split.
+    /// The calibration tokens of `layer` on one side of the planner's split. Fold f (0 ..<
+    /// `folds`) holds apart chunk class N − 1 − f (N = `heldOutEvery`); fold 0 is the split.
     public static func tokens(_ calibration: CalibrationReader, _ layer: String, _ tokens: TokenSettings,
-                              _ settings: PlannerSettings, heldOut: Bool) -> TokenBlocks {
-        { body in
+                              _ settings: PlannerSettings, heldOut: Bool, fold: Int = 0) -> TokenBlocks {
+        let heldClass = settings.heldOutEvery - 1 - fold
+        return { body in
             try calibration.forEachBlock(layer, blockSize: tokens.blockSize, maxTokens: tokens.maxTokens) { start, x in
                 let rows = (0..<x.rows).filter {
-                    ((start + $0) / settings.chunkTokens % settings.heldOutEvery == settings.heldOutEvery - 1) == heldOut
+                    ((start + $0) / settings.chunkTokens % settings.heldOutEvery == heldClass) == heldOut
                 }
                 if !rows.isEmpty { try body(x.gatherRows(rows)) }
             }
@@ -213,6 +239,11 @@ public enum SizePlanner {
         var bytes: Int
         var error: Double
         var prune: PruneMethod? = nil
+        /// Per held-apart chunk (fold 0), the summed squared output error Σ_t ‖y − y₀‖² (for the
+        /// paired standard errors of the noise-aware choice; empty for constructed options).
+        var chunkErrors: [Double] = []
+        /// With `folds` > 1: the held-apart error in each fold (fold 0 first); `error` is their mean.
+        var foldErrors: [Double] = []
     }
 
     /// The plan. `lowRank` supplies the low-rank settings (objective, ridge, matrices, SVD); its
@@ -238,6 +269,8 @@ public enum SizePlanner {
         var experts: [Int]
         var originals: [Int]
         var options: [[Option]]
+        /// Per layer, per held-apart chunk (fold 0), the original output's Σ_t ‖y₀‖².
+        var chunkReferences: [[Double]] = []
         public var prune: PruneMethod?
         public var pruneRefit: Bool
     }
@@ -262,89 +295,136 @@ public enum SizePlanner {
         var perLayer: [[Option]] = []
         var originals: [Int] = []
         var experts: [Int] = []
+        var references: [[Double]] = []
         for (name, input) in inputs {
             let original = try model.readLayer(name)
             originals.append(try model.summary(name).expertFileBytes)
-            // The fitting tokens are read once and held (as the held-apart ones are) when they
-            // fit in `cacheBytes`: every option re-reads them, and reading a float16 capture
-            // converts in HDF5's software path, which was half the planner's time. The same
-            // blocks in the same order either way, so the plan is the same.
-            var fit = tokens(calibration, name, merge.tokens, settings, heldOut: false)
-            let info = try calibration.info(name)
-            if min(info.numTokens, merge.tokens.maxTokens ?? Int.max) * info.dModel * 4 <= settings.cacheBytes {
-                var blocks: [Matrix] = []
-                try fit({ blocks.append($0) })
-                fit = { body in for x in blocks { try body(x) } }
-            }
-            var held: [Matrix] = []
-            try tokens(calibration, name, merge.tokens, settings, heldOut: true)({ held.append($0) })
-            if held.isEmpty {
-                throw SMoEError.setting(.targetSize, "layer \(name) has too few calibration tokens to hold every \(settings.heldOutEvery)th chunk of \(settings.chunkTokens) apart")
-            }
-            // The original's routing and output on the held-apart tokens, once per layer.
-            let heldOriginal = try held.map { x in let r = original.route(x); return (r, try original.forward(x, routing: r)) }
-            func heldOutError(_ layer: MoELayer, slotGroups: [Int]? = nil) throws -> Double {
-                var acc = try EvaluationAccumulator(original: original, compressed: layer, slotGroups: slotGroups)
-                for (x, o) in zip(held, heldOriginal) { acc.add(x, original: o.0, output: o.1) }
-                return acc.result(bytesBefore: 0, bytesAfter: 0).relativeError
-            }
+            // Fold 0 makes the options (groups, kind, ranks, bytes) and measures them on the
+            // split's held-apart chunks; folds 1 ..< `folds` hold apart another chunk class
+            // each, refit every option (same groups, kind and ranks) on the rest and measure it:
+            // an option's error is then its mean over the folds (K-fold cross-validation).
             let E = original.config.numExperts
             var options: [Option] = []
-            let saliency = settings.prune != nil && original.config.numGroups == 1
-                ? try Pruning.saliency(LayerSource(original), method: settings.prune!, tokens: fit).saliency : nil
-            /// The layer dense and at each byte level (ranks from `RankAllocation`), measured.
-            func addOptions(_ merged: MoELayer, groups G: Int, grouping: LayerGrouping, prune: PruneMethod? = nil,
-                            slotGroups: [Int]? = nil) throws {
-                let denseBytes = merged.expertBytes(floatBytes: fb)
-                options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: denseBytes,
-                                      error: try heldOutError(merged, slotGroups: slotGroups), prune: prune))
-                let spectra = try LowRankStage.whitenedSpectra(merged, options: lowRank, tokens: fit)
-                let factoredDense = spectra.reduce(0) { $0 + $1.candidate.rows * $1.candidate.cols * fb }
-                var previous: [Int]? = nil
-                for k in 1...settings.levels {
-                    let level = originals.last! * k / settings.levels
-                    guard level < denseBytes,
-                          let a = RankAllocation.allocate(spectra.map(\.candidate), budget: level - (denseBytes - factoredDense), floatBytes: fb),
-                          a.ranks != previous else { continue }
-                    previous = a.ranks
-                    var o = lowRank
-                    o.ranks = Dictionary(uniqueKeysWithValues: zip(spectra.map(\.key), a.ranks))
-                    let layer = try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
-                    let bytes = layer.expertBytes(floatBytes: fb)
-                    if bytes < denseBytes {
-                        options.append(Option(groups: G, grouping: grouping, ranks: o.ranks, bytes: bytes,
-                                              error: try heldOutError(layer, slotGroups: slotGroups), prune: prune))
+            var reference: [Double] = []
+            for fold in 0..<settings.folds {
+                // The fitting tokens are read once and held (as the held-apart ones are) when they
+                // fit in `cacheBytes`: every option re-reads them, and reading a float16 capture
+                // converts in HDF5's software path, which was half the planner's time. The same
+                // blocks in the same order either way, so the plan is the same.
+                var fit = tokens(calibration, name, merge.tokens, settings, heldOut: false, fold: fold)
+                let info = try calibration.info(name)
+                if min(info.numTokens, merge.tokens.maxTokens ?? Int.max) * info.dModel * 4 <= settings.cacheBytes {
+                    var blocks: [Matrix] = []
+                    try fit({ blocks.append($0) })
+                    fit = { body in for x in blocks { try body(x) } }
+                }
+                var held: [Matrix] = []
+                try tokens(calibration, name, merge.tokens, settings, heldOut: true, fold: fold)({ held.append($0) })
+                if held.isEmpty {
+                    throw SMoEError.setting(.targetSize, "layer \(name) has too few calibration tokens to hold every \(settings.heldOutEvery)th chunk of \(settings.chunkTokens) apart")
+                }
+                // The original's routing and output on the held-apart tokens, once per layer.
+                let heldOriginal = try held.map { x in let r = original.route(x); return (r, try original.forward(x, routing: r)) }
+                // Per held-apart token ‖y₀‖², then summed per chunk: the held-apart tokens come in
+                // runs of `chunkTokens` (the split's chunks, the last one possibly shorter).
+                let tokenReference = heldOriginal.flatMap { o in
+                    (0..<o.1.rows).map { t in o.1.data[(t * o.1.cols)..<((t + 1) * o.1.cols)].reduce(0.0) { $0 + Double($1) * Double($1) } }
+                }
+                func chunkSums(_ v: [Double]) -> [Double] {
+                    stride(from: 0, to: v.count, by: settings.chunkTokens).map { v[$0..<min($0 + settings.chunkTokens, v.count)].reduce(0, +) }
+                }
+                let foldReference = chunkSums(tokenReference)
+                /// The relative output error on the held-apart tokens (as `EvaluationAccumulator`
+                /// computes it: √(Σ‖y − y₀‖² / Σ‖y₀‖²), summed token by token in the same order)
+                /// and its per-chunk sums.
+                func heldOutError(_ layer: MoELayer) -> (Double, [Double]) {
+                    var perToken: [Double] = []
+                    perToken.reserveCapacity(tokenReference.count)
+                    for (x, o) in zip(held, heldOriginal) {
+                        let y0 = o.1, y1 = layer.forward(x, routing: layer.route(x)), d = y0.cols
+                        for t in 0..<x.rows {
+                            var e = 0.0
+                            for j in 0..<d { let a = Double(y0.data[t * d + j]), b = Double(y1.data[t * d + j]); e += (b - a) * (b - a) }
+                            perToken.append(e)
+                        }
+                    }
+                    let errSq = perToken.reduce(0, +), refSq = tokenReference.reduce(0, +)
+                    return (refSq > 0 ? (errSq / refSq).squareRoot() : (errSq > 0 ? .infinity : 0), chunkSums(perToken))
+                }
+                let saliency = settings.prune != nil && original.config.numGroups == 1
+                    ? try Pruning.saliency(LayerSource(original), method: settings.prune!, tokens: fit).saliency : nil
+                /// The layer dense and at each byte level (ranks from `RankAllocation`), measured.
+                func addOptions(_ merged: MoELayer, groups G: Int, grouping: LayerGrouping, prune: PruneMethod? = nil) throws {
+                    if fold > 0 {
+                        // The options fold 0 made (same G, kind and ranks), fitted and measured on this fold.
+                        for i in options.indices where options[i].groups == G && options[i].prune == prune {
+                            var o = lowRank
+                            o.ranks = options[i].ranks
+                            let layer = options[i].ranks.isEmpty ? merged
+                                : try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
+                            options[i].foldErrors.append(heldOutError(layer).0)
+                        }
+                        return
+                    }
+                    let denseBytes = merged.expertBytes(floatBytes: fb)
+                    let (denseError, denseTokens) = heldOutError(merged)
+                    options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: denseBytes, error: denseError, prune: prune,
+                                          chunkErrors: denseTokens, foldErrors: [denseError]))
+                    let spectra = try LowRankStage.whitenedSpectra(merged, options: lowRank, tokens: fit)
+                    let factoredDense = spectra.reduce(0) { $0 + $1.candidate.rows * $1.candidate.cols * fb }
+                    var previous: [Int]? = nil
+                    for k in 1...settings.levels {
+                        let level = originals.last! * k / settings.levels
+                        guard level < denseBytes,
+                              let a = RankAllocation.allocate(spectra.map(\.candidate), budget: level - (denseBytes - factoredDense), floatBytes: fb),
+                              a.ranks != previous else { continue }
+                        previous = a.ranks
+                        var o = lowRank
+                        o.ranks = Dictionary(uniqueKeysWithValues: zip(spectra.map(\.key), a.ranks))
+                        let layer = try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
+                        let bytes = layer.expertBytes(floatBytes: fb)
+                        if bytes < denseBytes {
+                            let (error, perToken) = heldOutError(layer)
+                            options.append(Option(groups: G, grouping: grouping, ranks: o.ranks, bytes: bytes, error: error, prune: prune,
+                                                  chunkErrors: perToken, foldErrors: [error]))
+                        }
                     }
                 }
+                for G in (settings.groupCandidates ?? Array(1...E)).sorted() where G <= E {
+                    progress?("planning \(name)", G, E)
+                    var ms = merge
+                    ms.groups = G
+                    ms.adaptive = false
+                    let grouping = MergeStage.plan([(name, input)], settings: ms)[name]!
+                    let merged = try MergeStage.apply(original, grouping: grouping, frequency: input.frequency, settings: ms,
+                                                      tokens: fit).layer.roundedForStorage(storage)
+                    try addOptions(merged, groups: G, grouping: grouping)
+                    // Pruning to G experts (plain routing only: expert groups do not survive dropping
+                    // slots; at least top_k experts kept), refitted like a compact layer.
+                    if let method = settings.prune, let sal = saliency, G < E, G >= original.config.topK {
+                        let kept = Pruning.keep(sal, groups: G)
+                        let slots = (0..<E).map { kept.firstIndex(of: $0) ?? -1 }
+                        var pruned = try Pruning.pruned(LayerSource(original), kept: kept)
+                        if settings.pruneRefit {
+                            pruned = try CompactRefit.refit(pruned, original: LayerSource(original), slotGroups: slots, tokens: fit,
+                                                            ridge: merge.merging.refitRidge).layer
+                        }
+                        try addOptions(pruned.roundedForStorage(storage), groups: G, grouping: LayerGrouping(groups: kept.map { [$0] }, dominant: kept),
+                                       prune: method)
+                    }
+                }
+                if fold == 0 { reference = foldReference }
             }
-            for G in (settings.groupCandidates ?? Array(1...E)).sorted() where G <= E {
-                progress?("planning \(name)", G, E)
-                var ms = merge
-                ms.groups = G
-                ms.adaptive = false
-                let grouping = MergeStage.plan([(name, input)], settings: ms)[name]!
-                let merged = try MergeStage.apply(original, grouping: grouping, frequency: input.frequency, settings: ms,
-                                                  tokens: fit).layer.roundedForStorage(storage)
-                try addOptions(merged, groups: G, grouping: grouping)
-                // Pruning to G experts (plain routing only: expert groups do not survive dropping
-                // slots; at least top_k experts kept), refitted like a compact layer.
-                if let method = settings.prune, let sal = saliency, G < E, G >= original.config.topK {
-                    let kept = Pruning.keep(sal, groups: G)
-                    let slots = (0..<E).map { kept.firstIndex(of: $0) ?? -1 }
-                    var pruned = try Pruning.pruned(LayerSource(original), kept: kept)
-                    if settings.pruneRefit {
-                        pruned = try CompactRefit.refit(pruned, original: LayerSource(original), slotGroups: slots, tokens: fit,
-                                                        ridge: merge.merging.refitRidge).layer
-                    }
-                    try addOptions(pruned.roundedForStorage(storage), groups: G, grouping: LayerGrouping(groups: kept.map { [$0] }, dominant: kept),
-                                   prune: method, slotGroups: slots)
-                }
+            if settings.folds > 1 {
+                for i in options.indices { options[i].error = options[i].foldErrors.reduce(0, +) / Double(options[i].foldErrors.count) }
             }
             perLayer.append(options)
             experts.append(E)
+            references.append(reference)
         }
         return Measurements(names: inputs.map(\.name), frequency: inputs.map(\.input.frequency), similarity: inputs.map(\.input.similarity),
-                            experts: experts, originals: originals, options: perLayer, prune: settings.prune, pruneRefit: settings.pruneRefit)
+                            experts: experts, originals: originals, options: perLayer, chunkReferences: references,
+                            prune: settings.prune, pruneRefit: settings.pruneRefit)
     }
 
     /// The plan for `settings`' target, objective, uniform groups and methods from measured
@@ -368,9 +448,18 @@ public enum SizePlanner {
             let err = zip(costs, choice).reduce(0.0) { acc, p in acc + p.0[p.1] }
             if best == nil || err < best!.error { best = (choice, err) }
         }
-        guard let chosen = best?.choice else {
+        guard var chosen = best?.choice else {
             let smallest = zip(perLayer, permitted).reduce(0) { acc, p in acc + (p.1.map { p.0[$0].bytes }.min() ?? 0) }
             throw SMoEError.setting(.targetSize, "\(budget) bytes is below the smallest plan (\(smallest) bytes\(settings.uniformGroups ? " with one G in every layer" : ""))")
+        }
+        if settings.noiseTolerance > 0 {
+            let allowed = permitted.indices.map { l in
+                permitted[l].filter { !settings.uniformGroups || perLayer[l][$0].groups == perLayer[l][chosen[l]].groups }
+            }
+            let slopes = zip(measured.names, perLayer).map { name, options in options.map { settings.costSlope(name, error: $0.error) } }
+            let foldCosts = zip(measured.names, perLayer).map { name, options in options.map { $0.foldErrors.map { settings.cost(name, error: $0) } } }
+            chosen = leastChange(perLayer, costs: costs, slopes: slopes, foldCosts: foldCosts, references: measured.chunkReferences,
+                                 allowed: allowed, choice: chosen, budget: budget, tolerance: settings.noiseTolerance)
         }
         let layers = chosen.indices.map { l in
             let o = perLayer[l][chosen[l]]
@@ -381,6 +470,63 @@ public enum SizePlanner {
         var plan = SizePlan(layers: layers, budget: budget, settings: settings)
         plan.candidates = perLayer.map { $0.map { PlanCandidate(method: $0.prune.map { "prune \($0.rawValue)" } ?? "merge", groups: $0.groups, ranks: rankRange(Array($0.ranks.values)), bytes: $0.bytes, error: $0.error) } }
         return plan
+    }
+
+    /// The standard error of cost(option a) − cost(option b) of one layer, paired on the same
+    /// held-apart chunks, by the delta method: the relative error E = √(S/R) (S = Σ_c s_c the
+    /// chunks' summed squared output errors, R = Σ_c r_c the original's) moves with chunk c by
+    /// φ_c = (s_c − E²·r_c) / (2·E·R), the cost by its slope times that; the chunks (whole runs
+    /// of consecutive tokens, which are correlated within a chunk) are taken as independent:
+    /// SE² = Σ_c (slope_a·φ_a,c − slope_b·φ_b,c)².
+    static func pairedStandardError(_ a: Option, _ b: Option, slopeA: Double, slopeB: Double, references r: [Double]) -> Double {
+        guard a.chunkErrors.count == r.count, b.chunkErrors.count == r.count else { return 0 }
+        let total = r.reduce(0, +)
+        guard total > 0 else { return 0 }
+        func influence(_ o: Option, _ slope: Double, _ c: Int) -> Double {
+            o.error > 0 && o.error.isFinite ? slope * (o.chunkErrors[c] - o.error * o.error * r[c]) / (2 * o.error * total) : 0
+        }
+        var v = 0.0
+        for c in r.indices { let d = influence(a, slopeA, c) - influence(b, slopeB, c); v += d * d }
+        return v.squareRoot()
+    }
+
+    /// The standard error of the mean over K folds of the paired cost differences d_f = a_f − b_f:
+    /// √(Σ_f (d_f − d̄)² / (K − 1) / K); nil with fewer than 2 folds.
+    static func foldStandardError(_ a: [Double], _ b: [Double]) -> Double? {
+        guard a.count == b.count, a.count > 1 else { return nil }
+        let d = zip(a, b).map { $0 - $1 }, mean = d.reduce(0, +) / Double(d.count)
+        return (d.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(d.count - 1) / Double(d.count)).squareRoot()
+    }
+
+    /// The noise-aware choice, a post-pass over the knapsack's `choice` that never exceeds the
+    /// budget: layer by layer (in order), among the allowed options that fit the bytes the
+    /// other layers leave and whose cost exceeds the chosen option's by at most `tolerance`
+    /// paired standard errors, the one that changes the layer least: most groups (experts
+    /// kept), then dense before factored, then most bytes (highest ranks), then lowest cost,
+    /// then lowest index. The chosen option itself always qualifies.
+    static func leastChange(_ options: [[Option]], costs: [[Double]], slopes: [[Double]], foldCosts: [[[Double]]] = [],
+                            references: [[Double]], allowed: [[Int]], choice: [Int], budget: Int, tolerance: Double) -> [Int] {
+        var choice = choice
+        for l in options.indices {
+            let c = choice[l], opts = options[l]
+            let free = budget - choice.indices.reduce(0) { $0 + ($1 == l ? 0 : options[$1][choice[$1]].bytes) }
+            func better(_ i: Int, than j: Int) -> Bool {
+                let a = opts[i], b = opts[j]
+                if a.groups != b.groups { return a.groups > b.groups }
+                if a.ranks.isEmpty != b.ranks.isEmpty { return a.ranks.isEmpty }
+                if a.bytes != b.bytes { return a.bytes > b.bytes }
+                if costs[l][i] != costs[l][j] { return costs[l][i] < costs[l][j] }
+                return i < j
+            }
+            var pick = c
+            for i in allowed[l] where i != c && opts[i].bytes <= free && better(i, than: pick) {
+                let se = (foldCosts.isEmpty ? nil : foldStandardError(foldCosts[l][i], foldCosts[l][c]))
+                    ?? pairedStandardError(opts[i], opts[c], slopeA: slopes[l][i], slopeB: slopes[l][c], references: l < references.count ? references[l] : [])
+                if costs[l][i] - costs[l][c] <= tolerance * se { pick = i }
+            }
+            choice[l] = pick
+        }
+        return choice
     }
 
     /// The multiple-choice knapsack: one option per layer (among `allowed`), total bytes ≤ budget,

@@ -47,7 +47,9 @@ func loadAverage() -> String {
 /// (which already reduces a tall matrix by QR first), the float64 Gram eigendecomposition
 /// (`dsyrk` + `dsyevr` of the r largest pairs + one `sgemm`), and the randomized range finder
 /// with 1 and 2 power iterations, each with its relative error against the exact one.
-/// Options: `--rows M --cols N --rank R` (default 14336, 4096, 1024), `--no-randomized`;
+/// Options: `--rows M --cols N --rank R` (default 14336, 4096, 1024), `--no-randomized`,
+/// `--no-exact` (no `sgesdd`: the float64 Gram is the reference), `--gaussian-only`; a last row
+/// runs what `auto` does (`ssyevr` first, checked);
 /// `--whitened-down [--rows d --cols f --rank R --tokens T] [--output-gram-only]` (default 4096,
 /// 14336, 1024, 2048) times the whitened factoring of a down-shaped matrix instead.
 /// With `--whitened-down`: `whitenedDownBench` instead.
@@ -84,19 +86,28 @@ func factorBench(_ args: [String]) throws {
             return Double(resid.frobeniusNorm) / normSq.squareRoot()
         }
         func row(_ method: String, _ wall: Double, _ cpu: Double, _ err: Double, _ exactErr: Double?) {
-            let vs = exactErr.map { String(format: "%+8.4f%%", 100 * (err / $0 - 1)) } ?? "-"
+            let vs = exactErr.map { String(format: "%+.2e", err / $0 - 1) } ?? "-"
             printRow(String(format: "%-26@ %-18@ %7.2f %7.2f  %10.6f  %9@   %@", label as NSString, method as NSString, wall, cpu, err,
                             vs as NSString, loadAverage() as NSString))
         }
-        let c0 = cpuSeconds()
-        let (exact, te) = try timed { try w.thinSVD() }
-        let e = relErr(exact)
-        row("sgesdd (exact)", te, cpuSeconds() - c0, e, nil)
+        var e: Double? = nil
+        if !args.contains("--no-exact") {
+            let c0 = cpuSeconds()
+            let (exact, te) = try timed { try w.thinSVD() }
+            e = relErr(exact)
+            row("sgesdd (exact)", te, cpuSeconds() - c0, e!, nil)
+        }
         for f64 in [true, false] {
             let c1 = cpuSeconds()
             let (gram, tg) = try timed { try w.gramTruncatedSVD(rank: r, float64: f64) }
-            row(f64 ? "gram dsyrk+dsyevr" : "gram ssyrk+ssyevr", tg, cpuSeconds() - c1, relErr(gram.svd), e)
+            let err = relErr(gram.svd)
+            row(f64 ? "gram dsyrk+dsyevr" : "gram ssyrk+ssyevr", tg, cpuSeconds() - c1, err, e)
+            if e == nil { e = err }  // without sgesdd, the float64 Gram is the reference
         }
+        // What `auto` runs: float64 Gram, float32 `ssyevr` first, the check, `dsyevr` if it fails.
+        let c2 = cpuSeconds()
+        let (auto, ta) = try timed { try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(r))) }
+        row("auto: " + auto.report.svd, ta, cpuSeconds() - c2, auto.report.relativeError, e)
         if !args.contains("--no-randomized") {
             for q in [1, 2] where r + 10 < p {
                 let c1 = cpuSeconds()
@@ -187,6 +198,7 @@ func whitenedDownBench(d: Int, f: Int, r: Int, tokens t: Int, inputGram: Bool) t
         return v
     }
     var kept: [Double] = []
+    var keptGram: OutputGram? = nil
     let (rep, wall) = try timed { () throws -> MatrixLowRankReport in
         var acc = OutputGramAccumulator(matrix: w)
         phase("  Y = X·Wᵀ, P += YᵀY") { blocks { x, p in acc.add(x, weights: p) } }
@@ -195,9 +207,21 @@ func whitenedDownBench(d: Int, f: Int, r: Int, tokens t: Int, inputGram: Bool) t
             throw SMoEError("the output Gram's check failed")
         }
         kept = og.gram
+        keptGram = og
         return res.report
     }
     row("output Gram (issue 29)", wall, cpuSeconds() - c1, rep, reference)
+    // The same P through `dsyevr` only (`--svd gram` takes no float32 first try): the reference
+    // the float32 `ssyevr` of `auto` is compared to.
+    if let og = keptGram {
+        let c2 = cpuSeconds()
+        let (rep64, wall64) = try timed { try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(r), svd: .gram), outputGram: og) }
+        if let rep64 { row("same P, dsyevr only", wall64, cpuSeconds() - c2, rep64.report, reference) }
+        if let rep64, let e32 = rep.outputError, let e64 = rep64.report.outputError {
+            printRow(String(format: "output error %@ − dsyevr: %+.3e (relative %+.3e)", rep.svd as NSString, e32 - e64, e32 / e64 - 1))
+        }
+    }
+    _ = try phase("  ssyevr alone, same P") { try largestSymmetricEigenpairsFloat32(kept, n: d, count: r) }
     // The eigensolve alone, on the same P after the timed run (not part of its figures).
     _ = try phase("  dsyevr alone, same P") { try largestSymmetricEigenpairs(&kept, n: d, count: r) }
     for (name, wall, cpu) in phases {

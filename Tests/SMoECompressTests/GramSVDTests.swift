@@ -57,7 +57,7 @@ final class GramSVDTests: XCTestCase {
         XCTAssertFalse(LowRankStage.gramPassesCheck(g), "optimum 0: the check cannot resolve 1 % of it")
     }
 
-    /// `auto`: randomized at small ranks, Gram (checked) at high rank once min(out, in) ≥ 1024,
+    /// `auto`: randomized at small ranks, Gram (float32 eigenpairs first, checked) at high rank once min(out, in) ≥ 1024,
     /// `sgesdd` below that size; the Gram's error within 1 % of the exact one (here to 1e-4).
     func testAutoTakesGramAtHighRankOnLargeMatrices() throws {
         var rng = SplitMix64(seed: 2904)
@@ -70,7 +70,7 @@ final class GramSVDTests: XCTestCase {
         XCTAssertFalse(LowRankOptions(rank: .fixed(r), svd: .exact).prefersGram(rank: r, rows: 1100, cols: 1024))
         let gram = try LowRankStage.factor(w, options: auto).report
         let exact = try LowRankStage.factor(w, options: LowRankOptions(rank: .fixed(r), svd: .exact)).report
-        XCTAssertEqual(gram.svd, "gram")
+        XCTAssertEqual(gram.svd, "gram-float32", "auto: float32 ssyevr first, kept by the check")
         XCTAssertEqual(exact.svd, "exact")
         XCTAssertLessThanOrEqual(gram.relativeError, exact.relativeError * 1.01)
         XCTAssertEqual(gram.relativeError, exact.relativeError, accuracy: 1e-4)

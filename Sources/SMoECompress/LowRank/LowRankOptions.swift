@@ -139,6 +139,12 @@ public struct LowRankOptions: Sendable {
     /// `sgesdd` where it does not take the randomized one (ALGORITHM.md §4, `smoe-bench factor`).
     public static let gramMinDimension = 1024
 
+    /// The smallest Gram dimension at which `auto` takes the r leading eigenpairs by float32
+    /// `ssyevr` first (checked, falling back to `dsyevr`; ALGORITHM.md §4): where `dsyevr` costs
+    /// seconds (about 20 CPU s at 4096). Below it `dsyevr` takes well under a second and the
+    /// fixtures' results (and the regression goldens) stay those of the float64 solver.
+    public static let float32EigenMinDimension = 1024
+
     /// Whether the rank-r factorisation goes through the Gram eigendecomposition: always with
     /// `gram`, with `auto` when the randomized one is not taken and min(out, in) ≥
     /// `gramMinDimension` (then with the a-posteriori check and its fallback to `sgesdd`).

@@ -110,8 +110,11 @@ extension LowRankStage {
             return (split(res, rank: r), "randomized")
         }
         if options.prefersGram(rank: r, rows: w.rows, cols: w.cols) {
-            let g = try w.gramTruncatedSVD(rank: r)
-            if gramPassesCheck(g) || options.svd == .gram { return (split(g.svd, rank: r), "gram") }
+            // `auto` tries float32 `ssyevr` first, kept when it passes the check, else `dsyevr`.
+            let accept: ((GramSVDResult) -> Bool)? = options.svd == .auto ? { gramPassesCheck($0) } : nil
+            let g = try w.gramTruncatedSVD(rank: r, float32First: accept)
+            let name = g.eigensolver == "ssyevr" ? "gram-float32" : "gram"
+            if gramPassesCheck(g) || options.svd == .gram { return (split(g.svd, rank: r), name) }
             return (split(try w.thinSVD(), rank: r), "exact (gram check failed)")
         }
         return (split(try w.thinSVD(), rank: r), "exact")
@@ -119,13 +122,16 @@ extension LowRankStage {
 
     /// The a-posteriori check of a Gram factorisation (ALGORITHM.md §4): the squared error it
     /// leaves, ‖A‖² − Σσ_j², is within (1.01)² of the optimum's ‖A‖² − Σλ_j (float64 eigenvalues
-    /// of the float64 Gram), plus 1e-6·‖A‖² for float32 rounding of A·V; and that optimum's
+    /// of the float64 Gram; float32 ones lowered by their `eigenvalueSlack`), plus 1e-6·‖A‖² for
+    /// float32 rounding of A·V; and that optimum's
     /// relative error is at least 1 %, so that rounding slack is under 1 % of it. A matrix
     /// (nearly) of rank r fails the second condition and gets the exact SVD.
     static func gramPassesCheck(_ g: GramSVDResult) -> Bool {
         let total = g.normSquared
-        guard total > 0, total.isFinite else { return false }
-        let optimum = max(total - g.eigenvalueSum, 0), reached = max(total - g.capturedSum, 0)
+        guard total > 0, total.isFinite, g.eigenvalueSlack.isFinite else { return false }
+        // float32 eigenvalues (`eigensolver` "ssyevr") may fall short of the float64 Gram's by up
+        // to their slack: the optimum is lowered by it, so it is never overstated.
+        let optimum = max(total - g.eigenvalueSum - g.eigenvalueSlack, 0), reached = max(total - g.capturedSum, 0)
         guard optimum >= 1e-4 * total else { return false }
         return reached <= 1.0201 * optimum + 1e-6 * total
     }
@@ -463,6 +469,10 @@ private struct MatrixFactoring {
     ///   stored in float32 (the same slack the Gram path allows for its float32 A·V). Eigenvalues
     ///   and eigenvectors must agree; a `dsyevr` that returned poor vectors or values fails it.
     ///   `--svd gram` accepts the factors anyway, as it does on the Gram path.
+    /// - `--svd auto` with a fixed rank and out ≥ `LowRankOptions.float32EigenMinDimension` takes
+    ///   the eigenpairs by float32 `ssyevr` on P rounded to float32 first (`svd`
+    ///   "output-gram-float32"), with the optimum lowered by their slack
+    ///   (`largestSymmetricEigenpairsFloat32`); failing the check, by `dsyevr` as above.
     /// The report's output error is √(e / tr P), the error of the factors actually returned.
     /// Eigenvalues at rounding level (≤ out·ε·λ_1: P of rank < r, possible only without ridge)
     /// give zero factor rows instead of dividing by noise.
@@ -470,22 +480,44 @@ private struct MatrixFactoring {
         guard og.n == out else { throw SMoEError("\(name): output Gram of \(og.n) outputs for \(out) output features") }
         let tr = og.trace, n = out
         guard tr > 0, tr.isFinite, og.gram.allSatisfy(\.isFinite) else { return nil }
-        let r: Int, vecs: Matrix, values: [Double]
-        var a = og.gram  // dsyevr destroys its input; P is kept for the check
+        let r: Int
         switch rule {
         case .fixed(let fixed):
             guard fixed <= p else {
                 throw SMoEError.setting(.rank, "\(fixed) is more than min(out, in) = \(p) of \(name) [\(out), \(inn)]")
             }
-            (vecs, values) = try largestSymmetricEigenpairs(&a, n: n, count: fixed)
             r = fixed
+            // `auto` at n ≥ `LowRankOptions.float32EigenMinDimension`: float32 `ssyevr` first, kept
+            // when it passes the same check with its eigenvalue slack; else `dsyevr` as before.
+            if options.svd == .auto && n >= LowRankOptions.float32EigenMinDimension {
+                let e = try largestSymmetricEigenpairsFloat32(og.gram, n: n, count: r)
+                let saved = outputGramError
+                if let res = try outputGramFactors(og, rank: r, vecs: e.vectors, values: e.values, slack: e.slack, svd: "output-gram-float32") {
+                    return res
+                }
+                outputGramError = saved
+            }
+            var a = og.gram  // dsyevr destroys its input; P is kept for the check
+            let (vecs, values) = try largestSymmetricEigenpairs(&a, n: n, count: fixed)
+            a = []
+            return try outputGramFactors(og, rank: r, vecs: vecs, values: values, slack: 0, svd: "output-gram")
         case .energy(let f):
+            var a = og.gram
             let all = try largestSymmetricEigenpairs(&a, n: n, count: n)
+            a = []
             r = LowRankStage.rankForEnergy(squared: all.values, fraction: f)
-            (vecs, values) = (all.vectors.rowBlock(0, r), Array(all.values.prefix(r)))
+            return try outputGramFactors(og, rank: r, vecs: all.vectors.rowBlock(0, r), values: Array(all.values.prefix(r)), slack: 0,
+                                         svd: "output-gram")
         }
-        a = []
-        guard values.allSatisfy({ $0.isFinite && $0 >= -1e-10 * tr }) else { return nil }
+    }
+
+    /// The factors of `outputGramPart` from r eigenpairs of P (vectors as rows [r, n], values
+    /// largest first) and its check, the optimum lowered by `slack` (the eigenvalues' possible
+    /// shortfall: 0 for `dsyevr`); nil when the check fails.
+    private mutating func outputGramFactors(_ og: OutputGram, rank r: Int, vecs: Matrix, values: [Double], slack: Double,
+                                            svd: String) throws -> (rank: Int, factors: Factors, svd: String)? {
+        let tr = og.trace, n = out
+        guard values.allSatisfy({ $0.isFinite && $0 >= -1e-10 * tr }), slack.isFinite else { return nil }
         let floor = Double(n) * Double.ulpOfOne * max(values[0], 0)
         var u = Matrix(rows: n, cols: r), b = Matrix(rows: r, cols: n)
         for k in 0..<r {
@@ -497,13 +529,13 @@ private struct MatrixFactoring {
                 b.data[k * n + i] = e * inv
             }
         }
-        let v = BLAS.matmul(b, w)
-        let optimum = max(tr - values.reduce(0.0) { $0 + max($1, 0) }, 0)
+        let optimum = max(tr - values.reduce(0.0) { $0 + max($1, 0) } - slack, 0)
         let errSq = Self.reconstructedErrorSq(og, u: u, b: b)
         outputGramError = (max(errSq, 0), tr)
         guard errSq.isFinite else { return nil }
         guard errSq <= 1.0201 * optimum + 1e-6 * tr || options.svd == .gram else { return nil }
-        return (r, (u, v), "output-gram")
+        let v = BLAS.matmul(b, w)
+        return (r, (u, v), svd)
     }
 
     /// tr((I − U·B)·P·(I − U·B)ᵀ) = tr P − 2·tr(U·B·P) + tr(UᵀU·B·P·Bᵀ) in float64 (U [n, r], B [r, n]):

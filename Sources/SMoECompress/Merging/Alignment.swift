@@ -89,13 +89,63 @@ public enum Alignment {
     /// threads included).
     public static func permutation(reference: Expert, _ expert: Expert,
                                    workerThread: Bool = false) throws -> (perm: [Int], productSeconds: Double, solverSeconds: Double) {
+        let r = try alignmentPair(reference: reference, expert, workerThread: workerThread)
+        return (r.perm, r.productSeconds, r.solverSeconds)
+    }
+
+    /// `permutation`, with the mean neuron cosines before (identity) and after (the permutation)
+    /// read off the cost matrix: C[i, j] = ⟨a_i, b_j⟩ is the dot product of reference neuron i's and
+    /// neuron j's vectors (up row, gate row, down column), so cosine_i = C[i, π(i)] / (‖a_i‖·‖b_π(i)‖)
+    /// needs only the neurons' norms (one pass over each expert; `referenceNorms` when the caller
+    /// has the reference's), not the second float64 pass over both experts and the two transposed
+    /// downs that `meanNeuronCosine` makes (about a second per pair at Mixtral's shape). The dot
+    /// products are C's float32 sums over 3·d_model terms (relative rounding ~1e-6 against the
+    /// float64 sums: a reported statistic, not used by any computation).
+    public static func alignmentPair(reference: Expert, _ expert: Expert, referenceNorms: [Double]? = nil, workerThread: Bool = false) throws
+        -> (perm: [Int], cosineBefore: Double, cosineAfter: Double, productSeconds: Double, solverSeconds: Double) {
         let clock = workerThread ? CLOCK_THREAD_CPUTIME_ID : CLOCK_PROCESS_CPUTIME_ID
         let t0 = cpuSeconds(clock)
         let c = try costMatrix(reference: reference, expert)
         let t1 = cpuSeconds(clock)
         let perm = try LinearAssignment.solve(c, maximize: true).rowToColumn
         let t2 = cpuSeconds(clock)
-        return (perm, t1 - t0, t2 - t1)
+        let na = try referenceNorms ?? neuronNormsSquared(reference), nb = try neuronNormsSquared(expert)
+        func meanCosine(_ column: (Int) -> Int) -> Double {
+            let f = c.rows
+            guard f > 0 else { return 1 }
+            var total = 0.0
+            for i in 0..<f {
+                let j = column(i), n = na[i] * nb[j]
+                total += n > 0 ? Double(c.data[i * f + j]) / n.squareRoot() : 0
+            }
+            return total / Double(f)
+        }
+        return (perm, meanCosine { $0 }, meanCosine { perm[$0] }, t1 - t0, t2 - t1)
+    }
+
+    /// ‖v_i‖² (float64) of each hidden neuron's vector: up row i, gate row i, down column i.
+    public static func neuronNormsSquared(_ e: Expert) throws -> [Double] {
+        let m = try denseMatrices(e, "expert")
+        let f = m.up.rows
+        var norms = [Double](repeating: 0, count: f)
+        for x in [m.up, m.gate].compactMap({ $0 }) {
+            let d = x.cols
+            x.data.withUnsafeBufferPointer { p in
+                for i in 0..<f {
+                    var s = 0.0
+                    for k in 0..<d { let v = Double(p[i * d + k]); s += v * v }
+                    norms[i] += s
+                }
+            }
+        }
+        // down [d_model, d_ff]: its columns, accumulated row by row (contiguous reads).
+        m.down.data.withUnsafeBufferPointer { p in
+            for r in 0..<m.down.rows {
+                let row = p.baseAddress! + r * f
+                for i in 0..<f { let v = Double(row[i]); norms[i] += v * v }
+            }
+        }
+        return norms
     }
 
     /// CPU seconds of `clock` (a `clock_gettime` CPU-time clock).
@@ -169,6 +219,7 @@ public enum Alignment {
         }
         let ref = try source.expert(reference)
         _ = try denseMatrices(ref, "\(name) expert \(reference)", layer: name)
+        let refNorms = try neuronNormsSquared(ref)
         let identity = Array(0..<source.config.dFF)
         var reports = [ExpertAlignment?](repeating: nil, count: n)
         reports[reference] = ExpertAlignment(slot: reference, permutation: identity, cosineBefore: 1, cosineAfter: 1)
@@ -184,10 +235,9 @@ public enum Alignment {
             let results = try BLAS.perform(slots.count) { k in
                 do {
                     let e = batch[k]
-                    let (perm, tp, ts) = try permutation(reference: ref, e, workerThread: slots.count > 1)
-                    let before = try meanNeuronCosine(ref, e, identity)
-                    let after = try meanNeuronCosine(ref, e, perm)
-                    return (ExpertAlignment(slot: slots[k], permutation: perm, cosineBefore: before, cosineAfter: after), tp, ts)
+                    let r = try alignmentPair(reference: ref, e, referenceNorms: refNorms, workerThread: slots.count > 1)
+                    return (ExpertAlignment(slot: slots[k], permutation: r.perm, cosineBefore: r.cosineBefore, cosineAfter: r.cosineAfter),
+                            r.productSeconds, r.solverSeconds)
                 } catch let err as SMoEError {
                     throw SMoEError("\(name): stored expert \(slots[k]): \(err.message)", file: err.file, layer: name, kind: err.kind)
                 }

@@ -122,8 +122,8 @@ public enum Merging {
         let found = try BLAS.perform(n) { k -> (perm: [Int]?, cosine: Double) in
             let ex = others.experts[k]!
             guard align else { return (nil, try Alignment.meanNeuronCosine(reference, ex, Array(0..<source.config.dFF))) }
-            let perm = try Alignment.permutation(reference: reference, ex).perm
-            return (perm, try Alignment.meanNeuronCosine(reference, ex, perm))
+            let r = try Alignment.alignmentPair(reference: reference, ex)
+            return (r.perm, r.cosineAfter)
         }
         var aligned = [reference]
         var cos = 0.0

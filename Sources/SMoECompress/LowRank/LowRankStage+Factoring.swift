@@ -261,6 +261,23 @@ extension LowRankStage {
             var phaseOps = [ExpertMatrixName: [LinearOp]](), phaseReports = [ExpertMatrixName: [MatrixLowRankReport]]()
             for g in 0..<G {
                 var shared: (norms: [Float]?, whitening: Whitening?)? = nil
+                // The factorings of this expert that need no further input (up and gate, which
+                // share one whitening) run side by side once their inputs are read, one BLAS
+                // thread each (`BLAS.perform`: HDF5 is read on this thread only); much of a
+                // rank-1024 Gram route is single-threaded (the eigensolver's bisection and inverse
+                // iteration, float64 conversions), so two at once use both cores. The results are
+                // the same sums in the same order whatever the number of cores.
+                var pending: [(m: ExpertMatrixName, w: Matrix, o: LowRankOptions, norms: [Float]?, whitening: Whitening?,
+                               rank: Int?, label: String, fellBack: Bool)] = []
+                func record(_ m: ExpertMatrixName, _ newOp: LinearOp, _ rep: MatrixLowRankReport) {
+                    var rep = rep
+                    rep.matrix = m.rawValue
+                    rep.expert = g
+                    phaseOps[m, default: []].append(newOp)
+                    phaseReports[m, default: []].append(rep)
+                    done += 1
+                    progress?("factoring \(source.name)", done, total)
+                }
                 for m in phase {
                     let label = "layer \(source.name) expert \(g) \(m.rawValue)"
                     let expert = try current(g)
@@ -305,24 +322,24 @@ extension LowRankStage {
                             if m != .down { shared = (norms, whitening) }
                         }
                     }
-                    var (newOp, rep): (LinearOp, MatrixLowRankReport)
                     if let d = byOutputGram {
-                        (newOp, rep) = d
+                        record(m, d.op, d.report)
                     } else {
-                        do {
-                            (newOp, rep) = try factor(w, options: o, inputNorms: norms, whitening: whitening, rank: rank, name: label)
-                        } catch let e as SMoEError {
-                            throw e.about(layer: source.name)  // `label` names the layer
-                        }
-                        if fellBack { rep.svd += " (output-gram check failed)" }
+                        pending.append((m, w, o, norms, whitening, rank, label, fellBack))
                     }
-                    rep.matrix = m.rawValue
-                    rep.expert = g
-                    phaseOps[m, default: []].append(newOp)
-                    phaseReports[m, default: []].append(rep)
-                    done += 1
-                    progress?("factoring \(source.name)", done, total)
                 }
+                let jobs = pending
+                let results = try BLAS.perform(jobs.count) { k -> (LinearOp, MatrixLowRankReport) in
+                    let j = jobs[k]
+                    do {
+                        var (newOp, rep) = try factor(j.w, options: j.o, inputNorms: j.norms, whitening: j.whitening, rank: j.rank, name: j.label)
+                        if j.fellBack { rep.svd += " (output-gram check failed)" }
+                        return (newOp, rep)
+                    } catch let e as SMoEError {
+                        throw e.about(layer: source.name)  // `label` names the layer
+                    }
+                }
+                for (j, r) in zip(jobs, results) { record(j.m, r.0, r.1) }
             }
             for m in phase {
                 var ops = phaseOps[m] ?? [], mReports = phaseReports[m] ?? []

@@ -52,6 +52,7 @@ public enum MemoryModel {
     ///   (G + m)·e + X′ ≥ (G + 1)·e + X′ covers;
     /// - lowrank: e (streaming) or L, plus the factors F = min(L, E·Σ_m((out + in)·r·4 +
     ///   s·out·in·8)), plus W_f + X.
+    /// With GLU experts the W_f term counts twice: up and gate are factored side by side.
     /// W_f, one matrix's whitening and factoring, with p = min(d, f), q = max(d, f): with a large
     /// Gram, 12·q² + 12·d·f (the q² float64 input Gram factored in place into L and L's float32
     /// copy for `strmm`, and d × f float32 matrices: W·L, the SVD's side, the residual); without,
@@ -64,8 +65,10 @@ public enum MemoryModel {
         let e = (c.expertType == .glu ? 3 : 2) * d * f * 4
         let layer = experts * e
         let block = Double(blockSize) * (d + f) * 4
+        // GLU's up and gate are factored side by side (`LowRankStage.compressLayer`): two at once.
+        let concurrent: Double = c.expertType == .glu ? 2 : 1
         func lowRankWork(_ largeGram: Bool) -> Double {
-            largeGram ? 12 * max(d, f) * max(d, f) + 12 * d * f : 32 * min(d, f) * min(d, f) + 16 * d * f
+            concurrent * (largeGram ? 12 * max(d, f) * max(d, f) + 12 * d * f : 32 * min(d, f) * min(d, f) + 16 * d * f)
         }
         let bytes: Double
         switch work {

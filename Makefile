@@ -87,6 +87,10 @@ test-slurm: build-tests slurm-install
 test-python: build-tests
 	@$(MAKE) --no-print-directory test-python-run
 
+## One BLAS / OpenMP thread for the Python tests too: they run beside a Swift test worker on two
+## cores (tools/swift-tests.sh says why); the models are tiny, a second thread would only spin.
+test-python-run: export OMP_NUM_THREADS ?= 1
+test-python-run: export OPENBLAS_NUM_THREADS ?= 1
 test-python-run:
 	@mkdir -p $(LOGS); rm -f $(LOGS)/python*.log
 	@if $(PYTHON) -c "import pytest" 2>/dev/null; then \

@@ -7,6 +7,13 @@
 # "swift: N passed, N failed, N skipped" line. Exits non-zero when a class failed or crashed.
 # Usage: tools/swift-tests.sh LOGDIR GATE   (SWIFT_TEST_CLASSES=REGEX: only the classes it matches)
 set -u
+# One OpenBLAS thread per test process: two processes already share the two cores (two workers,
+# or one beside the Python tests), and OpenBLAS threads that find no free core spin in
+# sched_yield. Measured on the Intel Xeon family 6 model 207 (2 vCPU): the debug suite with two
+# workers took 798 worker-seconds (414 s wall) with one thread each, against about 1,100 with
+# OpenBLAS's default; one --target-size run in ReportTests spent 26 of its 43 s in the kernel
+# yielding. An OPENBLAS_NUM_THREADS already set is kept.
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 logdir=$1 gate=$2
 bin=$(swift build --show-bin-path)/smoe-compressPackageTests.xctest
 work=$logdir/swift-classes

@@ -18,7 +18,6 @@ a built smoe-compress (swift build) they skip too.
 import json
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
@@ -28,7 +27,6 @@ from optional_deps import needs_all
 TOOLS = pathlib.Path(__file__).resolve().parent
 REPO = TOOLS.parent
 EXE = REPO / ".build" / "debug" / "smoe-compress"
-SCRIPT = TOOLS / "capture_calibration.py"
 TEXT = "Sparse mixture of experts models route each token to a few experts of every layer. " * 12
 
 
@@ -530,11 +528,12 @@ def test_ernie4_5_moe(tmp_path):
 
 
 def capture_mode(tmp, model_dir, mode, dtype="float32"):
+    """A capture in `mode` (--layerwise or --no-layerwise), in this process as `capture` does
+    (four captures per test: a new interpreter each was about 5 s of importing torch)."""
+    import capture_calibration
     out = tmp / f"{mode}-{dtype}.h5"
-    r = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"),
-                        "--tokens", "96", "--seq-len", "32", "--batch-size", "2", "--dtype", dtype, f"--{mode}"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    capture_calibration.main([str(model_dir), "-o", str(out), "--text", str(tmp / "text.txt"),
+                              "--tokens", "96", "--seq-len", "32", "--batch-size", "2", "--dtype", dtype, f"--{mode}"])
     with h5py.File(out, "r") as f:
         return {n: {k: f["moe_layers"][n][k][()] for k in ("hidden_states", "router_logits", "output")}
                 for n in f["moe_layers"]}, json.loads(f.attrs["source"])["mode"]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """End-to-end held-out loss of a checkpoint of the trained fixtures (issue 28, item 1).
 
-    tools/eval_loss.py CHECKPOINT.h5 [--text ../shared/fixtures/trained-text.txt] [--json]
+    tools/eval_loss.py CHECKPOINT.h5 [--text ../shared/fixtures/trained-text.txt] [--export-dtype D] [--json]
 
 Exports CHECKPOINT with `smoe-compress export` into a temporary folder, loads it with the stock
 transformers class (MixtralForCausalLM or SwitchTransformersForConditionalGeneration, float32)
@@ -21,6 +21,13 @@ it leaves the pad / decoder-start token at 0 (the fixture: 256). The tool theref
 fixtures' values (FIXTURE_CONFIG) in the exported config.json and reports every key it changed
 (`config_patch` in --json). The test (tools/test_eval_loss.py) checks that the patched model
 reproduces the fixtures' captures, MoE block by MoE block.
+
+--export-dtype D is export's --dtype (f8-block, mxfp4, bf16, ...): the loss of the model as it is
+served in that encoding. Without a GPU, transformers dequantizes an FP8 folder on loading: each
+weight q·s (an e4m3 value, 4 significant bits, times its block's float32 scale) is rounded to
+bfloat16 (8 significant bits), a rounding far below FP8's own and part of what a CPU serves; the
+model then runs in float32 as always. The exported expert bytes are in --json
+(`exported_expert_bytes`).
 
 Deterministic: fixed windows, no sampling, float32 on CPU, sums in float64. Bad input gives one
 `error:` line on stderr and exit status 2. Importable: frontier.py reuses `Evaluator`.
@@ -154,15 +161,16 @@ def torch_modules():
     return mods
 
 
-def export(checkpoint, folder, exe=None):
-    """`smoe-compress export CHECKPOINT -o FOLDER`, then the fixture config set over config.json.
+def export(checkpoint, folder, exe=None, dtype=None):
+    """`smoe-compress export CHECKPOINT -o FOLDER [--dtype DTYPE]`, then the fixture config set over config.json.
     Returns (model_type, {key: {"export": value or None, "used": value}} for every changed key)."""
     exe = pathlib.Path(exe) if exe else default_exe()
     if not exe.exists():
         raise UsageError(f"{exe}: smoe-compress is not built (swift build --product smoe-compress)")
     if not pathlib.Path(checkpoint).is_file():
         raise UsageError(f"{checkpoint}: checkpoint not found")
-    r = subprocess.run([str(exe), "export", str(checkpoint), "-o", str(folder), "--quiet"], capture_output=True, text=True, env=one_blas_thread())
+    cmd = [str(exe), "export", str(checkpoint), "-o", str(folder), "--quiet"] + (["--dtype", dtype] if dtype else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=one_blas_thread())
     if r.returncode != 0:
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         msg = next((l for l in lines if l.startswith("error:")), lines[-1] if lines else f"exit status {r.returncode}")
@@ -226,7 +234,7 @@ def mean_loss(model, model_type, windows, batch=64):
 class Evaluator:
     """Held-out loss of checkpoints: the text read once, transformers imported once."""
 
-    def __init__(self, text=None, exe=None, every=1):
+    def __init__(self, text=None, exe=None, every=1, export_dtype=None):
         if every < 1:
             raise UsageError(f"--every {every}: must be at least 1")
         self.text_path = pathlib.Path(text) if text else DEFAULT_TEXT
@@ -234,6 +242,7 @@ class Evaluator:
         self.every = every
         self.windows = [list(heldout[s : s + WINDOW]) for s in window_starts(len(heldout))[::every]]
         self.exe = exe
+        self.export_dtype = export_dtype
         torch, _ = torch_modules()
         # One thread: the model is tiny, and on a shared CPU two threads were 5-12x slower
         # (measured, same result to the bit).
@@ -242,7 +251,7 @@ class Evaluator:
     def evaluate(self, checkpoint):
         with tempfile.TemporaryDirectory(prefix="eval_loss.") as tmp:
             folder = pathlib.Path(tmp) / "model"
-            model_type, patch = export(checkpoint, folder, self.exe)
+            model_type, patch = export(checkpoint, folder, self.exe, self.export_dtype)
             model = load(folder, model_type)
             experts = model.config.num_local_experts if model_type == "mixtral" else model.config.num_experts
             loss, count = mean_loss(model, model_type, self.windows)
@@ -250,6 +259,7 @@ class Evaluator:
         return {
             "checkpoint": str(checkpoint),
             "model_type": model_type,
+            "export_dtype": self.export_dtype or "auto",
             "experts_per_layer": experts,
             "exported_expert_bytes": expert_bytes,
             "text": str(self.text_path),
@@ -287,19 +297,22 @@ def main(argv=None):
     parser.add_argument("--text", default=None, help=f"the fixtures' text (default: {DEFAULT_TEXT})")
     parser.add_argument("--exe", default=None, help="smoe-compress binary (default: $SMOE_COMPRESS, else .build/release, else .build/debug)")
     parser.add_argument("--every", type=int, default=1, metavar="K", help="use every K-th window only (default 1: all 747; frontier.py's quick mode)")
+    parser.add_argument("--export-dtype", default=None, metavar="D",
+                        help="export's --dtype (auto, f32, f16, bf16, f8-block, mxfp4): the loss as served in that encoding")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     try:
         args = parser.parse_args(argv)
         if not pathlib.Path(args.checkpoint).is_file():
             raise UsageError(f"{args.checkpoint}: checkpoint not found")
-        result = Evaluator(args.text, args.exe, args.every).evaluate(args.checkpoint)
+        result = Evaluator(args.text, args.exe, args.every, args.export_dtype).evaluate(args.checkpoint)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['checkpoint']}: {result['model_type']}, {result['experts_per_layer']} experts per layer, "
+        print(f"{result['checkpoint']}: {result['model_type']}, {result['experts_per_layer']} experts per layer "
+              f"({result['exported_expert_bytes']} expert bytes exported as {result['export_dtype']}), "
               f"held-out loss {result['loss_nats_per_byte']:.6f} nats/byte ({result['bits_per_byte']:.4f} bits/byte) "
               f"over {result['predicted_bytes']} predicted bytes in {result['windows']} windows")
         if result["config_patch"]:

@@ -185,6 +185,21 @@ public func largestSymmetricEigenpairs(_ g: inout [Double], n: Int, count r: Int
     return (vecs, values)
 }
 
+/// All eigenvalues of the symmetric n × n float64 `g` (row-major; its upper triangle is read, the
+/// lower one of the column-major matrix LAPACK sees, as `largestSymmetricEigenpairs`), without
+/// eigenvectors, by LAPACK `dsyevd` with jobz "N" (the tridiagonal reduction, 4/3·n³ flops, then
+/// `dsterf`'s root-free QR, O(n²); no n × n vector storage): largest first, unclamped (a negative
+/// one is rounding or a matrix that is not positive semidefinite, the caller decides). LAPACK
+/// destroys the triangle it reads and the diagonal, so pass a copy the caller does not need.
+public func symmetricEigenvalues(_ g: inout [Double], n: Int) throws -> [Double] {
+    precondition(n >= 0 && g.count == n * n, "symmetricEigenvalues: \(g.count) entries for \(n) × \(n)")
+    guard n > 0 else { return [] }
+    var w = [Double](repeating: 0, count: n)
+    let info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "N")), Matrix.lower, Int32(n), &g, Int32(n), &w)
+    if info != 0 { throw LinearAlgebraError.lapack(routine: "dsyevd", info: info) }
+    return w.reversed()  // LAPACK's are ascending
+}
+
 /// The r largest eigenpairs of the symmetric n × n float64 `g` (row-major, upper triangle read,
 /// as `largestSymmetricEigenpairs`; `g` is not modified) by LAPACK `ssyevr` on g rounded to
 /// float32 — the fast first try of `--svd auto` (ALGORITHM.md §4: `dsyevr`'s cost is mostly the

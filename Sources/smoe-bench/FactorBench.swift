@@ -58,6 +58,10 @@ func factorBench(_ args: [String]) throws {
         guard let i = args.firstIndex(of: name), i + 1 < args.count, let v = Int(args[i + 1]), v > 0 else { return def }
         return v
     }
+    if args.contains("--planner-spectra") {
+        return try plannerSpectraBench(experts: int("--experts", 4), d: int("--d-model", 1024), f: int("--d-ff", 4096),
+                                       tokens: int("--tokens", 4096))
+    }
     if args.contains("--whitened-down") {
         return try whitenedDownBench(d: int("--rows", 4096), f: int("--cols", 14336), r: int("--rank", 1024), tokens: int("--tokens", 2048),
                                      inputGram: !args.contains("--output-gram-only"))
@@ -227,4 +231,44 @@ func whitenedDownBench(d: Int, f: Int, r: Int, tokens t: Int, inputGram: Bool) t
     for (name, wall, cpu) in phases {
         printRow(name.padding(toLength: 28, withPad: " ", startingAt: 0) + String(format: " %7.1f %7.1f", wall, cpu))
     }
+}
+
+/// `smoe-bench factor --planner-spectra [--experts E --d-model d --d-ff f --tokens T]` (default 4
+/// experts of 1024 × 4096, top-2, 4096 tokens): `LowRankStage.whitenedSpectra` (what
+/// `compress --target-size`'s planner measures per merged layer) on a synthetic GLU layer with
+/// d_ff ≫ d_model, down from its output Gram's eigenvalues, against the input Gram route it
+/// replaced for down (each expert's d_ff² hidden Gram, Cholesky, W·L, its singular values), and
+/// the largest difference of the two down spectra (σ_k² relative to σ₁²).
+func plannerSpectraBench(experts: Int, d: Int, f: Int, tokens t: Int) throws {
+    print("whitenedSpectra of a \(experts)-expert GLU layer, d_model \(d), d_ff \(f), \(t) tokens; CPU \(cpuName()); load \(loadAverage())")
+    let spec = SyntheticSpec(
+        architecture: "bench-planner-spectra", numLayers: 1, numExperts: experts, families: max(1, experts / 2), topK: min(2, experts),
+        dModel: d, dFF: f, expertType: .glu, activation: .silu, routerType: .softmax_topk_norm, noise: 0.05, tokens: t, seed: 11)
+    try spec.validate()
+    let (layer, x, _) = SyntheticGenerator.makeLayer(spec, index: 0)
+    let blocks: TokenBlocks = { body in
+        var s = 0
+        while s < x.rows { let n = min(1024, x.rows - s); try body(x.rowBlock(s, n)); s += n }
+    }
+    var o = LowRankOptions(rank: .fixed(1))
+    o.matrices = [.down]
+    printRow("route                               wall s   cpu s   load")
+    let c0 = cpuSeconds()
+    let (now, wallNow) = try timed { try LowRankStage.whitenedSpectra(layer, options: o, tokens: blocks) }
+    printRow(String(format: "down, output Gram eigenvalues     %8.2f %7.2f   ", wallNow, cpuSeconds() - c0) + loadAverage())
+    let c1 = cpuSeconds()
+    let (before, wallBefore) = try timed { () throws -> [[Double]] in
+        try (0..<layer.numStored).map { g in
+            let w = layer.experts[g].down.dense()
+            let wh = try Whitening(LowRankStage.inputGram(layer, expert: g, tokens: blocks, hidden: true), relativeRidge: o.whiteningRidge)
+            return try (wh?.whiten(w) ?? w).singularValues().map(Double.init)
+        }
+    }
+    printRow(String(format: "down, input Gram route (before)   %8.2f %7.2f   ", wallBefore, cpuSeconds() - c1) + loadAverage())
+    var worst = 0.0
+    for (g, s) in before.enumerated() {
+        let s1 = s[0] * s[0]
+        for (a, b) in zip(now[g].candidate.singularValues, s) { worst = max(worst, abs(a * a - b * b) / s1) }
+    }
+    printRow(String(format: "largest |Δσ_k²| / σ₁² between the routes: %.2e", worst))
 }

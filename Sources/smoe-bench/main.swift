@@ -25,7 +25,7 @@ let benchmarks: [(name: String, summary: String, options: String, run: ([String]
     ("align", "align of a Switch-base-32-shaped model with the cost products' rate beside the machine's sgemm rate",
      "--layers N --experts N --d-model N --d-ff N", alignBench),
     ("factor", "high-rank factorisation (rank 1024 of 14336×4096): sgesdd vs Gram eigendecomposition vs randomized",
-     "--rows M --cols N --rank R --no-randomized --no-exact --gaussian-only; --whitened-down [--rows d --cols f --rank R --tokens T --output-gram-only]", factorBench),
+     "--rows M --cols N --rank R --no-randomized --no-exact --gaussian-only; --whitened-down [--rows d --cols f --rank R --tokens T --output-gram-only]; --planner-spectra [--experts E --d-model d --d-ff f --tokens T]", factorBench),
     ("merge", "merge time per method on a Switch-base-shaped layer", "--experts N --groups N --d-model N --d-ff N --tokens N",
      mergeBench),
     ("scale", "wall time and peak RSS per smoe-compress stage on one Mixtral-8x7B- or Qwen3-30B-A3B-shaped layer (subprocesses)",

@@ -94,4 +94,26 @@ final class GramSVDTests: XCTestCase {
         let g = try run(.gram), e = try run(.exact)
         XCTAssertEqual(g.outputError!, e.outputError!, accuracy: 1e-4)
     }
+
+    /// `symmetricEigenvalues` (dsyevd, no vectors): a known answer, and a seeded Gram against the
+    /// eigenvalues `dsyevr` gives with vectors. Both are float64 LAPACK on the same matrix, backward
+    /// stable to ~n·ε₆₄·‖G‖₂ per eigenvalue, so 1e-12·λ_max (n = 30, ε₆₄ = 2.2e-16) is the bound.
+    func testSymmetricEigenvaluesWithoutVectors() throws {
+        var two: [Double] = [2, 1, 1, 2]
+        let known = try symmetricEigenvalues(&two, n: 2)
+        XCTAssertEqual(known[0], 3, accuracy: 1e-14)
+        XCTAssertEqual(known[1], 1, accuracy: 1e-14)
+        var rng = SplitMix64(seed: 61)
+        let a = randomMatrix(20, 30, &rng)  // rank 20: ten eigenvalues are 0 up to rounding
+        var g = [Double](repeating: 0, count: 30 * 30)
+        accumulateGramFloat64(a, into: &g)
+        for i in 0..<30 { for j in 0..<i { g[i * 30 + j] = g[j * 30 + i] } }
+        var g1 = g, g2 = g
+        let values = try symmetricEigenvalues(&g1, n: 30)
+        let reference = try largestSymmetricEigenpairs(&g2, n: 30, count: 30).values
+        XCTAssertEqual(values.count, 30)
+        for k in 0..<30 { XCTAssertEqual(values[k], reference[k], accuracy: 1e-12 * reference[0], "eigenvalue \(k)") }
+        for k in 1..<30 { XCTAssertGreaterThanOrEqual(values[k - 1], values[k], "largest first") }
+        XCTAssertEqual(values.reduce(0, +), (0..<30).reduce(0.0) { $0 + g[$1 * 30 + $1] }, accuracy: 1e-10 * reference[0], "trace")
+    }
 }

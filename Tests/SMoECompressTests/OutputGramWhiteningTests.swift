@@ -174,4 +174,50 @@ final class OutputGramWhiteningTests: XCTestCase {
         XCTAssertLessThan(relativeError(op.dense(), plain.dense()), 1e-4)
         XCTAssertEqual(try XCTUnwrap(rep.outputError), rep.relativeError, accuracy: 1e-5)  // X = I: output error = weight error
     }
+
+    /// The size planner's spectra (`whitenedSpectra`): down (d_ff > d_model) from its output Gram's
+    /// eigenvalues equals the input Gram route, the singular values of W·L with L from the explicit
+    /// hidden Gram; up and gate keep that route bit for bit; an unreached expert gives the weights'
+    /// own singular values, as before.
+    ///
+    /// Tolerance: both routes start from float32 data. The input Gram route rounds L to float32,
+    /// forms W·L by `strmm` in float32 and takes its singular values by float32 LAPACK (absolute
+    /// error ~ε₃₂·σ₁ times modest multiples of the sizes); the P route sums float32 outputs
+    /// Y = X·Wᵀ (rounded ~1e-7 relative) in float64, so P = A·Aᵀ is within ~1e-6·σ₁² and its
+    /// eigenvalues likewise (Weyl), i.e. σ_k² agrees to ~1e-6·σ₁². The comparison is on σ_k²
+    /// with 1e-5·σ₁² absolute (10× that); measured worst on this seed 6.2e-7·σ₁² (printed).
+    func testPlannerSpectraFromTheOutputGram() throws {
+        var rng = SplitMix64(seed: 62)
+        var layer = randomLayer(&rng, type: .glu, router: .softmax_topk_norm, E: 4, k: 2, d: 12, f: 40, biases: true)
+        layer.routerBias![3] = -1000  // expert 3: no token
+        let x = tokens(12, 300, &rng)
+        let blocks: TokenBlocks = { body in try body(x.rowBlock(0, 128)); try body(x.rowBlock(128, 172)) }
+        var o = LowRankOptions(rank: .fixed(4))
+        o.matrices = Set(ExpertMatrixName.allCases)
+        let spectra = try LowRankStage.whitenedSpectra(layer, options: o, tokens: blocks)
+        XCTAssertEqual(spectra.map(\.key), ExpertMatrixName.allCases.flatMap { m in (0..<4).map { LowRankOptions.rankKey(m, expert: $0) } })
+        var worst = 0.0
+        for (k, (key, cand)) in spectra.enumerated() {
+            let m = ExpertMatrixName.allCases[k / 4], g = k % 4
+            let w = layer.experts[g][matrix: m.rawValue]!.dense()
+            XCTAssertEqual(cand.rows, w.rows, key)
+            XCTAssertEqual(cand.cols, w.cols, key)
+            let gram = try LowRankStage.inputGram(layer, expert: g, tokens: blocks, hidden: m == .down)
+            XCTAssertEqual(gram.tokens > 0, g != 3, key)
+            let wh = try Whitening(gram, relativeRidge: o.whiteningRidge)
+            let reference = try (wh?.whiten(w) ?? w).singularValues().map(Double.init)
+            XCTAssertEqual(cand.singularValues.count, min(w.rows, w.cols), key)
+            if m != .down || g == 3 {
+                XCTAssertEqual(cand.singularValues, reference, key)  // the input Gram route or the weights, unchanged
+                continue
+            }
+            let s1 = reference[0] * reference[0]
+            for (a, b) in zip(cand.singularValues, reference) {
+                worst = max(worst, abs(a * a - b * b) / s1)
+                XCTAssertEqual(a * a, b * b, accuracy: 1e-5 * s1, "\(key): σ² from P against the whitened SVD")
+            }
+        }
+        XCTAssertGreaterThan(worst, 0, "the two routes are different computations")
+        print("whitenedSpectra: down σ² from P vs input Gram route, worst |Δσ²|/σ₁² = \(worst)")
+    }
 }

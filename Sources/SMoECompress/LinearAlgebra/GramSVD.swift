@@ -97,33 +97,12 @@ extension Matrix {
 }
 
 extension Matrix {
-    /// The smaller Gram in float64 (see `gramTruncatedSVD`; row-major upper triangle written) and ‖A‖²_F.
+    /// The smaller Gram in float64 (see `gramTruncatedSVD`; row-major upper triangle written) and ‖A‖²_F,
+    /// summed over the float64 chunks in chunk order (`accumulateGramFloat64` with `sumOfSquares`).
     func gramFloat64(chunk: Int) -> ([Double], Double) {
-        let m = rows, n = cols, p = Swift.min(m, n), tall = m >= n, k = tall ? m : n
+        let p = Swift.min(rows, cols), tall = rows >= cols
         var g = [Double](repeating: 0, count: p * p)
-        var buf = [Double](repeating: 0, count: Swift.min(chunk, k) * p)
-        var normSq = 0.0
-        data.withUnsafeBufferPointer { a in
-            var start = 0
-            while start < k {
-                let c = Swift.min(chunk, k - start)
-                // The chunk as row-major [c, p] (tall: rows start..<start+c of A) or [p, c]
-                // (wide: columns start..<start+c of A).
-                if tall {
-                    for t in 0..<(c * p) { buf[t] = Double(a[start * n + t]) }
-                } else {
-                    for i in 0..<m { for j in 0..<c { buf[i * c + j] = Double(a[i * n + start + j]) } }
-                }
-                for t in 0..<(c * p) { normSq += buf[t] * buf[t] }
-                buf.withUnsafeBufferPointer { pb in
-                    g.withUnsafeMutableBufferPointer { pg in
-                        cblas_dsyrk(CblasRowMajor, CblasUpper, tall ? CblasTrans : CblasNoTrans, Int32(p), Int32(c), 1,
-                                    pb.baseAddress, Int32(tall ? p : c), 1, pg.baseAddress, Int32(p))
-                    }
-                }
-                start += c
-            }
-        }
+        let normSq = accumulateGramFloat64(self, columns: !tall, into: &g, chunk: chunk, sumOfSquares: true)
         return (g, normSq)
     }
 
@@ -153,14 +132,18 @@ extension Matrix {
 /// G [n, n] += alpha·Σ_t s_t²·a_t·a_tᵀ over the rows a_t of A [T, n] (s_t = `rowScales[t]`, 1
 /// without); with `columns` true, G [m, m] += alpha·A·Aᵀ for A [m, n] (column chunks). Only the
 /// upper triangle of the row-major G is written (the lower one of the column-major G LAPACK's
-/// symmetric routines read with uplo = "L").
+/// symmetric routines read with uplo = "L"). With `sumOfSquares` it returns the float64 sum of
+/// the squares of the buffered values (scaled, not multiplied by alpha), summed in chunk order:
+/// rows in data order; columns chunk by chunk, rows i then columns j of the chunk. Otherwise 0.
+@discardableResult
 public func accumulateGramFloat64(_ a: Matrix, columns: Bool = false, rowScales: [Float]? = nil, alpha: Double = 1,
-                                  into g: inout [Double], chunk: Int = 512) {
+                                  into g: inout [Double], chunk: Int = 512, sumOfSquares: Bool = false) -> Double {
     let m = a.rows, n = a.cols, p = columns ? m : n, k = columns ? n : m
     precondition(g.count == p * p, "accumulateGramFloat64: Gram of \(g.count) entries for \(p) × \(p)")
     precondition(rowScales.map { $0.count == m && !columns } ?? true, "accumulateGramFloat64: one scale per row, rows only")
-    guard p > 0, k > 0 else { return }
+    guard p > 0, k > 0 else { return 0 }
     var buf = [Double](repeating: 0, count: Swift.min(chunk, k) * p)
+    var sumSq = 0.0
     a.data.withUnsafeBufferPointer { pa in
         var start = 0
         while start < k {
@@ -174,6 +157,7 @@ public func accumulateGramFloat64(_ a: Matrix, columns: Bool = false, rowScales:
                     for j in 0..<n { buf[t * n + j] = s * Double(pa[(start + t) * n + j]) }
                 }
             }
+            if sumOfSquares { for t in 0..<(c * p) { sumSq += buf[t] * buf[t] } }
             buf.withUnsafeBufferPointer { pb in
                 g.withUnsafeMutableBufferPointer { pg in
                     cblas_dsyrk(CblasRowMajor, CblasUpper, columns ? CblasNoTrans : CblasTrans, Int32(p), Int32(c), alpha,
@@ -183,6 +167,7 @@ public func accumulateGramFloat64(_ a: Matrix, columns: Bool = false, rowScales:
             start += c
         }
     }
+    return sumSq
 }
 
 /// The r largest eigenpairs of the symmetric n × n float64 `g` (row-major; its upper triangle is
@@ -198,6 +183,21 @@ public func largestSymmetricEigenpairs(_ g: inout [Double], n: Int, count r: Int
                        0, found, w, z, Int32(n), isuppz)
     }
     return (vecs, values)
+}
+
+/// All eigenvalues of the symmetric n × n float64 `g` (row-major; its upper triangle is read, the
+/// lower one of the column-major matrix LAPACK sees, as `largestSymmetricEigenpairs`), without
+/// eigenvectors, by LAPACK `dsyevd` with jobz "N" (the tridiagonal reduction, 4/3·n³ flops, then
+/// `dsterf`'s root-free QR, O(n²); no n × n vector storage): largest first, unclamped (a negative
+/// one is rounding or a matrix that is not positive semidefinite, the caller decides). LAPACK
+/// destroys the triangle it reads and the diagonal, so pass a copy the caller does not need.
+public func symmetricEigenvalues(_ g: inout [Double], n: Int) throws -> [Double] {
+    precondition(n >= 0 && g.count == n * n, "symmetricEigenvalues: \(g.count) entries for \(n) × \(n)")
+    guard n > 0 else { return [] }
+    var w = [Double](repeating: 0, count: n)
+    let info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, CChar(UInt8(ascii: "N")), Matrix.lower, Int32(n), &g, Int32(n), &w)
+    if info != 0 { throw LinearAlgebraError.lapack(routine: "dsyevd", info: info) }
+    return w.reversed()  // LAPACK's are ascending
 }
 
 /// The r largest eigenpairs of the symmetric n × n float64 `g` (row-major, upper triangle read,

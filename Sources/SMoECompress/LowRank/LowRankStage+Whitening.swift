@@ -22,15 +22,8 @@ extension LowRankStage {
         let n = hidden ? layer.config.dFF : layer.config.dModel
         var gram = [Double](repeating: 0, count: n * n)
         var count = 0
-        try tokens { x in
-            let disp = layer.dispatch(layer.route(x))[g]
-            guard !disp.tokens.isEmpty else { return }
-            // The inputs as the forward pass runs the expert on them: where the routing weight
-            // scales the expert input (topk_sigmoid_input) the rows are p_t·x_t with weight 1,
-            // else x_t with weight p_t (the same rows and weights as before for those routers).
-            let (xg, weights) = MoELayer.expertInput(x, disp, config: layer.config)
-            let input = hidden ? expert.hidden(xg, activation: layer.config.activation) : xg
-            count += disp.tokens.count
+        try MoELayer.forEachRoutedInput(layer, expert: expert, stored: g, tokens: tokens, hidden: hidden) { input, weights in
+            count += input.rows
             accumulateWeightedCross(input, input, weights: weights.map { $0 * $0 }, into: &gram)
         }
         return InputGram(n: n, gram: gram, tokens: count)
@@ -41,17 +34,14 @@ extension LowRankStage {
     /// The output Gram (`OutputGram`) of `w`, the matrix of `expert` (stored expert `g` of
     /// `layer`) that reads the layer input or, with `hidden`, the hidden activation, over the
     /// tokens the layer routes to it: the same token pass, inputs and weights as `inputGram`
-    /// (`MoELayer.expertInput`, so input-scaling routers see their scaled rows), accumulated block
+    /// (`MoELayer.forEachRoutedInput`, so input-scaling routers see their scaled rows), accumulated block
     /// by block by `OutputGramAccumulator`.
     static func outputGram(_ layer: LayerSource, expert: Expert, stored g: Int, matrix w: Matrix, tokens: TokenBlocks,
                            hidden: Bool, relativeRidge: Double) throws -> OutputGram {
         precondition(w.cols == (hidden ? layer.config.dFF : layer.config.dModel))
         var acc = OutputGramAccumulator(matrix: w)
-        try tokens { x in
-            let disp = layer.dispatch(layer.route(x))[g]
-            guard !disp.tokens.isEmpty else { return }
-            let (xg, weights) = MoELayer.expertInput(x, disp, config: layer.config)
-            acc.add(hidden ? expert.hidden(xg, activation: layer.config.activation) : xg, weights: weights)
+        try MoELayer.forEachRoutedInput(layer, expert: expert, stored: g, tokens: tokens, hidden: hidden) { input, weights in
+            acc.add(input, weights: weights)
         }
         return acc.finish(relativeRidge: relativeRidge)
     }

@@ -86,11 +86,25 @@ public enum Alignment {
     /// The optimal permutation aligning `expert` to `reference`, with timings in CPU seconds, so
     /// other processes on the machine do not inflate them: the calling thread's when it is one of
     /// several single-threaded workers (`workerThread`), else the whole process's (BLAS's own
-    /// threads included).
+    /// threads included). The cost matrix and the assignment only (`alignmentPair` adds the
+    /// report's cosines).
     public static func permutation(reference: Expert, _ expert: Expert,
                                    workerThread: Bool = false) throws -> (perm: [Int], productSeconds: Double, solverSeconds: Double) {
-        let r = try alignmentPair(reference: reference, expert, workerThread: workerThread)
+        let r = try matched(reference: reference, expert, workerThread: workerThread)
         return (r.perm, r.productSeconds, r.solverSeconds)
+    }
+
+    /// The core of `permutation` and `alignmentPair`: the cost matrix C (`costMatrix`), the
+    /// maximising assignment on it, and the CPU seconds of each (clock as `permutation`).
+    static func matched(reference: Expert, _ expert: Expert, workerThread: Bool)
+        throws -> (perm: [Int], cost: Matrix, productSeconds: Double, solverSeconds: Double) {
+        let clock = workerThread ? CLOCK_THREAD_CPUTIME_ID : CLOCK_PROCESS_CPUTIME_ID
+        let t0 = cpuSeconds(clock)
+        let c = try costMatrix(reference: reference, expert)
+        let t1 = cpuSeconds(clock)
+        let perm = try LinearAssignment.solve(c, maximize: true).rowToColumn
+        let t2 = cpuSeconds(clock)
+        return (perm, c, t1 - t0, t2 - t1)
     }
 
     /// `permutation`, with the mean neuron cosines before (identity) and after (the permutation)
@@ -103,12 +117,7 @@ public enum Alignment {
     /// float64 sums: a reported statistic, not used by any computation).
     public static func alignmentPair(reference: Expert, _ expert: Expert, referenceNorms: [Double]? = nil, workerThread: Bool = false) throws
         -> (perm: [Int], cosineBefore: Double, cosineAfter: Double, productSeconds: Double, solverSeconds: Double) {
-        let clock = workerThread ? CLOCK_THREAD_CPUTIME_ID : CLOCK_PROCESS_CPUTIME_ID
-        let t0 = cpuSeconds(clock)
-        let c = try costMatrix(reference: reference, expert)
-        let t1 = cpuSeconds(clock)
-        let perm = try LinearAssignment.solve(c, maximize: true).rowToColumn
-        let t2 = cpuSeconds(clock)
+        let (perm, c, productSeconds, solverSeconds) = try matched(reference: reference, expert, workerThread: workerThread)
         let na = try referenceNorms ?? neuronNormsSquared(reference), nb = try neuronNormsSquared(expert)
         func meanCosine(_ column: (Int) -> Int) -> Double {
             let f = c.rows
@@ -120,7 +129,7 @@ public enum Alignment {
             }
             return total / Double(f)
         }
-        return (perm, meanCosine { $0 }, meanCosine { perm[$0] }, t1 - t0, t2 - t1)
+        return (perm, meanCosine { $0 }, meanCosine { perm[$0] }, productSeconds, solverSeconds)
     }
 
     /// ‖v_i‖² (float64) of each hidden neuron's vector: up row i, gate row i, down column i.

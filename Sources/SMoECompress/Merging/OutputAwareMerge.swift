@@ -175,10 +175,7 @@ enum OutputAwareMerge {
         for k in used {
             let s = p.stored[k]
             var gramX = [Double](repeating: 0, count: d * d)
-            try tokens { x in
-                let disp = dispatch(layer, x)[s]
-                guard !disp.tokens.isEmpty else { return }
-                let (xs, w) = MoELayer.expertInput(x, disp, config: c)
+            try MoELayer.forEachRoutedInput(layer, expert: p.aligned[k], stored: s, tokens: tokens, hidden: false) { xs, w in
                 accumulateWeightedCross(xs, xs, weights: w, into: &gramX)
             }
             var gx2 = gate != nil ? gramX : []  // the gate's copy of the input Gram
@@ -205,11 +202,7 @@ enum OutputAwareMerge {
             let s = p.stored[k]
             let member = p.aligned[k]
             let wd = member.down.dense().data.map(Double.init)  // down [d, f], float64
-            try tokens { x in
-                let disp = dispatch(layer, x)[s]
-                guard !disp.tokens.isEmpty else { return }
-                let (xs, w) = MoELayer.expertInput(x, disp, config: c)
-                let h = member.hidden(xs, activation: c.activation)
+            try MoELayer.forEachRoutedInput(layer, expert: member, stored: s, tokens: tokens, hidden: true) { h, w in
                 down.addTokens(h, weights: w, member: wd, alpha: options.alpha)
             }
             down.endMember(member: wd, alpha: options.alpha)

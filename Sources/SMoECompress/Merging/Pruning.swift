@@ -65,10 +65,8 @@ public enum Pruning {
             progress?("saliency of \(source.name)", j, e)
             let expert = try source.expert(j)
             var sum = 0.0
-            try tokens { x in
-                let d = source.header.dispatch(source.route(x), stored: e)[j]
-                guard !d.tokens.isEmpty else { return }
-                let (rows, weights) = MoELayer.expertInput(x, d, config: source.config)
+            // One stored expert per slot (checked above), so the layer's dispatch is over the e slots.
+            try MoELayer.forEachRoutedInput(source, expert: expert, stored: j, tokens: tokens, hidden: false) { rows, weights in
                 let y = expert.forward(rows, activation: source.config.activation)
                 for (t, w) in weights.enumerated() {
                     var sq = 0.0

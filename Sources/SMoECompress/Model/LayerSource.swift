@@ -92,6 +92,26 @@ public struct LayerSource: @unchecked Sendable {
 }
 
 extension MoELayer {
+    /// One pass over `tokens` for stored expert `g` of `layer`: each block routed and dispatched
+    /// by the layer, and `body` called, for a block that routes tokens to `g`, with those tokens'
+    /// inputs as the forward pass runs the expert on them and their routing weights
+    /// (`expertInput`: where the routing weight scales the expert input, topk_sigmoid_input, the
+    /// rows are p_t·x_t with weight 1, else x_t with weight p_t), or with `hidden` the hidden
+    /// activation `expert` computes from those rows, one row per routed token.
+    static func forEachRoutedInput(_ layer: LayerSource, expert: Expert, stored g: Int, tokens: TokenBlocks, hidden: Bool,
+                                   _ body: (Matrix, [Float]) throws -> Void) throws {
+        // `body` escapes nothing: `tokens` calls it only while it runs (the compiler cannot see
+        // that a closure handed to the non-escaping `tokens` does not re-enter it).
+        try withoutActuallyEscaping(body) { body in
+            try tokens { x in
+                let disp = layer.dispatch(layer.route(x))[g]
+                guard !disp.tokens.isEmpty else { return }
+                let (rows, weights) = expertInput(x, disp, config: layer.config)
+                try body(hidden ? expert.hidden(rows, activation: layer.config.activation) : rows, weights)
+            }
+        }
+    }
+
     /// The weighted sum of the dispatched experts' outputs for a token block: each expert's
     /// tokens gathered, run batched, scattered back (stored-expert order).
     static func forward(_ x: Matrix, routing: Routing, dispatch: [(tokens: [Int], weights: [Float])], config: LayerConfig,

@@ -16,6 +16,8 @@ struct Align: ParsableCommand {
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
 
+    func validate() throws { try output.requireOutput() }
+
     func run() throws {
         let inputs = [stats].compactMap { $0 }
         let reader = try CheckpointReader(model)
@@ -32,7 +34,7 @@ struct Align: ParsableCommand {
 
     func render(_ reports: [LayerAlignment], timing: [FinishedLayer]) {
         if global.json {
-            return printJSON(.object([("output", .string(output.output)), ("layers", .array(reports.map(\.json))), timingJSON(timing)]))
+            return printJSON(.object([("output", .string(output.path)), ("layers", .array(reports.map(\.json))), timingJSON(timing)]))
         }
         var t = Table(["layer", "reference", "cosine before", "cosine after", "products s", "solver s"])
         for r in reports {
@@ -40,7 +42,7 @@ struct Align: ParsableCommand {
                    fixed(r.productSeconds), fixed(r.solverSeconds)])
         }
         print(t.render())
-        print("wrote \(output.output) (same function, neurons permuted)")
+        print("wrote \(output.path) (same function, neurons permuted)")
     }
 }
 

@@ -22,7 +22,7 @@ struct Compress: ParsableCommand {
     var activationAware = false
     @Option(help: "Expert size to reach: a fraction of the original expert bytes (0.5) or a size (20GB). The planner chooses groups and ranks per layer.")
     var targetSize: String?
-    @Flag(help: "With --target-size: print the plan and write nothing.")
+    @Flag(help: "With --target-size: print the plan and write nothing (no -o needed).")
     var planOnly = false
     @Flag(help: "With --target-size: the same number of groups in every layer.")
     var uniformGroups = false
@@ -36,6 +36,7 @@ struct Compress: ParsableCommand {
     @OptionGroup var reportOptions: ReportOptions
 
     func validate() throws {
+        if !planOnly { try output.requireOutput() }  // --plan-only writes nothing: -o is optional there
         if planOnly && resumeOptions.resume { throw ValidationError("--plan-only writes nothing: give no --resume") }
         if targetSize == nil {
             if mergeOptions.groups == nil { throw ValidationError("give --groups, or --target-size") }
@@ -59,7 +60,7 @@ struct Compress: ParsableCommand {
 
     func run() throws {
         let inputs = [calib] + [evalCalib, mergeOptions.stats, sensitivity].compactMap { $0 }
-        try reportOptions.check(against: [model, output.output] + inputs)
+        try reportOptions.check(against: [model] + [output.output].compactMap { $0 } + inputs)
         let reader = try CheckpointReader(model)
         let storage = output.writeOptions(for: reader).dtype
         var settings = CompressSettings(merge: try namingFile(model) { try mergeOptions.settings(fitting: reader) }, lowRank: lowrank.options(floatBytes: storage.byteSize),
@@ -95,7 +96,7 @@ struct Compress: ParsableCommand {
                                   progress: progress)
         // A shard file holds layers to assemble, not a checkpoint: its bytes are stated by `assemble`.
         let reusedBytes = try result.reused.isEmpty || shard != nil ? nil
-            : expertFileBytes(of: result.reused, original: reader, written: output.output)
+            : expertFileBytes(of: result.reused, original: reader, written: output.path)
         try reportOptions.write(document(stage.report(result.reports), plan: stage.plan, timing: result.layers, reused: result.reused, work: work,
                                          settings: stage.settingsRecord, reusedBytes: reusedBytes))
         if let plan = stage.plan, !global.json { renderPlan(plan) }
@@ -123,7 +124,7 @@ struct Compress: ParsableCommand {
     /// The `--json` document (the report's source).
     func document(_ report: CompressReport, plan stagePlan: SizePlan?, timing: [FinishedLayer], reused: [String] = [],
                   work: ResumeWork? = nil, settings: JSONValue? = nil, reusedBytes: (before: Int, after: Int)? = nil) -> JSONValue {
-        var kv: [(String, JSONValue)] = [("model", .string(model)), ("output", .string(output.output)), ("report", report.json),
+        var kv: [(String, JSONValue)] = [("model", .string(model)), ("output", .string(output.path)), ("report", report.json),
                                          timingJSON(timing)]
         if let p = stagePlan { kv.append(("plan", p.json)) }
         if let s = settings { kv.append(("settings", s)) }
@@ -150,7 +151,7 @@ struct Compress: ParsableCommand {
                 print("expert bytes of the output: \(formatBytes(b.before)) → \(formatBytes(b.after)) "
                       + "(\(fixed(Double(b.before) / Double(max(b.after, 1)), 2))× smaller)")
             }
-            return print("wrote \(output.output)")
+            return print("wrote \(output.path)")
         }
         var t = Table(["layer", "groups", "rank", "bytes original", "merged", "final", "error merged", "error final", "cosine"])
         for l in report.layers {
@@ -172,6 +173,6 @@ struct Compress: ParsableCommand {
             print("expert bytes of the whole output (reused layers included): \(formatBytes(before)) → \(formatBytes(after)) "
                   + "(\(fixed(Double(before) / Double(max(after, 1)), 2))× smaller)")
         }
-        print("wrote \(output.output)")
+        print("wrote \(output.path)")
     }
 }

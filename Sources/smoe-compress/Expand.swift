@@ -12,6 +12,8 @@ struct Expand: ParsableCommand {
     @OptionGroup var output: OutputOptions
     @OptionGroup var global: GlobalOptions
 
+    func validate() throws { try output.requireOutput() }
+
     func run() throws {
         let reader = try CheckpointReader(model)
         let writer = try output.writer(from: reader, stage: "expand", inputs: [])
@@ -26,12 +28,12 @@ struct Expand: ParsableCommand {
         let factored = done.reduce(0) { $0 + $1.factored }
         if global.json {
             return printJSON(.object([
-                ("output", .string(output.output)), ("per_slot", .bool(perSlot)), ("layers", .array(done.map(\.json))), timingJSON(timing),
+                ("output", .string(output.path)), ("per_slot", .bool(perSlot)), ("layers", .array(done.map(\.json))), timingJSON(timing),
             ]))
         }
         var t = Table(["layer", "factored matrices", "stored experts"])
         for d in done { t.add([d.name, "\(d.factored)", d.storedBefore == d.storedAfter ? "\(d.storedAfter)" : "\(d.storedBefore) → \(d.storedAfter)"]) }
         print(t.render())
-        print("wrote \(output.output): \(factored) factored matrices expanded\(perSlot ? ", one expert per router slot" : "")")
+        print("wrote \(output.path): \(factored) factored matrices expanded\(perSlot ? ", one expert per router slot" : "")")
     }
 }

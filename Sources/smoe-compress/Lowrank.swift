@@ -72,6 +72,7 @@ struct Lowrank: ParsableCommand {
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
+        try output.requireOutput()
         if lowrank.rule == nil { throw ValidationError("give one of --rank and --energy") }
     }
 
@@ -96,7 +97,7 @@ struct Lowrank: ParsableCommand {
                           fileAfter: result.reports.reduce(0) { $0 + $1.bytesAfter }, timing: result.layers,
                           reused: result.reused, work: work)
         }
-        let (fileBefore, fileAfter) = try expertFileBytes(of: reader.layers.map(\.name), original: reader, written: output.output)
+        let (fileBefore, fileAfter) = try expertFileBytes(of: reader.layers.map(\.name), original: reader, written: output.path)
         render(result.reports, fileBefore: fileBefore, fileAfter: fileAfter, timing: result.layers, reused: result.reused, work: work)
     }
 
@@ -107,7 +108,7 @@ struct Lowrank: ParsableCommand {
         let count = reports.reduce(0) { $0 + $1.matrices.count }
         if global.json {
             return printJSON(.object([
-                ("output", .string(output.output)), ("activation_aware", .bool(calib != nil)),
+                ("output", .string(output.path)), ("activation_aware", .bool(calib != nil)),
                 ("layers", .array(reports.map(\.json))), ("matrix_bytes_before", .int(before)), ("matrix_bytes_after", .int(after)),
                 ("kept_dense", .int(kept)), ("expert_bytes_before", .int(fileBefore)), ("expert_bytes_after", .int(fileAfter)),
                 timingJSON(timing),
@@ -127,7 +128,7 @@ struct Lowrank: ParsableCommand {
         let aware = calib != nil ? (whitened ? ", whitened for the output error" : ", activation-aware sparse ranking") : ""
         if let line = reusedLine(reused, work: work) { print(line) }
         print("matrices: \(count - kept) of \(count) factored\(kept > 0 ? ", \(kept) kept dense (factored form not smaller)" : ""), \(formatBytes(before)) → \(formatBytes(after)) (\(ratio(before, after)))\(aware)")
-        print("wrote \(output.output): expert bytes \(formatBytes(fileBefore)) → \(formatBytes(fileAfter)) (\(ratio(fileBefore, fileAfter)))")
+        print("wrote \(output.path): expert bytes \(formatBytes(fileBefore)) → \(formatBytes(fileAfter)) (\(ratio(fileBefore, fileAfter)))")
     }
 }
 

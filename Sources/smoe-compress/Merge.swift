@@ -82,12 +82,13 @@ struct Merge: ParsableCommand {
     @OptionGroup var reportOptions: ReportOptions
 
     func validate() throws {
+        try output.requireOutput()
         if mergeOptions.groups == nil { throw ValidationError("Missing expected argument '--groups <groups>'") }
     }
 
     func run() throws {
         let inputs = [calib, mergeOptions.stats].compactMap { $0 }
-        try reportOptions.check(against: [model, output.output] + inputs)
+        try reportOptions.check(against: [model, output.path] + inputs)
         let reader = try CheckpointReader(model)
         let writer = try output.writer(from: reader, stage: "merge", inputs: inputs)
         let progress = global.progress
@@ -105,7 +106,7 @@ struct Merge: ParsableCommand {
                                   progress: progress) { after += $0.expertBytes(floatBytes: floatBytes) }
         if !result.reused.isEmpty {
             // Reused layers went to the output without passing through this run: as written.
-            let written = try CheckpointReader(output.output)
+            let written = try CheckpointReader(output.path)
             for name in result.reused { after += try written.summary(name).expertParameters * floatBytes }
         }
         printMergeWarnings(result.reports)
@@ -123,7 +124,7 @@ struct Merge: ParsableCommand {
                   reused: [String] = [], work: ResumeWork? = nil, record: JSONValue? = nil) -> JSONValue {
         let settings = mergeOptions.settings
         return .object([
-            ("output", .string(output.output)), ("merge_method", .string(settings.merging.method.rawValue)),
+            ("output", .string(output.path)), ("merge_method", .string(settings.merging.method.rawValue)),
             ("similarity", .string(settings.similarityBase.rawValue)), ("layers", .array(reports.map(\.json))),
             ("expert_bytes_before", .int(expertBytes.before)), ("expert_bytes_after", .int(expertBytes.after)), timingJSON(timing),
         ] + (record.map { [("settings", $0)] } ?? []) + reusedJSON(reused, work: work))
@@ -152,7 +153,7 @@ struct Merge: ParsableCommand {
         }
         if let line = reusedLine(reused, work: work) { print(line) }
         let how = settings.prune.map { "\($0.rawValue) pruning" } ?? "\(settings.merging.method.rawValue) merge"
-        print("wrote \(output.output): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(how)")
+        print("wrote \(output.path): expert bytes \(formatBytes(before)) → \(formatBytes(after)) (\(String(format: "%.2f", Double(before) / Double(max(after, 1))))×), \(how)")
     }
 }
 

@@ -92,8 +92,21 @@ struct CommaList: ExpressibleByArgument {
 
 /// Options of commands that write a checkpoint.
 struct OutputOptions: ParsableArguments {
+    /// Optional here only so that `compress --plan-only` can do without it: every command that
+    /// writes calls `requireOutput()` in its `validate()`, so `path` is never read without one.
     @Option(name: [.customShort("o"), .long], help: "Output file (written to a temporary file, renamed on success).")
-    var output: String
+    var output: String?
+
+    /// The output file (checked present by the command's `validate()`).
+    var path: String {
+        guard let output else { preconditionFailure("the command's validate() did not call requireOutput()") }
+        return output
+    }
+
+    /// The usage error ArgumentParser gives for a missing required option, when -o is absent.
+    func requireOutput() throws {
+        if output == nil { throw ValidationError("Missing expected argument '--output <output>'") }
+    }
 
     @Option(help: "Stored float type of weights: f32, f16, bf16, or auto (the input's experts' type when it is float16 or bfloat16, else f32).")
     var dtype: StorageChoice = .auto
@@ -122,13 +135,13 @@ struct OutputOptions: ParsableArguments {
     /// A checkpoint writer for `source`'s stage output, after checking the output names none of
     /// the inputs.
     func writer(from source: CheckpointReader, stage: String, inputs: [String]) throws -> CheckpointWriter {
-        try ensureOutputDiffers(output, from: [source.path] + inputs)
-        reportLeftoverTemporaryFiles(output)
+        try ensureOutputDiffers(path, from: [source.path] + inputs)
+        reportLeftoverTemporaryFiles(path)
         let entry = JSONValue.object([("stage", .string(stage))])
         if try shardValue() != nil {
-            return try CheckpointWriter(destination: output, shardOf: source, entry: entry, options: writeOptions(for: source))
+            return try CheckpointWriter(destination: path, shardOf: source, entry: entry, options: writeOptions(for: source))
         }
-        return try CheckpointWriter(destination: output, derivedFrom: source, entry: entry, options: writeOptions(for: source))
+        return try CheckpointWriter(destination: path, derivedFrom: source, entry: entry, options: writeOptions(for: source))
     }
 }
 

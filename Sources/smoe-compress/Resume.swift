@@ -14,7 +14,7 @@ struct ResumeOptions: ParsableArguments {
     /// so bad settings leave nothing behind) and says on stderr what it found.
     func open<S: LayerStage>(_ stage: S, model: CheckpointReader, inputs: [ResumeInput], writer: CheckpointWriter,
                              output: OutputOptions) throws -> ResumeWork {
-        let work = try ResumeWork(output: output.output, stage: stage, model: model,
+        let work = try ResumeWork(output: output.path, stage: stage, model: model,
                                   inputs: [ResumeInput(role: "model", path: model.path)] + inputs,
                                   options: writer.options, shard: try output.shardValue(), resume: resume)
         let dir = work.directory

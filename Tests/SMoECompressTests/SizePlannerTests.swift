@@ -67,6 +67,18 @@ final class SizePlannerTests: XCTestCase {
         let plan = try XCTUnwrap(try JSONValue.parse(res.stdout)["plan"])
         XCTAssertLessThanOrEqual(try XCTUnwrap(plan["expert_bytes"]?.intValue), 524_288)
         XCTAssertFalse(FileManager.default.fileExists(atPath: out))
+        // Without -o: the same plan; without --plan-only, -o is required (one usage error naming it).
+        let bare = try runCLI(["compress", fixture("trained-switch.h5"), "--calib", fixture("trained-switch.calib.h5"),
+                               "--target-size", "0.5", "--groups", "8", "--plan-only", "--json", "--quiet"])
+        XCTAssertEqual(bare.status, 0, bare.stderr)
+        XCTAssertEqual(try JSONValue.parse(bare.stdout)["plan"], plan)
+        for args in [["compress", fixture("trained-switch.h5"), "--calib", fixture("trained-switch.calib.h5"), "--target-size", "0.5"],
+                     ["merge", fixture("trained-switch.h5"), "--groups", "4"], ["lowrank", fixture("trained-switch.h5"), "--rank", "4"],
+                     ["align", fixture("trained-switch.h5")], ["expand", fixture("trained-switch.h5")]] {
+            let r = try runCLI(args)
+            XCTAssertNotEqual(r.status, 0, args.joined(separator: " "))
+            XCTAssertTrue(r.stderr.hasPrefix("error: Missing expected argument '--output <output>'"), "\(args[0]): \(r.stderr)")
+        }
     }
 
     /// The knapsack with sensitivities, on a planted case with a known answer: two layers with the

@@ -14,6 +14,10 @@ import SMoECompress
 /// (with `--merge-or-prune`: the planner's three plans only), `--tolerances 0,1` (each plan also
 /// chosen with these `PlannerSettings.noiseTolerance`s, from the same measurement, with the
 /// per-layer bytes and planned → held-out errors), `--folds K` (`PlannerSettings.folds`).
+/// Beside the grid's rows at each fraction, the end-to-end held-out loss of the merge-alone, best
+/// grid and planner checkpoints and of the original (`EndToEndLoss`: the release smoe-compress and
+/// tools/eval_loss.py, every `--loss-every K`-th window, default 4; skipped, saying why, without
+/// torch and transformers; `--no-loss` skips it).
 func fidelityBench(_ args: [String]) throws {
     func value(_ name: String) -> String? {
         guard let i = args.firstIndex(of: name), i + 1 < args.count else { return nil }
@@ -24,6 +28,7 @@ func fidelityBench(_ args: [String]) throws {
     let split = value("--split").map { $0.split(separator: "/").compactMap { Int($0) } }.flatMap { $0.count == 2 ? ($0[0], $0[1]) : nil }
     let ranks = (value("--ranks") ?? "4,8,12,16,20,24,32,40").split(separator: ",").compactMap { Int($0) }
     let tolerances = value("--tolerances").map { $0.split(separator: ",").compactMap { Double($0) } }
+    let lossEvery = value("--loss-every").flatMap { Int($0) } ?? 4
     for name in ["trained-switch", "trained-mixtral"] where value("--fixture").map({ $0 == name }) ?? true {
         let model = try CheckpointReader("\(dir)/\(name).h5")
         let calib = try CalibrationReader("\(dir)/\(name).calib.h5")
@@ -67,6 +72,13 @@ func fidelityBench(_ args: [String]) throws {
             }
         }
         let original = try model.layers.reduce(0) { $0 + (try model.summary($1.name).expertFileBytes) }
+        let (e2e, skipped) = args.contains("--no-loss") ? (nil, "--no-loss") : EndToEndLoss.make(fixture: "\(dir)/\(name).h5", every: lossEvery)
+        defer { e2e?.remove() }
+        if let e2e {
+            printRow(String(format: "  end-to-end held-out loss (tools/eval_loss.py, every %dth window, nats/byte): original %.4f", lossEvery, e2e.original))
+        } else {
+            printRow("  end-to-end loss: skipped (\(skipped))")
+        }
         printRow("  grid: G 1…\(experts) × rank {dense, \(ranks.map(String.init).joined(separator: ", "))}, \(grid.count) points; original \(original) B")
         printRow("  target   budget B  merge alone (G, err)   best grid point (G, rank, bytes, err)   planner (ranks per layer, bytes, err)   planner s")
         for f in fractions {
@@ -82,6 +94,17 @@ func fidelityBench(_ args: [String]) throws {
             printRow("  \(f)  \(budget)  " + (mergeOnly.map { "G\($0.groups) \(fmt($0.error))" } ?? "none")
                      + "   " + (best.map { "G\($0.groups) r\($0.rank.map(String.init) ?? "dense") \($0.bytes) \(fmt($0.error))" } ?? "none")
                      + "   [\(perLayer)] \(planned.bytes) \(fmt(planned.error))   \(String(format: "%.1f", seconds))")
+            if let e2e {
+                func measured(_ label: String, _ args: [String]?) throws -> String {
+                    guard let args else { return "\(label) -" }
+                    let r = try e2e.compressed(model: "\(dir)/\(name).h5", calib: "\(dir)/\(name).calib.h5", heldout: "\(dir)/\(name).heldout.h5", args)
+                    return "\(label) " + String(format: "%.4f (err %.4f)", r.loss, r.error)
+                }
+                let rows = [try measured("merge alone", mergeOnly.map { ["--groups", "\($0.groups)"] }),
+                            try measured("best grid point", best.map { b in ["--groups", "\(b.groups)"] + (b.rank.map { ["--rank", "\($0)"] } ?? []) }),
+                            try measured("planner", ["--target-size", "\(f)"])]
+                printRow("    loss at \(f): " + rows.joined(separator: ", ") + String(format: "; original %.4f", e2e.original))
+            }
         }
     }
 }

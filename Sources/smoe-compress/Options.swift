@@ -94,7 +94,7 @@ struct CommaList: ExpressibleByArgument {
 struct OutputOptions: ParsableArguments {
     /// Optional here only so that `compress --plan-only` can do without it: every command that
     /// writes calls `requireOutput()` in its `validate()`, so `path` is never read without one.
-    @Option(name: [.customShort("o"), .long], help: "Output file (written to a temporary file, renamed on success).")
+    @Option(name: [.customShort("o"), .long], help: "Output file (written to a temporary file, renamed on success). Required, except by compress --plan-only.")
     var output: String?
 
     /// The output file (checked present by the command's `validate()`).

@@ -20,8 +20,7 @@ struct EndToEndLoss {
         guard let script = repositoryFile("tools/eval_loss.py") else {
             return (nil, "tools/eval_loss.py not found (run from the repository root)")
         }
-        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-            .appendingPathComponent("smoe-compress").path
+        let binary = siblingSmoeCompress()
         guard FileManager.default.isExecutableFile(atPath: binary) else {
             return (nil, "no smoe-compress at \(binary) (swift build -c release --product smoe-compress)")
         }

@@ -47,8 +47,7 @@ func scaleBench(_ args: [String]) throws {
     for s in stages where !allStages.contains(s) {
         throw SMoEError("--stages: unknown stage '\(s)' (known: \(allStages.joined(separator: ",")))")
     }
-    let binary = value("--binary") ?? URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        .appendingPathComponent("smoe-compress").path
+    let binary = value("--binary") ?? siblingSmoeCompress()
     guard FileManager.default.isExecutableFile(atPath: binary) else {
         throw SMoEError("no smoe-compress at \(binary) (build it: swift build -c release --product smoe-compress, or pass --binary)")
     }
@@ -131,6 +130,11 @@ func scaleBench(_ args: [String]) throws {
             ("max_rss_gib", .double(maxRSS)), ("stages", .array(rows)),
         ]).serialized(pretty: true))
     }
+}
+
+/// The `smoe-compress` built beside this binary (same build folder, same configuration).
+func siblingSmoeCompress() -> String {
+    URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("smoe-compress").path
 }
 
 /// Runs `path args` with stdout to `stdoutPath` (stderr inherited) and reaps it with wait4: wall

@@ -51,10 +51,7 @@ extension Matrix {
             res.eigensolver = "ssyevr"
             if accept(res) { return res }
         }
-        let (vecs, eigSum, _) = try largestEigenpairs(&g, p: p, rank: r, routine: "dsyevr") { a, found, w, z, isuppz in
-            LAPACKE_dsyevr(LAPACK_COL_MAJOR, Self.jobV, Self.rangeI, Self.lower, Int32(p), a, Int32(p), 0, 0, Int32(p - r + 1), Int32(p),
-                           0, found, w, z, Int32(p), isuppz)
-        }
+        let (vecs, eigSum, _) = try dsyevrLargest(&g, n: p, count: r)
         return project(vecs, rank: r, normSq: normSq, eigSum: eigSum)
     }
 
@@ -117,10 +114,7 @@ extension Matrix {
             }
         }
         let normSq = data.reduce(0.0) { $0 + Double($1) * Double($1) }
-        let (vecs, eigSum, _) = try largestEigenpairs(&g, p: p, rank: r, routine: "ssyevr") { a, found, w, z, isuppz in
-            LAPACKE_ssyevr(LAPACK_COL_MAJOR, Self.jobV, Self.rangeI, Self.lower, Int32(p), a, Int32(p), 0, 0, Int32(p - r + 1), Int32(p),
-                           0, found, w, z, Int32(p), isuppz)
-        }
+        let (vecs, eigSum, _) = try ssyevrLargest(&g, n: p, count: r)
         return (vecs, eigSum, normSq)
     }
 
@@ -178,10 +172,7 @@ public func accumulateGramFloat64(_ a: Matrix, columns: Bool = false, rowScales:
 /// diagonal, so pass a copy the caller does not need.
 public func largestSymmetricEigenpairs(_ g: inout [Double], n: Int, count r: Int) throws -> (vectors: Matrix, values: [Double]) {
     precondition(r >= 1 && r <= n && g.count == n * n, "largestSymmetricEigenpairs: \(r) of \(n)")
-    let (vecs, _, values) = try largestEigenpairs(&g, p: n, rank: r, routine: "dsyevr") { a, found, w, z, isuppz in
-        LAPACKE_dsyevr(LAPACK_COL_MAJOR, Matrix.jobV, Matrix.rangeI, Matrix.lower, Int32(n), a, Int32(n), 0, 0, Int32(n - r + 1), Int32(n),
-                       0, found, w, z, Int32(n), isuppz)
-    }
+    let (vecs, _, values) = try dsyevrLargest(&g, n: n, count: r)
     return (vecs, values)
 }
 
@@ -229,10 +220,7 @@ public func largestSymmetricEigenpairsFloat32(_ g: [Double], n: Int, count r: In
             eSq += (j == i ? 1 : 2) * d * d  // the symmetric matrix's entry (i, j) and (j, i)
         }
     }
-    var (vecs, _, values) = try largestEigenpairs(&g32, p: n, rank: r, routine: "ssyevr") { a, found, w, z, isuppz in
-        LAPACKE_ssyevr(LAPACK_COL_MAJOR, Matrix.jobV, Matrix.rangeI, Matrix.lower, Int32(n), a, Int32(n), 0, 0, Int32(n - r + 1), Int32(n),
-                       0, found, w, z, Int32(n), isuppz)
-    }
+    var (vecs, _, values) = try ssyevrLargest(&g32, n: n, count: r)
     // `ssyevr`'s float32 vectors have norms 1 ± ~1e-6, which a projection V·Vᵀ turns into an
     // error of Σ_k λ_k·(‖v_k‖² − 1): up to 1e-4 of a small tail. Rescaled to unit norm (in
     // float64, then rounded) that term drops to the rounding of the stored vectors, as with
@@ -247,6 +235,22 @@ public func largestSymmetricEigenpairsFloat32(_ g: [Double], n: Int, count r: In
     let maxAbs = values.reduce(0.0) { max($0, abs($1)) }
     let slack = Double(r).squareRoot() * eSq.squareRoot() + 8 * Double(r) * 0x1p-24 * maxAbs
     return (vecs, values, slack)
+}
+
+/// `largestEigenpairs` by `dsyevr` (float64) and by `ssyevr` (float32): the r largest pairs of
+/// the symmetric n × n `g` (its lower triangle, column-major: a row-major upper triangle).
+private func dsyevrLargest(_ g: inout [Double], n: Int, count r: Int) throws -> (Matrix, Double, [Double]) {
+    try largestEigenpairs(&g, p: n, rank: r, routine: "dsyevr") { a, found, w, z, isuppz in
+        LAPACKE_dsyevr(LAPACK_COL_MAJOR, Matrix.jobV, Matrix.rangeI, Matrix.lower, Int32(n), a, Int32(n), 0, 0, Int32(n - r + 1), Int32(n),
+                       0, found, w, z, Int32(n), isuppz)
+    }
+}
+
+private func ssyevrLargest(_ g: inout [Float], n: Int, count r: Int) throws -> (Matrix, Double, [Double]) {
+    try largestEigenpairs(&g, p: n, rank: r, routine: "ssyevr") { a, found, w, z, isuppz in
+        LAPACKE_ssyevr(LAPACK_COL_MAJOR, Matrix.jobV, Matrix.rangeI, Matrix.lower, Int32(n), a, Int32(n), 0, 0, Int32(n - r + 1), Int32(n),
+                       0, found, w, z, Int32(n), isuppz)
+    }
 }
 
 /// The r largest eigenpairs of the symmetric p × p `g` (its lower triangle, column-major) by

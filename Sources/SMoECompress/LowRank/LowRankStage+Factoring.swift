@@ -311,15 +311,17 @@ extension LowRankStage {
                             }
                             inputSide = fellBack
                         }
-                        if !inputSide {
-                            // factored through the output Gram, or by weight (no token reached)
-                        } else if m != .down, let sh = shared {
-                            (norms, whitening) = sh
-                        } else {
-                            let gram = try inputGram(source, expert: expert, stored: g, tokens: blocks, hidden: m == .down)
-                            norms = gram.columnNorms
-                            whitening = try Whitening(gram, relativeRidge: options.whiteningRidge)
-                            if m != .down { shared = (norms, whitening) }
+                        // The input Gram (one for up and gate), unless factored through the output
+                        // Gram above or by weight (no token reached the expert).
+                        if inputSide {
+                            if m != .down, let sh = shared {
+                                (norms, whitening) = sh
+                            } else {
+                                let gram = try inputGram(source, expert: expert, stored: g, tokens: blocks, hidden: m == .down)
+                                norms = gram.columnNorms
+                                whitening = try Whitening(gram, relativeRidge: options.whiteningRidge)
+                                if m != .down { shared = (norms, whitening) }
+                            }
                         }
                     }
                     if let d = byOutputGram {

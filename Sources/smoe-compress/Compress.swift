@@ -28,6 +28,8 @@ struct Compress: ParsableCommand {
     var uniformGroups = false
     @Option(help: "With --target-size: per-layer loss sensitivities (JSON by tools/layer_sensitivity.py); the plan minimises Σ c·error² instead of the mean layer error.")
     var sensitivity: String?
+    @Flag(help: "With --target-size: a layer kept dense may also store its experts in block-scaled FP8 (1 byte per weight and a float32 scale per 128×128 block), measured after FP8 rounding like every other option.")
+    var fp8 = false
     @OptionGroup var mergeOptions: MergeOptionGroup
     @OptionGroup var lowrank: LowRankOptionGroup
     @OptionGroup var output: OutputOptions
@@ -40,8 +42,8 @@ struct Compress: ParsableCommand {
         if planOnly && resumeOptions.resume { throw ValidationError("--plan-only writes nothing: give no --resume") }
         if targetSize == nil {
             if mergeOptions.groups == nil { throw ValidationError("give --groups, or --target-size") }
-            if planOnly || uniformGroups || sensitivity != nil {
-                throw ValidationError("--plan-only, --uniform-groups and --sensitivity need --target-size")
+            if planOnly || uniformGroups || sensitivity != nil || fp8 {
+                throw ValidationError("--plan-only, --uniform-groups, --sensitivity and --fp8 need --target-size")
             }
             if lowrank.rule == nil && lowrank.sparsity > 0 { throw ValidationError("--sparsity needs --rank or --energy") }
         } else {
@@ -53,8 +55,10 @@ struct Compress: ParsableCommand {
     /// The planner's settings, with --target-size.
     func plannerSettings() throws -> PlannerSettings? {
         try targetSize.map {
-            PlannerSettings(target: try TargetSize.parse($0), groupCandidates: mergeOptions.groups.map { [$0] },
-                            uniformGroups: uniformGroups, sensitivity: try sensitivity.map(LayerSensitivity.read))
+            var p = PlannerSettings(target: try TargetSize.parse($0), groupCandidates: mergeOptions.groups.map { [$0] },
+                                    uniformGroups: uniformGroups, sensitivity: try sensitivity.map(LayerSensitivity.read))
+            p.fp8 = fp8
+            return p
         }
     }
 
@@ -113,7 +117,7 @@ struct Compress: ParsableCommand {
     func renderPlan(_ plan: SizePlan) {
         var t = Table(["layer", "method", "groups", "ranks", "bytes original", "planned", "estimated error"])
         for l in plan.layers {
-            t.add([l.name, l.method, "\(l.groups)", l.rankSummary, formatBytes(l.bytesOriginal), formatBytes(l.bytes), fixed(l.estimatedError, 4)])
+            t.add([l.name, l.method, "\(l.groups)", l.encoding.isFP8 ? "dense f8" : l.rankSummary, formatBytes(l.bytesOriginal), formatBytes(l.bytes), fixed(l.estimatedError, 4)])
         }
         print("plan for \(formatBytes(plan.budget)) of expert bytes (errors estimated on every \(plan.settings.heldOutEvery)th chunk of \(plan.settings.chunkTokens) calibration tokens, held apart from merging):")
         print(t.render())

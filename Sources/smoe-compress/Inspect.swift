@@ -42,7 +42,7 @@ struct Inspect: ParsableCommand {
             let ranks = s.matrices.compactMap { m in m.ranks.map { "\(m.name):\($0.min()!)-\($0.max()!)" } }
             let nnz = s.matrices.compactMap { m in m.nnz.map { "\(m.name):\($0.reduce(0, +))" } }
             t.add([c.name, "\(c.numExperts)", "\(s.numStored)", "\(c.topK)", "\(c.dModel)", "\(c.dFF)",
-                   c.expertType.rawValue, c.activation.rawValue, c.routerType.rawValue,
+                   c.expertType.rawValue + (s.matrices.first?.encoding.isFP8 == true ? " f8" : ""), c.activation.rawValue, c.routerType.rawValue,
                    "\(s.expertParameters)", formatBytes(s.expertFileBytes),
                    ranks.isEmpty ? "-" : ranks.joined(separator: " "), nnz.isEmpty ? "-" : nnz.joined(separator: " ")])
         }

@@ -42,9 +42,12 @@ public struct StoredMatrixInfo: Sendable {
     /// nil when dense; per stored expert ranks when factored.
     public var ranks: [Int]?
     public var nnz: [Int]?
+    /// The float type of the matrix (of an FP8 matrix: the layer's router, the file's float type).
     public var storage: StorageType
-    /// Bytes the datasets occupy in the file.
+    /// Bytes the datasets occupy in the file (an FP8 matrix's scales included).
     public var fileBytes: Int
+    /// Dense floats, or block-scaled FP8 (`experts/<m>` float8 bytes, `experts/<m>_scale`).
+    public var encoding: ExpertEncoding = .float
 }
 
 /// What `inspect` and the stages need to know of a layer without reading its weights.
@@ -183,9 +186,15 @@ public final class CheckpointReader: @unchecked Sendable {
                 let d = try eg.openDataset(m)
                 numStored = d.shape.first ?? 0
                 params = saturatingSum(params, try d.checkedElementCount())
-                bytes = saturatingSum(bytes, d.storageBytes)
+                var fileBytes = d.storageBytes, storage = d.storage ?? .f32, encoding = ExpertEncoding.float
+                if d.rawElementType == .f8_e4m3 {
+                    encoding = try FP8ExpertMatrix.block(of: d)
+                    if eg.isDataset(m + "_scale") { fileBytes = saturatingSum(fileBytes, try eg.openDataset(m + "_scale").storageBytes) }
+                    storage = (try? g.openDataset("router/weight").storage ?? .f32) ?? .f32
+                }
+                bytes = saturatingSum(bytes, fileBytes)
                 mats.append(StoredMatrixInfo(name: m, out: out, inFeatures: inn, ranks: nil, nnz: nil,
-                                             storage: d.storage ?? .f32, fileBytes: d.storageBytes))
+                                             storage: storage, fileBytes: fileBytes, encoding: encoding))
             } else if eg.isGroup(m) {
                 let mg = try eg.openGroup(m)
                 let count = try mg.childNames().count
@@ -237,18 +246,19 @@ public final class CheckpointReader: @unchecked Sendable {
         let (router, routerBias, selectionBias) = try readRouter(g, c)
         let eg = try g.openGroup("experts")
         let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
-        let (dense, factored, gCount) = try openExpertMatrices(eg, c, names)
+        let (dense, factored, gCount, encoding) = try openExpertMatrices(eg, c, names)
         let biases = try readExpertBiases(eg, c, count: gCount)
         let expertMap = try readExpertMap(g, c, count: gCount)
-        let header = MoELayer(config: c, router: router, routerBias: routerBias, selectionBias: selectionBias, experts: [], expertMap: expertMap)
+        var header = MoELayer(config: c, router: router, routerBias: routerBias, selectionBias: selectionBias, experts: [], expertMap: expertMap)
+        header.expertEncoding = encoding
         let (parameters, flops) = Self.expertSizes(c, names, factored: factored, biases: biases, count: gCount)
         return LayerSource(header: header, parameters: parameters, flops: flops) { e in
             func op(_ m: String) throws -> LinearOp? {
                 if let ops = factored[m] { return ops[e] }
                 guard let d = dense[m] else { return nil }
                 let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
-                let v = try d.readFloats(rows: e..<(e + 1))
-                try Self.checkFinite(v, d, file: file, offset: e * out * inn)
+                let v = try d.read(e)
+                try Self.checkFinite(v, d.data, file: file, offset: e * out * inn)
                 return .dense(Matrix(rows: out, cols: inn, data: v))
             }
             return Expert(up: try op("up")!, gate: try op("gate"), down: try op("down")!,
@@ -291,9 +301,9 @@ public final class CheckpointReader: @unchecked Sendable {
     /// its shape and type checked, read later one expert at a time) or a group of factored
     /// experts 0..G-1 (read here); and G, the same for every matrix.
     private func openExpertMatrices(_ eg: H5Group, _ c: LayerConfig, _ names: [String]) throws
-        -> (dense: [String: H5Dataset], factored: [String: [LinearOp]], count: Int) {
+        -> (dense: [String: DenseExpertMatrix], factored: [String: [LinearOp]], count: Int, encoding: ExpertEncoding) {
         let file = path
-        var dense: [String: H5Dataset] = [:]
+        var dense: [String: DenseExpertMatrix] = [:]
         var factored: [String: [LinearOp]] = [:]
         var numStored: Int? = nil
         for m in names {
@@ -304,11 +314,15 @@ public final class CheckpointReader: @unchecked Sendable {
                 guard d.shape.count == 3, d.shape[1] == out, d.shape[2] == inn else {
                     throw SMoEError.dataset(file, d.path, "shape \(d.shape) does not match the layer (expected [G, \(out), \(inn)])")
                 }
-                guard d.storage != nil, d.storage != .i32, d.storage != .i64 else {
-                    throw SMoEError.dataset(file, d.path, "is not a floating-point dataset")
-                }
                 _ = try d.checkedElementCount()
-                dense[m] = d
+                if d.rawElementType == .f8_e4m3 {
+                    dense[m] = try DenseExpertMatrix(fp8: d, scales: eg, name: m)
+                } else {
+                    guard d.storage != nil, d.storage != .i32, d.storage != .i64 else {
+                        throw SMoEError.dataset(file, d.path, "is not a floating-point dataset")
+                    }
+                    dense[m] = DenseExpertMatrix(data: d)
+                }
                 count = d.shape[0]
             } else if eg.isGroup(m) {
                 let mg = try eg.openGroup(m)
@@ -332,7 +346,12 @@ public final class CheckpointReader: @unchecked Sendable {
         }
         let gCount = numStored ?? 0
         guard gCount >= 1 else { throw SMoEError.dataset(file, eg.path, "holds no experts") }
-        return (dense, factored, gCount)
+        // One encoding per layer: every matrix FP8 with the same blocks, or none.
+        let encodings = names.map { dense[$0]?.encoding ?? .float }
+        if let fp8 = encodings.first(where: \.isFP8), let other = zip(names, encodings).first(where: { $0.1 != fp8 }) {
+            throw SMoEError.dataset(file, "\(eg.path)/\(other.0)", "is \(other.1), but another expert matrix of the layer is \(fp8) (a layer's matrices share one encoding)")
+        }
+        return (dense, factored, gCount, encodings.first ?? .float)
     }
 
     /// The experts' biases, per expert, when stored: `up_bias` and `gate_bias` [G, d_ff],
@@ -493,11 +512,11 @@ public final class CheckpointWriter: @unchecked Sendable {
     /// a layer that is never whole in memory (`beginDenseExperts`, then `finishDenseLayer`).
     public final class PendingDenseExperts {
         let group: H5Group
-        let datasets: [(name: String, data: H5Dataset)]
+        let datasets: [(name: String, data: DenseExpertMatrix)]
         public let count: Int
         public private(set) var written = 0
 
-        init(group: H5Group, datasets: [(name: String, data: H5Dataset)], count: Int) {
+        init(group: H5Group, datasets: [(name: String, data: DenseExpertMatrix)], count: Int) {
             self.group = group
             self.datasets = datasets
             self.count = count
@@ -506,7 +525,7 @@ public final class CheckpointWriter: @unchecked Sendable {
         /// Stores the next expert (no biases).
         public func write(_ e: Expert) throws {
             precondition(written < count, "more experts than announced")
-            for (name, d) in datasets { try d.write(floats: e[matrix: name]!.dense().data, rows: written..<(written + 1)) }
+            for (name, d) in datasets { try d.write(e[matrix: name]!.dense(), at: written) }
             written += 1
         }
 
@@ -514,23 +533,23 @@ public final class CheckpointWriter: @unchecked Sendable {
         public func read(_ i: Int) throws -> Expert {
             var m: [String: Matrix] = [:]
             for (name, d) in datasets {
-                let (rows, cols) = (d.shape[1], d.shape[2])
-                m[name] = Matrix(rows: rows, cols: cols, data: try d.readFloats(rows: i..<(i + 1)))
+                let (rows, cols) = (d.data.shape[1], d.data.shape[2])
+                m[name] = Matrix(rows: rows, cols: cols, data: try d.read(i))
             }
             return Expert(up: m["up"]!, gate: m["gate"], down: m["down"]!)
         }
     }
 
     /// Starts layer `name` with `count` dense experts [d_ff, d_model] (up, gate when `gated`) and
-    /// [d_model, d_ff] (down), chunked one expert per chunk as `write` stores them.
-    public func beginDenseExperts(named name: String, count: Int, dModel: Int, dFF: Int, gated: Bool) throws -> PendingDenseExperts {
+    /// [d_model, d_ff] (down), chunked one expert per chunk as `write` stores them, in `encoding`.
+    public func beginDenseExperts(named name: String, count: Int, dModel: Int, dFF: Int, gated: Bool,
+                                  encoding: ExpertEncoding = .float) throws -> PendingDenseExperts {
         let g = try layersGroup.createGroup(name)
         let eg = try g.createGroup("experts")
-        var sets: [(name: String, data: H5Dataset)] = []
+        var sets: [(name: String, data: DenseExpertMatrix)] = []
         for m in gated ? ["up", "gate", "down"] : ["up", "down"] {
             let (out, inn) = m == "down" ? (dModel, dFF) : (dFF, dModel)
-            sets.append((m, try eg.createDataset(m, shape: [count, out, inn], type: options.dtype, chunk: [1, out, inn],
-                                                 gzip: options.gzip)))
+            sets.append((m, try DenseExpertMatrix(creating: m, in: eg, shape: [count, out, inn], options: options, encoding: encoding)))
         }
         return PendingDenseExperts(group: g, datasets: sets, count: count)
     }
@@ -556,12 +575,15 @@ public final class CheckpointWriter: @unchecked Sendable {
         let G = layer.experts.count
         let eg = try g.createGroup("experts")
         let names = c.expertType == .glu ? ["up", "gate", "down"] : ["up", "down"]
+        if layer.expertEncoding.isFP8, let f = layer.experts.flatMap(\.namedMatrices).first(where: \.op.isFactored) {
+            throw SMoEError.output(output.destination, g.path, "stores FP8 experts, but a \(f.name) matrix is factored (FP8 holds dense matrices only)")
+        }
         for m in names {
             let ops = layer.experts.map { $0[matrix: m]! }
             let (out, inn) = m == "down" ? (c.dModel, c.dFF) : (c.dFF, c.dModel)
             if ops.allSatisfy({ !$0.isFactored }) {
-                let d = try eg.createDataset(m, shape: [G, out, inn], type: dt, chunk: [1, out, inn], gzip: options.gzip)
-                for (e, op) in ops.enumerated() { try d.write(floats: op.dense().data, rows: e..<(e + 1)) }
+                let d = try DenseExpertMatrix(creating: m, in: eg, shape: [G, out, inn], options: options, encoding: layer.expertEncoding)
+                for (e, op) in ops.enumerated() { try d.write(op.dense(), at: e) }
             } else {
                 let mg = try eg.createGroup(m)
                 for (e, op) in ops.enumerated() {
@@ -597,7 +619,8 @@ public final class CheckpointWriter: @unchecked Sendable {
         let c = source.config, G = source.numStored
         var next: Expert? = G > 0 ? try source.expert(0) : nil
         if let e = next, e.namedMatrices.contains(where: { $0.op.isFactored }) { return try write(try source.whole()) }
-        let pending = try beginDenseExperts(named: c.name, count: G, dModel: c.dModel, dFF: c.dFF, gated: c.expertType == .glu)
+        let pending = try beginDenseExperts(named: c.name, count: G, dModel: c.dModel, dFF: c.dFF, gated: c.expertType == .glu,
+                                            encoding: source.header.expertEncoding)
         var upBiases: [[Float]?] = [], downBiases: [[Float]?] = [], gateBiases: [[Float]?] = []
         for i in 0..<G {
             let e = try next ?? source.expert(i)
@@ -664,7 +687,8 @@ extension StorageType {
 
 extension MoELayer {
     /// The layer exactly as `CheckpointWriter` with this float type stores it and a reader
-    /// reads it back, so in-memory figures (compress's report) describe the written file.
+    /// reads it back, so in-memory figures (compress's report) describe the written file (dense
+    /// expert matrices through FP8 when `expertEncoding` says so).
     public func roundedForStorage(_ type: StorageType) -> MoELayer {
         var out = self
         out.roundForStorage(type)
@@ -674,14 +698,23 @@ extension MoELayer {
     /// `roundedForStorage` in place, one array at a time: a layer held only here is rounded
     /// without a second copy of it (compress's peak, docs/ALGORITHM.md "Scale").
     public mutating func roundForStorage(_ type: StorageType) {
-        guard type == .f16 || type == .bf16 else { return }
-        func r(_ v: inout [Float]) { v.withUnsafeMutableBufferPointer { b in for i in b.indices { b[i] = type.roundTrip(b[i]) } } }
+        guard type == .f16 || type == .bf16 || expertEncoding.isFP8 else { return }
+        let encoding = expertEncoding
+        func r(_ v: inout [Float]) {
+            guard type == .f16 || type == .bf16 else { return }
+            v.withUnsafeMutableBufferPointer { b in for i in b.indices { b[i] = type.roundTrip(b[i]) } }
+        }
         func r(_ v: inout [Float]?) { if v != nil { r(&v!) } }
         func op(_ o: inout LinearOp) {
             switch o {
             case .dense(var w):
                 o = .dense(Matrix(rows: 0, cols: 0, data: []))  // drop o's reference so w is unique
-                r(&w.data)
+                if case .fp8Block(let br, let bc) = encoding {
+                    // As the writer quantizes it and the reader dequantizes it (FP8ExpertMatrix).
+                    w.data = FP8ExpertMatrix.roundTrip(w, block: (br, bc))
+                } else {
+                    r(&w.data)
+                }
                 o = .dense(w)
             case .factored(var f):
                 o = .dense(Matrix(rows: 0, cols: 0, data: []))
@@ -701,5 +734,94 @@ extension MoELayer {
             r(&experts[i].downBias)
             r(&experts[i].gateBias)
         }
+    }
+}
+
+/// Block-scaled FP8 expert matrices in a checkpoint (docs/FORMAT.md §1): `experts/<m>` holds
+/// float8_e4m3fn bytes [G, out, in] (uint8 tagged `dtype = "float8_e4m3fn"`, attribute
+/// `block_size` = [rows, cols]) and `experts/<m>_scale` float32 [G, ⌈out/rows⌉, ⌈in/cols⌉];
+/// element (i, j) of expert e = e4m3(q[e, i, j]) · scale[e, i / rows, j / cols], as the FP8
+/// releases store their weights (`weight_scale_inv`).
+enum FP8ExpertMatrix {
+    /// The `block_size` attribute of an FP8 expert dataset.
+    static func block(of d: H5Dataset) throws -> ExpertEncoding {
+        guard d.hasAttribute("block_size") else { throw SMoEError.dataset(d.file.path, d.path + "@block_size", "missing attribute (an FP8 expert matrix names its scale blocks)") }
+        let b = try d.intArrayAttribute("block_size")
+        guard b.count == 2, b[0] >= 1, b[1] >= 1 else {
+            throw SMoEError.dataset(d.file.path, d.path + "@block_size", "is \(b), expected two block sizes ≥ 1")
+        }
+        return .fp8Block(rows: b[0], cols: b[1])
+    }
+
+    /// A matrix as the writer stores it and the reader reads it back: quantized as transformers'
+    /// `Fp8Quantize` (float32 scales; a block FP8 already represents is kept), dequantized.
+    static func roundTrip(_ w: Matrix, block: (Int, Int)) -> [Float] {
+        let q = FP8Block.quantize(w.data, batch: 1, rows: w.rows, cols: w.cols, block: block)
+        return q.bytes.withUnsafeBytes { FP8Block.dequantize($0, scales: q.scales, batch: 1, rows: w.rows, cols: w.cols, block: block) }
+    }
+}
+
+/// One dense expert matrix dataset [G, out, in] of a layer, read and written one expert at a
+/// time: floats of the file's type, or FP8 bytes with their block scales.
+struct DenseExpertMatrix {
+    let data: H5Dataset
+    let scales: H5Dataset?
+    let encoding: ExpertEncoding
+
+    init(data: H5Dataset) {
+        self.data = data
+        scales = nil
+        encoding = .float
+    }
+
+    /// An FP8 matrix `name` of the experts group `eg` (`data`), with its scales, checked.
+    init(fp8 data: H5Dataset, scales eg: H5Group, name: String) throws {
+        let file = data.file.path
+        let encoding = try FP8ExpertMatrix.block(of: data)
+        guard case .fp8Block(let br, let bc) = encoding else { preconditionFailure() }
+        let shape = [data.shape[0], (data.shape[1] + br - 1) / br, (data.shape[2] + bc - 1) / bc]
+        guard eg.isDataset(name + "_scale") else {
+            throw SMoEError.dataset(file, "\(eg.path)/\(name)_scale", "missing dataset (the FP8 matrix \(name)'s block scales)")
+        }
+        let s = try eg.openDataset(name + "_scale")
+        try CheckpointReader.checkShape(s, shape, file: file)
+        guard s.storage != nil, s.storage != .i32, s.storage != .i64 else {
+            throw SMoEError.dataset(file, s.path, "is not a floating-point dataset")
+        }
+        self.data = data
+        self.scales = s
+        self.encoding = encoding
+    }
+
+    /// Creates `name` in `eg` for G experts of [out, in] (`shape`), chunked one expert per chunk.
+    init(creating name: String, in eg: H5Group, shape: [Int], options: WriteOptions, encoding: ExpertEncoding) throws {
+        self.encoding = encoding
+        switch encoding {
+        case .float:
+            data = try eg.createDataset(name, shape: shape, type: options.dtype, chunk: [1, shape[1], shape[2]], gzip: options.gzip)
+            scales = nil
+        case .fp8Block(let br, let bc):
+            data = try eg.createRawDataset(name, type: .f8_e4m3, shape: shape, chunk: [1, shape[1], shape[2]], gzip: options.gzip)
+            try data.setAttribute("block_size", [br, bc])
+            let grid = [shape[0], (shape[1] + br - 1) / br, (shape[2] + bc - 1) / bc]
+            scales = try eg.createDataset(name + "_scale", shape: grid, type: .f32, chunk: [1, grid[1], grid[2]])
+        }
+    }
+
+    /// Expert `e` as stored (dequantized for FP8), flat [out · in].
+    func read(_ e: Int) throws -> [Float] {
+        guard case .fp8Block(let br, let bc) = encoding, let s = scales else { return try data.readFloats(rows: e..<(e + 1)) }
+        let q = try data.readRaw(rows: e..<(e + 1))
+        let sc = try s.readFloats(rows: e..<(e + 1))
+        try CheckpointReader.checkFinite(sc, s, file: s.file.path, offset: e * sc.count)
+        return q.withUnsafeBytes { FP8Block.dequantize($0, scales: sc, batch: 1, rows: data.shape[1], cols: data.shape[2], block: (br, bc)) }
+    }
+
+    /// Stores `w` as expert `e`.
+    func write(_ w: Matrix, at e: Int) throws {
+        guard case .fp8Block(let br, let bc) = encoding, let s = scales else { return try data.write(floats: w.data, rows: e..<(e + 1)) }
+        let q = FP8Block.quantize(w.data, batch: 1, rows: w.rows, cols: w.cols, block: (br, bc))
+        try data.writeRaw(q.bytes, rows: e..<(e + 1))
+        try s.write(floats: q.scales, rows: e..<(e + 1))
     }
 }

@@ -723,6 +723,35 @@ extension H5Group {
         return ds
     }
 
+    /// Creates a dataset of element type `type` to be written a slab of rows at a time
+    /// (`H5Dataset.writeRaw(_:rows:)`), chunked and compressed as `createDataset`.
+    public func createRawDataset(_ name: String, type: RawElementType, shape: [Int], chunk: [Int]? = nil,
+                                 gzip: Int? = nil) throws -> H5Dataset {
+        let pathName = path == "/" ? "/" + name : path + "/" + name
+        let space = H5Screate_simple(Int32(shape.count), shape.map { hsize_t($0) }, nil)
+        defer { H5Sclose(space) }
+        let dcpl = H5Pcreate(smoe_P_DATASET_CREATE())
+        defer { H5Pclose(dcpl) }
+        if let c = chunk, !shape.contains(0) {
+            precondition(c.count == shape.count)
+            H5Pset_chunk(dcpl, Int32(c.count), c.map { hsize_t(max($0, 1)) })
+            if let level = gzip {
+                H5Pset_shuffle(dcpl)
+                H5Pset_deflate(dcpl, UInt32(level))
+            }
+        }
+        let lcpl = H5Pcreate(smoe_P_LINK_CREATE())
+        defer { H5Pclose(lcpl) }
+        H5Pset_create_intermediate_group(lcpl, 1)
+        let t = type.h5Type()
+        defer { H5Tclose(t) }
+        let d = H5Dcreate2(id, name, t, space, lcpl, dcpl, hid_t(H5P_DEFAULT))
+        if d < 0 { throw file.error(pathName, "cannot create dataset") }
+        let ds = H5Dataset(file: file, id: d, path: pathName)
+        if let tag = type.tag { try ds.setAttribute("dtype", tag) }
+        return ds
+    }
+
     /// Paths (relative to this group, `/`-joined) of every dataset below it, in name order.
     public func datasetPaths() throws -> [String] {
         var out: [String] = []
@@ -763,6 +792,36 @@ extension H5Dataset {
             default: return nil
             }
         default: return nil
+        }
+    }
+
+    /// The stored bytes of rows `rows` of the first dimension, unchanged (little endian, row major).
+    public func readRaw(rows: Range<Int>) throws -> [UInt8] {
+        guard let type = rawElementType else { throw fail("has an element type that cannot be copied verbatim") }
+        return try withSelection(rows) { ms, fs, n in
+            guard let bytes = checkedProduct(n, type.byteSize) else { throw fail("shape \(shape) overflows (damaged file?)") }
+            try checkReadSize(n, elementSize: type.byteSize)
+            var out = [UInt8](repeating: 0, count: bytes)
+            if n == 0 { return out }
+            let t = type.h5Type()
+            defer { H5Tclose(t) }
+            let status = out.withUnsafeMutableBytes { H5Dread(id, t, ms, fs, hid_t(H5P_DEFAULT), $0.baseAddress) }
+            if status < 0 { throw fail("cannot be read (damaged file?)") }
+            return out
+        }
+    }
+
+    /// Writes `bytes` (elements of the dataset's raw type, little endian, row major) into rows
+    /// `rows` of the first dimension.
+    public func writeRaw(_ bytes: [UInt8], rows: Range<Int>) throws {
+        guard let type = rawElementType else { throw fail("has an element type that cannot be written verbatim") }
+        try withSelection(rows) { ms, fs, n in
+            guard bytes.count == n * type.byteSize else { throw fail("writing \(bytes.count) bytes into \(n) elements of \(type.rawValue)") }
+            if n == 0 { return }
+            let t = type.h5Type()
+            defer { H5Tclose(t) }
+            let status = bytes.withUnsafeBytes { H5Dwrite(id, t, ms, fs, hid_t(H5P_DEFAULT), $0.baseAddress) }
+            if status < 0 { throw fail("cannot be written") }
         }
     }
 

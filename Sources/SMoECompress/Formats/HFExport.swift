@@ -81,7 +81,13 @@ public enum HFExport {
                             || entry?["expert_dtype"]?.stringValue == nil || entry?["router_dtype"]?.stringValue == nil) {
             throw SMoEError.dataset(checkpoint, "/@history", "import entry lacks layout or dtypes")
         }
-        let sourceEncoding = try SourceEncoding(json: entry?["source_encoding"], path: checkpoint)
+        var sourceEncoding = try SourceEncoding(json: entry?["source_encoding"], path: checkpoint)
+        // A checkpoint whose every layer stores its experts in FP8 (`compress --target-size F
+        // --fp8`) is served in FP8 under `auto`: its codes and scales are written as they are.
+        if sourceEncoding == nil, dtype == .auto, case .fp8Block(let r, let c)? = try storedFP8(reader),
+           !(fam.fusedInputMajorInterleaved && layout == .fused) {
+            sourceEncoding = .fp8Block(rows: r, cols: c, scaleType: .F32)
+        }
         let encoding = try ExpertWriteEncoding.resolve(dtype, source: sourceEncoding, expertType: expertDT, family: fam, layout: layout)
         let plainDT: SafetensorsDType
         switch encoding {
@@ -144,6 +150,15 @@ public enum HFExport {
                             tensorCount: writer.tensorCount, tensorBytes: writer.totalBytes,
                             mergedLayers: merged, factoredLayers: factored, expertCount: expertCount,
                             synthesisedConfigGuesses: guesses, expertEncoding: encoding.description)
+    }
+
+    /// The experts' stored encoding when every MoE layer stores them in FP8 with the same blocks;
+    /// nil when any layer stores floats.
+    static func storedFP8(_ reader: CheckpointReader) throws -> ExpertEncoding? {
+        let encodings = Set(try reader.layers.map { try reader.summary($0.name).matrices.first?.encoding ?? .float }.map(\.description))
+        guard encodings.count == 1, let first = reader.layers.first,
+              let e = try reader.summary(first.name).matrices.first?.encoding, e.isFP8 else { return nil }
+        return e
     }
 
     /// Step 1: the output folder `out` must not exist or be empty, and its parent must exist;

@@ -14,7 +14,8 @@ public enum Inspection {
         ]
         kv.append(("matrices", .array(s.matrices.map { m in
             var o: [(String, JSONValue)] = [("name", .string(m.name)), ("shape", JSONValue([m.out, m.inFeatures])),
-                                            ("dtype", .string(m.storage.rawValue)), ("bytes", .int(m.fileBytes))]
+                                            ("dtype", .string(m.encoding.isFP8 ? "f8_e4m3" : m.storage.rawValue)), ("bytes", .int(m.fileBytes))]
+            if case .fp8Block(let r, let c) = m.encoding { o.append(("block_size", JSONValue([r, c]))) }
             if let r = m.ranks { o.append(("ranks", JSONValue(r))) }
             if let n = m.nnz { o.append(("nnz", JSONValue(n))) }
             return .object(o)

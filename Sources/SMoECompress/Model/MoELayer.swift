@@ -153,9 +153,15 @@ public struct Expert: Sendable, Equatable {
         namedMatrices.reduce(0) { $0 + $1.op.parameterCount } + (upBias?.count ?? 0) + (downBias?.count ?? 0) + (gateBias?.count ?? 0)
     }
 
-    public func storedBytes(floatBytes: Int) -> Int {
-        namedMatrices.reduce(0) { $0 + $1.op.storedBytes(floatBytes: floatBytes) }
-            + ((upBias?.count ?? 0) + (downBias?.count ?? 0) + (gateBias?.count ?? 0)) * floatBytes
+    public func storedBytes(floatBytes: Int, encoding: ExpertEncoding = .float) -> Int {
+        namedMatrices.reduce(0) { acc, m in
+            switch (encoding, m.op) {
+            case (.fp8Block(let br, let bc), .dense(let w)):
+                // One byte per weight and one float32 scale per block (FORMAT.md §1).
+                return acc + w.count + ((w.rows + br - 1) / br) * ((w.cols + bc - 1) / bc) * 4
+            default: return acc + m.op.storedBytes(floatBytes: floatBytes)
+            }
+        } + ((upBias?.count ?? 0) + (downBias?.count ?? 0) + (gateBias?.count ?? 0)) * floatBytes
     }
 
     public var flopsPerToken: Int {
@@ -256,6 +262,27 @@ public struct LayerConfig: Sendable, Equatable {
 }
 
 /// A whole MoE layer in memory: router, stored experts and the slot → expert map.
+/// How a layer's dense expert matrices are stored (docs/FORMAT.md §1): as floats of the file's
+/// type, or as block-scaled FP8 (float8_e4m3fn, one float32 scale per `rows` × `cols` block, as
+/// the FP8 releases and transformers' `Fp8Quantize`). Biases and the router stay floats.
+public enum ExpertEncoding: Sendable, Equatable, CustomStringConvertible {
+    case float
+    case fp8Block(rows: Int, cols: Int)
+
+    /// Block-scaled FP8 with 128 × 128 blocks (DeepSeek-V3's, and export's default).
+    public static let fp8 = ExpertEncoding.fp8Block(rows: 128, cols: 128)
+
+    public var isFP8: Bool { self != .float }
+
+    /// "float" or "f8-block 128x128".
+    public var description: String {
+        switch self {
+        case .float: return "float"
+        case .fp8Block(let r, let c): return "f8-block \(r)x\(c)"
+        }
+    }
+}
+
 public struct MoELayer: Sendable, Equatable {
     public var config: LayerConfig
     public var router: Matrix  // [E, d_model]
@@ -266,6 +293,9 @@ public struct MoELayer: Sendable, Equatable {
     public var experts: [Expert]  // G stored experts
     /// Slot e uses stored expert `expertMap[e]`; nil means identity (G = E).
     public var expertMap: [Int]?
+    /// How the writer stores the dense expert matrices (a reader sets it as the file has them;
+    /// a stage that makes new experts starts from `.float`).
+    public var expertEncoding: ExpertEncoding = .float
 
     public init(config: LayerConfig, router: Matrix, routerBias: [Float]? = nil, selectionBias: [Float]? = nil,
                 experts: [Expert], expertMap: [Int]? = nil) {
@@ -480,7 +510,11 @@ public struct MoELayer: Sendable, Equatable {
     // MARK: sizes
 
     public var expertParameterCount: Int { experts.reduce(0) { $0 + $1.parameterCount } }
-    public func expertBytes(floatBytes: Int) -> Int { experts.reduce(0) { $0 + $1.storedBytes(floatBytes: floatBytes) } }
+    /// Expert bytes as the writer stores them with floats of `floatBytes` (FP8 matrices at one
+    /// byte plus their block scales, when `expertEncoding` says so).
+    public func expertBytes(floatBytes: Int) -> Int {
+        experts.reduce(0) { $0 + $1.storedBytes(floatBytes: floatBytes, encoding: expertEncoding) }
+    }
 
     /// Expert FLOPs per token (2 per multiply–add): the mean over slots weighted equally,
     /// times k, i.e. what one token costs when its k slots hit distinct experts.

@@ -57,6 +57,10 @@ public struct PlannerSettings: Sendable, Equatable {
     /// `pruneRefit` is false) beside merging it; the plan says per layer which was chosen.
     public var prune: PruneMethod? = nil
     public var pruneRefit = true
+    /// Also consider each dense option (merged or pruned to G, not factored) with its experts
+    /// stored in block-scaled FP8 (`ExpertEncoding.fp8`): one byte per weight plus a float32
+    /// scale per 128 × 128 block, measured after FP8 rounding like every other option.
+    public var fp8 = false
     /// Which of the measured options the plan may take per layer (with `prune` set).
     public var methods: PlanMethods = .both
     /// The noise-aware choice (ALGORITHM.md §4.3): after the exact knapsack, each layer takes,
@@ -150,6 +154,8 @@ public struct LayerPlan: Sendable, Equatable {
     public var similarity: [Double] = []
     /// Pruned (keeping `grouping`'s singleton groups' experts) instead of merged.
     public var prune: PruneMethod? = nil
+    /// How the layer's experts are stored (FP8 only for dense options, with `PlannerSettings.fp8`).
+    public var encoding: ExpertEncoding = .float
 
     /// "merge" or "prune reap".
     public var method: String { prune.map { "prune \($0.rawValue)" } ?? "merge" }
@@ -160,9 +166,10 @@ public struct LayerPlan: Sendable, Equatable {
     public var json: JSONValue {
         .object([("name", .string(name)), ("method", .string(method)), ("groups", .int(groups)),
                  (prune == nil ? "expert_map" : "kept", JSONValue(prune == nil ? grouping.slotToGroup : grouping.dominant)),
-                 ("ranks", .object(ranks.sorted { $0.key < $1.key }.map { ($0.key, .int($0.value)) })),
-                 ("expert_bytes", .int(bytes)), ("expert_bytes_original", .int(bytesOriginal)),
-                 ("estimated_relative_error", .double(estimatedError))])
+                 ("ranks", .object(ranks.sorted { $0.key < $1.key }.map { ($0.key, .int($0.value)) }))]
+                + (encoding.isFP8 ? [("expert_encoding", .string(encoding.description))] : [])
+                + [("expert_bytes", .int(bytes)), ("expert_bytes_original", .int(bytesOriginal)),
+                   ("estimated_relative_error", .double(estimatedError))])
     }
 }
 
@@ -174,9 +181,12 @@ public struct PlanCandidate: Sendable, Equatable {
     public var ranks: String
     public var bytes: Int
     public var error: Double
+    public var encoding: ExpertEncoding = .float
 
     public var json: JSONValue {
-        .object([("method", .string(method)), ("groups", .int(groups)), ("ranks", .string(ranks)), ("expert_bytes", .int(bytes)), ("estimated_relative_error", .double(error))])
+        .object([("method", .string(method)), ("groups", .int(groups)), ("ranks", .string(ranks))]
+                + (encoding.isFP8 ? [("expert_encoding", .string(encoding.description))] : [])
+                + [("expert_bytes", .int(bytes)), ("estimated_relative_error", .double(error))])
     }
 }
 
@@ -209,6 +219,7 @@ public struct SizePlan: Sendable, Equatable {
                 + (settings.noiseTolerance > 0 ? [("noise_tolerance_standard_errors", .double(settings.noiseTolerance))] : [])
                 + (settings.sensitivity.map { [("sensitivity", $0.json)] } ?? [])
                 + (settings.prune.map { [("prune_candidates", .string("\($0.rawValue)\(settings.pruneRefit ? " with refit" : "")"))] } ?? [])
+                + (settings.fp8 ? [("fp8_candidates", .bool(true))] : [])
                 + [("layers", .array(layers.map(\.json)))])
     }
 }
@@ -239,6 +250,7 @@ public enum SizePlanner {
         var bytes: Int
         var error: Double
         var prune: PruneMethod? = nil
+        var encoding: ExpertEncoding = .float
         /// Per held-apart chunk (fold 0), the summed squared output error Σ_t ‖y − y₀‖² (for the
         /// paired standard errors of the noise-aware choice; empty for constructed options).
         var chunkErrors: [Double] = []
@@ -273,6 +285,7 @@ public enum SizePlanner {
         var chunkReferences: [[Double]] = []
         public var prune: PruneMethod?
         public var pruneRefit: Bool
+        public var fp8 = false
     }
 
     public static func measure(model: CheckpointReader, calibration: CalibrationReader, stats: StatsReader?,
@@ -351,6 +364,14 @@ public enum SizePlanner {
                     let errSq = perToken.reduce(0, +), refSq = tokenReference.reduce(0, +)
                     return (refSq > 0 ? (errSq / refSq).squareRoot() : (errSq > 0 ? .infinity : 0), chunkSums(perToken))
                 }
+                /// The dense layer with its experts stored in FP8 (`roundForStorage` quantizes and
+                /// dequantizes them as the writer and reader do).
+                func inFP8(_ layer: MoELayer) -> MoELayer {
+                    var q = layer
+                    q.expertEncoding = .fp8
+                    q.roundForStorage(storage)
+                    return q
+                }
                 let saliency = settings.prune != nil && original.config.numGroups == 1
                     ? try Pruning.saliency(LayerSource(original), method: settings.prune!, tokens: fit).saliency : nil
                 /// The layer dense and at each byte level (ranks from `RankAllocation`), measured.
@@ -360,7 +381,8 @@ public enum SizePlanner {
                         for i in options.indices where options[i].groups == G && options[i].prune == prune {
                             var o = lowRank
                             o.ranks = options[i].ranks
-                            let layer = options[i].ranks.isEmpty ? merged
+                            let layer = options[i].encoding.isFP8 ? inFP8(merged)
+                                : options[i].ranks.isEmpty ? merged
                                 : try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
                             options[i].foldErrors.append(heldOutError(layer).0)
                         }
@@ -370,6 +392,12 @@ public enum SizePlanner {
                     let (denseError, denseTokens) = heldOutError(merged)
                     options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: denseBytes, error: denseError, prune: prune,
                                           chunkErrors: denseTokens, foldErrors: [denseError]))
+                    if settings.fp8 {
+                        let q = inFP8(merged)
+                        let (error, perToken) = heldOutError(q)
+                        options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: q.expertBytes(floatBytes: fb), error: error,
+                                              prune: prune, encoding: q.expertEncoding, chunkErrors: perToken, foldErrors: [error]))
+                    }
                     let spectra = try LowRankStage.whitenedSpectra(merged, options: lowRank, tokens: fit)
                     let factoredDense = spectra.reduce(0) { $0 + $1.candidate.rows * $1.candidate.cols * fb }
                     var previous: [Int]? = nil
@@ -424,7 +452,7 @@ public enum SizePlanner {
         }
         return Measurements(names: inputs.map(\.name), frequency: inputs.map(\.input.frequency), similarity: inputs.map(\.input.similarity),
                             experts: experts, originals: originals, options: perLayer, chunkReferences: references,
-                            prune: settings.prune, pruneRefit: settings.pruneRefit)
+                            prune: settings.prune, pruneRefit: settings.pruneRefit, fp8: settings.fp8)
     }
 
     /// The plan for `settings`' target, objective, uniform groups and methods from measured
@@ -433,6 +461,7 @@ public enum SizePlanner {
         var settings = settings
         settings.prune = measured.prune
         settings.pruneRefit = measured.pruneRefit
+        settings.fp8 = measured.fp8
         try settings.validate()
         let perLayer = measured.options, originals = measured.originals
         let costs = zip(measured.names, perLayer).map { name, options in options.map { settings.cost(name, error: $0.error) } }
@@ -465,10 +494,10 @@ public enum SizePlanner {
             let o = perLayer[l][chosen[l]]
             return LayerPlan(name: measured.names[l], groups: o.groups, grouping: o.grouping, frequency: measured.frequency[l], ranks: o.ranks,
                              bytes: o.bytes, bytesOriginal: originals[l], estimatedError: o.error, similarity: measured.similarity[l],
-                             prune: o.prune)
+                             prune: o.prune, encoding: o.encoding)
         }
         var plan = SizePlan(layers: layers, budget: budget, settings: settings)
-        plan.candidates = perLayer.map { $0.map { PlanCandidate(method: $0.prune.map { "prune \($0.rawValue)" } ?? "merge", groups: $0.groups, ranks: rankRange(Array($0.ranks.values)), bytes: $0.bytes, error: $0.error) } }
+        plan.candidates = perLayer.map { $0.map { PlanCandidate(method: $0.prune.map { "prune \($0.rawValue)" } ?? "merge", groups: $0.groups, ranks: rankRange(Array($0.ranks.values)), bytes: $0.bytes, error: $0.error, encoding: $0.encoding) } }
         return plan
     }
 

@@ -186,6 +186,8 @@ public struct CompressStage: LayerStage {
             return try merge.merge(original, grouping: p.grouping, frequency: p.frequency, progress: progress)
         } ?? merge.process(source: original, progress: progress)
         if let p = layerPlan, !p.similarity.isEmpty { mergeReport.similarity = (merge.settings.similarityBase.rawValue, p.similarity) }
+        // A layer the plan stores in FP8 is rounded through it here and written so.
+        if let p = layerPlan { merged.expertEncoding = p.encoding }
         // Rounded in place and moved: a second copy of the merged layer (G float32 experts) would
         // double the peak (docs/ALGORITHM.md "Scale").
         merged.roundForStorage(storage)

@@ -227,3 +227,26 @@ def test_fp8_export_halves_the_experts_and_keeps_the_loss(name):
     assert r["exported_expert_bytes"] == FP8_EXPERT_BYTES[name]
     assert r["loss_nats_per_byte"] == pytest.approx(PINNED_EVERY8[name], abs=1e-3)
     assert abs(r["loss_nats_per_byte"] - PINNED_EVERY8[name]) > 2e-5  # the weights did change (pinned to 1e-6)
+
+
+@needs_transformers
+@needs_exe
+@needs_text
+def test_half_size_plan_with_fp8_options_stays_within_two_percent(tmp_path):
+    """Issue 28's half-size criterion on trained-mixtral, the fixture where no plan of merges and
+    factorings came within 2 % (+11 %, ALGORITHM.md §4.3): `compress --target-size 0.5 --fp8
+    --sensitivity` stores every layer's experts in FP8 (one merged to 7 experts to pay for the
+    block scales), and the model as served -- exported under `auto`, which writes the stored FP8
+    codes -- is within 2 % of the original's loss (measured +0.002 %, every 4th window). Its
+    exported experts are the FP8 original's size: the merged layer exports one expert per slot."""
+    out = tmp_path / "half.h5"
+    r = subprocess.run([str(EXE), "compress", FIXTURES / "trained-mixtral.h5", "--calib", FIXTURES / "trained-mixtral.calib.h5",
+                        "--target-size", "0.5", "--fp8", "--sensitivity", FIXTURES / "trained-mixtral.sensitivity.json",
+                        "-o", out, "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["report"]["expert_bytes_final"] <= 1_572_864 // 2
+    assert all(layer.get("expert_encoding") == "f8-block 128x128" for layer in report["plan"]["layers"])
+    result = eval_loss.Evaluator(TEXT, EXE, every=8).evaluate(out)
+    assert result["exported_expert_bytes"] == FP8_EXPERT_BYTES["trained-mixtral"]
+    assert result["loss_nats_per_byte"] <= 1.02 * PINNED_EVERY8["trained-mixtral"]

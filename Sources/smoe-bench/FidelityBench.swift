@@ -49,7 +49,7 @@ func fidelityBench(_ args: [String]) throws {
         }
         try mergeOrPruneRows(model: model, calib: calib, heldout: heldout, storage: storage, fractions: fractions, split: split,
                               tolerances: tolerances, plansOnly: args.contains("--plans-only"),
-                              folds: value("--folds").flatMap { Int($0) })
+                              folds: value("--folds").flatMap { Int($0) }, fp8: args.contains("--fp8"))
         if args.contains("--merge-or-prune") { continue }
         // The low-rank objective.
         for r in [16, 32] {
@@ -102,7 +102,9 @@ func fidelityBench(_ args: [String]) throws {
                 }
                 let rows = [try measured("merge alone", mergeOnly.map { ["--groups", "\($0.groups)"] }),
                             try measured("best grid point", best.map { b in ["--groups", "\(b.groups)"] + (b.rank.map { ["--rank", "\($0)"] } ?? []) }),
-                            try measured("planner", ["--target-size", "\(f)"])]
+                            try measured("planner", ["--target-size", "\(f)"]),
+                            // The plan of issue 28's criteria: weighted by the bundled sensitivities, FP8 options.
+                            try measured("planner --sensitivity --fp8", ["--target-size", "\(f)", "--sensitivity", "\(dir)/\(name).sensitivity.json", "--fp8"])]
                 printRow("    loss at \(f): " + rows.joined(separator: ", ") + String(format: "; original %.4f", e2e.original))
             }
         }

@@ -6,10 +6,11 @@ import SMoECompress
 /// of the merge methods (E router slots, and compact) beside REAP and frequency pruning with and
 /// without the refit of the kept experts; calibration on `calib`, measured on `heldout`. Then
 /// `--target-size F` at the same fractions with pruning (each method, refitted) measured beside
-/// merging, chosen three ways from one measurement: merge-only, prune-only, per-layer choice.
+/// merging, chosen three ways from one measurement: merge-only, prune-only, per-layer choice
+/// (`fp8`: every dense option also in FP8, `--fp8`).
 func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout: CalibrationReader, storage: StorageType,
                       fractions: [Double] = [0.5, 0.25], split: (chunk: Int, every: Int)? = nil, tolerances: [Double]? = nil,
-                      plansOnly: Bool = false, folds: Int? = nil) throws {
+                      plansOnly: Bool = false, folds: Int? = nil, fp8: Bool = false) throws {
     let experts = model.layers.map(\.numExperts).max() ?? 1
     let rows: [(String, (Int) -> MergeSettings)] = [
         ("merge frequency (slots)", { MergeSettings(groups: $0, merging: MergeOptions(method: .frequency)) }),
@@ -41,6 +42,7 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
         base.prune = method
         if let (chunk, every) = split { base.chunkTokens = chunk; base.heldOutEvery = every }
         if let k = folds { base.folds = k }
+        base.fp8 = fp8
         let merged = MergeSettings(groups: 1)
         let measured = try SizePlanner.measure(model: model, calibration: calib, stats: nil, merge: merged, lowRank: template,
                                                settings: base, storage: storage)
@@ -59,7 +61,7 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
                 let stage = try CompressStage(model: model, calibration: calib, evaluation: heldout, stats: nil, settings: settings,
                                               storage: storage, plan: plan)
                 let report = stage.report(try stage.run(model: model) { _ in }.reports)
-                let layers = plan.layers.map { "\($0.prune == nil ? "m" : "p")\($0.groups)" + ($0.ranks.isEmpty ? "" : "r") }.joined(separator: ",")
+                let layers = plan.layers.map { "\($0.prune == nil ? "m" : "p")\($0.groups)" + ($0.ranks.isEmpty ? "" : "r") + ($0.encoding.isFP8 ? "f8" : "") }.joined(separator: ",")
                 line += String(format: "  %.4f (%.4f) ", report.evaluation.meanRelativeError, plan.meanEstimatedError) + layers
                 if tolerances != nil {
                     line += " [" + zip(plan.layers, report.layers).map { l, r in

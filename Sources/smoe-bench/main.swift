@@ -32,7 +32,7 @@ let benchmarks: [(name: String, summary: String, options: String, run: ([String]
      "--shape mixtral|qwen3-30b-a3b --d-model N --d-ff N --experts N --top-k N --dtype T --tokens N --groups N --rank N --stages S,S,… --max-rss GiB --binary PATH --dir DIR --keep --json",
      scaleBench),
     ("fidelity", "held-out error at 50 % / 25 % of the expert bytes: merge or prune, and the uniform (groups, rank) grid against --target-size",
-     "--fixtures DIR --fractions X,X,… --ranks R,R,… --merge-or-prune --loss-every K --no-loss", fidelityBench),
+     "--fixtures DIR --fractions X,X,… --ranks R,R,… --merge-or-prune [--plans-only] [--fp8] --loss-every K --no-loss", fidelityBench),
     ("regmean-tokens", "RegMean's fallback rule against always solving, per calibration token count (fixtures and a 64-expert layer)",
      "--fixtures DIR", regmeanTokensBench),
 ]

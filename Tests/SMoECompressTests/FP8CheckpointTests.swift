@@ -210,5 +210,12 @@ final class FP8CheckpointTests: XCTestCase {
         }
         try rewrite(dir + "/mixed.h5") { $0 != source.layers[0].name }
         XCTAssertEqual(try HFExport.run(checkpoint: dir + "/mixed.h5", outputDirectory: dir + "/mixed").expertEncoding, "BF16")
+        // --dtype f8-block serves every layer in FP8: the float layer quantized, an FP8 layer's codes as stored.
+        try HFExport.run(checkpoint: dir + "/mixed.h5", outputDirectory: dir + "/mixed8", dtype: .f8Block)
+        let mixed = try CheckpointReader(dir + "/mixed.h5"), out8 = try readFolder(dir + "/mixed8")
+        let l1 = mixed.layers[1].name
+        let stored = try mixed.file.root.openGroup("moe_layers/\(l1)/experts").openDataset("down").readRaw(rows: 0..<1)
+        XCTAssertEqual(out8["\(l1).experts.0.w2.weight"]?.2, stored)
+        XCTAssertEqual(out8["\(mixed.layers[0].name).experts.0.w2.weight"]?.0, .F8_E4M3)
     }
 }

@@ -28,7 +28,7 @@ struct Compress: ParsableCommand {
     var uniformGroups = false
     @Option(help: "With --target-size: per-layer loss sensitivities (JSON by tools/layer_sensitivity.py); the plan minimises Σ c·error² instead of the mean layer error.")
     var sensitivity: String?
-    @Flag(help: "With --target-size: a layer kept dense may also store its experts in block-scaled FP8 (1 byte per weight and a float32 scale per 128×128 block), measured after FP8 rounding like every other option.")
+    @Flag(help: "Store experts in block-scaled FP8 (1 byte per weight and a float32 scale per 128×128 block; dense experts only, no --rank/--energy). With --target-size: a layer kept dense may also store its experts so, measured after FP8 rounding like every other option.")
     var fp8 = false
     @OptionGroup var mergeOptions: MergeOptionGroup
     @OptionGroup var lowrank: LowRankOptionGroup
@@ -42,8 +42,8 @@ struct Compress: ParsableCommand {
         if planOnly && resumeOptions.resume { throw ValidationError("--plan-only writes nothing: give no --resume") }
         if targetSize == nil {
             if mergeOptions.groups == nil { throw ValidationError("give --groups, or --target-size") }
-            if planOnly || uniformGroups || sensitivity != nil || fp8 {
-                throw ValidationError("--plan-only, --uniform-groups, --sensitivity and --fp8 need --target-size")
+            if planOnly || uniformGroups || sensitivity != nil {
+                throw ValidationError("--plan-only, --uniform-groups and --sensitivity need --target-size")
             }
             if lowrank.rule == nil && lowrank.sparsity > 0 { throw ValidationError("--sparsity needs --rank or --energy") }
         } else {
@@ -70,6 +70,7 @@ struct Compress: ParsableCommand {
         var settings = CompressSettings(merge: try namingFile(model) { try mergeOptions.settings(fitting: reader) }, lowRank: lowrank.options(floatBytes: storage.byteSize),
                                         activationAware: activationAware)
         settings.target = try plannerSettings()
+        settings.fp8 = fp8 && settings.target == nil
         settings.movePruneIntoPlan()
         if settings.target != nil { settings.lowRank = lowrank.options(floatBytes: storage.byteSize, rule: .fixed(1)) }
         let progress = global.progress

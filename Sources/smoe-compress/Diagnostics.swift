@@ -38,6 +38,7 @@ func flag(for setting: Setting) -> String {
     case .targetSize: return "--target-size"
     case .maxMemory: return "--max-memory"
     case .uniformGroups: return "--uniform-groups"
+    case .fp8: return "--fp8"
     case .reference: return "--reference"
     case .storage: return "--dtype"
     case .gzip: return "--gzip"

@@ -218,4 +218,31 @@ final class FP8CheckpointTests: XCTestCase {
         XCTAssertEqual(out8["\(l1).experts.0.w2.weight"]?.2, stored)
         XCTAssertEqual(out8["\(mixed.layers[0].name).experts.0.w2.weight"]?.0, .F8_E4M3)
     }
+
+    /// `compress --fp8` without a target stores every merged layer in FP8: a compact merge to 4
+    /// experts is then a quarter of the float16 bytes plus the block scales, in the checkpoint and
+    /// in the export (`auto` writes the stored codes), and its reported errors are those of the
+    /// FP8 layers (a little above the float16 merge's). With low rank it is refused, naming --fp8.
+    func testCompressFP8WithoutATarget() throws {
+        let dir = temporaryDirectory(self)
+        let common = ["compress", fixture("trained-mixtral.h5"), "--calib", fixture("trained-mixtral.calib.h5"),
+                      "--groups", "4", "--router", "compact", "--max-tokens", "512", "--json"]
+        let f8 = try runCLI(common + ["--fp8", "-o", dir + "/f8.h5"])
+        XCTAssertEqual(f8.status, 0, f8.stderr)
+        let f16 = try runCLI(common + ["-o", dir + "/f16.h5"])
+        func report(_ r: CLIResult) throws -> JSONValue { try JSONValue.parse(r.stdout)["report"]! }
+        // 4 layers × 4 experts × (3 matrices of 64 × 128 bytes + one 4-byte scale each).
+        XCTAssertEqual(try report(f8)["expert_bytes_final"]?.intValue, 4 * 4 * (3 * 8192 + 12))
+        XCTAssertEqual(try CheckpointReader(dir + "/f8.h5").summary("model.layers.0.block_sparse_moe").expertFileBytes, 4 * (3 * 8192 + 12))
+        let e8 = try report(f8)["mean_relative_error_final"]!.doubleValue!, e16 = try report(f16)["mean_relative_error_final"]!.doubleValue!
+        XCTAssertGreaterThan(e8, e16)
+        XCTAssertLessThan(e8, e16 + 0.02, "FP8 adds ~2⁻⁵ relative per weight")
+        let export = try runCLI(["export", dir + "/f8.h5", "-o", dir + "/out", "--json"])
+        XCTAssertEqual(export.status, 0, export.stderr)
+        XCTAssertEqual(try readFolder(dir + "/out")["model.layers.0.block_sparse_moe.experts.3.w2.weight"]?.0, .F8_E4M3)
+        let refused = try runCLI(common + ["--fp8", "--rank", "8", "-o", dir + "/r.h5"])
+        XCTAssertEqual(refused.status, 1)
+        XCTAssertTrue(refused.stderr.hasPrefix("error: --fp8"), refused.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/r.h5"))
+    }
 }

@@ -12,6 +12,9 @@ public struct CompressSettings: Sendable {
     /// Plan groups and ranks per layer for a size (`SizePlanner`); `merge.groups` is then unused
     /// unless it is the planner's only candidate, and `lowRank` supplies all but the rank.
     public var target: PlannerSettings? = nil
+    /// Without a target: store every layer's (dense) experts in block-scaled FP8. With a target,
+    /// `target.fp8` lets the plan choose FP8 per layer instead.
+    public var fp8 = false
 
     public init(merge: MergeSettings, lowRank: LowRankOptions?, activationAware: Bool = false) {
         self.merge = merge
@@ -34,6 +37,9 @@ public struct CompressSettings: Sendable {
     /// The checks `MergeSettings` and `LowRankOptions` do not make themselves.
     func validate() throws {
         try lowRank?.validate()
+        if fp8 && target == nil && lowRank != nil {
+            throw SMoEError.setting(.fp8, "stores dense experts in FP8: give no {rank} or {energy} (or plan with {target-size})")
+        }
         if activationAware && (lowRank?.sparsity ?? 0) == 0 {
             throw SMoEError.setting(.activationAware, "ranks sparse entries: give {sparsity} > 0 (and {rank} or {energy}) too")
         }
@@ -186,8 +192,8 @@ public struct CompressStage: LayerStage {
             return try merge.merge(original, grouping: p.grouping, frequency: p.frequency, progress: progress)
         } ?? merge.process(source: original, progress: progress)
         if let p = layerPlan, !p.similarity.isEmpty { mergeReport.similarity = (merge.settings.similarityBase.rawValue, p.similarity) }
-        // A layer the plan stores in FP8 is rounded through it here and written so.
-        if let p = layerPlan { merged.expertEncoding = p.encoding }
+        // A layer the plan (or the setting) stores in FP8 is rounded through it here and written so.
+        if let p = layerPlan { merged.expertEncoding = p.encoding } else if settings.fp8 { merged.expertEncoding = .fp8 }
         // Rounded in place and moved: a second copy of the merged layer (G float32 experts) would
         // double the peak (docs/ALGORITHM.md "Scale").
         merged.roundForStorage(storage)
@@ -249,6 +255,7 @@ public struct CompressStage: LayerStage {
         var kv: [(String, JSONValue)] = [("stage", "compress"), ("tool", .string("smoe-compress \(smoeCompressVersion)"))]
         kv.append(("merge", merge.historyEntry(reports.compactMap(\.merge))))
         if let p = plan { kv.append(("plan", p.json)) }
+        if settings.fp8 && plan == nil { kv.append(("expert_encoding", .string(ExpertEncoding.fp8.description))) }
         if let l = settings.lowRank {
             var l = l
             l.objective = l.objective(hasTokens: true)
@@ -269,6 +276,7 @@ extension CompressStage {
         var kv: [(String, JSONValue)] = [("stage", .string(name)), ("merge", merge.settingsRecord),
                                          ("activation_aware", .bool(settings.activationAware)),
                                          ("evaluation_tokens", .string(evaluation.path)), ("storage", .string(storage.rawValue))]
+                                         + (settings.fp8 && plan == nil ? [("expert_encoding", .string(ExpertEncoding.fp8.description))] : [])
         if let l = settings.lowRank { kv.append(("lowrank", .object(l.historyJSON))) }
         return .object(kv)
     }

@@ -129,7 +129,7 @@ public enum Setting: String, Sendable, CaseIterable {
     case regmeanRidge = "regmean-ridge", refitRidge = "refit-ridge", router, compactRefit = "compact-refit", prune, refitTargets = "refit-targets", regmeanMinTokens = "regmean-min-tokens"
     // Low rank.
     case rank, energy, sparsity, iterations, matrices, svd, activationAware = "activation-aware"
-    case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge", targetSize = "target-size", uniformGroups = "uniform-groups"
+    case lowrankObjective = "lowrank-objective", whiteningRidge = "whitening-ridge", targetSize = "target-size", uniformGroups = "uniform-groups", fp8
     // Alignment.
     case reference
     // Output.

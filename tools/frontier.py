@@ -83,6 +83,7 @@ class Runner:
 
     def loss(self, name, tag, checkpoint):
         js = self.work / name / f"{tag}.loss-every{self.evaluator.every}.json"
+        js.parent.mkdir(parents=True, exist_ok=True)  # the original is measured before any compress
         if not js.exists():
             t = time.time()
             js.write_text(json.dumps(self.evaluator.evaluate(checkpoint), indent=2))
@@ -123,14 +124,15 @@ def describe(p):
     return f"{p['loss']:.4f} ({p['tag'].removeprefix('u-')}, {p['fraction']:.3f}, err {p['heldout_layer_error']:.3f})"
 
 
-def table(results, sizes):
-    lines = ["| model | F | original | `--target-size F` (slots) | `--target-size F --router compact --uniform-groups` | best uniform by loss | uniform the layer-error objective picks |",
+def table(results, sizes, suffix=""):
+    flags = {"": "", "-sens": " --sensitivity", "-fp8": " --fp8", "-sens-fp8": " --sensitivity --fp8"}[suffix]
+    lines = [f"| model | F | original | `--target-size F{flags}` (slots) | `--target-size F{flags} --router compact --uniform-groups` | best uniform by loss | uniform the layer-error objective picks |",
              "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for f in sizes:
             t = {p["tag"]: p for p in r["targets"]}
             cells = []
-            for tag in (f"target-{f}-slots", f"target-{f}-compact"):
+            for tag in (f"target-{f}-slots{suffix}", f"target-{f}-compact{suffix}"):
                 p = t.get(tag)
                 cells.append("—" if p is None else (p["error"] if "error" in p else
                              f"{p['loss']:.4f} ({p['fraction']:.3f}, err {p['heldout_layer_error']:.3f})"))
@@ -156,6 +158,8 @@ def main(argv=None):
     p.add_argument("--text", default=None)
     p.add_argument("--exe", default=None, help="smoe-compress (default: the release build)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--sensitivity", action="store_true", help="plan the targets with Fixtures/NAME.sensitivity.json")
+    p.add_argument("--fp8", action="store_true", help="plan the targets with --fp8 (FP8 options per layer)")
     p.add_argument("--skip-targets", action="store_true")
     p.add_argument("--skip-grid", action="store_true")
     p.add_argument("--reuse-only", action="store_true", help="run no compress: report the checkpoints already in --work")
@@ -177,11 +181,13 @@ def main(argv=None):
         for name in names:
             r = {"original": runner.original(name), "targets": [], "grid": []}
             if not args.skip_targets:
+                extra = (["--sensitivity", str(FIXTURES / f"{name}.sensitivity.json")] if args.sensitivity else []) + (["--fp8"] if args.fp8 else [])
+                suffix = ("-sens" if args.sensitivity else "") + ("-fp8" if args.fp8 else "")
                 for f in sizes:
                     for router in ("slots", "compact"):
                         # compact needs one G in every layer (compress says so otherwise)
-                        opts = ["--target-size", str(f)] + (["--router", "compact", "--uniform-groups"] if router == "compact" else [])
-                        r["targets"].append(runner.point(name, f"target-{f}-{router}", opts, "target"))
+                        opts = ["--target-size", str(f)] + (["--router", "compact", "--uniform-groups"] if router == "compact" else []) + extra
+                        r["targets"].append(runner.point(name, f"target-{f}-{router}{suffix}", opts, "target"))
             if not args.skip_grid:
                 for g in groups:
                     for adaptive in ([False] if args.no_adaptive else [False, True]):
@@ -193,7 +199,7 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(table(results, sizes))
+    print(table(results, sizes, ("-sens" if args.sensitivity else "") + ("-fp8" if args.fp8 else "")))
     doc = {"text": str(runner.evaluator.text_path), "every": args.every, "windows": len(runner.evaluator.windows),
            "sizes": sizes, "results": results}
     if args.json:

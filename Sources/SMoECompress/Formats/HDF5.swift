@@ -373,6 +373,19 @@ public final class H5Group: H5Object, @unchecked Sendable {
     public func createDataset(
         _ name: String, shape: [Int], type: StorageType, chunk: [Int]? = nil, gzip: Int? = nil
     ) throws -> H5Dataset {
+        let ftype = H5Dataset.fileType(type)
+        defer { H5Tclose(ftype) }
+        let ds = try createDataset(name, shape: shape, fileType: ftype, chunk: chunk, gzip: gzip)
+        if type == .bf16 {
+            try ds.setAttribute("dtype", "bfloat16")
+            ds.storage = .bf16
+        }
+        return ds
+    }
+
+    /// A dataset of `shape` with HDF5 file type `fileType`: chunked as `chunk` (same rank) when
+    /// given, then deflated at level `gzip` with the shuffle filter; intermediate groups created.
+    fileprivate func createDataset(_ name: String, shape: [Int], fileType: hid_t, chunk: [Int]?, gzip: Int?) throws -> H5Dataset {
         let dims = shape.map { hsize_t($0) }
         let space = H5Screate_simple(Int32(dims.count), dims, nil)
         defer { H5Sclose(space) }
@@ -389,16 +402,9 @@ public final class H5Group: H5Object, @unchecked Sendable {
         let lcpl = H5Pcreate(smoe_P_LINK_CREATE())
         defer { H5Pclose(lcpl) }
         H5Pset_create_intermediate_group(lcpl, 1)
-        let ftype = H5Dataset.fileType(type)
-        defer { H5Tclose(ftype) }
-        let d = H5Dcreate2(id, name, ftype, space, lcpl, dcpl, hid_t(H5P_DEFAULT))
+        let d = H5Dcreate2(id, name, fileType, space, lcpl, dcpl, hid_t(H5P_DEFAULT))
         if d < 0 { throw file.error(childPath(name), "cannot create dataset") }
-        let ds = H5Dataset(file: file, id: d, path: childPath(name))
-        if type == .bf16 {
-            try ds.setAttribute("dtype", "bfloat16")
-            ds.storage = .bf16
-        }
-        return ds
+        return H5Dataset(file: file, id: d, path: childPath(name))
     }
 
     // Convenience writers for whole datasets.
@@ -727,27 +733,9 @@ extension H5Group {
     /// (`H5Dataset.writeRaw(_:rows:)`), chunked and compressed as `createDataset`.
     public func createRawDataset(_ name: String, type: RawElementType, shape: [Int], chunk: [Int]? = nil,
                                  gzip: Int? = nil) throws -> H5Dataset {
-        let pathName = path == "/" ? "/" + name : path + "/" + name
-        let space = H5Screate_simple(Int32(shape.count), shape.map { hsize_t($0) }, nil)
-        defer { H5Sclose(space) }
-        let dcpl = H5Pcreate(smoe_P_DATASET_CREATE())
-        defer { H5Pclose(dcpl) }
-        if let c = chunk, !shape.contains(0) {
-            precondition(c.count == shape.count)
-            H5Pset_chunk(dcpl, Int32(c.count), c.map { hsize_t(max($0, 1)) })
-            if let level = gzip {
-                H5Pset_shuffle(dcpl)
-                H5Pset_deflate(dcpl, UInt32(level))
-            }
-        }
-        let lcpl = H5Pcreate(smoe_P_LINK_CREATE())
-        defer { H5Pclose(lcpl) }
-        H5Pset_create_intermediate_group(lcpl, 1)
         let t = type.h5Type()
         defer { H5Tclose(t) }
-        let d = H5Dcreate2(id, name, t, space, lcpl, dcpl, hid_t(H5P_DEFAULT))
-        if d < 0 { throw file.error(pathName, "cannot create dataset") }
-        let ds = H5Dataset(file: file, id: d, path: pathName)
+        let ds = try createDataset(name, shape: shape, fileType: t, chunk: chunk, gzip: gzip)
         if let tag = type.tag { try ds.setAttribute("dtype", tag) }
         return ds
     }
@@ -795,8 +783,9 @@ extension H5Dataset {
         }
     }
 
-    /// The stored bytes of rows `rows` of the first dimension, unchanged (little endian, row major).
-    public func readRaw(rows: Range<Int>) throws -> [UInt8] {
+    /// The stored bytes (of rows `rows` of the first dimension; nil: all), unchanged (little
+    /// endian, row major).
+    public func readRaw(rows: Range<Int>? = nil) throws -> [UInt8] {
         guard let type = rawElementType else { throw fail("has an element type that cannot be copied verbatim") }
         return try withSelection(rows) { ms, fs, n in
             guard let bytes = checkedProduct(n, type.byteSize) else { throw fail("shape \(shape) overflows (damaged file?)") }
@@ -823,19 +812,5 @@ extension H5Dataset {
             let status = bytes.withUnsafeBytes { H5Dwrite(id, t, ms, fs, hid_t(H5P_DEFAULT), $0.baseAddress) }
             if status < 0 { throw fail("cannot be written") }
         }
-    }
-
-    /// The stored bytes, unchanged (little endian, row major).
-    public func readRaw() throws -> [UInt8] {
-        guard let type = rawElementType else { throw fail("has an element type that cannot be copied verbatim") }
-        guard let n = checkedProduct(elementCount, type.byteSize) else { throw fail("shape \(shape) overflows (damaged file?)") }
-        try checkReadSize(elementCount, elementSize: type.byteSize)
-        var out = [UInt8](repeating: 0, count: n)
-        if n == 0 { return out }
-        let t = type.h5Type()
-        defer { H5Tclose(t) }
-        let status = out.withUnsafeMutableBytes { H5Dread(id, t, H5S_ALL, H5S_ALL, hid_t(H5P_DEFAULT), $0.baseAddress) }
-        if status < 0 { throw fail("cannot be read (damaged file?)") }
-        return out
     }
 }

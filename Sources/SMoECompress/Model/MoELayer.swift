@@ -261,7 +261,6 @@ public struct LayerConfig: Sendable, Equatable {
     }
 }
 
-/// A whole MoE layer in memory: router, stored experts and the slot → expert map.
 /// How a layer's dense expert matrices are stored (docs/FORMAT.md §1): as floats of the file's
 /// type, or as block-scaled FP8 (float8_e4m3fn, one float32 scale per `rows` × `cols` block, as
 /// the FP8 releases and transformers' `Fp8Quantize`). Biases and the router stay floats.
@@ -283,6 +282,7 @@ public enum ExpertEncoding: Sendable, Equatable, CustomStringConvertible {
     }
 }
 
+/// A whole MoE layer in memory: router, stored experts and the slot → expert map.
 public struct MoELayer: Sendable, Equatable {
     public var config: LayerConfig
     public var router: Matrix  // [E, d_model]

@@ -245,4 +245,34 @@ final class FP8CheckpointTests: XCTestCase {
         XCTAssertTrue(refused.stderr.hasPrefix("error: --fp8"), refused.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/r.h5"))
     }
+
+    /// Every stage that computes new experts from an FP8 checkpoint writes them in the file's
+    /// float type (merge, prune, low rank, align); a layer a run leaves alone keeps its FP8 bytes.
+    func testStagesOnAnFP8CheckpointWriteFloats() throws {
+        let dir = temporaryDirectory(self)
+        let source = try CheckpointReader(fixture("trained-mixtral.h5"))
+        let w = try CheckpointWriter(destination: dir + "/f8.h5", derivedFrom: source, entry: ["stage": "test"], options: WriteOptions(dtype: .f16))
+        for l in source.layers {
+            var layer = try source.readLayer(l.name)
+            layer.expertEncoding = .fp8
+            try w.write(layer)
+        }
+        try w.commit()
+        let calib = fixture("trained-mixtral.calib.h5"), first = source.layers[0].name, second = source.layers[1].name
+        // Pruning makes compact layers, so it runs on every layer (one expert count).
+        let few = ["--max-tokens", "256"]
+        for (name, args) in [("merge", ["merge", "--calib", calib, "--groups", "4", "--layers", first] + few),
+                             ("prune", ["merge", "--calib", calib, "--groups", "4", "--prune", "frequency"] + few),
+                             ("lowrank", ["lowrank", "--rank", "8", "--layers", first]), ("align", ["align", "--layers", first])] {
+            let out = dir + "/\(name).h5"
+            let r = try runCLI(args.prefix(1) + [dir + "/f8.h5"] + args.dropFirst() + ["-o", out])
+            XCTAssertEqual(r.status, 0, "\(name): \(r.stderr)")
+            guard r.status == 0 else { continue }
+            let reader = try CheckpointReader(out)
+            XCTAssertEqual(try reader.summary(first).matrices.map(\.encoding), [.float, .float, .float], name)
+            if name != "prune" {
+                XCTAssertEqual(try reader.summary(second).matrices.first?.encoding, .fp8, "\(name): a layer left alone stays FP8")
+            }
+        }
+    }
 }

@@ -376,6 +376,7 @@ extension LowRankStage {
         }
         var out = source.header
         out.experts = try (0..<G).map(current)
+        out.expertEncoding = .float  // factored matrices are never FP8
         return (out, LayerLowRankReport(name: source.name, matrices: reports))
     }
 

@@ -181,6 +181,7 @@ public enum Merging {
         }
         var out = source.header
         out.experts = experts
+        out.expertEncoding = .float  // new experts: stored in the file's float type (compress --fp8 asks for FP8)
         let map = grouping.slotToGroup
         out.expertMap = experts.count == e && map == Array(0..<e) ? nil : map
         return (out, reports)

@@ -90,6 +90,7 @@ public enum Pruning {
     /// experts read from `source`.
     public static func pruned(_ source: LayerSource, kept: [Int]) throws -> MoELayer {
         var out = source.header
+        out.expertEncoding = .float  // as every stage's output (the refit changes the experts)
         let d = source.config.dModel
         out.router = Matrix(rows: kept.count, cols: d, data: kept.flatMap { s in source.header.router.data[(s * d)..<((s + 1) * d)] })
         out.routerBias = source.header.routerBias.map { b in kept.map { b[$0] } }

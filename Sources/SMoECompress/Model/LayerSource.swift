@@ -53,8 +53,12 @@ public struct LayerSource: @unchecked Sendable {
     /// read (each time; nothing is kept). `transform` must keep the expert's shapes, parameter
     /// count and FLOPs (a hidden-neuron permutation does): a stage's output layer that the
     /// writer stores expert by expert (`CheckpointWriter.write(_: LayerSource)`).
+    /// The transformed experts are new values, stored in the file's float type
+    /// (`expertEncoding` `.float`) like every stage's output.
     public func mappingExperts(_ transform: @escaping (Int, Expert) throws -> Expert) -> LayerSource {
         let load = self.load
+        var header = self.header
+        header.expertEncoding = .float
         return LayerSource(header: header, numStored: numStored, parameters: expertParameterCount,
                            flops: expertFlopsPerToken) { i in try transform(i, try load(i)) }
     }

@@ -192,11 +192,16 @@ public struct CompressStage: LayerStage {
             return try merge.merge(original, grouping: p.grouping, frequency: p.frequency, progress: progress)
         } ?? merge.process(source: original, progress: progress)
         if let p = layerPlan, !p.similarity.isEmpty { mergeReport.similarity = (merge.settings.similarityBase.rawValue, p.similarity) }
-        // A layer the plan (or the setting) stores in FP8 is rounded through it here and written so.
-        if let p = layerPlan { merged.expertEncoding = p.encoding } else if settings.fp8 { merged.expertEncoding = .fp8 }
         // Rounded in place and moved: a second copy of the merged layer (G float32 experts) would
         // double the peak (docs/ALGORITHM.md "Scale").
         merged.roundForStorage(storage)
+        // A layer the plan (or the setting) stores in FP8 is then rounded through it and written
+        // so: FP8 of the output float type's values, as the planner measured it.
+        let encoding = layerPlan?.encoding ?? (settings.fp8 ? .fp8 : .float)
+        if encoding.isFP8 {
+            merged.expertEncoding = encoding
+            merged.roundForStorage(storage)
+        }
         let mergedLayer = consume merged
         var final = mergedLayer
         var lowRankReport: LayerLowRankReport? = nil

@@ -188,7 +188,8 @@ public final class CheckpointReader: @unchecked Sendable {
                 params = saturatingSum(params, try d.checkedElementCount())
                 var fileBytes = d.storageBytes, storage = d.storage ?? .f32, encoding = ExpertEncoding.float
                 if d.rawElementType == .f8_e4m3 {
-                    encoding = try FP8ExpertMatrix.block(of: d)
+                    let block = try FP8ExpertMatrix.block(of: d)
+                    encoding = .fp8Block(rows: block.rows, cols: block.cols)
                     if eg.isDataset(m + "_scale") { fileBytes = saturatingSum(fileBytes, try eg.openDataset(m + "_scale").storageBytes) }
                     storage = (try? g.openDataset("router/weight").storage ?? .f32) ?? .f32
                 }
@@ -318,9 +319,7 @@ public final class CheckpointReader: @unchecked Sendable {
                 if d.rawElementType == .f8_e4m3 {
                     dense[m] = try DenseExpertMatrix(fp8: d, scales: eg, name: m)
                 } else {
-                    guard d.storage != nil, d.storage != .i32, d.storage != .i64 else {
-                        throw SMoEError.dataset(file, d.path, "is not a floating-point dataset")
-                    }
+                    try d.checkFloat()
                     dense[m] = DenseExpertMatrix(data: d)
                 }
                 count = d.shape[0]
@@ -744,13 +743,13 @@ extension MoELayer {
 /// releases store their weights (`weight_scale_inv`).
 enum FP8ExpertMatrix {
     /// The `block_size` attribute of an FP8 expert dataset.
-    static func block(of d: H5Dataset) throws -> ExpertEncoding {
+    static func block(of d: H5Dataset) throws -> (rows: Int, cols: Int) {
         guard d.hasAttribute("block_size") else { throw SMoEError.dataset(d.file.path, d.path + "@block_size", "missing attribute (an FP8 expert matrix names its scale blocks)") }
         let b = try d.intArrayAttribute("block_size")
         guard b.count == 2, b[0] >= 1, b[1] >= 1 else {
             throw SMoEError.dataset(d.file.path, d.path + "@block_size", "is \(b), expected two block sizes ≥ 1")
         }
-        return .fp8Block(rows: b[0], cols: b[1])
+        return (b[0], b[1])
     }
 
     /// A matrix as the writer stores it and the reader reads it back: quantized as transformers'
@@ -777,20 +776,17 @@ struct DenseExpertMatrix {
     /// An FP8 matrix `name` of the experts group `eg` (`data`), with its scales, checked.
     init(fp8 data: H5Dataset, scales eg: H5Group, name: String) throws {
         let file = data.file.path
-        let encoding = try FP8ExpertMatrix.block(of: data)
-        guard case .fp8Block(let br, let bc) = encoding else { preconditionFailure() }
-        let shape = [data.shape[0], (data.shape[1] + br - 1) / br, (data.shape[2] + bc - 1) / bc]
+        let block = try FP8ExpertMatrix.block(of: data)
+        let grid = FP8Block.grid(rows: data.shape[1], cols: data.shape[2], block: block)
         guard eg.isDataset(name + "_scale") else {
             throw SMoEError.dataset(file, "\(eg.path)/\(name)_scale", "missing dataset (the FP8 matrix \(name)'s block scales)")
         }
         let s = try eg.openDataset(name + "_scale")
-        try CheckpointReader.checkShape(s, shape, file: file)
-        guard s.storage != nil, s.storage != .i32, s.storage != .i64 else {
-            throw SMoEError.dataset(file, s.path, "is not a floating-point dataset")
-        }
+        try CheckpointReader.checkShape(s, [data.shape[0], grid.0, grid.1], file: file)
+        try s.checkFloat()
         self.data = data
         self.scales = s
-        self.encoding = encoding
+        encoding = .fp8Block(rows: block.rows, cols: block.cols)
     }
 
     /// Creates `name` in `eg` for G experts of [out, in] (`shape`), chunked one expert per chunk.
@@ -803,8 +799,8 @@ struct DenseExpertMatrix {
         case .fp8Block(let br, let bc):
             data = try eg.createRawDataset(name, type: .f8_e4m3, shape: shape, chunk: [1, shape[1], shape[2]], gzip: options.gzip)
             try data.setAttribute("block_size", [br, bc])
-            let grid = [shape[0], (shape[1] + br - 1) / br, (shape[2] + bc - 1) / bc]
-            scales = try eg.createDataset(name + "_scale", shape: grid, type: .f32, chunk: [1, grid[1], grid[2]])
+            let (gr, gc) = FP8Block.grid(rows: shape[1], cols: shape[2], block: (br, bc))
+            scales = try eg.createDataset(name + "_scale", shape: [shape[0], gr, gc], type: .f32, chunk: [1, gr, gc])
         }
     }
 

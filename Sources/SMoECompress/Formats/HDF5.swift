@@ -535,10 +535,15 @@ public final class H5Dataset: H5Object, @unchecked Sendable {
         return try body(ms, fs, n)
     }
 
+    /// Refuses a dataset `readFloats` cannot read (integers, untagged 16-bit, other types).
+    public func checkFloat() throws {
+        guard let st = storage, st != .i32, st != .i64 else { throw fail("is not a floating-point dataset") }
+    }
+
     /// Reads floats (from any float type, or tagged bfloat16), optionally only rows `rows`
     /// of the first dimension.
     public func readFloats(rows: Range<Int>? = nil) throws -> [Float] {
-        guard let st = storage, st != .i32, st != .i64 else { throw fail("is not a floating-point dataset") }
+        try checkFloat()
         return try withSelection(rows) { ms, fs, n in
             if n == 0 { return [] }
             try checkReadSize(n, elementSize: 4)

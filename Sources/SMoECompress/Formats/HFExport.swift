@@ -155,9 +155,8 @@ public enum HFExport {
     /// The experts' stored encoding when every MoE layer stores them in FP8 with the same blocks;
     /// nil when any layer stores floats.
     static func storedFP8(_ reader: CheckpointReader) throws -> ExpertEncoding? {
-        let encodings = Set(try reader.layers.map { try reader.summary($0.name).matrices.first?.encoding ?? .float }.map(\.description))
-        guard encodings.count == 1, let first = reader.layers.first,
-              let e = try reader.summary(first.name).matrices.first?.encoding, e.isFP8 else { return nil }
+        let encodings = try reader.layers.map { try reader.summary($0.name).matrices.first?.encoding ?? .float }
+        guard let e = encodings.first, e.isFP8, encodings.allSatisfy({ $0 == e }) else { return nil }
         return e
     }
 

@@ -249,6 +249,12 @@ public struct CompressStage: LayerStage {
         return (final, report)
     }
 
+    /// `compress --fp8` without a plan: every layer's experts in FP8, recorded once in the history
+    /// and the settings shards agree on (a plan records its encodings per layer).
+    var fixedEncodingRecord: [(String, JSONValue)] {
+        settings.fp8 && plan == nil ? [("expert_encoding", .string(ExpertEncoding.fp8.description))] : []
+    }
+
     /// The whole-model report of the computed layers.
     public func report(_ layers: [LayerCompressReport]) -> CompressReport {
         CompressReport(layers: layers, denseBytes: denseBytes, evaluationSource: evaluation.path)
@@ -260,7 +266,7 @@ public struct CompressStage: LayerStage {
         var kv: [(String, JSONValue)] = [("stage", "compress"), ("tool", .string("smoe-compress \(smoeCompressVersion)"))]
         kv.append(("merge", merge.historyEntry(reports.compactMap(\.merge))))
         if let p = plan { kv.append(("plan", p.json)) }
-        if settings.fp8 && plan == nil { kv.append(("expert_encoding", .string(ExpertEncoding.fp8.description))) }
+        kv += fixedEncodingRecord
         if let l = settings.lowRank {
             var l = l
             l.objective = l.objective(hasTokens: true)
@@ -281,7 +287,7 @@ extension CompressStage {
         var kv: [(String, JSONValue)] = [("stage", .string(name)), ("merge", merge.settingsRecord),
                                          ("activation_aware", .bool(settings.activationAware)),
                                          ("evaluation_tokens", .string(evaluation.path)), ("storage", .string(storage.rawValue))]
-                                         + (settings.fp8 && plan == nil ? [("expert_encoding", .string(ExpertEncoding.fp8.description))] : [])
+                                         + fixedEncodingRecord
         if let l = settings.lowRank { kv.append(("lowrank", .object(l.historyJSON))) }
         return .object(kv)
     }

@@ -15,7 +15,7 @@ import SMoECompress
 /// chosen with these `PlannerSettings.noiseTolerance`s, from the same measurement, with the
 /// per-layer bytes and planned → held-out errors), `--folds K` (`PlannerSettings.folds`).
 /// Beside the grid's rows at each fraction, the end-to-end held-out loss of the merge-alone, best
-/// grid and planner checkpoints and of the original (`EndToEndLoss`: the release smoe-compress and
+/// grid, planner and `--sensitivity --fp8` planner checkpoints and of the original (`EndToEndLoss`: the release smoe-compress and
 /// tools/eval_loss.py, every `--loss-every K`-th window, default 4; skipped, saying why, without
 /// torch and transformers; `--no-loss` skips it).
 func fidelityBench(_ args: [String]) throws {

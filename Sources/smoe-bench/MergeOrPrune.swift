@@ -44,7 +44,7 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
         if let k = folds { base.folds = k }
         base.fp8 = fp8
         let merged = MergeSettings(groups: 1)
-        let measured = try SizePlanner.measure(model: model, calibration: calib, stats: nil, merge: merged, lowRank: template,
+        var measured = try SizePlanner.measure(model: model, calibration: calib, stats: nil, merge: merged, lowRank: template,
                                                settings: base, storage: storage)
         for tolerance in tolerances ?? [base.noiseTolerance] {
         for methods in PlanMethods.allCases.reversed() {
@@ -55,7 +55,11 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
                 ps.target = .fraction(f)
                 ps.methods = methods
                 ps.noiseTolerance = tolerance
-                let plan = try SizePlanner.choose(measured, settings: ps)
+                // The per-layer choice as `compress` makes it: checked against the pure plans by
+                // cross-validation (`PlannerSettings.checkFolds`); the pure plans as the knapsack chose them.
+                let plan = methods == .both
+                    ? try SizePlanner.choose(&measured, settings: ps, model: model, calibration: calib, merge: merged, lowRank: template, storage: storage)
+                    : try SizePlanner.choose(measured, settings: ps)
                 var settings = CompressSettings(merge: merge, lowRank: template)
                 settings.target = ps
                 let stage = try CompressStage(model: model, calibration: calib, evaluation: heldout, stats: nil, settings: settings,
@@ -63,6 +67,9 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
                 let report = stage.report(try stage.run(model: model) { _ in }.reports)
                 let layers = plan.layers.map { "\($0.prune == nil ? "m" : "p")\($0.groups)" + ($0.ranks.isEmpty ? "" : "r") + ($0.encoding.isFP8 ? "f8" : "") }.joined(separator: ",")
                 line += String(format: "  %.4f (%.4f) ", report.evaluation.meanRelativeError, plan.meanEstimatedError) + layers
+                if let taken = plan.taken {
+                    line += " [took \(taken.rawValue); cv " + plan.checks.map { String(format: "%.4f", $0.crossValidated) }.joined(separator: "/") + "]"
+                }
                 if tolerances != nil {
                     line += " [" + zip(plan.layers, report.layers).map { l, r in
                         "\(l.bytes)B " + String(format: "%.4f→%.4f", l.estimatedError, r.final.relativeError) }.joined(separator: "; ") + "]"

@@ -124,6 +124,12 @@ struct Compress: ParsableCommand {
         print(t.render())
         print("planned: \(formatBytes(plan.bytesOriginal)) → \(formatBytes(plan.bytes)), mean estimated error \(fixed(plan.meanEstimatedError, 4))"
               + (plan.settings.sensitivity == nil ? "" : ", Σ c·error² \(fixed(plan.objective, 4)) (sensitivities from \(plan.settings.sensitivity!.path))"))
+        if let taken = plan.taken {
+            // The cross-validated choice between methods (PlannerSettings.checkFolds).
+            print("checked by \(plan.settings.checkFolds)-fold cross-validation (each contiguous \(plan.settings.checkFolds)th of the calibration tokens held apart), objective on the split → mean over the folds: "
+                  + plan.checks.map { "\($0.label) \(fixed($0.objective, 4)) → \(fixed($0.crossValidated, 4))" }.joined(separator: ", ")
+                  + "; took the \(plan.checks.first { $0.methods == taken }!.label) plan")
+        }
     }
 
     /// The `--json` document (the report's source).

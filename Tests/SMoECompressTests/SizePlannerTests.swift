@@ -199,6 +199,119 @@ final class SizePlannerTests: XCTestCase {
     /// 0.4; both unmerged: 100 B, error 0. Merge-only: both merged, 0.4; prune-only: both pruned,
     /// 0.6 (one layer unmerged and the other at 0 B does not exist); per layer: a pruned, b
     /// merged, 0.3. The unmerged layer (G = E) is allowed in all three.
+    /// The cross-validated choice between methods on constructed options whose check errors are
+    /// given (nothing is measured): the per-layer plan is the knapsack's best on the split, but a
+    /// pure plan with a lower cross-validated objective is taken; on a tie the per-layer plan.
+    func testCrossValidatedChoiceTakesTheLowestMeanOverFolds() throws {
+        func option(_ g: Int, _ bytes: Int, _ e: Double, _ prune: PruneMethod? = nil, check: [Double]) -> SizePlanner.Option {
+            var o = SizePlanner.Option(groups: g, grouping: LayerGrouping(groups: (0..<g).map { [$0] }, dominant: Array(0..<g)), ranks: [:],
+                                       bytes: bytes, error: e, prune: prune)
+            o.checkErrors = check
+            return o
+        }
+        // Layer a: merged 0.3 (folds 0.5, 0.5), pruned 0.2 (0.8, 0.6); layer b: merged 0.1 (0.2, 0.2),
+        // pruned 0.4 (0.2, 0.4). Split: per-layer 0.3 (prune a, merge b), merge-only 0.4, prune-only 0.6.
+        // Folds: per-layer 0.7 + 0.2 = 0.9, merge-only 0.5 + 0.2 = 0.7, prune-only 0.7 + 0.3 = 1.0.
+        let layer = [option(4, 100, 0, check: [0, 0])]
+        var measured = SizePlanner.Measurements(
+            names: ["a", "b"], frequency: [[], []], similarity: [[], []], experts: [4, 4], originals: [100, 100],
+            options: [layer + [option(2, 50, 0.3, check: [0.5, 0.5]), option(2, 50, 0.2, .frequency, check: [0.8, 0.6])],
+                      layer + [option(2, 50, 0.1, check: [0.2, 0.2]), option(2, 50, 0.4, .frequency, check: [0.2, 0.4])]],
+            prune: .frequency, pruneRefit: true)
+        var settings = PlannerSettings(target: .fraction(0.5))
+        settings.checkFolds = 2
+        func choose() throws -> SizePlan {
+            try SizePlanner.choose(&measured, settings: settings, model: model, calibration: calib, merge: MergeSettings(groups: 1),
+                                   lowRank: LowRankOptions(rank: .fixed(1)), storage: .f16)
+        }
+        let plan = try choose()
+        XCTAssertEqual(plan.checks.map(\.methods), [.both, .merge, .prune])
+        for (c, want) in zip(plan.checks.map(\.objective), [0.3, 0.4, 0.6]) { XCTAssertEqual(c, want, accuracy: 1e-12, "split objective") }
+        for (c, want) in zip(plan.checks.map(\.crossValidated), [0.9, 0.7, 1.0]) { XCTAssertEqual(c, want, accuracy: 1e-12) }
+        XCTAssertEqual(plan.taken, .merge)
+        XCTAssertEqual(plan.layers.map(\.method), ["merge", "merge"])
+        XCTAssertEqual(plan.settings.methods, .both, "the plan stays a per-layer choice's")
+        XCTAssertEqual(plan.bytes, 100)
+        // A tie goes to the per-layer plan; one fold (or methods other than both) is the knapsack's plan.
+        measured.options[0][2].checkErrors = [0.4, 0.4]
+        XCTAssertEqual(try choose().taken, .both)
+        settings.checkFolds = 1
+        XCTAssertEqual(try choose().layers.map(\.method), ["prune frequency", "merge"])
+        XCTAssertTrue(try choose().checks.isEmpty)
+        settings.checkFolds = 6
+        XCTAssertThrowsError(try choose()) { XCTAssertEqual(($0 as? SMoEError)?.setting, .targetSize) }
+    }
+
+    /// The cross-validated choice on trained-switch at half size with frequency pruning: every
+    /// option of the three plans is measured once per contiguous fifth of the calibration tokens
+    /// (recomputed here for layer 0's taken option from the tokens split by hand), and the plan
+    /// taken is the lowest by the mean over the fifths.
+    func testCrossValidatedChoiceOnAFixture() throws {
+        var planner = PlannerSettings(target: .fraction(0.5), groupCandidates: [6, 7, 8])
+        planner.prune = .frequency
+        planner.levels = 8
+        let merge = MergeSettings(groups: 1), lowRank = LowRankOptions(rank: .fixed(1))
+        var measured = try SizePlanner.measure(model: model, calibration: calib, stats: nil, merge: merge, lowRank: lowRank,
+                                               settings: planner, storage: .f16)
+        let plan = try SizePlanner.choose(&measured, settings: planner, model: model, calibration: calib, merge: merge,
+                                          lowRank: lowRank, storage: .f16)
+        XCTAssertEqual(plan.checks.map(\.methods), [.both, .merge, .prune])
+        for (i, m) in [PlanMethods.merge, .prune].enumerated() {
+            var s = planner
+            s.methods = m
+            XCTAssertEqual(plan.checks[i + 1].objective, try SizePlanner.choose(measured, settings: s).objective, accuracy: 1e-12)
+        }
+        XCTAssertLessThanOrEqual(plan.checks[0].objective, min(plan.checks[1].objective, plan.checks[2].objective) + 1e-12)
+        let lowest = try XCTUnwrap(plan.checks.min { $0.crossValidated < $1.crossValidated })
+        XCTAssertEqual(plan.taken, lowest.methods)
+        XCTAssertEqual(plan.objective, lowest.objective, accuracy: 1e-12)
+        XCTAssertLessThanOrEqual(plan.bytes, plan.budget)
+        // Only the three plans' options were checked (at most 3 per layer), each once per fifth.
+        for (l, options) in measured.options.enumerated() {
+            XCTAssertEqual(options[plan.choice[l]].checkErrors.count, 5, "layer \(l)")
+            XCTAssertLessThanOrEqual(options.filter { !$0.checkErrors.isEmpty }.count, 3, "layer \(l)")
+            XCTAssertTrue(options.allSatisfy { [0, 5].contains($0.checkErrors.count) }, "layer \(l)")
+        }
+        // Layer 0's option, fitted on four fifths and measured on the fifth left, by hand.
+        let name = measured.names[0], o = measured.options[0][plan.choice[0]], original = try model.readLayer(name)
+        var parts: [Matrix] = []
+        try calib.forEachBlock(name) { _, x in parts.append(x) }
+        let x = Matrix.vstack(parts), n = x.rows, fifth = (n + 4) / 5
+        var errors: [Double] = []
+        for k in 0..<5 {
+            let held = Array((k * fifth)..<min((k + 1) * fifth, n)), fitRows = (0..<n).filter { !held.contains($0) }
+            let fit: TokenBlocks = { body in try body(x.gatherRows(fitRows)) }
+            var layer: MoELayer
+            if let method = o.prune {
+                let kept = Pruning.keep(try Pruning.saliency(LayerSource(original), method: method, tokens: fit).saliency, groups: o.groups)
+                layer = try CompactRefit.refit(try Pruning.pruned(LayerSource(original), kept: kept), original: LayerSource(original),
+                                               slotGroups: (0..<original.config.numExperts).map { kept.firstIndex(of: $0) ?? -1 },
+                                               tokens: fit, ridge: merge.merging.refitRidge).layer
+            } else {
+                var ms = merge
+                ms.groups = o.groups
+                layer = try MergeStage.apply(original, grouping: o.grouping, frequency: measured.frequency[0], settings: ms, tokens: fit).layer
+            }
+            layer = layer.roundedForStorage(.f16)
+            if !o.ranks.isEmpty {
+                var lr = lowRank
+                lr.ranks = o.ranks
+                layer = try LowRankStage.compressLayer(layer, options: lr, whitenOn: fit).0.roundedForStorage(.f16)
+            }
+            let h = x.gatherRows(held), y0 = try original.forward(h, routing: original.route(h)), y = layer.forward(h, routing: layer.route(h))
+            let num = zip(y.data, y0.data).reduce(0.0) { $0 + Double($1.0 - $1.1) * Double($1.0 - $1.1) }
+            errors.append((num / y0.data.reduce(0.0) { $0 + Double($1) * Double($1) }).squareRoot())
+        }
+        // Fold f holds apart chunk class 4 − f, the last fifth first. Float32 sums over the fitting
+        // tokens in another blocking: agreement to 1e-4 relative.
+        for (got, want) in zip(o.checkErrors, errors.reversed()) { XCTAssertEqual(got, want, accuracy: 1e-4 * want) }
+        // A second choice (another budget) measures only options not checked yet.
+        let before = measured.options.map { $0.map(\.checkErrors) }
+        planner.target = .fraction(0.5)
+        _ = try SizePlanner.choose(&measured, settings: planner, model: model, calibration: calib, merge: merge, lowRank: lowRank, storage: .f16)
+        XCTAssertEqual(measured.options.map { $0.map(\.checkErrors) }, before)
+    }
+
     func testMergeOnlyPruneOnlyAndPerLayerChoiceFromOneMeasurement() throws {
         func option(_ g: Int, _ bytes: Int, _ e: Double, _ prune: PruneMethod? = nil) -> SizePlanner.Option {
             SizePlanner.Option(groups: g, grouping: LayerGrouping(groups: (0..<g).map { [$0] }, dominant: Array(0..<g)), ranks: [:],

@@ -74,6 +74,14 @@ public struct PlannerSettings: Sendable, Equatable {
     /// also refitted and measured with chunk classes N − 2, …, N − K held apart, its error the
     /// mean over the K folds (K times the planner's cost). Measured in §4.3; off by default.
     public var folds = 1
+    /// The cross-validated choice between methods (ALGORITHM.md §4.3), with `prune` set and
+    /// `methods` `.both`: the per-layer knapsack's plan, the merge-only plan and the prune-only
+    /// plan (each chosen from the same options on the split) are scored by K-fold
+    /// cross-validation of their options (each refitted and measured with chunk classes
+    /// N − 2, …, N − K held apart too, as `folds` does for every option), and the plan with the
+    /// lowest mean objective is taken (ties to the per-layer plan, then merge-only). 1: the
+    /// per-layer knapsack's plan as is.
+    public var checkFolds = 5
 
     public init(target: TargetSize, groupCandidates: [Int]? = nil, uniformGroups: Bool = false,
                 sensitivity: LayerSensitivity? = nil) {
@@ -112,6 +120,9 @@ public struct PlannerSettings: Sendable, Equatable {
         }
         if !(noiseTolerance >= 0 && noiseTolerance.isFinite) {
             throw SMoEError.setting(.targetSize, "the planner's noise tolerance must be a finite number of standard errors ≥ 0 (got \(noiseTolerance))")
+        }
+        if checkFolds < 1 || checkFolds > heldOutEvery {
+            throw SMoEError.setting(.targetSize, "the planner's check folds must be from 1 to the held-apart period \(heldOutEvery) (got \(checkFolds))")
         }
         if folds < 1 || folds > heldOutEvery {
             throw SMoEError.setting(.targetSize, "the planner's folds must be from 1 to the held-apart period \(heldOutEvery) (got \(folds))")
@@ -200,6 +211,11 @@ public struct SizePlan: Sendable, Equatable {
     /// Every option the planner measured, per layer (`--plan-only --json` prints them: a plan for
     /// another budget or objective can be chosen from them without measuring again).
     public var candidates: [[PlanCandidate]] = []
+    /// With the cross-validated choice (`PlannerSettings.checkFolds`): the plans compared, the
+    /// per-layer one first; the plan is the first with the lowest cross-validated objective.
+    public var checks: [PlanCheck] = []
+    /// Per layer, the index of the chosen option among the measured ones.
+    var choice: [Int] = []
 
     public var bytes: Int { layers.reduce(0) { $0 + $1.bytes } }
     public var bytesOriginal: Int { layers.reduce(0) { $0 + $1.bytesOriginal } }
@@ -220,7 +236,31 @@ public struct SizePlan: Sendable, Equatable {
                 + (settings.sensitivity.map { [("sensitivity", $0.json)] } ?? [])
                 + (settings.prune.map { [("prune_candidates", .string("\($0.rawValue)\(settings.pruneRefit ? " with refit" : "")"))] } ?? [])
                 + (settings.fp8 ? [("fp8_candidates", .bool(true))] : [])
+                + (checks.isEmpty ? [] : [("cross_validated_choice", .object([
+                    ("folds", .int(settings.checkFolds)), ("taken", .string(taken!.rawValue)),
+                    ("plans", .array(checks.map(\.json)))]))])
                 + [("layers", .array(layers.map(\.json)))])
+    }
+
+    /// The plan the cross-validated choice took (nil without it).
+    public var taken: PlanMethods? {
+        checks.min { $0.crossValidated < $1.crossValidated }?.methods
+    }
+}
+
+/// One plan the cross-validated choice compared: which options it could take, its objective on
+/// the split (fold 0, what the knapsack minimised) and the mean over the K folds.
+public struct PlanCheck: Sendable, Equatable {
+    public var methods: PlanMethods
+    public var objective: Double
+    public var crossValidated: Double
+
+    /// "per-layer choice", "merge-only", "prune-only".
+    public var label: String { methods == .both ? "per-layer choice" : "\(methods.rawValue)-only" }
+
+    public var json: JSONValue {
+        .object([("methods", .string(methods.rawValue)), ("objective", .double(objective)),
+                 ("cross_validated_objective", .double(crossValidated))])
     }
 }
 
@@ -256,6 +296,9 @@ public enum SizePlanner {
         var chunkErrors: [Double] = []
         /// With `folds` > 1: the held-apart error in each fold (fold 0 first); `error` is their mean.
         var foldErrors: [Double] = []
+        /// The cross-validated choice's errors, one per contiguous K-th of the calibration tokens
+        /// held apart (`PlannerSettings.checkFolds`); empty until measured.
+        var checkErrors: [Double] = []
     }
 
     /// The plan. `lowRank` supplies the low-rank settings (objective, ridge, matrices, SVD); its
@@ -267,8 +310,10 @@ public enum SizePlanner {
     public static func plan(model: CheckpointReader, calibration: CalibrationReader, stats: StatsReader?,
                             merge: MergeSettings, lowRank: LowRankOptions, settings: PlannerSettings, storage: StorageType,
                             progress: ProgressCallback? = nil) throws -> SizePlan {
-        try choose(try measure(model: model, calibration: calibration, stats: stats, merge: merge, lowRank: lowRank,
-                               settings: settings, storage: storage, progress: progress), settings: settings)
+        var measured = try measure(model: model, calibration: calibration, stats: stats, merge: merge, lowRank: lowRank,
+                                   settings: settings, storage: storage, progress: progress)
+        return try choose(&measured, settings: settings, model: model, calibration: calibration, merge: merge, lowRank: lowRank,
+                          storage: storage, progress: progress)
     }
 
     /// Every option of every layer, measured on the held-apart tokens: what `plan` chooses from.
@@ -302,7 +347,6 @@ public enum SizePlanner {
                 throw SMoEError.setting(.groups, "\(g) is more than the \(c.numExperts) experts of layer \(c.name)")
             }
         }
-        let fb = storage.byteSize
         let inputs = try MergeStage.groupingInputs(model: model, layers: names, base: merge.similarityBase, stats: stats,
                                                    calibration: calibration, tokens: merge.tokens, progress: progress)
         var perLayer: [[Option]] = []
@@ -312,147 +356,167 @@ public enum SizePlanner {
         for (name, input) in inputs {
             let original = try model.readLayer(name)
             originals.append(try model.summary(name).expertFileBytes)
-            // Fold 0 makes the options (groups, kind, ranks, bytes) and measures them on the
-            // split's held-apart chunks; folds 1 ..< `folds` hold apart another chunk class
-            // each, refit every option (same groups, kind and ranks) on the rest and measure it:
-            // an option's error is then its mean over the folds (K-fold cross-validation).
-            let E = original.config.numExperts
             var options: [Option] = []
-            var reference: [Double] = []
-            for fold in 0..<settings.folds {
-                // The fitting tokens are read once and held (as the held-apart ones are) when they
-                // fit in `cacheBytes`: every option re-reads them, and reading a float16 capture
-                // converts in HDF5's software path, which was half the planner's time. The same
-                // blocks in the same order either way, so the plan is the same.
-                var fit = tokens(calibration, name, merge.tokens, settings, heldOut: false, fold: fold)
-                let info = try calibration.info(name)
-                if min(info.numTokens, merge.tokens.maxTokens ?? Int.max) * info.dModel * 4 <= settings.cacheBytes {
-                    var blocks: [Matrix] = []
-                    try fit({ blocks.append($0) })
-                    fit = { body in for x in blocks { try body(x) } }
-                }
-                var held: [Matrix] = []
-                try tokens(calibration, name, merge.tokens, settings, heldOut: true, fold: fold)({ held.append($0) })
-                if held.isEmpty {
-                    throw SMoEError.setting(.targetSize, "layer \(name) has too few calibration tokens to hold every \(settings.heldOutEvery)th chunk of \(settings.chunkTokens) apart")
-                }
-                // The original's routing and output on the held-apart tokens, once per layer.
-                let heldOriginal = try held.map { x in let r = original.route(x); return (r, try original.forward(x, routing: r)) }
-                // Per held-apart token ‖y₀‖², then summed per chunk: the held-apart tokens come in
-                // runs of `chunkTokens` (the split's chunks, the last one possibly shorter).
-                let tokenReference = heldOriginal.flatMap { o in
-                    (0..<o.1.rows).map { t in o.1.data[(t * o.1.cols)..<((t + 1) * o.1.cols)].reduce(0.0) { $0 + Double($1) * Double($1) } }
-                }
-                func chunkSums(_ v: [Double]) -> [Double] {
-                    stride(from: 0, to: v.count, by: settings.chunkTokens).map { v[$0..<min($0 + settings.chunkTokens, v.count)].reduce(0, +) }
-                }
-                let foldReference = chunkSums(tokenReference)
-                /// The relative output error on the held-apart tokens (as `EvaluationAccumulator`
-                /// computes it: √(Σ‖y − y₀‖² / Σ‖y₀‖²), summed token by token in the same order)
-                /// and its per-chunk sums.
-                func heldOutError(_ layer: MoELayer) -> (Double, [Double]) {
-                    var perToken: [Double] = []
-                    perToken.reserveCapacity(tokenReference.count)
-                    for (x, o) in zip(held, heldOriginal) {
-                        let y0 = o.1, y1 = layer.forward(x, routing: layer.route(x)), d = y0.cols
-                        for t in 0..<x.rows {
-                            var e = 0.0
-                            for j in 0..<d { let a = Double(y0.data[t * d + j]), b = Double(y1.data[t * d + j]); e += (b - a) * (b - a) }
-                            perToken.append(e)
-                        }
-                    }
-                    let errSq = perToken.reduce(0, +), refSq = tokenReference.reduce(0, +)
-                    return (refSq > 0 ? (errSq / refSq).squareRoot() : (errSq > 0 ? .infinity : 0), chunkSums(perToken))
-                }
-                /// The dense layer with its experts stored in FP8 (`roundForStorage` quantizes and
-                /// dequantizes them as the writer and reader do).
-                func inFP8(_ layer: MoELayer) -> MoELayer {
-                    var q = layer
-                    q.expertEncoding = .fp8
-                    q.roundForStorage(storage)
-                    return q
-                }
-                let saliency = settings.prune != nil && original.config.numGroups == 1
-                    ? try Pruning.saliency(LayerSource(original), method: settings.prune!, tokens: fit).saliency : nil
-                /// The layer dense and at each byte level (ranks from `RankAllocation`), measured.
-                func addOptions(_ merged: MoELayer, groups G: Int, grouping: LayerGrouping, prune: PruneMethod? = nil) throws {
-                    if fold > 0 {
-                        // The options fold 0 made (same G, kind and ranks), fitted and measured on this fold.
-                        for i in options.indices where options[i].groups == G && options[i].prune == prune {
-                            var o = lowRank
-                            o.ranks = options[i].ranks
-                            let layer = options[i].encoding.isFP8 ? inFP8(merged)
-                                : options[i].ranks.isEmpty ? merged
-                                : try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
-                            options[i].foldErrors.append(heldOutError(layer).0)
-                        }
-                        return
-                    }
-                    let denseBytes = merged.expertBytes(floatBytes: fb)
-                    let (denseError, denseTokens) = heldOutError(merged)
-                    options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: denseBytes, error: denseError, prune: prune,
-                                          chunkErrors: denseTokens, foldErrors: [denseError]))
-                    if settings.fp8 {
-                        let q = inFP8(merged)
-                        let (error, perToken) = heldOutError(q)
-                        options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: q.expertBytes(floatBytes: fb), error: error,
-                                              prune: prune, encoding: q.expertEncoding, chunkErrors: perToken, foldErrors: [error]))
-                    }
-                    let spectra = try LowRankStage.whitenedSpectra(merged, options: lowRank, tokens: fit)
-                    let factoredDense = spectra.reduce(0) { $0 + $1.candidate.rows * $1.candidate.cols * fb }
-                    var previous: [Int]? = nil
-                    for k in 1...settings.levels {
-                        let level = originals.last! * k / settings.levels
-                        guard level < denseBytes,
-                              let a = RankAllocation.allocate(spectra.map(\.candidate), budget: level - (denseBytes - factoredDense), floatBytes: fb),
-                              a.ranks != previous else { continue }
-                        previous = a.ranks
-                        var o = lowRank
-                        o.ranks = Dictionary(uniqueKeysWithValues: zip(spectra.map(\.key), a.ranks))
-                        let layer = try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
-                        let bytes = layer.expertBytes(floatBytes: fb)
-                        if bytes < denseBytes {
-                            let (error, perToken) = heldOutError(layer)
-                            options.append(Option(groups: G, grouping: grouping, ranks: o.ranks, bytes: bytes, error: error, prune: prune,
-                                                  chunkErrors: perToken, foldErrors: [error]))
-                        }
-                    }
-                }
-                for G in (settings.groupCandidates ?? Array(1...E)).sorted() where G <= E {
-                    progress?("planning \(name)", G, E)
-                    var ms = merge
-                    ms.groups = G
-                    ms.adaptive = false
-                    let grouping = MergeStage.plan([(name, input)], settings: ms)[name]!
-                    let merged = try MergeStage.apply(original, grouping: grouping, frequency: input.frequency, settings: ms,
-                                                      tokens: fit).layer.roundedForStorage(storage)
-                    try addOptions(merged, groups: G, grouping: grouping)
-                    // Pruning to G experts (plain routing only: expert groups do not survive dropping
-                    // slots; at least top_k experts kept), refitted like a compact layer.
-                    if let method = settings.prune, let sal = saliency, G < E, G >= original.config.topK {
-                        let kept = Pruning.keep(sal, groups: G)
-                        let slots = (0..<E).map { kept.firstIndex(of: $0) ?? -1 }
-                        var pruned = try Pruning.pruned(LayerSource(original), kept: kept)
-                        if settings.pruneRefit {
-                            pruned = try CompactRefit.refit(pruned, original: LayerSource(original), slotGroups: slots, tokens: fit,
-                                                            ridge: merge.merging.refitRidge).layer
-                        }
-                        try addOptions(pruned.roundedForStorage(storage), groups: G, grouping: LayerGrouping(groups: kept.map { [$0] }, dominant: kept),
-                                       prune: method)
-                    }
-                }
-                if fold == 0 { reference = foldReference }
-            }
+            references.append(try measureLayer(name, input: input, original: original, originalBytes: originals.last!,
+                                               calibration: calibration, merge: merge, lowRank: lowRank, settings: settings,
+                                               storage: storage, folds: 0..<settings.folds, options: &options, progress: progress))
             if settings.folds > 1 {
                 for i in options.indices { options[i].error = options[i].foldErrors.reduce(0, +) / Double(options[i].foldErrors.count) }
             }
             perLayer.append(options)
-            experts.append(E)
-            references.append(reference)
+            experts.append(original.config.numExperts)
         }
         return Measurements(names: inputs.map(\.name), frequency: inputs.map(\.input.frequency), similarity: inputs.map(\.input.similarity),
                             experts: experts, originals: originals, options: perLayer, chunkReferences: references,
                             prune: settings.prune, pruneRefit: settings.pruneRefit, fp8: settings.fp8)
+    }
+
+    /// Measures one layer's options on `folds`. Fold 0 makes the options (groups, kind, ranks,
+    /// bytes) and measures them on the split's held-apart chunks; a later fold f holds apart
+    /// chunk class N − 1 − f, refits each option of `options` (same groups, kind and ranks; only
+    /// those in `only` when given) on the rest and appends its error there to `foldErrors`
+    /// (K-fold cross-validation). Returns the original's per-chunk Σ‖y₀‖² of fold 0 (empty
+    /// without fold 0).
+    static func measureLayer(_ name: String, input: GroupingInput, original: MoELayer, originalBytes: Int,
+                             calibration: CalibrationReader, merge: MergeSettings, lowRank: LowRankOptions,
+                             settings: PlannerSettings, storage: StorageType, folds: Range<Int>, options: inout [Option],
+                             only: Set<Int>? = nil, refit: Bool = false, into errors: WritableKeyPath<Option, [Double]> = \.foldErrors,
+                             progress: ProgressCallback? = nil) throws -> [Double] {
+        let fb = storage.byteSize
+        let E = original.config.numExperts
+        var reference: [Double] = []
+        for fold in folds {
+            let refitting = refit || fold > 0
+            // The fitting tokens are read once and held (as the held-apart ones are) when they
+            // fit in `cacheBytes`: every option re-reads them, and reading a float16 capture
+            // converts in HDF5's software path, which was half the planner's time. The same
+            // blocks in the same order either way, so the plan is the same.
+            var fit = tokens(calibration, name, merge.tokens, settings, heldOut: false, fold: fold)
+            let info = try calibration.info(name)
+            if min(info.numTokens, merge.tokens.maxTokens ?? Int.max) * info.dModel * 4 <= settings.cacheBytes {
+                var blocks: [Matrix] = []
+                try fit({ blocks.append($0) })
+                fit = { body in for x in blocks { try body(x) } }
+            }
+            var held: [Matrix] = []
+            try tokens(calibration, name, merge.tokens, settings, heldOut: true, fold: fold)({ held.append($0) })
+            if held.isEmpty {
+                throw SMoEError.setting(.targetSize, "layer \(name) has too few calibration tokens to hold every \(settings.heldOutEvery)th chunk of \(settings.chunkTokens) apart")
+            }
+            // The original's routing and output on the held-apart tokens, once per layer.
+            let heldOriginal = try held.map { x in let r = original.route(x); return (r, try original.forward(x, routing: r)) }
+            // Per held-apart token ‖y₀‖², then summed per chunk: the held-apart tokens come in
+            // runs of `chunkTokens` (the split's chunks, the last one possibly shorter).
+            let tokenReference = heldOriginal.flatMap { o in
+                (0..<o.1.rows).map { t in o.1.data[(t * o.1.cols)..<((t + 1) * o.1.cols)].reduce(0.0) { $0 + Double($1) * Double($1) } }
+            }
+            func chunkSums(_ v: [Double]) -> [Double] {
+                stride(from: 0, to: v.count, by: settings.chunkTokens).map { v[$0..<min($0 + settings.chunkTokens, v.count)].reduce(0, +) }
+            }
+            /// The relative output error on the held-apart tokens (as `EvaluationAccumulator`
+            /// computes it: √(Σ‖y − y₀‖² / Σ‖y₀‖²), summed token by token in the same order)
+            /// and its per-chunk sums.
+            func heldOutError(_ layer: MoELayer) -> (Double, [Double]) {
+                var perToken: [Double] = []
+                perToken.reserveCapacity(tokenReference.count)
+                for (x, o) in zip(held, heldOriginal) {
+                    let y0 = o.1, y1 = layer.forward(x, routing: layer.route(x)), d = y0.cols
+                    for t in 0..<x.rows {
+                        var e = 0.0
+                        for j in 0..<d { let a = Double(y0.data[t * d + j]), b = Double(y1.data[t * d + j]); e += (b - a) * (b - a) }
+                        perToken.append(e)
+                    }
+                }
+                let errSq = perToken.reduce(0, +), refSq = tokenReference.reduce(0, +)
+                return (refSq > 0 ? (errSq / refSq).squareRoot() : (errSq > 0 ? .infinity : 0), chunkSums(perToken))
+            }
+            /// The dense layer with its experts stored in FP8 (`roundForStorage` quantizes and
+            /// dequantizes them as the writer and reader do).
+            func inFP8(_ layer: MoELayer) -> MoELayer {
+                var q = layer
+                q.expertEncoding = .fp8
+                q.roundForStorage(storage)
+                return q
+            }
+            /// The options to refit and measure in a later fold: those of `groups` and `prune`.
+            func refitted(groups G: Int, prune: PruneMethod?) -> [Int] {
+                options.indices.filter { options[$0].groups == G && options[$0].prune == prune && (only?.contains($0) ?? true) }
+            }
+            let saliency = settings.prune != nil && original.config.numGroups == 1
+                ? try Pruning.saliency(LayerSource(original), method: settings.prune!, tokens: fit).saliency : nil
+            /// The layer dense and at each byte level (ranks from `RankAllocation`), measured.
+            func addOptions(_ merged: MoELayer, groups G: Int, grouping: LayerGrouping, prune: PruneMethod? = nil) throws {
+                if refitting {
+                    // The options fold 0 made (same G, kind and ranks), fitted and measured on this fold.
+                    for i in refitted(groups: G, prune: prune) {
+                        var o = lowRank
+                        o.ranks = options[i].ranks
+                        let layer = options[i].encoding.isFP8 ? inFP8(merged)
+                            : options[i].ranks.isEmpty ? merged
+                            : try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
+                        options[i][keyPath: errors].append(heldOutError(layer).0)
+                    }
+                    return
+                }
+                let denseBytes = merged.expertBytes(floatBytes: fb)
+                let (denseError, denseTokens) = heldOutError(merged)
+                options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: denseBytes, error: denseError, prune: prune,
+                                      chunkErrors: denseTokens, foldErrors: [denseError]))
+                if settings.fp8 {
+                    let q = inFP8(merged)
+                    let (error, perToken) = heldOutError(q)
+                    options.append(Option(groups: G, grouping: grouping, ranks: [:], bytes: q.expertBytes(floatBytes: fb), error: error,
+                                          prune: prune, encoding: q.expertEncoding, chunkErrors: perToken, foldErrors: [error]))
+                }
+                let spectra = try LowRankStage.whitenedSpectra(merged, options: lowRank, tokens: fit)
+                let factoredDense = spectra.reduce(0) { $0 + $1.candidate.rows * $1.candidate.cols * fb }
+                var previous: [Int]? = nil
+                for k in 1...settings.levels {
+                    let level = originalBytes * k / settings.levels
+                    guard level < denseBytes,
+                          let a = RankAllocation.allocate(spectra.map(\.candidate), budget: level - (denseBytes - factoredDense), floatBytes: fb),
+                          a.ranks != previous else { continue }
+                    previous = a.ranks
+                    var o = lowRank
+                    o.ranks = Dictionary(uniqueKeysWithValues: zip(spectra.map(\.key), a.ranks))
+                    let layer = try LowRankStage.compressLayer(merged, options: o, whitenOn: fit).0.roundedForStorage(storage)
+                    let bytes = layer.expertBytes(floatBytes: fb)
+                    if bytes < denseBytes {
+                        let (error, perToken) = heldOutError(layer)
+                        options.append(Option(groups: G, grouping: grouping, ranks: o.ranks, bytes: bytes, error: error, prune: prune,
+                                              chunkErrors: perToken, foldErrors: [error]))
+                    }
+                }
+            }
+            for G in (settings.groupCandidates ?? Array(1...E)).sorted() where G <= E {
+                progress?("planning \(name)", G, E)
+                var ms = merge
+                ms.groups = G
+                ms.adaptive = false
+                if !refitting || !refitted(groups: G, prune: nil).isEmpty {
+                    let grouping = MergeStage.plan([(name, input)], settings: ms)[name]!
+                    let merged = try MergeStage.apply(original, grouping: grouping, frequency: input.frequency, settings: ms,
+                                                      tokens: fit).layer.roundedForStorage(storage)
+                    try addOptions(merged, groups: G, grouping: grouping)
+                }
+                // Pruning to G experts (plain routing only: expert groups do not survive dropping
+                // slots; at least top_k experts kept), refitted like a compact layer.
+                if let method = settings.prune, let sal = saliency, G < E, G >= original.config.topK,
+                   !refitting || !refitted(groups: G, prune: method).isEmpty {
+                    let kept = Pruning.keep(sal, groups: G)
+                    let slots = (0..<E).map { kept.firstIndex(of: $0) ?? -1 }
+                    var pruned = try Pruning.pruned(LayerSource(original), kept: kept)
+                    if settings.pruneRefit {
+                        pruned = try CompactRefit.refit(pruned, original: LayerSource(original), slotGroups: slots, tokens: fit,
+                                                        ridge: merge.merging.refitRidge).layer
+                    }
+                    try addOptions(pruned.roundedForStorage(storage), groups: G, grouping: LayerGrouping(groups: kept.map { [$0] }, dominant: kept),
+                                   prune: method)
+                }
+            }
+            if !refitting { reference = chunkSums(tokenReference) }
+        }
+        return reference
     }
 
     /// The plan for `settings`' target, objective, uniform groups and methods from measured
@@ -497,8 +561,55 @@ public enum SizePlanner {
                              prune: o.prune, encoding: o.encoding)
         }
         var plan = SizePlan(layers: layers, budget: budget, settings: settings)
+        plan.choice = chosen
         plan.candidates = perLayer.map { $0.map { PlanCandidate(method: $0.prune.map { "prune \($0.rawValue)" } ?? "merge", groups: $0.groups, ranks: rankRange(Array($0.ranks.values)), bytes: $0.bytes, error: $0.error, encoding: $0.encoding) } }
         return plan
+    }
+
+    /// `choose`'s plan, then, with `prune` measured and `methods` `.both`, the cross-validated
+    /// choice (`PlannerSettings.checkFolds` K > 1): the per-layer plan, the merge-only plan and
+    /// the prune-only plan (a pure plan that cannot meet the budget drops out) are scored by the
+    /// mean over K folds of their objective — the options they take are refitted and measured
+    /// on the folds not measured yet, which `measured` keeps for the next call — and the lowest
+    /// is taken, ties to the earlier. The knapsack's options are chosen on one split, on text
+    /// like its fitting tokens; a second opinion from other splits, asked only between three
+    /// plans, keeps the choice of method from resting on one split's biases (§4.3).
+    public static func choose(_ measured: inout Measurements, settings: PlannerSettings, model: CheckpointReader,
+                              calibration: CalibrationReader, merge: MergeSettings, lowRank: LowRankOptions,
+                              storage: StorageType, progress: ProgressCallback? = nil) throws -> SizePlan {
+        let plan = try choose(measured, settings: settings)
+        let K = settings.checkFolds
+        guard measured.prune != nil, settings.methods == .both, K > 1 else { return plan }
+        var plans = [plan]
+        for methods in [PlanMethods.merge, .prune] {
+            var s = settings
+            s.methods = methods
+            do { plans.append(try choose(measured, settings: s)) } catch let e as SMoEError where e.setting == .targetSize { continue }
+        }
+        let measuring = plan.settings  // `measured`'s own prune, refit and FP8 settings
+        for l in measured.names.indices {
+            let only = Set(plans.map { $0.choice[l] }).filter { measured.options[l][$0].checkErrors.isEmpty }
+            if only.isEmpty { continue }
+            let name = measured.names[l], info = try calibration.info(name)
+            var check = measuring
+            check.heldOutEvery = K
+            check.chunkTokens = (min(info.numTokens, merge.tokens.maxTokens ?? Int.max) + K - 1) / K
+            _ = try measureLayer(name, input: GroupingInput(frequency: measured.frequency[l], similarity: measured.similarity[l]),
+                                 original: try model.readLayer(name), originalBytes: measured.originals[l], calibration: calibration,
+                                 merge: merge, lowRank: lowRank, settings: check, storage: storage, folds: 0..<K,
+                                 options: &measured.options[l], only: only, refit: true, into: \.checkErrors, progress: progress)
+        }
+        let checks = plans.map { p in
+            PlanCheck(methods: p.settings.methods, objective: p.objective, crossValidated: p.choice.indices.reduce(0.0) { acc, l in
+                let folds = measured.options[l][p.choice[l]].checkErrors
+                return acc + settings.cost(measured.names[l], error: folds.reduce(0, +) / Double(folds.count))
+            })
+        }
+        let best = checks.indices.min { checks[$0].crossValidated < checks[$1].crossValidated }!
+        var taken = plans[best]
+        taken.settings.methods = .both
+        taken.checks = checks
+        return taken
     }
 
     /// The standard error of cost(option a) − cost(option b) of one layer, paired on the same

@@ -238,7 +238,7 @@ final class SizePlannerTests: XCTestCase {
         settings.checkFolds = 1
         XCTAssertEqual(try choose().layers.map(\.method), ["prune frequency", "merge"])
         XCTAssertTrue(try choose().checks.isEmpty)
-        settings.checkFolds = 6
+        settings.checkFolds = 0
         XCTAssertThrowsError(try choose()) { XCTAssertEqual(($0 as? SMoEError)?.setting, .targetSize) }
     }
 

@@ -77,10 +77,10 @@ public struct PlannerSettings: Sendable, Equatable {
     /// The cross-validated choice between methods (ALGORITHM.md §4.3), with `prune` set and
     /// `methods` `.both`: the per-layer knapsack's plan, the merge-only plan and the prune-only
     /// plan (each chosen from the same options on the split) are scored by K-fold
-    /// cross-validation of their options (each refitted and measured with chunk classes
-    /// N − 2, …, N − K held apart too, as `folds` does for every option), and the plan with the
-    /// lowest mean objective is taken (ties to the per-layer plan, then merge-only). 1: the
-    /// per-layer knapsack's plan as is.
+    /// cross-validation of their options over contiguous K-ths of each layer's calibration
+    /// tokens (each option refitted on the other K − 1 and measured on the one left out), and
+    /// the plan with the lowest mean objective is taken (ties to the per-layer plan, then
+    /// merge-only). 1: the per-layer knapsack's plan as is.
     public var checkFolds = 5
 
     public init(target: TargetSize, groupCandidates: [Int]? = nil, uniformGroups: Bool = false,
@@ -121,8 +121,8 @@ public struct PlannerSettings: Sendable, Equatable {
         if !(noiseTolerance >= 0 && noiseTolerance.isFinite) {
             throw SMoEError.setting(.targetSize, "the planner's noise tolerance must be a finite number of standard errors ≥ 0 (got \(noiseTolerance))")
         }
-        if checkFolds < 1 || checkFolds > heldOutEvery {
-            throw SMoEError.setting(.targetSize, "the planner's check folds must be from 1 to the held-apart period \(heldOutEvery) (got \(checkFolds))")
+        if checkFolds < 1 {
+            throw SMoEError.setting(.targetSize, "the planner's check folds must be at least 1 (got \(checkFolds))")
         }
         if folds < 1 || folds > heldOutEvery {
             throw SMoEError.setting(.targetSize, "the planner's folds must be from 1 to the held-apart period \(heldOutEvery) (got \(folds))")
@@ -374,9 +374,10 @@ public enum SizePlanner {
     /// Measures one layer's options on `folds`. Fold 0 makes the options (groups, kind, ranks,
     /// bytes) and measures them on the split's held-apart chunks; a later fold f holds apart
     /// chunk class N − 1 − f, refits each option of `options` (same groups, kind and ranks; only
-    /// those in `only` when given) on the rest and appends its error there to `foldErrors`
-    /// (K-fold cross-validation). Returns the original's per-chunk Σ‖y₀‖² of fold 0 (empty
-    /// without fold 0).
+    /// those in `only` when given) on the rest and appends its error there to `errors`
+    /// (`foldErrors`: K-fold cross-validation). With `refit`, fold 0 refits too (the
+    /// cross-validated choice's folds, whose split differs from the options'). Returns the
+    /// original's per-chunk Σ‖y₀‖² of the fold that made the options (empty without one).
     static func measureLayer(_ name: String, input: GroupingInput, original: MoELayer, originalBytes: Int,
                              calibration: CalibrationReader, merge: MergeSettings, lowRank: LowRankOptions,
                              settings: PlannerSettings, storage: StorageType, folds: Range<Int>, options: inout [Option],

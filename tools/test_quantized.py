@@ -189,6 +189,42 @@ def test_fp8_deepseek_v3_dequantizes_as_transformers_and_round_trips_byte_identi
     assert json.loads((tmp_path / "same" / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
 
 
+@needs_all_and_accelerate
+def test_fp8_deepseek_v3_import_keep_fp8_stores_the_release_codes(tmp_path):
+    """`import --keep-fp8`: the checkpoint's expert matrices are the release's FP8 codes and scales
+    (one byte per weight), export gives the release back byte for byte, and `compress --groups 8
+    --router compact --fp8` of it (grouped routing: 8 of 16 keeps 2 per group) exports FP8 experts that transformers loads and that equal the tool's layers."""
+    needs_exe()
+    d, written = fp8_deepseek(tmp_path)
+    run("import", d, "-o", tmp_path / "k.h5", "--keep-fp8")
+    with h5py.File(tmp_path / "k.h5", "r") as f:
+        g = f["moe_layers/model.layers.1.mlp/experts"]
+        assert g["gate"].attrs["dtype"] == "float8_e4m3fn" and list(g["gate"].attrs["block_size"]) == list(BLOCK)
+        for e in range(16):
+            for role, name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                k = f"model.layers.1.mlp.experts.{e}.{name}.weight"
+                assert np.array_equal(g[role][e], raw(written[k]).numpy()), k
+                assert np.array_equal(g[role + "_scale"][e], written[k + "_scale_inv"].float().numpy()), k
+    run("export", tmp_path / "k.h5", "-o", tmp_path / "same")
+    a, b = tensors(d), tensors(tmp_path / "same")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(raw(a[k]), raw(b[k])), k
+    calib = capture_nl(tmp_path, d, "calib.h5")
+    assert max(layer_error(tmp_path / "k.h5", calib).values()) <= 1e-5
+    run("compress", tmp_path / "k.h5", "--calib", calib, "--groups", 8, "--router", "compact", "--fp8", "-o", tmp_path / "c.h5")
+    run("export", tmp_path / "c.h5", "-o", tmp_path / "out")
+    t = tensors(tmp_path / "out")
+    assert t["model.layers.1.mlp.experts.7.down_proj.weight"].dtype == torch.float8_e4m3fn
+    assert "model.layers.1.mlp.experts.8.down_proj.weight" not in t
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(hf(input_ids=torch.tensor([list(range(20))])).logits).all()
+    calib2 = capture_nl(tmp_path, tmp_path / "out", "calib2.h5")
+    # The exported codes are the compressed checkpoint's own: transformers computes its layers.
+    assert max(layer_error(tmp_path / "c.h5", calib2).values()) <= 1e-5
+
+
 @needs_all
 def test_fp8_partial_edge_blocks_follow_the_deepseek_formula(tmp_path):
     """d_ff 24 in 16-row blocks: the last block row is partial. transformers 5.23's loader derives

@@ -26,6 +26,7 @@ func flag(for setting: Setting) -> String {
     case .refitTargets: return "--refit-targets"
     case .regmeanMinTokens: return "--regmean-min-tokens"
     case .family: return "--family"
+    case .keepFP8: return "--keep-fp8"
     case .rank: return "--rank"
     case .energy: return "--energy"
     case .sparsity: return "--sparsity"

@@ -18,6 +18,8 @@ struct Import: ParsableCommand {
     @Option(name: [.customShort("o"), .long], help: "Output checkpoint (written to a temporary file, renamed on success).")
     var output: String
     @Option(help: "Stored float type of routers and experts: auto, f32, f16 or bf16.") var dtype: String = "auto"
+    @Flag(help: "A block-scaled FP8 release (per-expert tensors): store its expert matrices as FP8 with their scale blocks, exactly the release's values at one byte per weight, instead of dequantized floats. Stages that compute new experts write them as floats (compress --fp8 keeps FP8).")
+    var keepFP8 = false
     @OptionGroup var global: GlobalOptions
 
     func validate() throws {
@@ -30,7 +32,7 @@ struct Import: ParsableCommand {
     func run() throws {
         let progress = global.progress
         let report = try namingFile(modelDir) {
-            try HFImport.run(directory: modelDir, output: output, dtype: storage, progress: progress.callback)
+            try HFImport.run(directory: modelDir, output: output, dtype: storage, keepFP8: keepFP8, progress: progress.callback)
         }
         progress.finish()
         if global.json { return printJSON(report.json) }
@@ -43,8 +45,11 @@ struct Import: ParsableCommand {
         }
         print(t.render())
         let exact = [.F32, .BF16, .F8_E4M3, .U8].contains(p.expertDType) ? report.stored == .f32 : p.expertDType == .F16
-        if let e = p.encoding { print("experts dequantized from \(e.json.serialized())") }
+        if let e = p.encoding, !report.expertEncoding.isFP8 { print("experts dequantized from \(e.json.serialized())") }
         print("dense: \(report.denseCount) tensors, \(formatBytes(report.denseBytes)) copied verbatim")
+        if report.expertEncoding.isFP8 {
+            return print("wrote \(output): expert matrices kept as FP8 (\(report.expertEncoding), float32 scales; exact), routers and biases as \(report.stored.rawValue)")
+        }
         print("wrote \(output): experts stored as \(report.stored.rawValue) (source \(p.expertDType.rawValue)\(exact ? ", exact" : ", rounded"))")
     }
 }

@@ -188,6 +188,53 @@ final class QuantizedEncodingTests: XCTestCase {
         }
     }
 
+    /// `import --keep-fp8`: the release's expert codes and scales are stored as they are (FP8
+    /// matrices, FORMAT.md §1), the layer reads back to the same values as the dequantizing
+    /// import, at a quarter of the float32 bytes plus the scales, and `export` writes the release
+    /// back byte for byte. A float release, or fused FP8 experts, is one error naming the flag.
+    func testImportKeepFP8StoresTheReleaseCodes() throws {
+        let dir = temporaryDirectory(self)
+        let layer = "model.layers.0.block_sparse_moe"
+        for scaleType in [SafetensorsDType.F32, .BF16] {
+            let src = dir + "/fp8-\(scaleType)", out = dir + "/kept-\(scaleType).h5"
+            let want = try fakeFP8Mixtral(src, scaleType: scaleType)
+            let report = try HFImport.run(directory: src, output: out, keepFP8: true)
+            XCTAssertEqual(report.expertEncoding, .fp8Block(rows: 16, cols: 16))
+            let r = try CheckpointReader(out)
+            let l = try r.readLayer(layer)
+            XCTAssertEqual(l.expertEncoding, .fp8Block(rows: 16, cols: 16))
+            let release = try readFolder(src)
+            let eg = try r.file.root.openGroup("moe_layers/\(layer)/experts")
+            for (role, m) in [("gate", "w1"), ("up", "w3"), ("down", "w2")] {
+                for e in 0..<4 {
+                    let name = "\(layer).experts.\(e).\(m).weight"
+                    let op = role == "gate" ? l.experts[e].gate! : role == "up" ? l.experts[e].up : l.experts[e].down
+                    XCTAssertEqual(op.dense().data, want[name], name)
+                    XCTAssertEqual(try eg.openDataset(role).readRaw(rows: e..<(e + 1)), release[name]?.2, "\(name): the release's codes")
+                }
+            }
+            // 4 experts × (24·40·3) codes + 4 × 3 matrices × 3·2 scale blocks × 4 B.
+            XCTAssertEqual(try r.summary(layer).expertFileBytes, 4 * 24 * 40 * 3 + 4 * 3 * 6 * 4)
+            let history = r.history
+            XCTAssertEqual(history.first?["expert_encoding"]?.stringValue, "f8-block 16x16")
+            let back = try HFExport.run(checkpoint: out, outputDirectory: dir + "/out-\(scaleType)")
+            XCTAssertTrue(back.expertEncoding.hasPrefix("fp8_e4m3_block 16x16"), back.expertEncoding)
+            let exported = try readFolder(dir + "/out-\(scaleType)")
+            XCTAssertEqual(Set(release.keys), Set(exported.keys))
+            for (k, v) in release {
+                XCTAssertEqual(v.0, exported[k]?.0, k)
+                XCTAssertTrue(v.2 == exported[k]?.2, "\(k) differs")
+            }
+        }
+        let (t, c) = fakeModel(.mixtral, dtype: .BF16)
+        try writeFakeModel(dir + "/bf16", t, config: c)
+        XCTAssertThrowsError(try HFImport.run(directory: dir + "/bf16", output: dir + "/no.h5", keepFP8: true)) { e in
+            XCTAssertEqual((e as? SMoEError)?.setting, .keepFP8)
+            XCTAssertTrue("\(e)".contains("not block-scaled FP8"), "\(e)")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/no.h5"))
+    }
+
     func testMalformedFP8ScalesFailNamingTheTensor() throws {
         let dir = temporaryDirectory(self)
         let scale = "model.layers.0.block_sparse_moe.experts.1.w3.weight_scale_inv"
@@ -411,6 +458,17 @@ final class QuantizedEncodingTests: XCTestCase {
         try writeFakeModel(dir + "/fused", fused, config: c + [("quantization_config", ["quant_method": "fp8", "weight_block_size": [128, 128]])])
         try HFImport.run(directory: dir + "/fused", output: dir + "/f.h5")
         XCTAssertEqual(try CheckpointReader(dir + "/f.h5").readLayer("model.layers.1.mlp").experts[2].gate!.dense().data, want)
+        // --keep-fp8: refused for the fused folder (one line naming the flag), taken for the
+        // per-expert one, whose layer then reads back to the same values.
+        let fusedKeep = try runCLI(["import", dir + "/fused", "-o", dir + "/fk.h5", "--keep-fp8"])
+        XCTAssertNotEqual(fusedKeep.status, 0)
+        XCTAssertTrue(fusedKeep.stderr.hasPrefix("error: --keep-fp8: the FP8 experts of"), fusedKeep.stderr)
+        XCTAssertEqual(fusedKeep.stderr.split(separator: "\n").count, 1, fusedKeep.stderr)
+        let keep = try runCLI(["import", dir + "/fp8", "-o", dir + "/k.h5", "--keep-fp8"])
+        XCTAssertEqual(keep.status, 0, keep.stderr)
+        XCTAssertTrue(keep.stdout.contains("expert matrices kept as FP8 (f8-block 128x128"), keep.stdout)
+        XCTAssertEqual(try CheckpointReader(dir + "/k.h5").readLayer("model.layers.1.mlp").experts,
+                       try CheckpointReader(dir + "/q.h5").readLayer("model.layers.1.mlp").experts)
         // A bad --dtype is one line naming the option and the choices.
         let bad = try runCLI(["export", dir + "/m.h5", "-o", dir + "/x", "--dtype", "fp4"])
         XCTAssertNotEqual(bad.status, 0)

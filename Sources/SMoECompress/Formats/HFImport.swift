@@ -724,13 +724,28 @@ extension HFImport {
     }
 
     /// Imports `directory` into the checkpoint `output`, one tensor / one MoE layer at a time.
+    /// `keepFP8`: a block-scaled FP8 release's expert matrices are stored as FP8 with their
+    /// blocks (docs/FORMAT.md §1, one byte per weight plus the scales) instead of dequantized
+    /// to floats; each matrix is checked to be kept exactly.
     @discardableResult
-    public static func run(directory: String, output: String, dtype: StorageChoice = .auto,
+    public static func run(directory: String, output: String, dtype: StorageChoice = .auto, keepFP8: Bool = false,
                            progress: ProgressCallback? = nil) throws -> ImportReport {
         let model = try SafetensorsModel(directory)
         try ensureOutputDiffers(output, from: model.files.map(\.path) + [directory + "/config.json"] + (model.indexPath.map { [$0] } ?? []))
         let plan = try plan(directory, model: model)
         let stored = storage(for: dtype, source: plan.expertDType, router: plan.routerDType)
+        var kept: ExpertEncoding = .float
+        if keepFP8 {
+            guard case .fp8Block(let bo, let bi, _) = plan.encoding else {
+                throw SMoEError.setting(.keepFP8, "the experts of \(directory) are \(plan.expertDType.rawValue), not block-scaled FP8: there are no FP8 codes to keep")
+            }
+            // Per-expert tensors are [out, in] like the checkpoint's matrices, so their scale
+            // blocks are the checkpoint's; fused stacks run their blocks along other axes.
+            guard plan.layout == .perExpert else {
+                throw SMoEError.setting(.keepFP8, "the FP8 experts of \(directory) are fused tensors, whose scale blocks do not follow the checkpoint's [out, in] matrices; import without it to store them dequantized")
+            }
+            kept = .fp8Block(rows: bo, cols: bi)
+        }
         var entry: [(String, JSONValue)] = [
             ("stage", "import"), ("source", .string(directory)), ("family", .string(plan.config.family.rawValue)),
             ("layout", .string(plan.layout.rawValue)),
@@ -743,6 +758,7 @@ extension HFImport {
         if let e = plan.encoding { entry.append(("source_encoding", e.json)) }
         entry += [
             ("stored_dtype", .string(stored.rawValue)),
+        ] + (kept.isFP8 ? [("expert_encoding", .string(kept.description))] : []) + [
             ("metadata", .object(model.metadata.map { ($0.0, .string($0.1)) })),
             ("tool", .string(smoeCompressVersion)),
         ]
@@ -754,7 +770,11 @@ extension HFImport {
         var configs: [LayerConfig] = []
         for (i, src) in plan.layers.enumerated() {
             progress?("import \(src.prefix)", done, total)
-            let layer = try readLayer(src, index: i, plan: plan, model: model)
+            var layer = try readLayer(src, index: i, plan: plan, model: model)
+            if case .fp8Block(let bo, let bi) = kept {
+                layer.expertEncoding = kept
+                try checkKeptExactly(layer, src, block: (bo, bi), model: model)
+            }
             try writer.write(layer)
             configs.append(layer.config)
             done += 1
@@ -775,7 +795,22 @@ extension HFImport {
             }
         }
         try writer.commit()
-        return ImportReport(output: output, plan: plan, stored: stored, layers: configs, denseCount: plan.dense.count, denseBytes: denseBytes)
+        return ImportReport(output: output, plan: plan, stored: stored, layers: configs, denseCount: plan.dense.count, denseBytes: denseBytes,
+                            expertEncoding: kept)
+    }
+
+    /// With `--keep-fp8`: every expert matrix of `layer` (dequantized from the release) must come
+    /// back unchanged from the writer's FP8 quantizer, which keeps a block's scale when that scale
+    /// represents the block exactly, so the stored codes and scales are the release's values.
+    static func checkKeptExactly(_ layer: MoELayer, _ src: SourceMoELayer, block: (Int, Int), model: SafetensorsModel) throws {
+        for (e, expert) in layer.experts.enumerated() {
+            for (role, op) in [("gate", expert.gate), ("up", expert.up), ("down", expert.down)] {
+                guard let w = op?.dense(), FP8ExpertMatrix.roundTrip(w, block: block) != w.data else { continue }
+                let name = e < src.experts.count ? src.experts[e][role] ?? src.prefix : src.prefix
+                throw SMoEError.dataset((try? model.locate(name).file.path) ?? src.prefix, name,
+                                        "cannot be kept in FP8 exactly (a block's largest code is below 128, or its scale is not a float32 the writer finds); import without --keep-fp8")
+            }
+        }
     }
 }
 
@@ -787,11 +822,14 @@ public struct ImportReport: Sendable {
     public var layers: [LayerConfig]
     public var denseCount: Int
     public var denseBytes: Int
+    /// How the expert matrices were stored: floats, or the release's FP8 blocks (`keepFP8`).
+    public var expertEncoding: ExpertEncoding = .float
 
     public var json: JSONValue {
         .object([
             ("output", .string(output)), ("family", .string(plan.config.family.rawValue)), ("layout", .string(plan.layout.rawValue)),
             ("expert_dtype", .string(plan.expertDType.rawValue)), ("stored_dtype", .string(stored.rawValue)),
+            ("expert_encoding", .string(expertEncoding.description)),
             ("source_encoding", plan.encoding?.json ?? .null),
             ("layers", .array(layers.map { c in
                 .object([("name", .string(c.name)), ("index", .int(c.index)), ("num_experts", .int(c.numExperts)),

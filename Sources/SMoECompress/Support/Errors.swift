@@ -133,7 +133,7 @@ public enum Setting: String, Sendable, CaseIterable {
     // Alignment.
     case reference
     // Output.
-    case storage, gzip, maxShardSize = "max-shard-size", family
+    case storage, gzip, maxShardSize = "max-shard-size", family, keepFP8 = "keep-fp8"
     // Sharded runs: one shard I/N of a run, and the number of shards of a split.
     case shard, shards, allowPartial = "allow-partial"
     // Memory.

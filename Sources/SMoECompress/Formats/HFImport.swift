@@ -808,7 +808,7 @@ extension HFImport {
                 guard let w = op?.dense(), FP8ExpertMatrix.roundTrip(w, block: block) != w.data else { continue }
                 let name = e < src.experts.count ? src.experts[e][role] ?? src.prefix : src.prefix
                 throw SMoEError.dataset((try? model.locate(name).file.path) ?? src.prefix, name,
-                                        "cannot be kept in FP8 exactly (a block's largest code is below 128, or its scale is not a float32 the writer finds); import without --keep-fp8")
+                                        "cannot be kept in FP8 exactly (a block's largest code is below 128, or its scale is not a float32 the writer finds); import it dequantized instead")
             }
         }
     }

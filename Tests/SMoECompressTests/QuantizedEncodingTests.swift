@@ -102,7 +102,7 @@ final class QuantizedEncodingTests: XCTestCase {
         // One 2 × 3 block with amax 2: scale 448 / 2 = 224, scale_inv 1 / 224; 1.0 → 224 (exact
         // e4m3), 0.3 → 67.2 → 68 (nearest of 64, 72 ... spacing 4 above 64 → 68), -2 → -448.
         let w: [Float] = [1, 0.3, -2, 0, 0.001, 2]
-        let (q, s) = FP8Block.quantize(w, batch: 1, rows: 2, cols: 3, block: (128, 128))
+        let (q, s, _) = FP8Block.quantize(w, batch: 1, rows: 2, cols: 3, block: (128, 128))
         XCTAssertEqual(s, [1 / Float(224)].map { $0 })
         XCTAssertEqual(q.map { FP8E4M3.decode($0) }, [224, 68, -448, 0, 0.224, 448].map { FP8E4M3.decode(FP8E4M3.encode($0)) })
         // A zero block: scale_inv 1, zeros keep their sign.
@@ -121,7 +121,7 @@ final class QuantizedEncodingTests: XCTestCase {
             var qq = qb
             for b in 0..<2 { for bi in 0..<3 { for bj in 0..<4 { qq[(b * rows + bi * 16) * cols + bj * 16] = 0x7E } } }
             let v = qq.withUnsafeBytes { FP8Block.dequantize($0, scales: sc, batch: 2, rows: rows, cols: cols, block: block) }
-            let (q2, s2) = FP8Block.quantize(v, batch: 2, rows: rows, cols: cols, block: block, scaleType: scaleType)
+            let (q2, s2, _) = FP8Block.quantize(v, batch: 2, rows: rows, cols: cols, block: block, scaleType: scaleType)
             XCTAssertEqual(s2, sc, "\(scaleType)")
             XCTAssertEqual(q2.map { $0 == 0x80 ? 0 : $0 }, qq.map { FP8E4M3.decode($0) == 0 ? 0 : $0 }, "\(scaleType)")
         }
@@ -226,6 +226,32 @@ final class QuantizedEncodingTests: XCTestCase {
                 XCTAssertTrue(v.2 == exported[k]?.2, "\(k) differs")
             }
         }
+        // Blocks whose largest codes are small (below 64) are kept with the same values: a power
+        // of two times their largest value is one of the codes the writer's scale search tries.
+        let small = "\(layer).experts.1.w3.weight"
+        _ = try fakeFP8Mixtral(dir + "/small", edit: { t in
+            let i = t.firstIndex { $0.name == small }!
+            t[i].bytes = t[i].bytes.map { ($0 & 0x80) | ($0 & 0x3F) }
+        })
+        try HFImport.run(directory: dir + "/small", output: dir + "/small-kept.h5", keepFP8: true)
+        try HFImport.run(directory: dir + "/small", output: dir + "/small-floats.h5")
+        XCTAssertEqual(try CheckpointReader(dir + "/small-kept.h5").readLayer(layer).experts,
+                       try CheckpointReader(dir + "/small-floats.h5").readLayer(layer).experts)
+        // Values that are not FP8 under any block scale are an error under `exactFP8` (naming the
+        // dataset and the expert), not silently rounded; nothing is written.
+        var rng = SplitMix64(seed: 3)
+        func m(_ r: Int, _ c: Int) -> Matrix { Matrix(rows: r, cols: c, data: (0..<(r * c)).map { _ in Float(rng.nextDouble() - 0.5) }) }
+        var floats = MoELayer(config: LayerConfig(name: "l", index: 0, numExperts: 2, topK: 1, dModel: 16, dFF: 16, expertType: .mlp,
+                                                  activation: .relu, routerType: .softmax_topk),
+                              router: m(2, 16), experts: [Expert(up: m(16, 16), down: m(16, 16)), Expert(up: m(16, 16), down: m(16, 16))])
+        floats.expertEncoding = .fp8Block(rows: 16, cols: 16)
+        var exact = WriteOptions()
+        exact.exactFP8 = true
+        let w = try CheckpointWriter(destination: dir + "/exact.h5", architecture: "test", history: [], entry: ["stage": "test"], options: exact)
+        XCTAssertThrowsError(try w.write(floats)) { e in
+            XCTAssertTrue("\(e)".contains("experts/up") && "\(e)".contains("expert 0") && "\(e)".contains("cannot be stored exactly"), "\(e)")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir + "/exact.h5"))
         let (t, c) = fakeModel(.mixtral, dtype: .BF16)
         try writeFakeModel(dir + "/bf16", t, config: c)
         XCTAssertThrowsError(try HFImport.run(directory: dir + "/bf16", output: dir + "/no.h5", keepFP8: true)) { e in
@@ -448,7 +474,7 @@ final class QuantizedEncodingTests: XCTestCase {
             let p = "model.layers.\(l).mlp.experts."
             for (part, rows, cols) in [("gate_up_proj", 2 * fakeI, fakeH), ("down_proj", fakeH, fakeI)] {
                 let v = try src.floats(p + part)
-                let (q, sc) = FP8Block.quantize(v, batch: fakeE, rows: rows, cols: cols, block: (128, 128))
+                let (q, sc, _) = FP8Block.quantize(v, batch: fakeE, rows: rows, cols: cols, block: (128, 128))
                 fused.append(FakeTensor(name: p + part, dtype: .F8_E4M3, shape: [fakeE, rows, cols], bytes: q))
                 // Layer 1, expert 2's gate: the first I rows of its [2I, H] matrix, scale sc[2].
                 if l == 1 && part == "gate_up_proj" { want = q[(2 * rows * cols)..<(2 * rows * cols + per)].map { FP8E4M3.decode($0) * sc[2] } }

@@ -430,6 +430,10 @@ public struct WriteOptions: Sendable {
     public var dtype: StorageType = .f32
     /// gzip level with the shuffle filter for expert tensors (nil = uncompressed, faster).
     public var gzip: Int? = nil
+    /// FP8 expert matrices must be stored without rounding (their values are FP8 values with
+    /// block scales already, as `import --keep-fp8`'s): a block no scale represents exactly is
+    /// an error naming the dataset and expert instead of being re-rounded.
+    public var exactFP8 = false
     public init(dtype: StorageType = .f32, gzip: Int? = nil) {
         self.dtype = dtype
         self.gzip = gzip
@@ -767,6 +771,9 @@ struct DenseExpertMatrix {
     let scales: H5Dataset?
     let encoding: ExpertEncoding
 
+    /// `WriteOptions.exactFP8`.
+    var exact = false
+
     init(data: H5Dataset) {
         self.data = data
         scales = nil
@@ -792,6 +799,7 @@ struct DenseExpertMatrix {
     /// Creates `name` in `eg` for G experts of [out, in] (`shape`), chunked one expert per chunk.
     init(creating name: String, in eg: H5Group, shape: [Int], options: WriteOptions, encoding: ExpertEncoding) throws {
         self.encoding = encoding
+        exact = options.exactFP8
         switch encoding {
         case .float:
             data = try eg.createDataset(name, shape: shape, type: options.dtype, chunk: [1, shape[1], shape[2]], gzip: options.gzip)
@@ -817,6 +825,9 @@ struct DenseExpertMatrix {
     func write(_ w: Matrix, at e: Int) throws {
         guard case .fp8Block(let br, let bc) = encoding, let s = scales else { return try data.write(floats: w.data, rows: e..<(e + 1)) }
         let q = FP8Block.quantize(w.data, batch: 1, rows: w.rows, cols: w.cols, block: (br, bc))
+        if exact && q.rounded > 0 {
+            throw SMoEError.dataset(data.file.path, data.path, "expert \(e): \(q.rounded) block(s) of \(br) × \(bc) are not FP8 values under any float32 scale the writer finds, so they cannot be stored exactly")
+        }
         try data.writeRaw(q.bytes, rows: e..<(e + 1))
         try s.write(floats: q.scales, rows: e..<(e + 1))
     }

@@ -327,7 +327,7 @@ public enum HFExport {
             case .fp8(let bo, let bi, let st):
                 let rows = shape[shape.count - 2], cols = shape[shape.count - 1]
                 let batch = shape.dropLast(2).reduce(1, *)
-                let (q, s) = FP8Block.quantize(values, batch: batch, rows: rows, cols: cols, block: (bo, bi), scaleType: st)
+                let (q, s, _) = FP8Block.quantize(values, batch: batch, rows: rows, cols: cols, block: (bo, bi), scaleType: st)
                 try writer.add(name, dtype: .F8_E4M3, shape: shape, bytes: q)
                 let (gr, gc) = FP8Block.grid(rows: rows, cols: cols, block: (bo, bi))
                 pendingScales[name] = (st, Array(shape.dropLast(2)) + [gr, gc], st.encode(s))

@@ -726,7 +726,7 @@ extension HFImport {
     /// Imports `directory` into the checkpoint `output`, one tensor / one MoE layer at a time.
     /// `keepFP8`: a block-scaled FP8 release's expert matrices are stored as FP8 with their
     /// blocks (docs/FORMAT.md §1, one byte per weight plus the scales) instead of dequantized
-    /// to floats; each matrix is checked to be kept exactly.
+    /// to floats, with exactly the release's values.
     @discardableResult
     public static func run(directory: String, output: String, dtype: StorageChoice = .auto, keepFP8: Bool = false,
                            progress: ProgressCallback? = nil) throws -> ImportReport {
@@ -764,17 +764,17 @@ extension HFImport {
         ]
         let writer = try CheckpointWriter(destination: output, architecture: plan.config.family.rawValue, history: [],
                                           entry: .object(entry), sourceConfig: plan.config.text,
-                                          options: WriteOptions(dtype: stored))
+                                          options: { var o = WriteOptions(dtype: stored); o.exactFP8 = keepFP8; return o }())
         let total = plan.layers.count + plan.dense.count
         var done = 0
         var configs: [LayerConfig] = []
         for (i, src) in plan.layers.enumerated() {
             progress?("import \(src.prefix)", done, total)
             var layer = try readLayer(src, index: i, plan: plan, model: model)
-            if case .fp8Block(let bo, let bi) = kept {
-                layer.expertEncoding = kept
-                try checkKeptExactly(layer, src, block: (bo, bi), model: model)
-            }
+            // Kept exactly (`exactFP8`): the writer's quantizer keeps a block's scale when a scale
+            // represents the block (FP8Block.quantize); a release's largest code per block is 448,
+            // so its codes and scales are stored as they are.
+            layer.expertEncoding = kept
             try writer.write(layer)
             configs.append(layer.config)
             done += 1
@@ -797,20 +797,6 @@ extension HFImport {
         try writer.commit()
         return ImportReport(output: output, plan: plan, stored: stored, layers: configs, denseCount: plan.dense.count, denseBytes: denseBytes,
                             expertEncoding: kept)
-    }
-
-    /// With `--keep-fp8`: every expert matrix of `layer` (dequantized from the release) must come
-    /// back unchanged from the writer's FP8 quantizer, which keeps a block's scale when that scale
-    /// represents the block exactly, so the stored codes and scales are the release's values.
-    static func checkKeptExactly(_ layer: MoELayer, _ src: SourceMoELayer, block: (Int, Int), model: SafetensorsModel) throws {
-        for (e, expert) in layer.experts.enumerated() {
-            for (role, op) in [("gate", expert.gate), ("up", expert.up), ("down", expert.down)] {
-                guard let w = op?.dense(), FP8ExpertMatrix.roundTrip(w, block: block) != w.data else { continue }
-                let name = e < src.experts.count ? src.experts[e][role] ?? src.prefix : src.prefix
-                throw SMoEError.dataset((try? model.locate(name).file.path) ?? src.prefix, name,
-                                        "cannot be kept in FP8 exactly (a block's largest code is below 128, or its scale is not a float32 the writer finds); import it dequantized instead")
-            }
-        }
     }
 }
 

@@ -90,11 +90,13 @@ public enum FP8Block {
     /// FP8 and left unchanged) keeps that scale and its bytes instead, so an unmodified FP8 round
     /// trip is byte-identical. `scaleType` is the stored scale type (F32 or BF16): with BF16 the
     /// scale is rounded to bfloat16 first and the block quantized with the rounded scale.
+    /// `rounded`: how many blocks no scale represented exactly (their values were rounded).
     public static func quantize(_ w: [Float], batch: Int, rows: Int, cols: Int, block: (Int, Int),
-                                scaleType: SafetensorsDType = .F32) -> (bytes: [UInt8], scales: [Float]) {
+                                scaleType: SafetensorsDType = .F32) -> (bytes: [UInt8], scales: [Float], rounded: Int) {
         let (gr, gc) = grid(rows: rows, cols: cols, block: block)
         var bytes = [UInt8](repeating: 0, count: batch * rows * cols)
         var scales = [Float](repeating: 1, count: batch * gr * gc)
+        var rounded = 0
         let stored: (Float) -> Float = scaleType == .BF16 ? { Float(bitPattern: UInt32(bfloat16Bits($0)) << 16) } : { $0 }
         w.withUnsafeBufferPointer { w in
             for b in 0..<batch {
@@ -130,6 +132,7 @@ public enum FP8Block {
                             s = e
                             _ = each { bytes[$0] = FP8E4M3.encode(w[$0] / e); return true }
                         } else {
+                            if amax > 0 { rounded += 1 }
                             let scale: Float = amax > 0 ? FP8E4M3.maxValue / amax : 1
                             s = stored(1 / scale)
                             if scaleType == .F32 {
@@ -143,6 +146,6 @@ public enum FP8Block {
                 }
             }
         }
-        return (bytes, scales)
+        return (bytes, scales, rounded)
     }
 }

@@ -48,7 +48,7 @@ func mergeOrPruneRows(model: CheckpointReader, calib: CalibrationReader, heldout
                                                settings: base, storage: storage)
         for tolerance in tolerances ?? [base.noiseTolerance] {
         for methods in PlanMethods.allCases.reversed() {
-            var line = "  " + "plan \(methods == .both ? "per-layer choice" : methods.rawValue + "-only") (\(method.rawValue) + refit)".padding(toLength: 44, withPad: " ", startingAt: 0)
+            var line = "  " + "plan \(methods.label) (\(method.rawValue) + refit)".padding(toLength: 44, withPad: " ", startingAt: 0)
             if tolerances != nil { line += String(format: " tol %.2f", tolerance) }
             for f in fractions {
                 var ps = base

@@ -127,8 +127,8 @@ struct Compress: ParsableCommand {
         if let taken = plan.taken {
             // The cross-validated choice between methods (PlannerSettings.checkFolds).
             print("checked by \(plan.settings.checkFolds)-fold cross-validation (each contiguous \(plan.settings.checkFolds)th of the calibration tokens held apart), objective on the split → mean over the folds: "
-                  + plan.checks.map { "\($0.label) \(fixed($0.objective, 4)) → \(fixed($0.crossValidated, 4))" }.joined(separator: ", ")
-                  + "; took the \(plan.checks.first { $0.methods == taken }!.label) plan")
+                  + plan.checks.map { "\($0.methods.label) \(fixed($0.objective, 4)) → \(fixed($0.crossValidated, 4))" }.joined(separator: ", ")
+                  + "; took the \(taken.label) plan")
         }
     }
 

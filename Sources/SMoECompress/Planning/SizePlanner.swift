@@ -139,6 +139,9 @@ public struct PlannerSettings: Sendable, Equatable {
 public enum PlanMethods: String, Sendable, Equatable, CaseIterable {
     case both, merge, prune
 
+    /// "per-layer choice", "merge-only", "prune-only".
+    public var label: String { self == .both ? "per-layer choice" : "\(rawValue)-only" }
+
     func allows(_ prune: PruneMethod?, groups: Int, experts: Int) -> Bool {
         switch self {
         case .both: return true
@@ -254,9 +257,6 @@ public struct PlanCheck: Sendable, Equatable {
     public var methods: PlanMethods
     public var objective: Double
     public var crossValidated: Double
-
-    /// "per-layer choice", "merge-only", "prune-only".
-    public var label: String { methods == .both ? "per-layer choice" : "\(methods.rawValue)-only" }
 
     public var json: JSONValue {
         .object([("methods", .string(methods.rawValue)), ("objective", .double(objective)),
@@ -443,8 +443,14 @@ public enum SizePlanner {
             func refitted(groups G: Int, prune: PruneMethod?) -> [Int] {
                 options.indices.filter { options[$0].groups == G && options[$0].prune == prune && (only?.contains($0) ?? true) }
             }
-            let saliency = settings.prune != nil && original.config.numGroups == 1
-                ? try Pruning.saliency(LayerSource(original), method: settings.prune!, tokens: fit).saliency : nil
+            // The pruning saliency on this fold's fitting tokens, computed when a pruned option is
+            // first made or refitted (REAP's is a pass over every expert; a fold of the
+            // cross-validated choice that refits merged options only needs none).
+            var saliency: [Double]? = nil
+            func pruneSaliency(_ method: PruneMethod) throws -> [Double] {
+                if saliency == nil { saliency = try Pruning.saliency(LayerSource(original), method: method, tokens: fit).saliency }
+                return saliency!
+            }
             /// The layer dense and at each byte level (ranks from `RankAllocation`), measured.
             func addOptions(_ merged: MoELayer, groups G: Int, grouping: LayerGrouping, prune: PruneMethod? = nil) throws {
                 if refitting {
@@ -502,9 +508,9 @@ public enum SizePlanner {
                 }
                 // Pruning to G experts (plain routing only: expert groups do not survive dropping
                 // slots; at least top_k experts kept), refitted like a compact layer.
-                if let method = settings.prune, let sal = saliency, G < E, G >= original.config.topK,
+                if let method = settings.prune, original.config.numGroups == 1, G < E, G >= original.config.topK,
                    !refitting || !refitted(groups: G, prune: method).isEmpty {
-                    let kept = Pruning.keep(sal, groups: G)
+                    let kept = Pruning.keep(try pruneSaliency(method), groups: G)
                     let slots = (0..<E).map { kept.firstIndex(of: $0) ?? -1 }
                     var pruned = try Pruning.pruned(LayerSource(original), kept: kept)
                     if settings.pruneRefit {

@@ -245,9 +245,8 @@ final class QuantizedEncodingTests: XCTestCase {
                                                   activation: .relu, routerType: .softmax_topk),
                               router: m(2, 16), experts: [Expert(up: m(16, 16), down: m(16, 16)), Expert(up: m(16, 16), down: m(16, 16))])
         floats.expertEncoding = .fp8Block(rows: 16, cols: 16)
-        var exact = WriteOptions()
-        exact.exactFP8 = true
-        let w = try CheckpointWriter(destination: dir + "/exact.h5", architecture: "test", history: [], entry: ["stage": "test"], options: exact)
+        let w = try CheckpointWriter(destination: dir + "/exact.h5", architecture: "test", history: [], entry: ["stage": "test"],
+                                     options: WriteOptions(exactFP8: true))
         XCTAssertThrowsError(try w.write(floats)) { e in
             XCTAssertTrue("\(e)".contains("experts/up") && "\(e)".contains("expert 0") && "\(e)".contains("cannot be stored exactly"), "\(e)")
         }

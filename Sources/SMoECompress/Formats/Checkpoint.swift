@@ -434,9 +434,10 @@ public struct WriteOptions: Sendable {
     /// block scales already, as `import --keep-fp8`'s): a block no scale represents exactly is
     /// an error naming the dataset and expert instead of being re-rounded.
     public var exactFP8 = false
-    public init(dtype: StorageType = .f32, gzip: Int? = nil) {
+    public init(dtype: StorageType = .f32, gzip: Int? = nil, exactFP8: Bool = false) {
         self.dtype = dtype
         self.gzip = gzip
+        self.exactFP8 = exactFP8
     }
 
     /// Checks the options once (`CheckpointWriter` does, before it creates anything).

@@ -764,7 +764,7 @@ extension HFImport {
         ]
         let writer = try CheckpointWriter(destination: output, architecture: plan.config.family.rawValue, history: [],
                                           entry: .object(entry), sourceConfig: plan.config.text,
-                                          options: { var o = WriteOptions(dtype: stored); o.exactFP8 = keepFP8; return o }())
+                                          options: WriteOptions(dtype: stored, exactFP8: keepFP8))
         let total = plan.layers.count + plan.dense.count
         var done = 0
         var configs: [LayerConfig] = []
